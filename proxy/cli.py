@@ -31,7 +31,9 @@ def _load(module_name: str) -> ModuleType | None:
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name != module_name:
+        # Only a missing command module (or its package) means "not built"; a missing
+        # dependency inside a command module is a real error and must surface.
+        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
             raise
         return None
 
