@@ -1,0 +1,187 @@
+"""Upload tokens: everything needed to resume an upload, sealed with the server's key.
+
+A token is the only state a proxy hands out. It carries the GCS resumable session URI,
+which is a bearer credential for the upload, so the token is encrypted as well as
+authenticated (AES-256-GCM). Any proxy instance holding the same key can open it and
+resume the upload from GCS alone, which is why proxies need no shared store.
+
+Wire form: ``version (1 byte) || nonce (12 bytes) || AES-GCM(ciphertext || tag)`` over a
+compact JSON document. The version byte is also bound in as associated data, so a token
+cannot be replayed under a different format.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+__all__ = [
+    "BadTokenError",
+    "TokenCodec",
+    "UploadTicket",
+    "key_from_text",
+]
+
+_FORMAT_VERSION = 1
+_NONCE_SIZE = 12
+_ASSOCIATED_DATA = b"rup upload token v1"
+#: AES-GCM appends a 16-byte tag; anything shorter than header + tag cannot be a token
+_MIN_TOKEN_SIZE = 1 + _NONCE_SIZE + 16
+#: generous, but stops someone from making us decrypt megabytes
+_MAX_TOKEN_SIZE = 8 * 1024
+
+
+class BadTokenError(Exception):
+    """A token that was forged, tampered with, truncated, or has expired.
+
+    The message says which, but never echoes any part of the token.
+    """
+
+
+@dataclass(frozen=True)
+class UploadTicket:
+    """What a token says about an upload.
+
+    ``upload_id`` names the upload inside one proxy process; ``session_uri`` is the secret
+    that lets any process resume it. ``repr`` hides the session URI.
+    """
+
+    upload_id: str
+    bucket: str
+    name: str
+    session_uri: str = field(repr=False)
+    content_type: str = "application/octet-stream"
+    metadata: tuple[tuple[str, str], ...] = ()
+    expected_size: int | None = None
+    if_generation_match: int | None = None
+    created_at: float = 0.0
+    expires_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "u": self.upload_id,
+            "b": self.bucket,
+            "n": self.name,
+            "s": self.session_uri,
+            "t": self.content_type,
+            "m": [list(pair) for pair in self.metadata],
+            "z": self.expected_size,
+            "g": self.if_generation_match,
+            "c": self.created_at,
+            "e": self.expires_at,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> UploadTicket:
+        metadata = tuple((str(key), str(value)) for key, value in doc["m"])
+        return cls(
+            upload_id=str(doc["u"]),
+            bucket=str(doc["b"]),
+            name=str(doc["n"]),
+            session_uri=str(doc["s"]),
+            content_type=str(doc["t"]),
+            metadata=metadata,
+            expected_size=None if doc["z"] is None else int(doc["z"]),
+            if_generation_match=None if doc["g"] is None else int(doc["g"]),
+            created_at=float(doc["c"]),
+            expires_at=float(doc["e"]),
+        )
+
+
+def key_from_text(text: str) -> bytes:
+    """Turn ``--token-key`` / ``RUP_TOKEN_KEY`` into a 32-byte key.
+
+    64 hex digits or 44 characters of base64 are used as the key itself; any other text is
+    treated as a passphrase and hashed, so instances configured with the same string agree.
+    """
+    stripped = text.strip()
+    if len(stripped) == 64:
+        try:
+            return bytes.fromhex(stripped)
+        except ValueError:
+            pass
+    if len(stripped) == 44:
+        try:
+            key = base64.b64decode(stripped, validate=True)
+        except binascii.Error:
+            pass
+        else:
+            if len(key) == 32:
+                return key
+    return hashlib.sha256(b"rup token key\x00" + stripped.encode("utf-8")).digest()
+
+
+class TokenCodec:
+    """Seals tickets into tokens and opens tokens back into tickets."""
+
+    def __init__(
+        self, key: bytes, *, lifetime: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._aead = AESGCM(key)
+        self._lifetime = lifetime
+        self._clock = clock
+
+    def issue(
+        self,
+        *,
+        upload_id: str,
+        bucket: str,
+        name: str,
+        session_uri: str,
+        content_type: str,
+        metadata: tuple[tuple[str, str], ...],
+        expected_size: int | None,
+        if_generation_match: int | None,
+    ) -> UploadTicket:
+        """A ticket for a freshly opened upload, stamped with its creation and expiry times."""
+        now = self._clock()
+        return UploadTicket(
+            upload_id=upload_id,
+            bucket=bucket,
+            name=name,
+            session_uri=session_uri,
+            content_type=content_type,
+            metadata=metadata,
+            expected_size=expected_size,
+            if_generation_match=if_generation_match,
+            created_at=now,
+            expires_at=now + self._lifetime,
+        )
+
+    def seal(self, ticket: UploadTicket) -> bytes:
+        plaintext = json.dumps(ticket.to_json(), separators=(",", ":")).encode("utf-8")
+        nonce = os.urandom(_NONCE_SIZE)
+        header = bytes([_FORMAT_VERSION])
+        return header + nonce + self._aead.encrypt(nonce, plaintext, _ASSOCIATED_DATA + header)
+
+    def open(self, token: bytes) -> UploadTicket:
+        """The ticket inside ``token``; :class:`BadTokenError` unless genuine and unexpired."""
+        if not _MIN_TOKEN_SIZE <= len(token) <= _MAX_TOKEN_SIZE:
+            raise BadTokenError(f"upload token has an impossible length ({len(token)} bytes)")
+        header, nonce, sealed = token[:1], token[1 : 1 + _NONCE_SIZE], token[1 + _NONCE_SIZE :]
+        if header[0] != _FORMAT_VERSION:
+            raise BadTokenError(f"upload token format {header[0]} is not supported")
+        try:
+            plaintext = self._aead.decrypt(nonce, sealed, _ASSOCIATED_DATA + header)
+        except InvalidTag:
+            raise BadTokenError(
+                "upload token is not genuine (tampered, or sealed with another key)"
+            ) from None
+        try:
+            ticket = UploadTicket.from_json(json.loads(plaintext))
+        except (ValueError, KeyError, TypeError) as exc:
+            # Authentic but unreadable: only a server bug could produce this.
+            raise BadTokenError("upload token is authentic but malformed") from exc
+        if self._clock() >= ticket.expires_at:
+            raise BadTokenError(f"upload token for upload {ticket.upload_id} has expired")
+        return ticket
