@@ -1,0 +1,536 @@
+"""A TCP chaos proxy: forward connections to one upstream, injecting a fault plan's toxics.
+
+:func:`open_chaos_proxy` listens on a loopback port and relays every accepted connection to
+a fixed upstream address. Connections are numbered in accept order, and connection ``i``
+gets the toxics ``plan.for_connection(i)`` picks, so a seeded run is replayable. Toxics act
+in the plan's direction: *upstream* toxics on the bytes the client sends to the server,
+*downstream* toxics on the bytes the server sends back.
+
+The toxics can change while the proxy runs, through :class:`ChaosProxy`'s methods or the
+small HTTP control API (see :func:`ChaosProxy.serve_control`). A change applies to the
+connections accepted afterwards; connections already open keep the toxics they started
+with, as they would with a real network that changes under new flows only.
+
+The relay is transparent about how a connection ends: an EOF from one side becomes an EOF
+(half-close) towards the other, a reset from either side (or from a ``reset_peer`` toxic)
+becomes a reset of both, and any other failure closes both sides.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import socket
+import struct
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from functools import partial
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote
+
+import trio
+
+from faultnet.plan import Direction, FaultPlan, PlanSyntaxError, Toxic, toxic_from_dict
+
+__all__ = [
+    "ChaosProxy",
+    "DuplicateToxicError",
+    "NamedToxic",
+    "ProxyStats",
+    "ToxicNotFoundError",
+    "open_chaos_proxy",
+    "serve_control",
+]
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+#: bytes asked for per receive: big enough that per-call Python overhead is noise next to
+#: the copy itself, which is what lets the no-toxic path keep up with loopback.
+RELAY_CHUNK = 1024 * 1024
+
+
+class ToxicNotFoundError(LookupError):
+    """No toxic has the given index or name (or, for a name, more than one has)."""
+
+
+class DuplicateToxicError(ValueError):
+    """A toxic with that name already exists."""
+
+
+@dataclass(frozen=True)
+class NamedToxic:
+    """A toxic as the proxy holds it: with a name that the control API can address."""
+
+    name: str
+    toxic: Toxic
+
+    def to_dict(self) -> dict[str, Any]:
+        """The Toxiproxy-shaped JSON form, plus the name."""
+        return {
+            "name": self.name,
+            "type": self.toxic.NAME,
+            "direction": self.toxic.direction.value,
+            "stream": _STREAM_NAMES[self.toxic.direction],
+            "toxicity": self.toxic.toxicity,
+            "attributes": self.toxic.params(),
+        }
+
+
+_STREAM_NAMES = {Direction.UPSTREAM: "upstream", Direction.DOWNSTREAM: "downstream"}
+
+
+@dataclass(frozen=True)
+class ProxyStats:
+    """A snapshot of what the proxy has done since it started or was last reset.
+
+    ``bytes_upstream`` counts bytes delivered to the upstream server, ``bytes_downstream``
+    bytes delivered back to clients; ``faults`` counts applied faults by toxic name.
+    """
+
+    connections_accepted: int = 0
+    connections_active: int = 0
+    upstream_connect_failures: int = 0
+    bytes_upstream: int = 0
+    bytes_downstream: int = 0
+    faults: Mapping[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "connections_accepted": self.connections_accepted,
+            "connections_active": self.connections_active,
+            "upstream_connect_failures": self.upstream_connect_failures,
+            "bytes": {"upstream": self.bytes_upstream, "downstream": self.bytes_downstream},
+            "faults": dict(self.faults),
+        }
+
+
+class _Counters:
+    """The proxy's mutable counters; only touched from the proxy's trio thread."""
+
+    def __init__(self) -> None:
+        self.connections_accepted = 0
+        self.upstream_connect_failures = 0
+        self.bytes = {Direction.UPSTREAM: 0, Direction.DOWNSTREAM: 0}
+        self.faults: dict[str, int] = {}
+
+
+def _default_name(toxic: Toxic) -> str:
+    # Toxiproxy's default: the type and the stream it acts on.
+    return f"{toxic.NAME}_{_STREAM_NAMES[toxic.direction]}"
+
+
+def _is_reset(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno in (errno.ECONNRESET, errno.EPIPE)
+
+
+def _abort(stream: trio.abc.Stream) -> None:
+    """Make the next close send an RST instead of a FIN, when the stream is a real socket."""
+    if isinstance(stream, trio.SocketStream) and stream.socket.fileno() != -1:
+        # If the socket is already dead, a plain close is all that is left to do.
+        with suppress(OSError):
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+class ChaosProxy:
+    """A running chaos proxy: its addresses, its toxics, and its counters.
+
+    Build one with :func:`open_chaos_proxy`. All methods must be called from the trio
+    thread the proxy runs in.
+    """
+
+    def __init__(self, upstream: Address, plan: FaultPlan, listener: trio.SocketListener) -> None:
+        self._upstream = upstream
+        self._listener = listener
+        self._seed = plan.seed
+        self._toxics: list[NamedToxic] = []
+        for toxic in plan.toxics:
+            self.add_toxic(toxic)
+        self._next_index = 0
+        self._active = 0
+        self._counters = _Counters()
+        self.control_address: Address | None = None
+
+    # -- addresses and toxics ----------------------------------------------------------
+
+    @property
+    def address(self) -> Address:
+        """Where clients connect."""
+        host, port = self._listener.socket.getsockname()[:2]
+        return host, port
+
+    @property
+    def upstream(self) -> Address:
+        return self._upstream
+
+    @property
+    def plan(self) -> FaultPlan:
+        """The plan new connections draw their toxics from."""
+        return FaultPlan(toxics=tuple(t.toxic for t in self._toxics), seed=self._seed)
+
+    def toxics(self) -> tuple[NamedToxic, ...]:
+        return tuple(self._toxics)
+
+    def add_toxic(self, toxic: Toxic, name: str | None = None) -> NamedToxic:
+        """Append ``toxic`` to the plan, for the connections accepted from now on.
+
+        Without a ``name`` it gets Toxiproxy's default (``latency_downstream``), made unique
+        with a numeric suffix. An explicit name that is taken raises
+        :class:`DuplicateToxicError`.
+        """
+        taken = {t.name for t in self._toxics}
+        if name is None:
+            base = name = _default_name(toxic)
+            suffix = 2
+            while name in taken:
+                name = f"{base}_{suffix}"
+                suffix += 1
+        elif not name or name.isdigit():
+            raise ValueError(f"a toxic's name must be non-empty and not a number, got {name!r}")
+        elif name in taken:
+            raise DuplicateToxicError(f"a toxic named {name!r} already exists")
+        named = NamedToxic(name=name, toxic=toxic)
+        self._toxics.append(named)
+        return named
+
+    def remove_toxic(self, key: int | str) -> NamedToxic:
+        """Remove one toxic, by position in :meth:`toxics` or by name; return it."""
+        if isinstance(key, int):
+            if not 0 <= key < len(self._toxics):
+                raise ToxicNotFoundError(f"no toxic at index {key}; there are {len(self._toxics)}")
+            return self._toxics.pop(key)
+        for position, named in enumerate(self._toxics):
+            if named.name == key:
+                return self._toxics.pop(position)
+        raise ToxicNotFoundError(f"no toxic named {key!r}")
+
+    def reset(self) -> None:
+        """Remove every toxic and zero the counters.
+
+        Connection numbering carries on, so a connection's index stays its accept order.
+        """
+        self._toxics.clear()
+        self._counters = _Counters()
+
+    def stats(self) -> ProxyStats:
+        counters = self._counters
+        return ProxyStats(
+            connections_accepted=counters.connections_accepted,
+            connections_active=self._active,
+            upstream_connect_failures=counters.upstream_connect_failures,
+            bytes_upstream=counters.bytes[Direction.UPSTREAM],
+            bytes_downstream=counters.bytes[Direction.DOWNSTREAM],
+            faults=dict(counters.faults),
+        )
+
+    # -- relaying ----------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept and relay connections until cancelled.
+
+        Cancelling it closes every relayed connection (both sides) and the listener.
+        """
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._relay, [self._listener])
+            task_status.started()
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        index = self._next_index
+        self._next_index += 1
+        counters = self._counters
+        counters.connections_accepted += 1
+        toxics = self.plan.for_connection(index)
+        self._active += 1
+        try:
+            async with client:
+                try:
+                    server = await trio.open_tcp_stream(*self._upstream)
+                except OSError as exc:
+                    counters.upstream_connect_failures += 1
+                    logger.warning(
+                        "connection %d: upstream %s:%d refused: %s", index, *self._upstream, exc
+                    )
+                    return
+                async with server:
+                    logger.debug("connection %d: relaying with %d toxics", index, len(toxics))
+                    await _Relay(client, server, counters).run()
+        finally:
+            self._active -= 1
+
+
+class _Relay:
+    """Both directions of one proxied connection, and how it ends."""
+
+    def __init__(
+        self, client: trio.SocketStream, server: trio.SocketStream, counters: _Counters
+    ) -> None:
+        self._client = client
+        self._server = server
+        self._counters = counters
+        self._reset = False
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                self._pump, self._client, self._server, Direction.UPSTREAM, nursery.cancel_scope
+            )
+            nursery.start_soon(
+                self._pump, self._server, self._client, Direction.DOWNSTREAM, nursery.cancel_scope
+            )
+        if self._reset:
+            _abort(self._client)
+            _abort(self._server)
+
+    async def _pump(
+        self,
+        source: trio.abc.HalfCloseableStream,
+        sink: trio.abc.HalfCloseableStream,
+        direction: Direction,
+        connection_scope: trio.CancelScope,
+    ) -> None:
+        byte_counts = self._counters.bytes
+        try:
+            while data := await source.receive_some(RELAY_CHUNK):
+                await sink.send_all(data)
+                byte_counts[direction] += len(data)
+            await sink.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # One direction failing ends the connection; a reset stays a reset.
+            self._reset = self._reset or _is_reset(exc)
+            connection_scope.cancel()
+
+
+@asynccontextmanager
+async def open_chaos_proxy(
+    upstream: Address,
+    plan: FaultPlan = FaultPlan.NONE,
+    *,
+    listen: Address = ("127.0.0.1", 0),
+    control: Address | None = None,
+) -> AsyncIterator[ChaosProxy]:
+    """Run a chaos proxy in the background for the duration of the ``async with`` block.
+
+    ``listen`` and ``control`` take port 0 for a free port; read the real ones from
+    :attr:`ChaosProxy.address` and :attr:`ChaosProxy.control_address`. With ``control``
+    set, the HTTP control API is served there too. Leaving the block (or cancelling it)
+    closes every relayed connection and both listeners.
+    """
+    listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
+    proxy = ChaosProxy(upstream, plan, listeners[0])
+    for extra in listeners[1:]:
+        await extra.aclose()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        if control is not None:
+            proxy.control_address = await nursery.start(serve_control, proxy, control)
+        try:
+            yield proxy
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+# -- the HTTP control API ----------------------------------------------------------------
+#
+# Deliberately tiny: one request per connection, answered with ``Connection: close``, JSON
+# in and out. Bad requests get a 4xx with a message; nothing a client sends can stop the
+# proxy.
+
+#: longest request head (request line and headers) accepted
+MAX_REQUEST_HEAD = 16 * 1024
+#: longest request body accepted; a toxic's JSON is well under a kilobyte
+MAX_REQUEST_BODY = 64 * 1024
+#: how long one control request may take, end to end, before it is dropped
+CONTROL_REQUEST_TIMEOUT = 10.0
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    path: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    body: Any
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def encode(self) -> bytes:
+        payload = (json.dumps(self.body, indent=2) + "\n").encode()
+        lines = [
+            f"HTTP/1.1 {self.status} {HTTPStatus(self.status).phrase}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(payload)}",
+            "Connection: close",
+            *(f"{name}: {value}" for name, value in self.headers),
+        ]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
+
+
+async def serve_control(
+    proxy: ChaosProxy,
+    address: Address,
+    *,
+    task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``proxy``'s HTTP control API on ``address`` until cancelled.
+
+    Reports the bound address through ``task_status``. The routes, all JSON:
+
+    - ``GET /toxics``: the current toxics (with index and name) and the plan's text form;
+    - ``POST /toxics``: add one toxic, in Toxiproxy's shape (``type``, ``stream`` or
+      ``direction``, ``toxicity``, ``attributes``, optional ``name``); answers 201;
+    - ``DELETE /toxics/<index or name>``: remove one toxic;
+    - ``POST /reset``: remove every toxic and zero the counters;
+    - ``GET /stats``: the counters (:meth:`ProxyStats.to_dict`).
+
+    Cancelling it drops any request in progress without an answer.
+    """
+    listeners = await trio.open_tcp_listeners(address[1], host=address[0])
+    host, port = listeners[0].socket.getsockname()[:2]
+    task_status.started((host, port))
+    await trio.serve_listeners(partial(_answer_control_request, proxy), listeners)
+
+
+async def _answer_control_request(proxy: ChaosProxy, stream: trio.SocketStream) -> None:
+    async with stream:
+        try:
+            with trio.fail_after(CONTROL_REQUEST_TIMEOUT):
+                try:
+                    response = _route(proxy, await _read_request(stream))
+                except _HTTPError as exc:
+                    response = _Response(exc.status, {"error": exc.message})
+                await stream.send_all(response.encode())
+                # Let the client read the answer before the close: closing with unread
+                # request bytes in our buffer would reset the connection under it.
+                await stream.send_eof()
+                while await stream.receive_some(MAX_REQUEST_BODY):
+                    pass
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client stalled or went away: there is no one left to answer
+
+
+async def _read_request(stream: trio.abc.ReceiveStream) -> _Request:
+    received = bytearray()
+    while (head_end := received.find(b"\r\n\r\n")) < 0:
+        if len(received) > MAX_REQUEST_HEAD:
+            raise _HTTPError(431, f"request head longer than {MAX_REQUEST_HEAD} bytes")
+        chunk = await stream.receive_some(MAX_REQUEST_HEAD)
+        if not chunk:
+            raise _HTTPError(400, "connection closed before the request head ended")
+        received += chunk
+    if head_end > MAX_REQUEST_HEAD:
+        raise _HTTPError(431, f"request head longer than {MAX_REQUEST_HEAD} bytes")
+    request_line, *header_lines = received[:head_end].decode("latin-1").split("\r\n")
+    method, _, rest = request_line.partition(" ")
+    target, _, version = rest.partition(" ")
+    if not method or not target.startswith("/") or not version.startswith("HTTP/1."):
+        raise _HTTPError(400, f"malformed request line {request_line[:100]!r}")
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise _HTTPError(400, f"malformed header line {line[:100]!r}")
+        headers[name.lower()] = value.strip()
+    if "transfer-encoding" in headers:
+        raise _HTTPError(411, "send the body with a Content-Length, not chunked")
+    length_text = headers.get("content-length", "0")
+    if not length_text.isdigit():
+        raise _HTTPError(400, f"malformed Content-Length {length_text[:20]!r}")
+    length = int(length_text)
+    if length > MAX_REQUEST_BODY:
+        raise _HTTPError(413, f"request body longer than {MAX_REQUEST_BODY} bytes")
+    body = received[head_end + 4 :]
+    while len(body) < length:
+        chunk = await stream.receive_some(length - len(body))
+        if not chunk:
+            raise _HTTPError(400, f"body ended after {len(body)} of {length} bytes")
+        body += chunk
+    path = unquote(target.partition("?")[0])
+    return _Request(method=method, path=path, body=bytes(body[:length]))
+
+
+_ALLOWED_METHODS = {
+    ("toxics",): "GET, POST",
+    ("toxics", "*"): "DELETE",
+    ("reset",): "POST",
+    ("stats",): "GET",
+}
+
+
+def _route(proxy: ChaosProxy, request: _Request) -> _Response:
+    segments = tuple(s for s in request.path.split("/") if s)
+    try:
+        match request.method, segments:
+            case "GET", ("toxics",):
+                return _Response(200, _toxics_listing(proxy))
+            case "POST", ("toxics",):
+                toxic, name = _toxic_from_body(request.body)
+                named = proxy.add_toxic(toxic, name)
+                return _Response(201, {"index": len(proxy.toxics()) - 1, **named.to_dict()})
+            case "DELETE", ("toxics", key):
+                removed = proxy.remove_toxic(int(key) if key.isdigit() else key)
+                return _Response(200, {"removed": removed.to_dict()})
+            case "POST", ("reset",):
+                proxy.reset()
+                return _Response(200, _toxics_listing(proxy))
+            case "GET", ("stats",):
+                return _Response(200, proxy.stats().to_dict())
+    except ToxicNotFoundError as exc:
+        raise _HTTPError(404, str(exc)) from exc
+    except DuplicateToxicError as exc:
+        raise _HTTPError(409, str(exc)) from exc
+    except ValueError as exc:
+        raise _HTTPError(400, str(exc)) from exc
+    shape = segments[:1] + (("*",) if len(segments) == 2 else ())
+    if len(segments) <= 2 and shape in _ALLOWED_METHODS:
+        allowed = _ALLOWED_METHODS[shape]
+        return _Response(
+            405, {"error": f"{request.method} not allowed; use {allowed}"}, (("Allow", allowed),)
+        )
+    return _Response(404, {"error": f"no such resource {request.path[:100]!r}"})
+
+
+def _toxics_listing(proxy: ChaosProxy) -> dict[str, Any]:
+    return {
+        "plan": proxy.plan.to_text(),
+        "toxics": [{"index": i, **t.to_dict()} for i, t in enumerate(proxy.toxics())],
+    }
+
+
+_DIRECTION_NAMES = ("up", "down", "upstream", "downstream")
+
+
+def _toxic_from_body(body: bytes) -> tuple[Toxic, str | None]:
+    """Read a toxic in Toxiproxy's JSON shape, where ``stream`` names the direction."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _HTTPError(400, f"body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise _HTTPError(400, "a toxic must be a JSON object")
+    name = data.pop("name", None)
+    if name is not None and not isinstance(name, str):
+        raise _HTTPError(400, f"a toxic's name must be a string, got {name!r}")
+    if "direction" not in data and "stream" in data:
+        data["direction"] = data.pop("stream")
+    if data.get("direction", "up") not in _DIRECTION_NAMES:
+        raise _HTTPError(400, f"direction must be one of {', '.join(_DIRECTION_NAMES)}")
+    try:
+        return toxic_from_dict(data), name
+    except (TypeError, ValueError) as exc:
+        message = str(exc) if isinstance(exc, PlanSyntaxError) else f"malformed toxic: {exc}"
+        raise _HTTPError(400, message) from exc
