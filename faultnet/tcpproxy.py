@@ -36,6 +36,7 @@ import trio
 from faultnet.plan import Direction, FaultPlan, PlanSyntaxError, Toxic, toxic_from_dict
 
 __all__ = [
+    "Address",
     "ChaosProxy",
     "DuplicateToxicError",
     "NamedToxic",
@@ -47,6 +48,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: a host and port, as trio and the socket module take them
 Address = tuple[str, int]
 
 #: bytes asked for per receive: big enough that per-call Python overhead is noise next to
@@ -324,14 +326,21 @@ async def open_chaos_proxy(
     proxy = ChaosProxy(upstream, plan, listeners[0])
     for extra in listeners[1:]:
         await extra.aclose()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.serve)
-        if control is not None:
-            proxy.control_address = await nursery.start(serve_control, proxy, control)
-        try:
-            yield proxy
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve)
+            if control is not None:
+                proxy.control_address = await nursery.start(serve_control, proxy, control)
+            try:
+                yield proxy
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The nursery wraps whatever the ``async with`` block raised; hand it back bare so
+        # callers can catch it (KeyboardInterrupt, a test's AssertionError) by its type.
+        if len(group.exceptions) != 1:
+            raise
+        raise group.exceptions[0] from None
 
 
 # -- the HTTP control API ----------------------------------------------------------------
