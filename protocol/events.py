@@ -1,0 +1,284 @@
+"""The events a `Connection` sends and receives: one frozen dataclass per message.
+
+Requests travel client -> server, replies server -> client. Every received event carries the
+sequence number of the frame it came from in `seq`; on events you build to send, leave `seq` at 0
+(the `Connection` numbers outgoing frames itself and ignores the field).
+
+A received `WriteAt` is not delivered whole: it arrives as `WriteAtStart`, zero or more
+`WriteAtData` (memoryviews into the buffers given to `receive_data`, never a copy) and, once the
+payload CRC32C has been verified, `WriteAtEnd`. Data seen before `WriteAtEnd` is unverified.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from .errors import ErrorCode, ProtocolError
+
+__all__ = [
+    "NEED_DATA",
+    "Abort",
+    "Ack",
+    "AttachUpload",
+    "Complete",
+    "Completed",
+    "ConnectionClosed",
+    "Credit",
+    "Error",
+    "Event",
+    "GoingAway",
+    "Hello",
+    "NeedData",
+    "OpenUpload",
+    "Ping",
+    "Pong",
+    "Reply",
+    "Request",
+    "Status",
+    "StatusQuery",
+    "UploadOpened",
+    "Welcome",
+    "WriteAt",
+    "WriteAtData",
+    "WriteAtEnd",
+    "WriteAtStart",
+]
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = enum.auto()
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA: Final = _Sentinel.NEED_DATA
+"""Returned by `Connection.next_event()` when more bytes must be received first."""
+
+NeedData = Literal[_Sentinel.NEED_DATA]
+"""The type of `NEED_DATA`, for annotations."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base class of everything `Connection.next_event()` returns."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed(Event):
+    """The peer closed its sending side cleanly, between two frames."""
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Event):
+    """A message from client to server. Every request is answered by exactly one reply."""
+
+    seq: int = field(default=0, kw_only=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply(Event):
+    """A message from server to client; `reply_to` is the seq of the request it answers.
+
+    `reply_to` is 0 for unsolicited messages (only `Credit`, `Error` and `GoingAway` may be).
+    """
+
+    reply_to: int
+    seq: int = field(default=0, kw_only=True)
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Request):
+    """First frame of every connection: the protocol versions the client speaks and the largest
+    frame (payload data bytes) it is willing to exchange. `auth` is a bearer token: never logged.
+    """
+
+    versions: tuple[int, ...]
+    max_frame_size: int
+    auth: str = field(default="", repr=False)
+    client_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenUpload(Request):
+    """Start (or, with the same name and preconditions, resume) an upload into GCS.
+
+    `metadata` is kept as a tuple of (key, value) pairs so the event stays hashable; a mapping
+    passed in is converted. `if_generation_match=0` means "only if the object does not exist".
+    """
+
+    bucket: str
+    name: str
+    content_type: str = "application/octet-stream"
+    metadata: tuple[tuple[str, str], ...] = ()
+    expected_size: int | None = None
+    if_generation_match: int | None = None
+
+    def __post_init__(self) -> None:
+        metadata: object = self.metadata
+        if isinstance(metadata, Mapping):
+            object.__setattr__(self, "metadata", tuple(metadata.items()))
+        elif not isinstance(metadata, tuple):
+            object.__setattr__(self, "metadata", tuple(self.metadata))
+
+
+@dataclass(frozen=True, slots=True)
+class AttachUpload(Request):
+    """Bind this connection to an upload another connection opened; `token` is opaque."""
+
+    token: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteAt(Request):
+    """Send `data` for byte range [offset, offset + len(data)) of the object.
+
+    Only the sending side builds this event; `data` is passed through `send()` without a copy.
+    """
+
+    offset: int
+    data: bytes | bytearray | memoryview
+
+    def __repr__(self) -> str:
+        return f"WriteAt(offset={self.offset}, len(data)={len(self.data)}, seq={self.seq})"
+
+
+@dataclass(frozen=True, slots=True)
+class Complete(Request):
+    """Finalize the upload at `total_size` bytes; idempotent (re-sending returns `Completed`)."""
+
+    total_size: int
+    crc32c: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Abort(Request):
+    """Cancel the upload this connection is bound to, for every connection attached to it."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusQuery(Request):
+    """Ask for the committed offset and the byte ranges the server holds."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Request):
+    nonce: int = 0
+
+
+# -- streamed receive side of WriteAt ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WriteAtStart(Event):
+    """A `WriteAt` frame began: `length` data bytes for [offset, offset + length) follow."""
+
+    seq: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteAtData(Event):
+    """The next piece of the payload of the `WriteAt` with this seq (a view, not a copy)."""
+
+    seq: int
+    data: memoryview
+
+    def __repr__(self) -> str:
+        return f"WriteAtData(seq={self.seq}, len(data)={len(self.data)})"
+
+
+@dataclass(frozen=True, slots=True)
+class WriteAtEnd(Event):
+    """The `WriteAt` with this seq ended and its payload CRC32C matched."""
+
+    seq: int
+
+
+# -- replies -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Reply):
+    """Answers `Hello`: the chosen version and the agreed (smaller) maximum frame size."""
+
+    version: int
+    max_frame_size: int
+    server_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UploadOpened(Reply):
+    """Answers `OpenUpload` and `AttachUpload`; `token` lets other connections attach."""
+
+    token: bytes = field(repr=False)
+    committed_offset: int
+    resumed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Reply):
+    """Success; GCS has acknowledged (committed) bytes [0, committed_offset)."""
+
+    committed_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Credit(Reply):
+    """The client may send bytes in [committed_offset, window_end). May be unsolicited."""
+
+    committed_offset: int
+    window_end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Status(Reply):
+    """Answers `StatusQuery`; `received` lists sorted, disjoint half-open ranges [start, end)."""
+
+    committed_offset: int
+    received: tuple[tuple[int, int], ...]
+    window_end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Completed(Reply):
+    """Answers `Complete`: the object is final in GCS. `md5` is 16 raw bytes when GCS sent one."""
+
+    generation: int
+    size: int
+    crc32c: int
+    md5: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Reply):
+    """A request failed (or, with reply_to=0, the connection or upload did)."""
+
+    code: ErrorCode
+    retryable: bool
+    message: str
+
+    @classmethod
+    def from_exception(cls, exc: ProtocolError, reply_to: int | None = None) -> Error:
+        """The reply that reports `exc` to the peer; `reply_to` defaults to `exc.seq`."""
+        return cls(exc.seq if reply_to is None else reply_to, exc.code, exc.retryable, exc.message)
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Reply):
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class GoingAway(Reply):
+    """The server is shutting down: it answers requests in flight, then closes."""
+
+    reply_to: int = 0
+    message: str = ""
