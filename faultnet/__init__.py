@@ -1,1 +1,46 @@
-"""faultnet."""
+"""faultnet: deterministic fault injection for trio streams, HTTP clients and TCP.
+
+Faults are data (:mod:`faultnet.plan`); :mod:`faultnet.engine` turns them into actions on a
+connection's bytes, and the wrappers apply those actions: :mod:`faultnet.stream` for trio
+streams and :mod:`faultnet.transport` for the ``requests`` session of google-cloud-storage.
+"""
+
+from faultnet.counters import FaultCounters, FaultCountersDict
+from faultnet.engine import ConnectionFaults, DirectionFaults
+from faultnet.plan import (
+    TOXIC_TYPES,
+    Bandwidth,
+    Corrupt,
+    Direction,
+    FaultPlan,
+    Latency,
+    LimitData,
+    PlanSyntaxError,
+    ResetPeer,
+    Slicer,
+    SlowClose,
+    Stall,
+    Toxic,
+    toxic_from_dict,
+)
+
+__all__ = [
+    "TOXIC_TYPES",
+    "Bandwidth",
+    "ConnectionFaults",
+    "Corrupt",
+    "Direction",
+    "DirectionFaults",
+    "FaultCounters",
+    "FaultCountersDict",
+    "FaultPlan",
+    "Latency",
+    "LimitData",
+    "PlanSyntaxError",
+    "ResetPeer",
+    "Slicer",
+    "SlowClose",
+    "Stall",
+    "Toxic",
+    "toxic_from_dict",
+]
