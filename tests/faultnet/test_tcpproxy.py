@@ -1,0 +1,481 @@
+"""The TCP chaos proxy, over real loopback sockets: relaying, half-close, resets, the HTTP
+control API, toxics applied per connection, and the ``rup faultproxy`` command line."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+
+from faultnet.plan import Direction, FaultPlan, Latency, LimitData
+from faultnet.tcpproxy import (
+    Address,
+    ChaosProxy,
+    DuplicateToxicError,
+    ToxicNotFoundError,
+    open_chaos_proxy,
+)
+from proxy.cli import main as rup_main
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+# -- upstream servers --------------------------------------------------------------------
+
+
+async def start_server(nursery: trio.Nursery, handler: Handler) -> Address:
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    host, port = listeners[0].socket.getsockname()[:2]
+    return host, port
+
+
+async def echo(stream: trio.SocketStream) -> None:
+    """Echo until EOF, then half-close back."""
+    async with stream:
+        while data := await stream.receive_some(65536):
+            await stream.send_all(data)
+        await stream.send_eof()
+
+
+async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
+    """Everything until EOF; an EOF that never comes fails the test instead of hanging it."""
+    received = bytearray()
+    with trio.fail_after(30):  # a deadline against a hang, not a timing assertion
+        while data := await stream.receive_some(65536):
+            received += data
+    return bytes(received)
+
+
+@pytest.fixture
+async def echo_address(nursery: trio.Nursery) -> Address:
+    return await start_server(nursery, echo)
+
+
+@pytest.fixture
+async def proxy(echo_address: Address) -> AsyncIterator[ChaosProxy]:
+    async with open_chaos_proxy(echo_address, control=("127.0.0.1", 0)) as running:
+        yield running
+
+
+async def connect(proxy: ChaosProxy) -> trio.SocketStream:
+    return await trio.open_tcp_stream(*proxy.address)
+
+
+async def round_trip(proxy: ChaosProxy, payload: bytes) -> bytes:
+    """Send ``payload`` through ``proxy`` to the echo server, half-close, return the echo."""
+    async with await connect(proxy) as stream, trio.open_nursery() as nursery:
+
+        async def send() -> None:
+            await stream.send_all(payload)
+            await stream.send_eof()
+
+        nursery.start_soon(send)
+        return await receive_all(stream)
+
+
+def abort(stream: trio.SocketStream) -> None:
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+# -- relaying ----------------------------------------------------------------------------
+
+
+async def test_bytes_pass_intact_both_ways(proxy: ChaosProxy) -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+
+    assert await round_trip(proxy, payload) == payload
+
+    # Each direction is counted before its EOF is passed on, so the client's final EOF
+    # means both counts are complete.
+    stats = proxy.stats()
+    assert stats.bytes_upstream == len(payload)
+    assert stats.bytes_downstream == len(payload)
+    assert stats.connections_accepted == 1
+
+
+async def test_connections_are_independent(proxy: ChaosProxy) -> None:
+    payloads = [os.urandom(100_000 + i) for i in range(8)]
+    echoes: dict[int, bytes] = {}
+
+    async def one(i: int) -> None:
+        echoes[i] = await round_trip(proxy, payloads[i])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(payloads)):
+            nursery.start_soon(one, i)
+
+    assert [echoes[i] for i in range(len(payloads))] == payloads
+    assert proxy.stats().connections_accepted == 8
+    assert proxy.stats().bytes_upstream == sum(map(len, payloads))
+
+
+async def test_client_eof_reaches_server_and_server_can_still_answer(
+    nursery: trio.Nursery,
+) -> None:
+    async def answer_after_eof(stream: trio.SocketStream) -> None:
+        async with stream:
+            request = await receive_all(stream)
+            await stream.send_all(b"got %d bytes" % len(request))
+
+    upstream = await start_server(nursery, answer_after_eof)
+    async with open_chaos_proxy(upstream) as proxy, await connect(proxy) as stream:
+        await stream.send_all(b"x" * 1000)
+        await stream.send_eof()
+        assert await receive_all(stream) == b"got 1000 bytes"
+
+
+async def test_server_eof_reaches_client_and_client_can_still_send(
+    nursery: trio.Nursery,
+) -> None:
+    received_after_eof = trio.Event()
+    received: list[bytes] = []
+
+    async def greet_then_listen(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(b"hello")
+            await stream.send_eof()
+            received.append(await receive_all(stream))
+            received_after_eof.set()
+
+    upstream = await start_server(nursery, greet_then_listen)
+    async with open_chaos_proxy(upstream) as proxy, await connect(proxy) as stream:
+        assert await receive_all(stream) == b"hello"
+        await stream.send_all(b"still talking")
+        await stream.send_eof()
+        await received_after_eof.wait()
+    assert received == [b"still talking"]
+
+
+async def test_client_reset_resets_the_server_side(nursery: trio.Nursery) -> None:
+    outcome: list[BaseException | bytes] = []
+    request_arrived = trio.Event()
+    done = trio.Event()
+
+    async def record(stream: trio.SocketStream) -> None:
+        async with stream:
+            received = b""
+            while len(received) < len(b"partial request"):
+                received += await stream.receive_some()
+            request_arrived.set()
+            try:
+                outcome.append(await receive_all(stream))
+            except trio.BrokenResourceError as exc:
+                outcome.append(exc)
+            done.set()
+
+    upstream = await start_server(nursery, record)
+    async with open_chaos_proxy(upstream) as proxy:
+        stream = await connect(proxy)
+        await stream.send_all(b"partial request")
+        await request_arrived.wait()
+        abort(stream)
+        await stream.aclose()
+        await done.wait()
+
+    [error] = outcome
+    assert isinstance(error, trio.BrokenResourceError)
+    assert isinstance(error.__cause__, ConnectionResetError)
+
+
+async def test_server_reset_resets_the_client(nursery: trio.Nursery) -> None:
+    async def reset_after_greeting(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"bye")
+        await stream.receive_some()  # wait for the client's answer before resetting
+        abort(stream)
+        await stream.aclose()
+
+    upstream = await start_server(nursery, reset_after_greeting)
+    async with open_chaos_proxy(upstream) as proxy, await connect(proxy) as stream:
+        assert await stream.receive_some() == b"bye"
+        await stream.send_all(b"ok")
+        with pytest.raises(trio.BrokenResourceError) as error:
+            await receive_all(stream)
+    assert isinstance(error.value.__cause__, ConnectionResetError)
+
+
+async def test_unreachable_upstream_closes_the_client_and_is_counted() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead_address = unused.getsockname()  # bound but not listening: refuses connections
+        async with open_chaos_proxy(dead_address) as proxy, await connect(proxy) as stream:
+            assert await stream.receive_some() == b""
+            assert proxy.stats().upstream_connect_failures == 1
+
+
+async def test_closing_the_proxy_closes_relayed_connections(echo_address: Address) -> None:
+    async with open_chaos_proxy(echo_address) as proxy:
+        stream = await connect(proxy)
+        await stream.send_all(b"ping")
+        assert await stream.receive_some() == b"ping"
+    with trio.fail_after(5):  # a deadline against a hang, not a timing assertion
+        assert await stream.receive_some() == b""
+    await stream.aclose()
+
+
+# -- the Python control API --------------------------------------------------------------
+
+
+async def test_toxics_get_unique_default_names(proxy: ChaosProxy) -> None:
+    first = proxy.add_toxic(Latency(direction=Direction.DOWNSTREAM, ms=5))
+    second = proxy.add_toxic(Latency(direction=Direction.DOWNSTREAM, ms=7))
+    named = proxy.add_toxic(LimitData(bytes=10), name="cut")
+
+    assert [t.name for t in proxy.toxics()] == ["latency_downstream", "latency_downstream_2", "cut"]
+    assert proxy.plan.toxics == (first.toxic, second.toxic, named.toxic)
+    with pytest.raises(DuplicateToxicError):
+        proxy.add_toxic(LimitData(bytes=1), name="cut")
+
+    assert proxy.remove_toxic("latency_downstream") == first
+    assert proxy.remove_toxic(1) == named
+    assert proxy.toxics() == (second,)
+    with pytest.raises(ToxicNotFoundError):
+        proxy.remove_toxic("cut")
+    with pytest.raises(ToxicNotFoundError):
+        proxy.remove_toxic(1)
+
+
+async def test_reset_clears_toxics_and_counters(proxy: ChaosProxy) -> None:
+    await round_trip(proxy, b"abc")
+    proxy.add_toxic(Latency(ms=1))
+
+    proxy.reset()
+
+    assert proxy.toxics() == ()
+    stats = proxy.stats().to_dict()
+    assert stats == {
+        "connections_accepted": 0,
+        "connections_active": stats["connections_active"],  # a gauge, not a counter
+        "upstream_connect_failures": 0,
+        "bytes": {"upstream": 0, "downstream": 0},
+        "faults": {},
+    }
+
+
+# -- the HTTP control API ----------------------------------------------------------------
+
+
+async def control(proxy: ChaosProxy, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One request to the proxy's control API, with the standard library's HTTP client."""
+    assert proxy.control_address is not None
+    host, port = proxy.control_address
+    payload = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+
+    def request() -> tuple[int, Any]:
+        connection = http.client.HTTPConnection(host, port, timeout=10)
+        try:
+            connection.request(method, path, body=payload)
+            response = connection.getresponse()
+            assert response.getheader("Content-Type") == "application/json"
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    return await trio.to_thread.run_sync(request)
+
+
+async def test_control_api_lists_adds_and_removes_toxics(proxy: ChaosProxy) -> None:
+    assert await control(proxy, "GET", "/toxics") == (200, {"plan": "seed=0", "toxics": []})
+
+    status, added = await control(
+        proxy,
+        "POST",
+        "/toxics",
+        {"type": "latency", "stream": "downstream", "attributes": {"ms": 20, "jitter": 5}},
+    )
+    assert status == 201
+    assert added == {
+        "index": 0,
+        "name": "latency_downstream",
+        "type": "latency",
+        "direction": "down",
+        "stream": "downstream",
+        "toxicity": 1.0,
+        "attributes": {"ms": 20.0, "jitter": 5.0},
+    }
+    status, added = await control(
+        proxy, "POST", "/toxics", {"type": "limit_data", "name": "cut", "attributes": {"bytes": 9}}
+    )
+    assert (status, added["index"], added["name"]) == (201, 1, "cut")
+    assert proxy.plan.toxics == (
+        Latency(direction=Direction.DOWNSTREAM, ms=20, jitter=5),
+        LimitData(bytes=9),
+    )
+
+    status, listing = await control(proxy, "GET", "/toxics")
+    assert status == 200
+    assert [t["name"] for t in listing["toxics"]] == ["latency_downstream", "cut"]
+    assert FaultPlan.parse(listing["plan"]) == proxy.plan
+
+    status, removed = await control(proxy, "DELETE", "/toxics/latency_downstream")
+    assert (status, removed["removed"]["type"]) == (200, "latency")
+    status, removed = await control(proxy, "DELETE", "/toxics/0")
+    assert (status, removed["removed"]["name"]) == (200, "cut")
+    assert proxy.toxics() == ()
+
+
+async def test_control_api_reset_and_stats(proxy: ChaosProxy) -> None:
+    await round_trip(proxy, b"0123456789")
+    proxy.add_toxic(Latency(ms=1))
+
+    status, stats = await control(proxy, "GET", "/stats")
+    assert status == 200
+    assert stats == {
+        "connections_accepted": 1,
+        "connections_active": stats["connections_active"],  # 0 or 1: closing is async
+        "upstream_connect_failures": 0,
+        "bytes": {"upstream": 10, "downstream": 10},
+        "faults": {},
+    }
+
+    assert await control(proxy, "POST", "/reset") == (200, {"plan": "seed=0", "toxics": []})
+    status, stats = await control(proxy, "GET", "/stats")
+    assert stats["connections_accepted"] == 0
+    assert stats["bytes"] == {"upstream": 0, "downstream": 0}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "message"),
+    [
+        ("POST", "/toxics", b"{not json", 400, "not valid JSON"),
+        ("POST", "/toxics", b"[1, 2]", 400, "must be a JSON object"),
+        ("POST", "/toxics", {"type": "teleport"}, 400, "unknown toxic 'teleport'"),
+        ("POST", "/toxics", {"attributes": {}}, 400, "needs a 'type'"),
+        ("POST", "/toxics", {"type": "latency", "stream": "sideways"}, 400, "direction"),
+        ("POST", "/toxics", {"type": "latency", "attributes": {"ms": -1}}, 400, "negative"),
+        ("POST", "/toxics", {"type": "latency", "toxicity": "lots"}, 400, "malformed toxic"),
+        ("POST", "/toxics", {"type": "latency", "attributes": {"nope": 1}}, 400, "'nope'"),
+        ("POST", "/toxics", {"type": "latency", "name": 5}, 400, "name must be a string"),
+        ("POST", "/toxics", {"type": "latency", "name": "12"}, 400, "not a number"),
+        ("DELETE", "/toxics/7", None, 404, "no toxic at index 7"),
+        ("DELETE", "/toxics/ghost", None, 404, "no toxic named 'ghost'"),
+        ("GET", "/nowhere", None, 404, "no such resource"),
+        ("GET", "/toxics/1/2", None, 404, "no such resource"),
+        ("PUT", "/toxics", b"{}", 405, "use GET, POST"),
+        ("GET", "/reset", None, 405, "use POST"),
+        ("POST", "/toxics", b"x" * (64 * 1024 + 1), 413, "body longer than"),
+    ],
+)
+async def test_control_api_refuses_bad_requests(
+    proxy: ChaosProxy, method: str, path: str, body: Any, status: int, message: str
+) -> None:
+    got_status, answer = await control(proxy, method, path, body)
+
+    assert (got_status, message in answer["error"]) == (status, True), answer
+    assert proxy.toxics() == ()
+    assert await round_trip(proxy, b"still relaying") == b"still relaying"
+
+
+async def test_control_api_refuses_duplicate_names(proxy: ChaosProxy) -> None:
+    toxic = {"type": "latency", "name": "slow"}
+    assert (await control(proxy, "POST", "/toxics", toxic))[0] == 201
+    status, answer = await control(proxy, "POST", "/toxics", toxic)
+    assert (status, answer) == (409, {"error": "a toxic named 'slow' already exists"})
+    assert len(proxy.toxics()) == 1
+
+
+@pytest.mark.parametrize(
+    ("raw_request", "status"),
+    [
+        (b"NONSENSE\r\n\r\n", 400),
+        (b"GET /toxics\r\n\r\n", 400),
+        (b"GET /toxics HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+        (b"POST /toxics HTTP/1.1\r\nContent-Length: ten\r\n\r\n", 400),
+        (b"POST /toxics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+        (b"POST /toxics HTTP/1.1\r\nContent-Length: 50\r\n\r\n{}", 400),  # body cut short
+        (b"GET /toxics HTTP/1.1\r\n" + b"X-Filler: y\r\n" * 2000, 431),
+        (b"GET /toxics HTTP/1.1", 400),  # head cut short
+    ],
+)
+async def test_control_api_survives_malformed_http(
+    proxy: ChaosProxy, raw_request: bytes, status: int
+) -> None:
+    assert proxy.control_address is not None
+    async with await trio.open_tcp_stream(*proxy.control_address) as stream:
+        await stream.send_all(raw_request)
+        await stream.send_eof()
+        answer = await receive_all(stream)
+
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    assert (await control(proxy, "GET", "/toxics"))[0] == 200
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--listen", "nowhere", "--upstream", "127.0.0.1:1"], "--listen: expected HOST:PORT"),
+        (["--listen", "127.0.0.1:70000", "--upstream", "127.0.0.1:1"], "expected HOST:PORT"),
+        (["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:x"], "--upstream: expected"),
+        (["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:0"], "needs a real port"),
+        (["--listen", ":80", "--upstream", "127.0.0.1:1"], "expected HOST:PORT"),
+        (
+            ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--plan", "lag(ms=1)"],
+            "--plan: unknown toxic 'lag'",
+        ),
+        (
+            ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--plan", "{bad json"],
+            "--plan: fault plan is not valid JSON",
+        ),
+    ],
+)
+def test_cli_refuses_bad_arguments(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        rup_main(["faultproxy", *arguments])
+
+    assert exit_info.value.code == 2
+    error_lines = [
+        line for line in capsys.readouterr().err.splitlines() if "rup faultproxy: error:" in line
+    ]
+    assert len(error_lines) == 1
+    assert message in error_lines[0]
+
+
+@pytest.mark.slow
+async def test_cli_relays_until_interrupted(echo_address: Address) -> None:
+    upstream = f"{echo_address[0]}:{echo_address[1]}"
+    command = [sys.executable, "-m", "proxy.cli", "faultproxy", "--listen", "127.0.0.1:0"]
+    command += ["--upstream", upstream, "--control", "127.0.0.1:0", "--plan", "seed=4"]
+    run = partial(trio.run_process, command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(partial(run, check=False))
+        assert process.stdout is not None
+        assert process.stderr is not None
+        with trio.fail_after(60):  # a deadline against a hang, not a timing assertion
+            banner = b""
+            while banner.count(b"\n") < 3:
+                chunk = await process.stdout.receive_some()
+                assert chunk, banner
+                banner += chunk
+            listening, control_line, plan_line = banner.decode().splitlines()[:3]
+            host, port = listening.split()[2].rstrip(",").split(":")
+            assert control_line.startswith("control API on http://127.0.0.1:")
+            assert plan_line == "plan: seed=4"
+
+            async with await trio.open_tcp_stream(host, int(port)) as stream:
+                await stream.send_all(b"through the command line")
+                await stream.send_eof()
+                assert await receive_all(stream) == b"through the command line"
+
+            process.send_signal(signal.SIGINT)
+            errors = await receive_all(process.stderr)
+            await process.wait()
+
+    final_stats = json.loads(errors.decode().splitlines()[0])
+    assert final_stats["bytes"] == {"upstream": 24, "downstream": 24}
+    assert final_stats["connections_accepted"] == 1
+    assert process.returncode == 130
