@@ -1,0 +1,107 @@
+"""Server settings: every limit and timeout of ``rup serve`` in one frozen value.
+
+A :class:`ServerSettings` is built once (by ``rup serve`` from its flags, or by a test) and
+never changes while the server runs. Secrets it carries (bearer tokens, the token key) are
+excluded from its ``repr`` so that printing the settings never leaks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import ssl
+from dataclasses import dataclass, field
+
+from reliablewriter import WriterSettings
+
+__all__ = [
+    "KiB",
+    "MiB",
+    "ServerSettings",
+    "SettingsError",
+]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+#: the writer uploads in multiples of this, so no upload window may be smaller
+_GCS_CHUNK_ALIGNMENT = 256 * KiB
+
+
+class SettingsError(ValueError):
+    """A combination of settings that cannot work."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How a proxy server listens, authenticates, and limits its clients.
+
+    Buffers: every upload gets a window of at most ``upload_buffer_limit`` bytes ahead of its
+    committed offset, reserved from the shared ``total_buffer_limit`` when the upload opens.
+    When the shared budget cannot give ``min_upload_window``, new uploads are refused with a
+    retryable TOO_BUSY; existing uploads are never starved, so no client can deadlock another.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    server_name: str = "rup"
+
+    #: bearer tokens a client may present in its Hello; empty means no authentication
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    #: 32-byte AES-GCM key for upload tokens; instances sharing it can resume each other's uploads
+    token_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
+    #: how long an upload token stays valid after the upload was opened
+    token_lifetime: float = 7 * 24 * 3600.0
+    #: TLS for the client leg; ``None`` serves plain TCP
+    tls: ssl.SSLContext | None = field(default=None, repr=False)
+
+    max_frame_size: int = 1 * MiB
+    upload_buffer_limit: int = 32 * MiB
+    min_upload_window: int = 1 * MiB
+    total_buffer_limit: int = 1024 * MiB
+    max_uploads_per_client: int = 256
+    max_connections_per_client: int = 256
+
+    #: a connection that completes no handshake (TLS and Hello) within this is dropped
+    handshake_timeout: float = 10.0
+    #: a connection with nothing outstanding that sends nothing for this long is closed
+    idle_timeout: float = 120.0
+    #: an upload with no connection and no activity for this long is released (GCS session kept)
+    upload_idle_timeout: float = 300.0
+    #: a Complete still missing bytes after this long without any new byte fails with the gaps
+    complete_timeout: float = 120.0
+    #: how long a completed upload remembers its result, for repeated Complete requests
+    result_retention: float = 600.0
+    #: on shutdown, how long in-flight frames get to finish after GoingAway went out
+    shutdown_grace: float = 5.0
+
+    #: when not empty, only these buckets may be written
+    allowed_buckets: tuple[str, ...] = ()
+    #: when not empty, object names must start with one of these
+    allowed_prefixes: tuple[str, ...] = ()
+
+    #: template for each upload's writer; the server sets its buffer limit per upload
+    writer: WriterSettings = field(default_factory=WriterSettings)
+
+    def __post_init__(self) -> None:
+        if len(self.token_key) != 32:
+            raise SettingsError("token_key must be exactly 32 bytes (AES-256-GCM)")
+        if self.min_upload_window < _GCS_CHUNK_ALIGNMENT:
+            raise SettingsError(f"min_upload_window must be at least {_GCS_CHUNK_ALIGNMENT} bytes")
+        if self.upload_buffer_limit < self.min_upload_window:
+            raise SettingsError("upload_buffer_limit must be at least min_upload_window")
+        if self.total_buffer_limit < self.upload_buffer_limit:
+            raise SettingsError("total_buffer_limit must be at least upload_buffer_limit")
+        for name in ("handshake_timeout", "idle_timeout", "upload_idle_timeout"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive")
+
+    def allows(self, bucket: str, name: str) -> bool:
+        """Whether the allow-lists permit writing ``name`` into ``bucket``."""
+        if self.allowed_buckets and bucket not in self.allowed_buckets:
+            return False
+        return not self.allowed_prefixes or name.startswith(self.allowed_prefixes)
+
+    def replace(self, **changes: object) -> ServerSettings:
+        """A copy with ``changes`` applied (validated like the original)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
