@@ -1,0 +1,1152 @@
+"""The rup client: upload a file or a stream through the proxy over N connections, on trio.
+
+One upload is spread over ``connections`` TCP connections ("slots"). The first slot opens the
+upload and gets its token; the others attach with that token. Every slot then takes the
+lowest piece of the object that still has to be sent, within the proxy's credit window, and
+pipelines up to ``frames_in_flight`` ``WriteAt`` frames before it waits for their ``Ack``.
+Pieces never cross a frame-size boundary, so a resend after a fault is the same frame again.
+
+What is still to send is a :class:`~proxy.ranges.RangeSet`. A piece leaves it when a slot
+takes it and goes back when the frame is lost (the connection dropped before the ``Ack``) or
+refused as corrupt (``BAD_CRC``). When a slot reconnects it re-attaches with the token and
+asks for ``Status``; the set becomes exactly what the proxy does not hold and no other
+connection is sending. That is what makes a proxy restart harmless: the new instance
+recovers the committed offset from GCS and the client resends only the rest.
+
+Files are read with ``os.pread`` piece by piece (never loaded whole; a resend reads again).
+A stream keeps only the bytes the proxy has not yet committed to GCS, within a bounded
+buffer. The CRC32C of the whole object goes with ``Complete`` and the proxy's reply is
+checked against it and the size.
+
+Cancellation: cancelling any call here abandons the upload on this side; the proxy keeps
+it resumable until its idle timeout, then GCS keeps the session for a week. Leaving
+:func:`connect_upload`'s block without :meth:`Upload.complete` aborts the upload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import ssl
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
+
+import google_crc32c
+import trio
+
+from protocol import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Abort,
+    Ack,
+    AttachUpload,
+    Complete,
+    Completed,
+    Connection,
+    ConnectionClosed,
+    Credit,
+    Error,
+    ErrorCode,
+    Event,
+    GoingAway,
+    Hello,
+    OpenUpload,
+    Pong,
+    RemoteProtocolError,
+    Reply,
+    Request,
+    Role,
+    Status,
+    StatusQuery,
+    UploadOpened,
+    Welcome,
+    WriteAt,
+)
+from proxy.ranges import ByteRange, RangeSet, format_ranges
+
+__all__ = [
+    "ChecksumMismatchError",
+    "ClientSettings",
+    "Connector",
+    "ProxyUnreachableError",
+    "ReconnectPolicy",
+    "Upload",
+    "UploadError",
+    "UploadProgress",
+    "UploadRejectedError",
+    "UploadResult",
+    "connect_upload",
+    "parse_gs_url",
+    "parse_proxy_address",
+    "upload_file",
+    "upload_stream",
+]
+
+KiB: Final = 1024
+MiB: Final = 1024 * KiB
+
+_E = TypeVar("_E", bound=BaseException)
+
+_RECEIVE_SIZE: Final = 64 * KiB
+_CLIENT_NAME: Final = "rup-client/0.1"
+#: Codes that condemn a connection, not the upload: reconnecting may well succeed.
+_CONNECTION_CODES: Final = frozenset(
+    {
+        ErrorCode.MALFORMED_FRAME,
+        ErrorCode.BAD_SEQUENCE,
+        ErrorCode.CORRUPT_HEADER,
+        ErrorCode.UNKNOWN_FRAME_TYPE,
+        ErrorCode.UNEXPECTED_FRAME,
+        ErrorCode.OUTSIDE_CREDIT,
+        ErrorCode.TOO_BUSY,
+        ErrorCode.IDLE_TIMEOUT,
+        ErrorCode.SHUTTING_DOWN,
+    }
+)
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+class UploadError(Exception):
+    """An upload failed. ``code`` is the proxy's error code when the proxy gave one."""
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class ProxyUnreachableError(UploadError):
+    """No connection to the proxy could be made or kept, within the reconnect policy."""
+
+
+class UploadRejectedError(UploadError):
+    """The proxy refused the upload for good (auth, permission, precondition, token, ...)."""
+
+
+class ChecksumMismatchError(UploadError):
+    """The object the proxy finalized differs from what was sent (size or CRC32C)."""
+
+
+class _ConnectionLostError(Exception):
+    """One connection is unusable; the slot that owns it reconnects."""
+
+    def __init__(self, reason: str, *, code: ErrorCode | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+# -- settings and results -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """How a connection slot retries: exponential backoff with full jitter.
+
+    ``max_attempts`` counts consecutive failures of one slot; any acknowledged frame resets
+    the count, so a long upload over a flaky network is not capped, a dead proxy is.
+    """
+
+    max_attempts: int = 8
+    initial_delay: float = 0.05
+    max_delay: float = 2.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0.0, min(self.max_delay, self.initial_delay * 2.0**attempt))
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Tuning for one upload. The defaults suit a LAN or loopback proxy."""
+
+    connections: int = 4
+    #: payload bytes per WriteAt frame; capped by what the proxy's Welcome allows
+    frame_size: int = 1 * MiB
+    #: WriteAt frames sent on one connection before waiting for an Ack
+    frames_in_flight: int = 4
+    connect_timeout: float = 10.0
+    #: while a reply is due, this long without a byte from the proxy means the link stalled
+    reply_timeout: float = 30.0
+    #: Complete waits for GCS to commit the tail, so it gets longer
+    complete_timeout: float = 300.0
+    #: a stream keeps at most this many bytes that the proxy has not committed yet
+    stream_buffer: int = 64 * MiB
+    max_complete_attempts: int = 6
+    reconnect: ReconnectPolicy = field(default_factory=ReconnectPolicy)
+
+    def __post_init__(self) -> None:
+        if self.connections < 1:
+            raise ValueError(f"connections must be at least 1, got {self.connections}")
+        if self.frame_size < 1 or self.frames_in_flight < 1:
+            raise ValueError("frame_size and frames_in_flight must be positive")
+        if self.stream_buffer < self.frame_size:
+            raise ValueError("stream_buffer must hold at least one frame")
+
+
+@dataclass(frozen=True)
+class UploadProgress:
+    """A snapshot for progress displays; ``total`` is None while a stream is still open."""
+
+    total: int | None
+    bytes_sent: int
+    bytes_received: int
+    committed: int
+    connections: int
+    reconnects: int
+    resent_bytes: int
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """The finalized object, as the proxy reported it, plus what it took to get there."""
+
+    bucket: str
+    name: str
+    size: int
+    generation: int
+    crc32c: int
+    md5: bytes | None
+    elapsed: float
+    connections: int
+    bytes_sent: int
+    reconnects: int
+    resent_bytes_by_cause: Mapping[str, int]
+    errors_by_code: Mapping[str, int]
+
+    @property
+    def throughput(self) -> float:
+        """Object bytes per second, over the whole upload."""
+        return self.size / self.elapsed if self.elapsed > 0 else math.inf
+
+
+#: Opens one byte stream to the proxy; lets callers add TLS, faults or a different transport.
+Connector = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+def parse_proxy_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as a pair; ValueError with a clear message otherwise."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT for the proxy, got {text!r}")
+    return host, int(port)
+
+
+def parse_gs_url(url: str) -> tuple[str, str]:
+    """``gs://bucket/object/name`` as ``(bucket, name)``; ValueError otherwise."""
+    rest = url.removeprefix("gs://")
+    bucket, _, name = rest.partition("/")
+    if rest == url or not bucket or not name:
+        raise ValueError(f"expected gs://BUCKET/OBJECT, got {url!r}")
+    return bucket, name
+
+
+# -- data sources -------------------------------------------------------------------------
+
+
+class _FileSource:
+    """Random access to a file: each piece is read when it is sent (and again if resent)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self.size = size
+        self.total: int | None = size
+
+    @property
+    def available(self) -> int:
+        return self.size
+
+    async def read(self, start: int, end: int) -> memoryview:
+        data = await trio.to_thread.run_sync(os.pread, self._fd, end - start, start)
+        if len(data) != end - start:
+            raise UploadError(f"file shrank while uploading: short read at offset {start}")
+        return memoryview(data)
+
+    def release(self, committed: int) -> None:
+        """Nothing to release: a file can always be read again."""
+
+    async def crc32c(self) -> int:
+        def checksum() -> int:
+            crc, offset = 0, 0
+            while offset < self.size:
+                block = os.pread(self._fd, min(8 * MiB, self.size - offset), offset)
+                if not block:
+                    raise UploadError(f"file shrank while uploading: EOF at offset {offset}")
+                crc = google_crc32c.extend(crc, block)
+                offset += len(block)
+            return crc
+
+        return await trio.to_thread.run_sync(checksum)
+
+
+class _StreamSource:
+    """The uncommitted tail of a stream, in frame-aligned blocks.
+
+    Incoming chunks are coalesced into blocks of exactly ``block_size`` bytes, so a frame is
+    a view of one block (no copy) and a resend after a fault finds its bytes again. Blocks
+    are dropped as soon as the proxy reports them committed.
+    """
+
+    def __init__(self, block_size: int) -> None:
+        self._block_size = block_size
+        self._blocks: dict[int, bytes] = {}
+        self._pending = bytearray()
+        self._crc = 0
+        self.written = 0
+        #: bytes that are in blocks, hence sendable
+        self.available = 0
+        self.total: int | None = None
+
+    def append(self, data: bytes) -> None:
+        self._crc = google_crc32c.extend(self._crc, data)
+        self.written += len(data)
+        self._pending += data
+        while len(self._pending) >= self._block_size:
+            self._emit(bytes(self._pending[: self._block_size]))
+            del self._pending[: self._block_size]
+
+    def finish(self) -> None:
+        if self._pending:
+            self._emit(bytes(self._pending))
+            self._pending.clear()
+        self.total = self.written
+
+    def _emit(self, block: bytes) -> None:
+        self._blocks[self.available] = block
+        self.available += len(block)
+
+    async def read(self, start: int, end: int) -> memoryview:
+        base = start - start % self._block_size
+        block = self._blocks.get(base)
+        if block is None or end > base + len(block):
+            # pieces are cut on block boundaries, so this is a bookkeeping bug, not bad input
+            raise AssertionError(f"bytes [{start}, {end}) are no longer buffered")
+        return memoryview(block)[start - base : end - base]
+
+    def release(self, committed: int) -> None:
+        for base in [b for b, block in self._blocks.items() if b + len(block) <= committed]:
+            del self._blocks[base]
+
+    async def crc32c(self) -> int:
+        return self._crc
+
+
+_Source = _FileSource | _StreamSource
+
+
+# -- one connection -----------------------------------------------------------------------
+
+
+class _Waiter:
+    __slots__ = ("done", "reply")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.reply: Reply | _ConnectionLostError | None = None
+
+
+class _Channel:
+    """One connection to the proxy: a sans-IO Connection, a stream, and its outstanding requests.
+
+    Replies are matched to requests by ``reply_to``. WriteAt frames are tracked by sequence
+    number with the range they carry, so a lost connection hands those ranges back.
+    """
+
+    def __init__(self, upload: Upload, stream: trio.abc.Stream, max_frame_size: int) -> None:
+        self._upload = upload
+        self._stream = stream
+        self._conn = Connection(Role.CLIENT, max_frame_size=max_frame_size)
+        self._send_lock = trio.Lock()
+        self._waiters: dict[int, _Waiter] = {}
+        self.frames: dict[int, ByteRange] = {}
+        #: a piece taken for sending that has no sequence number yet
+        self.staged: ByteRange | None = None
+        self.frame_slots = trio.Semaphore(upload.settings.frames_in_flight)
+        self.failure: _ConnectionLostError | None = None
+        self.going_away = False
+        self.acked_any = False
+        self._blocking = False
+        self._cancel_scope = trio.CancelScope()
+        self._receive_scope: trio.CancelScope | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def fail(self, reason: _ConnectionLostError) -> None:
+        if self.failure is None:
+            self.failure = reason
+        for waiter in self._waiters.values():
+            waiter.reply = reason
+            waiter.done.set()
+        self._waiters.clear()
+        self._cancel_scope.cancel()
+
+    def in_flight(self) -> list[ByteRange]:
+        pieces = list(self.frames.values())
+        if self.staged is not None:
+            pieces.append(self.staged)
+        return pieces
+
+    async def run(self, bind: Callable[[_Channel], Awaitable[None]]) -> None:
+        """Handshake, bind to the upload, then send pieces until cancelled or failed.
+
+        Never raises for network trouble: the reason ends up in :attr:`failure` and the
+        owning slot decides whether to reconnect. Upload-level refusals go to the upload.
+        """
+        with self._cancel_scope:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._receive_loop)
+                    await self._handshake()
+                    await bind(self)
+                    await self._send_loop()
+            except* _ConnectionLostError as group:
+                self.fail(_first(group, _ConnectionLostError))
+            except* UploadError as group:
+                error = _first(group, UploadError)
+                self._upload.fail(error)
+                self.fail(_ConnectionLostError(error.message, code=error.code))
+            except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+                self.fail(_ConnectionLostError(f"connection broke: {_first(group, Exception)!r}"))
+            except* trio.TooSlowError:
+                self.fail(_ConnectionLostError("proxy stopped reading for too long"))
+            except* RemoteProtocolError as group:
+                exc = _first(group, RemoteProtocolError)
+                self.fail(
+                    _ConnectionLostError(f"proxy broke the protocol: {exc.message}", code=exc.code)
+                )
+        if self.failure is None:
+            self.fail(_ConnectionLostError("connection closed"))
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await self._stream.aclose()
+
+    async def _handshake(self) -> None:
+        settings = self._upload.settings
+        hello = Hello(
+            versions=(PROTOCOL_VERSION,),
+            max_frame_size=self._conn.max_frame_size,
+            auth=self._upload.auth,
+            client_name=_CLIENT_NAME,
+        )
+        with trio.fail_after(settings.connect_timeout):
+            reply = await self.request(hello, blocking=True)
+        if not isinstance(reply, Welcome):
+            raise _unexpected(reply, "Hello")
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def _write_frame(self, buffers: list[bytes | memoryview]) -> None:
+        with trio.fail_after(self._upload.settings.reply_timeout):
+            for buffer in buffers:
+                await self._stream.send_all(buffer)
+
+    async def _send_piece(self, piece: ByteRange, data: memoryview) -> bool:
+        """Send one WriteAt; False, with nothing sent, if a blocking request got in first."""
+        async with self._send_lock:
+            if self._blocking:
+                return False
+            buffers = self._conn.send(WriteAt(offset=piece[0], data=data))
+            self.frames[self._conn.last_sent_seq] = piece
+            self.staged = None
+            self._arm_receive_timeout()
+            await self._write_frame(buffers)
+        return True
+
+    async def request(self, event: Request, *, blocking: bool = False) -> Reply:
+        """Send ``event`` and return the proxy's reply to it (which may be an Error).
+
+        ``blocking`` requests (Hello, Open, Attach, Complete, Abort) forbid any WriteAt on
+        this connection until answered, and may take as long as GCS needs to finalize.
+        """
+        waiter = _Waiter()
+        async with self._send_lock:
+            buffers = self._conn.send(event)
+            self._waiters[self._conn.last_sent_seq] = waiter
+            self._blocking = self._blocking or blocking
+            self._arm_receive_timeout()
+            await self._write_frame(buffers)
+        try:
+            await waiter.done.wait()
+        finally:
+            if blocking:
+                self._blocking = False
+                self._upload.changed()
+        if isinstance(waiter.reply, _ConnectionLostError):
+            raise waiter.reply
+        assert waiter.reply is not None
+        return waiter.reply
+
+    # -- the two loops --------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        upload = self._upload
+        while True:
+            await self.frame_slots.acquire()
+            while self._blocking:
+                await upload.wait_changed()
+            piece = await upload.next_piece(self)
+            if piece is None:  # going away: let the proxy answer what is in flight
+                self.frame_slots.release()
+                await trio.sleep_forever()
+            self.staged = piece
+            data = await upload.read(piece)
+            if not await self._send_piece(piece, data):
+                self.staged = None
+                upload.hand_back(piece)
+                self.frame_slots.release()
+                continue
+            upload.note_sent(len(data))
+
+    def _receive_timeout(self) -> float:
+        if not self._waiters and not self.frames:
+            return math.inf
+        settings = self._upload.settings
+        return settings.complete_timeout if self._blocking else settings.reply_timeout
+
+    def _arm_receive_timeout(self) -> None:
+        # a reply is now due: a receive that started with no deadline must get one
+        if self._receive_scope is not None:
+            deadline = trio.current_time() + self._receive_timeout()
+            self._receive_scope.deadline = min(self._receive_scope.deadline, deadline)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            event = self._conn.next_event()
+            if event is NEED_DATA:
+                deadline = trio.current_time() + self._receive_timeout()
+                with trio.CancelScope(deadline=deadline) as scope:
+                    self._receive_scope = scope
+                    data = await self._stream.receive_some(_RECEIVE_SIZE)
+                self._receive_scope = None
+                if scope.cancelled_caught:
+                    self.fail(_ConnectionLostError("no reply from the proxy in time"))
+                    return
+                if not data:
+                    self.fail(_ConnectionLostError("proxy closed the connection"))
+                    return
+                self._conn.receive_data(data)
+                continue
+            self._dispatch(event)
+
+    def _dispatch(self, event: Event) -> None:
+        upload = self._upload
+        if not isinstance(event, Reply):
+            message = "proxy closed the connection" if isinstance(event, ConnectionClosed) else ""
+            self.fail(_ConnectionLostError(message or f"proxy sent a {type(event).__name__}"))
+            return
+        piece = self.frames.pop(event.reply_to, None) if event.reply_to else None
+        if piece is not None:
+            self.frame_slots.release()
+            self._on_frame_reply(piece, event)
+            if self.going_away and not self.frames:
+                self.fail(_ConnectionLostError("proxy is going away"))
+            return
+        waiter = self._waiters.pop(event.reply_to, None) if event.reply_to else None
+        if waiter is not None:
+            waiter.reply = event
+            waiter.done.set()
+        elif isinstance(event, Credit):
+            upload.note_credit(event.committed_offset, event.window_end)
+        elif isinstance(event, GoingAway):
+            self.going_away = True
+            upload.changed()
+            if not self.frames:
+                self.fail(_ConnectionLostError("proxy is going away"))
+        elif isinstance(event, Error):
+            # unsolicited: the proxy is about to close this connection, or the upload is gone
+            upload.count_error(event.code)
+            if not _upload_fatal(event):
+                self.fail(_ConnectionLostError(f"proxy said: {event.message}", code=event.code))
+            else:
+                upload.fail(_rejection(event))
+        elif not isinstance(event, Pong):
+            raise RemoteProtocolError(
+                f"reply to unknown request {event.reply_to}: {type(event).__name__}",
+                ErrorCode.UNEXPECTED_FRAME,
+            )
+
+    def _on_frame_reply(self, piece: ByteRange, event: Reply) -> None:
+        upload = self._upload
+        if isinstance(event, Ack | Credit):
+            self.acked_any = True
+            upload.note_received(piece, event.committed_offset)
+            if isinstance(event, Credit):
+                upload.note_credit(event.committed_offset, event.window_end)
+        elif isinstance(event, Error):
+            upload.count_error(event.code)
+            upload.requeue([piece], cause=event.code.name.lower())
+            if event.code == ErrorCode.BAD_CRC:
+                return  # the header was intact: the connection goes on, the frame is resent
+            if _upload_fatal(event):
+                upload.fail(_rejection(event))
+            else:
+                self.fail(_ConnectionLostError(f"proxy said: {event.message}", code=event.code))
+        else:
+            raise RemoteProtocolError(
+                f"a WriteAt was answered with {type(event).__name__}", ErrorCode.UNEXPECTED_FRAME
+            )
+
+
+def _first(group: BaseExceptionGroup[BaseException], kind: type[_E]) -> _E:
+    """The first leaf of an exception group (nested groups included)."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, kind)
+    return leaf
+
+
+def _upload_fatal(error: Error) -> bool:
+    return not error.retryable and error.code not in _CONNECTION_CODES
+
+
+def _unexpected(reply: Event, request: str) -> UploadError | _ConnectionLostError:
+    if isinstance(reply, Error):
+        if _upload_fatal(reply):
+            return _rejection(reply)
+        return _ConnectionLostError(f"proxy said: {reply.message}", code=reply.code)
+    return _ConnectionLostError(f"proxy answered {request} with {type(reply).__name__}")
+
+
+def _rejection(error: Error) -> UploadRejectedError:
+    return UploadRejectedError(
+        f"proxy refused the upload: {error.code.name}: {error.message}", code=error.code
+    )
+
+
+# -- the upload -----------------------------------------------------------------------------
+
+
+class Upload:
+    """One upload spread over several connections. Made by :func:`connect_upload`."""
+
+    def __init__(
+        self,
+        *,
+        open_request: OpenUpload,
+        settings: ClientSettings,
+        connector: Connector,
+        auth: str,
+        progress: Callable[[UploadProgress], None] | None,
+        description: str,
+    ) -> None:
+        self.settings = settings
+        self.auth = auth
+        self._open_request = open_request
+        self._connector = connector
+        self._progress = progress
+        self._description = description
+        self._rng = random.Random()
+        self._changed = trio.Event()
+        self._opened = trio.Event()
+        self._token: bytes | None = None
+        self._frame_size = settings.frame_size
+        self._source: _Source | None = None
+        self._to_send = RangeSet()
+        self._received = RangeSet()
+        self._committed = 0
+        self._window_end = 0
+        self._channels: set[_Channel] = set()
+        self._failure: UploadError | None = None
+        self._cancel_scope: trio.CancelScope | None = None
+        self._finished = False
+        self._started = time.monotonic()
+        self.bytes_sent = 0
+        self.reconnects = 0
+        self.resent_bytes_by_cause: dict[str, int] = {}
+        self.errors_by_code: dict[str, int] = {}
+
+    # -- state shared by the channels ----------------------------------------------------
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def fail(self, error: UploadError) -> None:
+        if self._failure is None:
+            self._failure = error
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+        self.changed()
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def count_error(self, code: ErrorCode) -> None:
+        self.errors_by_code[code.name] = self.errors_by_code.get(code.name, 0) + 1
+
+    def note_sent(self, length: int) -> None:
+        self.bytes_sent += length
+        self._report()
+
+    def _note_committed(self, committed: int) -> None:
+        if committed > self._committed:
+            self._committed = committed
+            self._received.add(0, committed)
+            if self._source is not None:
+                self._source.release(committed)
+
+    def note_credit(self, committed: int, window_end: int) -> None:
+        self._note_committed(committed)
+        self._window_end = max(self._window_end, window_end)
+        self.changed()
+
+    def note_received(self, piece: ByteRange, committed: int) -> None:
+        self._received.add(*piece)
+        self._note_committed(committed)
+        self.changed()
+        self._report()
+
+    def hand_back(self, piece: ByteRange) -> None:
+        """Return a piece that was taken but never sent."""
+        self._to_send.add(*piece)
+        self.changed()
+
+    def requeue(self, pieces: list[ByteRange], *, cause: str) -> None:
+        for start, end in pieces:
+            start = max(start, self._committed)
+            for gap_start, gap_end in self._received.missing(start, end):
+                self._to_send.add(gap_start, gap_end)
+                self.resent_bytes_by_cause[cause] = (
+                    self.resent_bytes_by_cause.get(cause, 0) + gap_end - gap_start
+                )
+        self.changed()
+
+    def _resync(self, status: Status) -> None:
+        """Make the to-send set exactly what the proxy lacks and no connection is sending."""
+        self._note_committed(status.committed_offset)
+        self._window_end = max(self._committed, status.window_end)
+        received = RangeSet(status.received)
+        received.add(0, self._committed)
+        needed = RangeSet([(self._committed, self._available())]) if self._source else RangeSet()
+        for start, end in received:
+            needed.remove(start, end)
+        for channel in self._channels:
+            for start, end in channel.in_flight():
+                needed.remove(start, end)
+        forgotten = needed.copy()
+        for start, end in self._to_send:
+            forgotten.remove(start, end)
+        if forgotten:
+            # the proxy acknowledged these once but no longer holds them: it restarted
+            self.resent_bytes_by_cause["proxy_lost"] = (
+                self.resent_bytes_by_cause.get("proxy_lost", 0) + forgotten.total
+            )
+        self._to_send = needed
+        self._received = received
+        self.changed()
+
+    def _available(self) -> int:
+        return self._source.available if self._source is not None else 0
+
+    async def next_piece(self, channel: _Channel) -> ByteRange | None:
+        """The lowest piece to send that fits the credit window; None when going away."""
+        while True:
+            self._check()
+            if channel.going_away:
+                return None
+            if self._to_send:
+                self._to_send.remove(0, self._committed)
+                head = self._to_send.first()
+                if head is not None:
+                    start = head[0]
+                    alignment = self._frame_size - start % self._frame_size
+                    piece = self._to_send.take(self._window_end, alignment)
+                    if piece is not None:
+                        return piece
+            await self.wait_changed()
+
+    async def read(self, piece: ByteRange) -> memoryview:
+        assert self._source is not None
+        return await self._source.read(*piece)
+
+    def _report(self) -> None:
+        if self._progress is None:
+            return
+        self._progress(
+            UploadProgress(
+                total=self._source.total if self._source is not None else None,
+                bytes_sent=self.bytes_sent,
+                bytes_received=self._received.total,
+                committed=self._committed,
+                connections=len(self._channels),
+                reconnects=self.reconnects,
+                resent_bytes=sum(self.resent_bytes_by_cause.values()),
+            )
+        )
+
+    # -- connection slots ----------------------------------------------------------------
+
+    async def _run_slot(self, index: int) -> None:
+        policy = self.settings.reconnect
+        failures = 0
+        last_reason = ""
+        while not self._finished:
+            if failures:
+                if failures > policy.max_attempts:
+                    self.fail(
+                        ProxyUnreachableError(
+                            f"{self._description}: gave up after {failures} failed connection"
+                            f" attempts; last: {last_reason}"
+                        )
+                    )
+                    return
+                await trio.sleep(policy.delay(failures, self._rng))
+            try:
+                with trio.fail_after(self.settings.connect_timeout):
+                    stream = await self._connector()
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                failures += 1
+                last_reason = f"cannot connect: {exc or type(exc).__name__}"
+                continue
+            channel = _Channel(self, stream, self._frame_limit())
+            await channel.run(self._bind)
+            self._drop(channel)
+            assert channel.failure is not None
+            last_reason = channel.failure.reason
+            if channel.failure.code is not None:
+                self.count_error(channel.failure.code)
+            if not self._finished:
+                self.reconnects += 1
+                failures = 1 if channel.acked_any else failures + 1
+            self._report()
+
+    def _frame_limit(self) -> int:
+        # room for the WriteAt offset field and some slack for the header
+        return self.settings.frame_size + 64
+
+    def _drop(self, channel: _Channel) -> None:
+        if channel in self._channels:
+            self._channels.discard(channel)
+            self.requeue(channel.in_flight(), cause="connection_lost")
+            channel.frames.clear()
+            channel.staged = None
+        self.changed()
+
+    async def _bind(self, channel: _Channel) -> None:
+        """Open the upload (first connection) or attach to it, and catch up with its state."""
+        if self._token is None and not self._opened.is_set() and not self._opening:
+            self._opening = True
+            try:
+                reply = await channel.request(self._open_request, blocking=True)
+            finally:
+                self._opening = False
+            if not isinstance(reply, UploadOpened):
+                raise _unexpected(reply, "OpenUpload")
+            self._token = reply.token
+            self._note_committed(reply.committed_offset)
+            self._opened.set()
+            self._channels.add(channel)
+            self.changed()
+            return
+        await self._opened.wait()
+        assert self._token is not None
+        reply = await channel.request(AttachUpload(token=self._token), blocking=True)
+        if not isinstance(reply, UploadOpened):
+            raise _unexpected(reply, "AttachUpload")
+        if reply.resumed:
+            # a different proxy instance: its credit starts afresh from what GCS holds
+            self._window_end = reply.committed_offset
+        self._note_committed(reply.committed_offset)
+        self._channels.add(channel)
+        status = await channel.request(StatusQuery())
+        if not isinstance(status, Status):
+            raise _unexpected(status, "StatusQuery")
+        self._resync(status)
+
+    _opening = False
+
+    async def _any_channel(self) -> _Channel:
+        while True:
+            self._check()
+            for channel in self._channels:
+                if channel.failure is None and not channel.going_away:
+                    return channel
+            await self.wait_changed()
+
+    # -- public API ----------------------------------------------------------------------
+
+    @property
+    def committed_offset(self) -> int:
+        """Bytes the proxy reports durable in GCS."""
+        return self._committed
+
+    async def send_file(self, path: str | os.PathLike[str]) -> None:
+        """Queue a whole file for upload; it is read piece by piece as the slots send it.
+
+        Returns at once; :meth:`complete` waits for the bytes. The file must not change
+        until the upload completes.
+        """
+        if self._source is not None:
+            raise RuntimeError("this upload already has data")
+        fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        self._source = _FileSource(fd, size)
+        self._to_send.add(0, size)
+        self._to_send.remove(0, self._committed)
+        self.changed()
+
+    async def write(self, data: bytes) -> None:
+        """Append ``data`` to the object; waits while the stream buffer is full."""
+        if self._source is None:
+            self._source = _StreamSource(self._frame_size)
+        source = self._source
+        if not isinstance(source, _StreamSource) or source.total is not None:
+            raise RuntimeError("write() is for streams that are not finished")
+        while source.written - self._committed >= self.settings.stream_buffer:
+            self._check()
+            await self.wait_changed()
+        self._check()
+        before = source.available
+        source.append(bytes(data))
+        if source.available > before:
+            self._to_send.add(before, source.available)
+            self.changed()
+
+    async def complete(self) -> UploadResult:
+        """Finish the object and return what GCS stored, once it matches what was sent.
+
+        Raises :class:`UploadError` (or a subclass) on failure. Idempotent on the proxy side:
+        a Complete lost with its connection is simply sent again.
+        """
+        if self._source is None:
+            self._source = _StreamSource(self._frame_size)
+        source = self._source
+        if isinstance(source, _StreamSource) and source.total is None:
+            before = source.available
+            source.finish()
+            self._to_send.add(before, source.available)
+            self.changed()
+        total = source.total
+        assert total is not None
+        crc32c = await source.crc32c()
+        for _ in range(self.settings.max_complete_attempts):
+            while not self._received.contains(0, total):
+                self._check()
+                await self.wait_changed()
+            channel = await self._any_channel()
+            try:
+                reply = await channel.request(
+                    Complete(total_size=total, crc32c=crc32c), blocking=True
+                )
+            except _ConnectionLostError:
+                continue
+            if isinstance(reply, Completed):
+                self._finished = True
+                return self._result(reply, total, crc32c)
+            if isinstance(reply, Error) and reply.code == ErrorCode.MISSING_RANGES:
+                self.count_error(reply.code)
+                status = await channel.request(StatusQuery())
+                if isinstance(status, Status):
+                    self._resync(status)
+                continue
+            self._check()
+            error = _unexpected(reply, "Complete")
+            if isinstance(error, UploadError):
+                self.fail(error)
+                raise error
+        error = UploadError(
+            f"{self._description}: the proxy did not finalize the object after"
+            f" {self.settings.max_complete_attempts} attempts; missing:"
+            f" {format_ranges(self._received.missing(0, total))}"
+        )
+        self.fail(error)
+        raise error
+
+    def _result(self, reply: Completed, total: int, crc32c: int) -> UploadResult:
+        if reply.size != total or reply.crc32c != crc32c:
+            error = ChecksumMismatchError(
+                f"{self._description}: GCS stored {reply.size} bytes with crc32c"
+                f" {reply.crc32c:08x}, but {total} bytes with crc32c {crc32c:08x} were sent"
+            )
+            self.fail(error)
+            raise error
+        bucket, name = self._open_request.bucket, self._open_request.name
+        return UploadResult(
+            bucket=bucket,
+            name=name,
+            size=reply.size,
+            generation=reply.generation,
+            crc32c=reply.crc32c,
+            md5=reply.md5,
+            elapsed=time.monotonic() - self._started,
+            connections=self.settings.connections,
+            bytes_sent=self.bytes_sent,
+            reconnects=self.reconnects,
+            resent_bytes_by_cause=dict(self.resent_bytes_by_cause),
+            errors_by_code=dict(self.errors_by_code),
+        )
+
+    async def abort(self) -> None:
+        """Cancel the upload on the proxy and in GCS; the object is not created."""
+        self._finished = True
+        channel = await self._any_channel()
+        try:
+            reply = await channel.request(Abort(), blocking=True)
+        except _ConnectionLostError as exc:
+            raise UploadError(f"{self._description}: abort not confirmed: {exc.reason}") from exc
+        finally:
+            self.changed()
+        if isinstance(reply, Error) and reply.code != ErrorCode.ABORTED:
+            raise _rejection(reply)
+
+
+def _default_connector(host: str, port: int, tls: ssl.SSLContext | None) -> Connector:
+    async def connect() -> trio.abc.Stream:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        if tls is not None:
+            ssl_stream = trio.SSLStream(stream, tls, server_hostname=host)
+            await ssl_stream.do_handshake()
+            stream = ssl_stream
+        return stream
+
+    return connect
+
+
+@asynccontextmanager
+async def connect_upload(
+    proxy: str | tuple[str, int],
+    bucket: str,
+    name: str,
+    *,
+    connections: int | None = None,
+    auth: str = "",
+    tls: ssl.SSLContext | None = None,
+    content_type: str = "application/octet-stream",
+    metadata: Mapping[str, str] | None = None,
+    if_generation_match: int | None = None,
+    expected_size: int | None = None,
+    settings: ClientSettings | None = None,
+    connector: Connector | None = None,
+    progress: Callable[[UploadProgress], None] | None = None,
+) -> AsyncIterator[Upload]:
+    """Open an upload of ``gs://bucket/name`` through the proxy and yield it once opened.
+
+    Give the data with :meth:`Upload.send_file` or :meth:`Upload.write`, then call
+    :meth:`Upload.complete`. ``connector`` replaces the plain TCP (or TLS) connection, e.g.
+    with a fault-injecting stream. Leaving the block without completing aborts the upload.
+    """
+    settings = settings or ClientSettings()
+    if connections is not None:
+        settings = dataclasses.replace(settings, connections=connections)
+    host, port = parse_proxy_address(proxy) if isinstance(proxy, str) else proxy
+    upload = Upload(
+        open_request=OpenUpload(
+            bucket=bucket,
+            name=name,
+            content_type=content_type,
+            metadata=tuple((metadata or {}).items()),
+            expected_size=expected_size,
+            if_generation_match=if_generation_match,
+        ),
+        settings=settings,
+        connector=connector or _default_connector(host, port, tls),
+        auth=auth,
+        progress=progress,
+        description=f"upload of gs://{bucket}/{name}",
+    )
+    body_error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        upload._cancel_scope = nursery.cancel_scope
+        for index in range(settings.connections):
+            nursery.start_soon(upload._run_slot, index)
+        while not upload._opened.is_set():
+            upload._check()
+            await upload.wait_changed()
+        try:
+            yield upload
+        except trio.Cancelled:
+            raise
+        except BaseException as exc:  # re-raised below, outside the nursery, unwrapped
+            body_error = exc
+        if not upload._finished and upload._failure is None:
+            with trio.move_on_after(5, shield=True), suppress(UploadError):
+                await upload.abort()
+        upload._finished = True
+        nursery.cancel_scope.cancel()
+    if upload._failure is not None and not isinstance(body_error, UploadError):
+        raise upload._failure
+    if body_error is not None:
+        raise body_error
+
+
+async def upload_file(
+    path: str | os.PathLike[str],
+    url: str,
+    *,
+    proxy: str | tuple[str, int],
+    connections: int | None = None,
+    auth: str = "",
+    tls: ssl.SSLContext | None = None,
+    content_type: str = "application/octet-stream",
+    if_generation_match: int | None = None,
+    settings: ClientSettings | None = None,
+    connector: Connector | None = None,
+    progress: Callable[[UploadProgress], None] | None = None,
+) -> UploadResult:
+    """Upload the file at ``path`` to ``url`` (``gs://bucket/object``) through ``proxy``."""
+    bucket, name = parse_gs_url(url)
+    async with connect_upload(
+        proxy,
+        bucket,
+        name,
+        connections=connections,
+        auth=auth,
+        tls=tls,
+        content_type=content_type,
+        if_generation_match=if_generation_match,
+        expected_size=os.stat(path).st_size,
+        settings=settings,
+        connector=connector,
+        progress=progress,
+    ) as upload:
+        await upload.send_file(path)
+        return await upload.complete()
+
+
+async def upload_stream(
+    chunks: AsyncIterable[bytes],
+    url: str,
+    *,
+    proxy: str | tuple[str, int],
+    connections: int | None = None,
+    auth: str = "",
+    tls: ssl.SSLContext | None = None,
+    content_type: str = "application/octet-stream",
+    if_generation_match: int | None = None,
+    settings: ClientSettings | None = None,
+    connector: Connector | None = None,
+    progress: Callable[[UploadProgress], None] | None = None,
+) -> UploadResult:
+    """Upload everything ``chunks`` yields (length unknown up front) to ``url``.
+
+    Only bytes the proxy has not committed yet are kept, at most ``stream_buffer`` of them;
+    ``chunks`` is not iterated further while that buffer is full.
+    """
+    bucket, name = parse_gs_url(url)
+    async with connect_upload(
+        proxy,
+        bucket,
+        name,
+        connections=connections,
+        auth=auth,
+        tls=tls,
+        content_type=content_type,
+        if_generation_match=if_generation_match,
+        settings=settings,
+        connector=connector,
+        progress=progress,
+    ) as upload:
+        async for chunk in chunks:
+            await upload.write(chunk)
+        return await upload.complete()
