@@ -1,5 +1,15 @@
 """rup's wire protocol: a sans-IO codec for the framed binary protocol in docs/protocol.md."""
 
+from ._state import ConnectionState
+from .connection import (
+    DEFAULT_MAX_FRAME_SIZE,
+    HARD_MAX_FRAME_SIZE,
+    MIN_FRAME_SIZE,
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+    Connection,
+    Role,
+)
 from .errors import (
     ErrorCode,
     LocalProtocolError,
@@ -37,13 +47,20 @@ from .events import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "HARD_MAX_FRAME_SIZE",
+    "MIN_FRAME_SIZE",
     "NEED_DATA",
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
     "Abort",
     "Ack",
     "AttachUpload",
     "Complete",
     "Completed",
+    "Connection",
     "ConnectionClosed",
+    "ConnectionState",
     "Credit",
     "Error",
     "ErrorCode",
@@ -60,6 +77,7 @@ __all__ = [
     "RemoteProtocolError",
     "Reply",
     "Request",
+    "Role",
     "Status",
     "StatusQuery",
     "UploadOpened",

@@ -1,0 +1,217 @@
+"""Control-frame bodies <-> events, through the construct definitions in `_spec`.
+
+WriteAt is not handled here: its payload is streamed by `Connection`. Validation that construct
+cannot express (non-empty names, sorted ranges, ...) lives in `_problem()` so that the encoder
+(raising LocalProtocolError) and the decoder (raising RemoteProtocolError) enforce the same rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Final
+
+from construct import ConstructError, GreedyBytes, SizeofError, StringError, Struct
+
+from ._spec import BODIES, FrameType
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .events import (
+    Abort,
+    Ack,
+    AttachUpload,
+    Complete,
+    Completed,
+    Credit,
+    Error,
+    GoingAway,
+    Hello,
+    OpenUpload,
+    Ping,
+    Pong,
+    Reply,
+    Request,
+    Status,
+    StatusQuery,
+    UploadOpened,
+    Welcome,
+    WriteAt,
+)
+
+__all__ = [
+    "EVENT_TYPES",
+    "FIXED_BODY_SIZES",
+    "MIN_FRAME_SIZE",
+    "decode_body",
+    "encode_body",
+    "frame_type_of",
+]
+
+MIN_FRAME_SIZE: Final = 64 * 1024
+"""No peer may negotiate a smaller maximum frame size: control bodies must always fit."""
+
+EVENT_TYPES: Final[dict[FrameType, type[Request | Reply]]] = {
+    FrameType.HELLO: Hello,
+    FrameType.OPEN_UPLOAD: OpenUpload,
+    FrameType.ATTACH_UPLOAD: AttachUpload,
+    FrameType.WRITE_AT: WriteAt,
+    FrameType.COMPLETE: Complete,
+    FrameType.ABORT: Abort,
+    FrameType.STATUS_QUERY: StatusQuery,
+    FrameType.PING: Ping,
+    FrameType.WELCOME: Welcome,
+    FrameType.UPLOAD_OPENED: UploadOpened,
+    FrameType.ACK: Ack,
+    FrameType.CREDIT: Credit,
+    FrameType.STATUS: Status,
+    FrameType.COMPLETED: Completed,
+    FrameType.ERROR: Error,
+    FrameType.PONG: Pong,
+    FrameType.GOING_AWAY: GoingAway,
+}
+
+_FRAME_TYPES: Final = {event_type: frame_type for frame_type, event_type in EVENT_TYPES.items()}
+
+_FIELDS: Final = {
+    frame_type: tuple(f.name for f in dataclasses.fields(event_type) if f.name != "seq")
+    for frame_type, event_type in EVENT_TYPES.items()
+}
+
+
+def _fixed_size(frame_type: FrameType) -> int | None:
+    try:
+        return int(BODIES[frame_type].sizeof())
+    except SizeofError:
+        return None
+
+
+FIXED_BODY_SIZES: Final[dict[FrameType, int]] = {
+    frame_type: size
+    for frame_type in FrameType
+    if frame_type is not FrameType.WRITE_AT and (size := _fixed_size(frame_type)) is not None
+}
+"""Bodies whose size is known from the frame type alone, checked against the header."""
+
+
+# Parsing keeps whatever follows the last field, so trailing garbage is reported precisely.
+_PARSERS: Final = {
+    frame_type: Struct("body" / body, "trailing" / GreedyBytes)
+    for frame_type, body in BODIES.items()
+}
+
+
+def frame_type_of(event: Request | Reply) -> FrameType:
+    try:
+        return _FRAME_TYPES[type(event)]
+    except KeyError:
+        raise LocalProtocolError(f"{type(event).__name__} cannot be sent") from None
+
+
+def _problem(event: Request | Reply) -> str | None:
+    """What makes `event` invalid beyond what the byte layout enforces, or None."""
+    match event:
+        case Hello(versions=versions, max_frame_size=max_frame_size):
+            if not versions:
+                return "Hello offers no versions"
+            if 0 in versions:
+                return "version 0 does not exist"
+            if max_frame_size < MIN_FRAME_SIZE:
+                return f"max_frame_size {max_frame_size} is below the minimum {MIN_FRAME_SIZE}"
+        case Welcome(version=version, max_frame_size=max_frame_size):
+            if version == 0:
+                return "version 0 does not exist"
+            if max_frame_size < MIN_FRAME_SIZE:
+                return f"max_frame_size {max_frame_size} is below the minimum {MIN_FRAME_SIZE}"
+        case OpenUpload(bucket=bucket, name=name, metadata=metadata):
+            if not bucket or not name:
+                return "bucket and object name must not be empty"
+            keys = [key for key, _ in metadata]
+            if "" in keys or len(set(keys)) != len(keys):
+                return "metadata keys must be non-empty and unique"
+        case AttachUpload(token=token) | UploadOpened(token=token):
+            if not token:
+                return "upload token must not be empty"
+        case Status(received=received):
+            previous_end = -1
+            for start, end in received:
+                if not previous_end < start < end:
+                    return "received ranges must be non-empty, sorted and disjoint"
+                previous_end = end
+            return _window_problem(event.committed_offset, event.window_end)
+        case Credit(committed_offset=committed, window_end=window_end):
+            return _window_problem(committed, window_end)
+        case GoingAway(reply_to=reply_to) if reply_to != 0:
+            return "GoingAway is never a reply to a request (reply_to must be 0)"
+    return None
+
+
+def _window_problem(committed_offset: int, window_end: int) -> str | None:
+    if window_end < committed_offset:
+        return f"window_end {window_end} is below committed_offset {committed_offset}"
+    return None
+
+
+def _to_construct(frame_type: FrameType, event: Request | Reply) -> dict[str, Any]:
+    values = {name: getattr(event, name) for name in _FIELDS[frame_type]}
+    if frame_type is FrameType.OPEN_UPLOAD:
+        values["metadata"] = [{"key": k, "value": v} for k, v in values["metadata"]]
+    elif frame_type is FrameType.STATUS:
+        values["received"] = [{"start": s, "end": e} for s, e in values["received"]]
+    return values
+
+
+def encode_body(event: Request | Reply) -> tuple[FrameType, bytes]:
+    """The frame type and body bytes for a control event; LocalProtocolError if invalid."""
+    frame_type = frame_type_of(event)
+    if (problem := _problem(event)) is not None:
+        raise LocalProtocolError(f"invalid {frame_type.name}: {problem}")
+    try:
+        body = BODIES[frame_type].build(_to_construct(frame_type, event))
+    except (ConstructError, UnicodeError, TypeError, ValueError) as exc:
+        raise LocalProtocolError(f"cannot encode {frame_type.name}: {exc}") from exc
+    return frame_type, bytes(body)
+
+
+def _describe(exc: ConstructError) -> str:
+    if isinstance(exc, StringError):
+        # construct's message quotes the offending bytes, which may be a secret (auth, token).
+        return "text is not valid UTF-8"
+    where = str(getattr(exc, "path", "") or "").removeprefix("(parsing)").removeprefix(" -> ")
+    detail = str(exc).splitlines()[-1]
+    return f"field {where}: {detail}" if where else detail
+
+
+def decode_body(frame_type: FrameType, seq: int, body: bytes) -> Request | Reply:
+    """The event for a received control frame whose payload CRC already matched."""
+    name = frame_type.name
+    try:
+        parsed_frame = _PARSERS[frame_type].parse(body)
+    except ConstructError as exc:
+        raise RemoteProtocolError(
+            f"malformed {name} body: {_describe(exc)}", ErrorCode.MALFORMED_FRAME, seq=seq
+        ) from exc
+    if trailing := len(parsed_frame.trailing):
+        raise RemoteProtocolError(
+            f"malformed {name} body: {trailing} unexpected bytes after the last field",
+            ErrorCode.MALFORMED_FRAME,
+            seq=seq,
+        )
+    parsed = parsed_frame.body
+    values = {field: parsed[field] for field in _FIELDS[frame_type]}
+    if frame_type is FrameType.HELLO:
+        values["versions"] = tuple(values["versions"])
+    elif frame_type is FrameType.OPEN_UPLOAD:
+        values["metadata"] = tuple((item.key, item.value) for item in values["metadata"])
+    elif frame_type is FrameType.STATUS:
+        values["received"] = tuple((item.start, item.end) for item in values["received"])
+    elif frame_type is FrameType.ERROR:
+        try:
+            values["code"] = ErrorCode(values["code"])
+        except ValueError:
+            raise RemoteProtocolError(
+                f"malformed ERROR body: unknown error code {values['code']}",
+                ErrorCode.MALFORMED_FRAME,
+                seq=seq,
+            ) from None
+    event = EVENT_TYPES[frame_type](**values, seq=seq)
+    if (problem := _problem(event)) is not None:
+        raise RemoteProtocolError(f"invalid {name}: {problem}", ErrorCode.MALFORMED_FRAME, seq=seq)
+    return event

@@ -1,0 +1,106 @@
+"""The connection state machine, as tables.
+
+Both ends run the same machine over the same frames: the client feeds it the requests it sends
+and the replies it receives, the server the requests it receives and the replies it sends.
+
+Requests are either *blocking* (Hello, OpenUpload, AttachUpload, Complete, Abort: the client
+sends nothing but Ping until the reply arrives) or *pipelined* (WriteAt, StatusQuery, Ping: any
+number may be in flight). Only blocking requests and their replies change the state, and while
+one is in flight the only other traffic is Ping, which is legal in every negotiated state. So the
+two ends can never disagree about the state, however requests and replies cross on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+from ._spec import FrameType
+
+__all__ = [
+    "ALLOWED_REPLIES",
+    "ALLOWED_REQUESTS",
+    "REPLY_TRANSITIONS",
+    "REQUEST_TRANSITIONS",
+    "UNSOLICITED_REPLIES",
+    "ConnectionState",
+]
+
+
+class ConnectionState(enum.Enum):
+    AWAIT_HELLO = "AWAIT_HELLO"
+    """Nothing sent yet: the client must open with Hello."""
+    NEGOTIATING = "NEGOTIATING"
+    """Hello in flight, waiting for Welcome (or an Error, which returns to AWAIT_HELLO)."""
+    IDLE = "IDLE"
+    """Negotiated, no upload bound to this connection."""
+    BINDING = "BINDING"
+    """OpenUpload or AttachUpload in flight."""
+    BOUND = "BOUND"
+    """An upload is bound: writes, status queries, Complete and Abort are allowed."""
+    COMPLETING = "COMPLETING"
+    """Complete in flight: Completed unbinds, an Error returns to BOUND."""
+    ABORTING = "ABORTING"
+    """Abort in flight: any reply unbinds."""
+    ERROR = "ERROR"
+    """A fatal protocol error happened: only an Error (or GoingAway) may still be sent."""
+
+
+_S = ConnectionState
+_T = FrameType
+
+ALLOWED_REQUESTS: Final[dict[ConnectionState, frozenset[FrameType]]] = {
+    _S.AWAIT_HELLO: frozenset({_T.HELLO}),
+    _S.NEGOTIATING: frozenset(),
+    _S.IDLE: frozenset({_T.OPEN_UPLOAD, _T.ATTACH_UPLOAD, _T.PING}),
+    _S.BINDING: frozenset({_T.PING}),
+    _S.BOUND: frozenset({_T.WRITE_AT, _T.COMPLETE, _T.ABORT, _T.STATUS_QUERY, _T.PING}),
+    _S.COMPLETING: frozenset({_T.PING}),
+    _S.ABORTING: frozenset({_T.PING}),
+    _S.ERROR: frozenset(),
+}
+"""Which requests the client may send in each state."""
+
+REQUEST_TRANSITIONS: Final[dict[FrameType, ConnectionState]] = {
+    _T.HELLO: _S.NEGOTIATING,
+    _T.OPEN_UPLOAD: _S.BINDING,
+    _T.ATTACH_UPLOAD: _S.BINDING,
+    _T.COMPLETE: _S.COMPLETING,
+    _T.ABORT: _S.ABORTING,
+}
+"""The blocking requests, and the state sending one enters."""
+
+ALLOWED_REPLIES: Final[dict[FrameType, frozenset[FrameType]]] = {
+    _T.HELLO: frozenset({_T.WELCOME, _T.ERROR}),
+    _T.OPEN_UPLOAD: frozenset({_T.UPLOAD_OPENED, _T.ERROR}),
+    _T.ATTACH_UPLOAD: frozenset({_T.UPLOAD_OPENED, _T.ERROR}),
+    _T.WRITE_AT: frozenset({_T.ACK, _T.CREDIT, _T.ERROR}),
+    _T.COMPLETE: frozenset({_T.COMPLETED, _T.ERROR}),
+    _T.ABORT: frozenset({_T.ACK, _T.ERROR}),
+    _T.STATUS_QUERY: frozenset({_T.STATUS, _T.ERROR}),
+    _T.PING: frozenset({_T.PONG, _T.ERROR}),
+}
+"""For each request, the replies that may answer it (each request gets exactly one)."""
+
+REPLY_TRANSITIONS: Final[dict[tuple[FrameType, FrameType], ConnectionState]] = {
+    (_T.HELLO, _T.WELCOME): _S.IDLE,
+    (_T.HELLO, _T.ERROR): _S.AWAIT_HELLO,
+    (_T.OPEN_UPLOAD, _T.UPLOAD_OPENED): _S.BOUND,
+    (_T.OPEN_UPLOAD, _T.ERROR): _S.IDLE,
+    (_T.ATTACH_UPLOAD, _T.UPLOAD_OPENED): _S.BOUND,
+    (_T.ATTACH_UPLOAD, _T.ERROR): _S.IDLE,
+    (_T.COMPLETE, _T.COMPLETED): _S.IDLE,
+    (_T.COMPLETE, _T.ERROR): _S.BOUND,
+    (_T.ABORT, _T.ACK): _S.IDLE,
+    (_T.ABORT, _T.ERROR): _S.IDLE,
+}
+"""(request answered, reply) -> the state after the reply. Other replies keep the state."""
+
+_NEGOTIATED = frozenset({_S.IDLE, _S.BINDING, _S.BOUND, _S.COMPLETING, _S.ABORTING})
+
+UNSOLICITED_REPLIES: Final[dict[FrameType, frozenset[ConnectionState]]] = {
+    _T.CREDIT: _NEGOTIATED,
+    _T.ERROR: frozenset(ConnectionState),
+    _T.GOING_AWAY: frozenset(ConnectionState),
+}
+"""Replies that may be sent with reply_to=0, and the states in which they may be."""

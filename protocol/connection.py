@@ -1,0 +1,566 @@
+"""`Connection`: one end of a rup protocol connection, sans-IO in the style of h11.
+
+Feed received bytes to `receive_data()`, pull events out of `next_event()`, and turn events into
+bytes with `send()`. Nothing here does I/O, so cancellation is the caller's business: if the
+caller abandons a `send()` result half-written, the byte stream is broken and the connection must
+be closed; `next_event()` never blocks, so there is nothing to cancel on the receive side.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Final
+
+import google_crc32c
+
+from ._codec import FIXED_BODY_SIZES, MIN_FRAME_SIZE, decode_body, encode_body
+from ._receive import ReceiveBuffer
+from ._spec import (
+    HEADER_SIZE,
+    HEADER_STRUCT,
+    MAGIC,
+    OFFSET_STRUCT,
+    WRITE_AT_PREFIX_SIZE,
+    FrameType,
+)
+from ._state import (
+    ALLOWED_REPLIES,
+    ALLOWED_REQUESTS,
+    REPLY_TRANSITIONS,
+    REQUEST_TRANSITIONS,
+    UNSOLICITED_REPLIES,
+    ConnectionState,
+)
+from .errors import (
+    ErrorCode,
+    LocalProtocolError,
+    PayloadCrcError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from .events import (
+    NEED_DATA,
+    ConnectionClosed,
+    Event,
+    Hello,
+    NeedData,
+    Reply,
+    Request,
+    Welcome,
+    WriteAt,
+    WriteAtData,
+    WriteAtEnd,
+    WriteAtStart,
+)
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "HARD_MAX_FRAME_SIZE",
+    "MIN_FRAME_SIZE",
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "Connection",
+    "Role",
+]
+
+PROTOCOL_VERSION: Final = 1
+SUPPORTED_VERSIONS: Final = (PROTOCOL_VERSION,)
+DEFAULT_MAX_FRAME_SIZE: Final = 1024 * 1024
+HARD_MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
+
+_HEADER_PREFIX: Final = struct.Struct(">4sBBHQII")  # HEADER_STRUCT without the header CRC
+_U32: Final = struct.Struct(">I")
+_crc_value = google_crc32c.value
+_crc_extend = google_crc32c.extend
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class _Reading(enum.Enum):
+    HEADER = enum.auto()
+    BODY = enum.auto()
+    WRITE_AT_OFFSET = enum.auto()
+    WRITE_AT_DATA = enum.auto()
+
+
+def _as_crc_input(data: bytes | memoryview) -> bytes:
+    # google_crc32c only accepts bytes; a view is copied, but only one buffer's worth at a time.
+    return data if type(data) is bytes else bytes(data)
+
+
+class Connection:
+    """One end of a connection.
+
+    Sequence numbers: each direction numbers its frames 1, 2, 3, ...; `send()` assigns them, and
+    `last_sent_seq` is the seq of the frame `send()` produced last (the `reply_to` its reply
+    will carry). Every received event carries its frame's seq.
+
+    `max_frame_size` bounds the data bytes of one frame (a WriteAt's data, a control body). It is
+    this end's own limit until `Welcome` has been sent or received, then the agreed one.
+    """
+
+    def __init__(self, role: Role, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        if not MIN_FRAME_SIZE <= max_frame_size <= HARD_MAX_FRAME_SIZE:
+            raise ValueError(
+                f"max_frame_size must be in [{MIN_FRAME_SIZE}, {HARD_MAX_FRAME_SIZE}],"
+                f" not {max_frame_size}"
+            )
+        self.role: Final = role
+        self.version: int | None = None
+        """The negotiated protocol version, once Welcome has passed."""
+        self._max_frame_size = max_frame_size
+        self._state = ConnectionState.AWAIT_HELLO
+        self._hello: Hello | None = None
+        self._last_sent_seq = 0
+        self._last_received_seq = 0
+        # Requests awaiting their single reply: seq -> frame type.
+        self._in_flight: dict[int, FrameType] = {}
+        self._error: RemoteProtocolError | None = None
+
+        self._buffer = ReceiveBuffer()
+        self._eof = False
+        self._reading = _Reading.HEADER
+        # The frame being received:
+        self._frame_type = FrameType.HELLO
+        self._frame_seq = 0
+        self._payload_size = 0
+        self._remaining = 0
+        self._expected_crc = 0
+        self._crc = 0
+
+    # -- introspection ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._state
+
+    @property
+    def max_frame_size(self) -> int:
+        return self._max_frame_size
+
+    @property
+    def last_sent_seq(self) -> int:
+        return self._last_sent_seq
+
+    @property
+    def peer_closed(self) -> bool:
+        """The peer sent EOF (`receive_data(b"")` was called)."""
+        return self._eof
+
+    @property
+    def requests_in_flight(self) -> int:
+        """How many requests have been sent (client) or received (server) but not answered."""
+        return len(self._in_flight)
+
+    # -- negotiation helpers ---------------------------------------------------------------------
+
+    def hello(self, *, auth: str = "", client_name: str = "") -> Hello:
+        """The Hello a client should send: every version we speak and our frame size limit."""
+        return Hello(SUPPORTED_VERSIONS, self._max_frame_size, auth=auth, client_name=client_name)
+
+    def welcome(self, hello: Hello, *, server_name: str = "") -> Welcome:
+        """The Welcome that answers a received `hello`: the newest common version, smaller limit."""
+        common = set(hello.versions).intersection(SUPPORTED_VERSIONS)
+        if not common:
+            raise LocalProtocolError("no common protocol version to welcome", seq=hello.seq)
+        max_frame_size = min(hello.max_frame_size, self._max_frame_size)
+        return Welcome(hello.seq, max(common), max_frame_size, server_name)
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Add received bytes; b"" means the peer closed its sending side.
+
+        The buffer is kept, not copied (WriteAtData events are views into it): do not modify it
+        afterwards. Bytes are held until `next_event()` consumes them, so call it in a loop.
+        """
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            raise RuntimeError("received data after the peer closed the connection")
+        if type(data) is not bytes:
+            data = memoryview(data).cast("B")
+        self._buffer.append(data)
+
+    def next_event(self) -> Event | NeedData:
+        """The next event, or NEED_DATA.
+
+        Raises RemoteProtocolError when the peer broke the protocol; the connection is then in
+        the ERROR state and every later call raises too. PayloadCrcError is the exception: the
+        failed request is reported and the next call continues with the following frame.
+        """
+        if self._error is not None:
+            raise RemoteProtocolError(
+                f"connection already failed: {self._error.message}",
+                self._error.code,
+                seq=self._error.seq,
+            )
+        try:
+            return self._next_event()
+        except PayloadCrcError:
+            raise
+        except RemoteProtocolError as exc:
+            self._state = ConnectionState.ERROR
+            self._error = exc
+            raise
+
+    def _next_event(self) -> Event | NeedData:
+        reading = self._reading
+        if reading is _Reading.WRITE_AT_DATA:  # the hot path: one event per received buffer
+            remaining = self._remaining
+            if remaining:
+                piece = self._buffer.take_piece(remaining)
+                if piece is None:
+                    return self._need_data()
+                self._remaining = remaining - len(piece)
+                self._crc = _crc_extend(self._crc, _as_crc_input(piece))
+                if type(piece) is bytes:
+                    piece = memoryview(piece)
+                return WriteAtData(self._frame_seq, piece)  # type: ignore[arg-type]
+            self._reading = _Reading.HEADER
+            if self._crc != self._expected_crc:
+                raise PayloadCrcError(
+                    f"WRITE_AT seq {self._frame_seq}: payload CRC32C mismatch"
+                    f" ({self._crc:08x} computed, {self._expected_crc:08x} in header)",
+                    seq=self._frame_seq,
+                )
+            return WriteAtEnd(self._frame_seq)
+
+        if reading is _Reading.HEADER:
+            if len(self._buffer) < HEADER_SIZE:
+                return self._need_data()
+            self._start_frame(self._buffer.take(HEADER_SIZE))
+            reading = self._reading
+
+        if reading is _Reading.WRITE_AT_OFFSET:
+            if len(self._buffer) < WRITE_AT_PREFIX_SIZE:
+                return self._need_data()
+            prefix = self._buffer.take(WRITE_AT_PREFIX_SIZE)
+            (offset,) = OFFSET_STRUCT.unpack(prefix)
+            self._crc = _crc_value(prefix)
+            self._remaining = self._payload_size - WRITE_AT_PREFIX_SIZE
+            self._reading = _Reading.WRITE_AT_DATA
+            return WriteAtStart(self._frame_seq, offset, self._remaining)
+
+        if len(self._buffer) < self._payload_size:
+            return self._need_data()
+        body = self._buffer.take(self._payload_size)
+        self._reading = _Reading.HEADER
+        frame_type, seq = self._frame_type, self._frame_seq
+        crc = _crc_value(body)
+        if crc != self._expected_crc:
+            raise PayloadCrcError(
+                f"{frame_type.name} seq {seq}: payload CRC32C mismatch"
+                f" ({crc:08x} computed, {self._expected_crc:08x} in header)",
+                seq=seq,
+            )
+        event = decode_body(frame_type, seq, body)
+        if isinstance(event, Reply):
+            self._check_reply(frame_type, event, RemoteProtocolError)
+            self._apply_reply(frame_type, event)
+        elif isinstance(event, Hello):
+            self._receive_hello(event)
+        return event
+
+    def _need_data(self) -> ConnectionClosed | NeedData:
+        if not self._eof:
+            return NEED_DATA
+        if self._reading is _Reading.HEADER:
+            if not self._buffer:
+                return ConnectionClosed()
+            raise RemoteProtocolError(
+                f"truncated frame: the peer closed the connection after {len(self._buffer)}"
+                f" of {HEADER_SIZE} header bytes",
+                ErrorCode.MALFORMED_FRAME,
+            )
+        received = len(self._buffer)
+        if self._reading is _Reading.WRITE_AT_DATA:
+            received += self._payload_size - self._remaining
+        raise RemoteProtocolError(
+            f"truncated {self._frame_type.name} frame (seq {self._frame_seq}): the peer closed"
+            f" the connection after {received} of {self._payload_size} payload bytes",
+            ErrorCode.MALFORMED_FRAME,
+            seq=self._frame_seq,
+        )
+
+    def _start_frame(self, header: bytes) -> None:
+        """Validate a header before any of its payload is buffered, and set up to read it."""
+        magic, version, raw_type, flags, seq, size, payload_crc, header_crc = HEADER_STRUCT.unpack(
+            header
+        )
+        if magic != MAGIC:
+            raise RemoteProtocolError(
+                f"no frame magic where a frame should start: got {magic.hex()},"
+                f" expected {MAGIC.hex()}",
+                ErrorCode.MALFORMED_FRAME,
+            )
+        if _crc_value(header[: HEADER_SIZE - 4]) != header_crc:
+            raise RemoteProtocolError(
+                "header CRC32C mismatch: the frame header is corrupt", ErrorCode.CORRUPT_HEADER
+            )
+        # From here on the header is intact, so errors can name the frame's seq.
+        if version not in SUPPORTED_VERSIONS:
+            raise RemoteProtocolError(
+                f"frame version {version} is not supported; supported: {list(SUPPORTED_VERSIONS)}",
+                ErrorCode.UNSUPPORTED_VERSION,
+                seq=seq,
+            )
+        try:
+            frame_type = FrameType(raw_type)
+        except ValueError:
+            raise RemoteProtocolError(
+                f"unknown frame type 0x{raw_type:02x}", ErrorCode.UNKNOWN_FRAME_TYPE, seq=seq
+            ) from None
+        name = frame_type.name
+        if flags:
+            raise RemoteProtocolError(
+                f"{name} seq {seq}: unknown flags 0x{flags:04x}", ErrorCode.MALFORMED_FRAME, seq=seq
+            )
+        if seq != self._last_received_seq + 1:
+            raise RemoteProtocolError(
+                f"{name} has seq {seq}, expected {self._last_received_seq + 1}",
+                ErrorCode.BAD_SEQUENCE,
+                seq=seq,
+            )
+        self._last_received_seq = seq
+        if frame_type.is_request != (self.role is Role.SERVER):
+            sender = "client" if frame_type.is_request else "server"
+            raise RemoteProtocolError(
+                f"{name} seq {seq}: only a {sender} sends {name} frames",
+                ErrorCode.UNEXPECTED_FRAME,
+                seq=seq,
+            )
+        self._check_payload_size(frame_type, seq, size)
+        if frame_type.is_request:
+            self._receive_request(frame_type, seq)
+        self._frame_type = frame_type
+        self._frame_seq = seq
+        self._payload_size = size
+        self._expected_crc = payload_crc
+        if frame_type is FrameType.WRITE_AT:
+            self._reading = _Reading.WRITE_AT_OFFSET
+        else:
+            self._reading = _Reading.BODY
+
+    def _check_payload_size(self, frame_type: FrameType, seq: int, size: int) -> None:
+        name = frame_type.name
+        limit = self._max_frame_size
+        if frame_type is FrameType.WRITE_AT:
+            limit += WRITE_AT_PREFIX_SIZE
+            if size < WRITE_AT_PREFIX_SIZE:
+                raise RemoteProtocolError(
+                    f"WRITE_AT seq {seq}: {size} payload bytes cannot hold the 8-byte offset",
+                    ErrorCode.MALFORMED_FRAME,
+                    seq=seq,
+                )
+        if size > limit:
+            raise RemoteProtocolError(
+                f"{name} seq {seq} declares {size} payload bytes, more than the {limit} allowed",
+                ErrorCode.FRAME_TOO_LARGE,
+                seq=seq,
+            )
+        fixed = FIXED_BODY_SIZES.get(frame_type)
+        if fixed is not None and size != fixed:
+            raise RemoteProtocolError(
+                f"{name} seq {seq} declares {size} payload bytes; its body is always {fixed}",
+                ErrorCode.MALFORMED_FRAME,
+                seq=seq,
+            )
+
+    def _receive_request(self, frame_type: FrameType, seq: int) -> None:
+        # Runs on the header alone, so a request illegal in this state is refused before its
+        # payload is read, and a request whose payload then fails its CRC can still be answered.
+        if frame_type not in ALLOWED_REQUESTS[self._state]:
+            raise RemoteProtocolError(
+                f"{frame_type.name} seq {seq} is not allowed in state {self._state.value}"
+                f" (allowed: {_names(ALLOWED_REQUESTS[self._state])})",
+                ErrorCode.UNEXPECTED_FRAME,
+                seq=seq,
+            )
+        self._in_flight[seq] = frame_type
+        self._state = REQUEST_TRANSITIONS.get(frame_type, self._state)
+
+    def _receive_hello(self, hello: Hello) -> None:
+        self._hello = hello
+        if not set(hello.versions).intersection(SUPPORTED_VERSIONS):
+            raise RemoteProtocolError(
+                f"client offers protocol versions {list(hello.versions)}; this server supports"
+                f" {list(SUPPORTED_VERSIONS)}",
+                ErrorCode.UNSUPPORTED_VERSION,
+                seq=hello.seq,
+            )
+
+    # -- replies (checked on send by the server, on receipt by the client) -----------------------
+
+    def _check_reply(self, frame_type: FrameType, reply: Reply, error: type[ProtocolError]) -> None:
+        name = frame_type.name
+        reply_to = reply.reply_to
+        if reply_to == 0:
+            states = UNSOLICITED_REPLIES.get(frame_type)
+            if states is None:
+                raise error(
+                    f"{name} must answer a request, but its reply_to is 0",
+                    ErrorCode.UNEXPECTED_FRAME,
+                    seq=reply.seq,
+                )
+            if self._state not in states:
+                raise error(
+                    f"unsolicited {name} is not allowed in state {self._state.value}",
+                    ErrorCode.UNEXPECTED_FRAME,
+                    seq=reply.seq,
+                )
+            return
+        request = self._in_flight.get(reply_to)
+        if request is None:
+            raise error(
+                f"{name} answers seq {reply_to}, which is no request awaiting a reply",
+                ErrorCode.UNEXPECTED_FRAME,
+                seq=reply.seq,
+            )
+        if frame_type not in ALLOWED_REPLIES[request]:
+            raise error(
+                f"{name} cannot answer {request.name} (seq {reply_to});"
+                f" allowed: {_names(ALLOWED_REPLIES[request])}",
+                ErrorCode.UNEXPECTED_FRAME,
+                seq=reply.seq,
+            )
+        if isinstance(reply, Welcome):
+            self._check_welcome(reply, error)
+
+    def _check_welcome(self, welcome: Welcome, error: type[ProtocolError]) -> None:
+        assert self._hello is not None  # a Hello is in flight, or the Welcome was refused
+        if welcome.version not in self._hello.versions or welcome.version not in SUPPORTED_VERSIONS:
+            raise error(
+                f"Welcome picks version {welcome.version}, which was not offered"
+                f" (offered {list(self._hello.versions)})",
+                ErrorCode.UNSUPPORTED_VERSION,
+                seq=welcome.seq,
+            )
+        limit = min(self._hello.max_frame_size, self._max_frame_size)
+        if welcome.max_frame_size > limit:
+            raise error(
+                f"Welcome agrees max_frame_size {welcome.max_frame_size}, above the {limit}"
+                " both ends accept",
+                ErrorCode.FRAME_TOO_LARGE,
+                seq=welcome.seq,
+            )
+
+    def _apply_reply(self, frame_type: FrameType, reply: Reply) -> None:
+        if reply.reply_to == 0:
+            return
+        request = self._in_flight.pop(reply.reply_to)
+        if isinstance(reply, Welcome):
+            self.version = reply.version
+            self._max_frame_size = reply.max_frame_size
+        self._state = REPLY_TRANSITIONS.get((request, frame_type), self._state)
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def send(self, event: Event) -> list[bytes | memoryview]:
+        """The buffers to write, in order, to send `event`; `last_sent_seq` is its seq.
+
+        For WriteAt the data is the last buffer, passed through without a copy. Raises
+        LocalProtocolError (and changes nothing) if the event is invalid or illegal now.
+        """
+        if isinstance(event, WriteAt):
+            return self._send_write_at(event)
+        if not isinstance(event, Request | Reply):
+            raise LocalProtocolError(f"{type(event).__name__} events are never sent")
+        frame_type, body = encode_body(event)
+        if frame_type.is_request != (self.role is Role.CLIENT):
+            raise LocalProtocolError(f"a {self.role.value} does not send {frame_type.name}")
+        if len(body) > self._max_frame_size:
+            raise LocalProtocolError(
+                f"{frame_type.name} body is {len(body)} bytes, above max_frame_size"
+                f" {self._max_frame_size}",
+                ErrorCode.FRAME_TOO_LARGE,
+            )
+        if isinstance(event, Request):
+            self._check_request(frame_type)
+            if isinstance(event, Hello):
+                self._check_hello(event)
+        elif self._state is ConnectionState.ERROR:
+            # After a fatal error the only thing left to say is why (or goodbye).
+            if frame_type not in (FrameType.ERROR, FrameType.GOING_AWAY):
+                raise LocalProtocolError(f"cannot send {frame_type.name} in state ERROR")
+        else:
+            assert isinstance(event, Reply)
+            self._check_reply(frame_type, event, LocalProtocolError)
+
+        seq = self._last_sent_seq + 1
+        frame = self._header(frame_type, seq, len(body), _crc_value(body)) + body
+        self._last_sent_seq = seq
+        if isinstance(event, Request):
+            self._in_flight[seq] = frame_type
+            self._state = REQUEST_TRANSITIONS.get(frame_type, self._state)
+            if isinstance(event, Hello):
+                self._hello = event
+        elif self._state is ConnectionState.ERROR:
+            self._in_flight.pop(event.reply_to, None)
+        else:
+            self._apply_reply(frame_type, event)
+        return [frame]
+
+    def send_bytes(self, event: Event) -> bytes:
+        """`send()` joined into one bytes object (copies WriteAt data; fine for small frames)."""
+        return b"".join(self.send(event))
+
+    def _check_request(self, frame_type: FrameType) -> None:
+        if frame_type not in ALLOWED_REQUESTS[self._state]:
+            raise LocalProtocolError(
+                f"cannot send {frame_type.name} in state {self._state.value}"
+                f" (allowed: {_names(ALLOWED_REQUESTS[self._state])})",
+                ErrorCode.UNEXPECTED_FRAME,
+            )
+
+    def _check_hello(self, hello: Hello) -> None:
+        if not set(hello.versions).intersection(SUPPORTED_VERSIONS):
+            raise LocalProtocolError(
+                f"Hello offers {list(hello.versions)}, none of which this end speaks",
+                ErrorCode.UNSUPPORTED_VERSION,
+            )
+        if hello.max_frame_size > self._max_frame_size:
+            raise LocalProtocolError(
+                f"Hello offers max_frame_size {hello.max_frame_size}, above this connection's"
+                f" {self._max_frame_size}",
+                ErrorCode.FRAME_TOO_LARGE,
+            )
+
+    def _send_write_at(self, event: WriteAt) -> list[bytes | memoryview]:
+        data = event.data
+        if type(data) is not bytes:
+            data = memoryview(data).cast("B")
+        size = len(data)
+        if self.role is not Role.CLIENT:
+            raise LocalProtocolError("a server does not send WRITE_AT")
+        self._check_request(FrameType.WRITE_AT)
+        if size > self._max_frame_size:
+            raise LocalProtocolError(
+                f"WriteAt carries {size} bytes, above max_frame_size {self._max_frame_size}",
+                ErrorCode.FRAME_TOO_LARGE,
+            )
+        if not 0 <= event.offset <= 2**64 - 1 - size:
+            raise LocalProtocolError(f"WriteAt offset {event.offset} is out of range")
+        prefix = OFFSET_STRUCT.pack(event.offset)
+        crc = _crc_extend(_crc_value(prefix), _as_crc_input(data))
+        seq = self._last_sent_seq + 1
+        header = self._header(FrameType.WRITE_AT, seq, WRITE_AT_PREFIX_SIZE + size, crc)
+        self._last_sent_seq = seq
+        self._in_flight[seq] = FrameType.WRITE_AT
+        return [header + prefix, data] if size else [header + prefix]
+
+    @staticmethod
+    def _header(frame_type: FrameType, seq: int, payload_size: int, payload_crc: int) -> bytes:
+        fields = _HEADER_PREFIX.pack(
+            MAGIC, PROTOCOL_VERSION, frame_type, 0, seq, payload_size, payload_crc
+        )
+        return fields + _U32.pack(_crc_value(fields))
+
+
+def _names(frame_types: frozenset[FrameType]) -> str:
+    return ", ".join(sorted(t.name for t in frame_types)) or "nothing"
