@@ -4,6 +4,7 @@ from ._state import ConnectionState
 from .connection import (
     DEFAULT_MAX_FRAME_SIZE,
     HARD_MAX_FRAME_SIZE,
+    MAX_CONTROL_BODY_SIZE,
     MIN_FRAME_SIZE,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
@@ -49,6 +50,7 @@ from .events import (
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "HARD_MAX_FRAME_SIZE",
+    "MAX_CONTROL_BODY_SIZE",
     "MIN_FRAME_SIZE",
     "NEED_DATA",
     "PROTOCOL_VERSION",

@@ -39,14 +39,18 @@ from .events import (
 __all__ = [
     "EVENT_TYPES",
     "FIXED_BODY_SIZES",
+    "MAX_CONTROL_BODY_SIZE",
     "MIN_FRAME_SIZE",
     "decode_body",
     "encode_body",
     "frame_type_of",
 ]
 
-MIN_FRAME_SIZE: Final = 64 * 1024
-"""No peer may negotiate a smaller maximum frame size: control bodies must always fit."""
+MIN_FRAME_SIZE: Final = 1024
+"""The smallest max_frame_size a peer may offer or agree to."""
+
+MAX_CONTROL_BODY_SIZE: Final = 64 * 1024
+"""The largest body of any frame but WriteAt, whatever max_frame_size was agreed."""
 
 EVENT_TYPES: Final[dict[FrameType, type[Request | Reply]]] = {
     FrameType.HELLO: Hello,

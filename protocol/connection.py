@@ -14,7 +14,13 @@ from typing import Final
 
 import google_crc32c
 
-from ._codec import FIXED_BODY_SIZES, MIN_FRAME_SIZE, decode_body, encode_body
+from ._codec import (
+    FIXED_BODY_SIZES,
+    MAX_CONTROL_BODY_SIZE,
+    MIN_FRAME_SIZE,
+    decode_body,
+    encode_body,
+)
 from ._receive import ReceiveBuffer
 from ._spec import (
     HEADER_SIZE,
@@ -57,6 +63,7 @@ from .events import (
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "HARD_MAX_FRAME_SIZE",
+    "MAX_CONTROL_BODY_SIZE",
     "MIN_FRAME_SIZE",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
@@ -99,8 +106,9 @@ class Connection:
     `last_sent_seq` is the seq of the frame `send()` produced last (the `reply_to` its reply
     will carry). Every received event carries its frame's seq.
 
-    `max_frame_size` bounds the data bytes of one frame (a WriteAt's data, a control body). It is
-    this end's own limit until `Welcome` has been sent or received, then the agreed one.
+    `max_frame_size` bounds the data bytes of one WriteAt frame. It is this end's own limit until
+    `Welcome` has been sent or received, then the agreed one. Control frames (everything but
+    WriteAt) have bodies of at most MAX_CONTROL_BODY_SIZE bytes, whatever was agreed.
     """
 
     def __init__(self, role: Role, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
@@ -349,9 +357,9 @@ class Connection:
 
     def _check_payload_size(self, frame_type: FrameType, seq: int, size: int) -> None:
         name = frame_type.name
-        limit = self._max_frame_size
+        limit = MAX_CONTROL_BODY_SIZE
         if frame_type is FrameType.WRITE_AT:
-            limit += WRITE_AT_PREFIX_SIZE
+            limit = WRITE_AT_PREFIX_SIZE + self._max_frame_size
             if size < WRITE_AT_PREFIX_SIZE:
                 raise RemoteProtocolError(
                     f"WRITE_AT seq {seq}: {size} payload bytes cannot hold the 8-byte offset",
@@ -474,10 +482,10 @@ class Connection:
         frame_type, body = encode_body(event)
         if frame_type.is_request != (self.role is Role.CLIENT):
             raise LocalProtocolError(f"a {self.role.value} does not send {frame_type.name}")
-        if len(body) > self._max_frame_size:
+        if len(body) > MAX_CONTROL_BODY_SIZE:
             raise LocalProtocolError(
-                f"{frame_type.name} body is {len(body)} bytes, above max_frame_size"
-                f" {self._max_frame_size}",
+                f"{frame_type.name} body is {len(body)} bytes, above the {MAX_CONTROL_BODY_SIZE}"
+                " allowed for control frames",
                 ErrorCode.FRAME_TOO_LARGE,
             )
         if isinstance(event, Request):
