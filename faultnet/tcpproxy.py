@@ -33,6 +33,17 @@ from urllib.parse import unquote
 
 import trio
 
+from faultnet.counters import FaultCounters
+from faultnet.engine import (
+    Action,
+    Close,
+    ConnectionFaults,
+    Delay,
+    DirectionFaults,
+    Forward,
+    Freeze,
+    Reset,
+)
 from faultnet.plan import Direction, FaultPlan, PlanSyntaxError, Toxic, toxic_from_dict
 
 __all__ = [
@@ -111,16 +122,6 @@ class ProxyStats:
         }
 
 
-class _Counters:
-    """The proxy's mutable counters; only touched from the proxy's trio thread."""
-
-    def __init__(self) -> None:
-        self.connections_accepted = 0
-        self.upstream_connect_failures = 0
-        self.bytes = {Direction.UPSTREAM: 0, Direction.DOWNSTREAM: 0}
-        self.faults: dict[str, int] = {}
-
-
 def _default_name(toxic: Toxic) -> str:
     # Toxiproxy's default: the type and the stream it acts on.
     return f"{toxic.NAME}_{_STREAM_NAMES[toxic.direction]}"
@@ -155,7 +156,8 @@ class ChaosProxy:
             self.add_toxic(toxic)
         self._next_index = 0
         self._active = 0
-        self._counters = _Counters()
+        self._counters = FaultCounters()
+        self._upstream_connect_failures = 0
         self.control_address: Address | None = None
 
     # -- addresses and toxics ----------------------------------------------------------
@@ -217,17 +219,27 @@ class ChaosProxy:
         Connection numbering carries on, so a connection's index stays its accept order.
         """
         self._toxics.clear()
-        self._counters = _Counters()
+        self._counters = FaultCounters()
+        self._upstream_connect_failures = 0
+
+    @property
+    def counters(self) -> FaultCounters:
+        """Bytes and faults of the connections accepted since the start or the last reset.
+
+        A connection keeps counting into the counters that were current when it was
+        accepted, so after a reset the totals cover only the connections that came after.
+        """
+        return self._counters
 
     def stats(self) -> ProxyStats:
-        counters = self._counters
+        totals = self._counters.as_dict()
         return ProxyStats(
-            connections_accepted=counters.connections_accepted,
+            connections_accepted=totals["connections"],
             connections_active=self._active,
-            upstream_connect_failures=counters.upstream_connect_failures,
-            bytes_upstream=counters.bytes[Direction.UPSTREAM],
-            bytes_downstream=counters.bytes[Direction.DOWNSTREAM],
-            faults=dict(counters.faults),
+            upstream_connect_failures=self._upstream_connect_failures,
+            bytes_upstream=totals["bytes_up"],
+            bytes_downstream=totals["bytes_down"],
+            faults=totals["faults"],
         )
 
     # -- relaying ----------------------------------------------------------------------
@@ -244,67 +256,101 @@ class ChaosProxy:
     async def _relay(self, client: trio.SocketStream) -> None:
         index = self._next_index
         self._next_index += 1
-        counters = self._counters
-        counters.connections_accepted += 1
-        toxics = self.plan.for_connection(index)
+        faults = ConnectionFaults.for_connection(self.plan, index, self._counters)
         self._active += 1
         try:
             async with client:
                 try:
                     server = await trio.open_tcp_stream(*self._upstream)
                 except OSError as exc:
-                    counters.upstream_connect_failures += 1
+                    self._upstream_connect_failures += 1
                     logger.warning(
                         "connection %d: upstream %s:%d refused: %s", index, *self._upstream, exc
                     )
                     return
                 async with server:
-                    logger.debug("connection %d: relaying with %d toxics", index, len(toxics))
-                    await _Relay(client, server, counters).run()
+                    logger.debug("connection %d: toxics %s", index, faults.toxics)
+                    await _Relay(client, server, faults).run()
         finally:
             self._active -= 1
 
 
 class _Relay:
-    """Both directions of one proxied connection, and how it ends."""
+    """Both directions of one proxied connection, with their faults, and how it ends.
+
+    Upstream faults act on what the client sends, downstream faults on what the server
+    sends. A ``reset_peer`` resets both sides; a ``limit_data`` closes both; a stall that
+    never ends keeps its direction stuck, reading and dropping what arrives (as
+    Toxiproxy's ``timeout`` does) so that the sender closing still ends the connection.
+    """
 
     def __init__(
-        self, client: trio.SocketStream, server: trio.SocketStream, counters: _Counters
+        self, client: trio.SocketStream, server: trio.SocketStream, faults: ConnectionFaults
     ) -> None:
         self._client = client
         self._server = server
-        self._counters = counters
+        self._faults = faults
+        self._scope = trio.CancelScope()
         self._reset = False
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                self._pump, self._client, self._server, Direction.UPSTREAM, nursery.cancel_scope
-            )
-            nursery.start_soon(
-                self._pump, self._server, self._client, Direction.DOWNSTREAM, nursery.cancel_scope
-            )
+        """Relay until both directions have ended, or one of them ends the connection.
+
+        Returns with both streams still open (but set to reset if they should); the
+        caller closes them.
+        """
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, self._client, self._server, self._faults.upstream)
+                nursery.start_soon(self._pump, self._server, self._client, self._faults.downstream)
         if self._reset:
             _abort(self._client)
             _abort(self._server)
+
+    def _end_connection(self, *, reset: bool) -> None:
+        self._reset = self._reset or reset
+        self._scope.cancel()
 
     async def _pump(
         self,
         source: trio.abc.HalfCloseableStream,
         sink: trio.abc.HalfCloseableStream,
-        direction: Direction,
-        connection_scope: trio.CancelScope,
+        faults: DirectionFaults,
     ) -> None:
-        byte_counts = self._counters.bytes
         try:
             while data := await source.receive_some(RELAY_CHUNK):
-                await sink.send_all(data)
-                byte_counts[direction] += len(data)
+                for action in faults.feed(data):
+                    await self._perform(action, source, sink, faults)
+            for action in faults.finish():
+                await self._perform(action, source, sink, faults)
             await sink.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             # One direction failing ends the connection; a reset stays a reset.
-            self._reset = self._reset or _is_reset(exc)
-            connection_scope.cancel()
+            self._end_connection(reset=_is_reset(exc))
+
+    async def _perform(
+        self,
+        action: Action,
+        source: trio.abc.ReceiveStream,
+        sink: trio.abc.SendStream,
+        faults: DirectionFaults,
+    ) -> None:
+        match action:
+            case Forward(data=data):
+                await sink.send_all(data)
+                faults.forwarded(len(data))
+            case Delay(seconds=seconds) | Freeze(seconds=float(seconds)):
+                await trio.sleep(seconds)
+            case Freeze(seconds=None):
+                while await source.receive_some(RELAY_CHUNK):
+                    pass
+                self._end_connection(reset=False)
+            case Reset():
+                self._end_connection(reset=True)
+            case Close():
+                self._end_connection(reset=False)
+        # Ending the connection cancels it: the next checkpoint raises trio.Cancelled,
+        # which the relay's cancel scope absorbs.
 
 
 @asynccontextmanager

@@ -3,6 +3,7 @@ control API, toxics applied per connection, and the ``rup faultproxy`` command l
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
@@ -12,13 +13,16 @@ import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
 from functools import partial
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
-from faultnet.plan import Direction, FaultPlan, Latency, LimitData
+from faultnet import tcpproxy_command as faultproxy_command
+from faultnet.plan import Corrupt, Direction, FaultPlan, Latency, LimitData
 from faultnet.tcpproxy import (
     Address,
     ChaosProxy,
@@ -26,7 +30,6 @@ from faultnet.tcpproxy import (
     ToxicNotFoundError,
     open_chaos_proxy,
 )
-from proxy.cli import main as rup_main
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -41,11 +44,12 @@ async def start_server(nursery: trio.Nursery, handler: Handler) -> Address:
 
 
 async def echo(stream: trio.SocketStream) -> None:
-    """Echo until EOF, then half-close back."""
+    """Echo until EOF, then half-close back; a connection the proxy cuts just ends."""
     async with stream:
-        while data := await stream.receive_some(65536):
-            await stream.send_all(data)
-        await stream.send_eof()
+        with suppress(trio.BrokenResourceError):
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+            await stream.send_eof()
 
 
 async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
@@ -410,6 +414,260 @@ async def test_control_api_survives_malformed_http(
     assert (await control(proxy, "GET", "/toxics"))[0] == 200
 
 
+# -- toxics ------------------------------------------------------------------------------
+
+
+class Recorder:
+    """An upstream server that records what arrives, when (in trio time), and how it ended."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[tuple[float, bytes]] = []
+        self.ending: BaseException | None = None
+        self.finished = trio.Event()
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(data for _, data in self.arrivals)
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                while data := await stream.receive_some(65536):
+                    self.arrivals.append((trio.current_time(), data))
+            except trio.BrokenResourceError as exc:
+                self.ending = exc
+            self.finished.set()
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def recorder_address(nursery: trio.Nursery, recorder: Recorder) -> Address:
+    return await start_server(nursery, recorder)
+
+
+async def test_limit_data_added_over_http_cuts_the_next_connection_only(
+    echo_address: Address,
+) -> None:
+    async with open_chaos_proxy(echo_address, control=("127.0.0.1", 0)) as proxy:
+        earlier = await connect(proxy)
+        await earlier.send_all(b"hi")  # the echo proves the proxy has taken it on
+        assert await earlier.receive_some() == b"hi"
+        status, _ = await control(
+            proxy, "POST", "/toxics", {"type": "limit_data", "attributes": {"bytes": 1000}}
+        )
+        assert status == 201
+
+        cut = await round_trip_tolerating_reset(proxy, os.urandom(5000))
+
+        # Opened before the toxic: unaffected.
+        payload = os.urandom(5000)
+        await earlier.send_all(payload)
+        await earlier.send_eof()
+        assert await receive_all(earlier) == payload
+        await earlier.aclose()
+
+    assert len(cut) <= 1000  # the echo server only ever got 1000 bytes to echo
+    stats = proxy.stats()
+    assert stats.faults == {"limit_data": 1}
+    assert stats.bytes_upstream == 2 + 5000 + 1000
+
+
+async def test_limit_data_delivers_exactly_n_bytes_then_eof(
+    recorder: Recorder, recorder_address: Address
+) -> None:
+    plan = FaultPlan.parse("limit_data:up(bytes=1000)")
+    async with open_chaos_proxy(recorder_address, plan) as proxy:
+        await round_trip_tolerating_reset(proxy, os.urandom(300_000))
+        await recorder.finished.wait()
+
+    assert len(recorder.received) == 1000
+    assert recorder.ending is None  # a clean close, not a reset
+
+
+async def test_reset_peer_added_over_http_resets_the_client(
+    nursery: trio.Nursery, recorder: Recorder, recorder_address: Address
+) -> None:
+    async def talkative(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(b"0123456789" * 10)
+            await trio.sleep_forever()
+
+    upstream = await start_server(nursery, talkative)
+    async with open_chaos_proxy(upstream, control=("127.0.0.1", 0)) as proxy:
+        toxic = {"type": "reset_peer", "stream": "downstream", "attributes": {"after": 25}}
+        assert (await control(proxy, "POST", "/toxics", toxic))[0] == 201
+        async with await connect(proxy) as stream:
+            received, error = await receive_until_broken(stream)
+
+    assert received == (b"0123456789" * 3)[:25]
+    assert isinstance(error.__cause__, ConnectionResetError)
+    assert proxy.stats().faults == {"reset_peer": 1}
+
+
+async def test_reset_peer_upstream_resets_the_server_after_exactly_n_bytes(
+    recorder: Recorder, recorder_address: Address
+) -> None:
+    plan = FaultPlan.parse("reset_peer:up(after=64k)")
+    async with open_chaos_proxy(recorder_address, plan) as proxy:
+        async with await connect(proxy) as stream:
+            with pytest.raises(trio.BrokenResourceError) as error:
+                await send_then_receive(stream, os.urandom(1024 * 1024))
+        await recorder.finished.wait()
+
+    assert isinstance(error.value.__cause__, ConnectionResetError)
+    assert len(recorder.received) == 64 * 1024
+    assert isinstance(recorder.ending, trio.BrokenResourceError)
+    assert isinstance(recorder.ending.__cause__, ConnectionResetError)
+
+
+async def test_corrupt_flips_exactly_one_byte(proxy: ChaosProxy) -> None:
+    proxy.add_toxic(Corrupt(direction=Direction.DOWNSTREAM, at=100_000, mask=0x01))
+    payload = bytes(300_000)
+
+    echoed = await round_trip(proxy, payload)
+
+    assert len(echoed) == len(payload)
+    assert [i for i, byte in enumerate(echoed) if byte] == [100_000]
+    assert echoed[100_000] == 0x01
+    assert proxy.stats().faults == {"corrupt": 1}
+
+
+async def test_latency_delays_each_write(
+    mock_clock: trio.testing.MockClock, proxy: ChaosProxy
+) -> None:
+    mock_clock.autojump_threshold = 0.01  # jump only once the loopback traffic has settled
+    proxy.add_toxic(Latency(direction=Direction.DOWNSTREAM, ms=500))
+    async with await connect(proxy) as stream:
+        start = trio.current_time()
+        await stream.send_all(b"ping")
+        assert await stream.receive_some() == b"ping"
+        assert trio.current_time() - start == pytest.approx(0.5)
+
+
+async def test_bandwidth_limits_the_rate(
+    mock_clock: trio.testing.MockClock, recorder: Recorder, recorder_address: Address
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    async with (
+        open_chaos_proxy(recorder_address, FaultPlan.parse("bandwidth:up(rate=1000)")) as proxy,
+        await connect(proxy) as stream,
+    ):
+        start = trio.current_time()
+        await stream.send_all(bytes(3000))
+        await stream.send_eof()
+        await recorder.finished.wait()
+
+    assert len(recorder.received) == 3000
+    assert recorder.arrivals[-1][0] - start == pytest.approx(3.0)
+
+
+async def test_timed_stall_holds_the_rest_back(
+    mock_clock: trio.testing.MockClock, recorder: Recorder, recorder_address: Address
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    plan = FaultPlan.parse("stall:up(after=4,seconds=10)")
+    async with open_chaos_proxy(recorder_address, plan) as proxy, await connect(proxy) as stream:
+        start = trio.current_time()
+        await stream.send_all(b"0123456789")
+        await stream.send_eof()
+        await recorder.finished.wait()
+
+    assert [(t - start, data) for t, data in recorder.arrivals] == [
+        (0.0, b"0123"),
+        (pytest.approx(10.0), b"456789"),
+    ]
+
+
+async def test_endless_stall_drops_data_until_the_client_gives_up(
+    mock_clock: trio.testing.MockClock, recorder: Recorder, recorder_address: Address
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    async with open_chaos_proxy(recorder_address, FaultPlan.parse("stall:up(after=4)")) as proxy:
+        async with await connect(proxy) as stream:
+            await stream.send_all(b"0123456789")
+            await trio.sleep(3600)  # nothing more arrives, however long we wait
+            assert recorder.received == b"0123"
+            assert not recorder.finished.is_set()
+        # The client hung up: the proxy notices even while stalled, and hangs up too.
+        await recorder.finished.wait()
+    assert recorder.received == b"0123"
+    assert proxy.stats().faults == {"stall": 1}
+
+
+async def test_slow_close_delays_the_eof(
+    mock_clock: trio.testing.MockClock, recorder: Recorder, recorder_address: Address
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    plan = FaultPlan.parse("slow_close:up(ms=2000)")
+    async with open_chaos_proxy(recorder_address, plan) as proxy, await connect(proxy) as stream:
+        await stream.send_all(b"bye")
+        start = trio.current_time()
+        await stream.send_eof()
+        await recorder.finished.wait()
+        assert trio.current_time() - start == pytest.approx(2.0)
+    assert recorder.received == b"bye"
+
+
+async def test_toxicity_picks_the_same_connections_for_the_same_seed(
+    recorder_address: Address, echo_address: Address
+) -> None:
+    plan = FaultPlan.parse("seed=11; corrupt:down(at=0)~0.5")
+    expected = [bool(plan.for_connection(i)) for i in range(12)]
+    assert sorted(set(expected)) == [False, True]  # the seed exercises both outcomes
+
+    async with open_chaos_proxy(echo_address, plan) as proxy:
+        corrupted = [await round_trip(proxy, b"\x00abc") != b"\x00abc" for _ in range(12)]
+
+    assert corrupted == expected
+    assert proxy.stats().faults == {"corrupt": expected.count(True)}
+
+
+async def send_then_receive(stream: trio.abc.Stream, payload: bytes) -> bytes:
+    await stream.send_all(payload)
+    return await receive_all(stream)
+
+
+async def receive_until_broken(
+    stream: trio.abc.ReceiveStream,
+) -> tuple[bytes, trio.BrokenResourceError]:
+    """What arrives before the stream breaks, and how it broke; an EOF fails the test."""
+    received = bytearray()
+    with trio.fail_after(30):  # a deadline against a hang, not a timing assertion
+        try:
+            while data := await stream.receive_some():
+                received += data
+        except trio.BrokenResourceError as exc:
+            return bytes(received), exc
+    raise AssertionError(f"clean EOF after {len(received)} bytes; expected a reset")
+
+
+async def round_trip_tolerating_reset(proxy: ChaosProxy, payload: bytes) -> bytes:
+    """Like :func:`round_trip`, for a connection the proxy may cut short.
+
+    Whether the client sees a FIN or a reset depends on whether its unsent bytes were still
+    in the proxy's receive buffer at the close, which is a race, so either is accepted.
+    """
+    received = bytearray()
+    try:
+        async with await connect(proxy) as stream, trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                await stream.send_all(payload)
+                await stream.send_eof()
+
+            nursery.start_soon(send)
+            while data := await stream.receive_some():
+                received += data
+            nursery.cancel_scope.cancel()
+    except* trio.BrokenResourceError:
+        pass
+    return bytes(received)
+
+
 # -- the command line --------------------------------------------------------------------
 
 
@@ -434,8 +692,11 @@ async def test_control_api_survives_malformed_http(
 def test_cli_refuses_bad_arguments(
     arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    parser = argparse.ArgumentParser(prog="rup faultproxy")
+    faultproxy_command.configure(parser)
+
     with pytest.raises(SystemExit) as exit_info:
-        rup_main(["faultproxy", *arguments])
+        parser.parse_args(arguments)
 
     assert exit_info.value.code == 2
     error_lines = [
