@@ -18,6 +18,9 @@ toxic with ``after=N`` acts at exactly byte N: a chunk that crosses N is split s
 bytes go first. A trigger at the very end of a chunk acts right after it; one at 0 acts
 before the first byte. Nothing after a :class:`Reset` or :class:`Close` is emitted.
 
+The caller reports the bytes it really moved with :meth:`DirectionFaults.forwarded`, which
+keeps the :class:`~faultnet.counters.FaultCounters` honest when an operation fails halfway.
+
 Which bytes a direction covers is the caller's choice: :class:`ConnectionFaults` has one
 engine per direction, and a client-side wrapper feeds what it sends to ``upstream`` and
 what it receives to ``downstream`` (a server-side wrapper does the opposite).
@@ -312,8 +315,8 @@ class DirectionFaults:
             for i, toxic in enumerate(self.toxics)
         ]
         self._counters = counters
-        #: bytes forwarded so far
-        self.position = 0
+        #: bytes the caller reported as moved, see :meth:`forwarded`
+        self.forwarded_bytes = 0
         #: the Reset or Close that ended this direction, if any
         self.ended: Reset | Close | None = None
 
@@ -327,14 +330,20 @@ class DirectionFaults:
         for stage in self._stages:
             actions = stage.apply(actions)
         for i, action in enumerate(actions):
-            if isinstance(action, Forward):
-                self.position += len(action.data)
-                if self._counters is not None:
-                    self._counters.add_bytes(self.direction, len(action.data))
-            elif isinstance(action, Reset | Close):
+            if isinstance(action, Reset | Close):
                 self.ended = action
                 return actions[: i + 1]
         return actions
+
+    def forwarded(self, nbytes: int) -> None:
+        """Record that the caller has really moved ``nbytes`` of a :class:`Forward`.
+
+        Counting is the caller's job because only it knows whether a write went through:
+        a stall that times out, or a cancellation, leaves the rest of the actions undone.
+        """
+        self.forwarded_bytes += nbytes
+        if self._counters is not None:
+            self._counters.add_bytes(self.direction, nbytes)
 
     def finish(self) -> list[Action]:
         """The actions to take before this direction ends (a FIN sent or an EOF seen)."""
