@@ -1,13 +1,15 @@
 """A TCP chaos proxy: forward connections to one upstream, injecting a fault plan's toxics.
 
-:func:`open_chaos_proxy` listens on a loopback port and relays every accepted connection to
-a fixed upstream address. Connections are numbered in accept order, and connection ``i``
-gets the toxics ``plan.for_connection(i)`` picks, so a seeded run is replayable. Toxics act
-in the plan's direction: *upstream* toxics on the bytes the client sends to the server,
-*downstream* toxics on the bytes the server sends back.
+:func:`open_chaos_proxy` listens on a port (loopback by default) and relays every accepted
+connection to a fixed upstream address. Connections are numbered in accept order, and
+connection ``i`` gets the toxics ``plan.for_connection(i)`` picks, so a seeded run is
+replayable. Toxics act in the plan's direction: *upstream* toxics on the bytes the client
+sends to the server, *downstream* toxics on the bytes the server sends back. The fault
+engine (:mod:`faultnet.engine`) decides what each toxic does; this module only carries
+out its actions between two sockets.
 
 The toxics can change while the proxy runs, through :class:`ChaosProxy`'s methods or the
-small HTTP control API (see :func:`ChaosProxy.serve_control`). A change applies to the
+small HTTP control API (see :meth:`ChaosProxy.serve_control`). A change applies to the
 connections accepted afterwards; connections already open keep the toxics they started
 with, as they would with a real network that changes under new flows only.
 
@@ -54,7 +56,6 @@ __all__ = [
     "ProxyStats",
     "ToxicNotFoundError",
     "open_chaos_proxy",
-    "serve_control",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,11 +69,14 @@ RELAY_CHUNK = 1024 * 1024
 
 
 class ToxicNotFoundError(LookupError):
-    """No toxic has the given index or name (or, for a name, more than one has)."""
+    """No toxic has the given index or name."""
 
 
 class DuplicateToxicError(ValueError):
     """A toxic with that name already exists."""
+
+
+_STREAM_NAMES = {Direction.UPSTREAM: "upstream", Direction.DOWNSTREAM: "downstream"}
 
 
 @dataclass(frozen=True)
@@ -92,9 +96,6 @@ class NamedToxic:
             "toxicity": self.toxic.toxicity,
             "attributes": self.toxic.params(),
         }
-
-
-_STREAM_NAMES = {Direction.UPSTREAM: "upstream", Direction.DOWNSTREAM: "downstream"}
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class ChaosProxy:
         self._active = 0
         self._counters = FaultCounters()
         self._upstream_connect_failures = 0
-        self.control_address: Address | None = None
+        self._control_address: Address | None = None
 
     # -- addresses and toxics ----------------------------------------------------------
 
@@ -242,7 +243,12 @@ class ChaosProxy:
             faults=totals["faults"],
         )
 
-    # -- relaying ----------------------------------------------------------------------
+    @property
+    def control_address(self) -> Address | None:
+        """Where the HTTP control API listens, once :meth:`serve_control` has started."""
+        return self._control_address
+
+    # -- serving -----------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept and relay connections until cancelled.
@@ -252,6 +258,32 @@ class ChaosProxy:
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self._relay, [self._listener])
             task_status.started()
+
+    async def serve_control(
+        self,
+        address: Address,
+        *,
+        task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve the HTTP control API on ``address`` until cancelled.
+
+        Reports the bound address through ``task_status``. The routes, all JSON:
+
+        - ``GET /toxics``: the current toxics (with index and name) and the plan's text;
+        - ``POST /toxics``: add one toxic, in Toxiproxy's shape (``type``, ``stream`` or
+          ``direction``, ``toxicity``, ``attributes``, optional ``name``); answers 201;
+        - ``DELETE /toxics/<index or name>``: remove one toxic;
+        - ``POST /reset``: remove every toxic and zero the counters (:meth:`reset`);
+        - ``GET /stats``: the counters (:meth:`ProxyStats.to_dict`).
+
+        Bad requests get a 4xx answer with an ``error`` message. Cancelling it drops any
+        request in progress without an answer.
+        """
+        listeners = await trio.open_tcp_listeners(address[1], host=address[0])
+        host, port = listeners[0].socket.getsockname()[:2]
+        self._control_address = (host, port)
+        task_status.started(self._control_address)
+        await trio.serve_listeners(partial(_answer_control_request, self), listeners)
 
     async def _relay(self, client: trio.SocketStream) -> None:
         index = self._next_index
@@ -308,6 +340,7 @@ class _Relay:
             _abort(self._server)
 
     def _end_connection(self, *, reset: bool) -> None:
+        """End both directions now: each pump stops at its next checkpoint."""
         self._reset = self._reset or reset
         self._scope.cancel()
 
@@ -349,8 +382,6 @@ class _Relay:
                 self._end_connection(reset=True)
             case Close():
                 self._end_connection(reset=False)
-        # Ending the connection cancels it: the next checkpoint raises trio.Cancelled,
-        # which the relay's cancel scope absorbs.
 
 
 @asynccontextmanager
@@ -376,7 +407,7 @@ async def open_chaos_proxy(
         async with trio.open_nursery() as nursery:
             await nursery.start(proxy.serve)
             if control is not None:
-                proxy.control_address = await nursery.start(serve_control, proxy, control)
+                await nursery.start(proxy.serve_control, control)
             try:
                 yield proxy
             finally:
@@ -435,31 +466,6 @@ class _Response:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
 
 
-async def serve_control(
-    proxy: ChaosProxy,
-    address: Address,
-    *,
-    task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``proxy``'s HTTP control API on ``address`` until cancelled.
-
-    Reports the bound address through ``task_status``. The routes, all JSON:
-
-    - ``GET /toxics``: the current toxics (with index and name) and the plan's text form;
-    - ``POST /toxics``: add one toxic, in Toxiproxy's shape (``type``, ``stream`` or
-      ``direction``, ``toxicity``, ``attributes``, optional ``name``); answers 201;
-    - ``DELETE /toxics/<index or name>``: remove one toxic;
-    - ``POST /reset``: remove every toxic and zero the counters;
-    - ``GET /stats``: the counters (:meth:`ProxyStats.to_dict`).
-
-    Cancelling it drops any request in progress without an answer.
-    """
-    listeners = await trio.open_tcp_listeners(address[1], host=address[0])
-    host, port = listeners[0].socket.getsockname()[:2]
-    task_status.started((host, port))
-    await trio.serve_listeners(partial(_answer_control_request, proxy), listeners)
-
-
 async def _answer_control_request(proxy: ChaosProxy, stream: trio.SocketStream) -> None:
     async with stream:
         try:
@@ -468,6 +474,10 @@ async def _answer_control_request(proxy: ChaosProxy, stream: trio.SocketStream) 
                     response = _route(proxy, await _read_request(stream))
                 except _HTTPError as exc:
                     response = _Response(exc.status, {"error": exc.message})
+                except Exception:
+                    # A bug in a handler must cost one request, not the whole proxy.
+                    logger.exception("control API: internal error")
+                    response = _Response(500, {"error": "internal error; see the proxy's log"})
                 await stream.send_all(response.encode())
                 # Let the client read the answer before the close: closing with unread
                 # request bytes in our buffer would reset the connection under it.

@@ -706,7 +706,6 @@ def test_cli_refuses_bad_arguments(
     assert message in error_lines[0]
 
 
-@pytest.mark.slow
 async def test_cli_relays_until_interrupted(echo_address: Address) -> None:
     upstream = f"{echo_address[0]}:{echo_address[1]}"
     command = [sys.executable, "-m", "proxy.cli", "faultproxy", "--listen", "127.0.0.1:0"]
