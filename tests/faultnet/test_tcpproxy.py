@@ -476,6 +476,17 @@ async def test_limit_data_added_over_http_cuts_the_next_connection_only(
     assert stats.bytes_upstream == 2 + 5000 + 1000
 
 
+async def test_removing_a_toxic_over_http_heals_the_next_connection(
+    echo_address: Address,
+) -> None:
+    plan = FaultPlan.parse("corrupt:down(at=0)")
+    async with open_chaos_proxy(echo_address, plan, control=("127.0.0.1", 0)) as proxy:
+        assert await round_trip(proxy, b"\x00abc") == b"\xffabc"
+        assert (await control(proxy, "DELETE", "/toxics/corrupt_downstream"))[0] == 200
+        assert await round_trip(proxy, b"\x00abc") == b"\x00abc"
+    assert proxy.stats().faults == {"corrupt": 1}
+
+
 async def test_limit_data_delivers_exactly_n_bytes_then_eof(
     recorder: Recorder, recorder_address: Address
 ) -> None:
@@ -669,6 +680,20 @@ async def round_trip_tolerating_reset(proxy: ChaosProxy, payload: bytes) -> byte
 
 
 # -- the command line --------------------------------------------------------------------
+
+
+def test_cli_reports_a_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="rup faultproxy")
+    faultproxy_command.configure(parser)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        args = parser.parse_args(["--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1:9"])
+
+        assert faultproxy_command.run(args) == 1
+
+    [error] = capsys.readouterr().err.splitlines()
+    assert error.startswith("rup faultproxy: cannot listen: ")
+    assert "in use" in error
 
 
 @pytest.mark.parametrize(
