@@ -30,6 +30,8 @@ class ReceiveBuffer:
 
     def take(self, size: int) -> bytes:
         """Remove and return exactly `size` bytes as one bytes object (caller checked len)."""
+        if not size:
+            return b""
         chunks = self._chunks
         first = chunks[0]
         start = self._start

@@ -1,0 +1,154 @@
+"""The construct spec and the hot path's struct layouts describe the same bytes."""
+
+from __future__ import annotations
+
+import struct
+
+import construct
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocol import (
+    Ack,
+    Complete,
+    Connection,
+    OpenUpload,
+    Ping,
+    Role,
+    WriteAt,
+)
+from protocol._codec import EVENT_TYPES, FIXED_BODY_SIZES, decode_body, encode_body
+from protocol._spec import (
+    BODIES,
+    HEADER,
+    HEADER_SIZE,
+    HEADER_STRUCT,
+    MAGIC,
+    OFFSET_STRUCT,
+    FrameType,
+    crc32c,
+)
+from tests.protocol.helpers import bound_pair, negotiated_pair
+
+u8 = st.integers(0, 2**8 - 1)
+u16 = st.integers(0, 2**16 - 1)
+u32 = st.integers(0, 2**32 - 1)
+u64 = st.integers(0, 2**64 - 1)
+
+
+def test_crc32c_is_castagnoli() -> None:
+    assert crc32c(b"123456789") == 0xE3069283  # the standard check value
+
+
+def test_header_sizes_agree() -> None:
+    assert HEADER.sizeof() == HEADER_STRUCT.size == HEADER_SIZE == 28
+
+
+@given(version=u8, frame_type=st.sampled_from(FrameType), flags=u16, seq=u64, size=u32, crc=u32)
+def test_header_construct_build_equals_struct_pack(
+    version: int, frame_type: FrameType, flags: int, seq: int, size: int, crc: int
+) -> None:
+    fields = {
+        "version": version,
+        "frame_type": frame_type,
+        "flags": flags,
+        "seq": seq,
+        "payload_size": size,
+        "payload_crc32c": crc,
+    }
+    built = HEADER.build({"fields": {"value": fields}})
+    prefix = struct.pack(">4sBBHQII", MAGIC, version, frame_type, flags, seq, size, crc)
+    assert built == prefix + struct.pack(">I", crc32c(prefix))
+    assert HEADER_STRUCT.unpack(built) == (
+        MAGIC,
+        version,
+        frame_type,
+        flags,
+        seq,
+        size,
+        crc,
+        crc32c(prefix),
+    )
+    parsed = HEADER.parse(built).fields.value
+    assert (parsed.version, int(parsed.frame_type), parsed.flags, parsed.seq) == (
+        version,
+        frame_type,
+        flags,
+        seq,
+    )
+    assert (parsed.payload_size, parsed.payload_crc32c) == (size, crc)
+
+
+@given(offset=u64, data=st.binary(max_size=64))
+def test_write_at_frame_matches_construct(offset: int, data: bytes) -> None:
+    client, _ = bound_pair()
+    seq = client.last_sent_seq + 1
+    wire = client.send_bytes(WriteAt(min(offset, 2**64 - 1 - len(data)), data))
+    header = HEADER.parse(wire[:HEADER_SIZE]).fields.value
+    assert header.frame_type == "WRITE_AT"
+    assert header.seq == seq
+    payload = wire[HEADER_SIZE:]
+    assert header.payload_size == len(payload)
+    assert header.payload_crc32c == crc32c(payload)
+    parsed = BODIES[FrameType.WRITE_AT].parse(payload)
+    assert parsed.offset == OFFSET_STRUCT.unpack(payload[:8])[0]
+    assert parsed.data == data
+
+
+def test_fixed_body_sizes_come_from_the_spec() -> None:
+    assert FIXED_BODY_SIZES == {
+        FrameType.ABORT: 0,
+        FrameType.STATUS_QUERY: 0,
+        FrameType.PING: 8,
+        FrameType.ACK: 16,
+        FrameType.CREDIT: 24,
+        FrameType.PONG: 16,
+    }
+
+
+def test_every_frame_type_has_a_body_and_an_event() -> None:
+    assert set(BODIES) == set(FrameType) == set(EVENT_TYPES)
+
+
+@pytest.mark.parametrize(
+    ("event", "expected_hex"),
+    [
+        (Ping(nonce=0x0102030405060708), "0102030405060708"),
+        (Ack(7, 1 << 20), "00000000000000070000000000100000"),
+        (Complete(10), "000000000000000a00"),
+        (Complete(10, 0xE3069283), "000000000000000a01e3069283"),
+        (
+            OpenUpload("b", "o", "t", (("k", "v"),), expected_size=None, if_generation_match=0),
+            "00016200016f000174000100016b00017600010000000000000000",
+        ),
+    ],
+)
+def test_body_vectors(event: Ping | Ack | Complete | OpenUpload, expected_hex: str) -> None:
+    frame_type, encoded = encode_body(event)
+    assert encoded.hex() == expected_hex
+    assert decode_body(frame_type, 0, encoded) == event
+
+
+def test_worked_example_in_the_docs_is_what_the_codec_sends() -> None:
+    client, server = negotiated_pair()
+    assert client.last_sent_seq == 1
+    wire = client.send_bytes(Ping(nonce=42))
+    # The same bytes are printed, annotated, in docs/protocol.md ("A worked example").
+    assert wire.hex() == (
+        "ab52555001080000000000000000000200000008c777146c7cba8e6e000000000000002a"
+    )
+    assert server.state is client.state
+
+
+def test_construct_refuses_what_the_codec_refuses() -> None:
+    with pytest.raises(construct.ConstructError):
+        BODIES[FrameType.COMPLETE].parse(bytes(8) + b"\x02")  # presence byte must be 0 or 1
+    with pytest.raises(construct.ConstructError):
+        BODIES[FrameType.ACK].parse(bytes(15))
+
+
+def test_a_fresh_connection_speaks_version_one() -> None:
+    client = Connection(Role.CLIENT)
+    wire = client.send_bytes(client.hello())
+    assert HEADER.parse(wire[:HEADER_SIZE]).fields.value.version == 1
