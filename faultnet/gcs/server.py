@@ -1,0 +1,249 @@
+"""``GcsServer``: the strict GCS endpoint, served from background threads.
+
+The server is synchronous and threaded on purpose: trio code and blocking code (requests,
+google-cloud-storage) can both talk to it from the same process, and it never runs on
+anyone's event loop. One thread accepts; each connection gets its own thread, so a client
+that stalls mid-body holds up nobody else. :meth:`GcsServer.stop` shuts every socket down,
+wakes every scripted stall, and joins every thread it started.
+
+What requests mean lives in :mod:`faultnet.gcs.api`; this module only moves bytes and
+turns failures into responses: a :class:`~faultnet.gcs.errors.GcsApiError` becomes its
+JSON error, a malformed request its 4xx, and any other exception a 500 - the server
+itself keeps going.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Self
+
+from faultnet.gcs.api import Exchange, GcsApi, Reply
+from faultnet.gcs.errors import GcsApiError, error_body
+from faultnet.gcs.http11 import HttpConnection, PeerGoneError, ProtocolError, Response
+from faultnet.gcs.resumable import UPLOAD_QUANTUM
+from faultnet.gcs.retry_test import RetryTests
+from faultnet.gcs.store import Store
+
+__all__ = ["GcsServer"]
+
+logger = logging.getLogger("faultnet.gcs")
+
+
+class GcsServer:
+    """A GCS JSON API endpoint on ``host:port`` (0: any free port), in memory or on disk.
+
+    ``chunk_persist_granularity``: how much of a chunk cut off partway is kept (its
+    prefix up to a multiple of this; 0 keeps nothing). ``sleep`` is how scripted stalls
+    wait; tests pass their own to control them. The default wakes early on :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        data_dir: str | os.PathLike[str] | None = None,
+        chunk_persist_granularity: int = UPLOAD_QUANTUM,
+        *,
+        max_body_bytes: int = 1 << 31,
+        max_head_bytes: int = 64 * 1024,
+        idle_timeout: float = 300.0,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        if chunk_persist_granularity < 0:
+            raise ValueError("chunk_persist_granularity must be >= 0")
+        self.store = Store(data_dir)
+        self.retry_tests = RetryTests()
+        self._stopping = threading.Event()
+        self.api = GcsApi(
+            self.store,
+            self.retry_tests,
+            sleep=sleep or self._interruptible_sleep,
+            persist_granularity=chunk_persist_granularity,
+        )
+        self._requested = (host, port)
+        self._max_body_bytes = max_body_bytes
+        self._max_head_bytes = max_head_bytes
+        self._idle_timeout = idle_timeout
+        self._listener: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._sockets: set[socket.socket] = set()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._listener is None:
+            raise RuntimeError("GcsServer is not started")
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{host}:{port}"
+
+    def start(self) -> None:
+        if self._listener is not None:
+            raise RuntimeError("GcsServer already started")
+        self._stopping.clear()
+        listener = socket.create_server(self._requested, backlog=512)
+        self._listener = listener
+        self._spawn(self._accept_loop, listener, name="gcs-accept")
+
+    def stop(self) -> None:
+        """Close the listener and every connection, wake stalls, and join all threads."""
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        while True:
+            with self._lock:
+                threads = [t for t in self._threads if t is not threading.current_thread()]
+            if not threads:
+                break
+            for thread in threads:
+                thread.join()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def create_retry_test(
+        self, instructions: Mapping[str, Sequence[str]], transport: str = "HTTP"
+    ) -> str:
+        """Register scripted faults (see :mod:`faultnet.gcs.retry_test`); returns the id."""
+        test_id: str = self.retry_tests.create(instructions, transport)["id"]
+        return test_id
+
+    def _interruptible_sleep(self, seconds: float) -> None:
+        self._stopping.wait(seconds)
+
+    def _spawn(
+        self, target: Callable[[socket.socket], None], sock: socket.socket, *, name: str
+    ) -> None:
+        def run() -> None:
+            try:
+                target(sock)
+            finally:
+                with self._lock:
+                    self._threads.discard(threading.current_thread())
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+
+    # -- connections --------------------------------------------------------------------
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, peer = listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                logger.exception("accept failed; the listener goes on")
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self._idle_timeout)
+            with self._lock:
+                if self._stopping.is_set():
+                    sock.close()
+                    return
+                self._sockets.add(sock)
+            self._spawn(self._serve, sock, name=f"gcs-conn-{peer[1]}")
+
+    def _serve(self, sock: socket.socket) -> None:
+        connection = HttpConnection(
+            sock, max_head_bytes=self._max_head_bytes, max_body_bytes=self._max_body_bytes
+        )
+        try:
+            while connection.usable and not self._stopping.is_set():
+                if not self._serve_one(connection):
+                    break
+        except PeerGoneError:
+            pass
+        finally:
+            with self._lock:
+                self._sockets.discard(sock)
+            connection.close()
+
+    def _serve_one(self, connection: HttpConnection) -> bool:
+        """Serve one request; False once the connection is done."""
+        try:
+            request = connection.read_request()
+        except ProtocolError as exc:
+            message = str(exc)
+            connection.send_response(
+                Response(exc.status, error_body(exc.status, message, "invalid")),
+                keep_alive=False,
+            )
+            return False
+        if request is None:
+            return False
+        host = request.header("host")
+        base_url = f"http://{host}" if host else self.url
+        method, handler = self.api.route(request)
+        test_id = request.header("x-retry-test-id")
+        try:
+            instruction = self.retry_tests.peek(test_id, method) if method else None
+            exchange = Exchange(
+                request, connection, base_url, method, test_id, instruction, self.retry_tests
+            )
+            reply = self.api.handle(exchange, handler)
+        except GcsApiError as exc:
+            reply = Reply(Response(exc.status, error_body(exc.status, exc.message, exc.reason)))
+        except ProtocolError as exc:
+            reply = Reply(Response(exc.status, error_body(exc.status, str(exc), "invalid")))
+            connection.usable = False
+        except PeerGoneError:
+            raise
+        except Exception:
+            logger.exception("handler for %s (%s) failed", method or "request", request.method)
+            reply = Reply(Response(500, error_body(500, "Internal error", "backendError")))
+        return self._deliver(connection, request.keep_alive, reply)
+
+    def _deliver(self, connection: HttpConnection, keep_alive: bool, reply: Reply) -> bool:
+        if reply.reset:
+            connection.reset()
+            return False
+        if not connection.usable:
+            return False  # the body was cut off: there is nobody to answer
+        pause = None
+        if reply.pause_at is not None:
+            seconds = reply.pause_seconds
+
+            def pause() -> None:
+                self.api.sleep(seconds)
+
+        connection.send_response(
+            reply.response,
+            keep_alive=keep_alive,
+            cut_after=reply.cut_after,
+            pause_at=reply.pause_at,
+            pause=pause,
+        )
+        return connection.usable

@@ -1,0 +1,685 @@
+"""Where the endpoint keeps buckets, objects and in-progress upload sessions.
+
+Two modes share one API. In memory, everything lives in dicts. On disk (``data_dir``),
+an object is one file, ``<data><metadata JSON><8-byte big-endian JSON length>``, written
+to ``tmp/``, fsynced and renamed into place, so a reader sees the old object or the new
+one, never a half-written one. A session's bytes are appended to ``sessions/<id>.part``
+(fsynced per chunk) next to a ``.json`` with its fixed parameters, so a restarted server
+picks the session up where its part file ends; finalizing appends the metadata trailer
+and renames the part file into place, so no byte is copied.
+
+This module enforces storage invariants only (sessions grow by appending; preconditions;
+checksums on finalize). Which bytes of a request get appended is the business of
+:mod:`faultnet.gcs.resumable`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import quote, unquote
+
+import google_crc32c
+
+from faultnet.gcs.errors import GcsApiError
+
+__all__ = [
+    "BucketInfo",
+    "ObjectInfo",
+    "Preconditions",
+    "SessionInfo",
+    "Store",
+    "UploadSession",
+    "encode_crc32c",
+    "encode_md5",
+]
+
+_TRAILER_LENGTH = struct.Struct(">Q")
+
+
+def encode_crc32c(value: int) -> str:
+    """GCS's form of a CRC32C: base64 of the big-endian 32-bit value."""
+    return base64.b64encode(value.to_bytes(4, "big")).decode()
+
+
+def encode_md5(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True)
+class Preconditions:
+    """``ifGenerationMatch`` / ``ifGenerationNotMatch``; 0 means "no live object"."""
+
+    if_generation_match: int | None = None
+    if_generation_not_match: int | None = None
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> Preconditions:
+        def number(key: str) -> int | None:
+            text = query.get(key)
+            if text is None:
+                return None
+            if not text.isdigit():
+                raise GcsApiError(400, f"Invalid value for {key}: {text!r}")
+            return int(text)
+
+        return cls(number("ifGenerationMatch"), number("ifGenerationNotMatch"))
+
+    def check(self, current_generation: int) -> None:
+        """Raise 412 (GCS's answer) unless the live generation (0: none) satisfies these."""
+        match, not_match = self.if_generation_match, self.if_generation_not_match
+        if match is not None and match != current_generation:
+            raise GcsApiError(
+                412,
+                "At least one of the pre-conditions you specified did not hold.",
+                reason="conditionNotMet",
+            )
+        if not_match is not None and not_match == current_generation:
+            raise GcsApiError(
+                412,
+                "At least one of the pre-conditions you specified did not hold.",
+                reason="conditionNotMet",
+            )
+
+    def to_json(self) -> dict[str, int | None]:
+        return {
+            "ifGenerationMatch": self.if_generation_match,
+            "ifGenerationNotMatch": self.if_generation_not_match,
+        }
+
+
+@dataclass(frozen=True)
+class BucketInfo:
+    name: str
+    time_created: datetime
+
+    def resource(self) -> dict[str, Any]:
+        created = _rfc3339(self.time_created)
+        return {
+            "kind": "storage#bucket",
+            "id": self.name,
+            "name": self.name,
+            "projectNumber": "0",
+            "metageneration": "1",
+            "location": "US",
+            "storageClass": "STANDARD",
+            "etag": "CAE=",
+            "timeCreated": created,
+            "updated": created,
+        }
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object generation's metadata."""
+
+    bucket: str
+    name: str
+    generation: int
+    size: int
+    content_type: str
+    crc32c: str
+    md5_hash: str
+    time_created: datetime
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    metageneration: int = 1
+
+    def resource(self, base_url: str) -> dict[str, Any]:
+        """The JSON API representation; links point at ``base_url`` (as the client saw us)."""
+        quoted = quote(self.name, safe="")
+        created = _rfc3339(self.time_created)
+        resource: dict[str, Any] = {
+            "kind": "storage#object",
+            "id": f"{self.bucket}/{self.name}/{self.generation}",
+            "selfLink": f"{base_url}/storage/v1/b/{self.bucket}/o/{quoted}",
+            "mediaLink": (
+                f"{base_url}/download/storage/v1/b/{self.bucket}/o/{quoted}"
+                f"?generation={self.generation}&alt=media"
+            ),
+            "name": self.name,
+            "bucket": self.bucket,
+            "generation": str(self.generation),
+            "metageneration": str(self.metageneration),
+            "contentType": self.content_type,
+            "storageClass": "STANDARD",
+            "size": str(self.size),
+            "md5Hash": self.md5_hash,
+            "crc32c": self.crc32c,
+            "etag": base64.b64encode(str(self.generation).encode()).decode(),
+            "timeCreated": created,
+            "updated": created,
+            "timeStorageClassUpdated": created,
+        }
+        if self.metadata:
+            resource["metadata"] = dict(self.metadata)
+        return resource
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bucket": self.bucket,
+            "name": self.name,
+            "generation": self.generation,
+            "size": self.size,
+            "contentType": self.content_type,
+            "crc32c": self.crc32c,
+            "md5Hash": self.md5_hash,
+            "timeCreated": self.time_created.isoformat(),
+            "metadata": dict(self.metadata),
+            "metageneration": self.metageneration,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ObjectInfo:
+        return cls(
+            bucket=data["bucket"],
+            name=data["name"],
+            generation=int(data["generation"]),
+            size=int(data["size"]),
+            content_type=data["contentType"],
+            crc32c=data["crc32c"],
+            md5_hash=data["md5Hash"],
+            time_created=datetime.fromisoformat(data["timeCreated"]),
+            metadata=dict(data.get("metadata", {})),
+            metageneration=int(data.get("metageneration", 1)),
+        )
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A snapshot of one upload session, for tests and operators (no upload id shown)."""
+
+    bucket: str
+    name: str
+    persisted_size: int
+    total_size: int | None
+    finalized: bool
+
+
+class UploadSession:
+    """One resumable upload: bytes ``[0, persisted_size)`` are stored, in order.
+
+    Callers hold :attr:`lock` across a read-decide-append sequence; the store takes it
+    itself nowhere, so a session is never locked twice.
+    """
+
+    def __init__(
+        self,
+        upload_id: str,
+        *,
+        bucket: str,
+        name: str,
+        content_type: str,
+        metadata: Mapping[str, str],
+        declared_size: int | None,
+        preconditions: Preconditions,
+        part_path: Path | None,
+    ) -> None:
+        self.upload_id = upload_id
+        self.bucket = bucket
+        self.name = name
+        self.content_type = content_type
+        self.metadata = dict(metadata)
+        self.declared_size = declared_size
+        self.preconditions = preconditions
+        self.lock = threading.Lock()
+        self.total_size: int | None = declared_size
+        self.result: ObjectInfo | None = None
+        #: the highest persisted size ever reported to a client (a lying fault goes below)
+        self.acknowledged_size = 0
+        self._crc32c = 0
+        self._segments: list[bytes] = []
+        self._size = 0
+        self._part_path = part_path
+        self._part: BinaryIO | None = None
+        if part_path is not None:
+            self._part = open(part_path, "ab+")  # noqa: SIM115 - lives as long as the session
+            self._size = self._part.seek(0, os.SEEK_END)
+            self._part.seek(0)
+            while block := self._part.read(1 << 20):
+                self._crc32c = google_crc32c.extend(self._crc32c, block)
+
+    @property
+    def persisted_size(self) -> int:
+        return self._size
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        """Store ``data`` at :attr:`persisted_size`."""
+        if self.result is not None:
+            raise GcsApiError(400, "upload already finalized")
+        # One copy into an immutable block: google-crc32c only reads ``bytes``, and the
+        # block must not change under the session whatever the caller does with ``data``.
+        block = bytes(data)
+        if not block:
+            return
+        self._crc32c = google_crc32c.extend(self._crc32c, block)
+        if self._part is not None:
+            self._part.write(block)
+            self._part.flush()
+            os.fsync(self._part.fileno())
+        else:
+            self._segments.append(block)
+        self._size += len(block)
+
+    def digests(self, tail: bytes) -> tuple[str, str]:
+        """The (crc32c, md5) the object would have with ``tail`` appended, in GCS's form."""
+        crc32c: int = google_crc32c.extend(self._crc32c, tail)
+        md5 = hashlib.md5()
+        for block in self._iter_blocks():
+            md5.update(block)
+        md5.update(tail)
+        return encode_crc32c(crc32c), encode_md5(md5.digest())
+
+    def _iter_blocks(self) -> Iterator[bytes]:
+        if self._part is None:
+            yield from self._segments
+            return
+        self._part.seek(0)
+        remaining = self._size
+        while remaining:
+            block = self._part.read(min(remaining, 8 << 20))
+            if not block:
+                break
+            remaining -= len(block)
+            yield block
+        self._part.seek(0, os.SEEK_END)
+
+    def contents(self) -> bytes:
+        return b"".join(self._iter_blocks())
+
+    def snapshot(self) -> SessionInfo:
+        return SessionInfo(
+            self.bucket, self.name, self._size, self.total_size, self.result is not None
+        )
+
+    def discard(self) -> None:
+        """Drop the stored bytes (the session is being deleted or finalized)."""
+        self._segments = []
+        if self._part is not None:
+            self._part.close()
+            self._part = None
+
+
+class Store:
+    """Buckets, objects and upload sessions, in memory or under ``data_dir``. Thread-safe."""
+
+    def __init__(self, data_dir: str | os.PathLike[str] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._buckets: dict[str, BucketInfo] = {}
+        self._objects: dict[str, dict[str, ObjectInfo]] = {}
+        self._data: dict[tuple[str, str], bytes] = {}
+        self._sessions: dict[str, UploadSession] = {}
+        self._last_generation = 0
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        if self.data_dir is not None:
+            for sub in ("buckets", "sessions", "tmp"):
+                (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+            self._load()
+
+    # -- disk layout --------------------------------------------------------------------
+
+    def _bucket_dir(self, bucket: str) -> Path:
+        assert self.data_dir is not None
+        return self.data_dir / "buckets" / quote(bucket, safe="")
+
+    def _object_path(self, bucket: str, name: str) -> Path:
+        return self._bucket_dir(bucket) / quote(name, safe="")
+
+    def _load(self) -> None:
+        assert self.data_dir is not None
+        for bucket_dir in sorted((self.data_dir / "buckets").iterdir()):
+            bucket = unquote(bucket_dir.name)
+            created = datetime.fromtimestamp(bucket_dir.stat().st_mtime, UTC)
+            self._buckets[bucket] = BucketInfo(bucket, created)
+            objects = self._objects.setdefault(bucket, {})
+            for path in bucket_dir.iterdir():
+                with open(path, "rb") as file:
+                    info = _read_trailer(file)
+                objects[info.name] = info
+                self._last_generation = max(self._last_generation, info.generation)
+        for temp in (self.data_dir / "tmp").iterdir():
+            temp.unlink()  # leftovers of a crash mid-write; never visible as objects
+        for state_path in (self.data_dir / "sessions").glob("*.json"):
+            state = json.loads(state_path.read_text())
+            upload_id = state_path.stem
+            self._sessions[upload_id] = UploadSession(
+                upload_id,
+                bucket=state["bucket"],
+                name=state["name"],
+                content_type=state["contentType"],
+                metadata=state["metadata"],
+                declared_size=state["declaredSize"],
+                preconditions=Preconditions(**state["preconditions"]),
+                part_path=state_path.with_suffix(".part"),
+            )
+
+    # -- buckets ------------------------------------------------------------------------
+
+    def create_bucket(self, name: str) -> BucketInfo:
+        if not name or "/" in name or len(name) > 222:
+            raise GcsApiError(400, f"Invalid bucket name: {name!r}")
+        with self._lock:
+            if name in self._buckets:
+                raise GcsApiError(409, f"Bucket {name} already exists.", reason="conflict")
+            if self.data_dir is not None:
+                self._bucket_dir(name).mkdir()
+            info = BucketInfo(name, datetime.now(UTC))
+            self._buckets[name] = info
+            self._objects[name] = {}
+            return info
+
+    def get_bucket(self, name: str) -> BucketInfo:
+        with self._lock:
+            return self._bucket(name)
+
+    def _bucket(self, name: str) -> BucketInfo:
+        try:
+            return self._buckets[name]
+        except KeyError:
+            raise GcsApiError(404, f"Bucket {name} not found.", reason="notFound") from None
+
+    def list_buckets(self) -> list[BucketInfo]:
+        with self._lock:
+            return sorted(self._buckets.values(), key=lambda b: b.name)
+
+    def delete_bucket(self, name: str) -> None:
+        with self._lock:
+            self._bucket(name)
+            if self._objects[name]:
+                raise GcsApiError(409, f"Bucket {name} is not empty.", reason="conflict")
+            del self._buckets[name], self._objects[name]
+            if self.data_dir is not None:
+                self._bucket_dir(name).rmdir()
+
+    # -- objects ------------------------------------------------------------------------
+
+    def _next_generation(self) -> int:
+        # GCS generations are microsecond timestamps; keep them strictly increasing.
+        self._last_generation = max(self._last_generation + 1, time.time_ns() // 1000)
+        return self._last_generation
+
+    def _live_generation(self, bucket: str, name: str) -> int:
+        self._bucket(bucket)
+        info = self._objects[bucket].get(name)
+        return 0 if info is None else info.generation
+
+    def check_preconditions(self, bucket: str, name: str, preconditions: Preconditions) -> None:
+        with self._lock:
+            preconditions.check(self._live_generation(bucket, name))
+
+    def insert_object(
+        self,
+        bucket: str,
+        name: str,
+        data: bytes | bytearray | memoryview,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
+        preconditions: Preconditions = Preconditions(),
+        expected_crc32c: str | None = None,
+        expected_md5: str | None = None,
+    ) -> ObjectInfo:
+        """Create a new generation of ``bucket/name`` from ``data`` in one step."""
+        _check_name(name)
+        content = bytes(data)
+        crc32c = encode_crc32c(google_crc32c.value(content))
+        md5 = encode_md5(hashlib.md5(content).digest())
+        _check_hashes(crc32c, md5, expected_crc32c, expected_md5)
+        with self._lock:
+            preconditions.check(self._live_generation(bucket, name))
+            info = self._new_info(bucket, name, len(content), content_type, crc32c, md5, metadata)
+            if self.data_dir is None:
+                self._data[bucket, name] = content
+            else:
+                temp = self._temp_path()
+                with open(temp, "wb") as file:
+                    file.write(content)
+                    _write_trailer(file, info)
+                os.replace(temp, self._object_path(bucket, name))
+            self._objects[bucket][name] = info
+            return info
+
+    def _new_info(
+        self,
+        bucket: str,
+        name: str,
+        size: int,
+        content_type: str,
+        crc32c: str,
+        md5: str,
+        metadata: Mapping[str, str] | None,
+    ) -> ObjectInfo:
+        return ObjectInfo(
+            bucket=bucket,
+            name=name,
+            generation=self._next_generation(),
+            size=size,
+            content_type=content_type,
+            crc32c=crc32c,
+            md5_hash=md5,
+            time_created=datetime.now(UTC),
+            metadata=dict(metadata or {}),
+        )
+
+    def _temp_path(self) -> Path:
+        assert self.data_dir is not None
+        return self.data_dir / "tmp" / secrets.token_hex(8)
+
+    def lookup(self, bucket: str, name: str, generation: int | None = None) -> ObjectInfo:
+        with self._lock:
+            self._bucket(bucket)
+            info = self._objects[bucket].get(name)
+        if info is None or (generation is not None and generation != info.generation):
+            raise GcsApiError(404, f"No such object: {bucket}/{name}", reason="notFound")
+        return info
+
+    def read(self, info: ObjectInfo) -> bytes:
+        """The bytes of ``info``'s generation (404 if it has been replaced or deleted)."""
+        if self.data_dir is None:
+            with self._lock:
+                current = self._objects.get(info.bucket, {}).get(info.name)
+                data = self._data.get((info.bucket, info.name))
+            if current is None or data is None or current.generation != info.generation:
+                raise GcsApiError(
+                    404, f"No such object: {info.bucket}/{info.name}", reason="notFound"
+                )
+            return data
+        try:
+            with open(self._object_path(info.bucket, info.name), "rb") as file:
+                if _read_trailer(file).generation == info.generation:
+                    file.seek(0)
+                    return file.read(info.size)
+        except FileNotFoundError:
+            pass
+        raise GcsApiError(404, f"No such object: {info.bucket}/{info.name}", reason="notFound")
+
+    def get_object(self, bucket: str, name: str) -> tuple[bytes, dict[str, Any]]:
+        """For tests: the live object's bytes and its JSON resource."""
+        info = self.lookup(bucket, name)
+        return self.read(info), info.resource("")
+
+    def delete_object(
+        self,
+        bucket: str,
+        name: str,
+        preconditions: Preconditions = Preconditions(),
+    ) -> None:
+        with self._lock:
+            generation = self._live_generation(bucket, name)
+            if generation == 0:
+                raise GcsApiError(404, f"No such object: {bucket}/{name}", reason="notFound")
+            preconditions.check(generation)
+            del self._objects[bucket][name]
+            self._data.pop((bucket, name), None)
+            if self.data_dir is not None:
+                self._object_path(bucket, name).unlink()
+
+    def list_objects(self, bucket: str, prefix: str = "") -> list[ObjectInfo]:
+        with self._lock:
+            self._bucket(bucket)
+            found = [i for n, i in self._objects[bucket].items() if n.startswith(prefix)]
+        return sorted(found, key=lambda info: info.name)
+
+    # -- sessions -----------------------------------------------------------------------
+
+    def create_session(
+        self,
+        bucket: str,
+        name: str,
+        *,
+        content_type: str,
+        metadata: Mapping[str, str],
+        declared_size: int | None,
+        preconditions: Preconditions,
+    ) -> UploadSession:
+        _check_name(name)
+        upload_id = secrets.token_urlsafe(24)
+        with self._lock:
+            preconditions.check(self._live_generation(bucket, name))
+            part_path = None
+            if self.data_dir is not None:
+                state = {
+                    "bucket": bucket,
+                    "name": name,
+                    "contentType": content_type,
+                    "metadata": dict(metadata),
+                    "declaredSize": declared_size,
+                    "preconditions": preconditions.to_json(),
+                }
+                sessions = self.data_dir / "sessions"
+                part_path = sessions / f"{upload_id}.part"
+                temp = self._temp_path()
+                temp.write_text(json.dumps(state))
+                os.replace(temp, sessions / f"{upload_id}.json")
+            session = UploadSession(
+                upload_id,
+                bucket=bucket,
+                name=name,
+                content_type=content_type,
+                metadata=metadata,
+                declared_size=declared_size,
+                preconditions=preconditions,
+                part_path=part_path,
+            )
+            self._sessions[upload_id] = session
+            return session
+
+    def session(self, upload_id: str) -> UploadSession:
+        with self._lock:
+            session = self._sessions.get(upload_id)
+        if session is None:
+            raise GcsApiError(404, "No such upload session.", reason="notFound")
+        return session
+
+    def sessions(self) -> list[SessionInfo]:
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return [session.snapshot() for session in sessions]
+
+    def delete_session(self, session: UploadSession) -> None:
+        """Forget ``session``; later requests for it get 404. Caller holds its lock."""
+        with self._lock:
+            self._sessions.pop(session.upload_id, None)
+        session.discard()
+        if self.data_dir is not None:
+            sessions = self.data_dir / "sessions"
+            for suffix in (".json", ".part"):
+                with contextlib.suppress(FileNotFoundError):
+                    (sessions / f"{session.upload_id}{suffix}").unlink()
+
+    def finalize_session(
+        self,
+        session: UploadSession,
+        tail: memoryview,
+        *,
+        expected_crc32c: str | None = None,
+        expected_md5: str | None = None,
+    ) -> ObjectInfo:
+        """Append ``tail`` and turn the session into the live object, atomically.
+
+        The caller holds the session's lock. A checksum mismatch (400) or a failed
+        precondition (412) leaves the session as it was and creates no object.
+        """
+        tail_bytes = bytes(tail)  # the only copy: append() keeps bytes as they are
+        crc32c, md5 = session.digests(tail_bytes)
+        _check_hashes(crc32c, md5, expected_crc32c, expected_md5)
+        with self._lock:
+            session.preconditions.check(self._live_generation(session.bucket, session.name))
+            session.append(tail_bytes)
+            info = self._new_info(
+                session.bucket,
+                session.name,
+                session.persisted_size,
+                session.content_type,
+                crc32c,
+                md5,
+                session.metadata,
+            )
+            if self.data_dir is None:
+                self._data[session.bucket, session.name] = session.contents()
+            else:
+                self._commit_part_file(session, info)
+            self._objects[session.bucket][session.name] = info
+        session.result = info
+        session.discard()
+        return info
+
+    def _commit_part_file(self, session: UploadSession, info: ObjectInfo) -> None:
+        assert self.data_dir is not None
+        sessions = self.data_dir / "sessions"
+        part_path = sessions / f"{session.upload_id}.part"
+        session.discard()
+        with open(part_path, "ab") as file:
+            _write_trailer(file, info)
+        os.replace(part_path, self._object_path(info.bucket, info.name))
+        # The finished session stays answerable (200 + metadata) in memory only.
+        (sessions / f"{session.upload_id}.json").unlink()
+
+
+def _check_name(name: str) -> None:
+    if not name or len(name.encode()) > 1024 or "\n" in name or "\r" in name:
+        raise GcsApiError(400, "Invalid object name.")
+
+
+def _check_hashes(
+    crc32c: str, md5: str, expected_crc32c: str | None, expected_md5: str | None
+) -> None:
+    if expected_crc32c is not None and expected_crc32c != crc32c:
+        raise GcsApiError(
+            400,
+            f"Provided CRC32C {expected_crc32c!r} doesn't match calculated CRC32C {crc32c!r}.",
+        )
+    if expected_md5 is not None and expected_md5 != md5:
+        raise GcsApiError(
+            400, f"Provided MD5 hash {expected_md5!r} doesn't match calculated MD5 {md5!r}."
+        )
+
+
+def _write_trailer(file: BinaryIO, info: ObjectInfo) -> None:
+    trailer = json.dumps(info.to_json()).encode()
+    file.write(trailer)
+    file.write(_TRAILER_LENGTH.pack(len(trailer)))
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def _read_trailer(file: BinaryIO) -> ObjectInfo:
+    file.seek(-_TRAILER_LENGTH.size, os.SEEK_END)
+    (length,) = _TRAILER_LENGTH.unpack(file.read(_TRAILER_LENGTH.size))
+    file.seek(-_TRAILER_LENGTH.size - length, os.SEEK_END)
+    return ObjectInfo.from_json(json.loads(file.read(length)))

@@ -1,0 +1,26 @@
+"""Helpers for code that talks to a :class:`~faultnet.gcs.GcsServer` (tests, demo, chaos).
+
+Kept out of pytest so ``rup demo`` and the chaos runner can use them too.
+"""
+
+from __future__ import annotations
+
+import requests
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage  # type: ignore[import-untyped]
+
+__all__ = ["anonymous_client"]
+
+
+def anonymous_client(url: str, *, http: requests.Session | None = None) -> storage.Client:
+    """A google-cloud-storage client for the endpoint at ``url``, without credentials.
+
+    ``http`` replaces the client's transport, e.g. a session with faultnet's
+    fault-injecting adapter mounted.
+    """
+    return storage.Client(
+        project="test",
+        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        client_options={"api_endpoint": url},
+        _http=http,
+    )
