@@ -23,6 +23,8 @@ from faultnet.plan import (
     Toxic,
     toxic_from_dict,
 )
+from faultnet.stream import FaultyListener, FaultyStream, open_tcp_stream
+from faultnet.transport import FaultyHTTPAdapter, FaultySocket, faulty_session
 
 __all__ = [
     "TOXIC_TYPES",
@@ -34,6 +36,10 @@ __all__ = [
     "FaultCounters",
     "FaultCountersDict",
     "FaultPlan",
+    "FaultyHTTPAdapter",
+    "FaultyListener",
+    "FaultySocket",
+    "FaultyStream",
     "Latency",
     "LimitData",
     "PlanSyntaxError",
@@ -42,5 +48,7 @@ __all__ = [
     "SlowClose",
     "Stall",
     "Toxic",
+    "faulty_session",
+    "open_tcp_stream",
     "toxic_from_dict",
 ]

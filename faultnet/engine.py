@@ -266,8 +266,9 @@ def _non_empty(action: Action) -> bool:
     return not isinstance(action, Forward) or len(action.data) > 0
 
 
-def _as_view(data: Buffer) -> View:
-    return data if isinstance(data, bytes | memoryview) else memoryview(data)
+def _as_view(data: Buffer) -> memoryview:
+    # A flat byte view, never a copy: slicing it to split a write costs nothing.
+    return memoryview(data).cast("B")
 
 
 def _stage(toxic: Toxic, rng: random.Random, counters: FaultCounters | None) -> _Stage:

@@ -117,7 +117,7 @@ def _complete(request: bytes | bytearray) -> bool:
 @pytest.fixture
 def server() -> Iterator[RecordingServer]:
     with RecordingServer() as srv:
-        thread = threading.Thread(target=srv.serve_forever, daemon=True)
+        thread = threading.Thread(target=srv.serve_forever, args=(0.01,), daemon=True)
         thread.start()
         yield srv
         srv.shutdown()
@@ -133,7 +133,7 @@ def tls_server(ca: trustme.CA) -> Iterator[RecordingServer]:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(context)
     with RecordingServer(tls=context) as srv:
-        thread = threading.Thread(target=srv.serve_forever, daemon=True)
+        thread = threading.Thread(target=srv.serve_forever, args=(0.01,), daemon=True)
         thread.start()
         yield srv
         srv.shutdown()
