@@ -576,6 +576,25 @@ async def test_bandwidth_limits_the_rate(
     assert recorder.arrivals[-1][0] - start == pytest.approx(3.0)
 
 
+async def test_slicer_cuts_writes_into_short_pieces(
+    mock_clock: trio.testing.MockClock, recorder: Recorder, recorder_address: Address
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    plan = FaultPlan.parse("slicer:up(size=10,delay_ms=100)")
+    payload = bytes(range(100))
+    async with open_chaos_proxy(recorder_address, plan) as proxy, await connect(proxy) as stream:
+        start = trio.current_time()
+        await stream.send_all(payload)  # one small write: the proxy reads it in one piece
+        await stream.send_eof()
+        await recorder.finished.wait()
+
+    assert [data for _, data in recorder.arrivals] == [
+        payload[i : i + 10] for i in range(0, 100, 10)
+    ]
+    assert [t - start for t, _ in recorder.arrivals] == pytest.approx([i / 10 for i in range(10)])
+    assert proxy.stats().faults == {"slicer": 1}
+
+
 async def test_timed_stall_holds_the_rest_back(
     mock_clock: trio.testing.MockClock, recorder: Recorder, recorder_address: Address
 ) -> None:
