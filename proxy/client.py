@@ -263,11 +263,11 @@ class _FileSource:
     def available(self) -> int:
         return self.size
 
-    async def read(self, start: int, end: int) -> memoryview:
+    async def read(self, start: int, end: int) -> bytes | memoryview:
         data = await trio.to_thread.run_sync(os.pread, self._fd, end - start, start)
         if len(data) != end - start:
             raise UploadError(f"file shrank while uploading: short read at offset {start}")
-        return memoryview(data)
+        return data
 
     def release(self, committed: int) -> None:
         """Nothing to release: a file can always be read again."""
@@ -322,12 +322,14 @@ class _StreamSource:
         self._blocks[self.available] = block
         self.available += len(block)
 
-    async def read(self, start: int, end: int) -> memoryview:
+    async def read(self, start: int, end: int) -> bytes | memoryview:
         base = start - start % self._block_size
         block = self._blocks.get(base)
         if block is None or end > base + len(block):
             # pieces are cut on block boundaries, so this is a bookkeeping bug, not bad input
             raise AssertionError(f"bytes [{start}, {end}) are no longer buffered")
+        if start == base and end == base + len(block):
+            return block  # whole: bytes let the codec checksum it without a copy
         return memoryview(block)[start - base : end - base]
 
     def release(self, committed: int) -> None:
@@ -359,10 +361,12 @@ class _Channel:
     number with the range they carry, so a lost connection hands those ranges back.
     """
 
-    def __init__(self, upload: Upload, stream: trio.abc.Stream, max_frame_size: int) -> None:
+    def __init__(self, upload: Upload, stream: trio.abc.Stream) -> None:
         self._upload = upload
         self._stream = stream
-        self._conn = Connection(Role.CLIENT, max_frame_size=max_frame_size)
+        self._conn = Connection(Role.CLIENT, max_frame_size=upload.settings.frame_size)
+        #: payload bytes per WriteAt, as agreed in the Welcome
+        self.max_data = upload.settings.frame_size
         self._send_lock = trio.Lock()
         self._waiters: dict[int, _Waiter] = {}
         self.frames: dict[int, ByteRange] = {}
@@ -399,38 +403,39 @@ class _Channel:
         Never raises for network trouble: the reason ends up in :attr:`failure` and the
         owning slot decides whether to reconnect. Upload-level refusals go to the upload.
         """
-        with self._cancel_scope:
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._receive_loop)
-                    await self._handshake()
-                    await bind(self)
-                    await self._send_loop()
-            except* _ConnectionLostError as group:
-                self.fail(_first(group, _ConnectionLostError))
-            except* UploadError as group:
-                error = _first(group, UploadError)
-                self._upload.fail(error)
-                self.fail(_ConnectionLostError(error.message, code=error.code))
-            except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
-                self.fail(_ConnectionLostError(f"connection broke: {_first(group, Exception)!r}"))
-            except* trio.TooSlowError:
-                self.fail(_ConnectionLostError("proxy stopped reading for too long"))
-            except* RemoteProtocolError as group:
-                exc = _first(group, RemoteProtocolError)
-                self.fail(
-                    _ConnectionLostError(f"proxy broke the protocol: {exc.message}", code=exc.code)
-                )
-        if self.failure is None:
-            self.fail(_ConnectionLostError("connection closed"))
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await self._stream.aclose()
+        try:
+            with self._cancel_scope:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._receive_loop)
+                        await self._handshake()
+                        await bind(self)
+                        await self._send_loop()
+                except* _ConnectionLostError as group:
+                    self.fail(_first(group, _ConnectionLostError))
+                except* UploadError as group:
+                    error = _first(group, UploadError)
+                    self._upload.fail(error)
+                    self.fail(_ConnectionLostError(error.message, code=error.code))
+                except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+                    reason = f"connection broke: {_first(group, Exception)!r}"
+                    self.fail(_ConnectionLostError(reason))
+                except* trio.TooSlowError:
+                    self.fail(_ConnectionLostError("proxy stopped reading for too long"))
+                except* RemoteProtocolError as group:
+                    exc = _first(group, RemoteProtocolError)
+                    reason = f"proxy broke the protocol: {exc.message}"
+                    self.fail(_ConnectionLostError(reason, code=exc.code))
+            if self.failure is None:
+                self.fail(_ConnectionLostError("connection closed"))
+        finally:
+            await trio.aclose_forcefully(self._stream)
 
     async def _handshake(self) -> None:
         settings = self._upload.settings
         hello = Hello(
             versions=(PROTOCOL_VERSION,),
-            max_frame_size=self._conn.max_frame_size,
+            max_frame_size=settings.frame_size,
             auth=self._upload.auth,
             client_name=_CLIENT_NAME,
         )
@@ -438,6 +443,8 @@ class _Channel:
             reply = await self.request(hello, blocking=True)
         if not isinstance(reply, Welcome):
             raise _unexpected(reply, "Hello")
+        self.max_data = reply.max_frame_size
+        self._upload.note_frame_size(reply.max_frame_size)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -446,7 +453,7 @@ class _Channel:
             for buffer in buffers:
                 await self._stream.send_all(buffer)
 
-    async def _send_piece(self, piece: ByteRange, data: memoryview) -> bool:
+    async def _send_piece(self, piece: ByteRange, data: bytes | memoryview) -> bool:
         """Send one WriteAt; False, with nothing sent, if a blocking request got in first."""
         async with self._send_lock:
             if self._blocking:
@@ -647,6 +654,7 @@ class Upload:
         self._opened = trio.Event()
         self._token: bytes | None = None
         self._frame_size = settings.frame_size
+        self._frame_size_agreed = False
         self._source: _Source | None = None
         self._to_send = RangeSet()
         self._received = RangeSet()
@@ -707,6 +715,12 @@ class Upload:
         self.changed()
         self._report()
 
+    def note_frame_size(self, agreed: int) -> None:
+        """Pieces are cut at multiples of the first agreed frame size, for the whole upload."""
+        if not self._frame_size_agreed:
+            self._frame_size = min(self._frame_size, agreed)
+            self._frame_size_agreed = True
+
     def hand_back(self, piece: ByteRange) -> None:
         """Return a piece that was taken but never sent."""
         self._to_send.add(*piece)
@@ -761,12 +775,12 @@ class Upload:
                 if head is not None:
                     start = head[0]
                     alignment = self._frame_size - start % self._frame_size
-                    piece = self._to_send.take(self._window_end, alignment)
+                    piece = self._to_send.take(self._window_end, min(alignment, channel.max_data))
                     if piece is not None:
                         return piece
             await self.wait_changed()
 
-    async def read(self, piece: ByteRange) -> memoryview:
+    async def read(self, piece: ByteRange) -> bytes | memoryview:
         assert self._source is not None
         return await self._source.read(*piece)
 
@@ -809,7 +823,7 @@ class Upload:
                 failures += 1
                 last_reason = f"cannot connect: {exc or type(exc).__name__}"
                 continue
-            channel = _Channel(self, stream, self._frame_limit())
+            channel = _Channel(self, stream)
             await channel.run(self._bind)
             self._drop(channel)
             assert channel.failure is not None
@@ -820,10 +834,6 @@ class Upload:
                 self.reconnects += 1
                 failures = 1 if channel.acked_any else failures + 1
             self._report()
-
-    def _frame_limit(self) -> int:
-        # room for the WriteAt offset field and some slack for the header
-        return self.settings.frame_size + 64
 
     def _drop(self, channel: _Channel) -> None:
         if channel in self._channels:
@@ -1060,18 +1070,18 @@ async def connect_upload(
         upload._cancel_scope = nursery.cancel_scope
         for index in range(settings.connections):
             nursery.start_soon(upload._run_slot, index)
-        while not upload._opened.is_set():
-            upload._check()
+        while not upload._opened.is_set() and upload._failure is None:
             await upload.wait_changed()
-        try:
-            yield upload
-        except trio.Cancelled:
-            raise
-        except BaseException as exc:  # re-raised below, outside the nursery, unwrapped
-            body_error = exc
-        if not upload._finished and upload._failure is None:
-            with trio.move_on_after(5, shield=True), suppress(UploadError):
-                await upload.abort()
+        if upload._failure is None:
+            try:
+                yield upload
+            except trio.Cancelled:
+                raise
+            except BaseException as exc:  # re-raised below, outside the nursery, unwrapped
+                body_error = exc
+            if not upload._finished and upload._failure is None:
+                with trio.move_on_after(5, shield=True), suppress(UploadError):
+                    await upload.abort()
         upload._finished = True
         nursery.cancel_scope.cancel()
     if upload._failure is not None and not isinstance(body_error, UploadError):

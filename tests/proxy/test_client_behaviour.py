@@ -1,0 +1,407 @@
+"""The client library against a scripted stand-in for the proxy, over real loopback sockets.
+
+The stand-in speaks the protocol correctly (it is built on ``protocol.Connection``) and keeps
+the object in memory, so each test can script one misbehaviour exactly -- a corrupt frame,
+a connection cut partway through a frame, a restart that forgets unacknowledged bytes, a
+going-away, a lie about the checksum -- and check what the client did about it. The real
+proxy is exercised end to end in test_e2e_*.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import google_crc32c
+import pytest
+import trio
+
+from protocol import (
+    NEED_DATA,
+    Abort,
+    Ack,
+    AttachUpload,
+    Complete,
+    Completed,
+    Connection,
+    ConnectionClosed,
+    Credit,
+    Error,
+    ErrorCode,
+    GoingAway,
+    Hello,
+    OpenUpload,
+    Reply,
+    Role,
+    Status,
+    StatusQuery,
+    UploadOpened,
+    WriteAtData,
+    WriteAtEnd,
+    WriteAtStart,
+)
+from proxy.client import (
+    ChecksumMismatchError,
+    ClientSettings,
+    ProxyUnreachableError,
+    ReconnectPolicy,
+    UploadRejectedError,
+    connect_upload,
+    upload_file,
+    upload_stream,
+)
+from proxy.ranges import RangeSet
+
+KiB = 1024
+MiB = 1024 * KiB
+FRAME = 64 * KiB
+
+
+class FakeProxy:
+    """One upload's worth of proxy: commits the contiguous prefix at once, and misbehaves on cue."""
+
+    def __init__(self, *, window: int = 1 * MiB, auth: str = "") -> None:
+        self.window = window
+        self.auth = auth
+        self.data = bytearray()
+        self.received = RangeSet()
+        self.committed = 0
+        self.token = b"token-1"
+        self.opened: OpenUpload | None = None
+        self.resumed = False
+        self.aborted = False
+        self.connections = 0
+        self.writes = 0
+        self.max_in_flight = 0
+        self.credit_violations: list[tuple[int, int]] = []
+        # -- scripted faults ---------------------------------------------------------------
+        #: answer BAD_CRC (once each) to WriteAts at these offsets
+        self.corrupt_at: set[int] = set()
+        #: drop the connection when the n-th WriteAt (1-based, all connections) begins
+        self.cut_at_write: set[int] = set()
+        #: send GoingAway after the n-th WriteAt and close soon after
+        self.going_away_at_write: int | None = None
+        #: forget unacknowledged data and drop every connection at the n-th WriteAt
+        self.restart_at_write: int | None = None
+        #: report this crc32c in Completed instead of the real one
+        self.lie_crc32c: int | None = None
+        self._scopes: set[trio.CancelScope] = set()
+
+    @property
+    def window_end(self) -> int:
+        return self.committed + self.window
+
+    def _store(self, offset: int, payload: bytes) -> None:
+        end = offset + len(payload)
+        if len(self.data) < end:
+            self.data.extend(bytes(end - len(self.data)))
+        for start, stop in self.received.missing(offset, end):  # first copy wins
+            self.data[start:stop] = payload[start - offset : stop - offset]
+        self.received.add(offset, end)
+        head = self.received.first()
+        if head is not None and head[0] == 0:
+            self.committed = head[1]
+
+    def _restart(self) -> None:
+        self.received = RangeSet([(0, self.committed)] if self.committed else [])
+        self.resumed = True
+        for scope in self._scopes:
+            scope.cancel()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        try:
+            with trio.CancelScope() as scope:
+                self._scopes.add(scope)
+                await self._serve(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._scopes.discard(scope)
+            await trio.aclose_forcefully(stream)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        async with trio.open_nursery() as nursery:
+            await self._serve_requests(stream, nursery)
+            nursery.cancel_scope.cancel()
+
+    async def _serve_requests(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+        conn = Connection(Role.SERVER, max_frame_size=FRAME)
+        send_lock = trio.Lock()
+        in_flight = 0
+        unanswered = 0
+        going_away = False
+        payload = bytearray()
+        offset = 0
+
+        async def send(*replies: Reply) -> None:
+            async with send_lock:
+                await stream.send_all(b"".join(b"".join(conn.send(r)) for r in replies))
+
+        async def ack_later(seq: int) -> None:
+            # Answer a little late, so a client that waits for each Ack shows up as such.
+            nonlocal unanswered
+            await trio.sleep(0.002)
+            unanswered -= 1
+            await send(Ack(seq, self.committed), Credit(0, self.committed, self.window_end))
+
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                conn.receive_data(await stream.receive_some(256 * KiB))
+                continue
+            if isinstance(event, ConnectionClosed):
+                return
+            if isinstance(event, Hello):
+                if event.auth != self.auth:
+                    await send(Error(event.seq, ErrorCode.UNAUTHENTICATED, False, "bad token"))
+                    return
+                await send(conn.welcome(event))
+            elif isinstance(event, OpenUpload):
+                self.opened = event
+                await send(
+                    UploadOpened(event.seq, self.token, 0, False),
+                    Credit(0, self.committed, self.window_end),
+                )
+            elif isinstance(event, AttachUpload):
+                assert event.token == self.token
+                await send(
+                    UploadOpened(event.seq, self.token, self.committed, self.resumed),
+                    Credit(0, self.committed, self.window_end),
+                )
+            elif isinstance(event, WriteAtStart):
+                self.writes += 1
+                in_flight += 1
+                if event.offset + event.length > self.window_end or event.offset < 0:
+                    self.credit_violations.append((event.offset, event.offset + event.length))
+                if self.writes in self.cut_at_write:
+                    return  # partway through the frame: its data never arrives
+                if self.writes == self.restart_at_write:
+                    self._restart()
+                    return
+                offset, payload = event.offset, bytearray()
+            elif isinstance(event, WriteAtData):
+                payload += event.data
+            elif isinstance(event, WriteAtEnd):
+                in_flight -= 1
+                if offset in self.corrupt_at:
+                    self.corrupt_at.discard(offset)
+                    await send(Error(event.seq, ErrorCode.BAD_CRC, True, "payload crc mismatch"))
+                    continue
+                self._store(offset, bytes(payload))
+                unanswered += 1
+                self.max_in_flight = max(self.max_in_flight, unanswered)
+                nursery.start_soon(ack_later, event.seq)
+                if self.writes == self.going_away_at_write and not going_away:
+                    going_away = True
+                    await send(GoingAway(0, "restarting"))
+                if going_away and in_flight == 0:
+                    await trio.sleep(0.01)  # the delayed Acks go out first
+                    return
+            elif isinstance(event, StatusQuery):
+                await send(Status(event.seq, self.committed, tuple(self.received), self.window_end))
+            elif isinstance(event, Complete):
+                if not self.received.contains(0, event.total_size):
+                    missing = self.received.missing(0, event.total_size)
+                    await send(
+                        Error(event.seq, ErrorCode.MISSING_RANGES, True, f"missing {missing}")
+                    )
+                    continue
+                real = google_crc32c.value(bytes(self.data[: event.total_size]))
+                crc = real if self.lie_crc32c is None else self.lie_crc32c
+                await send(Completed(event.seq, 1, event.total_size, crc, None))
+            elif isinstance(event, Abort):
+                self.aborted = True
+                await send(Ack(event.seq, self.committed))
+            else:
+                pytest.fail(f"unexpected {event!r}")
+
+
+@pytest.fixture
+async def fake_proxy() -> AsyncIterator[tuple[FakeProxy, tuple[str, int]]]:
+    proxy = FakeProxy()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, proxy.handle, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        yield proxy, ("127.0.0.1", port)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def payload_file(tmp_path: Path) -> Callable[[int], tuple[Path, bytes]]:
+    def make(size: int) -> tuple[Path, bytes]:
+        data = os.urandom(size)
+        path = tmp_path / f"payload-{size}"
+        path.write_bytes(data)
+        return path, data
+
+    return make
+
+
+FAST = ClientSettings(
+    frame_size=FRAME,
+    frames_in_flight=4,
+    reply_timeout=10.0,
+    reconnect=ReconnectPolicy(max_attempts=4, initial_delay=0.001, max_delay=0.01),
+)
+
+
+def settings(connections: int, **changes: object) -> ClientSettings:
+    return dataclasses.replace(FAST, connections=connections, **changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("connections", [1, 4])
+async def test_file_arrives_whole_within_credit_and_pipelined(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+    connections: int,
+) -> None:
+    proxy, address = fake_proxy
+    path, data = payload_file(3 * MiB + 12345)
+    result = await upload_file(
+        path, "gs://bkt/dir/obj", proxy=address, settings=settings(connections)
+    )
+    assert bytes(proxy.data) == data
+    assert result.size == len(data)
+    assert result.crc32c == google_crc32c.value(data)
+    assert proxy.opened is not None
+    assert (proxy.opened.bucket, proxy.opened.name) == ("bkt", "dir/obj")
+    assert proxy.opened.expected_size == len(data)
+    assert proxy.credit_violations == []
+    assert proxy.connections == connections
+    assert proxy.max_in_flight > 1  # frames are pipelined, not sent one by one
+    assert result.reconnects == 0
+    assert result.bytes_sent == len(data)  # nothing was sent twice
+
+
+async def test_stream_keeps_a_bounded_buffer_and_arrives_whole(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+) -> None:
+    proxy, address = fake_proxy
+    data = os.urandom(2 * MiB + 777)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(data), 10_000):  # sizes unrelated to frames
+            yield data[start : start + 10_000]
+
+    result = await upload_stream(
+        chunks(), "gs://bkt/stream", proxy=address, settings=settings(2, stream_buffer=4 * FRAME)
+    )
+    assert bytes(proxy.data) == data
+    assert result.size == len(data)
+    assert proxy.opened is not None
+    assert proxy.opened.expected_size is None
+
+
+async def test_corrupt_frame_is_resent(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    proxy, address = fake_proxy
+    proxy.corrupt_at = {2 * FRAME, 9 * FRAME}
+    path, data = payload_file(16 * FRAME)
+    result = await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(2))
+    assert bytes(proxy.data) == data
+    assert result.resent_bytes_by_cause == {"bad_crc": 2 * FRAME}
+    assert result.errors_by_code == {"BAD_CRC": 2}
+    assert result.reconnects == 0  # a payload CRC error does not cost the connection
+
+
+async def test_connection_cut_partway_through_a_frame_is_survived(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    proxy, address = fake_proxy
+    proxy.cut_at_write = {5, 20}
+    path, data = payload_file(40 * FRAME)
+    result = await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(4))
+    assert bytes(proxy.data) == data
+    assert result.reconnects == 2
+    assert result.resent_bytes_by_cause["connection_lost"] >= 2 * FRAME
+    assert proxy.credit_violations == []
+
+
+async def test_restart_that_forgets_unacknowledged_bytes_is_resumed(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    proxy, address = fake_proxy
+    proxy.restart_at_write = 12
+    path, data = payload_file(32 * FRAME)
+    result = await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(3))
+    assert bytes(proxy.data) == data
+    assert result.reconnects == 3  # every connection was dropped once
+    assert proxy.credit_violations == []
+
+
+async def test_going_away_moves_to_a_new_connection(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    proxy, address = fake_proxy
+    proxy.going_away_at_write = 6
+    path, data = payload_file(24 * FRAME)
+    result = await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(1))
+    assert bytes(proxy.data) == data
+    assert result.reconnects == 1
+    assert proxy.connections == 2
+
+
+async def test_a_window_smaller_than_a_frame_still_finishes(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    proxy, address = fake_proxy
+    proxy.window = 40 * KiB
+    path, data = payload_file(300 * KiB)
+    await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(4))
+    assert bytes(proxy.data) == data
+    assert proxy.credit_violations == []
+
+
+async def test_wrong_credentials_are_one_clear_error(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    proxy, address = fake_proxy
+    proxy.auth = "right"
+    path, _ = payload_file(FRAME)
+    with pytest.raises(UploadRejectedError) as caught:
+        await upload_file(path, "gs://bkt/o", proxy=address, auth="wrong", settings=settings(4))
+    assert caught.value.code == ErrorCode.UNAUTHENTICATED
+    assert "right" not in str(caught.value)  # secrets never appear in messages
+    assert "wrong" not in str(caught.value)
+
+
+async def test_checksum_disagreement_is_reported(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    proxy, address = fake_proxy
+    proxy.lie_crc32c = 1234
+    path, _ = payload_file(3 * FRAME)
+    with pytest.raises(ChecksumMismatchError, match="crc32c"):
+        await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(2))
+
+
+async def test_unreachable_proxy_gives_up_after_the_policy() -> None:
+    with trio.socket.socket() as sock:  # a port that nothing listens on
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ProxyUnreachableError, match="cannot connect"):
+        async with connect_upload(("127.0.0.1", port), "bkt", "o", settings=settings(2)):
+            pytest.fail("the upload cannot have opened")
+
+
+async def test_leaving_the_block_without_completing_aborts(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+) -> None:
+    proxy, address = fake_proxy
+    async with connect_upload(address, "bkt", "o", settings=settings(2)) as upload:
+        await upload.write(b"x" * 1000)
+    assert proxy.aborted
