@@ -16,13 +16,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from google.cloud import storage
+import requests
+import requests.adapters
+from google.cloud import storage  # type: ignore[import-untyped]
 
 __all__ = [
     "Backend",
     "GcsTarget",
     "TargetKind",
     "open_backend",
+    "pooled_session",
 ]
 
 
@@ -102,13 +105,27 @@ def open_backend(target: GcsTarget) -> Iterator[Backend]:
         return
 
     # Imported here: only these two kinds need faultnet's HTTP machinery.
-    from faultnet.gcs.testing import anonymous_client
-
     from faultnet.gcs import GcsServer
+    from faultnet.gcs.testing import anonymous_client
 
     if kind is TargetKind.ENDPOINT:
         assert target.endpoint is not None
-        yield Backend(anonymous_client(target.endpoint), kind, target.endpoint)
+        yield Backend(
+            anonymous_client(target.endpoint, http=pooled_session()), kind, target.endpoint
+        )
         return
     with GcsServer(host="127.0.0.1", port=0, data_dir=target.data_dir) as server:
-        yield Backend(anonymous_client(server.url), kind, server.url)
+        yield Backend(anonymous_client(server.url, http=pooled_session()), kind, server.url)
+
+
+def pooled_session(connections: int = 128) -> requests.Session:
+    """A requests session that keeps up to ``connections`` connections alive per host.
+
+    Every upload's writer makes its requests from a worker thread; requests' default pool
+    of 10 would make busy proxies reconnect to GCS for most chunks.
+    """
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=connections)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session

@@ -28,7 +28,6 @@ import trio
 
 from protocol import (
     NEED_DATA,
-    PROTOCOL_VERSION,
     Abort,
     Ack,
     AttachUpload,
@@ -36,6 +35,7 @@ from protocol import (
     Completed,
     Connection,
     ConnectionClosed,
+    ConnectionState,
     Credit,
     Error,
     ErrorCode,
@@ -52,7 +52,6 @@ from protocol import (
     Status,
     StatusQuery,
     UploadOpened,
-    Welcome,
     WriteAtData,
     WriteAtEnd,
     WriteAtStart,
@@ -213,6 +212,10 @@ class ClientConnection(CreditListener):
                 reply = await self._outbox.get()
                 if reply is None:
                     break
+                if self._protocol.state is ConnectionState.ERROR and not isinstance(
+                    reply, Error | GoingAway
+                ):
+                    continue  # after a fatal error only the explanation may still go out
                 if isinstance(reply, Error):
                     self._server.metrics.errors.labels(code=reply.code.name).inc()
                 await self._stream.send_all(b"".join(self._protocol.send(reply)))
@@ -301,9 +304,8 @@ class ClientConnection(CreditListener):
                 event.seq, UploadError(ErrorCode.UNAUTHENTICATED, "bearer token not accepted")
             )
             raise _HangUpError
-        max_frame = min(event.max_frame_size, self._settings.max_frame_size)
         await self._outbox.put(
-            Welcome(event.seq, PROTOCOL_VERSION, max_frame, self._settings.server_name)
+            self._protocol.welcome(event, server_name=self._settings.server_name)
         )
 
     async def _dispatch(self, event: Event, nursery: trio.Nursery) -> None:
@@ -334,6 +336,9 @@ class ClientConnection(CreditListener):
             await self._outbox.put(Ack(event.seq, 0))
         elif isinstance(event, StatusQuery):
             upload = self._bound()
+            failure = upload.failure()
+            if failure is not None:
+                raise failure
             await self._outbox.put(
                 Status(
                     event.seq, upload.committed_offset, upload.received_ranges(), upload.window_end

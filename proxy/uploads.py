@@ -137,10 +137,16 @@ class BufferBudget:
         return self._total - self._reserved
 
     def reserve(self, preferred: int, minimum: int) -> int | None:
-        """Up to ``preferred`` bytes (a whole number of GCS chunk quanta), or ``None``."""
-        granted = min(preferred, self.available) // CHUNK_QUANTUM * CHUNK_QUANTUM
-        if granted < minimum:
+        """A window of ``minimum`` to ``preferred`` bytes, or ``None`` if even that is gone.
+
+        Once the pool runs low, each new upload gets at most a quarter of what is left, so
+        a burst of uploads shares the pool with shrinking windows instead of the first few
+        taking it all and the rest being turned away.
+        """
+        if self.available < minimum:
             return None
+        fair_share = max(minimum, self.available // 4)
+        granted = max(minimum, min(preferred, fair_share) // CHUNK_QUANTUM * CHUNK_QUANTUM)
         self._reserved += granted
         self._metrics.buffer_bytes.set(self._reserved)
         return granted
@@ -257,6 +263,8 @@ class Upload:
         self.client = client
         self.window = window
         self.state = UploadState.ACTIVE
+        #: whether the window and the client's upload slot are still reserved for this upload
+        self.holds_resources = True
         #: the sealed token; set once the writer has a session
         self.token = b""
         self._registry = registry
@@ -445,6 +453,9 @@ class Upload:
             log_event(logger, logging.WARNING, "upload-failed", upload=self.upload_id, error=exc)
         else:
             self.state = UploadState.COMPLETED
+            # Give the window back before anyone hears of the completion, so a client that
+            # opens its next upload right away finds the budget as it left it.
+            self._registry._give_back(self)
             self._registry.metrics.uploads_completed.inc()
             log_event(
                 logger,
@@ -549,6 +560,10 @@ class UploadRegistry:
 
     def get(self, upload_id: str) -> Upload | None:
         return self._uploads.get(upload_id)
+
+    def uploads(self) -> list[Upload]:
+        """Every upload this process holds (live, or finished and remembered for a while)."""
+        return list(self._uploads.values())
 
     async def open(self, request: OpenRequest, client: str) -> Upload:
         """Start a new upload: a new GCS session, a writer, and a token for it."""
@@ -655,6 +670,13 @@ class UploadRegistry:
             opened.set()
         return upload
 
+    def _give_back(self, upload: Upload) -> None:
+        """Return ``upload``'s window and client slot; only the first call counts."""
+        if upload.holds_resources:
+            upload.holds_resources = False
+            self._budget.release(upload.window)
+            self._forget_client(upload.client)
+
     def _forget_client(self, client: str) -> None:
         self._per_client[client] -= 1
         if self._per_client[client] <= 0:
@@ -716,8 +738,7 @@ class UploadRegistry:
         finally:
             if started:
                 self.metrics.active_uploads.dec()
-                self._budget.release(upload.window)
-                self._forget_client(upload.client)
+                self._give_back(upload)
             upload._finished_running(final_state)
         if started:
             await self._retire(upload)

@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
-from faultnet.gcs.testing import anonymous_client
 
 from faultnet.gcs import GcsServer
+from faultnet.gcs.testing import anonymous_client
 from protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,

@@ -1,0 +1,255 @@
+"""Uploads through the proxy against the same bytes uploaded straight to GCS.
+
+Everything runs against the strict GCS endpoint (``rup gcs-server``) in a process of its
+own. The proxy runs as ``rup serve`` in another process, so its peak RSS (``VmHWM``) is its
+own; a fresh proxy is started for each scenario. The client runs here.
+
+* direct: google-resumable-media's ``ResumableUpload`` from the file, 16 MiB chunks;
+* proxy, 1 and 4 connections: ``proxy.client.upload_file``;
+* 64 concurrent uploads (16 MiB each; 2 MiB with ``--quick``), one connection each.
+
+Targets (issue 5): 4 connections at least 1.0x direct; the proxy's RSS under its total
+buffer limit plus 64 MiB; all 64 concurrent uploads complete within that bound.
+
+Run ``python -m bench.bench_proxy --quick`` (or ``--size MIB``) for a short run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import requests
+import trio
+from google.resumable_media.requests import ResumableUpload
+
+from faultnet.gcs.testing import anonymous_client
+from proxy.client import upload_file
+
+__all__ = ["main", "run"]
+
+MiB = 1024 * 1024
+FULL_SIZE = 1024 * MiB
+QUICK_SIZE = 128 * MiB
+CONCURRENT_UPLOADS = 64
+CONCURRENT_SIZE = 16 * MiB
+QUICK_CONCURRENT_SIZE = 2 * MiB
+DIRECT_CHUNK = 16 * MiB
+#: the proxy's buffer settings for every scenario (its memory bound is the total + 64 MiB)
+UPLOAD_BUFFER_MIB = 64
+TOTAL_BUFFER_MIB = 256
+RSS_ALLOWANCE = 64 * MiB
+BUCKET = "bench"
+RESULTS = Path(__file__).resolve().parent / "results" / "proxy.json"
+
+
+def _spawn(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """Start ``rup ARGS`` and return it with the first line it prints."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline().strip()
+    if not line:
+        process.kill()
+        raise RuntimeError(f"rup {' '.join(args)} exited before it was ready")
+    return process, line
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def _gcs_server() -> Iterator[str]:
+    process, url = _spawn("gcs-server", "--port", "0")
+    try:
+        anonymous_client(url).bucket(BUCKET).create()
+        yield url
+    finally:
+        _stop(process)
+
+
+@contextlib.contextmanager
+def _proxy(gcs_url: str) -> Iterator[tuple[tuple[str, int], int]]:
+    process, line = _spawn(
+        "serve",
+        "--listen", "127.0.0.1:0",
+        "--gcs-endpoint", gcs_url,
+        "--upload-buffer-mib", str(UPLOAD_BUFFER_MIB),
+        "--total-buffer-mib", str(TOTAL_BUFFER_MIB),
+    )  # fmt: skip
+    # "rup serve: listening on HOST:PORT (gcs: URL)"
+    host, _, port = line.split("listening on ", 1)[1].split()[0].rpartition(":")
+    try:
+        yield (host, int(port)), process.pid
+    finally:
+        _stop(process)
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _write_payload(path: Path, size: int) -> None:
+    with path.open("wb") as file:
+        remaining = size
+        while remaining:
+            block = os.urandom(min(remaining, 8 * MiB))
+            file.write(block)
+            remaining -= len(block)
+
+
+def _direct(gcs_url: str, path: Path, name: str) -> float:
+    """Seconds to upload ``path`` with google-resumable-media, chunk by chunk."""
+    transport = requests.Session()
+    upload_url = f"{gcs_url}/upload/storage/v1/b/{BUCKET}/o?uploadType=resumable"
+    upload = ResumableUpload(upload_url, DIRECT_CHUNK)
+    started = time.perf_counter()
+    with path.open("rb") as stream:
+        upload.initiate(transport, stream, {"name": name}, "application/octet-stream")
+        while not upload.finished:
+            upload.transmit_next_chunk(transport)
+    return time.perf_counter() - started
+
+
+def _through_proxy(address: tuple[str, int], path: Path, name: str, connections: int) -> float:
+    expected = path.stat().st_size
+
+    async def go() -> float:
+        started = time.perf_counter()
+        result = await upload_file(
+            path, f"gs://{BUCKET}/{name}", proxy=address, connections=connections
+        )
+        if result.size != expected:
+            raise RuntimeError(f"proxy reported {result.size} bytes for {name}")
+        return time.perf_counter() - started
+
+    return trio.run(go)
+
+
+def _concurrent(address: tuple[str, int], path: Path, count: int) -> tuple[float, int]:
+    """Seconds for ``count`` simultaneous one-connection uploads of ``path``; how many made it."""
+    done = 0
+
+    async def one(index: int) -> None:
+        nonlocal done
+        await upload_file(path, f"gs://{BUCKET}/concurrent-{index}", proxy=address, connections=1)
+        done += 1
+
+    async def go() -> float:
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for index in range(count):
+                nursery.start_soon(one, index)
+        return time.perf_counter() - started
+
+    return trio.run(go), done
+
+
+def run(quick: bool, size: int | None = None) -> dict[str, Any]:
+    """Measure every scenario once; also writes :data:`RESULTS`."""
+    size = size or (QUICK_SIZE if quick else FULL_SIZE)
+    concurrent_size = QUICK_CONCURRENT_SIZE if quick else CONCURRENT_SIZE
+    rss_bound = TOTAL_BUFFER_MIB * MiB + RSS_ALLOWANCE
+    result: dict[str, Any] = {"benchmark": "proxy", "size_bytes": size}
+    with tempfile.TemporaryDirectory() as tmp, _gcs_server() as gcs_url:
+        payload = Path(tmp) / "payload.bin"
+        _write_payload(payload, size)
+        seconds: dict[str, float] = {"direct": _direct(gcs_url, payload, "direct.bin")}
+        peaks: dict[str, int] = {}
+        for connections in (1, 4):
+            key = f"proxy_{connections}_connections"
+            with _proxy(gcs_url) as (address, pid):
+                seconds[key] = _through_proxy(address, payload, f"{key}.bin", connections)
+                peaks[key] = _peak_rss(pid)
+        small = Path(tmp) / "small.bin"
+        _write_payload(small, concurrent_size)
+        with _proxy(gcs_url) as (address, pid):
+            concurrent_seconds, completed = _concurrent(address, small, CONCURRENT_UPLOADS)
+            peaks["concurrent"] = _peak_rss(pid)
+
+    mb_per_s = {name: size / value / 1e6 for name, value in seconds.items()}
+    result.update(
+        {
+            "mb_per_s": {name: round(value, 1) for name, value in mb_per_s.items()},
+            "ratio_to_direct": {
+                name: round(value / mb_per_s["direct"], 3)
+                for name, value in mb_per_s.items()
+                if name != "direct"
+            },
+            "proxy_peak_rss_bytes": peaks,
+            "rss_bound_bytes": rss_bound,
+            "concurrent": {
+                "uploads": CONCURRENT_UPLOADS,
+                "size_bytes": concurrent_size,
+                "completed": completed,
+                "seconds": round(concurrent_seconds, 2),
+                "mb_per_s": round(
+                    CONCURRENT_UPLOADS * concurrent_size / concurrent_seconds / 1e6, 1
+                ),
+            },
+        }
+    )
+    result["meets_targets"] = {
+        "4_connections_at_least_direct": result["ratio_to_direct"]["proxy_4_connections"] >= 1.0,
+        "rss_within_bound": all(peak <= rss_bound for peak in peaks.values()),
+        "all_concurrent_completed": completed == CONCURRENT_UPLOADS,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_proxy", description=__doc__)
+    parser.add_argument(
+        "--size",
+        type=int,
+        metavar="MIB",
+        help=f"MiB per upload (default {FULL_SIZE >> 20}; {QUICK_SIZE >> 20} with --quick)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a short run")
+    args = parser.parse_args(argv)
+    result = run(args.quick, args.size * MiB if args.size else None)
+    print(f"proxy vs direct, {result['size_bytes'] >> 20} MiB to the strict GCS endpoint:")
+    for name, value in result["mb_per_s"].items():
+        ratio = result["ratio_to_direct"].get(name, 1.0)
+        print(f"  {name:<22} {value:8.1f} MB/s   {ratio:6.3f}x direct")
+    bound = result["rss_bound_bytes"] >> 20
+    for name, peak in result["proxy_peak_rss_bytes"].items():
+        print(f"  proxy peak RSS, {name:<22} {peak >> 20:5d} MiB (bound {bound} MiB)")
+    concurrent = result["concurrent"]
+    print(
+        f"  {concurrent['uploads']} concurrent uploads of {concurrent['size_bytes'] >> 20} MiB: "
+        f"{concurrent['completed']} completed in {concurrent['seconds']} s "
+        f"({concurrent['mb_per_s']} MB/s)"
+    )
+    for target, met in result["meets_targets"].items():
+        print(f"  target {target}: {'met' if met else 'MISSED'}")
+    print(f"  written to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
