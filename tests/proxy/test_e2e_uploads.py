@@ -1,0 +1,308 @@
+"""End to end: the client library, the real proxy and the strict GCS endpoint, over loopback.
+
+Every test checks the object GCS ends up with, byte for byte. Server-side protocol
+violations (bad sequence numbers, frames over the limit, tampered tokens, Complete with
+missing ranges, Abort racing raw WriteAts) are covered frame by frame in test_server_*.py;
+these tests drive the same situations through the library, the way users meet them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import itertools
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import pytest
+import trio
+from google.cloud import storage  # type: ignore[import-untyped]
+
+from faultnet.counters import FaultCounters
+from faultnet.plan import FaultPlan
+from faultnet.stream import open_tcp_stream
+from protocol import ErrorCode
+from proxy.client import (
+    ClientSettings,
+    Connector,
+    ReconnectPolicy,
+    UploadProgress,
+    UploadRejectedError,
+    connect_upload,
+    upload_file,
+    upload_stream,
+)
+from proxy.server import ProxyServer
+
+KiB = 1024
+MiB = 1024 * KiB
+
+StartProxy = Callable[..., contextlib.AbstractAsyncContextManager[ProxyServer]]
+
+SETTINGS = ClientSettings(
+    frame_size=256 * KiB,
+    frames_in_flight=4,
+    reply_timeout=20.0,
+    reconnect=ReconnectPolicy(max_attempts=30, initial_delay=0.01, max_delay=0.2),
+)
+
+
+def client_settings(connections: int) -> ClientSettings:
+    return dataclasses.replace(SETTINGS, connections=connections)
+
+
+@pytest.fixture
+def payload(tmp_path: Path) -> Callable[[int], tuple[Path, bytes]]:
+    def make(size: int) -> tuple[Path, bytes]:
+        data = os.urandom(size)
+        path = tmp_path / f"payload-{size}.bin"
+        path.write_bytes(data)
+        return path, data
+
+    return make
+
+
+async def stored(client: storage.Client, bucket: str, name: str) -> bytes:
+    blob = client.bucket(bucket).blob(name)
+    return await trio.to_thread.run_sync(blob.download_as_bytes)
+
+
+def faulty_connector(server: ProxyServer, plan: FaultPlan, counters: FaultCounters) -> Connector:
+    host, port = server.address
+    indexes = itertools.count()
+
+    async def connect() -> trio.abc.Stream:
+        return await open_tcp_stream(host, port, plan=plan, index=next(indexes), counters=counters)
+
+    return connect
+
+
+@pytest.mark.parametrize("connections", [1, 4, 16])
+async def test_file_over_n_connections(
+    proxy_server: ProxyServer,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+    connections: int,
+) -> None:
+    path, data = payload(6 * MiB + 4321)
+    result = await upload_file(
+        path,
+        f"gs://{gcs_bucket}/n/{connections}",
+        proxy=proxy_server.address,
+        settings=client_settings(connections),
+    )
+    assert result.size == len(data)
+    assert result.crc32c == google_crc32c.value(data)
+    assert result.reconnects == 0
+    assert await stored(storage_client, gcs_bucket, f"n/{connections}") == data
+
+
+async def test_stream_of_unknown_length(
+    proxy_server: ProxyServer, gcs_bucket: str, storage_client: storage.Client
+) -> None:
+    data = os.urandom(5 * MiB + 99)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(data), 100_000):
+            await trio.lowlevel.checkpoint()
+            yield data[start : start + 100_000]
+
+    settings = dataclasses.replace(client_settings(3), stream_buffer=2 * MiB)
+    result = await upload_stream(
+        chunks(), f"gs://{gcs_bucket}/stream", proxy=proxy_server.address, settings=settings
+    )
+    assert result.size == len(data)
+    assert await stored(storage_client, gcs_bucket, "stream") == data
+
+
+async def test_connections_killed_partway_through_frames(
+    proxy_server: ProxyServer,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # Resets land at byte counts that are not frame boundaries, so frames are cut in half;
+    # one in three connections is also delayed and sliced into short writes.
+    plan = FaultPlan.parse(
+        "seed=3; reset_peer:up(after=1300k)~0.6; slicer:up(size=3000,variation=1000)~0.3"
+    )
+    counters = FaultCounters()
+    path, data = payload(8 * MiB)
+    result = await upload_file(
+        path,
+        f"gs://{gcs_bucket}/cut",
+        proxy=proxy_server.address,
+        settings=client_settings(4),
+        connector=faulty_connector(proxy_server, plan, counters),
+    )
+    faults = counters.as_dict()["faults"]
+    assert faults.get("reset_peer", 0) >= 1
+    assert result.reconnects == faults["reset_peer"]
+    assert result.resent_bytes_by_cause.get("connection_lost", 0) > 0
+    assert await stored(storage_client, gcs_bucket, "cut") == data
+
+
+async def test_corrupted_payload_is_resent(
+    proxy_server: ProxyServer,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # Byte 600k of each connection lands inside a WriteAt payload (frames are 256 KiB plus a
+    # 36-byte header and offset), so the proxy sees a payload CRC mismatch, not a bad header.
+    plan = FaultPlan.parse("seed=1; corrupt:up(at=600k)")
+    counters = FaultCounters()
+    path, data = payload(4 * MiB)
+    result = await upload_file(
+        path,
+        f"gs://{gcs_bucket}/crc",
+        proxy=proxy_server.address,
+        settings=client_settings(2),
+        connector=faulty_connector(proxy_server, plan, counters),
+    )
+    assert counters.as_dict()["faults"]["corrupt"] == 2
+    assert result.errors_by_code.get("BAD_CRC", 0) == 2
+    assert result.resent_bytes_by_cause.get("bad_crc", 0) == 2 * 256 * KiB
+    assert await stored(storage_client, gcs_bucket, "crc") == data
+
+
+async def test_upload_survives_a_proxy_restart(
+    start_proxy: StartProxy,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    path, data = payload(16 * MiB)
+    halfway, finished = trio.Event(), trio.Event()
+    results: list[Any] = []
+
+    def progress(snapshot: UploadProgress) -> None:
+        if snapshot.bytes_received >= 6 * MiB:
+            halfway.set()
+
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as first_life:
+            async with start_proxy() as first:
+                address = first.address
+
+                async def upload() -> None:
+                    results.append(
+                        await upload_file(
+                            path,
+                            f"gs://{gcs_bucket}/restart",
+                            proxy=address,
+                            settings=client_settings(4),
+                            progress=progress,
+                        )
+                    )
+                    finished.set()
+
+                nursery.start_soon(upload)
+                await halfway.wait()
+                first_life.cancel()  # abrupt: connections die, uncommitted buffers are lost
+        # same key (shared settings), same port: what a restarted instance looks like
+        async with start_proxy(port=address[1]) as second:
+            await finished.wait()
+            resumed = second.metrics.registry.get_sample_value("rup_uploads_resumed_total")
+
+    (result,) = results
+    assert result.size == len(data)
+    assert result.reconnects >= 4
+    assert resumed == 1
+    assert await stored(storage_client, gcs_bucket, "restart") == data
+
+
+async def test_wrong_bearer_token_is_one_clear_error(
+    start_proxy: StartProxy, gcs_bucket: str, payload: Callable[[int], tuple[Path, bytes]]
+) -> None:
+    path, _ = payload(KiB)
+    async with start_proxy(auth_tokens=("sesame",)) as server:
+        with pytest.raises(UploadRejectedError) as caught:
+            await upload_file(
+                path,
+                f"gs://{gcs_bucket}/denied",
+                proxy=server.address,
+                auth="guess",
+                settings=client_settings(4),
+            )
+        assert caught.value.code is ErrorCode.UNAUTHENTICATED
+        assert "sesame" not in str(caught.value)
+        assert "guess" not in str(caught.value)
+        result = await upload_file(
+            path,
+            f"gs://{gcs_bucket}/allowed",
+            proxy=server.address,
+            auth="sesame",
+            settings=client_settings(2),
+        )
+        assert result.size == KiB
+
+
+async def test_precondition_failure_is_reported_with_its_code(
+    proxy_server: ProxyServer, gcs_bucket: str, payload: Callable[[int], tuple[Path, bytes]]
+) -> None:
+    path, _ = payload(300 * KiB)
+    url = f"gs://{gcs_bucket}/once"
+    upload = functools.partial(
+        upload_file,
+        path,
+        url,
+        proxy=proxy_server.address,
+        if_generation_match=0,
+        settings=client_settings(2),
+    )
+    await upload()
+    with pytest.raises(UploadRejectedError) as caught:
+        await upload()
+    assert caught.value.code is ErrorCode.PRECONDITION_FAILED
+
+
+async def test_abort_racing_writes_leaves_no_object(
+    proxy_server: ProxyServer, gcs_bucket: str, storage_client: storage.Client
+) -> None:
+    async with connect_upload(
+        proxy_server.address, gcs_bucket, "aborted", settings=client_settings(4)
+    ) as upload:
+        for _ in range(12):
+            await upload.write(os.urandom(256 * KiB))  # slots are sending while we abort
+        await upload.abort()
+    blob = storage_client.bucket(gcs_bucket).blob("aborted")
+    assert not await trio.to_thread.run_sync(blob.exists)
+
+
+async def test_eight_uploads_finish_while_a_client_sends_garbage(
+    proxy_server: ProxyServer, gcs_bucket: str, storage_client: storage.Client
+) -> None:
+    objects = {f"neighbour-{i}": os.urandom(MiB + i * 4099) for i in range(8)}
+
+    async def upload(name: str, data: bytes) -> None:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield data
+
+        await upload_stream(
+            chunks(),
+            f"gs://{gcs_bucket}/{name}",
+            proxy=proxy_server.address,
+            settings=client_settings(2),
+        )
+
+    async def vandal() -> None:
+        for _ in range(20):
+            stream = await trio.open_tcp_stream(*proxy_server.address)
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(os.urandom(2048))
+                while await stream.receive_some(4096):
+                    pass  # the proxy answers with an Error, then closes
+            await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for name, data in objects.items():
+            nursery.start_soon(upload, name, data)
+        nursery.start_soon(vandal)
+    for name, data in objects.items():
+        assert await stored(storage_client, gcs_bucket, name) == data
