@@ -128,6 +128,11 @@ def _default_name(toxic: Toxic) -> str:
     return f"{toxic.NAME}_{_STREAM_NAMES[toxic.direction]}"
 
 
+def _is_index(text: str) -> bool:
+    # str.isdigit alone also accepts digits such as "²" that int() refuses.
+    return text.isascii() and text.isdigit()
+
+
 def _is_reset(exc: BaseException) -> bool:
     cause = exc.__cause__
     return isinstance(cause, OSError) and cause.errno in (errno.ECONNRESET, errno.EPIPE)
@@ -195,7 +200,7 @@ class ChaosProxy:
             while name in taken:
                 name = f"{base}_{suffix}"
                 suffix += 1
-        elif not name or name.isdigit():
+        elif not name or _is_index(name):
             raise ValueError(f"a toxic's name must be non-empty and not a number, got {name!r}")
         elif name in taken:
             raise DuplicateToxicError(f"a toxic named {name!r} already exists")
@@ -513,7 +518,7 @@ async def _read_request(stream: trio.abc.ReceiveStream) -> _Request:
     if "transfer-encoding" in headers:
         raise _HTTPError(411, "send the body with a Content-Length, not chunked")
     length_text = headers.get("content-length", "0")
-    if not length_text.isdigit():
+    if not _is_index(length_text):
         raise _HTTPError(400, f"malformed Content-Length {length_text[:20]!r}")
     length = int(length_text)
     if length > MAX_REQUEST_BODY:
@@ -547,7 +552,7 @@ def _route(proxy: ChaosProxy, request: _Request) -> _Response:
                 named = proxy.add_toxic(toxic, name)
                 return _Response(201, {"index": len(proxy.toxics()) - 1, **named.to_dict()})
             case "DELETE", ("toxics", key):
-                removed = proxy.remove_toxic(int(key) if key.isdigit() else key)
+                removed = proxy.remove_toxic(int(key) if _is_index(key) else key)
                 return _Response(200, {"removed": removed.to_dict()})
             case "POST", ("reset",):
                 proxy.reset()

@@ -30,7 +30,7 @@ def parse_address(text: str) -> Address:
     """Read ``HOST:PORT`` (``[V6ADDR]:PORT`` for IPv6); an ``argparse`` type."""
     host, colon, port = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
-    if not colon or not host or not port.isdigit() or int(port) > 65535:
+    if not colon or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host, int(port)
 

@@ -363,6 +363,7 @@ async def test_control_api_reset_and_stats(proxy: ChaosProxy) -> None:
         ("POST", "/toxics", {"type": "latency", "name": "12"}, 400, "not a number"),
         ("DELETE", "/toxics/7", None, 404, "no toxic at index 7"),
         ("DELETE", "/toxics/ghost", None, 404, "no toxic named 'ghost'"),
+        ("DELETE", "/toxics/%C2%B2", None, 404, "no toxic named '\u00b2'"),
         ("GET", "/nowhere", None, 404, "no such resource"),
         ("GET", "/toxics/1/2", None, 404, "no such resource"),
         ("PUT", "/toxics", b"{}", 405, "use GET, POST"),
@@ -395,6 +396,7 @@ async def test_control_api_refuses_duplicate_names(proxy: ChaosProxy) -> None:
         (b"GET /toxics\r\n\r\n", 400),
         (b"GET /toxics HTTP/1.1\r\nno colon here\r\n\r\n", 400),
         (b"POST /toxics HTTP/1.1\r\nContent-Length: ten\r\n\r\n", 400),
+        ("POST /toxics HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1"), 400),
         (b"POST /toxics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
         (b"POST /toxics HTTP/1.1\r\nContent-Length: 50\r\n\r\n{}", 400),  # body cut short
         (b"GET /toxics HTTP/1.1\r\n" + b"X-Filler: y\r\n" * 2000, 431),
@@ -723,6 +725,7 @@ def test_cli_reports_a_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
         (["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:x"], "--upstream: expected"),
         (["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:0"], "needs a real port"),
         (["--listen", ":80", "--upstream", "127.0.0.1:1"], "expected HOST:PORT"),
+        (["--listen", "127.0.0.1:\u00b2", "--upstream", "127.0.0.1:1"], "expected HOST:PORT"),
         (
             ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--plan", "lag(ms=1)"],
             "--plan: unknown toxic 'lag'",
