@@ -170,7 +170,6 @@ class ClientConnection(CreditListener):
         self._sender_done = trio.Event()
         self._upload: Upload | None = None
         self._staged: StagedWrite | None = None
-        self._staged_seq = 0
         #: requests answered by tasks of their own (Complete); an idle client waiting on
         #: one of them is not idle
         self._outstanding = 0
@@ -253,10 +252,10 @@ class ClientConnection(CreditListener):
     async def _receive_loop(self, nursery: trio.Nursery) -> None:
         settings = self._settings
         try:
-            if isinstance(self._stream, trio.SSLStream):
-                with trio.fail_after(settings.handshake_timeout):
-                    await self._stream.do_handshake()
+            # One deadline for TLS and Hello together, so a slow trickle cannot stretch it.
             with trio.fail_after(settings.handshake_timeout):
+                if isinstance(self._stream, trio.SSLStream):
+                    await self._stream.do_handshake()
                 hello = await self._next_event(patience=settings.handshake_timeout)
             await self._handshake(hello)
             while True:
@@ -314,8 +313,7 @@ class ClientConnection(CreditListener):
             if self._staged is not None:
                 self._staged.feed(event.data)
         elif isinstance(event, WriteAtStart):
-            self._staged = None
-            self._staged_seq = event.seq
+            self._staged = None  # set only once the write is accepted
             self._staged = self._bound().begin_write(event.offset, event.length)
         elif isinstance(event, WriteAtEnd):
             staged, self._staged = self._staged, None
@@ -331,8 +329,10 @@ class ClientConnection(CreditListener):
             nursery.start_soon(self._complete, self._bound(), event)
         elif isinstance(event, Abort):
             upload = self._bound()
-            await upload.abort()
-            self._unbind()
+            try:
+                await upload.abort()
+            finally:
+                self._unbind()  # whatever the answer, an Abort leaves the connection unbound
             await self._outbox.put(Ack(event.seq, 0))
         elif isinstance(event, StatusQuery):
             upload = self._bound()
@@ -408,6 +408,8 @@ class ClientConnection(CreditListener):
         except UploadError as exc:
             self._fail(event.seq, exc)
         else:
+            if self._upload is upload:
+                self._unbind()  # Completed returns the connection to the unbound state
             self._outbox.put_nowait(
                 Completed(event.seq, info.generation, info.size, info.crc32c, info.md5)
             )

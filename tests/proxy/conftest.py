@@ -62,7 +62,7 @@ def proxy_settings() -> ServerSettings:
         upload_idle_timeout=30.0,
         complete_timeout=10.0,
         result_retention=30.0,
-        shutdown_grace=1.0,
+        shutdown_grace=0.5,
         writer=WriterSettings(
             min_chunk_size=256 * KiB,
             max_chunk_size=1 * MiB,

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import google_crc32c
 import trio
-from google.cloud import storage
+from google.cloud import storage  # type: ignore[import-untyped]
 
 from protocol import (
     Abort,
@@ -52,7 +52,7 @@ async def send_range(client: RawClient, data: bytes, start: int, end: int) -> in
 
 
 def _stored(storage_client: storage.Client, bucket: str, name: str) -> bytes:
-    return storage_client.bucket(bucket).blob(name).download_as_bytes()
+    return bytes(storage_client.bucket(bucket).blob(name).download_as_bytes())
 
 
 async def test_single_connection_upload_lands_byte_for_byte(

@@ -13,7 +13,7 @@ from typing import Any
 
 import google_crc32c
 import trio
-from google.cloud import storage
+from google.cloud import storage  # type: ignore[import-untyped]
 
 from protocol import (
     PROTOCOL_VERSION,
