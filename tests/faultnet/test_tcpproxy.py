@@ -22,7 +22,7 @@ import trio
 import trio.testing
 
 from faultnet import tcpproxy_command as faultproxy_command
-from faultnet.plan import Corrupt, Direction, FaultPlan, Latency, LimitData
+from faultnet.plan import Corrupt, Direction, FaultPlan, Latency, LimitData, Stall
 from faultnet.tcpproxy import (
     Address,
     ChaosProxy,
@@ -628,6 +628,23 @@ async def test_endless_stall_drops_data_until_the_client_gives_up(
         await recorder.finished.wait()
     assert recorder.received == b"0123"
     assert proxy.stats().faults == {"stall": 1}
+
+
+async def test_a_stalled_connection_keeps_its_stall_and_blocks_no_other(
+    mock_clock: trio.testing.MockClock, proxy: ChaosProxy
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    proxy.add_toxic(Stall(direction=Direction.DOWNSTREAM))
+    async with await connect(proxy) as stalled:
+        await stalled.send_all(b"anyone there?")
+        await trio.sleep(1)  # virtual time: lets the proxy take the connection on
+        assert proxy.stats().connections_accepted == 1
+        proxy.reset()  # too late for the open connection: it keeps the stall
+
+        assert await round_trip(proxy, b"hello") == b"hello"
+        with trio.move_on_after(3600):
+            await stalled.receive_some()
+            pytest.fail("a stalled connection delivered data")
 
 
 async def test_slow_close_delays_the_eof(
