@@ -30,11 +30,12 @@ from typing import Any, Final
 
 import trio
 
-from protocol import ErrorCode
+from protocol import MIN_FRAME_SIZE, ErrorCode
 from proxy.client import (
     ChecksumMismatchError,
     ClientSettings,
     ProxyUnreachableError,
+    ReconnectPolicy,
     UploadError,
     UploadProgress,
     UploadResult,
@@ -125,6 +126,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help="payload bytes per frame (default 1 MiB)",
     )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=ReconnectPolicy.max_attempts,
+        metavar="N",
+        help="consecutive failed attempts per connection before giving up (default %(default)s)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON summary line")
 
 
@@ -138,8 +146,10 @@ def _usage(args: argparse.Namespace) -> str | None:
         return str(exc)
     if args.connections < 1:
         return f"--connections must be at least 1, got {args.connections}"
-    if args.frame_size < 1:
-        return f"--frame-size must be positive, got {args.frame_size}"
+    if args.frame_size < MIN_FRAME_SIZE:
+        return f"--frame-size must be at least {MIN_FRAME_SIZE}, got {args.frame_size}"
+    if args.retries < 0:
+        return f"--retries must not be negative, got {args.retries}"
     if args.source != "-" and not os.path.isfile(args.source):
         return f"cannot read {args.source!r}: not a file"
     return None
@@ -165,7 +175,11 @@ async def _upload(args: argparse.Namespace, bar: UploadBar | None) -> UploadResu
         if bar is not None:
             bar.update(snapshot)
 
-    settings = ClientSettings(connections=args.connections, frame_size=args.frame_size)
+    settings = ClientSettings(
+        connections=args.connections,
+        frame_size=args.frame_size,
+        reconnect=ReconnectPolicy(max_attempts=args.retries),
+    )
     common: dict[str, Any] = {
         "proxy": args.proxy,
         "auth": args.auth_token,
