@@ -9,7 +9,7 @@ import requests
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage  # type: ignore[import-untyped]
 
-__all__ = ["anonymous_client"]
+__all__ = ["anonymous_client", "start_resumable_upload"]
 
 
 def anonymous_client(url: str, *, http: requests.Session | None = None) -> storage.Client:
@@ -24,3 +24,26 @@ def anonymous_client(url: str, *, http: requests.Session | None = None) -> stora
         client_options={"api_endpoint": url},
         _http=http,
     )
+
+
+def start_resumable_upload(
+    url: str,
+    bucket: str,
+    name: str,
+    *,
+    http: requests.Session | None = None,
+    headers: dict[str, str] | None = None,
+    query: dict[str, str] | None = None,
+) -> str:
+    """Initiate a resumable upload of ``bucket/name`` at ``url``; returns the session URI.
+
+    Raises ``requests.HTTPError`` if the endpoint refuses (e.g. 412 on a precondition).
+    """
+    response = (http or requests).post(
+        f"{url}/upload/storage/v1/b/{bucket}/o",
+        params={"uploadType": "resumable", "name": name, **(query or {})},
+        headers=headers,
+        timeout=30,
+    )
+    response.raise_for_status()
+    return response.headers["Location"]

@@ -57,7 +57,9 @@ def test_resumable_upload_with_chunk_size(
 ) -> None:
     payload = _pattern(3 * UPLOAD_QUANTUM + 12345)
     blob = storage_client.bucket(gcs_bucket).blob("big.bin", chunk_size=UPLOAD_QUANTUM)
-    blob.upload_from_string(payload)
+    # From a stream of unknown size the client uses a resumable upload (else multipart).
+    blob.upload_from_file(io.BytesIO(payload))
+    assert [s.finalized for s in gcs_server.store.sessions()] == [True]
 
     assert gcs_server.store.get_object(gcs_bucket, "big.bin")[0] == payload
     assert blob.download_as_bytes() == payload
