@@ -2,8 +2,8 @@
 
 Each subcommand lives in the package that owns its behaviour and exposes three names:
 ``HELP`` (one line), ``configure(parser)`` (adds its arguments) and ``run(args) -> int``
-(the exit code). This module only wires them together, so ``rup --help`` stays cheap to
-read and each command stays next to the code it drives.
+(the exit code). Only the chosen command's module is imported, so ``rup faultproxy`` starts
+fast and does not depend on the proxy or the GCS client being importable.
 """
 
 from __future__ import annotations
@@ -12,53 +12,51 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from types import ModuleType
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "main"]
 
-#: subcommand name -> module that implements it
-COMMANDS: dict[str, str] = {
-    "demo": "proxy.demo",
-    "serve": "proxy.serve_command",
-    "upload": "proxy.upload_command",
-    "gcs-server": "faultnet.gcs.command",
-    "faultproxy": "faultnet.tcpproxy_command",
-    "chaos": "proxy.chaos",
+#: subcommand name -> (module that implements it, one-line summary for ``rup --help``)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("proxy.demo", "upload a generated object through faults, and verify it"),
+    "serve": ("proxy.serve_command", "run the proxy server"),
+    "upload": ("proxy.upload_command", "upload a file or stdin through a proxy"),
+    "gcs-server": ("faultnet.gcs.command", "run the strict GCS endpoint with scripted faults"),
+    "faultproxy": ("faultnet.tcpproxy_command", "run the TCP chaos proxy"),
+    "chaos": ("proxy.chaos", "run many uploads under faults and verify every byte"),
 }
 
 
-def _load(module_name: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        # Only a missing command module (or its package) means "not built"; a missing
-        # dependency inside a command module is a real error and must surface.
-        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
-            raise
-        return None
-
-
-def build_parser() -> argparse.ArgumentParser:
+def _top_level_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rup",
         description="rup, the reliable-upload proxy: multi-connection uploads into GCS.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n"
+        + "\n".join(f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items())
+        + "\n\nRun 'rup COMMAND --help' for a command's options.",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module_name in COMMANDS.items():
-        module = _load(module_name)
-        if module is None:
-            continue
-        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
-        module.configure(sub)
-        sub.set_defaults(_run=module.run)
+    parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help="see below")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    top = _top_level_parser()
+    if not args_list:
+        top.print_help(sys.stderr)
+        return 2
+    if args_list[0] not in COMMANDS:
+        # argparse prints --help, or "invalid choice" and exits 2.
+        top.parse_args(args_list[:1])
+        return 2
+    name, rest = args_list[0], args_list[1:]
+    module_name, summary = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"rup {name}", description=module.HELP or summary)
+    module.configure(parser)
+    args = parser.parse_args(rest)
     try:
-        code: int = args._run(args)
+        code: int = module.run(args)
     except KeyboardInterrupt:
         print("rup: interrupted", file=sys.stderr)
         return 130
