@@ -568,7 +568,7 @@ class _Channel:
         elif isinstance(event, Error):
             # unsolicited: the proxy is about to close this connection, or the upload is gone
             upload.count_error(event.code)
-            if not _upload_fatal(event):
+            if not _upload_fatal(event) or upload.aborting:
                 self.fail(_ConnectionLostError(f"proxy said: {event.message}", code=event.code))
             else:
                 upload.fail(_rejection(event))
@@ -590,6 +590,8 @@ class _Channel:
             upload.requeue([piece], cause=event.code.name.lower())
             if event.code == ErrorCode.BAD_CRC:
                 return  # the header was intact: the connection goes on, the frame is resent
+            if upload.aborting and event.code == ErrorCode.ABORTED:
+                return
             if _upload_fatal(event):
                 upload.fail(_rejection(event))
             else:
@@ -664,6 +666,8 @@ class Upload:
         self._failure: UploadError | None = None
         self._cancel_scope: trio.CancelScope | None = None
         self._finished = False
+        #: set by abort(): no new frames, and ABORTED errors are the expected outcome
+        self.aborting = False
         self._started = time.monotonic()
         self.bytes_sent = 0
         self.reconnects = 0
@@ -767,7 +771,7 @@ class Upload:
         """The lowest piece to send that fits the credit window; None when going away."""
         while True:
             self._check()
-            if channel.going_away:
+            if channel.going_away or self.aborting:
                 return None
             if self._to_send:
                 self._to_send.remove(0, self._committed)
@@ -913,7 +917,10 @@ class Upload:
         source = self._source
         if not isinstance(source, _StreamSource) or source.total is not None:
             raise RuntimeError("write() is for streams that are not finished")
-        while source.written - self._committed >= self.settings.stream_buffer:
+        # Never less than the proxy's window: it may need that much to commit anything.
+        while source.written - self._committed >= max(
+            self.settings.stream_buffer, self._window_end - self._committed
+        ):
             self._check()
             await self.wait_changed()
         self._check()
@@ -940,7 +947,9 @@ class Upload:
         total = source.total
         assert total is not None
         crc32c = await source.crc32c()
-        for _ in range(self.settings.max_complete_attempts):
+        for attempt in range(self.settings.max_complete_attempts):
+            if attempt:
+                await trio.sleep(self.settings.reconnect.delay(attempt, self._rng))
             while not self._received.contains(0, total):
                 self._check()
                 await self.wait_changed()
@@ -949,17 +958,18 @@ class Upload:
                 reply = await channel.request(
                     Complete(total_size=total, crc32c=crc32c), blocking=True
                 )
+                if isinstance(reply, Error) and reply.code == ErrorCode.MISSING_RANGES:
+                    # the proxy lost bytes it had acknowledged (a restart): catch up, resend
+                    self.count_error(reply.code)
+                    status = await channel.request(StatusQuery())
+                    if isinstance(status, Status):
+                        self._resync(status)
+                    continue
             except _ConnectionLostError:
                 continue
             if isinstance(reply, Completed):
                 self._finished = True
                 return self._result(reply, total, crc32c)
-            if isinstance(reply, Error) and reply.code == ErrorCode.MISSING_RANGES:
-                self.count_error(reply.code)
-                status = await channel.request(StatusQuery())
-                if isinstance(status, Status):
-                    self._resync(status)
-                continue
             self._check()
             error = _unexpected(reply, "Complete")
             if isinstance(error, UploadError):
@@ -998,14 +1008,20 @@ class Upload:
         )
 
     async def abort(self) -> None:
-        """Cancel the upload on the proxy and in GCS; the object is not created."""
-        self._finished = True
+        """Cancel the upload on the proxy and in GCS; the object is not created.
+
+        Sending stops at once; frames already in flight fail on the proxy with ABORTED,
+        which is expected here and not reported.
+        """
+        self.aborting = True
+        self.changed()
         channel = await self._any_channel()
         try:
             reply = await channel.request(Abort(), blocking=True)
         except _ConnectionLostError as exc:
             raise UploadError(f"{self._description}: abort not confirmed: {exc.reason}") from exc
         finally:
+            self._finished = True
             self.changed()
         if isinstance(reply, Error) and reply.code != ErrorCode.ABORTED:
             raise _rejection(reply)
