@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import random
 import re
 from collections.abc import Mapping
@@ -67,12 +68,21 @@ class Toxic:
     NAME: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.direction, Direction):
+            raise PlanSyntaxError(
+                f"{self.NAME}: direction must be a Direction, got {self.direction!r}"
+            )
         if not 0.0 <= self.toxicity <= 1.0:
             raise PlanSyntaxError(f"{self.NAME}: toxicity must be within 0..1, got {self.toxicity}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-                raise PlanSyntaxError(f"{self.NAME}: {f.name} must not be negative, got {value}")
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                if not math.isfinite(value):
+                    raise PlanSyntaxError(f"{self.NAME}: {f.name} must be finite, got {value}")
+                if value < 0:
+                    raise PlanSyntaxError(
+                        f"{self.NAME}: {f.name} must not be negative, got {value}"
+                    )
 
     def params(self) -> dict[str, Any]:
         """The kind-specific parameters, without direction and toxicity."""
@@ -158,6 +168,11 @@ class Corrupt(Toxic):
     at: int = 0
     mask: int = 0xFF
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.mask <= 0xFF:
+            raise PlanSyntaxError(f"corrupt: mask must be within 1..255, got {self.mask}")
+
 
 TOXIC_TYPES: dict[str, type[Toxic]] = {
     cls.NAME: cls
@@ -169,21 +184,41 @@ _ITEM = re.compile(
     r"""^(?P<name>[a-z_]+)
         (?::(?P<direction>up|down|upstream|downstream))?
         (?:\((?P<params>[^)]*)\))?
-        (?:~(?P<toxicity>[0-9.]+))?$""",
+        (?:~(?P<toxicity>[0-9.eE+-]+))?$""",
     re.VERBOSE,
 )
 
 
+_NUMBER = re.compile(
+    r"(?P<hex>0[xX][0-9a-fA-F]+)|(?P<int>[0-9]+)(?P<suffix>[kmgKMG]?)"
+    r"|(?P<float>(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)(?P<fsuffix>[kmgKMG]?)"
+)
+
+
 def _parse_number(text: str, *, integer: bool, what: str) -> int | float:
-    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([kmgKMG]?)", text.strip())
+    """A non-negative number: ``64k``, ``1.5m``, ``0xff``, ``2.5e-3``; exact for integers."""
+    match = _NUMBER.fullmatch(text.strip())
     if match is None:
-        raise PlanSyntaxError(f"{what}: expected a number, got {text!r}")
-    value = float(match.group(1)) * _SIZE_SUFFIXES[match.group(2).lower()]
-    return int(value) if integer else value
+        raise PlanSyntaxError(
+            f"{what}: expected a number such as 10, 2.5, 64k or 0xff, got {text!r}"
+        )
+    if match["hex"]:
+        value: int | float = int(match["hex"], 16)
+    elif match["int"]:
+        value = int(match["int"]) * _SIZE_SUFFIXES[match["suffix"].lower()]
+    else:
+        value = float(match["float"]) * _SIZE_SUFFIXES[match["fsuffix"].lower()]
+    if integer and value != int(value):
+        raise PlanSyntaxError(f"{what}: expected a whole number, got {text!r}")
+    return int(value) if integer else float(value)
 
 
 def _parse_direction(text: str) -> Direction:
-    return Direction.DOWNSTREAM if text.startswith("down") else Direction.UPSTREAM
+    if text in ("up", "upstream"):
+        return Direction.UPSTREAM
+    if text in ("down", "downstream"):
+        return Direction.DOWNSTREAM
+    raise PlanSyntaxError(f"direction must be 'up' or 'down', got {text!r}")
 
 
 def _build_toxic(
@@ -206,6 +241,8 @@ def _build_toxic(
             value = _parse_number(value, integer=integer, what=f"{name}.{key}")
         elif not isinstance(value, int | float) or isinstance(value, bool):
             raise PlanSyntaxError(f"{name}.{key}: expected a number, got {value!r}")
+        elif integer and (not math.isfinite(value) or value != int(value)):
+            raise PlanSyntaxError(f"{name}.{key}: expected a whole number, got {value!r}")
         kwargs[key] = int(value) if integer else float(value)
     return cls(direction=direction, toxicity=toxicity, **kwargs)
 
@@ -246,7 +283,7 @@ class FaultPlan:
         toxics: list[Toxic] = []
         for item in filter(None, (part.strip() for part in stripped.split(";"))):
             if item.startswith("seed="):
-                seed = int(_parse_number(item[5:], integer=True, what="seed"))
+                seed = _parse_seed(item[5:])
                 continue
             match = _ITEM.match(item)
             if match is None:
@@ -258,17 +295,25 @@ class FaultPlan:
                 key, sep, value = pair.partition("=")
                 if not sep:
                     raise PlanSyntaxError(f"{match['name']}: expected key=value, got {pair!r}")
+                if key.strip() in raw:
+                    raise PlanSyntaxError(f"{match['name']}: {key.strip()!r} given twice")
                 raw[key.strip()] = value.strip()
-            toxicity = float(match["toxicity"]) if match["toxicity"] else 1.0
+            toxicity = 1.0
+            if match["toxicity"]:
+                toxicity = float(
+                    _parse_number(match["toxicity"], integer=False, what=f"{match['name']}~")
+                )
             direction = _parse_direction(match["direction"] or "up")
             toxics.append(_build_toxic(match["name"], raw, direction=direction, toxicity=toxicity))
         return cls(toxics=tuple(toxics), seed=seed)
 
     def to_text(self) -> str:
+        """The one-line text form; :meth:`parse` reads it back to an equal plan."""
         items = [f"seed={self.seed}"]
         for t in self.toxics:
-            params = ",".join(f"{k}={v}" for k, v in t.params().items())
-            items.append(f"{t.NAME}:{t.direction.value}({params})~{t.toxicity:g}")
+            # repr() of a float is the shortest text that reads back to the same float
+            params = ",".join(f"{k}={v!r}" for k, v in t.params().items())
+            items.append(f"{t.NAME}:{t.direction.value}({params})~{t.toxicity!r}")
         return "; ".join(items)
 
     # -- JSON form ---------------------------------------------------------------------
@@ -293,8 +338,13 @@ class FaultPlan:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FaultPlan:
         try:
-            toxics = tuple(toxic_from_dict(t) for t in data.get("toxics", ()))
-            return cls(toxics=toxics, seed=int(data.get("seed", 0)))
+            toxics_data = data.get("toxics", [])
+            if not isinstance(toxics_data, list):
+                raise PlanSyntaxError("a fault plan's 'toxics' must be a list")
+            seed = data.get("seed", 0)
+            if not isinstance(seed, int) or isinstance(seed, bool):
+                raise PlanSyntaxError(f"a fault plan's 'seed' must be an integer, got {seed!r}")
+            return cls(toxics=tuple(toxic_from_dict(t) for t in toxics_data), seed=seed)
         except (TypeError, AttributeError, ValueError) as exc:
             if isinstance(exc, PlanSyntaxError):
                 raise
@@ -311,6 +361,13 @@ class FaultPlan:
         return cls.from_dict(data)
 
 
+def _parse_seed(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise PlanSyntaxError(f"seed: expected an integer, got {text!r}") from None
+
+
 def toxic_from_dict(data: Mapping[str, Any]) -> Toxic:
     """Build one toxic from its JSON form (Toxiproxy's shape: type, attributes, ...)."""
     if not isinstance(data, Mapping) or "type" not in data:
@@ -318,11 +375,14 @@ def toxic_from_dict(data: Mapping[str, Any]) -> Toxic:
     attributes = data.get("attributes", {})
     if not isinstance(attributes, Mapping):
         raise PlanSyntaxError("a toxic's 'attributes' must be an object")
+    toxicity = data.get("toxicity", 1.0)
+    if not isinstance(toxicity, int | float) or isinstance(toxicity, bool):
+        raise PlanSyntaxError(f"a toxic's 'toxicity' must be a number, got {toxicity!r}")
     return _build_toxic(
         str(data["type"]),
         attributes,
         direction=_parse_direction(str(data.get("direction", "up"))),
-        toxicity=float(data.get("toxicity", 1.0)),
+        toxicity=float(toxicity),
     )
 
 
