@@ -377,7 +377,7 @@ def toxic_from_dict(data: Mapping[str, Any]) -> Toxic:
         raise PlanSyntaxError("a toxic's 'attributes' must be an object")
     toxicity = data.get("toxicity", 1.0)
     if not isinstance(toxicity, int | float) or isinstance(toxicity, bool):
-        raise PlanSyntaxError(f"a toxic's 'toxicity' must be a number, got {toxicity!r}")
+        raise PlanSyntaxError(f"malformed toxic: 'toxicity' must be a number, got {toxicity!r}")
     return _build_toxic(
         str(data["type"]),
         attributes,

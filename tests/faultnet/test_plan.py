@@ -115,7 +115,10 @@ def test_toxiproxy_shaped_json_is_accepted() -> None:
         ('{"toxics": [{"type": "stall", "direction": "left"}]}', "direction must be 'up' or"),
         ('{"toxics": [{"type": "stall", "attributes": {"after": true}}]}', "expected a number"),
         ('{"toxics": [{"type": "stall", "attributes": {"after": 2.5}}]}', "a whole number"),
-        ('{"toxics": [{"type": "stall", "toxicity": "high"}]}', "'toxicity' must be a number"),
+        (
+            '{"toxics": [{"type": "stall", "toxicity": "high"}]}',
+            "malformed toxic: 'toxicity' must be a number",
+        ),
         ('{"toxics": [{"type": "slicer", "attributes": {"size": 1e999}}]}', "whole number"),
         ('{"toxics": [{"type": "latency", "attributes": {"ms": 1e999}}]}', "must be finite"),
     ],
