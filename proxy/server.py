@@ -61,11 +61,11 @@ from proxy.config import ServerSettings
 from proxy.logging import get_logger, log_event
 from proxy.metrics import ServerMetrics, serve_metrics
 from proxy.uploads import (
-    CreditListener,
     OpenRequest,
     StagedWrite,
     Upload,
     UploadError,
+    UploadListener,
     UploadRegistry,
 )
 
@@ -153,7 +153,7 @@ def _authenticated(presented: str, accepted: tuple[str, ...]) -> bool:
     return matched
 
 
-class ClientConnection(CreditListener):
+class ClientConnection(UploadListener):
     """One client connection: handshake, then requests until either side closes.
 
     Cancelling :meth:`run` closes the connection; the uploads it was attached to go on
@@ -202,6 +202,12 @@ class ClientConnection(CreditListener):
     def offer_credit(self, upload: Upload, committed_offset: int, window_end: int) -> None:
         if upload is self._upload:
             self._outbox.offer_credit(Credit(0, committed_offset, window_end))
+
+    def upload_failed(self, upload: Upload, error: UploadError) -> None:
+        # Unsolicited, so a client waiting for credit learns now instead of at its timeout.
+        if upload is self._upload:
+            self._outbox.forget_credit()
+            self._fail(0, error)
 
     # --- sending ----------------------------------------------------------------------
 

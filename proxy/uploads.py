@@ -47,11 +47,11 @@ from reliablewriter import (
 
 __all__ = [
     "BufferBudget",
-    "CreditListener",
     "OpenRequest",
     "StagedWrite",
     "Upload",
     "UploadError",
+    "UploadListener",
     "UploadRegistry",
     "UploadState",
     "missing_ranges",
@@ -90,14 +90,17 @@ class OpenRequest:
     if_generation_match: int | None = None
 
 
-class CreditListener:
-    """Something attached to an upload that wants to hear when its window moves.
+class UploadListener:
+    """Something attached to an upload: hears when its window moves and when it fails.
 
-    Connections implement :meth:`offer_credit`; it must not block (the upload calls it for
-    every attached connection in turn, and one slow client must not hold up the others).
+    Connections implement these; they must not block (the upload calls them for every
+    attached connection in turn, and one slow client must not hold up the others).
     """
 
     def offer_credit(self, upload: Upload, committed_offset: int, window_end: int) -> None:
+        raise NotImplementedError
+
+    def upload_failed(self, upload: Upload, error: UploadError) -> None:
         raise NotImplementedError
 
 
@@ -269,7 +272,7 @@ class Upload:
         self.token = b""
         self._registry = registry
         self._writer: ReliableWriter | None = None
-        self._listeners: set[CreditListener] = set()
+        self._listeners: set[UploadListener] = set()
         self._activity = trio.lowlevel.ParkingLot()
         self._last_activity = trio.current_time()
         self._completion: _Completion | None = None
@@ -314,11 +317,11 @@ class Upload:
             )
         return None
 
-    def attach(self, listener: CreditListener) -> None:
+    def attach(self, listener: UploadListener) -> None:
         self._listeners.add(listener)
         self._touch()
 
-    def detach(self, listener: CreditListener) -> None:
+    def detach(self, listener: UploadListener) -> None:
         self._listeners.discard(listener)
         self._touch()
 
@@ -482,6 +485,12 @@ class Upload:
             self._activity.unpark_all()
             for listener in list(self._listeners):
                 listener.offer_credit(self, announced, writer.window_end)
+
+    def _fail(self, error: UploadError) -> None:
+        """Record why the upload cannot go on, and tell every attached connection now."""
+        self._failure = error
+        for listener in list(self._listeners):
+            listener.upload_failed(self, error)
 
     def _record_stats(self, stats: WriterStats) -> None:
         self._stats_seen.publish(stats, self._registry.metrics)
@@ -723,7 +732,7 @@ class UploadRegistry:
         except WriterError as exc:
             if not started:
                 raise _error_from_writer(exc) from exc
-            upload._failure = _error_from_writer(exc)
+            upload._fail(_error_from_writer(exc))
             final_state = UploadState.FAILED
             self.metrics.uploads_failed.labels(reason=type(exc).__name__).inc()
             log_event(logger, logging.WARNING, "upload-failed", upload=upload.upload_id, error=exc)
@@ -732,7 +741,7 @@ class UploadRegistry:
                 raise UploadError(
                     ErrorCode.GCS_ERROR, f"could not start the GCS upload: {exc}", retryable=True
                 ) from exc
-            upload._failure = UploadError(ErrorCode.INTERNAL, f"upload {upload.upload_id} broke")
+            upload._fail(UploadError(ErrorCode.INTERNAL, f"upload {upload.upload_id} broke"))
             final_state = UploadState.FAILED
             log_event(logger, logging.ERROR, "upload-crashed", exc=True, upload=upload.upload_id)
         finally:
