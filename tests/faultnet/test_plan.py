@@ -4,7 +4,7 @@ import dataclasses
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from faultnet.plan import (
@@ -48,11 +48,14 @@ plans = st.builds(
 )
 
 
+# no deadline: the machine is shared, and a slow example is not a wrong one
+@settings(deadline=None)
 @given(plans)
 def test_text_form_round_trips(plan: FaultPlan) -> None:
     assert FaultPlan.parse(plan.to_text()) == plan
 
 
+@settings(deadline=None)
 @given(plans)
 def test_json_form_round_trips(plan: FaultPlan) -> None:
     assert FaultPlan.from_json(plan.to_json()) == plan
