@@ -242,50 +242,51 @@ class UploadSession:
         self.result: ObjectInfo | None = None
         #: the highest persisted size ever reported to a client (a lying fault goes below)
         self.acknowledged_size = 0
-        self._crc32c = 0
-        self._segments: list[bytes] = []
+        self._segments: list[memoryview] = []
         self._size = 0
-        self._part_path = part_path
         self._part: BinaryIO | None = None
         if part_path is not None:
             self._part = open(part_path, "ab+")  # noqa: SIM115 - lives as long as the session
             self._size = self._part.seek(0, os.SEEK_END)
-            self._part.seek(0)
-            while block := self._part.read(1 << 20):
-                self._crc32c = google_crc32c.extend(self._crc32c, block)
 
     @property
     def persisted_size(self) -> int:
         return self._size
 
     def append(self, data: bytes | bytearray | memoryview) -> None:
-        """Store ``data`` at :attr:`persisted_size`."""
+        """Store ``data`` at :attr:`persisted_size`, taking ownership of it.
+
+        In memory the session keeps ``data`` itself, not a copy, so chunk ingest costs one
+        copy (kernel to request buffer). The caller must never change ``data`` afterwards;
+        request bodies are fresh buffers, so this holds.
+        """
         if self.result is not None:
             raise GcsApiError(400, "upload already finalized")
-        # One copy into an immutable block: google-crc32c only reads ``bytes``, and the
-        # block must not change under the session whatever the caller does with ``data``.
-        block = bytes(data)
-        if not block:
+        view = memoryview(data)
+        if not view.nbytes:
             return
-        self._crc32c = google_crc32c.extend(self._crc32c, block)
         if self._part is not None:
-            self._part.write(block)
+            self._part.write(view)
             self._part.flush()
             os.fsync(self._part.fileno())
         else:
-            self._segments.append(block)
-        self._size += len(block)
+            self._segments.append(view)
+        self._size += view.nbytes
 
-    def digests(self, tail: bytes) -> tuple[str, str]:
-        """The (crc32c, md5) the object would have with ``tail`` appended, in GCS's form."""
-        crc32c: int = google_crc32c.extend(self._crc32c, tail)
+    def contents_with(self, tail: bytes | memoryview) -> bytes:
+        """All stored bytes followed by ``tail``, as one ``bytes``."""
+        return b"".join([*self._iter_blocks(), tail])
+
+    def digests_with(self, tail: bytes | memoryview) -> tuple[str, str]:
+        """The (crc32c, md5) of the stored bytes plus ``tail``, read block by block."""
+        crc32c = 0
         md5 = hashlib.md5()
-        for block in self._iter_blocks():
+        for block in [*self._iter_blocks(), tail]:
+            crc32c = google_crc32c.extend(crc32c, bytes(block))
             md5.update(block)
-        md5.update(tail)
         return encode_crc32c(crc32c), encode_md5(md5.digest())
 
-    def _iter_blocks(self) -> Iterator[bytes]:
+    def _iter_blocks(self) -> Iterator[bytes | memoryview]:
         if self._part is None:
             yield from self._segments
             return
@@ -298,9 +299,6 @@ class UploadSession:
             remaining -= len(block)
             yield block
         self._part.seek(0, os.SEEK_END)
-
-    def contents(self) -> bytes:
-        return b"".join(self._iter_blocks())
 
     def snapshot(self) -> SessionInfo:
         return SessionInfo(
@@ -615,12 +613,21 @@ class Store:
         The caller holds the session's lock. A checksum mismatch (400) or a failed
         precondition (412) leaves the session as it was and creates no object.
         """
-        tail_bytes = bytes(tail)  # the only copy: append() keeps bytes as they are
-        crc32c, md5 = session.digests(tail_bytes)
+        with self._lock:
+            session.preconditions.check(self._live_generation(session.bucket, session.name))
+        # Digests are computed here, once, rather than per chunk: ingest stays one copy,
+        # and google-crc32c reads only ``bytes``, which the joined object is anyway.
+        content = b""
+        if self.data_dir is None:
+            content = session.contents_with(tail)
+            crc32c = encode_crc32c(google_crc32c.value(content))
+            md5 = encode_md5(hashlib.md5(content).digest())
+        else:
+            crc32c, md5 = session.digests_with(tail)
         _check_hashes(crc32c, md5, expected_crc32c, expected_md5)
         with self._lock:
             session.preconditions.check(self._live_generation(session.bucket, session.name))
-            session.append(tail_bytes)
+            session.append(tail)
             info = self._new_info(
                 session.bucket,
                 session.name,
@@ -631,7 +638,7 @@ class Store:
                 session.metadata,
             )
             if self.data_dir is None:
-                self._data[session.bucket, session.name] = session.contents()
+                self._data[session.bucket, session.name] = content
             else:
                 self._commit_part_file(session, info)
             self._objects[session.bucket][session.name] = info
