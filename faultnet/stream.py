@@ -121,13 +121,15 @@ class FaultyStream(trio.abc.HalfCloseableStream):
             self._check_usable()
             await self._wait_until("send")
             if not data:
-                await self.transport_stream.send_all(data)
+                with self._fault_errors():
+                    await self.transport_stream.send_all(data)
                 return
             total = memoryview(data).nbytes
             sent = 0
             for action in self._outgoing.feed(data):
                 if isinstance(action, Forward):
-                    await self.transport_stream.send_all(action.data)
+                    with self._fault_errors():
+                        await self.transport_stream.send_all(action.data)
                     self._outgoing.forwarded(len(action.data))
                     sent += len(action.data)
                 elif isinstance(action, Delay | Freeze):
@@ -142,14 +144,16 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         with self._busy("send"):
             self._check_usable()
             await self._wait_until("send")
-            await self.transport_stream.wait_send_all_might_not_block()
+            with self._fault_errors():
+                await self.transport_stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
         """Half-close, after the outgoing ``slow_close`` delay if there is one."""
         with self._busy("send"):
             self._check_usable()
             await self._finish_outgoing()
-            await self.transport_stream.send_eof()
+            with self._fault_errors():
+                await self.transport_stream.send_eof()
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -168,7 +172,14 @@ class FaultyStream(trio.abc.HalfCloseableStream):
                 if not self._pending:
                     if self._limit_closed:
                         return b""
-                    chunk = await self.transport_stream.receive_some(max_bytes)
+                    try:
+                        chunk = await self.transport_stream.receive_some(max_bytes)
+                    except trio.ClosedResourceError:
+                        # A fault on the sending side may have closed the transport under us.
+                        self._check_open()
+                        if self._limit_reached():
+                            return b""
+                        raise
                     if chunk:
                         self._pending.extend(self._incoming.feed(chunk))
                     elif not self._incoming_finished:
@@ -239,6 +250,10 @@ class FaultyStream(trio.abc.HalfCloseableStream):
             self._limit_closed = True
             await trio.aclose_forcefully(self.transport_stream)
 
+    def _limit_reached(self) -> bool:
+        # a method, not the bare attribute: another task may set it while we are suspended
+        return self._limit_closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("this FaultyStream was closed")
@@ -266,6 +281,20 @@ class FaultyStream(trio.abc.HalfCloseableStream):
                 self._waits.discard(scope)
         if scope.cancelled_caught:
             raise trio.ClosedResourceError("this FaultyStream was closed")
+
+    @contextmanager
+    def _fault_errors(self) -> Iterator[None]:
+        """Report a transport that a fault closed under us as that fault, not as our close.
+
+        A reset or ``limit_data`` on one direction closes the transport while another task
+        may be inside it on the other direction; that task must see the fault's error.
+        """
+        try:
+            yield
+        except trio.ClosedResourceError:
+            if not self._closed:
+                self._check_usable()
+            raise
 
     @contextmanager
     def _busy(self, side: str) -> Iterator[None]:

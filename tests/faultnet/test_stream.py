@@ -328,3 +328,31 @@ async def test_same_plan_and_index_give_the_same_faults() -> None:
     first = await sizes()
     assert first == await sizes()
     assert len(set(first)) > 1
+
+
+async def test_a_reset_while_another_task_receives_breaks_that_receive() -> None:
+    stream, _ = pair(ResetPeer(after=1))
+    async with trio.open_nursery() as nursery:
+
+        async def receive() -> None:
+            with pytest.raises(trio.BrokenResourceError) as receiving:
+                await stream.receive_some()
+            assert_reset(receiving.value)
+
+        nursery.start_soon(receive)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.send_all(b"ab")
+
+
+async def test_a_limit_while_another_task_receives_ends_that_receive() -> None:
+    stream, _ = pair(LimitData(bytes=1))
+    async with trio.open_nursery() as nursery:
+
+        async def receive() -> None:
+            assert await stream.receive_some() == b""
+
+        nursery.start_soon(receive)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.send_all(b"ab")

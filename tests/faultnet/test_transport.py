@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 import requests
 import trustme
+from google.api_core.exceptions import BadRequest
 
 from faultnet.counters import FaultCounters
 from faultnet.engine import ConnectionFaults
+from faultnet.gcs import GcsServer
+from faultnet.gcs.testing import anonymous_client
 from faultnet.plan import (
     Corrupt,
     Direction,
@@ -407,3 +410,22 @@ def test_latency_on_send_is_a_lower_bound(tcp_pair: Pair) -> None:
     while len(received) < 6:
         received += peer.recv(10)
     assert received == b"abcdef"
+
+
+# -- google-cloud-storage through the adapter ---------------------------------------------
+
+
+def test_a_storage_client_sends_every_request_through_the_faults(
+    gcs_server: GcsServer, gcs_bucket: str
+) -> None:
+    data = bytes(range(256)) * 1024
+    clean, corrupting = FaultCounters(), FaultCounters()
+    client = anonymous_client(gcs_server.url, http=faulty_session(FaultPlan(), clean))
+    client.bucket(gcs_bucket).blob("clean").upload_from_string(data, checksum="crc32c")
+    assert clean.as_dict()["bytes_up"] > len(data)
+
+    plan = FaultPlan.parse("corrupt:up(at=100k)")
+    client = anonymous_client(gcs_server.url, http=faulty_session(plan, corrupting))
+    with pytest.raises(BadRequest, match="CRC32C"):
+        client.bucket(gcs_bucket).blob("corrupt").upload_from_string(data, checksum="crc32c")
+    assert corrupting.faults_applied("corrupt") == 1
