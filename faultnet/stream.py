@@ -80,8 +80,8 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         self._send_resume_at = -math.inf  # trio time when a send-side delay/stall ends
         self._receive_resume_at = -math.inf
         self._waits: set[trio.CancelScope] = set()
-        self._sending = False
-        self._receiving = False
+        self._send_conflict = _ConflictDetector("sending")
+        self._receive_conflict = _ConflictDetector("receiving")
         self._closed = False
         self._reset = False
         self._limit_closed = False
@@ -117,9 +117,9 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         Cancellation partway leaves an unknown prefix sent, as with any trio stream; a delay
         or stall that was under way still holds the next send until it would have ended.
         """
-        with self._busy("send"):
+        with self._send_conflict:
             self._check_usable()
-            await self._wait_until("send")
+            await self._wait_until(self._send_resume_at)
             if not data:
                 with self._fault_errors():
                     await self.transport_stream.send_all(data)
@@ -134,22 +134,22 @@ class FaultyStream(trio.abc.HalfCloseableStream):
                     sent += len(action.data)
                 elif isinstance(action, Delay | Freeze):
                     self._send_resume_at = _resume_at(action)
-                    await self._wait_until("send")
+                    await self._wait_until(self._send_resume_at)
                 else:
                     await self._end(action)
             if sent < total:
                 self._check_usable()
 
     async def wait_send_all_might_not_block(self) -> None:
-        with self._busy("send"):
+        with self._send_conflict:
             self._check_usable()
-            await self._wait_until("send")
+            await self._wait_until(self._send_resume_at)
             with self._fault_errors():
                 await self.transport_stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
         """Half-close, after the outgoing ``slow_close`` delay if there is one."""
-        with self._busy("send"):
+        with self._send_conflict:
             self._check_usable()
             await self._finish_outgoing()
             with self._fault_errors():
@@ -165,10 +165,10 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         """
         if max_bytes is not None and max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
-        with self._busy("receive"):
+        with self._receive_conflict:
             while True:
                 self._check_open()
-                await self._wait_until("receive")
+                await self._wait_until(self._receive_resume_at)
                 if not self._pending:
                     if self._limit_closed:
                         return b""
@@ -236,19 +236,18 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         for delay in self._outgoing.finish():
             if isinstance(delay, Delay | Freeze):
                 self._send_resume_at = _resume_at(delay)
-                await self._wait_until("send")
+                await self._wait_until(self._send_resume_at)
 
     # -- faults ------------------------------------------------------------------------
 
     async def _end(self, action: Reset | Close) -> None:
-        self._pending.clear()
+        self._pending.clear()  # a connection that is gone delivers nothing more
         if isinstance(action, Reset):
             self._reset = True
             _arm_rst(self.transport_stream)
-            await trio.aclose_forcefully(self.transport_stream)
         else:
             self._limit_closed = True
-            await trio.aclose_forcefully(self.transport_stream)
+        await trio.aclose_forcefully(self.transport_stream)
 
     def _limit_reached(self) -> bool:
         # a method, not the bare attribute: another task may set it while we are suspended
@@ -270,9 +269,8 @@ class FaultyStream(trio.abc.HalfCloseableStream):
                 "connection closed by fault injection (limit_data)"
             ) from BrokenPipeError(errno.EPIPE, "broken pipe")
 
-    async def _wait_until(self, side: str) -> None:
-        """Sleep until the side's delay or stall ends; :meth:`aclose` cuts it short."""
-        deadline = self._send_resume_at if side == "send" else self._receive_resume_at
+    async def _wait_until(self, deadline: float) -> None:
+        """Sleep until a delay or stall ends; :meth:`aclose` cuts it short."""
         with trio.CancelScope() as scope:
             self._waits.add(scope)
             try:
@@ -296,18 +294,25 @@ class FaultyStream(trio.abc.HalfCloseableStream):
                 self._check_usable()
             raise
 
-    @contextmanager
-    def _busy(self, side: str) -> Iterator[None]:
-        # trio streams reject concurrent sends (or receives) with BusyResourceError; the
-        # wrapped stream would only notice when we reach it, after a fault's sleep.
-        attribute = "_sending" if side == "send" else "_receiving"
-        if getattr(self, attribute):
-            raise trio.BusyResourceError(f"another task is already using {side} on this stream")
-        setattr(self, attribute, True)
-        try:
-            yield
-        finally:
-            setattr(self, attribute, False)
+
+class _ConflictDetector:
+    """trio streams reject two tasks sending (or receiving) at once with BusyResourceError.
+
+    The wrapped stream would only notice once we reach it, after a fault's sleep, so we
+    check on entry.
+    """
+
+    def __init__(self, activity: str) -> None:
+        self._activity = activity
+        self._held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(f"another task is already {self._activity} on this stream")
+        self._held = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._held = False
 
 
 def _resume_at(action: Delay | Freeze) -> float:
