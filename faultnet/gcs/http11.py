@@ -147,7 +147,13 @@ class HttpConnection:
         self._request: Request | None = None
         self._body_read = True
         self._continue_sent = False
+        self._close_after_response = False
+        #: False once nothing more can be exchanged (peer gone, body cut, connection closed)
         self.usable = True
+
+    def close_after_response(self) -> None:
+        """Send ``Connection: close`` with the next response and end the connection."""
+        self._close_after_response = True
 
     @property
     def body_pending(self) -> bool:
@@ -175,9 +181,9 @@ class HttpConnection:
         head = bytes(self._buffer[:end]).lstrip(b"\r\n")
         del self._buffer[: end + len(_HEAD_END)]
         request = _parse_head(head)
-        self._body_length(request)  # reject bad framing before anyone acts on the head
+        length = self._body_length(request)  # reject bad framing before anyone acts on it
         self._request = request
-        self._body_read = False
+        self._body_read = length == 0
         self._continue_sent = False
         return request
 
@@ -361,7 +367,9 @@ class HttpConnection:
         ``cut_after`` sends only that many body bytes, then closes: the client sees a
         broken stream. ``pause_at``/``pause`` stall the body after that many bytes.
         """
-        keep_alive = keep_alive and self.usable and not self.body_pending
+        keep_alive = (
+            keep_alive and self.usable and not self.body_pending and not self._close_after_response
+        )
         body = memoryview(response.body)
         lines = [f"HTTP/1.1 {response.status} {_reason(response.status)}"]
         if response.content_type is not None and (body.nbytes or response.status >= 400):

@@ -218,7 +218,7 @@ class GcsServer:
             reply = Reply(Response(exc.status, error_body(exc.status, exc.message, exc.reason)))
         except ProtocolError as exc:
             reply = Reply(Response(exc.status, error_body(exc.status, str(exc), "invalid")))
-            connection.usable = False
+            connection.close_after_response()  # framing lost: the next request is unfindable
         except PeerGoneError:
             raise
         except Exception:
