@@ -12,8 +12,9 @@ Text form, for the command line (items are separated by ``;``)::
 
 Each item is ``NAME[:DIRECTION][(KEY=VALUE,...)][~TOXICITY]``. DIRECTION is ``up``
 (client to server, the default) or ``down`` (server to client). Sizes take the suffixes
-``k``, ``m`` and ``g`` (powers of 1024). The JSON form is what :meth:`FaultPlan.to_json`
-writes.
+``k``, ``m`` and ``g`` (powers of 1024); numbers may also be written as ``0xff`` or
+``2.5e-3``. The JSON form is what :meth:`FaultPlan.to_json` writes; both forms read back
+to an equal plan.
 """
 
 from __future__ import annotations
