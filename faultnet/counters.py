@@ -29,10 +29,11 @@ class FaultCounters:
     """Thread-safe totals: connections seen, bytes per direction, faults applied per toxic.
 
     Bytes are counted once they have really been written (or handed to the reader), so
-    bytes that a reset, a ``limit_data`` or a timed-out stall held back are not counted. Faults are counted by toxic name, once per
-    time the toxic acted: per delayed write for ``latency``, per throttled write for
-    ``bandwidth``, per write cut up for ``slicer``, and once per connection for the one-shot
-    toxics (``stall``, ``reset_peer``, ``limit_data``, ``corrupt``, ``slow_close``).
+    bytes that a reset, a ``limit_data`` or a timed-out stall held back are not counted.
+    Faults are counted by toxic name, once per time the toxic acted: per delayed write for
+    ``latency``, per throttled write for ``bandwidth``, per write cut up for ``slicer``, and
+    once per connection for the one-shot toxics (``stall``, ``reset_peer``, ``limit_data``,
+    ``corrupt``, ``slow_close``).
     """
 
     def __init__(self) -> None:
