@@ -9,7 +9,9 @@ google-cloud-storage sends every request through a ``requests.Session``, so a se
 
 Each new HTTP connection gets the next connection index of its adapter (0, 1, 2, ...), so
 ``plan.for_connection(index)`` decides its toxics. Upstream toxics act on the request bytes
-the client sends, downstream toxics on the response bytes it receives.
+the client sends, downstream toxics on the response bytes it receives. Positions such as
+``after=N`` count from the connection's first byte, across the keep-alive requests it
+carries.
 
 Where the socket is wrapped: after ``connect()``, which for HTTPS means *after* the TLS
 handshake, around the TLS socket. Faults therefore act on the HTTP bytes, not on TLS
@@ -414,12 +416,18 @@ class FaultyHTTPAdapter(HTTPAdapter):
         self.abort_connections()
 
 
-def faulty_session(plan: FaultPlan, counters: FaultCounters | None = None) -> Session:
-    """A ``requests.Session`` whose HTTP and HTTPS connections are all subject to ``plan``."""
+def faulty_session(
+    plan: FaultPlan, counters: FaultCounters | None = None, **adapter_kwargs: Any
+) -> Session:
+    """A ``requests.Session`` whose HTTP and HTTPS connections are all subject to ``plan``.
+
+    ``adapter_kwargs`` go to :class:`FaultyHTTPAdapter` (and on to ``HTTPAdapter``), e.g.
+    ``pool_maxsize`` for a session shared by many worker threads.
+    """
     session = Session()
     # A proxy from the environment would take connections around the faulty pool.
     session.trust_env = False
-    adapter = FaultyHTTPAdapter(plan, counters)
+    adapter = FaultyHTTPAdapter(plan, counters, **adapter_kwargs)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session

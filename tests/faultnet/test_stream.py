@@ -356,3 +356,17 @@ async def test_a_limit_while_another_task_receives_ends_that_receive() -> None:
         await trio.testing.wait_all_tasks_blocked()
         with pytest.raises(trio.BrokenResourceError):
             await stream.send_all(b"ab")
+
+
+async def test_listener_applies_downstream_toxics_to_what_the_server_sends() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    plan = FaultPlan.parse("limit_data:down(bytes=2)")
+    async with FaultyListener(listeners[0], plan) as listener:
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        server = await listener.accept()
+        async with client, server:
+            with pytest.raises(trio.BrokenResourceError):
+                await server.send_all(b"hello")
+            assert await receive_exactly(client, 2) == b"he"
+            assert await client.receive_some() == b""
