@@ -103,6 +103,10 @@ class Preconditions:
             "ifGenerationNotMatch": self.if_generation_not_match,
         }
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, int | None]) -> Preconditions:
+        return cls(data.get("ifGenerationMatch"), data.get("ifGenerationNotMatch"))
+
 
 @dataclass(frozen=True)
 class BucketInfo:
@@ -244,10 +248,11 @@ class UploadSession:
         self.acknowledged_size = 0
         self._segments: list[memoryview] = []
         self._size = 0
-        self._part: BinaryIO | None = None
+        # On disk the part file is opened per operation: no handle outlives a request.
+        self._part_path = part_path
         if part_path is not None:
-            self._part = open(part_path, "ab+")  # noqa: SIM115 - lives as long as the session
-            self._size = self._part.seek(0, os.SEEK_END)
+            part_path.touch()
+            self._size = part_path.stat().st_size
 
     @property
     def persisted_size(self) -> int:
@@ -265,10 +270,11 @@ class UploadSession:
         view = memoryview(data)
         if not view.nbytes:
             return
-        if self._part is not None:
-            self._part.write(view)
-            self._part.flush()
-            os.fsync(self._part.fileno())
+        if self._part_path is not None:
+            with open(self._part_path, "ab") as part:
+                part.write(view)
+                part.flush()
+                os.fsync(part.fileno())
         else:
             self._segments.append(view)
         self._size += view.nbytes
@@ -287,18 +293,17 @@ class UploadSession:
         return encode_crc32c(crc32c), encode_md5(md5.digest())
 
     def _iter_blocks(self) -> Iterator[bytes | memoryview]:
-        if self._part is None:
+        if self._part_path is None:
             yield from self._segments
             return
-        self._part.seek(0)
-        remaining = self._size
-        while remaining:
-            block = self._part.read(min(remaining, 8 << 20))
-            if not block:
-                break
-            remaining -= len(block)
-            yield block
-        self._part.seek(0, os.SEEK_END)
+        with open(self._part_path, "rb") as part:
+            remaining = self._size
+            while remaining:
+                block = part.read(min(remaining, 8 << 20))
+                if not block:
+                    break
+                remaining -= len(block)
+                yield block
 
     def snapshot(self) -> SessionInfo:
         return SessionInfo(
@@ -306,11 +311,8 @@ class UploadSession:
         )
 
     def discard(self) -> None:
-        """Drop the stored bytes (the session is being deleted or finalized)."""
+        """Drop the bytes held in memory (the session is being deleted or finalized)."""
         self._segments = []
-        if self._part is not None:
-            self._part.close()
-            self._part = None
 
 
 class Store:
@@ -362,7 +364,7 @@ class Store:
                 content_type=state["contentType"],
                 metadata=state["metadata"],
                 declared_size=state["declaredSize"],
-                preconditions=Preconditions(**state["preconditions"]),
+                preconditions=Preconditions.from_json(state["preconditions"]),
                 part_path=state_path.with_suffix(".part"),
             )
 
@@ -448,7 +450,7 @@ class Store:
                 with open(temp, "wb") as file:
                     file.write(content)
                     _write_trailer(file, info)
-                os.replace(temp, self._object_path(bucket, name))
+                _publish(temp, self._object_path(bucket, name))
             self._objects[bucket][name] = info
             return info
 
@@ -562,8 +564,11 @@ class Store:
                 sessions = self.data_dir / "sessions"
                 part_path = sessions / f"{upload_id}.part"
                 temp = self._temp_path()
-                temp.write_text(json.dumps(state))
-                os.replace(temp, sessions / f"{upload_id}.json")
+                with open(temp, "wb") as file:
+                    file.write(json.dumps(state).encode())
+                    file.flush()
+                    os.fsync(file.fileno())
+                _publish(temp, sessions / f"{upload_id}.json")
             session = UploadSession(
                 upload_id,
                 bucket=bucket,
@@ -653,7 +658,7 @@ class Store:
         session.discard()
         with open(part_path, "ab") as file:
             _write_trailer(file, info)
-        os.replace(part_path, self._object_path(info.bucket, info.name))
+        _publish(part_path, self._object_path(info.bucket, info.name))
         # The finished session stays answerable (200 + metadata) in memory only.
         (sessions / f"{session.upload_id}.json").unlink()
 
@@ -675,6 +680,16 @@ def _check_hashes(
         raise GcsApiError(
             400, f"Provided MD5 hash {expected_md5!r} doesn't match calculated MD5 {md5!r}."
         )
+
+
+def _publish(source: Path, destination: Path) -> None:
+    """Rename ``source`` (already fsynced) over ``destination`` and make the rename durable."""
+    os.replace(source, destination)
+    directory = os.open(destination.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _write_trailer(file: BinaryIO, info: ObjectInfo) -> None:
