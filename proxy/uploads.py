@@ -317,6 +317,10 @@ class Upload:
             )
         return None
 
+    async def wait_finished(self) -> None:
+        """Wait until the upload's writer and tasks are gone (completed, failed, or released)."""
+        await self._finished.wait()
+
     def attach(self, listener: UploadListener) -> None:
         self._listeners.add(listener)
         self._touch()
