@@ -7,7 +7,6 @@ excluded from its ``repr`` so that printing the settings never leaks them.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import ssl
 from dataclasses import dataclass, field
@@ -101,7 +100,3 @@ class ServerSettings:
         if self.allowed_buckets and bucket not in self.allowed_buckets:
             return False
         return not self.allowed_prefixes or name.startswith(self.allowed_prefixes)
-
-    def replace(self, **changes: object) -> ServerSettings:
-        """A copy with ``changes`` applied (validated like the original)."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
