@@ -1,0 +1,572 @@
+"""``rup chaos``: many uploads under faults on every leg, each one judged byte for byte.
+
+A run starts the strict GCS endpoint (or uses ``--gcs-endpoint``) and a proxy in this
+process, then uploads ``--uploads`` objects through it, ``--concurrency`` at a time, while
+
+* each upload's client -> proxy connections suffer its own fault plan (faultnet.stream),
+* each upload's proxy -> GCS HTTP connections suffer another (faultnet.transport, routed per
+  upload by :class:`~proxy.chaos_routing.UploadRouter`), and
+* some uploads get GCS-side scripted faults (retry-test instructions: 503s, resets, stalls,
+  short ranges, broken final responses; with ``--faults harsh`` also expired sessions and a
+  lying server).
+
+Sizes go from 0 B to ``--max-size``, sizes one byte either side of every quantum, frame,
+chunk and window edge always included; some uploads use ``ifGenerationMatch``. Every
+upload ends in one of the verdicts of :class:`~proxy.chaos_report.Verdict`: verified
+against the regenerated source (size, CRC32C and every byte), or refused / failed with a
+clear error while GCS holds what it held before. Anything else (corruption, a duplicate
+byte, an object left behind, a hang past ``--deadline``, a task still running after the
+proxy stopped) fails the run: exit status 1, with the command that replays the failing
+uploads exactly. Exit status 2 means bad arguments.
+
+Everything an upload meets is derived from ``--seed`` and its index (see
+:mod:`proxy.chaos_workload`), so ``--seed S --only 17`` reruns upload 17 with the same size,
+data and faults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+from google.cloud import storage  # type: ignore[import-untyped]
+from prometheus_client import Counter
+from rich.console import Console
+
+from faultnet.counters import FaultCounters
+from faultnet.gcs import GcsServer
+from faultnet.gcs.testing import anonymous_client
+from faultnet.stream import open_tcp_stream
+from protocol import ErrorCode
+from proxy.backend import Backend, TargetKind, pooled_session
+from proxy.chaos_report import ChaosReport, UploadOutcome, Verdict
+from proxy.chaos_routing import RetryTestClient, UploadRouter
+from proxy.chaos_verify import delete_object, put_previous, verify_object, verify_untouched
+from proxy.chaos_workload import (
+    FAULT_MIXES,
+    ChunkGeometry,
+    KiB,
+    MiB,
+    Precondition,
+    UploadSpec,
+    plan_uploads,
+)
+from proxy.client import (
+    ClientSettings,
+    Connector,
+    ReconnectPolicy,
+    UploadError,
+    UploadResult,
+    connect_upload,
+)
+from proxy.config import ServerSettings
+from proxy.demo import parse_size
+from proxy.server import serve_in_background
+from reliablewriter import RetryPolicy, WriterSettings
+
+__all__ = [
+    "HELP",
+    "ChaosSettings",
+    "Saboteur",
+    "configure",
+    "run",
+    "run_chaos",
+]
+
+HELP: Final = "run many uploads under faults on every leg, and verify every byte"
+
+_BUCKET: Final = "rup-chaos"
+#: how long the proxy gets to stop once every upload has ended, before it counts as a leak
+_SHUTDOWN_DEADLINE: Final = 15.0
+_WRITE_SIZE: Final = 256 * KiB
+
+#: called (in a worker thread) after an upload and before it is judged: tests use it to
+#: tamper with GCS and prove that the judge notices
+Saboteur = Callable[[storage.Bucket, UploadSpec], None]
+
+
+@dataclass(frozen=True)
+class ChaosSettings:
+    """One chaos run; the defaults are ``rup chaos`` with no options."""
+
+    uploads: int = 200
+    seed: int = 1
+    max_size: int = 64 * MiB
+    connections: int = 4
+    concurrency: int = 8
+    faults: str = "moderate"
+    intensity: float = 1.0
+    #: seconds an upload may take before it counts as hung
+    deadline: float = 120.0
+    #: share of uploads that use ifGenerationMatch
+    precondition_share: float = 0.1
+    gcs_endpoint: str | None = None
+    #: upload indexes to run (replaying a failure); empty runs them all
+    only: tuple[int, ...] = ()
+    geometry: ChunkGeometry = dataclasses.field(default_factory=ChunkGeometry)
+
+    def __post_init__(self) -> None:
+        if self.faults not in FAULT_MIXES:
+            raise ValueError(f"unknown fault mix {self.faults!r}; known: {', '.join(FAULT_MIXES)}")
+        if self.uploads < 1 or self.connections < 1 or self.concurrency < 1:
+            raise ValueError("--uploads, --connections and --concurrency must be at least 1")
+        if not self.intensity >= 0 or not math.isfinite(self.intensity):
+            raise ValueError(f"--intensity must be a finite number >= 0, got {self.intensity}")
+        if self.deadline <= 0:
+            raise ValueError("--deadline must be positive")
+        if self.max_size < 0:
+            raise ValueError("--max-size must not be negative")
+
+    def replay_command(self, only: tuple[int, ...] = ()) -> str:
+        """The ``rup chaos`` command that reruns this run, or just the uploads in ``only``."""
+        words = [
+            "rup", "chaos",
+            "--uploads", str(self.uploads),
+            "--seed", str(self.seed),
+            "--max-size", str(self.max_size),
+            "--connections", str(self.connections),
+            "--concurrency", str(self.concurrency),
+            "--faults", self.faults,
+            "--intensity", repr(self.intensity),
+            "--deadline", repr(self.deadline),
+        ]  # fmt: skip
+        if self.gcs_endpoint is not None:
+            words += ["--gcs-endpoint", self.gcs_endpoint]
+        if only or self.only:
+            words += ["--only", ",".join(map(str, only or self.only))]
+        return shlex.join(words)
+
+    def server_settings(self) -> ServerSettings:
+        g = self.geometry
+        return ServerSettings(
+            max_frame_size=g.frame,
+            upload_buffer_limit=g.window,
+            min_upload_window=g.min_chunk,
+            total_buffer_limit=max(64 * MiB, 2 * self.concurrency * g.window),
+            handshake_timeout=10.0,
+            idle_timeout=60.0,
+            upload_idle_timeout=60.0,
+            complete_timeout=60.0,
+            # finished uploads are judged at once; nobody asks the proxy again
+            result_retention=1.0,
+            shutdown_grace=2.0,
+            writer=WriterSettings(
+                min_chunk_size=g.min_chunk,
+                max_chunk_size=g.max_chunk,
+                buffer_limit=g.window,
+                retry=RetryPolicy(
+                    max_attempts=12, deadline=60.0, initial_delay=0.02, max_delay=1.0
+                ),
+                connect_timeout=5.0,
+                # a stalled GCS connection must be noticed well within the upload's deadline
+                progress_timeout=3.0,
+            ),
+        )
+
+    def client_settings(self, connections: int) -> ClientSettings:
+        return ClientSettings(
+            connections=connections,
+            frame_size=self.geometry.frame,
+            connect_timeout=5.0,
+            # a stalled client connection must be noticed well within the upload's deadline
+            reply_timeout=4.0,
+            complete_timeout=self.deadline,
+            stream_buffer=2 * self.geometry.window,
+            reconnect=ReconnectPolicy(max_attempts=12, initial_delay=0.02, max_delay=0.5),
+        )
+
+
+def _rss() -> int:
+    """This process's resident set size, in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _by_label(counter: Counter) -> dict[str, int]:
+    return {
+        next(iter(sample.labels.values()), ""): int(sample.value)
+        for metric in counter.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
+
+
+def _live_tasks() -> set[trio.lowlevel.Task]:
+    """Every task of this trio run."""
+    found: set[trio.lowlevel.Task] = set()
+    pending = [trio.lowlevel.current_root_task()]
+    while pending:
+        task = pending.pop()
+        if task is None or task in found:
+            continue
+        found.add(task)
+        pending += [child for nursery in task.child_nurseries for child in nursery.child_tasks]
+    return found
+
+
+def _if_generation_match(precondition: Precondition, previous_generation: int | None) -> int | None:
+    if precondition is Precondition.ABSENT:
+        return 0
+    if previous_generation is None:
+        return None
+    if precondition is Precondition.CURRENT:
+        return previous_generation
+    if precondition is Precondition.STALE:
+        return max(1, previous_generation - 1)
+    return None
+
+
+class _Run:
+    """The state of one run inside trio: counters, clients, and the outcomes so far."""
+
+    def __init__(
+        self,
+        settings: ChaosSettings,
+        specs: list[UploadSpec],
+        *,
+        router: UploadRouter,
+        backend: Backend,
+        judge: storage.Bucket,
+        retry_tests: RetryTestClient,
+        client_counters: FaultCounters,
+        saboteur: Saboteur | None,
+    ) -> None:
+        self.settings = settings
+        self.specs = specs
+        self.router = router
+        self.backend = backend
+        self.judge = judge
+        self.retry_tests = retry_tests
+        self.client_counters = client_counters
+        self.saboteur = saboteur
+        self.outcomes: list[UploadOutcome] = []
+        self.rss_samples: list[tuple[int, int]] = []
+        self._sample_every = max(1, len(specs) // 100)
+
+    async def run(self) -> tuple[dict[str, int], list[str]]:
+        """Every upload, then the proxy's retries by cause and anything that leaked."""
+        leaks: list[str] = []
+        tasks_before = _live_tasks()
+        limiter = trio.Semaphore(self.settings.concurrency)
+        with trio.CancelScope() as shutdown_scope:
+            async with serve_in_background(self.settings.server_settings(), self.backend) as server:
+                self.rss_samples.append((0, _rss()))
+                async with trio.open_nursery() as nursery:
+                    for spec in self.specs:
+                        await limiter.acquire()
+                        nursery.start_soon(self._one, spec, server.address, limiter)
+                retries = _by_label(server.metrics.retries)
+                # Only the shutdown itself runs under this deadline.
+                shutdown_scope.deadline = trio.current_time() + _SHUTDOWN_DEADLINE
+        if shutdown_scope.cancelled_caught:
+            leaks.append(f"the proxy did not shut down within {_SHUTDOWN_DEADLINE:.0f} s")
+        leftover = _live_tasks() - tasks_before
+        if leftover:
+            names = ", ".join(sorted(task.name for task in leftover))
+            leaks.append(f"{len(leftover)} tasks still running after the proxy stopped: {names}")
+        return retries, leaks
+
+    async def _one(
+        self, spec: UploadSpec, address: tuple[str, int], limiter: trio.Semaphore
+    ) -> None:
+        try:
+            outcome = await self._judged_upload(spec, address)
+        except Exception as exc:
+            # Record, don't propagate: one broken upload must not hide the others' verdicts.
+            outcome = UploadOutcome(
+                spec.index, spec.name, spec.size, Verdict.CRASHED, cause=type(exc).__name__,
+                problem=f"the harness broke: {exc!r}",
+            )  # fmt: skip
+        finally:
+            limiter.release()
+        self.outcomes.append(outcome)
+        if len(self.outcomes) % self._sample_every == 0:
+            self.rss_samples.append((len(self.outcomes), _rss()))
+
+    async def _judged_upload(self, spec: UploadSpec, address: tuple[str, int]) -> UploadOutcome:
+        previous_generation = None
+        if spec.previous is not None:
+            previous_generation = await trio.to_thread.run_sync(
+                put_previous, self.judge, spec.name, spec.previous
+            )
+        test_id = None
+        if spec.instructions:
+            test_id = await trio.to_thread.run_sync(self.retry_tests.create, spec.instructions)
+        self.router.register(spec.name, spec.gcs_plan, test_id)
+        result: UploadResult | None = None
+        error: UploadError | None = None
+        started = trio.current_time()
+        try:
+            with trio.move_on_after(self.settings.deadline) as deadline_scope:
+                try:
+                    result = await self._upload(
+                        spec, address, _if_generation_match(spec.precondition, previous_generation)
+                    )
+                except UploadError as exc:
+                    error = exc
+        finally:
+            self.router.release(spec.name)
+        elapsed = trio.current_time() - started
+        fired: tuple[str, ...] = ()
+        if test_id is not None:
+            fired = tuple(
+                await trio.to_thread.run_sync(self.retry_tests.fired, test_id, spec.instructions)
+            )
+        base = UploadOutcome(
+            spec.index, spec.name, spec.size, Verdict.VERIFIED, elapsed=elapsed,
+            scripted_faults=fired,
+        )  # fmt: skip
+        if result is not None:
+            base = dataclasses.replace(
+                base,
+                bytes_sent=result.bytes_sent,
+                reconnects=result.reconnects,
+                resent_bytes_by_cause=dict(result.resent_bytes_by_cause),
+                errors_by_code=dict(result.errors_by_code),
+            )
+        if self.saboteur is not None:
+            await trio.to_thread.run_sync(self.saboteur, self.judge, spec)
+        try:
+            if deadline_scope.cancelled_caught:
+                return dataclasses.replace(
+                    base,
+                    verdict=Verdict.HUNG,
+                    cause="deadline",
+                    problem=f"no result within the {self.settings.deadline:.0f} s deadline",
+                )
+            return await trio.to_thread.run_sync(
+                self._verdict, spec, base, result, error, previous_generation
+            )
+        finally:
+            await trio.to_thread.run_sync(delete_object, self.judge, spec.name)
+
+    def _verdict(
+        self,
+        spec: UploadSpec,
+        base: UploadOutcome,
+        result: UploadResult | None,
+        error: UploadError | None,
+        previous_generation: int | None,
+    ) -> UploadOutcome:
+        """Blocking: what GCS holds now, against what this upload's ending promises."""
+        if result is not None:
+            if spec.precondition is Precondition.STALE:
+                return dataclasses.replace(
+                    base,
+                    verdict=Verdict.WRONGLY_ACCEPTED,
+                    problem=f"ifGenerationMatch named a stale generation, yet generation"
+                    f" {result.generation} was written",
+                )
+            problem = verify_object(
+                self.judge,
+                spec.name,
+                spec.source,
+                generation=result.generation,
+                reported_crc32c=result.crc32c,
+            )
+            if problem:
+                return dataclasses.replace(base, verdict=Verdict.CORRUPT, problem=problem)
+            return base
+        assert error is not None
+        cause = error.code.name if error.code is not None else type(error).__name__
+        problem = verify_untouched(self.judge, spec.name, spec.previous, previous_generation)
+        if problem:
+            return dataclasses.replace(
+                base, verdict=Verdict.LEFT_BEHIND, cause=cause, problem=problem
+            )
+        refused = (
+            spec.precondition is Precondition.STALE and error.code is ErrorCode.PRECONDITION_FAILED
+        )
+        return dataclasses.replace(
+            base,
+            verdict=Verdict.REFUSED if refused else Verdict.FAILED_CLEANLY,
+            cause=cause,
+            problem="" if refused else error.message,
+        )
+
+    async def _upload(
+        self, spec: UploadSpec, address: tuple[str, int], if_generation_match: int | None
+    ) -> UploadResult:
+        host, port = address
+        indexes = itertools.count()
+
+        async def connect() -> trio.abc.Stream:
+            return await open_tcp_stream(
+                host, port, plan=spec.client_plan, counters=self.client_counters,
+                index=next(indexes),
+            )  # fmt: skip
+
+        connector: Connector = connect
+        async with connect_upload(
+            address,
+            _BUCKET,
+            spec.name,
+            settings=self.settings.client_settings(spec.connections),
+            connector=connector,
+            if_generation_match=if_generation_match,
+            expected_size=spec.size,
+        ) as upload:
+            for block in spec.source.blocks(_WRITE_SIZE):
+                await upload.write(block)
+            return await upload.complete()
+
+
+@contextlib.contextmanager
+def _gcs_endpoint(external: str | None) -> Iterator[tuple[str, TargetKind]]:
+    if external is not None:
+        yield external.rstrip("/"), TargetKind.ENDPOINT
+        return
+    with GcsServer() as server:
+        yield server.url, TargetKind.EMBEDDED
+
+
+def run_chaos(settings: ChaosSettings, *, saboteur: Saboteur | None = None) -> ChaosReport:
+    """Run every upload of ``settings`` and judge each; blocking (it runs its own trio loop)."""
+    mix = FAULT_MIXES[settings.faults]
+    specs = plan_uploads(
+        uploads=settings.uploads,
+        seed=settings.seed,
+        max_size=settings.max_size,
+        connections=settings.connections,
+        mix=mix,
+        intensity=settings.intensity,
+        geometry=settings.geometry,
+        precondition_share=settings.precondition_share,
+    )
+    if settings.only:
+        specs = [spec for spec in specs if spec.index in settings.only]
+    client_counters, gcs_counters = FaultCounters(), FaultCounters()
+    started = time.monotonic()
+    rss_start = _rss()
+    with _gcs_endpoint(settings.gcs_endpoint) as (url, kind):
+        judge_client = anonymous_client(url, http=pooled_session())
+        judge = judge_client.bucket(_BUCKET)
+        if not judge.exists():
+            judge.create()
+        router = UploadRouter(gcs_counters)
+        try:
+            run_state = _Run(
+                settings,
+                specs,
+                router=router,
+                backend=Backend(anonymous_client(url, http=router), kind, url),
+                judge=judge,
+                retry_tests=RetryTestClient(url),
+                client_counters=client_counters,
+                saboteur=saboteur,
+            )
+            retries, leaks = trio.run(run_state.run)
+        finally:
+            router.close()
+    outcomes = tuple(sorted(run_state.outcomes, key=lambda outcome: outcome.index))
+    broken = tuple(o.index for o in outcomes if not o.verdict.keeps_promise)
+    return ChaosReport(
+        settings={
+            **{k: v for k, v in dataclasses.asdict(settings).items() if k != "geometry"},
+            "geometry": dataclasses.asdict(settings.geometry),
+        },
+        outcomes=outcomes,
+        elapsed=time.monotonic() - started,
+        client_faults=dict(client_counters.as_dict()),
+        gcs_faults=dict(gcs_counters.as_dict()),
+        proxy_retries_by_cause=retries,
+        leaks=tuple(leaks),
+        rss_start=rss_start,
+        rss_end=_rss(),
+        rss_samples=tuple(run_state.rss_samples),
+        replay=settings.replay_command(broken),
+    )
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def _indexes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected indexes such as 3,17,42, got {text!r}"
+        ) from None
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    defaults = ChaosSettings()
+    parser.add_argument("--uploads", type=int, default=defaults.uploads, metavar="N")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="replays a run exactly")
+    parser.add_argument(
+        "--max-size", default="64M", help="largest object, e.g. 64M (sizes run from 0 B to it)"
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=defaults.connections,
+        metavar="N",
+        help="most connections per upload (each upload uses 1..N)",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=defaults.concurrency, metavar="N",
+        help="uploads in flight at once",
+    )  # fmt: skip
+    parser.add_argument(
+        "--faults", default=defaults.faults, choices=sorted(FAULT_MIXES), help="the fault mix"
+    )
+    parser.add_argument(
+        "--intensity", type=float, default=defaults.intensity, metavar="X",
+        help="scales every fault probability (0 turns faults off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--deadline", type=float, default=defaults.deadline, metavar="SECONDS",
+        help="an upload taking longer counts as hung",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gcs-endpoint", metavar="URL",
+        help="an external GCS endpoint (e.g. storage-testbench) instead of the embedded one",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", type=_indexes, default=(), metavar="I,J,...", help="run only these uploads"
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = ChaosSettings(
+            uploads=args.uploads,
+            seed=args.seed,
+            max_size=parse_size(args.max_size),
+            connections=args.connections,
+            concurrency=args.concurrency,
+            faults=args.faults,
+            intensity=args.intensity,
+            deadline=args.deadline,
+            gcs_endpoint=args.gcs_endpoint,
+            only=args.only,
+        )
+    except ValueError as exc:
+        print(f"rup chaos: {exc}", file=sys.stderr)
+        return 2
+    report = run_chaos(settings)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=None))
+    else:
+        report.render(Console())
+    if not report.passed:
+        print(f"rup chaos: FAILED; replay with: {report.replay}", file=sys.stderr)
+        return 1
+    return 0

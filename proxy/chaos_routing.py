@@ -1,0 +1,172 @@
+"""Per-upload faults on the proxy -> GCS leg, through one shared ``requests`` session.
+
+The proxy has one storage client, hence one session, for all its uploads. A chaos run wants
+each upload's GCS requests to suffer that upload's own fault plan (so the faults an upload
+meets do not depend on which other uploads share the connection pool) and to carry that
+upload's ``x-retry-test-id`` (so GCS-side scripted faults hit the upload they were written
+for). :class:`UploadRouter` is that session: it recognises an upload by its object name when
+the resumable session is initiated, learns the session's ``upload_id`` from the reply, and
+from then on sends every request of that session through the upload's own
+:class:`~faultnet.transport.FaultyHTTPAdapter`. Requests of unknown uploads, and every other
+request, go through a plain pooled adapter.
+
+It also speaks the retry-test API (``POST /retry_test``), which the strict endpoint shares
+with storage-testbench, so the same run works against either.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import requests
+from requests.adapters import BaseAdapter, HTTPAdapter
+
+from faultnet.counters import FaultCounters
+from faultnet.plan import FaultPlan
+from faultnet.transport import FaultyHTTPAdapter
+
+__all__ = ["RetryTestClient", "UploadRouter"]
+
+_RETRY_TEST_HEADER = "x-retry-test-id"
+_UPLOAD_METHOD = "storage.objects.insert"
+
+
+@dataclass(frozen=True)
+class _Route:
+    adapter: FaultyHTTPAdapter
+    retry_test_id: str | None
+
+
+class UploadRouter(requests.Session):
+    """A session that sends each registered upload's requests through that upload's faults.
+
+    Thread-safe: the proxy's writers call it from many worker threads at once.
+    """
+
+    def __init__(self, counters: FaultCounters, *, pool_size: int = 64) -> None:
+        super().__init__()
+        # A proxy from the environment would route around the faulty adapters.
+        self.trust_env = False
+        self._counters = counters
+        self._plain = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+        self.mount("http://", self._plain)
+        self.mount("https://", self._plain)
+        self._lock = threading.Lock()
+        self._by_name: dict[str, _Route] = {}
+        self._by_upload_id: dict[str, _Route] = {}
+        self._names_by_upload_id: dict[str, str] = {}
+        # get_adapter() only sees the URL; send() decides the route and passes it on here.
+        self._current = threading.local()
+
+    def register(self, name: str, plan: FaultPlan, retry_test_id: str | None) -> None:
+        """From now on, requests for object ``name`` suffer ``plan`` and carry the test id."""
+        route = _Route(FaultyHTTPAdapter(plan, self._counters), retry_test_id)
+        with self._lock:
+            self._by_name[name] = route
+
+    def release(self, name: str) -> None:
+        """Forget the upload of ``name`` and close its connections."""
+        with self._lock:
+            route = self._by_name.pop(name, None)
+            for upload_id in [u for u, n in self._names_by_upload_id.items() if n == name]:
+                del self._names_by_upload_id[upload_id]
+                self._by_upload_id.pop(upload_id, None)
+        if route is not None:
+            route.adapter.close()
+
+    def close(self) -> None:
+        with self._lock:
+            names = list(self._by_name)
+        for name in names:
+            self.release(name)
+        super().close()
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        route, name = self._route_for(request)
+        if route is not None and route.retry_test_id is not None:
+            request.headers[_RETRY_TEST_HEADER] = route.retry_test_id
+        self._current.route = route
+        try:
+            response = super().send(request, **kwargs)
+        finally:
+            self._current.route = None
+        if name is not None and "Location" in response.headers:
+            upload_id = _query(response.headers["Location"]).get("upload_id")
+            if upload_id is not None:
+                with self._lock:
+                    if self._by_name.get(name) is route and route is not None:
+                        self._by_upload_id[upload_id] = route
+                        self._names_by_upload_id[upload_id] = name
+        return response
+
+    def get_adapter(self, url: str) -> BaseAdapter:
+        route: _Route | None = getattr(self._current, "route", None)
+        return route.adapter if route is not None else super().get_adapter(url)
+
+    def _route_for(self, request: requests.PreparedRequest) -> tuple[_Route | None, str | None]:
+        """The upload's route, and its object name when this request starts the session."""
+        query = _query(request.url or "")
+        upload_id = query.get("upload_id")
+        with self._lock:
+            if upload_id is not None:
+                return self._by_upload_id.get(upload_id), None
+            if query.get("uploadType") != "resumable" or request.method != "POST":
+                return None, None
+            name = query.get("name") or _name_in_body(request.body)
+            return (self._by_name.get(name), name) if name is not None else (None, None)
+
+
+def _query(url: str) -> dict[str, str]:
+    return {key: values[-1] for key, values in parse_qs(urlsplit(url).query).items()}
+
+
+def _name_in_body(body: object) -> str | None:
+    """The object name in a resumable upload's initiating JSON body, if there is one."""
+    if isinstance(body, bytes | bytearray):
+        body = bytes(body).decode("utf-8", "replace")
+    if not isinstance(body, str) or not body.startswith("{"):
+        return None
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    name = document.get("name") if isinstance(document, dict) else None
+    return name if isinstance(name, str) else None
+
+
+class RetryTestClient:
+    """storage-testbench's retry-test API: script faults, then see which ones fired."""
+
+    def __init__(self, endpoint: str, session: requests.Session | None = None) -> None:
+        self._endpoint = endpoint.rstrip("/")
+        self._session = session or requests.Session()
+
+    def create(self, instructions: Sequence[str]) -> str:
+        """Register ``instructions`` for uploads (``storage.objects.insert``); returns the id."""
+        response = self._session.post(
+            f"{self._endpoint}/retry_test",
+            json={"instructions": {_UPLOAD_METHOD: list(instructions)}, "transport": "HTTP"},
+            timeout=30,
+        )
+        response.raise_for_status()
+        test_id: str = response.json()["id"]
+        return test_id
+
+    def fired(self, test_id: str, instructions: Sequence[str]) -> list[str]:
+        """Which of ``instructions`` (as created) have fired; deletes the test."""
+        response = self._session.get(f"{self._endpoint}/retry_test/{test_id}", timeout=30)
+        response.raise_for_status()
+        remaining = _remaining(response.json())
+        self._session.delete(f"{self._endpoint}/retry_test/{test_id}", timeout=30)
+        # instructions fire in order, so what is left is a suffix of what was given
+        return list(instructions[: len(instructions) - len(remaining)])
+
+
+def _remaining(resource: Mapping[str, Any]) -> list[str]:
+    queue = resource.get("instructions", {}).get(_UPLOAD_METHOD, [])
+    return [str(item) for item in queue]

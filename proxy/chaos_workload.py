@@ -1,0 +1,360 @@
+"""What a chaos run uploads, and under which faults: all of it derived from one seed.
+
+Every upload is described up front by an :class:`UploadSpec` drawn from its own random
+stream (``seed`` and upload index), so an upload gets the same size, data, fault plans and
+scripted GCS faults whether it runs alone (``rup chaos --only 17``) or among thousands, in
+any order, at any concurrency. That is what makes a failing seed replayable.
+
+Object data is never stored: :class:`ObjectSource` regenerates any byte range of an
+object from the seed, so the verifier can compare a download byte for byte against what
+was sent without keeping a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+import google_crc32c
+
+from faultnet.plan import (
+    Corrupt,
+    Direction,
+    FaultPlan,
+    Latency,
+    LimitData,
+    ResetPeer,
+    Slicer,
+    Stall,
+    Toxic,
+)
+
+__all__ = [
+    "FAULT_MIXES",
+    "ChunkGeometry",
+    "FaultMix",
+    "KiB",
+    "MiB",
+    "ObjectSource",
+    "Precondition",
+    "SourceReader",
+    "UploadSpec",
+    "boundary_sizes",
+    "plan_uploads",
+]
+
+KiB: Final = 1024
+MiB: Final = 1024 * KiB
+
+#: bytes per generated block; a block is a rotation of one random buffer per object
+_BLOCK: Final = 1 * MiB
+#: distinct rotations, so no two blocks of an object are equal (a duplicated block shows)
+_ROTATIONS: Final = 4096
+_ROTATION_STEP: Final = 997  # prime to _ROTATIONS: every block index below it rotates apart
+#: size of the object that ifGenerationMatch uploads find already in place
+_PREVIOUS_SIZE: Final = 3000
+
+
+@dataclass(frozen=True)
+class ChunkGeometry:
+    """The sizes the proxy cuts data by; sizes just around them are the interesting ones."""
+
+    quantum: int = 256 * KiB
+    min_chunk: int = 1 * MiB
+    max_chunk: int = 4 * MiB
+    frame: int = 256 * KiB
+    window: int = 8 * MiB
+
+
+def boundary_sizes(geometry: ChunkGeometry, max_size: int) -> list[int]:
+    """0, 1 and every size one byte either side of a quantum, chunk, frame or window edge."""
+    edges = sorted(
+        {
+            geometry.quantum,
+            2 * geometry.quantum,
+            geometry.frame,
+            geometry.min_chunk,
+            2 * geometry.min_chunk,
+            geometry.max_chunk,
+            geometry.window,
+        }
+    )
+    sizes = [0, 1]
+    for edge in edges:
+        sizes += [edge - 1, edge, edge + 1]
+    sizes.append(max_size)
+    return sorted({size for size in sizes if 0 <= size <= max_size})
+
+
+class Precondition(enum.Enum):
+    """How an upload uses ``ifGenerationMatch``, and so what its outcome must be."""
+
+    NONE = "none"
+    #: the object does not exist and the upload says ifGenerationMatch=0: it must succeed
+    ABSENT = "absent"
+    #: a previous generation exists and the upload names it: it must replace it
+    CURRENT = "current"
+    #: a previous generation exists and the upload names another: it must be refused, and
+    #: the previous generation must be left intact
+    STALE = "stale"
+
+    @property
+    def needs_previous(self) -> bool:
+        return self in (Precondition.CURRENT, Precondition.STALE)
+
+
+@dataclass(frozen=True)
+class FaultMix:
+    """How often each kind of fault strikes, before ``--intensity`` scales it.
+
+    ``client`` and ``gcs`` are toxicities per connection of the client and proxy legs;
+    ``scripted`` is the share of uploads that get GCS-side retry-test instructions, drawn
+    from ``instructions``.
+    """
+
+    name: str
+    client: dict[str, float]
+    gcs: dict[str, float]
+    scripted: float
+    instructions: tuple[str, ...]
+
+
+_RECOVERABLE_INSTRUCTIONS: Final = (
+    "return-503",
+    "return-429",
+    "return-500",
+    "return-reset-connection",
+    "return-broken-stream",
+    "return-503-after-256K",
+    "stall-for-1s-after-256K",
+    "return-308-short-range-128K",
+    "return-broken-stream-final-chunk-after-4B",
+)
+
+FAULT_MIXES: Final = {
+    mix.name: mix
+    for mix in (
+        FaultMix("none", {}, {}, 0.0, ()),
+        FaultMix(
+            "light",
+            {"reset_peer": 0.1, "corrupt": 0.05, "latency": 0.2},
+            {"reset_peer": 0.05, "latency": 0.1},
+            0.1,
+            _RECOVERABLE_INSTRUCTIONS,
+        ),
+        FaultMix(
+            "moderate",
+            {
+                "reset_peer": 0.2,
+                "corrupt": 0.1,
+                "stall": 0.03,
+                "limit_data": 0.05,
+                "slicer": 0.1,
+                "latency": 0.3,
+            },
+            {"reset_peer": 0.1, "limit_data": 0.05, "stall": 0.02, "latency": 0.2},
+            0.3,
+            _RECOVERABLE_INSTRUCTIONS,
+        ),
+        # Harsh adds faults no client can ride out (an expired session, a lying server):
+        # those uploads must fail cleanly, leaving no object behind.
+        FaultMix(
+            "harsh",
+            {
+                "reset_peer": 0.4,
+                "corrupt": 0.2,
+                "stall": 0.05,
+                "limit_data": 0.1,
+                "slicer": 0.2,
+                "latency": 0.5,
+            },
+            {"reset_peer": 0.25, "limit_data": 0.1, "stall": 0.05, "latency": 0.3},
+            0.6,
+            (*_RECOVERABLE_INSTRUCTIONS, "return-410", "return-range-regression"),
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class UploadSpec:
+    """Everything about one upload of a run, fixed before the run starts."""
+
+    index: int
+    name: str
+    size: int
+    connections: int
+    precondition: Precondition
+    client_plan: FaultPlan
+    gcs_plan: FaultPlan
+    #: retry-test instructions for ``storage.objects.insert``, applied in order
+    instructions: tuple[str, ...]
+    source: ObjectSource
+    previous: ObjectSource | None
+
+
+@dataclass(frozen=True)
+class ObjectSource:
+    """The deterministic bytes of one object: any range can be regenerated on demand."""
+
+    key: str
+    size: int
+
+    def _base(self) -> bytes:
+        return random.Random(self.key).randbytes(min(_BLOCK, self.size) + _ROTATIONS)
+
+    def blocks(self, block_size: int = _BLOCK) -> Iterator[bytes]:
+        """The whole object, in order, in pieces of at most ``block_size`` bytes."""
+        base = self._base()
+        for offset in range(0, self.size, block_size):
+            yield self._range(base, offset, min(block_size, self.size - offset))
+
+    def reader(self) -> SourceReader:
+        """Random access to the object's bytes (holds one generated buffer, about 1 MiB)."""
+        return SourceReader(self, self._base())
+
+    def _range(self, base: bytes, offset: int, length: int) -> bytes:
+        pieces = []
+        while length > 0:
+            block, within = divmod(offset, _BLOCK)
+            shift = (block * _ROTATION_STEP) % _ROTATIONS
+            block_length = min(_BLOCK, self.size - block * _BLOCK)
+            take = min(length, block_length - within)
+            pieces.append(base[shift + within : shift + within + take])
+            offset += take
+            length -= take
+        return b"".join(pieces)
+
+    def crc32c(self) -> int:
+        crc = 0
+        for block in self.blocks():
+            crc = google_crc32c.extend(crc, block)
+        return crc
+
+
+class SourceReader:
+    """Reads ranges of one :class:`ObjectSource` without regenerating its buffer each time."""
+
+    def __init__(self, source: ObjectSource, base: bytes) -> None:
+        self._source = source
+        self._base = base
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)``, clipped to the end of the object."""
+        length = max(0, min(length, self._source.size - offset))
+        return self._source._range(self._base, offset, length)
+
+
+def _log_uniform_size(rng: random.Random, max_size: int) -> int:
+    """Sizes spread evenly over orders of magnitude, 0 B up to ``max_size``."""
+    return min(max_size, int(math.exp(rng.uniform(0.0, math.log(max_size + 1)))) - 1)
+
+
+def _scaled(toxicity: float, intensity: float) -> float:
+    return min(1.0, toxicity * intensity)
+
+
+def _client_toxics(
+    mix: FaultMix, intensity: float, size: int, rng: random.Random
+) -> tuple[Toxic, ...]:
+    """Client -> proxy faults. Thresholds fall within the object, so they really fire."""
+    # Thresholds count every byte on a connection, frame headers and the handshake included;
+    # 16 KiB lets each connection get some work done, so an upload always moves forward.
+    span = max(size, 1) + 16 * KiB
+    up, down = Direction.UPSTREAM, Direction.DOWNSTREAM
+    builders: dict[str, list[Toxic]] = {
+        "reset_peer": [ResetPeer(up, 1.0, after=rng.randrange(16 * KiB, span + 16 * KiB))],
+        "corrupt": [Corrupt(up, 1.0, at=rng.randrange(span), mask=rng.randrange(1, 256))],
+        "stall": [Stall(up, 1.0, after=rng.randrange(16 * KiB, span + 16 * KiB), seconds=0)],
+        "limit_data": [LimitData(up, 1.0, bytes=rng.randrange(16 * KiB, span + 16 * KiB))],
+        "slicer": [
+            Slicer(up, 1.0, size=16 * KiB, variation=12 * KiB),
+            Slicer(down, 1.0, size=5, variation=4),
+        ],
+        "latency": [Latency(down, 1.0, ms=2.0, jitter=1.0)],
+    }
+    return tuple(
+        dataclasses.replace(toxic, toxicity=_scaled(toxicity, intensity))
+        for name, toxicity in mix.client.items()
+        for toxic in builders[name]
+        if _scaled(toxicity, intensity) > 0
+    )
+
+
+def _gcs_toxics(
+    mix: FaultMix, intensity: float, size: int, rng: random.Random
+) -> tuple[Toxic, ...]:
+    """Proxy -> GCS faults, on the HTTP connections of this upload's writer."""
+    span = max(size, 1) + 4 * KiB
+    up, down = Direction.UPSTREAM, Direction.DOWNSTREAM
+    builders: dict[str, Toxic] = {
+        "reset_peer": ResetPeer(up, 1.0, after=rng.randrange(4 * KiB, span + 4 * KiB)),
+        # a response cut after its head or partway through it
+        "limit_data": LimitData(down, 1.0, bytes=rng.randrange(1, 600)),
+        # a response that never comes: the writer's progress timeout must notice
+        "stall": Stall(down, 1.0, after=0, seconds=0),
+        "latency": Latency(down, 1.0, ms=10.0, jitter=5.0),
+    }
+    return tuple(
+        dataclasses.replace(builders[name], toxicity=_scaled(toxicity, intensity))
+        for name, toxicity in mix.gcs.items()
+        if _scaled(toxicity, intensity) > 0
+    )
+
+
+def _precondition(rng: random.Random, share: float) -> Precondition:
+    if rng.random() >= share:
+        return Precondition.NONE
+    return rng.choice([Precondition.ABSENT, Precondition.CURRENT, Precondition.STALE])
+
+
+def plan_uploads(
+    *,
+    uploads: int,
+    seed: int,
+    max_size: int,
+    connections: int,
+    mix: FaultMix,
+    intensity: float,
+    geometry: ChunkGeometry,
+    precondition_share: float = 0.1,
+) -> list[UploadSpec]:
+    """The run's uploads: boundary sizes first, then log-uniform sizes; all from ``seed``."""
+    boundaries = boundary_sizes(geometry, max_size)
+    specs = []
+    for index in range(uploads):
+        rng = random.Random(f"rup-chaos:{seed}:{index}")
+        size = boundaries[index] if index < len(boundaries) else _log_uniform_size(rng, max_size)
+        precondition = _precondition(rng, precondition_share)
+        instructions: tuple[str, ...] = ()
+        if mix.instructions and rng.random() < _scaled(mix.scripted, intensity):
+            instructions = tuple(rng.choices(mix.instructions, k=rng.randint(1, 2)))
+        key = f"{seed}:{index}"
+        specs.append(
+            UploadSpec(
+                index=index,
+                name=f"chaos/{seed}/{index:05d}-{size}",
+                size=size,
+                connections=rng.randint(1, connections),
+                precondition=precondition,
+                client_plan=FaultPlan(
+                    _client_toxics(mix, intensity, size, rng), seed=rng.getrandbits(32)
+                ),
+                gcs_plan=FaultPlan(
+                    _gcs_toxics(mix, intensity, size, rng), seed=rng.getrandbits(32)
+                ),
+                instructions=instructions,
+                source=ObjectSource(key, size),
+                previous=(
+                    ObjectSource(f"{key}:previous", _PREVIOUS_SIZE)
+                    if precondition.needs_previous
+                    else None
+                ),
+            )
+        )
+    return specs
