@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
-from collections.abc import AsyncIterator, Callable
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import google_crc32c
@@ -43,11 +46,13 @@ from protocol import (
     WriteAtEnd,
     WriteAtStart,
 )
+from proxy import blocking
 from proxy.client import (
     ChecksumMismatchError,
     ClientSettings,
     ProxyUnreachableError,
     ReconnectPolicy,
+    UploadProgress,
     UploadRejectedError,
     connect_upload,
     upload_file,
@@ -75,7 +80,8 @@ class FakeProxy:
         self.aborted = False
         self.connections = 0
         self.writes = 0
-        self.max_in_flight = 0
+        #: connections that sent a second WriteAt before their first was answered
+        self.pipelined = 0
         self.credit_violations: list[tuple[int, int]] = []
         # -- scripted faults ---------------------------------------------------------------
         #: answer BAD_CRC (once each) to WriteAts at these offsets
@@ -117,8 +123,8 @@ class FakeProxy:
             with trio.CancelScope() as scope:
                 self._scopes.add(scope)
                 await self._serve(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away: that is what several tests are about
         finally:
             self._scopes.discard(scope)
             await trio.aclose_forcefully(stream)
@@ -132,7 +138,8 @@ class FakeProxy:
         conn = Connection(Role.SERVER, max_frame_size=FRAME)
         send_lock = trio.Lock()
         in_flight = 0
-        unanswered = 0
+        held: list[int] = []  # the first Ack, held back until a second frame arrives
+        holding = True
         going_away = False
         payload = bytearray()
         offset = 0
@@ -141,12 +148,19 @@ class FakeProxy:
             async with send_lock:
                 await stream.send_all(b"".join(b"".join(conn.send(r)) for r in replies))
 
-        async def ack_later(seq: int) -> None:
-            # Answer a little late, so a client that waits for each Ack shows up as such.
-            nonlocal unanswered
-            await trio.sleep(0.002)
-            unanswered -= 1
-            await send(Ack(seq, self.committed), Credit(0, self.committed, self.window_end))
+        async def ack(*seqs: int) -> None:
+            await send(
+                *(Ack(seq, self.committed) for seq in seqs),
+                Credit(0, self.committed, self.window_end),
+            )
+
+        async def release_held() -> None:
+            # A client that waits for each Ack would wait forever: answer it after a while.
+            nonlocal holding
+            await trio.sleep(0.3)
+            if holding:
+                holding = False
+                await ack(*held)
 
         while True:
             event = conn.next_event()
@@ -192,14 +206,19 @@ class FakeProxy:
                     await send(Error(event.seq, ErrorCode.BAD_CRC, True, "payload crc mismatch"))
                     continue
                 self._store(offset, bytes(payload))
-                unanswered += 1
-                self.max_in_flight = max(self.max_in_flight, unanswered)
-                nursery.start_soon(ack_later, event.seq)
+                if not holding:
+                    await ack(event.seq)
+                elif not held:
+                    held.append(event.seq)
+                    nursery.start_soon(release_held)
+                else:
+                    holding = False
+                    self.pipelined += 1
+                    await ack(*held, event.seq)
                 if self.writes == self.going_away_at_write and not going_away:
                     going_away = True
                     await send(GoingAway(0, "restarting"))
-                if going_away and in_flight == 0:
-                    await trio.sleep(0.01)  # the delayed Acks go out first
+                if going_away and in_flight == 0 and not holding:
                     return
             elif isinstance(event, StatusQuery):
                 await send(Status(event.seq, self.committed, tuple(self.received), self.window_end))
@@ -274,7 +293,7 @@ async def test_file_arrives_whole_within_credit_and_pipelined(
     assert proxy.opened.expected_size == len(data)
     assert proxy.credit_violations == []
     assert proxy.connections == connections
-    assert proxy.max_in_flight > 1  # frames are pipelined, not sent one by one
+    assert proxy.pipelined >= 1  # frames are pipelined, not sent one by one
     assert result.reconnects == 0
     assert result.bytes_sent == len(data)  # nothing was sent twice
 
@@ -405,3 +424,54 @@ async def test_leaving_the_block_without_completing_aborts(
     async with connect_upload(address, "bkt", "o", settings=settings(2)) as upload:
         await upload.write(b"x" * 1000)
     assert proxy.aborted
+
+
+@pytest.fixture
+def fake_proxy_in_thread() -> Iterator[tuple[FakeProxy, tuple[str, int]]]:
+    """The stand-in served by its own trio loop in a thread, for the blocking API."""
+    proxy = FakeProxy()
+    ready: queue.Queue[tuple[int, trio.lowlevel.TrioToken, trio.Event]] = queue.Queue()
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            serve_tcp = functools.partial(trio.serve_tcp, proxy.handle, 0, host="127.0.0.1")
+            listeners = await nursery.start(serve_tcp)
+            stop = trio.Event()
+            port = listeners[0].socket.getsockname()[1]
+            ready.put((port, trio.lowlevel.current_trio_token(), stop))
+            await stop.wait()
+            nursery.cancel_scope.cancel()
+
+    thread = threading.Thread(target=trio.run, args=(serve,), daemon=True)
+    thread.start()
+    port, token, stop = ready.get(timeout=10)
+    yield proxy, ("127.0.0.1", port)
+    trio.from_thread.run_sync(stop.set, trio_token=token)
+    thread.join(timeout=10)
+
+
+def test_blocking_file_upload(
+    fake_proxy_in_thread: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    proxy, address = fake_proxy_in_thread
+    path, data = payload_file(5 * FRAME + 3)
+    seen: list[UploadProgress] = []
+    result = blocking.upload_file(
+        path, "gs://bkt/o", proxy=address, settings=settings(3), progress=seen.append
+    )
+    assert bytes(proxy.data) == data
+    assert result.size == len(data)
+    assert seen[-1].bytes_received == len(data)
+
+
+def test_blocking_stream_upload(
+    fake_proxy_in_thread: tuple[FakeProxy, tuple[str, int]],
+) -> None:
+    proxy, address = fake_proxy_in_thread
+    data = os.urandom(3 * FRAME + 11)
+    result = blocking.upload_stream(
+        io.BytesIO(data), "gs://bkt/o", proxy=address, settings=settings(2)
+    )
+    assert bytes(proxy.data) == data
+    assert result.size == len(data)
