@@ -272,6 +272,9 @@ class _FileSource:
     def release(self, committed: int) -> None:
         """Nothing to release: a file can always be read again."""
 
+    def close(self) -> None:
+        os.close(self._fd)
+
     async def crc32c(self) -> int:
         def checksum() -> int:
             crc, offset = 0, 0
@@ -335,6 +338,9 @@ class _StreamSource:
     def release(self, committed: int) -> None:
         for base in [b for b, block in self._blocks.items() if b + len(block) <= committed]:
             del self._blocks[base]
+
+    def close(self) -> None:
+        self._blocks.clear()
 
     async def crc32c(self) -> int:
         return self._crc
@@ -654,6 +660,8 @@ class Upload:
         self._rng = random.Random()
         self._changed = trio.Event()
         self._opened = trio.Event()
+        #: a connection is sending OpenUpload; the others wait for its token
+        self._opening = False
         self._token: bytes | None = None
         self._frame_size = settings.frame_size
         self._frame_size_agreed = False
@@ -878,8 +886,6 @@ class Upload:
             raise _unexpected(status, "StatusQuery")
         self._resync(status)
 
-    _opening = False
-
     async def _any_channel(self) -> _Channel:
         while True:
             self._check()
@@ -1082,24 +1088,28 @@ async def connect_upload(
         description=f"upload of gs://{bucket}/{name}",
     )
     body_error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        upload._cancel_scope = nursery.cancel_scope
-        for index in range(settings.connections):
-            nursery.start_soon(upload._run_slot, index)
-        while not upload._opened.is_set() and upload._failure is None:
-            await upload.wait_changed()
-        if upload._failure is None:
-            try:
-                yield upload
-            except trio.Cancelled:
-                raise
-            except BaseException as exc:  # re-raised below, outside the nursery, unwrapped
-                body_error = exc
-            if not upload._finished and upload._failure is None:
-                with trio.move_on_after(5, shield=True), suppress(UploadError):
-                    await upload.abort()
-        upload._finished = True
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            upload._cancel_scope = nursery.cancel_scope
+            for index in range(settings.connections):
+                nursery.start_soon(upload._run_slot, index)
+            while not upload._opened.is_set() and upload._failure is None:
+                await upload.wait_changed()
+            if upload._failure is None:
+                try:
+                    yield upload
+                except trio.Cancelled:
+                    raise
+                except BaseException as exc:  # re-raised below, outside the nursery, unwrapped
+                    body_error = exc
+                if not upload._finished and upload._failure is None:
+                    with trio.move_on_after(5, shield=True), suppress(UploadError):
+                        await upload.abort()
+            upload._finished = True
+            nursery.cancel_scope.cancel()
+    finally:
+        if upload._source is not None:
+            upload._source.close()
     if upload._failure is not None and not isinstance(body_error, UploadError):
         raise upload._failure
     if body_error is not None:
