@@ -1,1 +1,46 @@
-"""reliablewriter."""
+"""Zero-copy, fault-surviving GCS resumable uploads for trio.
+
+See ``docs/reliablewriter.md`` for the design and :func:`open_writer` to start.
+"""
+
+from .blocking import BlockingWriter, open_blocking_writer
+from .errors import (
+    ChecksumMismatchError,
+    IncompleteObjectError,
+    NonRetryableHTTPError,
+    RetriesExhaustedError,
+    ServerRegressionError,
+    SessionLostError,
+    UnexpectedResponseError,
+    WindowExceededError,
+    WriterAbortedError,
+    WriterClosedError,
+    WriterError,
+)
+from .settings import CHUNK_QUANTUM, ChecksumMode, RetryPolicy, WriterSettings
+from .writer import ObjectInfo, PendingWrite, ReliableWriter, WriterStats, open_writer
+
+__all__ = [
+    "CHUNK_QUANTUM",
+    "BlockingWriter",
+    "ChecksumMismatchError",
+    "ChecksumMode",
+    "IncompleteObjectError",
+    "NonRetryableHTTPError",
+    "ObjectInfo",
+    "PendingWrite",
+    "ReliableWriter",
+    "RetriesExhaustedError",
+    "RetryPolicy",
+    "ServerRegressionError",
+    "SessionLostError",
+    "UnexpectedResponseError",
+    "WindowExceededError",
+    "WriterAbortedError",
+    "WriterClosedError",
+    "WriterError",
+    "WriterSettings",
+    "WriterStats",
+    "open_blocking_writer",
+    "open_writer",
+]

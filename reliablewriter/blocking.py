@@ -1,0 +1,156 @@
+"""A blocking, file-like facade over :class:`~reliablewriter.ReliableWriter`.
+
+For code that is not async: a dedicated thread runs a trio event loop that owns the
+writer, and each call hops over with :func:`trio.from_thread.run`. Writes are still zero
+copy, so a mutable buffer handed to :meth:`BlockingWriter.write` must not change until
+the upload is closed (``bytes`` are always safe).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import trio
+from google.cloud import storage  # type: ignore[import-untyped]
+
+from .errors import WriterClosedError
+from .settings import WriterSettings
+from .writer import ObjectInfo, ReliableWriter, WriterStats, open_writer
+
+__all__ = ["BlockingWriter", "open_blocking_writer"]
+
+_T = TypeVar("_T")
+
+
+class BlockingWriter:
+    """Sequential writes to one object; :meth:`close` finalizes it.
+
+    Leaving a ``with`` block because of an exception does not finalize the object; like
+    the async writer, the session stays resumable unless :meth:`abort` is called.
+    """
+
+    def __init__(
+        self,
+        bucket: storage.Bucket,
+        name: str,
+        settings: WriterSettings | None = None,
+        **options: Any,
+    ) -> None:
+        self.position = 0
+        self.result: ObjectInfo | None = None
+        self._writer: ReliableWriter | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._done: trio.Event | None = None
+        ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=trio.run,
+            args=(self._serve, bucket, name, settings, options, ready),
+            name=f"reliablewriter {name}",
+            daemon=True,
+        )
+        self._thread.start()
+        error = ready.get()
+        if error is not None:
+            self._thread.join()
+            raise error
+
+    async def _serve(
+        self,
+        bucket: storage.Bucket,
+        name: str,
+        settings: WriterSettings | None,
+        options: Mapping[str, Any],
+        ready: queue.SimpleQueue[BaseException | None],
+    ) -> None:
+        started = False
+        try:
+            async with open_writer(bucket, name, settings, **options) as writer:
+                self._writer = writer
+                self._token = trio.lowlevel.current_trio_token()
+                self._done = trio.Event()
+                started = True
+                ready.put(None)
+                await self._done.wait()
+        except BaseException as exc:
+            if started:
+                raise
+            ready.put(exc)
+
+    def _call(self, function: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        if self._token is None or self._done is None or self._done.is_set():
+            raise WriterClosedError("the writer is closed")
+        return trio.from_thread.run(function, *args, trio_token=self._token)
+
+    @property
+    def writer(self) -> ReliableWriter:
+        if self._writer is None:
+            raise WriterClosedError("the writer is closed")
+        return self._writer
+
+    @property
+    def stats(self) -> WriterStats:
+        return self.writer.stats
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data``; blocks while the buffer is full. Returns the byte count."""
+        view = memoryview(data).cast("B")
+        self._call(self.writer.write_at, self.position, view)
+        self.position += len(view)
+        return len(view)
+
+    def close(self, crc32c: int | str | None = None) -> ObjectInfo:
+        """Finalize the object at the current position; idempotent."""
+        if self.result is None:
+            self.result = self._call(self.writer.complete, self.position, crc32c)
+            self._shut_down()
+        return self.result
+
+    def abort(self) -> None:
+        """Cancel the upload session and stop."""
+        if self.result is None and self._thread.is_alive():
+            self._call(self.writer.abort)
+            self._shut_down()
+
+    def detach(self) -> None:
+        """Stop without finalizing or cancelling: the session stays resumable."""
+        if self._thread.is_alive():
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        if self._done is not None and self._token is not None and not self._done.is_set():
+            trio.from_thread.run_sync(self._done.set, trio_token=self._token)
+        self._thread.join()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.detach()
+
+
+def open_blocking_writer(
+    bucket: storage.Bucket,
+    name: str,
+    settings: WriterSettings | None = None,
+    **options: Any,
+) -> BlockingWriter:
+    """:func:`~reliablewriter.open_writer` for blocking code; keyword options are the same."""
+    return BlockingWriter(bucket, name, settings, **options)

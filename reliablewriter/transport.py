@@ -1,0 +1,202 @@
+"""The blocking HTTP side of a writer: everything here runs in a worker thread.
+
+Requests go through the google-cloud-storage client's own ``requests`` session
+(``client._http``), so its credentials, endpoint override and any mounted adapter (such
+as faultnet's fault injector) apply. Failures of the network come back as
+:class:`TransportFailure` with a short cause for counters; HTTP answers, good or bad,
+come back as :class:`~reliablewriter.resumable.HttpResponse` for the sans-IO core.
+
+Why chunks are not sent through google-resumable-media's ``ResumableUpload``:
+``transmit_next_chunk`` reads each chunk from a stream into a fresh ``bytes`` (a copy of
+every payload byte), and its response handling mishandles the cases listed in
+:mod:`reliablewriter.resumable`. Session initiation, which carries no payload, does go
+through google-cloud-storage (``Blob.create_resumable_upload_session``).
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from google.api_core import exceptions as api_exceptions
+from google.cloud import storage  # type: ignore[import-untyped]
+
+from .resumable import HttpResponse
+
+__all__ = ["ChunkBody", "GcsTransport", "TransportFailure", "UploadInterrupted"]
+
+
+class UploadInterrupted(Exception):  # noqa: N818 - it is a signal, not a failure
+    """Raised inside a request body when the writer stops sending (abort or shutdown)."""
+
+
+class TransportFailure(Exception):  # noqa: N818 - named for what the network did
+    """The request did not get a complete HTTP answer; ``cause`` names why.
+
+    Deliberately carries no chained exception: those hold the request URL (a secret
+    session URI) and, through their tracebacks, views of the payload.
+    """
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+class ChunkBody:
+    """A request body made of memoryviews, sent without joining them.
+
+    It has a length, so requests sends ``Content-Length`` instead of chunked encoding,
+    and it iterates in slices of at most ``slice_size`` bytes, so that each socket send
+    is bounded by the socket timeout and a stop request is noticed between slices. It can
+    be iterated again (an auth refresh resends the request).
+    """
+
+    def __init__(
+        self,
+        views: list[memoryview],
+        *,
+        slice_size: int,
+        stop: threading.Event,
+        on_sent: Callable[[int], None],
+    ) -> None:
+        self._views = views
+        self._length = sum(len(view) for view in views)
+        self._slice_size = slice_size
+        self._stop = stop
+        self._on_sent = on_sent
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[memoryview]:
+        for view in self._views:
+            for begin in range(0, len(view), self._slice_size):
+                if self._stop.is_set():
+                    raise UploadInterrupted
+                piece = view[begin : begin + self._slice_size]
+                yield piece
+                # The consumer asks for the next piece only once this one is sent.
+                self._on_sent(len(piece))
+
+    def release(self) -> None:
+        """Let go of the views, whoever still holds this body."""
+        self._views = []
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """What a new resumable session is created with."""
+
+    content_type: str
+    metadata: Mapping[str, str] | None
+    if_generation_match: int | None
+    expected_size: int | None
+
+
+def _scrub(exc: BaseException | None) -> None:
+    """Drop the frames' locals along an exception chain, so no payload view stays pinned."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+
+
+def _cause_of(exc: BaseException) -> str:
+    if isinstance(exc, UploadInterrupted):
+        return "interrupted"
+    if isinstance(exc, requests.Timeout | TimeoutError):
+        return "timeout"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "truncated-response"
+    if isinstance(exc, requests.ConnectionError | ConnectionError):
+        return "connection"
+    return type(exc).__name__
+
+
+def _response(response: requests.Response) -> HttpResponse:
+    headers = {name.lower(): value for name, value in response.headers.items()}
+    return HttpResponse(response.status_code, headers, response.content)
+
+
+class GcsTransport:
+    """Blocking requests for one upload session, over ``blob``'s client session."""
+
+    def __init__(self, blob: storage.Blob, *, connect_timeout: float, read_timeout: float) -> None:
+        self._blob = blob
+        self._client = blob.bucket.client
+        self._timeout = (connect_timeout, read_timeout)
+
+    @property
+    def http(self) -> requests.Session:
+        session: requests.Session = self._client._http
+        return session
+
+    def create_session(self, options: SessionOptions) -> str | HttpResponse:
+        """Start a resumable session; its URI, or GCS's refusal.
+
+        Raises :class:`TransportFailure` if no answer came back. google-cloud-storage's own
+        retries are off: the writer retries under its :class:`~reliablewriter.RetryPolicy`.
+        """
+        blob = self._blob
+        blob.metadata = dict(options.metadata) if options.metadata else None
+        failure: TransportFailure | None = None
+        try:
+            uri: str = blob.create_resumable_upload_session(
+                content_type=options.content_type,
+                size=options.expected_size,
+                timeout=self._timeout,
+                checksum=None,
+                if_generation_match=options.if_generation_match,
+                retry=None,
+            )
+        except api_exceptions.GoogleAPICallError as exc:
+            response = exc.response
+            if isinstance(response, requests.Response):
+                return _response(response)
+            failure = TransportFailure(f"http-{exc.code}")
+            _scrub(exc)
+        except (requests.RequestException, OSError) as exc:
+            failure = TransportFailure(_cause_of(exc))
+            _scrub(exc)
+        if failure is not None:
+            raise failure
+        return uri
+
+    def put(
+        self,
+        uri: str,
+        headers: Mapping[str, str],
+        body: ChunkBody | None,
+    ) -> HttpResponse:
+        """PUT a chunk (or, without a body, a status query) to the session at ``uri``."""
+        failure: TransportFailure | None = None
+        data: Any = body if body is not None and len(body) else b""
+        try:
+            with self.http.request(
+                "PUT", uri, data=data, headers=dict(headers), timeout=self._timeout
+            ) as response:
+                return _response(response)
+        except (requests.RequestException, OSError, UploadInterrupted) as exc:
+            failure = TransportFailure(_cause_of(exc))
+            _scrub(exc)
+        finally:
+            if body is not None:
+                body.release()
+        raise failure
+
+    def delete(self, uri: str) -> HttpResponse:
+        """Cancel the session at ``uri`` (GCS answers 499 when it did)."""
+        failure: TransportFailure | None = None
+        try:
+            with self.http.request("DELETE", uri, timeout=self._timeout) as response:
+                return _response(response)
+        except (requests.RequestException, OSError) as exc:
+            failure = TransportFailure(_cause_of(exc))
+            _scrub(exc)
+        raise failure

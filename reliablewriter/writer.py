@@ -1,0 +1,724 @@
+"""``ReliableWriter``: writes at any offset in, one byte-exact GCS object out.
+
+Callers hand in bytes-like objects at offsets, in any order and with overlaps; the
+writer keeps them as views in a :class:`~reliablewriter.buffer.ScatterBuffer` and one
+worker task (started by :func:`open_writer`) streams the gap-free head of that buffer
+into a resumable session, chunk by chunk, retrying under its
+:class:`~reliablewriter.RetryPolicy`. Blocking HTTP runs in worker threads; the protocol
+decisions live in :mod:`reliablewriter.resumable`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import trio
+from google.cloud import storage  # type: ignore[import-untyped]
+
+from .buffer import ScatterBuffer, as_byte_view
+from .checksum import StreamChecksum, normalize_crc32c
+from .errors import (
+    ChecksumMismatchError,
+    IncompleteObjectError,
+    NonRetryableHTTPError,
+    RetriesExhaustedError,
+    SessionLostError,
+    UnexpectedResponseError,
+    WindowExceededError,
+    WriterAbortedError,
+    WriterClosedError,
+    WriterError,
+)
+from .resumable import (
+    ChunkPlan,
+    Finished,
+    HttpResponse,
+    Outcome,
+    Persisted,
+    ResumableState,
+    RetryLater,
+    SessionGone,
+    plan_chunk,
+)
+from .settings import WriterSettings
+from .transport import ChunkBody, GcsTransport, SessionOptions, TransportFailure
+
+__all__ = ["ObjectInfo", "PendingWrite", "ReliableWriter", "WriterStats", "open_writer"]
+
+logger = logging.getLogger("reliablewriter")
+
+_STATUS_QUERY = {"Content-Range": "bytes */*"}
+
+
+@dataclass(frozen=True)
+class WriterStats:
+    """Counters of one writer, as a snapshot."""
+
+    bytes_sent: int = 0
+    bytes_acked: int = 0
+    chunks: int = 0
+    retries: int = 0
+    retries_by_cause: Mapping[str, int] = field(default_factory=dict)
+    session_restarts: int = 0
+    held_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """The finished object, from GCS's own metadata."""
+
+    bucket: str
+    name: str
+    generation: int
+    size: int
+    crc32c: str | None
+    md5_hash: str | None
+    content_type: str | None
+    metadata: Mapping[str, str]
+    resource: Mapping[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_resource(cls, resource: Mapping[str, Any]) -> ObjectInfo:
+        return cls(
+            bucket=str(resource.get("bucket", "")),
+            name=str(resource.get("name", "")),
+            generation=int(resource.get("generation", 0)),
+            size=int(resource.get("size", 0)),
+            crc32c=resource.get("crc32c"),
+            md5_hash=resource.get("md5Hash"),
+            content_type=resource.get("contentType"),
+            metadata=dict(resource.get("metadata") or {}),
+            resource=resource,
+        )
+
+
+class PendingWrite:
+    """A staged write of ``[offset, offset + length)``: fed piece by piece, then committed.
+
+    Fed views are held but not uploadable until :meth:`commit` (first copy wins there, as
+    for :meth:`ReliableWriter.write_at`); :meth:`discard` drops them. Used as a context
+    manager, it discards unless committed.
+    """
+
+    def __init__(self, writer: ReliableWriter, offset: int, length: int) -> None:
+        self._writer = writer
+        self.offset = offset
+        self.length = length
+        self.fed = 0
+        self._views: list[memoryview] = []
+        self._open = True
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append the next bytes of the write (kept as a view, not copied)."""
+        self._check_open()
+        view = as_byte_view(data)
+        if self.fed + len(view) > self.length:
+            raise ValueError(f"feeding {len(view)} bytes overruns the staged length {self.length}")
+        self._views.append(view)
+        self.fed += len(view)
+
+    def commit(self) -> int:
+        """Make the bytes uploadable; returns how many were new. Needs all ``length`` fed."""
+        self._check_open()
+        if self.fed != self.length:
+            raise ValueError(f"staged write has {self.fed} of {self.length} bytes")
+        self._open = False
+        views, self._views = self._views, []
+        return self._writer._accept(self.offset, views)
+
+    def discard(self) -> None:
+        """Drop the fed bytes; nothing of them reaches GCS. Idempotent."""
+        self._open = False
+        self._views = []
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise WriterClosedError("the staged write is already committed or discarded")
+        self._writer._check_usable()
+
+    def __enter__(self) -> PendingWrite:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()
+
+
+class ReliableWriter:
+    """One object being uploaded. Create it with :func:`open_writer`.
+
+    Offsets are absolute object offsets. ``window_end`` (``committed_offset +
+    buffer_limit``) is how far writes may reach without waiting; the window always begins
+    at the committed offset, so a writer that fills it from there can never deadlock.
+    """
+
+    def __init__(
+        self,
+        blob: storage.Blob,
+        settings: WriterSettings,
+        *,
+        options: SessionOptions,
+        session_uri: str | None,
+        progress: Callable[[WriterStats], None] | None,
+    ) -> None:
+        self._blob = blob
+        self._settings = settings
+        self._options = options
+        self._session_uri = session_uri
+        self._progress = progress
+        self._transport = GcsTransport(
+            blob,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.progress_timeout,
+        )
+        self._state = ResumableState(name=blob.name, policy=settings.retry)
+        self._buffer = ScatterBuffer()
+        self._checksum = StreamChecksum(settings.checksum)
+        self._rng = random.Random()
+        # Set from the trio side, read by the worker thread between body slices.
+        self._stop_sending = threading.Event()
+        self._changed = trio.Event()
+        self._worker_scope = trio.CancelScope()
+        self._worker_done = trio.Event()
+        self._closed = trio.Event()
+        self._total: int | None = None
+        self._expected_crc32c: str | None = None
+        self._result: ObjectInfo | None = None
+        self._failure: WriterError | None = None
+        self._aborted = False
+        self._bytes_sent = 0
+        self._chunks = 0
+        self._retries: Counter[str] = Counter()
+        self._restarts = 0
+        # Failed attempts and the time of the last progress, for the retry policy.
+        self._attempts = 0
+        self._last_progress = trio.current_time()
+
+    # --- what callers can read ------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return str(self._blob.name)
+
+    @property
+    def session_uri(self) -> str:
+        """The resumable session's URI. A secret: whoever has it can write the object."""
+        if self._session_uri is None:
+            raise WriterClosedError("no session yet", name=self.name)
+        return self._session_uri
+
+    @property
+    def committed_offset(self) -> int:
+        """Bytes GCS has acknowledged; they are durable and released from memory."""
+        return self._state.committed
+
+    @property
+    def window_end(self) -> int:
+        """Writes ending at or before this offset are taken without waiting."""
+        return self._state.committed + self._settings.buffer_limit
+
+    @property
+    def stats(self) -> WriterStats:
+        return WriterStats(
+            bytes_sent=self._bytes_sent,
+            bytes_acked=self._state.committed,
+            chunks=self._chunks,
+            retries=sum(self._retries.values()),
+            retries_by_cause=dict(self._retries),
+            session_restarts=self._restarts,
+            held_bytes=self._buffer.held_bytes,
+        )
+
+    def received_ranges(self) -> tuple[tuple[int, int], ...]:
+        """Half-open byte ranges held or committed, merged, in order."""
+        ranges: list[tuple[int, int]] = []
+        if self._state.committed:
+            ranges.append((0, self._state.committed))
+        for start, end in self._buffer.ranges():
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], end)
+            else:
+                ranges.append((start, end))
+        return tuple(ranges)
+
+    # --- writing --------------------------------------------------------------------
+
+    async def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Hold ``data`` as the bytes at ``offset``; a view is kept, nothing is copied.
+
+        Waits while the range reaches beyond :attr:`window_end`, taking the part within
+        the window at once. Bytes already held or committed are skipped (the first copy
+        wins). The caller must not modify ``data`` until GCS has acknowledged it (see
+        :meth:`wait_committed`). If cancelled while waiting, a prefix of ``data`` may
+        have been taken; sending the whole write again is always safe.
+        """
+        if offset < 0:
+            raise ValueError(f"offset must not be negative, got {offset}")
+        await trio.lowlevel.checkpoint()
+        view = as_byte_view(data)
+        while True:
+            self._check_usable()
+            window_end = self.window_end
+            if offset < window_end:
+                taken = min(len(view), window_end - offset)
+                self._accept(offset, [view[:taken]])
+                view, offset = view[taken:], offset + taken
+            if not view:
+                return
+            await self._wait_for_change()
+
+    def begin_write(self, offset: int, length: int) -> PendingWrite:
+        """Stage a write of ``length`` bytes at ``offset`` whose payload is still arriving.
+
+        The range must lie within the window now (see :meth:`wait_for_window`); raises
+        :class:`~reliablewriter.WindowExceededError` otherwise.
+        """
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must not be negative")
+        self._check_usable()
+        if offset + length > self.window_end:
+            raise WindowExceededError(
+                f"write [{offset}, {offset + length}) reaches past the window end "
+                f"{self.window_end}",
+                name=self.name,
+                offset=self.committed_offset,
+            )
+        return PendingWrite(self, offset, length)
+
+    async def wait_for_window(self, end: int) -> None:
+        """Wait until :attr:`window_end` reaches ``end``."""
+        await trio.lowlevel.checkpoint()
+        while self.window_end < end:
+            self._check_usable()
+            await self._wait_for_change()
+
+    async def wait_committed(self, offset: int) -> None:
+        """Wait until GCS has acknowledged every byte below ``offset``.
+
+        Raises the writer's failure if it fails first; once the object is complete and
+        ``offset`` lies beyond it, waits until the writer is closed and raises
+        :class:`~reliablewriter.WriterClosedError`.
+        """
+        await trio.lowlevel.checkpoint()
+        while self._state.committed < offset:
+            if self._failure is not None:
+                raise self._failure
+            if self._result is not None:
+                await self._closed.wait()
+                raise WriterClosedError(
+                    f"the object is complete at {self._state.committed} bytes", name=self.name
+                )
+            if self._closed.is_set():
+                raise WriterClosedError("the writer is closed", name=self.name)
+            await self._wait_for_change()
+
+    # --- finishing ------------------------------------------------------------------
+
+    async def complete(
+        self, total_size: int | None = None, crc32c: int | str | None = None
+    ) -> ObjectInfo:
+        """Finalize the object once everything is in GCS; return its metadata.
+
+        ``total_size`` defaults to the end of the highest byte held. Every byte below it
+        must have been written (else :class:`~reliablewriter.IncompleteObjectError`, and
+        the writer carries on). ``crc32c`` (an int, or GCS's base64 form) is the caller's
+        expectation of the whole object: a mismatch fails the upload before it is
+        finalized. Idempotent: a repeated call returns the same result. Cancelling the
+        caller does not stop the finalization; a later call picks up its result.
+        """
+        await trio.lowlevel.checkpoint()
+        if self._result is not None:
+            return self._result
+        self._check_usable()
+        total = self._buffer.end if total_size is None else total_size
+        if total < self._state.committed or self._buffer.end > total:
+            raise ValueError(
+                f"total size {total} disagrees with the bytes received "
+                f"(committed {self._state.committed}, held up to {self._buffer.end})"
+            )
+        if self._options.expected_size is not None and total != self._options.expected_size:
+            raise ValueError(
+                f"total size {total} is not the expected {self._options.expected_size}"
+            )
+        if self._total is not None and self._total != total:
+            raise ValueError(f"already completing with total size {self._total}, not {total}")
+        missing = self._buffer.missing(total)
+        if missing:
+            raise IncompleteObjectError(
+                missing=tuple(missing), name=self.name, offset=self._state.committed
+            )
+        self._total = total
+        if crc32c is not None:
+            self._expected_crc32c = normalize_crc32c(crc32c)
+        self._notify()
+        return await self._wait_for_result()
+
+    async def _wait_for_result(self) -> ObjectInfo:
+        while True:
+            if self._result is not None:
+                return self._result
+            if self._failure is not None:
+                raise self._failure
+            if self._worker_done.is_set():
+                raise WriterClosedError("the writer closed before completing", name=self.name)
+            await self._wait_for_change()
+
+    async def abort(self) -> None:
+        """Cancel the upload: stop the worker, DELETE the session, release every buffer.
+
+        Returns only after the worker task (and any thread it was waiting on) has exited
+        and no view of caller data is held any more. A completed object is left alone.
+        If the caller is cancelled partway, the writer is still marked aborted and its
+        worker still stopped; only the DELETE may not have been sent.
+        """
+        if self._result is not None:
+            await trio.lowlevel.checkpoint()
+            return
+        self._aborted = True
+        self._fail(WriterAbortedError("the upload was aborted", name=self.name))
+        await self._stop_worker()
+        if self._session_uri is not None:
+            with contextlib.suppress(TransportFailure):
+                await trio.to_thread.run_sync(self._transport.delete, self._session_uri)
+
+    # --- internals: shared state ----------------------------------------------------
+
+    def _accept(self, offset: int, views: list[memoryview]) -> int:
+        self._check_usable()
+        added = 0
+        for view in views:
+            added += self._buffer.insert(offset, view)
+            offset += len(view)
+        if added:
+            self._notify()
+        return added
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._result is not None:
+            raise WriterClosedError("the object is already complete", name=self.name)
+        if self._closed.is_set():
+            raise WriterClosedError("the writer is closed", name=self.name)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait_for_change(self) -> None:
+        await self._changed.wait()
+
+    def _fail(self, error: WriterError) -> None:
+        if self._failure is None and self._result is None:
+            self._failure = error
+            self._stop_sending.set()
+            self._buffer.clear()
+        self._notify()
+
+    async def _stop_worker(self) -> None:
+        self._stop_sending.set()
+        self._worker_scope.cancel()
+        await self._worker_done.wait()
+
+    def _report_progress(self) -> None:
+        if self._progress is not None:
+            self._progress(self.stats)
+
+    # --- internals: the worker ------------------------------------------------------
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The worker: open or resume the session, then upload until done or failed."""
+        try:
+            with self._worker_scope:
+                await self._open_session()
+                task_status.started()
+                try:
+                    await self._upload()
+                except WriterError as exc:
+                    self._fail(exc)
+        finally:
+            self._buffer.clear()
+            self._worker_done.set()
+            self._notify()
+
+    async def _open_session(self) -> None:
+        if self._session_uri is None:
+            await self._retrying(self._create_session)
+            return
+        outcome = await self._retrying(self._query_status)
+        if isinstance(outcome, SessionGone):
+            # Nothing of the old session survives; the caller resends from offset 0.
+            logger.info("the resumed session of %r is gone; starting a new one", self.name)
+            self._restarts += 1
+            self._session_uri = None
+            await self._retrying(self._create_session)
+        elif isinstance(outcome, Persisted):
+            self._state.resumed_at(outcome.offset)
+            self._buffer = ScatterBuffer(outcome.offset)
+            self._checksum = StreamChecksum(self._settings.checksum, start=outcome.offset)
+        elif isinstance(outcome, Finished):
+            self._finish(outcome.resource)
+
+    async def _upload(self) -> None:
+        while self._result is None:
+            plan = await self._next_plan()
+            outcome = await self._retrying(partial(self._send_chunk, plan))
+            if isinstance(outcome, Finished):
+                self._finish(outcome.resource)
+            elif isinstance(outcome, SessionGone):
+                await self._restart_session(outcome.status)
+
+    async def _next_plan(self) -> ChunkPlan:
+        settings = self._settings
+        while True:
+            plan = plan_chunk(
+                committed=self._state.committed,
+                available_end=self._buffer.contiguous_end,
+                total=self._total,
+                min_size=settings.min_chunk_size,
+                max_size=settings.max_chunk_size,
+            )
+            if plan is not None:
+                return plan
+            await self._wait_for_change()
+
+    async def _retrying(self, operation: Callable[[], Awaitable[Outcome]]) -> Outcome:
+        """Run ``operation`` until it gets a definite answer, or give up.
+
+        After a failed attempt the writer backs off and then asks GCS what the session
+        holds, rather than repeating a chunk: GCS may have kept part of it. Attempts and
+        the deadline count from the last progress, across chunks.
+        """
+        while True:
+            try:
+                outcome = await operation()
+            except TransportFailure as failure:
+                outcome = RetryLater(failure.cause)
+            if not isinstance(outcome, RetryLater):
+                return outcome
+            self._attempts += 1
+            self._retries[outcome.cause] += 1
+            policy = self._settings.retry
+            if policy.gives_up(self._attempts, trio.current_time() - self._last_progress):
+                raise RetriesExhaustedError(
+                    "giving up",
+                    attempts=self._attempts,
+                    cause=outcome.cause,
+                    name=self.name,
+                    offset=self._state.committed,
+                )
+            logger.info(
+                "retrying %r at offset %d: attempt %d, cause %s",
+                self.name,
+                self._state.committed,
+                self._attempts,
+                outcome.cause,
+            )
+            await trio.sleep(policy.next_delay(self._attempts, self._rng))
+            if self._session_uri is not None:
+                operation = self._query_status
+
+    async def _create_session(self) -> Outcome:
+        created = await trio.to_thread.run_sync(self._transport.create_session, self._options)
+        if isinstance(created, HttpResponse):
+            if created.status == 404:
+                # On initiation a 404 is a missing bucket, not a lost session.
+                raise NonRetryableHTTPError(
+                    "cannot start the upload",
+                    status=404,
+                    reason=f"bucket {self._blob.bucket.name!r} not found",
+                    name=self.name,
+                )
+            # Retryable statuses come back as RetryLater; anything else raises.
+            return self._state.receive(created, None)
+        self._session_uri = created
+        self._last_progress = trio.current_time()
+        self._attempts = 0
+        return Persisted(0)
+
+    async def _restart_session(self, status: int) -> None:
+        """The session is gone (404/410): start over if every byte is still here."""
+        released = self._buffer.base
+        if released > 0:
+            raise SessionLostError(
+                f"GCS lost the upload session (HTTP {status})",
+                lost_range=(0, released),
+                name=self.name,
+                offset=self._state.committed,
+            )
+        logger.warning("GCS lost the session of %r; restarting it from byte 0", self.name)
+        self._restarts += 1
+        self._session_uri = None
+        self._state.restart()
+        await self._retrying(self._create_session)
+
+    async def _query_status(self) -> Outcome:
+        outcome = await trio.to_thread.run_sync(self._exchange, None, [])
+        if isinstance(outcome, Persisted):
+            self._acknowledge()
+        return outcome
+
+    async def _send_chunk(self, plan: ChunkPlan) -> Outcome:
+        before = self._state.committed
+        self._state.sending(plan)
+        views = self._buffer.views(plan.start, plan.end)
+        outcome = await trio.to_thread.run_sync(self._exchange, plan, views)
+        del views
+        if isinstance(outcome, Persisted):
+            self._chunks += 1
+            self._acknowledge()
+            if outcome.offset == before:
+                # A 308 that stored nothing (no Range at all, typically): back off.
+                return RetryLater("no-progress")
+        elif isinstance(outcome, Finished):
+            self._chunks += 1
+        return outcome
+
+    def _exchange(self, plan: ChunkPlan | None, views: list[memoryview]) -> Outcome:
+        """In a worker thread: send ``plan`` (or a status query) and interpret the answer."""
+        if plan is None:
+            response = self._transport.put(self.session_uri, _STATUS_QUERY, None)
+            return self._state.receive(response, None)
+        headers = {"Content-Range": plan.content_range()}
+        self._checksum.extend(plan.start, views)
+        if plan.final:
+            headers.update(self._final_hash_headers())
+        body = ChunkBody(
+            views,
+            slice_size=self._settings.send_slice,
+            stop=self._stop_sending,
+            on_sent=self._count_sent,
+        )
+        views = []
+        response = self._transport.put(self.session_uri, headers, body)
+        return self._state.receive(response, plan)
+
+    def _count_sent(self, nbytes: int) -> None:
+        # Runs in the worker thread; a plain int add under the GIL is all it needs.
+        self._bytes_sent += nbytes
+
+    def _final_hash_headers(self) -> dict[str, str]:
+        """``x-goog-hash`` for the final chunk, after checking the caller's expectation."""
+        ours = self._checksum.crc32c
+        expected = self._expected_crc32c
+        if ours is not None and expected is not None and ours != expected:
+            raise ChecksumMismatchError(
+                "the bytes received do not match the caller's CRC32C",
+                expected=expected,
+                actual=ours,
+                name=self.name,
+                offset=self._state.committed,
+            )
+        parts = []
+        crc32c = ours or expected
+        if crc32c is not None:
+            parts.append(f"crc32c={crc32c}")
+        if self._checksum.md5 is not None:
+            parts.append(f"md5={self._checksum.md5}")
+        return {"x-goog-hash": ",".join(parts)} if parts else {}
+
+    def _acknowledge(self) -> None:
+        committed = self._state.committed
+        if committed <= self._buffer.base:
+            return
+        self._buffer.release(committed)
+        self._last_progress = trio.current_time()
+        self._attempts = 0
+        self._notify()
+        self._report_progress()
+
+    def _finish(self, resource: Mapping[str, Any]) -> None:
+        """Check the finished object against what was sent, then publish it."""
+        info = ObjectInfo.from_resource(resource)
+        if self._total is not None and info.size != self._total:
+            raise UnexpectedResponseError(
+                f"GCS finalized {info.size} bytes instead of {self._total}",
+                name=self.name,
+                offset=self._state.committed,
+            )
+        for expected, what in (
+            (self._checksum.crc32c, "our CRC32C of the bytes sent"),
+            (self._expected_crc32c, "the caller's CRC32C"),
+        ):
+            if expected is not None and info.crc32c is not None and info.crc32c != expected:
+                raise ChecksumMismatchError(
+                    f"GCS's object does not match {what}",
+                    expected=expected,
+                    actual=info.crc32c,
+                    name=self.name,
+                    offset=self._state.committed,
+                )
+        md5 = self._checksum.md5
+        if md5 is not None and info.md5_hash is not None and info.md5_hash != md5:
+            raise ChecksumMismatchError(
+                "GCS's object does not match our MD5 of the bytes sent",
+                expected=md5,
+                actual=info.md5_hash,
+                name=self.name,
+                offset=self._state.committed,
+            )
+        self._state.resumed_at(info.size)
+        self._result = info
+        self._buffer.clear()
+        self._notify()
+        self._report_progress()
+
+
+@contextlib.asynccontextmanager
+async def open_writer(
+    bucket: storage.Bucket,
+    name: str,
+    settings: WriterSettings | None = None,
+    *,
+    content_type: str = "application/octet-stream",
+    metadata: Mapping[str, str] | None = None,
+    if_generation_match: int | None = None,
+    expected_size: int | None = None,
+    session_uri: str | None = None,
+    progress: Callable[[WriterStats], None] | None = None,
+) -> AsyncIterator[ReliableWriter]:
+    """Open (or, with ``session_uri``, resume) an upload of ``bucket/name``.
+
+    The session exists when this yields. With ``session_uri`` the writer asks GCS for
+    the committed offset and starts there: the caller resends from
+    :attr:`ReliableWriter.committed_offset` (0 if that session was gone and a new one
+    started). ``if_generation_match`` applies at initiation and finalization, which makes
+    both safe to retry. ``progress`` is called (on the trio thread, so it must not block
+    or raise) each time GCS acknowledges more bytes and when the object is complete.
+
+    Leaving the block without :meth:`~ReliableWriter.complete` or
+    :meth:`~ReliableWriter.abort` stops the worker but keeps the GCS session: the upload
+    stays resumable from its committed offset by whoever holds the session URI. That is
+    what a graceful shutdown relies on. A worker blocked in HTTP is waited for, which
+    takes at most ``progress_timeout``.
+    """
+    blob = bucket.blob(name)
+    blob.content_type = content_type
+    options = SessionOptions(
+        content_type=content_type,
+        metadata=metadata,
+        if_generation_match=if_generation_match,
+        expected_size=expected_size,
+    )
+    writer = ReliableWriter(
+        blob,
+        settings or WriterSettings(),
+        options=options,
+        session_uri=session_uri,
+        progress=progress,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer._run)
+        try:
+            yield writer
+        finally:
+            writer._closed.set()
+            writer._notify()
+            await writer._stop_worker()
