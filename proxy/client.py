@@ -67,7 +67,7 @@ from protocol import (
     Welcome,
     WriteAt,
 )
-from proxy.ranges import ByteRange, RangeSet, format_ranges
+from proxy.ranges import ByteRange, RangeSet
 
 __all__ = [
     "ChecksumMismatchError",
@@ -953,6 +953,7 @@ class Upload:
         total = source.total
         assert total is not None
         crc32c = await source.crc32c()
+        last_problem = ""
         for attempt in range(self.settings.max_complete_attempts):
             if attempt:
                 await trio.sleep(self.settings.reconnect.delay(attempt, self._rng))
@@ -967,11 +968,13 @@ class Upload:
                 if isinstance(reply, Error) and reply.code == ErrorCode.MISSING_RANGES:
                     # the proxy lost bytes it had acknowledged (a restart): catch up, resend
                     self.count_error(reply.code)
+                    last_problem = reply.message
                     status = await channel.request(StatusQuery())
                     if isinstance(status, Status):
                         self._resync(status)
                     continue
-            except _ConnectionLostError:
+            except _ConnectionLostError as exc:
+                last_problem = exc.reason
                 continue
             if isinstance(reply, Completed):
                 self._finished = True
@@ -981,10 +984,10 @@ class Upload:
             if isinstance(error, UploadError):
                 self.fail(error)
                 raise error
+            last_problem = error.reason
         error = UploadError(
             f"{self._description}: the proxy did not finalize the object after"
-            f" {self.settings.max_complete_attempts} attempts; missing:"
-            f" {format_ranges(self._received.missing(0, total))}"
+            f" {self.settings.max_complete_attempts} attempts; last: {last_problem}"
         )
         self.fail(error)
         raise error
