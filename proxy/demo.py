@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import os
 import random
 import re
 import sys
@@ -343,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
             client_plan=client_plan,
             gcs_plan=gcs_plan,
             seed=args.seed,
-            show_progress=not args.json and os.isatty(sys.stderr.fileno()),
+            show_progress=not args.json and sys.stderr.isatty(),
         )
     except UploadError as exc:
         print(f"rup demo: upload failed: {exc.message}", file=sys.stderr)

@@ -13,8 +13,8 @@ Exit codes:
 130   interrupted (Ctrl-C)
 ====  ==============================================================
 
-Errors are a single line on stderr. ``--json`` prints one summary line on stdout instead of
-the progress bar, for success and for failure.
+Errors are a single line on stderr. A progress bar shows on stderr when it is a terminal;
+``--json`` prints one summary line on stdout instead, for success and for failure.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         return _fail(args, problem, EXIT_USAGE)
     try:
-        if args.json:
+        if args.json or not sys.stderr.isatty():
             result = trio.run(_upload, args, None)
         else:
             with UploadBar(args.url) as bar:
