@@ -1,0 +1,101 @@
+"""Fixtures for the writer tests: a strict GCS endpoint reached through a chosen transport."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import requests
+from google.cloud import storage  # type: ignore[import-untyped]
+
+from faultnet.counters import FaultCounters
+from faultnet.gcs import GcsServer
+from faultnet.gcs.testing import anonymous_client
+from faultnet.plan import FaultPlan
+from faultnet.transport import faulty_session
+from reliablewriter import RetryPolicy, WriterSettings
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass
+class Target:
+    """A bucket on the strict endpoint, and the HTTP session the writer will use."""
+
+    server: GcsServer
+    bucket_name: str
+    http: requests.Session
+    counters: FaultCounters = field(default_factory=FaultCounters)
+    retry_test_id: str | None = None
+
+    @property
+    def bucket(self) -> storage.Bucket:
+        return anonymous_client(self.server.url, http=self.http).bucket(self.bucket_name)
+
+    def script(self, *instructions: str) -> None:
+        """Have the endpoint apply ``instructions`` to the next upload requests, in order."""
+        self.retry_test_id = self.server.create_retry_test(
+            {"storage.objects.insert": list(instructions)}
+        )
+        self.http.headers["x-retry-test-id"] = self.retry_test_id
+
+    def script_done(self) -> bool:
+        """Whether every scripted instruction has fired."""
+        assert self.retry_test_id is not None
+        completed: bool = self.server.retry_tests.get(self.retry_test_id)["completed"]
+        return completed
+
+    def read(self, name: str) -> bytes:
+        blob = anonymous_client(self.server.url).bucket(self.bucket_name).blob(name)
+        data: bytes = blob.download_as_bytes()
+        return data
+
+    def object_names(self) -> list[str]:
+        client = anonymous_client(self.server.url)
+        return [blob.name for blob in client.list_blobs(self.bucket_name)]
+
+
+@pytest.fixture
+def target(gcs_server: GcsServer, gcs_bucket: str) -> Iterator[Target]:
+    """The strict endpoint over a plain requests session."""
+    with requests.Session() as http:
+        http.trust_env = False
+        yield Target(gcs_server, gcs_bucket, http)
+
+
+@pytest.fixture
+def faulty_target(gcs_server: GcsServer, gcs_bucket: str) -> Iterator[Callable[[str], Target]]:
+    """Make a :class:`Target` whose HTTP connections suffer the given fault plan text."""
+    sessions: list[requests.Session] = []
+
+    def make(plan: str) -> Target:
+        counters = FaultCounters()
+        http = faulty_session(FaultPlan.parse(plan), counters)
+        sessions.append(http)
+        return Target(gcs_server, gcs_bucket, http, counters)
+
+    yield make
+    for http in sessions:
+        http.close()
+
+
+@pytest.fixture
+def settings() -> WriterSettings:
+    """Small chunks, fast retries and short timeouts, so failures play out in milliseconds."""
+    return WriterSettings(
+        min_chunk_size=256 * KiB,
+        max_chunk_size=512 * KiB,
+        buffer_limit=1 * MiB,
+        retry=RetryPolicy(max_attempts=8, deadline=20.0, initial_delay=0.01, max_delay=0.05),
+        connect_timeout=2.0,
+        progress_timeout=1.0,
+        send_slice=64 * KiB,
+    )
+
+
+def payload(size: int) -> bytes:
+    """Random bytes, so that a misplaced or duplicated range cannot go unnoticed."""
+    return os.urandom(size)

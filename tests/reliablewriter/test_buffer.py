@@ -1,0 +1,120 @@
+"""ScatterBuffer: first copy wins, views not copies, and release frees memory."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reliablewriter.buffer import ScatterBuffer
+
+
+def joined(buffer: ScatterBuffer, start: int, end: int) -> bytes:
+    return b"".join(bytes(view) for view in buffer.views(start, end))
+
+
+def test_out_of_order_writes_become_contiguous_when_the_gap_fills() -> None:
+    buffer = ScatterBuffer()
+    assert buffer.insert(4, b"4567") == 4
+    assert buffer.contiguous_end == 0
+    assert buffer.missing(8) == [(0, 4)]
+    assert buffer.insert(0, b"0123") == 4
+    assert buffer.contiguous_end == 8
+    assert list(buffer.ranges()) == [(0, 8)]
+    assert joined(buffer, 0, 8) == b"01234567"
+
+
+def test_first_copy_wins_on_overlap() -> None:
+    buffer = ScatterBuffer()
+    buffer.insert(2, b"AAAA")  # [2, 6)
+    assert buffer.insert(0, b"bbbbbbbbbb") == 6  # only [0, 2) and [6, 10) are new
+    assert joined(buffer, 0, 10) == b"bbAAAAbbbb"
+    assert buffer.held_bytes == 10
+
+
+def test_views_share_the_callers_memory() -> None:
+    source = bytearray(b"abcdef")
+    buffer = ScatterBuffer()
+    buffer.insert(0, source)
+    (view,) = buffer.views(1, 4)
+    source[2] = ord("X")
+    assert bytes(view) == b"bXd"
+
+
+def test_release_drops_views_so_the_caller_can_resize_its_buffer() -> None:
+    source = bytearray(b"abcdef")
+    buffer = ScatterBuffer()
+    buffer.insert(0, source)
+    with pytest.raises(BufferError):
+        source.extend(b"g")  # still exported: the buffer holds a view
+    buffer.release(3)
+    with pytest.raises(BufferError):
+        source.extend(b"g")  # the tail [3, 6) is still held
+    buffer.release(6)
+    source.extend(b"g")
+    assert buffer.held_bytes == 0
+    assert buffer.base == 6
+
+
+def test_bytes_below_base_are_ignored() -> None:
+    buffer = ScatterBuffer()
+    buffer.insert(0, b"0123")
+    buffer.release(4)
+    assert buffer.insert(0, b"zzzzzz") == 2
+    assert joined(buffer, 4, 6) == b"zz"
+
+
+def test_views_outside_the_contiguous_run_are_refused() -> None:
+    buffer = ScatterBuffer()
+    buffer.insert(0, b"01")
+    buffer.insert(3, b"3")
+    with pytest.raises(ValueError, match="not within the held run"):
+        buffer.views(0, 4)
+
+
+def test_multi_dimensional_buffers_are_flattened_without_copying() -> None:
+    source = memoryview(bytearray(b"abcdef")).cast("B", (2, 3))
+    buffer = ScatterBuffer()
+    assert buffer.insert(0, source) == 6
+    assert joined(buffer, 0, 6) == b"abcdef"
+
+
+writes = st.lists(
+    st.tuples(st.integers(0, 200), st.integers(0, 60), st.integers(0, 255)), max_size=40
+)
+
+
+@settings(deadline=None, max_examples=300)
+@given(writes=writes, releases=st.lists(st.integers(0, 260), max_size=5))
+def test_matches_a_byte_by_byte_model(
+    writes: list[tuple[int, int, int]], releases: list[int]
+) -> None:
+    """Every write is a run of one distinct byte value, so the winner of each byte shows."""
+    model: dict[int, int] = {}
+    buffer = ScatterBuffer()
+    base = 0
+    release_points = iter(sorted(releases))
+    for index, (offset, length, value) in enumerate(writes):
+        new = buffer.insert(offset, bytes([value]) * length)
+        expected_new = 0
+        for position in range(max(offset, base), offset + length):
+            if position not in model:
+                model[position] = value
+                expected_new += 1
+        assert new == expected_new
+        if index % 7 == 6:
+            upto = min(next(release_points, base), buffer.contiguous_end)
+            if upto > base:
+                buffer.release(upto)
+                for position in range(base, upto):
+                    del model[position]
+                base = upto
+        held = sorted(model)
+        assert buffer.held_bytes == len(held)
+        contiguous = base
+        while contiguous in model:
+            contiguous += 1
+        assert buffer.contiguous_end == contiguous
+        assert joined(buffer, base, contiguous) == bytes(model[p] for p in range(base, contiguous))
+        covered = {p for start, end in buffer.ranges() for p in range(start, end)}
+        assert covered == set(held)
