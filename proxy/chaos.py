@@ -387,7 +387,10 @@ class _Run:
         problem = verify_untouched(self.judge, spec.name, spec.previous, previous_generation)
         if problem:
             return dataclasses.replace(
-                base, verdict=Verdict.LEFT_BEHIND, cause=cause, problem=problem
+                base,
+                verdict=Verdict.LEFT_BEHIND,
+                cause=cause,
+                problem=f"{problem}; the client was told: {error.message}",
             )
         refused = (
             spec.precondition is Precondition.STALE and error.code is ErrorCode.PRECONDITION_FAILED

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from typing import Final
 
 import google_crc32c
 from google.api_core import exceptions as api_exceptions
@@ -18,8 +17,6 @@ from google.cloud import storage  # type: ignore[import-untyped]
 from proxy.chaos_workload import ObjectSource, SourceReader
 
 __all__ = ["SourceComparator", "delete_object", "put_previous", "verify_object", "verify_untouched"]
-
-_NOT_FOUND: Final = (api_exceptions.NotFound,)
 
 
 class SourceComparator:
@@ -127,5 +124,5 @@ def put_previous(bucket: storage.Bucket, name: str, previous: ObjectSource) -> i
 
 def delete_object(bucket: storage.Bucket, name: str) -> None:
     """Remove ``name`` if it exists, so a long run does not fill the endpoint's memory."""
-    with contextlib.suppress(_NOT_FOUND):
+    with contextlib.suppress(api_exceptions.NotFound):
         bucket.blob(name).delete()

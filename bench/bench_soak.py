@@ -1,0 +1,135 @@
+"""rup chaos as a benchmark: throughput against fault intensity, and a long soak's memory.
+
+* Intensity sweep: the same seeded chaos run (the moderate fault mix, scaled by
+  ``--intensity`` 0, 0.5, 1, 2 and 4) through the in-process proxy and strict GCS
+  endpoint. Aggregate throughput is verified bytes over wall time, verification included.
+  The claim is the throughput under faults as a ratio to the same run without faults.
+* Soak: 2,000 chaos uploads (200 with ``--quick``) at the default intensity, sampling the
+  process's RSS as uploads finish. The claim is the RSS at the end as a ratio to the RSS
+  after the first sample (flat memory: close to 1.0), with every upload verified.
+
+RSS is that of the whole process (client, proxy and GCS endpoint share it); verified
+objects are deleted as the run goes, so the endpoint holds no more than the uploads in
+flight. Run ``python -m bench.bench_soak --uploads 100`` for a quick run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Final
+
+from proxy.chaos import ChaosSettings, run_chaos
+from proxy.chaos_workload import MiB
+
+__all__ = ["main", "run"]
+
+INTENSITIES: Final = (0.0, 0.5, 1.0, 2.0, 4.0)
+SWEEP_UPLOADS: Final = 40
+QUICK_SWEEP_UPLOADS: Final = 16
+SWEEP_MAX_SIZE: Final = 16 * MiB
+SOAK_UPLOADS: Final = 2000
+QUICK_SOAK_UPLOADS: Final = 200
+#: the soak's largest object; smaller than rup chaos's default so 2,000 uploads fit in minutes
+SOAK_MAX_SIZE: Final = 8 * MiB
+SEED: Final = 2026
+RESULTS: Final = Path(__file__).resolve().parent / "results" / "soak.json"
+
+
+def _sweep(uploads: int) -> list[dict[str, Any]]:
+    points = []
+    for intensity in INTENSITIES:
+        report = run_chaos(
+            ChaosSettings(uploads=uploads, seed=SEED, max_size=SWEEP_MAX_SIZE, intensity=intensity)
+        )
+        points.append(
+            {
+                "intensity": intensity,
+                "uploads": len(report.outcomes),
+                "passed": report.passed,
+                "verified_share": round(report.verified_share, 4),
+                "seconds": round(report.elapsed, 2),
+                "throughput_mib_s": round(report.bytes_verified / MiB / report.elapsed, 2),
+                "faults": sum(report.client_faults["faults"].values())
+                + sum(report.gcs_faults["faults"].values())
+                + sum(report.scripted_faults().values()),
+            }
+        )
+    return points
+
+
+def _soak(uploads: int) -> dict[str, Any]:
+    report = run_chaos(ChaosSettings(uploads=uploads, seed=SEED, max_size=SOAK_MAX_SIZE))
+    samples = [list(sample) for sample in report.rss_samples]
+    # the first sample is taken with the proxy up and before any upload has finished
+    baseline = samples[0][1] if samples else report.rss_start
+    data = report.as_dict()
+    return {
+        "uploads": len(report.outcomes),
+        "passed": report.passed,
+        "verified_share": data["verified_share"],
+        "verdicts": data["verdicts"],
+        "seconds": data["elapsed_s"],
+        "bytes_verified": report.bytes_verified,
+        "time_to_complete_s": data["time_to_complete_s"],
+        "throughput_mib_s": data["throughput_mib_s"],
+        "rss_start_bytes": baseline,
+        "rss_end_bytes": report.rss_end,
+        "rss_peak_bytes": max([s[1] for s in samples] or [report.rss_end]),
+        "rss_samples": samples,
+        "replay": report.replay,
+    }
+
+
+def run(quick: bool, uploads: int | None = None) -> dict[str, Any]:
+    """The sweep and the soak; also writes :data:`RESULTS`."""
+    sweep = _sweep(QUICK_SWEEP_UPLOADS if quick else SWEEP_UPLOADS)
+    soak = _soak(uploads or (QUICK_SOAK_UPLOADS if quick else SOAK_UPLOADS))
+    clean = sweep[0]["throughput_mib_s"] or float("nan")
+    result: dict[str, Any] = {
+        "benchmark": "soak",
+        "intensity_sweep": sweep,
+        "throughput_ratio_to_no_faults": {
+            f"intensity_{point['intensity']:g}": round(point["throughput_mib_s"] / clean, 3)
+            for point in sweep[1:]
+        },
+        "soak": soak,
+        "rss_end_ratio_to_start": round(soak["rss_end_bytes"] / max(soak["rss_start_bytes"], 1), 3),
+        "all_verified": all(p["passed"] for p in sweep) and soak["passed"],
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_soak", description=__doc__)
+    parser.add_argument(
+        "--uploads",
+        type=int,
+        help=f"soak uploads (default {SOAK_UPLOADS}; {QUICK_SOAK_UPLOADS} with --quick)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a short run")
+    args = parser.parse_args(argv)
+    result = run(args.quick, args.uploads)
+    print("chaos throughput against fault intensity (moderate mix x intensity):")
+    for point in result["intensity_sweep"]:
+        ratio = point["throughput_mib_s"] / (result["intensity_sweep"][0]["throughput_mib_s"] or 1)
+        print(
+            f"  x{point['intensity']:<4g} {point['throughput_mib_s']:7.1f} MiB/s"
+            f"  {ratio:5.2f}x no faults   {point['faults']:5d} faults"
+            f"   verified {point['verified_share']:.1%}"
+        )
+    soak = result["soak"]
+    print(
+        f"soak: {soak['uploads']} uploads in {soak['seconds']:.0f} s, verified"
+        f" {soak['verified_share']:.1%}; RSS {soak['rss_start_bytes'] / MiB:.0f} MiB ->"
+        f" {soak['rss_end_bytes'] / MiB:.0f} MiB ({result['rss_end_ratio_to_start']:.2f}x start)"
+    )
+    print(f"  written to {RESULTS}")
+    return 0 if result["all_verified"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
