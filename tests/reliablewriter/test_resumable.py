@@ -69,7 +69,9 @@ def test_empty_object_and_empty_final_chunk() -> None:
     assert empty == ChunkPlan(0, 0, 0)
     assert empty.content_range() == "bytes */0"
     tail = plan_chunk(committed=2 * Q, available_end=2 * Q, total=2 * Q, min_size=Q, max_size=Q)
-    assert tail is not None and tail.final and tail.content_range() == f"bytes */{2 * Q}"
+    assert tail is not None
+    assert tail.final
+    assert tail.content_range() == f"bytes */{2 * Q}"
 
 
 def test_a_long_tail_is_split_into_max_chunks_before_the_final_one() -> None:
@@ -102,12 +104,15 @@ def test_every_plan_obeys_the_chunk_rules(
         max_size=max_size,
     )
     if plan is None:
-        assert not finished and available < min_size
+        assert not finished
+        assert available < min_size
         return
-    assert plan.start == committed and plan.end <= end
+    assert plan.start == committed
+    assert plan.end <= end
     assert plan.size <= max_size
     if not plan.final:
-        assert plan.size % Q == 0 and plan.size >= min_size
+        assert plan.size % Q == 0
+        assert plan.size >= min_size
     else:
         assert plan.end == end
 
@@ -143,7 +148,8 @@ def test_fewer_bytes_than_acknowledged_is_a_regression() -> None:
         ServerRegressionError, match=f"acknowledged {2 * Q} bytes earlier and now reports {Q}"
     ) as info:
         core.receive(response(308, {"range": f"bytes=0-{Q - 1}"}), None)
-    assert info.value.acknowledged == 2 * Q and info.value.reported == Q
+    assert info.value.acknowledged == 2 * Q
+    assert info.value.reported == Q
     with pytest.raises(ServerRegressionError):
         core.receive(response(308), None)
 

@@ -67,5 +67,7 @@ def test_retry_policy_refuses_nonsense() -> None:
 
 
 def test_checksum_modes() -> None:
-    assert ChecksumMode.BOTH.crc32c and ChecksumMode.BOTH.md5
-    assert not ChecksumMode.NONE.crc32c and not ChecksumMode.NONE.md5
+    assert ChecksumMode.BOTH.crc32c
+    assert ChecksumMode.BOTH.md5
+    assert not ChecksumMode.NONE.crc32c
+    assert not ChecksumMode.NONE.md5
