@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import itertools
 import os
+import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import google_crc32c
 import pytest
 import trio
+import trustme
 from google.cloud import storage  # type: ignore[import-untyped]
 
 from faultnet.counters import FaultCounters
@@ -306,3 +308,27 @@ async def test_eight_uploads_finish_while_a_client_sends_garbage(
         nursery.start_soon(vandal)
     for name, data in objects.items():
         assert await stored(storage_client, gcs_bucket, name) == data
+
+
+async def test_tls_over_four_connections(
+    start_proxy: StartProxy,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    path, data = payload(3 * MiB + 1)
+    async with start_proxy(tls=server_context) as server:
+        result = await upload_file(
+            path,
+            f"gs://{gcs_bucket}/tls",
+            proxy=server.address,
+            tls=client_context,
+            settings=client_settings(4),
+        )
+    assert result.size == len(data)
+    assert await stored(storage_client, gcs_bucket, "tls") == data
