@@ -136,20 +136,24 @@ class ResumableState:
     """The client's view of one resumable session.
 
     ``committed`` is what GCS has acknowledged; ``high_water`` is the end of everything
-    ever sent (or acknowledged), which bounds what GCS can truthfully claim to hold.
+    ever sent (or acknowledged), which bounds what GCS can truthfully claim to hold. For a
+    session resumed from its URI, ``high_water`` is unknown (``None``) until GCS first
+    reports its offset.
     """
 
-    def __init__(self, *, name: str, policy: RetryPolicy, committed: int = 0) -> None:
+    def __init__(
+        self, *, name: str, policy: RetryPolicy, committed: int = 0, resumed: bool = False
+    ) -> None:
         self.name = name
         self.policy = policy
         self.committed = committed
-        self.high_water = committed
+        self.high_water: int | None = None if resumed else committed
 
     def sending(self, plan: ChunkPlan) -> None:
         """Note that ``plan`` is about to go out."""
         if plan.start != self.committed:
             raise ValueError(f"chunks start at the committed offset {self.committed}")
-        self.high_water = max(self.high_water, plan.end)
+        self.high_water = max(self.high_water or 0, plan.end)
 
     def restart(self) -> None:
         """Start over in a fresh session (the old one is gone and every byte is held)."""
@@ -219,7 +223,7 @@ class ResumableState:
                 name=self.name,
                 offset=self.committed,
             )
-        if reported > self.high_water:
+        if self.high_water is not None and reported > self.high_water:
             raise UnexpectedResponseError(
                 f"GCS claims {reported} bytes but only {self.high_water} were ever sent",
                 name=self.name,

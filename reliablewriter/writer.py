@@ -178,7 +178,9 @@ class ReliableWriter:
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.progress_timeout,
         )
-        self._state = ResumableState(name=blob.name, policy=settings.retry)
+        self._state = ResumableState(
+            name=blob.name, policy=settings.retry, resumed=session_uri is not None
+        )
         self._buffer = ScatterBuffer()
         self._checksum = StreamChecksum(settings.checksum)
         self._rng = random.Random()
@@ -433,14 +435,13 @@ class ReliableWriter:
 
     # --- internals: the worker ------------------------------------------------------
 
-    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The worker: open or resume the session, then upload until done or failed."""
+    async def _run(self) -> None:
+        """The worker: upload until the object is complete, the writer fails or is closed."""
         try:
             with self._worker_scope:
-                await self._open_session()
-                task_status.started()
                 try:
-                    await self._upload()
+                    if self._result is None:
+                        await self._upload()
                 except WriterError as exc:
                     self._fail(exc)
         finally:
@@ -714,8 +715,10 @@ async def open_writer(
         session_uri=session_uri,
         progress=progress,
     )
+    # Outside the nursery, so that a refusal surfaces as itself, not in an ExceptionGroup.
+    await writer._open_session()
     async with trio.open_nursery() as nursery:
-        await nursery.start(writer._run)
+        nursery.start_soon(writer._run)
         try:
             yield writer
         finally:

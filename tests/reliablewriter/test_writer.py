@@ -1,0 +1,223 @@
+"""ReliableWriter against the strict GCS endpoint, without faults: the contract itself."""
+
+from __future__ import annotations
+
+import random
+
+import google_crc32c
+import pytest
+import trio
+
+from reliablewriter import (
+    ChecksumMismatchError,
+    IncompleteObjectError,
+    NonRetryableHTTPError,
+    WindowExceededError,
+    WriterClosedError,
+    WriterSettings,
+    WriterStats,
+    open_blocking_writer,
+    open_writer,
+)
+
+from .conftest import KiB, MiB, Target, payload
+
+
+async def test_out_of_order_overlapping_writes_make_a_byte_exact_object(
+    target: Target, settings: WriterSettings
+) -> None:
+    data = payload(3 * MiB + 123)
+    pieces = [
+        (offset, data[offset : offset + 100 * KiB]) for offset in range(0, len(data), 100 * KiB)
+    ]
+    random.Random(1).shuffle(pieces)
+    # Resends overlapping what came first, with different bytes: the first copy must win.
+    decoys = [(offset + 10, bytes(len(chunk))) for offset, chunk in pieces[::3]]
+    async with open_writer(target.bucket, "obj", settings) as writer:
+        async with trio.open_nursery() as nursery:
+            for offset, chunk in pieces:
+                nursery.start_soon(writer.write_at, offset, chunk)
+        for offset, decoy in decoys:
+            await writer.write_at(offset, decoy)
+        info = await writer.complete(total_size=len(data), crc32c=google_crc32c.value(data))
+        assert writer.committed_offset == len(data)
+        assert writer.stats.held_bytes == 0
+    assert target.read("obj") == data
+    assert info.size == len(data)
+    assert info.name == "obj"
+    assert info.generation > 0
+
+
+async def test_an_empty_object(target: Target, settings: WriterSettings) -> None:
+    async with open_writer(target.bucket, "empty", settings) as writer:
+        info = await writer.complete()
+    assert info.size == 0
+    assert target.read("empty") == b""
+    assert writer.stats.chunks == 1
+
+
+async def test_an_object_smaller_than_a_chunk_takes_one_request(
+    target: Target, settings: WriterSettings
+) -> None:
+    data = payload(1000)
+    async with open_writer(target.bucket, "small", settings) as writer:
+        await writer.write_at(0, data)
+        info = await writer.complete()
+    assert writer.stats.chunks == 1
+    assert writer.stats.bytes_sent == len(data)
+    assert info.crc32c is not None
+    assert target.read("small") == data
+
+
+async def test_content_type_metadata_and_progress(target: Target, settings: WriterSettings) -> None:
+    data = payload(2 * MiB)
+    seen: list[WriterStats] = []
+    async with open_writer(
+        target.bucket,
+        "meta",
+        settings,
+        content_type="text/plain",
+        metadata={"origin": "test"},
+        progress=seen.append,
+    ) as writer:
+        await writer.write_at(0, data)
+        info = await writer.complete()
+    assert info.content_type == "text/plain"
+    assert info.metadata == {"origin": "test"}
+    acked = [stats.bytes_acked for stats in seen]
+    assert acked == sorted(acked)
+    assert len(acked) >= 4
+    assert acked[-1] == len(data)
+
+
+async def test_writes_beyond_the_window_wait_for_the_committed_offset(
+    target: Target, settings: WriterSettings
+) -> None:
+    data = payload(3 * MiB)
+    far = 2 * MiB  # beyond committed (0) + buffer_limit (1 MiB)
+    events: list[str] = []
+    async with open_writer(target.bucket, "window", settings) as writer:
+        assert writer.window_end == settings.buffer_limit
+
+        async def far_write() -> None:
+            await writer.write_at(far, data[far:])
+            events.append(f"far write done at committed {writer.committed_offset}")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(far_write)
+            await trio.testing.wait_all_tasks_blocked()
+            assert events == []
+            for offset in range(0, far, 128 * KiB):
+                await writer.write_at(offset, data[offset : offset + 128 * KiB])
+        await writer.complete()
+    assert target.read("window") == data
+    (event,) = events
+    assert int(event.rsplit(" ", 1)[1]) >= far + len(data[far:]) - settings.buffer_limit
+
+
+async def test_staged_writes_upload_only_once_committed(
+    target: Target, settings: WriterSettings
+) -> None:
+    data = payload(600 * KiB)
+    async with open_writer(target.bucket, "staged", settings) as writer:
+        dropped = writer.begin_write(0, 300 * KiB)
+        dropped.feed(bytes(300 * KiB))
+        dropped.discard()
+        assert writer.received_ranges() == ()
+        staged = writer.begin_write(0, 300 * KiB)
+        staged.feed(data[: 100 * KiB])
+        staged.feed(memoryview(data)[100 * KiB : 300 * KiB])
+        with pytest.raises(ValueError, match="overruns"):
+            staged.feed(b"x")
+        assert staged.commit() == 300 * KiB
+        assert writer.received_ranges() == ((0, 300 * KiB),)
+        with pytest.raises(WindowExceededError, match="past the window end"):
+            writer.begin_write(writer.window_end, 1)
+        with writer.begin_write(300 * KiB, 300 * KiB) as rest:
+            rest.feed(data[300 * KiB :])
+            rest.commit()
+        await writer.complete()
+    assert target.read("staged") == data
+
+
+async def test_complete_refuses_holes_and_is_idempotent(
+    target: Target, settings: WriterSettings
+) -> None:
+    data = payload(1 * MiB)
+    async with open_writer(target.bucket, "holes", settings) as writer:
+        await writer.write_at(0, data[: 100 * KiB])
+        await writer.write_at(200 * KiB, data[200 * KiB :])
+        with pytest.raises(IncompleteObjectError, match=r"missing bytes \[102400, 204800\)"):
+            await writer.complete()
+        await writer.write_at(100 * KiB, data[100 * KiB : 200 * KiB])
+        first = await writer.complete(len(data))
+        assert await writer.complete(len(data)) is first
+        with pytest.raises(WriterClosedError):
+            await writer.write_at(len(data), b"more")
+    assert target.read("holes") == data
+
+
+async def test_a_wrong_expected_crc32c_fails_before_the_object_exists(
+    target: Target, settings: WriterSettings
+) -> None:
+    data = payload(700 * KiB)
+    async with open_writer(target.bucket, "badcrc", settings) as writer:
+        await writer.write_at(0, data)
+        with pytest.raises(ChecksumMismatchError, match="caller's CRC32C"):
+            await writer.complete(crc32c=google_crc32c.value(data) ^ 1)
+    assert target.object_names() == []
+
+
+async def test_leaving_without_complete_keeps_the_session_resumable(
+    target: Target, settings: WriterSettings
+) -> None:
+    data = payload(2 * MiB + 7)
+    async with open_writer(target.bucket, "resumed", settings) as first:
+        await first.write_at(0, data[:MiB])
+        await first.wait_committed(MiB // 2)
+        session_uri = first.session_uri
+    async with open_writer(target.bucket, "resumed", settings, session_uri=session_uri) as second:
+        resumed_at = second.committed_offset
+        assert resumed_at >= MiB // 2
+        await second.write_at(resumed_at, data[resumed_at:])
+        # Bytes from before the restart were never seen here: the caller's CRC32C stands in.
+        info = await second.complete(crc32c=google_crc32c.value(data))
+    assert info.size == len(data)
+    assert target.read("resumed") == data
+
+
+async def test_if_generation_match_passes_through(target: Target, settings: WriterSettings) -> None:
+    async with open_writer(target.bucket, "gen", settings, if_generation_match=0) as writer:
+        await writer.write_at(0, b"first")
+        info = await writer.complete()
+    with pytest.raises(NonRetryableHTTPError) as refused:
+        async with open_writer(target.bucket, "gen", settings, if_generation_match=0) as writer:
+            await writer.write_at(0, b"second")
+            await writer.complete()
+    assert refused.value.status == 412
+    async with open_writer(
+        target.bucket, "gen", settings, if_generation_match=info.generation
+    ) as writer:
+        await writer.write_at(0, b"third")
+        await writer.complete()
+    assert target.read("gen") == b"third"
+
+
+def test_blocking_facade_writes_sequentially(target: Target, settings: WriterSettings) -> None:
+    data = payload(MiB + 5)
+    with open_blocking_writer(target.bucket, "blocking", settings) as file:
+        for offset in range(0, len(data), 64 * KiB):
+            file.write(data[offset : offset + 64 * KiB])
+        assert file.tell() == len(data)
+    assert file.result is not None
+    assert file.result.size == len(data)
+    assert target.read("blocking") == data
+
+
+def test_blocking_facade_abort_leaves_no_object(target: Target, settings: WriterSettings) -> None:
+    file = open_blocking_writer(target.bucket, "blocking-abort", settings)
+    file.write(payload(700 * KiB))
+    file.abort()
+    with pytest.raises(WriterClosedError):
+        file.write(b"more")
+    assert target.object_names() == []
