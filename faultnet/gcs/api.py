@@ -125,6 +125,8 @@ def _parse_goog_hash(header: str | None) -> tuple[str | None, str | None]:
 
 
 def _hash_header(info: ObjectInfo) -> tuple[str, str]:
+    if info.md5_hash is None:
+        return ("X-Goog-Hash", f"crc32c={info.crc32c}")
     return ("X-Goog-Hash", f"crc32c={info.crc32c},md5={info.md5_hash}")
 
 

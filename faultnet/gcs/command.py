@@ -31,6 +31,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help="of a chunk cut off partway, keep the prefix up to a multiple of this (0: none)",
     )
+    parser.add_argument(
+        "--no-md5",
+        dest="compute_md5",
+        action="store_false",
+        help="do not compute objects' MD5 (saves CPU; objects then have no md5Hash)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

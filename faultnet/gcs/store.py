@@ -33,6 +33,7 @@ from urllib.parse import quote, unquote
 
 import google_crc32c
 
+from faultnet.gcs.digest import RunningDigest, encode_crc32c, encode_md5
 from faultnet.gcs.errors import GcsApiError
 
 __all__ = [
@@ -42,20 +43,9 @@ __all__ = [
     "SessionInfo",
     "Store",
     "UploadSession",
-    "encode_crc32c",
-    "encode_md5",
 ]
 
 _TRAILER_LENGTH = struct.Struct(">Q")
-
-
-def encode_crc32c(value: int) -> str:
-    """GCS's form of a CRC32C: base64 of the big-endian 32-bit value."""
-    return base64.b64encode(value.to_bytes(4, "big")).decode()
-
-
-def encode_md5(digest: bytes) -> str:
-    return base64.b64encode(digest).decode()
 
 
 def _rfc3339(moment: datetime) -> str:
@@ -139,7 +129,7 @@ class ObjectInfo:
     size: int
     content_type: str
     crc32c: str
-    md5_hash: str
+    md5_hash: str | None  # None if the server does not compute MD5s
     time_created: datetime
     metadata: Mapping[str, str] = field(default_factory=dict)
     metageneration: int = 1
@@ -163,13 +153,14 @@ class ObjectInfo:
             "contentType": self.content_type,
             "storageClass": "STANDARD",
             "size": str(self.size),
-            "md5Hash": self.md5_hash,
             "crc32c": self.crc32c,
             "etag": base64.b64encode(str(self.generation).encode()).decode(),
             "timeCreated": created,
             "updated": created,
             "timeStorageClassUpdated": created,
         }
+        if self.md5_hash is not None:
+            resource["md5Hash"] = self.md5_hash
         if self.metadata:
             resource["metadata"] = dict(self.metadata)
         return resource
@@ -197,7 +188,7 @@ class ObjectInfo:
             size=int(data["size"]),
             content_type=data["contentType"],
             crc32c=data["crc32c"],
-            md5_hash=data["md5Hash"],
+            md5_hash=data.get("md5Hash"),
             time_created=datetime.fromisoformat(data["timeCreated"]),
             metadata=dict(data.get("metadata", {})),
             metageneration=int(data.get("metageneration", 1)),
@@ -233,6 +224,7 @@ class UploadSession:
         declared_size: int | None,
         preconditions: Preconditions,
         part_path: Path | None,
+        compute_md5: bool = True,
     ) -> None:
         self.upload_id = upload_id
         self.bucket = bucket
@@ -248,18 +240,23 @@ class UploadSession:
         self.acknowledged_size = 0
         self._segments: list[memoryview] = []
         self._size = 0
+        self.digest = RunningDigest(md5=compute_md5)
         # On disk the part file is opened per operation: no handle outlives a request.
         self._part_path = part_path
         if part_path is not None:
             part_path.touch()
             self._size = part_path.stat().st_size
+            for block in self._iter_blocks():
+                self.digest.update(block)
 
     @property
     def persisted_size(self) -> int:
         return self._size
 
-    def append(self, data: bytes | bytearray | memoryview) -> None:
+    def append(self, data: bytes | bytearray | memoryview, *, digest: bool = True) -> None:
         """Store ``data`` at :attr:`persisted_size`, taking ownership of it.
+
+        ``digest=False`` skips hashing: for the final block, whose digest is known.
 
         In memory the session keeps ``data`` itself, not a copy, so chunk ingest costs one
         copy (kernel to request buffer). The caller must never change ``data`` afterwards;
@@ -277,20 +274,13 @@ class UploadSession:
                 os.fsync(part.fileno())
         else:
             self._segments.append(view)
+        if digest:
+            self.digest.update(view)
         self._size += view.nbytes
 
-    def contents_with(self, tail: bytes | memoryview) -> bytes:
-        """All stored bytes followed by ``tail``, as one ``bytes``."""
-        return b"".join([*self._iter_blocks(), tail])
-
-    def digests_with(self, tail: bytes | memoryview) -> tuple[str, str]:
-        """The (crc32c, md5) of the stored bytes plus ``tail``, read block by block."""
-        crc32c = 0
-        md5 = hashlib.md5()
-        for block in [*self._iter_blocks(), tail]:
-            crc32c = google_crc32c.extend(crc32c, bytes(block))
-            md5.update(block)
-        return encode_crc32c(crc32c), encode_md5(md5.digest())
+    def segments(self) -> tuple[memoryview, ...]:
+        """The stored bytes, in order, as held in memory (empty on disk)."""
+        return tuple(self._segments)
 
     def _iter_blocks(self) -> Iterator[bytes | memoryview]:
         if self._part_path is None:
@@ -313,16 +303,25 @@ class UploadSession:
     def discard(self) -> None:
         """Drop the bytes held in memory (the session is being deleted or finalized)."""
         self._segments = []
+        self.digest.close()
 
 
 class Store:
-    """Buckets, objects and upload sessions, in memory or under ``data_dir``. Thread-safe."""
+    """Buckets, objects and upload sessions, in memory or under ``data_dir``. Thread-safe.
 
-    def __init__(self, data_dir: str | os.PathLike[str] | None = None) -> None:
+    ``compute_md5=False`` leaves objects without ``md5Hash`` (see :class:`RunningDigest`);
+    an upload that asks for an MD5 check is then refused rather than passed unchecked.
+    """
+
+    def __init__(
+        self, data_dir: str | os.PathLike[str] | None = None, *, compute_md5: bool = True
+    ) -> None:
+        self.compute_md5 = compute_md5
         self._lock = threading.Lock()
         self._buckets: dict[str, BucketInfo] = {}
         self._objects: dict[str, dict[str, ObjectInfo]] = {}
-        self._data: dict[tuple[str, str], bytes] = {}
+        # In memory an object is the blocks it arrived in: finalizing copies nothing.
+        self._data: dict[tuple[str, str], tuple[bytes | memoryview, ...]] = {}
         self._sessions: dict[str, UploadSession] = {}
         self._last_generation = 0
         self.data_dir = Path(data_dir) if data_dir is not None else None
@@ -366,6 +365,7 @@ class Store:
                 declared_size=state["declaredSize"],
                 preconditions=Preconditions.from_json(state["preconditions"]),
                 part_path=state_path.with_suffix(".part"),
+                compute_md5=self.compute_md5,
             )
 
     # -- buckets ------------------------------------------------------------------------
@@ -418,6 +418,13 @@ class Store:
         info = self._objects[bucket].get(name)
         return 0 if info is None else info.generation
 
+    def close(self) -> None:
+        """Stop the sessions' digest workers (the server is going away)."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.digest.close()
+
     def check_preconditions(self, bucket: str, name: str, preconditions: Preconditions) -> None:
         with self._lock:
             preconditions.check(self._live_generation(bucket, name))
@@ -438,13 +445,13 @@ class Store:
         _check_name(name)
         content = bytes(data)
         crc32c = encode_crc32c(google_crc32c.value(content))
-        md5 = encode_md5(hashlib.md5(content).digest())
+        md5 = encode_md5(hashlib.md5(content).digest()) if self.compute_md5 else None
         _check_hashes(crc32c, md5, expected_crc32c, expected_md5)
         with self._lock:
             preconditions.check(self._live_generation(bucket, name))
             info = self._new_info(bucket, name, len(content), content_type, crc32c, md5, metadata)
             if self.data_dir is None:
-                self._data[bucket, name] = content
+                self._data[bucket, name] = (content,)
             else:
                 temp = self._temp_path()
                 with open(temp, "wb") as file:
@@ -461,7 +468,7 @@ class Store:
         size: int,
         content_type: str,
         crc32c: str,
-        md5: str,
+        md5: str | None,
         metadata: Mapping[str, str] | None,
     ) -> ObjectInfo:
         return ObjectInfo(
@@ -498,7 +505,7 @@ class Store:
                 raise GcsApiError(
                     404, f"No such object: {info.bucket}/{info.name}", reason="notFound"
                 )
-            return data
+            return data[0] if len(data) == 1 and isinstance(data[0], bytes) else b"".join(data)
         try:
             with open(self._object_path(info.bucket, info.name), "rb") as file:
                 if _read_trailer(file).generation == info.generation:
@@ -578,6 +585,7 @@ class Store:
                 declared_size=declared_size,
                 preconditions=preconditions,
                 part_path=part_path,
+                compute_md5=self.compute_md5,
             )
             self._sessions[upload_id] = session
             return session
@@ -620,19 +628,11 @@ class Store:
         """
         with self._lock:
             session.preconditions.check(self._live_generation(session.bucket, session.name))
-        # Digests are computed here, once, rather than per chunk: ingest stays one copy,
-        # and google-crc32c reads only ``bytes``, which the joined object is anyway.
-        content = b""
-        if self.data_dir is None:
-            content = session.contents_with(tail)
-            crc32c = encode_crc32c(google_crc32c.value(content))
-            md5 = encode_md5(hashlib.md5(content).digest())
-        else:
-            crc32c, md5 = session.digests_with(tail)
+        crc32c, md5 = session.digest.digests_with(tail)
         _check_hashes(crc32c, md5, expected_crc32c, expected_md5)
         with self._lock:
             session.preconditions.check(self._live_generation(session.bucket, session.name))
-            session.append(tail)
+            session.append(tail, digest=False)
             info = self._new_info(
                 session.bucket,
                 session.name,
@@ -643,7 +643,7 @@ class Store:
                 session.metadata,
             )
             if self.data_dir is None:
-                self._data[session.bucket, session.name] = content
+                self._data[session.bucket, session.name] = session.segments()
             else:
                 self._commit_part_file(session, info)
             self._objects[session.bucket][session.name] = info
@@ -669,13 +669,15 @@ def _check_name(name: str) -> None:
 
 
 def _check_hashes(
-    crc32c: str, md5: str, expected_crc32c: str | None, expected_md5: str | None
+    crc32c: str, md5: str | None, expected_crc32c: str | None, expected_md5: str | None
 ) -> None:
     if expected_crc32c is not None and expected_crc32c != crc32c:
         raise GcsApiError(
             400,
             f"Provided CRC32C {expected_crc32c!r} doesn't match calculated CRC32C {crc32c!r}.",
         )
+    if expected_md5 is not None and md5 is None:
+        raise GcsApiError(400, "This server does not compute MD5s; it cannot check one.")
     if expected_md5 is not None and expected_md5 != md5:
         raise GcsApiError(
             400, f"Provided MD5 hash {expected_md5!r} doesn't match calculated MD5 {md5!r}."
