@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import requests
@@ -15,7 +16,7 @@ from faultnet.gcs import GcsServer
 from faultnet.gcs.testing import anonymous_client
 from faultnet.plan import FaultPlan
 from faultnet.transport import faulty_session
-from reliablewriter import RetryPolicy, WriterSettings
+from reliablewriter import ObjectInfo, RetryPolicy, WriterSettings, open_writer
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -99,3 +100,12 @@ def settings() -> WriterSettings:
 def payload(size: int) -> bytes:
     """Random bytes, so that a misplaced or duplicated range cannot go unnoticed."""
     return os.urandom(size)
+
+
+async def upload(
+    bucket: storage.Bucket, name: str, data: bytes, settings: WriterSettings, **options: Any
+) -> ObjectInfo:
+    """Write ``data`` in one call and complete it."""
+    async with open_writer(bucket, name, settings, **options) as writer:
+        await writer.write_at(0, data)
+        return await writer.complete()

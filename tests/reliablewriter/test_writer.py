@@ -20,7 +20,7 @@ from reliablewriter import (
     open_writer,
 )
 
-from .conftest import KiB, MiB, Target, payload
+from .conftest import KiB, MiB, Target, payload, upload
 
 
 async def test_out_of_order_overlapping_writes_make_a_byte_exact_object(
@@ -186,21 +186,26 @@ async def test_leaving_without_complete_keeps_the_session_resumable(
     assert target.read("resumed") == data
 
 
-async def test_if_generation_match_passes_through(target: Target, settings: WriterSettings) -> None:
-    async with open_writer(target.bucket, "gen", settings, if_generation_match=0) as writer:
-        await writer.write_at(0, b"first")
-        info = await writer.complete()
-    with pytest.raises(NonRetryableHTTPError) as refused:
-        async with open_writer(target.bucket, "gen", settings, if_generation_match=0) as writer:
-            await writer.write_at(0, b"second")
-            await writer.complete()
+async def test_if_generation_match_applies_at_initiation(
+    target: Target, settings: WriterSettings
+) -> None:
+    first = await upload(target.bucket, "gen", b"first", settings, if_generation_match=0)
+    with pytest.raises(NonRetryableHTTPError, match="HTTP 412") as refused:
+        await upload(target.bucket, "gen", b"second", settings, if_generation_match=0)
     assert refused.value.status == 412
-    async with open_writer(
-        target.bucket, "gen", settings, if_generation_match=info.generation
-    ) as writer:
-        await writer.write_at(0, b"third")
-        await writer.complete()
+    await upload(target.bucket, "gen", b"third", settings, if_generation_match=first.generation)
     assert target.read("gen") == b"third"
+
+
+async def test_if_generation_match_applies_at_finalization(
+    target: Target, settings: WriterSettings
+) -> None:
+    async with open_writer(target.bucket, "race", settings, if_generation_match=0) as writer:
+        await writer.write_at(0, b"loser")
+        await upload(target.bucket, "race", b"winner", settings)
+        with pytest.raises(NonRetryableHTTPError, match="HTTP 412"):
+            await writer.complete()
+    assert target.read("race") == b"winner"
 
 
 def test_blocking_facade_writes_sequentially(target: Target, settings: WriterSettings) -> None:
