@@ -13,6 +13,7 @@ from google.cloud import storage  # type: ignore[import-untyped]
 from google.resumable_media.requests import ResumableUpload
 
 from faultnet.gcs import UPLOAD_QUANTUM, GcsServer
+from faultnet.gcs.testing import anonymous_client
 
 
 def _crc32c(data: bytes) -> str:
@@ -116,3 +117,15 @@ def test_create_resumable_upload_session_then_resumable_media(
         upload.transmit_next_chunk(transport)  # type: ignore[no-untyped-call]
     assert gcs_server.store.get_object(gcs_bucket, "media.bin")[0] == payload
     assert session_url.startswith(gcs_server.url)
+
+
+def test_without_md5_objects_carry_only_crc32c(gcs_bucket: str) -> None:
+    with GcsServer(compute_md5=False) as server:
+        server.store.create_bucket(gcs_bucket)
+        client = anonymous_client(server.url)
+        blob = client.bucket(gcs_bucket).blob("obj", chunk_size=UPLOAD_QUANTUM)
+        payload = _pattern(UPLOAD_QUANTUM + 1)
+        blob.upload_from_file(io.BytesIO(payload))
+        assert blob.download_as_bytes() == payload
+        blob.reload()
+        assert (blob.crc32c, blob.md5_hash) == (_crc32c(payload), None)

@@ -1,0 +1,37 @@
+"""``rup gcs-server`` from the command line."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_gcs_server_serves_until_signalled(tmp_path: Path, stop_signal: signal.Signals) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "proxy",
+        "gcs-server",
+        "--port",
+        "0",
+        "--data-dir",
+        str(tmp_path),
+    ]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            url = process.stdout.readline().strip()
+            assert url.startswith("http://127.0.0.1:")
+            created = requests.post(f"{url}/storage/v1/b", json={"name": "cli"}, timeout=30)
+            assert created.status_code == 200
+        finally:
+            process.send_signal(stop_signal)
+            exit_code = process.wait(timeout=60)
+    assert exit_code == 0
+    assert (tmp_path / "buckets" / "cli").is_dir()
