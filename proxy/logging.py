@@ -17,10 +17,12 @@ from typing import Any, TextIO
 
 __all__ = [
     "REDACTED",
+    "RedactingFilter",
     "RedactingFormatter",
     "configure_logging",
     "get_logger",
     "log_event",
+    "protect_third_party_loggers",
     "redact",
 ]
 
@@ -83,6 +85,40 @@ class RedactingFormatter(logging.Formatter):
         return " ".join(parts)
 
 
+class RedactingFilter(logging.Filter):
+    """Scrubs a record's message in place, for loggers whose text we do not control."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        scrubbed = redact(message)
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, None
+        return True
+
+
+#: third-party loggers that write request URLs (with the session's upload_id) at DEBUG
+_URL_LOGGERS = (
+    "urllib3.connectionpool",
+    "google.auth.transport.requests",
+    "google.resumable_media",
+    "google.cloud.storage",
+)
+_FILTER = RedactingFilter()
+
+
+def protect_third_party_loggers() -> None:
+    """Scrub session ids from what HTTP libraries log, whoever ends up handling it.
+
+    A logger's filters see every record created on that logger, before any handler
+    (including ones installed later, such as pytest's), so this holds even when an
+    operator turns on DEBUG logging for everything. Idempotent.
+    """
+    for name in _URL_LOGGERS:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+
+
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
@@ -115,6 +151,7 @@ def configure_logging(
     *, level: int = logging.INFO, json_lines: bool = False, stream: TextIO | None = None
 ) -> logging.Handler:
     """Send rup's loggers to ``stream`` (default stderr), formatted and redacted."""
+    protect_third_party_loggers()
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(RedactingFormatter(json_lines=json_lines))
     for name in ("proxy", "reliablewriter", "faultnet"):

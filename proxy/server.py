@@ -16,6 +16,7 @@ a slow client never holds up the upload or other clients.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import hmac
@@ -58,7 +59,7 @@ from protocol import (
 )
 from proxy.backend import Backend
 from proxy.config import ServerSettings
-from proxy.logging import get_logger, log_event
+from proxy.logging import get_logger, log_event, protect_third_party_loggers
 from proxy.metrics import ServerMetrics, serve_metrics
 from proxy.uploads import (
     OpenRequest,
@@ -68,6 +69,7 @@ from proxy.uploads import (
     UploadListener,
     UploadRegistry,
 )
+from reliablewriter import ObjectInfo
 
 __all__ = ["ProxyServer", "serve", "serve_in_background"]
 
@@ -416,9 +418,7 @@ class ClientConnection(UploadListener):
         else:
             if self._upload is upload:
                 self._unbind()  # Completed returns the connection to the unbound state
-            self._outbox.put_nowait(
-                Completed(event.seq, info.generation, info.size, info.crc32c, info.md5)
-            )
+            self._outbox.put_nowait(_completed(event.seq, info))
         finally:
             self._outstanding -= 1
 
@@ -496,6 +496,13 @@ class ProxyServer:
         connections_scope.cancel()
 
 
+def _completed(reply_to: int, info: ObjectInfo) -> Completed:
+    """The Completed reply for ``info``, whose checksums are in GCS's base64 form."""
+    crc32c = int.from_bytes(base64.b64decode(info.crc32c), "big") if info.crc32c else 0
+    md5 = base64.b64decode(info.md5_hash) if info.md5_hash else None
+    return Completed(reply_to, info.generation, info.size, crc32c, md5)
+
+
 def _peer_host(stream: trio.SocketStream) -> str:
     try:
         return str(stream.socket.getpeername()[0])
@@ -527,6 +534,7 @@ async def serve(
     is abrupt. Either way unfinished uploads are released, not aborted: their GCS sessions
     stay resumable through their tokens.
     """
+    protect_third_party_loggers()
     metrics = ServerMetrics()
     listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
     host, port = listeners[0].socket.getsockname()[:2]

@@ -37,8 +37,10 @@ from reliablewriter import (
     ChecksumMismatchError,
     NonRetryableHTTPError,
     ObjectInfo,
+    PendingWrite,
     ReliableWriter,
     WriterAbortedError,
+    WriterClosedError,
     WriterError,
     WriterSettings,
     WriterStats,
@@ -195,7 +197,15 @@ class StagedWrite:
         self.length = length
         self._received = 0
         self._failure: UploadError | None = None
-        self._pending = upload.writer.begin_write(offset, length)
+        try:
+            self._pending: PendingWrite | _NullPending = upload.writer.begin_write(offset, length)
+        except WriterClosedError as exc:
+            # Only a finished upload closes its writer while still registered here.
+            raise UploadError(
+                ErrorCode.INVALID_STATE, f"upload {upload.upload_id} takes no more writes"
+            ) from exc
+        except WriterError as exc:
+            raise upload.failure() or _error_from_writer(exc) from exc
 
     def feed(self, data: memoryview) -> None:
         if self._failure is not None:
@@ -454,10 +464,11 @@ class Upload:
             if exc.code is ErrorCode.MISSING_RANGES:
                 self._completion = None
         except WriterError as exc:
-            completion.error = self._failure = _error_from_writer(exc)
-            self.state = UploadState.FAILED
-            self._registry.metrics.uploads_failed.labels(reason=type(exc).__name__).inc()
-            log_event(logger, logging.WARNING, "upload-failed", upload=self.upload_id, error=exc)
+            completion.error = self._writer_failed(exc)
+        except ValueError as exc:
+            # The writer refuses a total that contradicts the bytes it holds or the size
+            # declared at open; the upload itself is fine.
+            completion.error = UploadError(ErrorCode.SIZE_MISMATCH, str(exc))
         else:
             self.state = UploadState.COMPLETED
             # Give the window back before anyone hears of the completion, so a client that
@@ -477,24 +488,36 @@ class Upload:
             completion.done.set()
             self._activity.unpark_all()
 
-    async def _announce_credit(self) -> None:
-        """Send Credit to every attached connection each time the committed offset moves."""
+    async def _follow_writer(self) -> None:
+        """Announce every move of the committed offset; notice when the writer fails."""
         writer = self.writer
         announced = writer.committed_offset
-        while True:
-            await writer.wait_committed(announced + 1)
-            announced = writer.committed_offset
-            self._record_stats(writer.stats)
-            self._touch()
-            self._activity.unpark_all()
-            for listener in list(self._listeners):
-                listener.offer_credit(self, announced, writer.window_end)
+        try:
+            while True:
+                await writer.wait_committed(announced + 1)
+                announced = writer.committed_offset
+                self._record_stats(writer.stats)
+                self._touch()
+                self._activity.unpark_all()
+                for listener in list(self._listeners):
+                    listener.offer_credit(self, announced, writer.window_end)
+        except WriterClosedError:
+            return  # complete or closing: the offset will not move again
+        except WriterError as exc:
+            if self.state is not UploadState.ABORTED:
+                self._writer_failed(exc)
 
-    def _fail(self, error: UploadError) -> None:
-        """Record why the upload cannot go on, and tell every attached connection now."""
-        self._failure = error
-        for listener in list(self._listeners):
-            listener.upload_failed(self, error)
+    def _writer_failed(self, exc: WriterError) -> UploadError:
+        """Record that the writer gave up; every attached connection hears of it at once."""
+        if self._failure is None:
+            self._failure = error = _error_from_writer(exc)
+            self.state = UploadState.FAILED
+            self._registry.metrics.uploads_failed.labels(reason=type(exc).__name__).inc()
+            log_event(logger, logging.WARNING, "upload-failed", upload=self.upload_id, error=exc)
+            for listener in list(self._listeners):
+                listener.upload_failed(self, error)
+            self._activity.unpark_all()
+        return self._failure
 
     def _record_stats(self, stats: WriterStats) -> None:
         self._stats_seen.publish(stats, self._registry.metrics)
@@ -513,9 +536,9 @@ class Upload:
             with trio.move_on_at(deadline):
                 await self._activity.park()
 
-    def _finished_running(self, final_state: UploadState) -> None:
+    def _finished_running(self) -> None:
         if self.state is UploadState.ACTIVE:
-            self.state = final_state
+            self.state = UploadState.RELEASED
         self._activity.unpark_all()
         self._finished.set()
 
@@ -639,7 +662,14 @@ class UploadRegistry:
         upload = await self._start(
             ticket.upload_id, _request_from(ticket), client, session_uri=ticket.session_uri
         )
-        upload.token = token
+        session_uri = upload.writer.session_uri
+        # GCS may have forgotten the session, in which case the writer started a new one
+        # (from offset 0): the token must lead to the new session from now on.
+        upload.token = (
+            token
+            if session_uri == ticket.session_uri
+            else self.codec.seal(dataclasses.replace(ticket, session_uri=session_uri))
+        )
         self.metrics.uploads_resumed.inc()
         log_event(
             logger,
@@ -709,7 +739,6 @@ class UploadRegistry:
         """
         request = upload.request
         started = False
-        final_state = UploadState.RELEASED
         try:
             bucket = await trio.to_thread.run_sync(self.backend.bucket, request.bucket)
             async with open_writer(
@@ -727,7 +756,7 @@ class UploadRegistry:
                     upload._nursery = nursery
                     self._uploads[upload.upload_id] = upload
                     self.metrics.active_uploads.inc()
-                    nursery.start_soon(upload._announce_credit)
+                    nursery.start_soon(upload._follow_writer)
                     started = True
                     task_status.started()
                     await upload._linger()
@@ -736,23 +765,20 @@ class UploadRegistry:
         except WriterError as exc:
             if not started:
                 raise _error_from_writer(exc) from exc
-            upload._fail(_error_from_writer(exc))
-            final_state = UploadState.FAILED
-            self.metrics.uploads_failed.labels(reason=type(exc).__name__).inc()
-            log_event(logger, logging.WARNING, "upload-failed", upload=upload.upload_id, error=exc)
+            upload._writer_failed(exc)
         except Exception as exc:
             if not started:
                 raise UploadError(
                     ErrorCode.GCS_ERROR, f"could not start the GCS upload: {exc}", retryable=True
                 ) from exc
-            upload._fail(UploadError(ErrorCode.INTERNAL, f"upload {upload.upload_id} broke"))
-            final_state = UploadState.FAILED
+            upload._failure = UploadError(ErrorCode.INTERNAL, f"upload {upload.upload_id} broke")
+            upload.state = UploadState.FAILED
             log_event(logger, logging.ERROR, "upload-crashed", exc=True, upload=upload.upload_id)
         finally:
             if started:
                 self.metrics.active_uploads.dec()
                 self._give_back(upload)
-            upload._finished_running(final_state)
+            upload._finished_running()
         if started:
             await self._retire(upload)
 
