@@ -27,7 +27,13 @@ from google.cloud import storage  # type: ignore[import-untyped]
 
 from .resumable import HttpResponse
 
-__all__ = ["ChunkBody", "GcsTransport", "TransportFailure", "UploadInterrupted"]
+__all__ = [
+    "ChunkBody",
+    "GcsTransport",
+    "SessionOptions",
+    "TransportFailure",
+    "UploadInterrupted",
+]
 
 
 class UploadInterrupted(Exception):  # noqa: N818 - it is a signal, not a failure
@@ -81,6 +87,11 @@ class ChunkBody:
                 yield piece
                 # The consumer asks for the next piece only once this one is sent.
                 self._on_sent(len(piece))
+
+    @property
+    def views(self) -> list[memoryview]:
+        """The views still held (empty once released)."""
+        return self._views
 
     def release(self) -> None:
         """Let go of the views, whoever still holds this body."""

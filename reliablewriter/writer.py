@@ -561,7 +561,7 @@ class ReliableWriter:
         await self._retrying(self._create_session)
 
     async def _query_status(self) -> Outcome:
-        outcome = await trio.to_thread.run_sync(self._exchange, None, [])
+        outcome = await trio.to_thread.run_sync(self._exchange, None, None)
         if isinstance(outcome, Persisted):
             self._acknowledge()
         return outcome
@@ -569,9 +569,18 @@ class ReliableWriter:
     async def _send_chunk(self, plan: ChunkPlan) -> Outcome:
         before = self._state.committed
         self._state.sending(plan)
-        views = self._buffer.views(plan.start, plan.end)
-        outcome = await trio.to_thread.run_sync(self._exchange, plan, views)
-        del views
+        # Only the body holds the chunk's views, and it lets go of them when the request
+        # ends however it ends: frames kept alive by a traceback must not pin caller data.
+        body = ChunkBody(
+            self._buffer.views(plan.start, plan.end),
+            slice_size=self._settings.send_slice,
+            stop=self._stop_sending,
+            on_sent=self._count_sent,
+        )
+        try:
+            outcome = await trio.to_thread.run_sync(self._exchange, plan, body)
+        finally:
+            body.release()
         if isinstance(outcome, Persisted):
             self._chunks += 1
             self._acknowledge()
@@ -582,22 +591,19 @@ class ReliableWriter:
             self._chunks += 1
         return outcome
 
-    def _exchange(self, plan: ChunkPlan | None, views: list[memoryview]) -> Outcome:
+    def _exchange(self, plan: ChunkPlan | None, body: ChunkBody | None) -> Outcome:
         """In a worker thread: send ``plan`` (or a status query) and interpret the answer."""
-        if plan is None:
+        if plan is None or body is None:
             response = self._transport.put(self.session_uri, _STATUS_QUERY, None)
             return self._state.receive(response, None)
         headers = {"Content-Range": plan.content_range()}
-        self._checksum.extend(plan.start, views)
-        if plan.final:
-            headers.update(self._final_hash_headers())
-        body = ChunkBody(
-            views,
-            slice_size=self._settings.send_slice,
-            stop=self._stop_sending,
-            on_sent=self._count_sent,
-        )
-        views = []
+        try:
+            self._checksum.extend(plan.start, body.views)
+            if plan.final:
+                headers.update(self._final_hash_headers())
+        except BaseException:
+            body.release()
+            raise
         response = self._transport.put(self.session_uri, headers, body)
         return self._state.receive(response, plan)
 
@@ -717,11 +723,18 @@ async def open_writer(
     )
     # Outside the nursery, so that a refusal surfaces as itself, not in an ExceptionGroup.
     await writer._open_session()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer._run)
-        try:
-            yield writer
-        finally:
-            writer._closed.set()
-            writer._notify()
-            await writer._stop_worker()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer._run)
+            try:
+                yield writer
+            finally:
+                writer._closed.set()
+                writer._notify()
+                await writer._stop_worker()
+    except BaseExceptionGroup as group:
+        # The worker never raises (its failures are stored and re-raised to callers), so
+        # a group here wraps the caller's own exception: give it back unwrapped.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
