@@ -288,9 +288,10 @@ class _Run:
             outcome = await self._judged_upload(spec, address)
         except Exception as exc:
             # Record, don't propagate: one broken upload must not hide the others' verdicts.
+            # Clients must fail with UploadError; anything else is a bug worth a replay.
             outcome = UploadOutcome(
                 spec.index, spec.name, spec.size, Verdict.CRASHED, cause=type(exc).__name__,
-                problem=f"the harness broke: {exc!r}",
+                problem=f"unexpected exception: {exc!r}",
             )  # fmt: skip
         finally:
             limiter.release()

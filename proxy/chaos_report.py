@@ -40,7 +40,7 @@ class Verdict(enum.Enum):
     LEFT_BEHIND = "LEFT BEHIND"  # the upload failed but changed what GCS holds
     WRONGLY_ACCEPTED = "WRONGLY ACCEPTED"  # a stale ifGenerationMatch replaced the object
     HUNG = "HUNG"  # no answer within the per-upload deadline
-    CRASHED = "CRASHED"  # the harness itself broke on this upload
+    CRASHED = "CRASHED"  # an unexpected exception, from the client library or the harness
 
     @property
     def keeps_promise(self) -> bool:
@@ -248,7 +248,7 @@ class ChaosReport:
             ("fault, GCS leg", self.gcs_faults.get("faults", {})),
             ("fault, GCS scripted", self.scripted_faults()),
             ("retry, client", self.client_retries()),
-            ("resent MiB, client", {k: v // _MiB for k, v in self.resent_bytes_by_cause().items()}),
+            ("resent KiB, client", {k: v // 1024 for k, v in self.resent_bytes_by_cause().items()}),
             ("retry, proxy -> GCS", self.proxy_retries_by_cause),
             ("not verified", self.failures_by_cause()),
         ]
