@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import traceback
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +119,14 @@ def _scrub(exc: BaseException | None) -> None:
         exc = exc.__cause__ or exc.__context__
 
 
+def _plausible_session_uri(uri: object) -> bool:
+    if not isinstance(uri, str):
+        return False
+    parts = urllib.parse.urlsplit(uri)
+    query = urllib.parse.parse_qs(parts.query)
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and "upload_id" in query
+
+
 def _cause_of(exc: BaseException) -> str:
     if isinstance(exc, UploadInterrupted):
         return "interrupted"
@@ -177,6 +186,10 @@ class GcsTransport:
             _scrub(exc)
         if failure is not None:
             raise failure
+        if not _plausible_session_uri(uri):
+            # A response damaged on the way (a flipped byte in Location) would otherwise
+            # poison every later request; a fresh session is the cure.
+            raise TransportFailure("bad-session-uri")
         return uri
 
     def put(
