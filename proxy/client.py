@@ -421,7 +421,8 @@ class _Channel:
                     self.fail(_first(group, _ConnectionLostError))
                 except* UploadError as group:
                     error = _first(group, UploadError)
-                    self._upload.fail(error)
+                    if not (self._upload.aborting and error.code == ErrorCode.ABORTED):
+                        self._upload.fail(error)
                     self.fail(_ConnectionLostError(error.message, code=error.code))
                 except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
                     reason = f"connection broke: {_first(group, Exception)!r}"
