@@ -18,6 +18,7 @@ from protocol import (
     ErrorCode,
     Hello,
     OpenUpload,
+    UploadOpened,
 )
 from proxy.config import MiB
 from proxy.server import ProxyServer
@@ -121,6 +122,22 @@ async def test_exhausted_buffer_budget_answers_too_busy_and_recovers(
         await holders[0].reply(Completed)
         # The finished upload gave its window back.
         assert (await late.open(gcs_bucket, "budget-late.bin")).token
+
+
+async def test_uploads_per_client_are_limited(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+) -> None:
+    async with start_proxy(max_uploads_per_client=1) as server:
+        first = await raw_client(server)
+        opened = await first.open(gcs_bucket, "mine.bin")
+        second = await raw_client(server)
+        await second.send(OpenUpload(gcs_bucket, "another.bin"))
+        error = await second.error()
+        assert error.code is ErrorCode.TOO_BUSY
+        assert "1 uploads open" in error.message
+        # Attaching to the upload the client already has is not a new upload.
+        await second.send(AttachUpload(opened.token))
+        assert not (await second.reply(UploadOpened)).resumed
 
 
 async def test_connections_per_client_are_limited(
