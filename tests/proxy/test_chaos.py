@@ -61,6 +61,22 @@ def test_a_small_seeded_run_verifies_every_upload_despite_faults_on_every_leg() 
     assert report.rss_end > 0
 
 
+def test_a_run_against_an_external_endpoint_scripts_its_faults_there_and_cleans_up(
+    gcs_server: GcsServer,
+) -> None:
+    settings = dataclasses.replace(
+        SMALL, uploads=8, max_size=600_000, gcs_endpoint=gcs_server.url, intensity=2.0
+    )
+
+    report = run_chaos(settings)
+
+    assert report.passed, report.as_dict()["broken"]
+    assert report.scripted_faults()  # created through the endpoint's POST /retry_test
+    assert gcs_server.retry_tests.list() == []  # ...and deleted once read back
+    assert list(anonymous_client(gcs_server.url).list_blobs("rup-chaos")) == []
+    assert f"--gcs-endpoint {gcs_server.url}" in report.replay
+
+
 def _flip_one_stored_byte(bucket: storage.Bucket, spec: UploadSpec) -> None:
     blob = bucket.get_blob(spec.name)
     if blob is None or blob.size == 0:
