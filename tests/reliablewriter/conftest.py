@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,21 +25,32 @@ MiB = 1024 * KiB
 
 @dataclass
 class Target:
-    """A bucket on the strict endpoint, and the HTTP session the writer will use."""
+    """A bucket on a GCS endpoint, and the HTTP session the writer will use.
 
-    server: GcsServer
+    ``server`` is the strict endpoint (which can script faults), or None for
+    gcp-storage-emulator.
+    """
+
+    url: str
     bucket_name: str
     http: requests.Session
+    server: GcsServer | None = None
     counters: FaultCounters = field(default_factory=FaultCounters)
     retry_test_id: str | None = None
 
     @property
     def bucket(self) -> storage.Bucket:
-        return anonymous_client(self.server.url, http=self.http).bucket(self.bucket_name)
+        return anonymous_client(self.url, http=self.http).bucket(self.bucket_name)
+
+    @property
+    def strict(self) -> GcsServer:
+        if self.server is None:
+            pytest.skip("needs the strict endpoint")
+        return self.server
 
     def script(self, *instructions: str) -> None:
         """Have the endpoint apply ``instructions`` to the next upload requests, in order."""
-        self.retry_test_id = self.server.create_retry_test(
+        self.retry_test_id = self.strict.create_retry_test(
             {"storage.objects.insert": list(instructions)}
         )
         self.http.headers["x-retry-test-id"] = self.retry_test_id
@@ -46,25 +58,31 @@ class Target:
     def script_done(self) -> bool:
         """Whether every scripted instruction has fired."""
         assert self.retry_test_id is not None
-        completed: bool = self.server.retry_tests.get(self.retry_test_id)["completed"]
+        completed: bool = self.strict.retry_tests.get(self.retry_test_id)["completed"]
         return completed
 
     def read(self, name: str) -> bytes:
-        blob = anonymous_client(self.server.url).bucket(self.bucket_name).blob(name)
+        blob = anonymous_client(self.url).bucket(self.bucket_name).blob(name)
         data: bytes = blob.download_as_bytes()
         return data
 
     def object_names(self) -> list[str]:
-        client = anonymous_client(self.server.url)
+        client = anonymous_client(self.url)
         return [blob.name for blob in client.list_blobs(self.bucket_name)]
 
 
 @pytest.fixture
-def target(gcs_server: GcsServer, gcs_bucket: str) -> Iterator[Target]:
+def strict_target(gcs_server: GcsServer, gcs_bucket: str) -> Iterator[Target]:
     """The strict endpoint over a plain requests session."""
     with requests.Session() as http:
         http.trust_env = False
-        yield Target(gcs_server, gcs_bucket, http)
+        yield Target(gcs_server.url, gcs_bucket, http, gcs_server)
+
+
+@pytest.fixture
+def target(strict_target: Target) -> Target:
+    """The strict endpoint over a plain requests session."""
+    return strict_target
 
 
 @pytest.fixture
@@ -76,11 +94,35 @@ def faulty_target(gcs_server: GcsServer, gcs_bucket: str) -> Iterator[Callable[[
         counters = FaultCounters()
         http = faulty_session(FaultPlan.parse(plan), counters)
         sessions.append(http)
-        return Target(gcs_server, gcs_bucket, http, counters)
+        return Target(gcs_server.url, gcs_bucket, http, gcs_server, counters)
 
     yield make
     for http in sessions:
         http.close()
+
+
+@pytest.fixture(scope="session")
+def emulator_url() -> Iterator[str]:
+    """gcp-storage-emulator from PyPI, in memory, once for the whole session."""
+    from gcp_storage_emulator.server import create_server
+
+    server = create_server("127.0.0.1", 0, in_memory=True)
+    server.start()
+    try:
+        host, port = server._api._httpd.server_address
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def emulator_target(emulator_url: str) -> Iterator[Target]:
+    """A fresh bucket on gcp-storage-emulator."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    anonymous_client(emulator_url).create_bucket(name)
+    with requests.Session() as http:
+        http.trust_env = False
+        yield Target(emulator_url, name, http)
 
 
 @pytest.fixture

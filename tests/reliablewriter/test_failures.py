@@ -269,7 +269,7 @@ async def test_abort_deletes_the_session_and_releases_every_buffer(
         with pytest.raises(WriterAbortedError):
             await writer.write_at(len(data), b"more")
     with pytest.raises(GcsApiError) as gone:
-        target.server.store.session(session_id)
+        target.strict.store.session(session_id)
     assert gone.value.status == 404
     assert target.object_names() == []
 
