@@ -15,11 +15,15 @@ MiB = 1024 * 1024
 
 def test_demo_verifies_the_object_despite_faults_on_both_legs() -> None:
     report = run_demo(
-        size=12 * MiB,
+        size=16 * MiB,
         connections=4,
-        # thresholds scaled down with the object, so every kind of fault fires
-        client_plan=FaultPlan.parse("seed=5; reset_peer:up(after=2m)~0.5; corrupt:up(at=700k)"),
-        gcs_plan=FaultPlan.parse("seed=6; reset_peer:up(after=1500k)~0.5"),
+        # Thresholds scaled down with the object. With seed 14 the first client connection
+        # gets a reset and a flipped payload byte, the second a reset, and the proxy's first
+        # two HTTP connections to GCS a reset (FaultPlan.for_connection is deterministic).
+        client_plan=FaultPlan.parse(
+            "seed=14; reset_peer:up(after=2m)~0.5; corrupt:up(at=700k)~0.5"
+        ),
+        gcs_plan=FaultPlan.parse("seed=14; reset_peer:up(after=1500k)~0.5"),
     )
     assert report.verified, report.problem
     assert report.client_faults["faults"].get("reset_peer", 0) >= 1
