@@ -231,6 +231,19 @@ class ClientConnection(UploadListener):
         finally:
             self._sender_done.set()
 
+    async def _reply(self, reply: Reply) -> None:
+        """Queue ``reply``; a client that stops reading its replies gets disconnected.
+
+        Without the limit, a client that pipelines requests but never reads would park
+        this connection forever with its receive loop stuck here, out of the idle timeout's
+        reach.
+        """
+        with trio.move_on_after(self._settings.idle_timeout):
+            await self._outbox.put(reply)
+            return
+        log_event(logger, logging.INFO, "client-not-reading", client=self.client)
+        raise _HangUpError
+
     def _fail(self, reply_to: int, error: UploadError | RemoteProtocolError) -> None:
         self._outbox.put_nowait(Error(reply_to, error.code, error.retryable, error.message))
 
@@ -311,9 +324,7 @@ class ClientConnection(UploadListener):
                 event.seq, UploadError(ErrorCode.UNAUTHENTICATED, "bearer token not accepted")
             )
             raise _HangUpError
-        await self._outbox.put(
-            self._protocol.welcome(event, server_name=self._settings.server_name)
-        )
+        await self._reply(self._protocol.welcome(event, server_name=self._settings.server_name))
 
     async def _dispatch(self, event: Event, nursery: trio.Nursery) -> None:
         # The hot path first: payload pieces of a WriteAt frame.
@@ -327,7 +338,7 @@ class ClientConnection(UploadListener):
             staged, self._staged = self._staged, None
             if staged is not None:
                 committed = staged.commit()
-                await self._outbox.put(Ack(event.seq, committed))
+                await self._reply(Ack(event.seq, committed))
         elif isinstance(event, OpenUpload):
             await self._open(event)
         elif isinstance(event, AttachUpload):
@@ -341,19 +352,19 @@ class ClientConnection(UploadListener):
                 await upload.abort()
             finally:
                 self._unbind()  # whatever the answer, an Abort leaves the connection unbound
-            await self._outbox.put(Ack(event.seq, 0))
+            await self._reply(Ack(event.seq, 0))
         elif isinstance(event, StatusQuery):
             upload = self._bound()
             failure = upload.failure()
             if failure is not None:
                 raise failure
-            await self._outbox.put(
+            await self._reply(
                 Status(
                     event.seq, upload.committed_offset, upload.received_ranges(), upload.window_end
                 )
             )
         elif isinstance(event, Ping):
-            await self._outbox.put(Pong(event.seq, event.nonce))
+            await self._reply(Pong(event.seq, event.nonce))
         else:
             raise RemoteProtocolError(
                 f"unexpected {type(event).__name__} frame", ErrorCode.UNEXPECTED_FRAME
@@ -400,7 +411,7 @@ class ClientConnection(UploadListener):
         self._upload = upload
         upload.attach(self)
         committed = upload.committed_offset
-        await self._outbox.put(UploadOpened(reply_to, upload.token, committed, resumed))
+        await self._reply(UploadOpened(reply_to, upload.token, committed, resumed))
         self._outbox.offer_credit(Credit(0, committed, upload.window_end))
 
     def _unbind(self) -> None:
