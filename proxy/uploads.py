@@ -467,8 +467,9 @@ class Upload:
             completion.error = self._writer_failed(exc)
         except ValueError as exc:
             # The writer refuses a total that contradicts the bytes it holds or the size
-            # declared at open; the upload itself is fine.
+            # declared at open. The upload itself is fine: a corrected Complete may follow.
             completion.error = UploadError(ErrorCode.SIZE_MISMATCH, str(exc))
+            self._completion = None
         else:
             self.state = UploadState.COMPLETED
             # Give the window back before anyone hears of the completion, so a client that

@@ -271,3 +271,19 @@ async def test_shutdown_sends_going_away_and_leaves_upload_resumable(
         await send_range(client, data, attached.committed_offset, len(data))
         await client.send(Complete(len(data)))
         assert (await client.reply(Completed)).size == len(data)
+
+
+async def test_complete_with_a_wrong_size_is_refused_and_can_be_corrected(
+    proxy_server: ProxyServer, raw_client: Connect, gcs_bucket: str
+) -> None:
+    data = _payload(300 * KiB)
+    client = await raw_client(proxy_server)
+    await client.open(gcs_bucket, "sized.bin")
+    await send_range(client, data, 0, len(data))
+
+    await client.send(Complete(100 * KiB))  # fewer bytes than were written
+    error = await client.error()
+    assert error.code is ErrorCode.SIZE_MISMATCH
+
+    await client.send(Complete(len(data)))
+    assert (await client.reply(Completed)).size == len(data)
