@@ -7,9 +7,14 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
+import google_crc32c
 import pytest
 import trio
 
+from faultnet.gcs import GcsServer
+from faultnet.gcs.testing import anonymous_client
+from faultnet.plan import FaultPlan
+from faultnet.transport import faulty_session
 from protocol import (
     PROTOCOL_VERSION,
     AttachUpload,
@@ -19,7 +24,7 @@ from protocol import (
     Hello,
     UploadOpened,
 )
-from proxy.backend import Backend
+from proxy.backend import Backend, TargetKind
 from proxy.config import MiB, ServerSettings
 from proxy.logging import REDACTED, RedactingFormatter, log_event, redact
 from proxy.server import ProxyServer, serve_in_background
@@ -137,3 +142,33 @@ def test_structured_log_lines_are_key_value_and_redacted(
     assert " gcs-error upload=u1 error=" in line
     assert "ABCDEF" not in line
     assert "ABCDEF" not in record.getMessage()
+
+
+async def test_gcs_faults_are_retried_and_counted_by_cause(
+    proxy_settings: ServerSettings, gcs_server: GcsServer, raw_client: Connect, gcs_bucket: str
+) -> None:
+    # Every connection to GCS is reset after 300 KiB of request bytes, so every chunk
+    # beyond the first needs a retry (and a status query) to get through.
+    plan = FaultPlan.parse("seed=5; reset_peer:up(after=300k)")
+    http = faulty_session(plan, pool_maxsize=16)
+    backend = Backend(anonymous_client(gcs_server.url, http=http), TargetKind.ENDPOINT, "faulty")
+    data = os.urandom(3 * MiB + 17)
+    async with serve_in_background(
+        proxy_settings, backend, metrics_listen=("127.0.0.1", 0)
+    ) as server:
+        assert server.metrics_address is not None
+        client = await raw_client(server)
+        await client.open(gcs_bucket, "retried.bin")
+        await send_range(client, data, 0, len(data))
+        await client.send(Complete(len(data), google_crc32c.value(data)))
+        assert (await client.reply(Completed)).crc32c == google_crc32c.value(data)
+        _, body = await _scrape(server.metrics_address)
+
+    retries = [line for line in body.splitlines() if line.startswith("rup_gcs_retries_total{")]
+    assert retries, body
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in retries) >= 1
+    assert _sample(body, "rup_bytes_committed_total") == len(data)
+    stored = await trio.to_thread.run_sync(
+        anonymous_client(gcs_server.url).bucket(gcs_bucket).blob("retried.bin").download_as_bytes
+    )
+    assert stored == data
