@@ -161,9 +161,19 @@ class BufferBudget:
         self._metrics.buffer_bytes.set(self._reserved)
 
 
+#: chunks are at most this fraction of the window, so while one chunk is on its way to GCS
+#: the client can already send the bytes of the next ones
+_CHUNKS_PER_WINDOW = 4
+
+
 def _writer_settings_for(template: WriterSettings, window: int) -> WriterSettings:
-    """``template`` squeezed so that its chunks fit a window of ``window`` bytes."""
-    max_chunk = min(template.max_chunk_size, window)
+    """``template`` with chunks that leave room in a window of ``window`` bytes.
+
+    A chunk as large as the window would stall the client for the whole time GCS takes
+    to acknowledge it: nothing new fits until the committed offset moves.
+    """
+    share = max(CHUNK_QUANTUM, window // _CHUNKS_PER_WINDOW // CHUNK_QUANTUM * CHUNK_QUANTUM)
+    max_chunk = min(template.max_chunk_size, share)
     min_chunk = min(template.min_chunk_size, max_chunk)
     return dataclasses.replace(
         template, buffer_limit=window, max_chunk_size=max_chunk, min_chunk_size=min_chunk
