@@ -310,10 +310,20 @@ class _StreamSource:
     def append(self, data: bytes) -> None:
         self._crc = google_crc32c.extend(self._crc, data)
         self.written += len(data)
-        self._pending += data
-        while len(self._pending) >= self._block_size:
-            self._emit(bytes(self._pending[: self._block_size]))
-            del self._pending[: self._block_size]
+        size = self._block_size
+        view = memoryview(data)
+        if self._pending:
+            room = size - len(self._pending)
+            self._pending += view[:room]
+            view = view[room:]
+            if len(self._pending) < size:
+                return
+            self._emit(bytes(self._pending))
+            self._pending.clear()
+        while len(view) >= size:  # one copy per byte: the caller may reuse its buffer
+            self._emit(bytes(view[:size]))
+            view = view[size:]
+        self._pending += view
 
     def finish(self) -> None:
         if self._pending:

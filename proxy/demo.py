@@ -23,13 +23,12 @@ import json
 import random
 import re
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
+from urllib.parse import quote
 
 import google_crc32c
+import requests
 import trio
 from prometheus_client import Counter
 
@@ -40,7 +39,7 @@ from faultnet.plan import FaultPlan, PlanSyntaxError
 from faultnet.stream import open_tcp_stream
 from faultnet.transport import faulty_session
 from proxy.backend import Backend, TargetKind
-from proxy.client import ClientSettings, Connector, UploadError, UploadResult, upload_file
+from proxy.client import ClientSettings, Connector, UploadError, UploadResult, upload_stream
 from proxy.config import ServerSettings
 from proxy.progress import UploadBar
 from proxy.server import serve_in_background
@@ -58,15 +57,17 @@ __all__ = [
 
 HELP: Final = "upload a generated object through an in-process proxy under faults, and verify it"
 
-#: client -> proxy: some connections are reset partway, some see a payload byte flipped
+#: client -> proxy: some connections are reset partway, one sees a payload byte flipped.
+#: With the default seed the first connection is reset and the third gets a corrupt byte.
 DEFAULT_CLIENT_FAULTS: Final = (
-    "reset_peer:up(after=20m)~0.35; corrupt:up(at=3m)~0.25; latency:down(ms=1)~0.5"
+    "reset_peer:up(after=24m)~0.5; corrupt:up(at=5m)~0.3; latency:down(ms=1)~0.25"
 )
-#: proxy -> GCS: some HTTP connections are reset mid-chunk, some responses are slow
-DEFAULT_GCS_FAULTS: Final = "reset_peer:up(after=12m)~0.3; latency:down(ms=20)~0.3"
+#: proxy -> GCS: most HTTP connections are reset mid-chunk, some answers come late
+DEFAULT_GCS_FAULTS: Final = "reset_peer:up(after=10m)~0.7; latency:down(ms=10)~0.3"
 
 _BUCKET: Final = "rup-demo"
 _BLOCK: Final = 8 * 1024 * 1024
+_DOWNLOAD_PIECE: Final = 1024 * 1024
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
 
@@ -155,14 +156,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
 
 
-def _generate(path: Path, size: int, seed: int) -> None:
-    """Deterministic, non-repeating data: one random block, rotated differently per block."""
-    base = random.Random(seed).randbytes(min(size, _BLOCK) or 1)
-    with path.open("wb") as file:
-        for index, offset in enumerate(range(0, size, len(base))):
+class _DemoObject:
+    """Deterministic, non-repeating bytes, made block by block: nothing touches the disk.
+
+    One random block, rotated by a different amount for each block, so a piece written at
+    the wrong offset never matches by accident.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self._base = random.Random(seed).randbytes(min(size, _BLOCK) or 1)
+
+    def blocks(self) -> Iterator[bytes]:
+        base = self._base
+        for index, offset in enumerate(range(0, self.size, len(base))):
             shift = (index * 4099) % len(base)
             block = base[shift:] + base[:shift]
-            file.write(block[: min(len(base), size - offset)])
+            yield block[: self.size - offset]
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for block in self.blocks():
+            await trio.lowlevel.checkpoint()
+            yield block
+
+    def crc32c(self) -> int:
+        crc = 0
+        for block in self.blocks():
+            crc = google_crc32c.extend(crc, block)
+        return crc
 
 
 def _faulty_connector(
@@ -187,35 +208,43 @@ def _by_label(counter: Counter) -> dict[str, int]:
 
 
 class _Comparator:
-    """A write-only file that checks what is written against a local file, in order."""
+    """A write-only file that checks what is written against the demo object, in order."""
 
-    def __init__(self, expected: Path) -> None:
-        self._expected = expected.open("rb")
+    def __init__(self, expected: _DemoObject) -> None:
+        self._blocks = expected.blocks()
+        self._block = b""
+        self._position = 0
         self.offset = 0
         self.first_difference: int | None = None
 
     def write(self, data: bytes) -> int:
-        local = self._expected.read(len(data))
-        if self.first_difference is None and local != data:
-            mismatch = next(
-                (i for i, (a, b) in enumerate(zip(local, data, strict=False)) if a != b),
-                min(len(local), len(data)),
-            )
-            self.first_difference = self.offset + mismatch
-        self.offset += len(data)
+        done = 0
+        while done < len(data):
+            if self._position == len(self._block):
+                self._block, self._position = next(self._blocks, b""), 0
+                if not self._block:  # more bytes than the object has
+                    self._differs_at(self.offset)
+                    self.offset += len(data) - done
+                    break
+            length = min(len(data) - done, len(self._block) - self._position)
+            got = data[done : done + length]
+            want = self._block[self._position : self._position + length]
+            if got != want:
+                pairs = zip(got, want, strict=True)
+                self._differs_at(self.offset + next(i for i, (a, b) in enumerate(pairs) if a != b))
+            done += length
+            self._position += length
+            self.offset += length
         return len(data)
 
-    def close(self) -> None:
-        self._expected.close()
+    def _differs_at(self, offset: int) -> None:
+        if self.first_difference is None:
+            self.first_difference = offset
 
 
-def _verify(gcs_url: str, name: str, path: Path, result: UploadResult) -> str:
-    """'' when GCS holds exactly the file at ``path``; otherwise what differs."""
-    size = path.stat().st_size
-    crc = 0
-    with path.open("rb") as file:
-        while block := file.read(_BLOCK):
-            crc = google_crc32c.extend(crc, block)
+def _verify(gcs_url: str, name: str, expected: _DemoObject, result: UploadResult) -> str:
+    """'' when GCS holds exactly the demo object; otherwise what differs."""
+    size, crc = expected.size, expected.crc32c()
     blob = anonymous_client(gcs_url).bucket(_BUCKET).get_blob(name)
     if blob is None:
         return "the object does not exist in GCS"
@@ -224,11 +253,14 @@ def _verify(gcs_url: str, name: str, path: Path, result: UploadResult) -> str:
         return f"GCS holds {blob.size} bytes, crc32c {stored_crc:08x}; sent {size}, {crc:08x}"
     if result.crc32c != crc or result.size != size:
         return "the proxy reported a different size or crc32c than GCS"
-    comparator = _Comparator(path)
-    try:
-        blob.download_to_file(comparator)
-    finally:
-        comparator.close()
+    comparator = _Comparator(expected)
+    # Straight from the JSON API's media URL in big pieces: the storage client's download
+    # reads 8 KiB at a time, which would make verifying slower than uploading.
+    media = f"{gcs_url}/download/storage/v1/b/{_BUCKET}/o/{quote(name, safe='')}?alt=media"
+    with requests.get(media, stream=True, timeout=60) as response:
+        response.raise_for_status()
+        for piece in response.iter_content(_DOWNLOAD_PIECE):
+            comparator.write(piece)
     if comparator.first_difference is not None:
         return f"the downloaded copy differs from byte {comparator.first_difference}"
     if comparator.offset != size:
@@ -238,7 +270,7 @@ def _verify(gcs_url: str, name: str, path: Path, result: UploadResult) -> str:
 
 async def _upload(
     backend: Backend,
-    path: Path,
+    source: _DemoObject,
     name: str,
     *,
     connections: int,
@@ -247,8 +279,8 @@ async def _upload(
     bar: UploadBar | None,
 ) -> tuple[UploadResult, dict[str, int]]:
     async with serve_in_background(ServerSettings(), backend) as server:
-        result = await upload_file(
-            path,
+        result = await upload_stream(
+            source.chunks(),
             f"gs://{_BUCKET}/{name}",
             proxy=server.address,
             settings=ClientSettings(connections=connections),
@@ -256,14 +288,6 @@ async def _upload(
             progress=bar.update if bar is not None else None,
         )
         return result, _by_label(server.metrics.retries)
-
-
-@contextlib.contextmanager
-def _demo_file(size: int, seed: int) -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="rup-demo-") as directory:
-        path = Path(directory) / "object.bin"
-        _generate(path, size, seed)
-        yield path
 
 
 def run_demo(
@@ -278,10 +302,10 @@ def run_demo(
     """Run the whole demo and report; raises UploadError if the upload itself failed."""
     client_counters, gcs_counters = FaultCounters(), FaultCounters()
     name = f"demo/object-{size}-{seed}.bin"
-    with _demo_file(size, seed) as path, GcsServer() as gcs:
+    source = _DemoObject(size, seed)
+    with GcsServer() as gcs:
         session = faulty_session(gcs_plan, gcs_counters)
         backend = Backend(anonymous_client(gcs.url, http=session), TargetKind.EMBEDDED, gcs.url)
-        started = time.monotonic()
         with (
             UploadBar(f"gs://{_BUCKET}/{name}")
             if show_progress
@@ -290,7 +314,7 @@ def run_demo(
             result, gcs_retries = trio.run(
                 lambda: _upload(
                     backend,
-                    path,
+                    source,
                     name,
                     connections=connections,
                     client_plan=client_plan,
@@ -298,12 +322,11 @@ def run_demo(
                     bar=bar,
                 )
             )
-        elapsed = time.monotonic() - started
-        problem = _verify(gcs.url, name, path, result)
+        problem = _verify(gcs.url, name, source, result)
     return DemoReport(
         size=size,
         connections=connections,
-        elapsed=elapsed,
+        elapsed=result.elapsed,
         verified=not problem,
         problem=problem,
         client_plan=client_plan.to_text(),
