@@ -109,17 +109,25 @@ class BlockingWriter:
         return len(view)
 
     def close(self, crc32c: int | str | None = None) -> ObjectInfo:
-        """Finalize the object at the current position; idempotent."""
+        """Finalize the object at the current position; idempotent.
+
+        If finalizing fails, the writer stops anyway (its session stays resumable) and the
+        error is raised.
+        """
         if self.result is None:
-            self.result = self._call(self.writer.complete, self.position, crc32c)
-            self._shut_down()
+            try:
+                self.result = self._call(self.writer.complete, self.position, crc32c)
+            finally:
+                self._shut_down()
         return self.result
 
     def abort(self) -> None:
         """Cancel the upload session and stop."""
         if self.result is None and self._thread.is_alive():
-            self._call(self.writer.abort)
-            self._shut_down()
+            try:
+                self._call(self.writer.abort)
+            finally:
+                self._shut_down()
 
     def detach(self) -> None:
         """Stop without finalizing or cancelling: the session stays resumable."""

@@ -16,6 +16,7 @@ from reliablewriter import (
     ChecksumMismatchError,
     IncompleteObjectError,
     NonRetryableHTTPError,
+    ReliableWriter,
     WindowExceededError,
     WriterClosedError,
     WriterSettings,
@@ -137,6 +138,48 @@ async def test_writes_beyond_the_window_wait_for_the_committed_offset(
     assert target.read("window") == data
     (event,) = events
     assert int(event.rsplit(" ", 1)[1]) >= far + len(data[far:]) - settings.buffer_limit
+
+
+async def test_streams_that_respect_the_window_never_deadlock(
+    target: Target, settings: WriterSettings
+) -> None:
+    """Four connections, frames spread at random, some resent elsewhere, some discarded.
+
+    Each connection sends its frames in offset order and waits for the window before each
+    one, as the proxy does: the lowest missing frame is then always at the head of some
+    connection and inside the window, so the upload always moves.
+    """
+    data = payload(3 * MiB + 777)
+    frame = 64 * KiB
+    rng = random.Random(4)
+    streams: list[list[tuple[int, int]]] = [[] for _ in range(4)]
+    for offset in range(0, len(data), frame):
+        frame_range = (offset, min(frame, len(data) - offset))
+        streams[rng.randrange(4)].append(frame_range)
+        if rng.random() < 0.2:
+            streams[rng.randrange(4)].append(frame_range)  # a resend, maybe on the same one
+    for stream in streams:
+        stream.sort()
+    view = memoryview(data)
+
+    async def send(writer: ReliableWriter, stream: list[tuple[int, int]]) -> None:
+        for offset, length in stream:
+            await writer.wait_for_window(offset + length)
+            if rng.random() < 0.1:  # a frame that fails its CRC check: dropped, then resent
+                with writer.begin_write(offset, length) as corrupt:
+                    corrupt.feed(bytes(length))
+            with writer.begin_write(offset, length) as pending:
+                for piece in range(offset, offset + length, 16 * KiB):
+                    pending.feed(view[piece : min(piece + 16 * KiB, offset + length)])
+                pending.commit()
+            await trio.lowlevel.checkpoint()
+
+    async with open_writer(target.bucket, "streams", settings) as writer:
+        async with trio.open_nursery() as nursery:
+            for stream in streams:
+                nursery.start_soon(send, writer, stream)
+        await writer.complete(len(data), crc32c=google_crc32c.value(data))
+    assert target.read("streams") == data
 
 
 async def test_staged_writes_upload_only_once_committed(
