@@ -59,7 +59,7 @@ from protocol import (
 )
 from proxy.backend import Backend
 from proxy.config import ServerSettings
-from proxy.logging import get_logger, log_event, protect_third_party_loggers
+from proxy.logging import get_logger, log_event, protect_third_party_loggers, redact
 from proxy.metrics import ServerMetrics, serve_metrics
 from proxy.uploads import (
     OpenRequest,
@@ -245,7 +245,9 @@ class ClientConnection(UploadListener):
         raise _HangUpError
 
     def _fail(self, reply_to: int, error: UploadError | RemoteProtocolError) -> None:
-        self._outbox.put_nowait(Error(reply_to, error.code, error.retryable, error.message))
+        # Messages can quote GCS or library errors: scrub them like log lines.
+        message = redact(error.message)
+        self._outbox.put_nowait(Error(reply_to, error.code, error.retryable, message))
 
     # --- receiving --------------------------------------------------------------------
 
