@@ -613,7 +613,11 @@ class UploadRegistry:
         return list(self._uploads.values())
 
     async def open(self, request: OpenRequest, client: str) -> Upload:
-        """Start a new upload: a new GCS session, a writer, and a token for it."""
+        """Start a new upload: a new GCS session, a writer, and a token for it.
+
+        If cancelled partway, nothing is registered and nothing stays reserved; a GCS
+        session may have been created, and is left to expire unused.
+        """
         if not self.settings.allows(request.bucket, request.name):
             raise UploadError(
                 ErrorCode.FORBIDDEN,
@@ -650,7 +654,8 @@ class UploadRegistry:
         """The upload behind ``token``, taken over from GCS if this process does not hold it.
 
         Returns the upload and whether it was resumed from its GCS session (in which case
-        the client must resend everything from the committed offset).
+        the client must resend everything from the committed offset). If cancelled
+        partway, the upload is not taken over here and stays resumable from its token.
         """
         try:
             ticket = self.codec.open(token)
