@@ -542,6 +542,9 @@ class Upload:
             else:
                 deadline = self._last_activity + settings.upload_idle_timeout
                 if trio.current_time() >= deadline:
+                    # Released from now on, though the writer takes a moment to stop: an
+                    # attach arriving meanwhile takes the upload over afresh from GCS.
+                    self.state = UploadState.RELEASED
                     log_event(logger, logging.INFO, "upload-released-idle", upload=self.upload_id)
                     return
             with trio.move_on_at(deadline):
