@@ -97,6 +97,35 @@ def _upload_worker(args: tuple[str, int, int]) -> tuple[float, float]:
     return _upload(*args)
 
 
+def _stream_to(address: tuple[str, int], size: int, chunk_size: int) -> None:
+    payload = memoryview(bytes(chunk_size))
+    with socket.create_connection(address) as sock:
+        for _ in range(size // chunk_size):
+            sock.sendall(payload)
+
+
+def _loopback_ceiling(pool: Any, size: int, chunk_size: int) -> float:
+    """Bytes/s of a bare socket read into fresh buffers: this machine's ceiling right now."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        sent = pool.apply_async(_stream_to, (listener.getsockname(), size, chunk_size))
+        connection, _ = listener.accept()
+        with connection:
+            started = time.perf_counter()
+            received = 0
+            while received < size // chunk_size * chunk_size:
+                view = memoryview(bytearray(chunk_size))
+                position = 0
+                while position < chunk_size:
+                    count = connection.recv_into(view[position:])
+                    if not count:
+                        raise ConnectionError("sender stopped early")
+                    position += count
+                received += chunk_size
+            seconds = time.perf_counter() - started
+        sent.get()
+    return received / seconds
+
+
 def _warm_up(_: int) -> None:
     """Nothing: runs once per worker process so its start-up is not measured."""
 
@@ -130,6 +159,7 @@ def run(
         uri = start_resumable_upload(server.url, "bench", "single")
         with context.Pool(1) as pool:
             pool.apply(_warm_up, (0,))
+            ceiling = _loopback_ceiling(pool, size, chunk)
             cpu_before = time.process_time()
             chunk_seconds, finalize_seconds = pool.apply(_upload_worker, ((uri, size, chunk),))
             server_cpu_seconds = time.process_time() - cpu_before
@@ -147,9 +177,11 @@ def run(
         processes = 2  # client threads in two processes: the client is not the bottleneck
         with context.Pool(processes) as pool:
             pool.map(_warm_up, range(processes))  # imports happen before the clock starts
+            cpu_before = time.process_time()
             started = time.perf_counter()
             pool.map(_upload_all_at_once, [jobs[i::processes] for i in range(processes)])
             concurrent_seconds = time.perf_counter() - started
+            concurrent_cpu_seconds = time.process_time() - cpu_before
         concurrent_rate = uploads * concurrent_size / concurrent_seconds
         ok = sum(1 for info in server.store.list_objects("bench") if info.size == concurrent_size)
     result = {
@@ -167,6 +199,11 @@ def run(
         "concurrent_chunk_bytes": concurrent_chunk,
         "concurrent_completed": ok,
         "concurrent_bytes_per_second": concurrent_rate,
+        "concurrent_bytes_per_server_cpu_second": uploads
+        * concurrent_size
+        / concurrent_cpu_seconds,
+        "loopback_ceiling_bytes_per_second": ceiling,
+        "single_ratio_to_loopback_ceiling": single_rate / ceiling,
         "target_bytes_per_second": TARGET_BYTES_PER_SECOND,
         "single_ratio_to_target": single_rate / TARGET_BYTES_PER_SECOND,
         "concurrent_ratio_to_target": concurrent_rate / TARGET_BYTES_PER_SECOND,
@@ -194,6 +231,10 @@ def main() -> None:
         f"finalize {result['single_finalize_seconds'] * 1e3:,.0f} ms"
     )
     print(
+        f"bare loopback socket right now: {result['loopback_ceiling_bytes_per_second'] / mb:,.0f}"
+        f" MB/s; the server reaches {result['single_ratio_to_loopback_ceiling']:.2f}x of it"
+    )
+    print(
         f"server CPU: {result['single_bytes_per_server_cpu_second'] / mb:,.0f} MB per CPU-second "
         f"(all threads, hashing included; "
         f"{result['single_bytes_per_server_cpu_second'] / TARGET_BYTES_PER_SECOND:.2f}x target)"
@@ -202,7 +243,8 @@ def main() -> None:
         f"{result['concurrent_uploads']} concurrent uploads: "
         f"{result['concurrent_bytes_per_second'] / mb:,.0f} MB/s total "
         f"({result['concurrent_ratio_to_target']:.2f}x target), "
-        f"{result['concurrent_completed']}/{result['concurrent_uploads']} completed"
+        f"{result['concurrent_completed']}/{result['concurrent_uploads']} completed; "
+        f"{result['concurrent_bytes_per_server_cpu_second'] / mb:,.0f} MB per server CPU-second"
     )
     print(f"wrote {RESULTS}")
 
