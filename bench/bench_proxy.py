@@ -38,6 +38,7 @@ from proxy.client import upload_file
 __all__ = ["main", "run"]
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 FULL_SIZE = 1024 * MiB
 QUICK_SIZE = 128 * MiB
 CONCURRENT_UPLOADS = 64
@@ -114,6 +115,12 @@ def _peak_rss(pid: int) -> int:
     return 0
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far, all threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _write_payload(path: Path, size: int) -> None:
     with path.open("wb") as file:
         remaining = size
@@ -183,6 +190,7 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
         payload = Path(tmp) / "payload.bin"
         _write_payload(payload, size)
         runs: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}
         peaks: dict[str, int] = {}
         for round_ in range(rounds):  # interleaved, so machine noise hits every scenario alike
             name = f"direct-{round_}.bin"
@@ -190,9 +198,11 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
             for connections in (1, 4):
                 key = f"proxy_{connections}_connections"
                 with _proxy(gcs_url) as (address, pid):
+                    idle_cpu = _cpu_seconds(pid)
                     elapsed = _through_proxy(address, payload, f"{key}-{round_}.bin", connections)
                     runs.setdefault(key, []).append(elapsed)
                     peaks[key] = max(peaks.get(key, 0), _peak_rss(pid))
+                    cpu.setdefault(key, []).append(_cpu_seconds(pid) - idle_cpu)
         seconds = {name: min(values) for name, values in runs.items()}
         small = Path(tmp) / "small.bin"
         _write_payload(small, concurrent_size)
@@ -208,6 +218,9 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
                 name: round(value / mb_per_s["direct"], 3)
                 for name, value in mb_per_s.items()
                 if name != "direct"
+            },
+            "proxy_cpu_seconds_per_gib": {
+                name: round(min(values) * GiB / size, 2) for name, values in cpu.items()
             },
             "proxy_peak_rss_bytes": peaks,
             "rss_bound_bytes": rss_bound,
@@ -250,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in result["mb_per_s"].items():
         ratio = result["ratio_to_direct"].get(name, 1.0)
         print(f"  {name:<22} {value:8.1f} MB/s   {ratio:6.3f}x direct")
+    for name, seconds in result["proxy_cpu_seconds_per_gib"].items():
+        print(f"  proxy CPU, {name:<22} {seconds:6.2f} s per GiB (all threads)")
     bound = result["rss_bound_bytes"] >> 20
     for name, peak in result["proxy_peak_rss_bytes"].items():
         print(f"  proxy peak RSS, {name:<22} {peak >> 20:5d} MiB (bound {bound} MiB)")
