@@ -243,9 +243,29 @@ class HttpConnection:
         return Body(view, complete=True)
 
     def discard_body(self) -> None:
-        """Read and drop the rest of the current request's body, keeping the connection."""
-        if not self._body_read and not self.read_body().complete:
-            raise PeerGoneError("peer cut a request body short")
+        """Read and drop the current request's body, so the connection can serve the next.
+
+        Raises PeerGoneError if the peer cuts the body short.
+        """
+        request = self._request
+        if request is None or self._body_read:
+            return
+        length = self._body_length(request)
+        if length is None:
+            if not self.read_body().complete:
+                raise PeerGoneError("peer cut a request body short")
+            return
+        self._body_read = True
+        if (request.header("expect") or "").lower() == "100-continue":
+            self._send_continue()
+        scratch = memoryview(bytearray(min(length, _RECV_SIZE)))
+        remaining = length
+        while remaining:
+            received = self._fill(scratch[: min(remaining, len(scratch))], 0, None, None)
+            if not received:
+                self.usable = False
+                raise PeerGoneError("peer cut a request body short")
+            remaining -= received
 
     def _send_continue(self) -> None:
         if not self._continue_sent:

@@ -243,3 +243,14 @@ def test_retry_test_api_accepts_testbench_json_transport(gcs_server: GcsServer) 
     )
     assert response.status_code == 200
     assert response.json()["transport"] == "JSON"
+
+
+def test_a_refused_request_body_is_drained_and_the_connection_kept(
+    gcs_server: GcsServer, gcs_bucket: str
+) -> None:
+    body = bytes(3 * Q + 5)
+    refused = f"PUT /nowhere HTTP/1.1\r\nHost: h\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    follow_up = f"GET /storage/v1/b/{gcs_bucket} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+    raw = _exchange(gcs_server, refused + body + follow_up.encode(), half_close=False)
+    assert raw.startswith(b"HTTP/1.1 404 ")
+    assert raw.count(b"HTTP/1.1 200 OK") == 1
