@@ -679,6 +679,8 @@ class Upload:
         self._source: _Source | None = None
         self._to_send = RangeSet()
         self._received = RangeSet()
+        #: pieces acknowledged while a StatusQuery is in flight (see _catch_up)
+        self._ack_watchers: list[RangeSet] = []
         self._committed = 0
         self._window_end = 0
         self._channels: set[_Channel] = set()
@@ -734,6 +736,8 @@ class Upload:
 
     def note_received(self, piece: ByteRange, committed: int) -> None:
         self._received.add(*piece)
+        for watcher in self._ack_watchers:
+            watcher.add(*piece)
         self._note_committed(committed)
         self.changed()
         self._report()
@@ -759,12 +763,14 @@ class Upload:
                 )
         self.changed()
 
-    def _resync(self, status: Status) -> None:
+    def _resync(self, status: Status, acked_meanwhile: RangeSet) -> None:
         """Make the to-send set exactly what the proxy lacks and no connection is sending."""
         self._note_committed(status.committed_offset)
         self._window_end = max(self._committed, status.window_end)
         received = RangeSet(status.received)
         received.add(0, self._committed)
+        for start, end in acked_meanwhile:
+            received.add(start, end)
         needed = RangeSet([(self._committed, self._available())]) if self._source else RangeSet()
         for start, end in received:
             needed.remove(start, end)
@@ -892,10 +898,21 @@ class Upload:
             self._window_end = reply.committed_offset
         self._note_committed(reply.committed_offset)
         self._channels.add(channel)
-        status = await channel.request(StatusQuery())
+        await self._catch_up(channel)
+
+    async def _catch_up(self, channel: _Channel) -> None:
+        """Ask the proxy what it holds and make that the basis of what is left to send."""
+        # Frames acknowledged while the Status is on its way are held too, even though the
+        # Status (a snapshot taken earlier) cannot say so.
+        acked_meanwhile = RangeSet()
+        self._ack_watchers.append(acked_meanwhile)
+        try:
+            status = await channel.request(StatusQuery())
+        finally:
+            self._ack_watchers.remove(acked_meanwhile)
         if not isinstance(status, Status):
             raise _unexpected(status, "StatusQuery")
-        self._resync(status)
+        self._resync(status, acked_meanwhile)
 
     async def _any_channel(self) -> _Channel:
         while True:
@@ -980,9 +997,7 @@ class Upload:
                     # the proxy lost bytes it had acknowledged (a restart): catch up, resend
                     self.count_error(reply.code)
                     last_problem = reply.message
-                    status = await channel.request(StatusQuery())
-                    if isinstance(status, Status):
-                        self._resync(status)
+                    await self._catch_up(channel)
                     continue
             except _ConnectionLostError as exc:
                 last_problem = exc.reason

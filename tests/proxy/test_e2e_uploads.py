@@ -101,6 +101,7 @@ async def test_file_over_n_connections(
     assert result.size == len(data)
     assert result.crc32c == google_crc32c.value(data)
     assert result.reconnects == 0
+    assert result.bytes_sent == len(data)  # without faults, not one byte twice
     assert await stored(storage_client, gcs_bucket, f"n/{connections}") == data
 
 
