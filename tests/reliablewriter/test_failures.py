@@ -7,6 +7,7 @@ retry-test instruction consumed, or a retry cause counted), so none can pass vac
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 
 import google_crc32c
@@ -16,6 +17,7 @@ import trio
 from faultnet.gcs import GcsApiError
 from reliablewriter import (
     NonRetryableHTTPError,
+    RetriesExhaustedError,
     ServerRegressionError,
     SessionLostError,
     WriterAbortedError,
@@ -302,3 +304,57 @@ async def test_a_corrupted_byte_on_the_wire_never_becomes_the_object(
     assert refused.value.status == 400
     assert target.counters.faults_applied("corrupt") >= 1
     assert target.object_names() == []
+
+
+# Around the failure modes: giving up, resuming a lost session, and keeping secrets.
+
+
+async def test_retries_stop_after_max_attempts_without_progress(
+    target: Target, settings: WriterSettings
+) -> None:
+    attempts = settings.retry.max_attempts
+    async with open_writer(target.bucket, "obj", settings) as writer:
+        target.script(*["return-503"] * attempts)
+        await writer.write_at(0, payload(MiB))
+        with pytest.raises(RetriesExhaustedError, match="last cause: http-503") as failure:
+            await writer.complete()
+    assert failure.value.attempts == attempts
+    assert target.script_done()
+    assert target.object_names() == []
+
+
+async def test_resuming_a_lost_session_starts_a_new_one_from_zero(
+    target: Target, settings: WriterSettings
+) -> None:
+    data = payload(MiB + 11)
+    async with open_writer(target.bucket, "obj", settings) as first:
+        await first.write_at(0, data[: 600 * KiB])
+        await first.wait_committed(512 * KiB)
+        session_uri = first.session_uri
+    target.script("return-410")  # answers the resuming writer's status query
+    async with open_writer(target.bucket, "obj", settings, session_uri=session_uri) as second:
+        assert second.committed_offset == 0
+        assert second.stats.session_restarts == 1
+        assert second.session_uri != session_uri
+        await second.write_at(0, data)
+        await second.complete(crc32c=google_crc32c.value(data))
+    assert target.read("obj") == data
+
+
+async def test_errors_and_logs_never_show_the_session_uri(
+    target: Target, settings: WriterSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # urllib3's own DEBUG lines show request URLs; the writer's logs must not.
+    caplog.set_level(logging.DEBUG, logger="reliablewriter")
+    async with open_writer(target.bucket, "obj", settings) as writer:
+        secret = writer.session_uri.rsplit("upload_id=", 1)[1]
+        target.script("return-reset-connection", "return-503", "return-403")
+        await writer.write_at(0, payload(MiB))
+        with pytest.raises(NonRetryableHTTPError) as refused:
+            await writer.complete()
+    assert writer.stats.retries == 2
+    assert secret not in str(refused.value)
+    assert secret not in repr(refused.value)
+    ours = [record for record in caplog.records if record.name.startswith("reliablewriter")]
+    assert len(ours) == 2  # one line per retry
+    assert all(secret not in record.getMessage() for record in ours)
