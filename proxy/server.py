@@ -195,6 +195,7 @@ class ClientConnection(UploadListener):
         finally:
             self._unbind()
             await trio.aclose_forcefully(self._stream)
+            log_event(logger, logging.DEBUG, "connection-closed", client=self.client)
 
     def going_away(self) -> None:
         """Tell the client the server is shutting down; requests in flight still finish."""
@@ -327,6 +328,9 @@ class ClientConnection(UploadListener):
             )
             raise _HangUpError
         await self._reply(self._protocol.welcome(event, server_name=self._settings.server_name))
+        log_event(
+            logger, logging.DEBUG, "connection-ready", client=self.client, name=event.client_name
+        )
 
     async def _dispatch(self, event: Event, nursery: trio.Nursery) -> None:
         # The hot path first: payload pieces of a WriteAt frame.
