@@ -32,33 +32,36 @@ def encode_md5(digest: bytes) -> str:
 class RunningDigest:
     """The CRC32C and MD5 of everything passed to :meth:`update`, in order.
 
-    Blocks are hashed on a worker thread, started on the first update and ended by
-    :meth:`close`. Not for concurrent use: one session (under its lock) feeds it.
-    ``md5=False`` skips MD5, which costs several times more CPU than everything else
-    ingest does (GCS itself omits MD5 for composite objects).
+    Blocks are hashed by a worker thread that exists only while there is something to
+    hash, so an abandoned session holds no thread. Not for concurrent use: one session
+    (under its lock) feeds it. ``md5=False`` skips MD5, which costs several times more CPU
+    than everything else ingest does (GCS itself omits MD5 for composite objects).
     """
 
     def __init__(self, *, md5: bool = True) -> None:
         self._crc32c = 0
         self._md5 = hashlib.md5() if md5 else None
-        self._blocks: queue.SimpleQueue[bytes | memoryview | None] = queue.SimpleQueue()
+        self._blocks: queue.SimpleQueue[bytes | memoryview] = queue.SimpleQueue()
         self._idle = threading.Condition()
-        self._pending = 0
+        self._pending = 0  # blocks queued and not yet hashed
         self._worker: threading.Thread | None = None
 
     def update(self, block: bytes | memoryview) -> None:
         """Queue ``block`` for hashing; it must not change afterwards."""
-        if self._worker is None:
-            self._worker = threading.Thread(
-                target=self._hash_blocks, name="gcs-digest", daemon=True
-            )
-            self._worker.start()
         with self._idle:
             self._pending += 1
+            worker = None
+            if self._worker is None:
+                worker = self._worker = threading.Thread(
+                    target=self._hash_blocks, name="gcs-digest", daemon=True
+                )
         self._blocks.put(block)
+        if worker is not None:
+            worker.start()
 
     def _hash_blocks(self) -> None:
-        while (block := self._blocks.get()) is not None:
+        while True:
+            block = self._blocks.get()
             # google-crc32c reads only ``bytes``; the copy is cheap next to the hashing.
             self._crc32c = google_crc32c.extend(self._crc32c, bytes(block))
             if self._md5 is not None:
@@ -66,15 +69,16 @@ class RunningDigest:
             with self._idle:
                 self._pending -= 1
                 if not self._pending:
+                    self._worker = None  # the next update starts a new worker
                     self._idle.notify_all()
+                    return
 
     def digests_with(self, tail: bytes | memoryview) -> tuple[str, str | None]:
         """(crc32c, md5), GCS-encoded, of everything so far plus ``tail`` (not kept).
 
         Waits for queued blocks to be hashed. The MD5 is None if it is not computed.
         """
-        with self._idle:
-            self._idle.wait_for(lambda: not self._pending)
+        self.wait()
         crc32c = google_crc32c.extend(self._crc32c, bytes(tail))
         if self._md5 is None:
             return encode_crc32c(crc32c), None
@@ -82,9 +86,7 @@ class RunningDigest:
         md5.update(tail)
         return encode_crc32c(crc32c), encode_md5(md5.digest())
 
-    def close(self) -> None:
-        """End the worker thread (after it has hashed what is queued)."""
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            self._blocks.put(None)
-            worker.join()
+    def wait(self) -> None:
+        """Return once every queued block is hashed and the worker is ending."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._pending)

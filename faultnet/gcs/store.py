@@ -303,7 +303,6 @@ class UploadSession:
     def discard(self) -> None:
         """Drop the bytes held in memory (the session is being deleted or finalized)."""
         self._segments = []
-        self.digest.close()
 
 
 class Store:
@@ -419,11 +418,11 @@ class Store:
         return 0 if info is None else info.generation
 
     def close(self) -> None:
-        """Stop the sessions' digest workers (the server is going away)."""
+        """Wait for the sessions' digest workers, which end once their queues are empty."""
         with self._lock:
             sessions = list(self._sessions.values())
         for session in sessions:
-            session.digest.close()
+            session.digest.wait()
 
     def check_preconditions(self, bucket: str, name: str, preconditions: Preconditions) -> None:
         with self._lock:
