@@ -9,15 +9,20 @@
   at the end as a ratio to the RSS once a tenth of the uploads had finished (flat memory:
   close to 1.0), with every upload verified.
 
-RSS is that of the whole process (client, proxy and GCS endpoint share it); verified
-objects are deleted as the run goes, so the endpoint holds no more than the uploads in
-flight. Run ``python -m bench.bench_soak --uploads 100`` for a quick run.
+The strict GCS endpoint runs as ``rup gcs-server`` in a process of its own (``rup chaos
+--gcs-endpoint``), so the RSS measured is that of the client and the proxy, which share
+this process, and they do not share a GIL with the endpoint. Run
+``python -m bench.bench_soak --uploads 100`` for a quick run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,12 +41,41 @@ SEED: Final = 2026
 RESULTS: Final = Path(__file__).resolve().parent / "results" / "soak.json"
 
 
-def _sweep(uploads: int) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def _gcs_endpoint() -> Iterator[str]:
+    """``rup gcs-server`` in a process of its own; its URL."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "gcs-server", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    try:
+        url = process.stdout.readline().strip()
+        if not url.startswith("http"):
+            raise RuntimeError("rup gcs-server exited before it was ready")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _sweep(uploads: int, gcs_url: str) -> list[dict[str, Any]]:
     points = []
     for intensity in INTENSITIES:
-        report = run_chaos(
-            ChaosSettings(uploads=uploads, seed=SEED, max_size=SWEEP_MAX_SIZE, intensity=intensity)
+        settings = ChaosSettings(
+            uploads=uploads,
+            seed=SEED,
+            max_size=SWEEP_MAX_SIZE,
+            intensity=intensity,
+            gcs_endpoint=gcs_url,
         )
+        report = run_chaos(settings)
         points.append(
             {
                 "intensity": intensity,
@@ -58,8 +92,8 @@ def _sweep(uploads: int) -> list[dict[str, Any]]:
     return points
 
 
-def _soak(uploads: int) -> dict[str, Any]:
-    report = run_chaos(ChaosSettings(uploads=uploads, seed=SEED))
+def _soak(uploads: int, gcs_url: str) -> dict[str, Any]:
+    report = run_chaos(ChaosSettings(uploads=uploads, seed=SEED, gcs_endpoint=gcs_url))
     samples = [list(sample) for sample in report.rss_samples]
     # Buffers, thread stacks and allocator arenas grow to their working size over the first
     # uploads; a leak shows as growth after that, so the baseline is the RSS a tenth in.
@@ -86,8 +120,9 @@ def _soak(uploads: int) -> dict[str, Any]:
 
 def run(quick: bool, uploads: int | None = None) -> dict[str, Any]:
     """The sweep and the soak; also writes :data:`RESULTS`."""
-    sweep = _sweep(QUICK_SWEEP_UPLOADS if quick else SWEEP_UPLOADS)
-    soak = _soak(uploads or (QUICK_SOAK_UPLOADS if quick else SOAK_UPLOADS))
+    with _gcs_endpoint() as gcs_url:
+        sweep = _sweep(QUICK_SWEEP_UPLOADS if quick else SWEEP_UPLOADS, gcs_url)
+        soak = _soak(uploads or (QUICK_SOAK_UPLOADS if quick else SOAK_UPLOADS), gcs_url)
     clean = sweep[0]["throughput_mib_s"] or float("nan")
     result: dict[str, Any] = {
         "benchmark": "soak",

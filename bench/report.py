@@ -90,6 +90,11 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def _cell(text: str) -> str:
+    """``text`` made safe for a Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _first_paragraph(text: str | None) -> str:
     return (text or "").strip().split("\n\n", 1)[0].replace("\n", " ")
 
@@ -126,7 +131,8 @@ def render_markdown(
     benchmarks: Mapping[str, Any] = summary["benchmarks"]
     for name, entry in benchmarks.items():
         if not entry.get("ok"):
-            lines.append(f"| {name} | did not run: {entry.get('error', '?')[:80]} | |")
+            last_line = (str(entry.get("error", "")).strip().splitlines() or ["?"])[-1]
+            lines.append(f"| {name} | did not run: {_cell(last_line[:100])} | |")
             continue
         for key, value in find_ratios(entry["result"]).items():
             lines.append(f"| {name} | `{key}` | {value:.3f} |")
@@ -203,6 +209,7 @@ def chaos_intensity(summary: Mapping[str, Any], axes: Any) -> bool:
     axes.plot(xs, [point["throughput_mib_s"] for point in sweep], marker="o", label="MiB/s")
     axes.set_xlabel("fault intensity (x moderate mix)")
     axes.set_ylabel("aggregate throughput (MiB/s)")
+    axes.set_ylim(bottom=0)
     share = axes.twinx()
     share.plot(xs, [100 * point["verified_share"] for point in sweep], "g--", marker="s")
     share.set_ylabel("verified (%)", color="g")

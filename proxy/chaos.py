@@ -36,6 +36,7 @@ import os
 import shlex
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -292,6 +293,7 @@ class _Run:
             outcome = UploadOutcome(
                 spec.index, spec.name, spec.size, Verdict.CRASHED, cause=type(exc).__name__,
                 problem=f"unexpected exception: {exc!r}",
+                detail="".join(traceback.format_exception(exc)),
             )  # fmt: skip
         finally:
             limiter.release()

@@ -65,6 +65,8 @@ class UploadOutcome:
     resent_bytes_by_cause: Mapping[str, int] = field(default_factory=dict)
     errors_by_code: Mapping[str, int] = field(default_factory=dict)
     scripted_faults: tuple[str, ...] = ()
+    #: for unexpected exceptions: the traceback, for whoever replays the upload
+    detail: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
