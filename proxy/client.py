@@ -909,7 +909,8 @@ class Upload:
         try:
             status = await channel.request(StatusQuery())
         finally:
-            self._ack_watchers.remove(acked_meanwhile)
+            # by identity: RangeSets compare by content
+            self._ack_watchers = [w for w in self._ack_watchers if w is not acked_meanwhile]
         if not isinstance(status, Status):
             raise _unexpected(status, "StatusQuery")
         self._resync(status, acked_meanwhile)
