@@ -94,7 +94,8 @@ class WriterSettings:
     for any single socket operation (sending a slice of body, waiting for a response) to
     make progress, so a stalled connection fails and is retried instead of hanging.
     ``send_slice`` is how many bytes are handed to the socket at once, which is what
-    bounds one socket operation.
+    bounds one socket operation. (urllib3 applies the connect timeout to sending the
+    request as well, so the smaller of the two bounds connecting.)
     """
 
     min_chunk_size: int = 8 * 1024 * 1024

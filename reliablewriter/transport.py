@@ -127,10 +127,26 @@ def _plausible_session_uri(uri: object) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc) and "upload_id" in query
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a timeout lies anywhere in the chain (requests wraps a send timeout twice)."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, requests.Timeout | TimeoutError):
+            return True
+        pending.extend(arg for arg in current.args if isinstance(arg, BaseException))
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return False
+
+
 def _cause_of(exc: BaseException) -> str:
     if isinstance(exc, UploadInterrupted):
         return "interrupted"
-    if isinstance(exc, requests.Timeout | TimeoutError):
+    if _timed_out(exc):
         return "timeout"
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
         return "truncated-response"
@@ -150,7 +166,10 @@ class GcsTransport:
     def __init__(self, blob: storage.Blob, *, connect_timeout: float, read_timeout: float) -> None:
         self._blob = blob
         self._client = blob.bucket.client
-        self._timeout = (connect_timeout, read_timeout)
+        # urllib3 keeps the connect timeout on the socket until the request is sent, so
+        # it is what bounds each body slice's send; a stalled send must not outlast the
+        # progress timeout.
+        self._timeout = (min(connect_timeout, read_timeout), read_timeout)
 
     @property
     def http(self) -> requests.Session:

@@ -126,6 +126,22 @@ def emulator_target(emulator_url: str) -> Iterator[Target]:
 
 
 @pytest.fixture
+def emulator_faulty_target(emulator_target: Target) -> Iterator[Callable[[str], Target]]:
+    """Like :func:`faulty_target`, on gcp-storage-emulator."""
+    sessions: list[requests.Session] = []
+
+    def make(plan: str) -> Target:
+        counters = FaultCounters()
+        http = faulty_session(FaultPlan.parse(plan), counters)
+        sessions.append(http)
+        return Target(emulator_target.url, emulator_target.bucket_name, http, None, counters)
+
+    yield make
+    for http in sessions:
+        http.close()
+
+
+@pytest.fixture
 def settings() -> WriterSettings:
     """Small chunks, fast retries and short timeouts, so failures play out in milliseconds."""
     return WriterSettings(

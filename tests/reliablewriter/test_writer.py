@@ -6,6 +6,9 @@ Every test runs against the strict endpoint and against gcp-storage-emulator fro
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import hashlib
 import random
 
 import google_crc32c
@@ -14,6 +17,7 @@ import trio
 
 from reliablewriter import (
     ChecksumMismatchError,
+    ChecksumMode,
     IncompleteObjectError,
     NonRetryableHTTPError,
     ReliableWriter,
@@ -113,6 +117,14 @@ async def test_content_type_metadata_and_progress(target: Target, settings: Writ
     assert acked == sorted(acked)
     assert len(acked) >= 4
     assert acked[-1] == len(data)
+
+
+async def test_crc32c_and_md5_together(target: Target, settings: WriterSettings) -> None:
+    data = payload(MiB + 1)
+    settings = dataclasses.replace(settings, checksum=ChecksumMode.BOTH)
+    info = await upload(target.bucket, "both", data, settings)
+    assert info.md5_hash == base64.b64encode(hashlib.md5(data).digest()).decode()
+    assert target.read("both") == data
 
 
 async def test_writes_beyond_the_window_wait_for_the_committed_offset(
