@@ -7,6 +7,7 @@ import os
 from collections.abc import Awaitable, Callable
 
 import google_crc32c
+import pytest
 import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 
@@ -287,3 +288,35 @@ async def test_complete_with_a_wrong_size_is_refused_and_can_be_corrected(
 
     await client.send(Complete(len(data)))
     assert (await client.reply(Completed)).size == len(data)
+
+
+@pytest.mark.xfail(
+    reason="reliablewriter: resuming a finalized session checks GCS's CRC32C against the "
+    "empty checksum of a fresh writer (writer.py, _open_session's Finished branch)",
+)
+async def test_complete_after_a_restart_returns_the_finished_object(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+) -> None:
+    # The Completed reply was lost with the first proxy; the client asks again elsewhere.
+    data = _payload(700 * KiB)
+    key = os.urandom(32)
+    async with start_proxy(token_key=key) as first:
+        client = await raw_client(first)
+        opened = await client.open(gcs_bucket, "finished.bin")
+        await send_range(client, data, 0, len(data))
+        await client.send(Complete(len(data)))
+        completed = await client.reply(Completed)
+
+    async with start_proxy(token_key=key) as second:
+        client = await raw_client(second)
+        await client.send(AttachUpload(opened.token))
+        attached = await client.reply(UploadOpened)
+        assert attached.committed_offset == len(data)
+        await client.send(Complete(len(data)))
+        again = await client.reply(Completed)
+
+    assert (again.generation, again.size, again.crc32c) == (
+        completed.generation,
+        completed.size,
+        completed.crc32c,
+    )
