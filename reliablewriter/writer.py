@@ -194,7 +194,6 @@ class ReliableWriter:
         self._expected_crc32c: str | None = None
         self._result: ObjectInfo | None = None
         self._failure: WriterError | None = None
-        self._aborted = False
         self._bytes_sent = 0
         self._chunks = 0
         self._retries: Counter[str] = Counter()
@@ -383,7 +382,6 @@ class ReliableWriter:
         if self._result is not None:
             await trio.lowlevel.checkpoint()
             return
-        self._aborted = True
         self._fail(WriterAbortedError("the upload was aborted", name=self.name))
         await self._stop_worker()
         if self._session_uri is not None:
@@ -459,6 +457,7 @@ class ReliableWriter:
             logger.info("the resumed session of %r is gone; starting a new one", self.name)
             self._restarts += 1
             self._session_uri = None
+            self._state.resumed_at(0)
             await self._retrying(self._create_session)
         elif isinstance(outcome, Persisted):
             self._state.resumed_at(outcome.offset)
