@@ -32,7 +32,7 @@ _MiB: Final = 1024 * 1024
 
 #: plot file name -> caption; each is drawn by the function of the same name below
 PLOTS: Final = {
-    "writer_chunk_size.png": "ReliableWriter throughput against chunk size",
+    "writer_chunk_size.png": "ReliableWriter and google-resumable-media against chunk size",
     "chaos_intensity.png": "rup chaos: throughput and verified share against fault intensity",
     "soak_rss.png": "rup chaos soak: process RSS over the course of the run",
 }
@@ -172,7 +172,7 @@ def _result(summary: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
 
 
 def _chunk_series(writer: Mapping[str, Any]) -> dict[str, list[tuple[float, float]]]:
-    """Throughput (MiB/s) against chunk size (MiB), per writer, from the writer benchmark."""
+    """Throughput (MiB/s) against chunk size (MiB), per writer, from bench_chunk_sizes."""
     sweep = writer.get("chunk_sweep") or writer.get("by_chunk_size") or []
     series: dict[str, list[tuple[float, float]]] = {}
     for point in sweep if isinstance(sweep, list) else []:
@@ -186,8 +186,8 @@ def _chunk_series(writer: Mapping[str, Any]) -> dict[str, list[tuple[float, floa
 
 
 def writer_chunk_size(summary: Mapping[str, Any], axes: Any) -> bool:
-    writer = _result(summary, "writer")
-    series = _chunk_series(writer) if writer is not None else {}
+    sweep = _result(summary, "chunk_sizes")
+    series = _chunk_series(sweep) if sweep is not None else {}
     if not series:
         return False
     for label, points in sorted(series.items()):
