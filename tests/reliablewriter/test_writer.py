@@ -34,6 +34,10 @@ from .conftest import KiB, MiB, Target, payload, upload
 EMULATOR_IGNORES_PRECONDITIONS = (
     "gcp-storage-emulator ignores ifGenerationMatch on resumable uploads (it overwrites)"
 )
+EMULATOR_FORGETS_FINISHED_SESSIONS = (
+    "gcp-storage-emulator does not answer a status query on a finalized session with the "
+    "object (it reports an empty session instead)"
+)
 
 
 @pytest.fixture(params=["strict", pytest.param("emulator", marks=pytest.mark.emulator)])
@@ -42,6 +46,14 @@ def target(request: pytest.FixtureRequest) -> Target:
     fixture = "strict_target" if request.param == "strict" else "emulator_target"
     found: Target = request.getfixturevalue(fixture)
     return found
+
+
+@pytest.fixture
+def finished_session_target(target: Target) -> Target:
+    """:func:`target`, where a finalized session answers a status query with the object."""
+    if target.server is None:
+        pytest.skip(EMULATOR_FORGETS_FINISHED_SESSIONS)
+    return target
 
 
 @pytest.fixture
@@ -307,3 +319,25 @@ def test_blocking_facade_abort_leaves_no_object(target: Target, settings: Writer
     with pytest.raises(WriterClosedError):
         file.write(b"more")
     assert target.object_names() == []
+
+
+async def test_resuming_a_finished_session_returns_the_object(
+    finished_session_target: Target, settings: WriterSettings
+) -> None:
+    target = finished_session_target
+    data = payload(700 * KiB)
+    async with open_writer(target.bucket, "done", settings) as first:
+        await first.write_at(0, data)
+        finished = await first.complete()
+        session_uri = first.session_uri
+    crc32c = google_crc32c.value(data)
+    async with open_writer(target.bucket, "done", settings, session_uri=session_uri) as again:
+        assert again.committed_offset == len(data)
+        info = await again.complete(len(data), crc32c=crc32c)
+        with pytest.raises(ChecksumMismatchError, match="finished object"):
+            await again.complete(len(data), crc32c=crc32c ^ 1)
+    assert (info.generation, info.size, info.crc32c) == (
+        finished.generation,
+        finished.size,
+        finished.crc32c,
+    )
