@@ -32,7 +32,7 @@ BENCH_DIR: Final = Path(__file__).resolve().parent
 RESULTS: Final = BENCH_DIR / "results" / "all.json"
 DOCS: Final = BENCH_DIR.parent / "docs"
 #: a benchmark still running after this long is stopped and reported as failed
-TIMEOUT: Final = 3600.0
+TIMEOUT: Final = 1500.0
 
 
 def available() -> list[str]:

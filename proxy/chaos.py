@@ -17,7 +17,8 @@ against the regenerated source (size, CRC32C and every byte), or refused / faile
 clear error while GCS holds what it held before. Anything else (corruption, a duplicate
 byte, an object left behind, a hang past ``--deadline``, a task still running after the
 proxy stopped) fails the run: exit status 1, with the command that replays the failing
-uploads exactly. Exit status 2 means bad arguments.
+uploads. With ``--strict`` a clean failure of an upload that should have succeeded fails
+the run too. Exit status 2 means bad arguments.
 
 Everything an upload meets is derived from ``--seed`` and its index (see
 :mod:`proxy.chaos_workload`), so ``--seed S --only 17`` reruns upload 17 with the same size,
@@ -547,6 +548,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only", type=_indexes, default=(), metavar="I,J,...", help="run only these uploads"
     )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="also fail when an upload that should have succeeded failed cleanly",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -574,5 +580,13 @@ def run(args: argparse.Namespace) -> int:
         report.render(Console())
     if not report.passed:
         print(f"rup chaos: FAILED; replay with: {report.replay}", file=sys.stderr)
+        return 1
+    if args.strict and report.verified_share < 1.0:
+        failed = tuple(o.index for o in report.outcomes if o.verdict is Verdict.FAILED_CLEANLY)
+        print(
+            f"rup chaos: {len(failed)} uploads failed (cleanly); replay with:"
+            f" {settings.replay_command(failed)}",
+            file=sys.stderr,
+        )
         return 1
     return 0

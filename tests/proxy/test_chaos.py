@@ -129,6 +129,23 @@ def test_the_command_prints_a_json_report_and_exits_0(capsys: pytest.CaptureFixt
     )
 
 
+def test_a_lying_server_fails_an_upload_cleanly_which_only_strict_runs_refuse(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # seed 25's upload 14 (3 MiB) meets return-range-regression once a chunk is acknowledged
+    replay = ["chaos", "--uploads", "30", "--seed", "25", "--max-size", "3M", "--faults",
+              "harsh", "--connections", "3", "--only", "14", "--json"]  # fmt: skip
+
+    assert main(replay) == 0
+    outcome = json.loads(capsys.readouterr().out)["outcomes"][0]
+    assert outcome["verdict"] == Verdict.FAILED_CLEANLY.value
+    assert outcome["scripted_faults"] == ["return-range-regression"]
+    assert "regress" in outcome["problem"]
+
+    assert main([*replay, "--strict"]) == 1
+    assert "--only 14" in capsys.readouterr().err
+
+
 def _exit_code(arguments: list[str]) -> int | str | None:
     try:
         return main(["chaos", *arguments])
