@@ -53,6 +53,11 @@ class ServerMetrics:
             "Upload windows reserved from the shared budget",
             registry=r,
         )
+        self.buffer_held = Gauge(
+            "rup_buffer_held_bytes",
+            "Bytes held in upload buffers, received but not yet acknowledged by GCS",
+            registry=r,
+        )
         self.connections = Gauge("rup_connections", "Open client connections", registry=r)
         self.active_uploads = Gauge(
             "rup_active_uploads", "Uploads with a live writer in this process", registry=r

@@ -482,6 +482,7 @@ class Upload:
             self._completion = None
         else:
             self.state = UploadState.COMPLETED
+            self._record_stats(self.writer.stats)  # counted before anyone hears of it
             # Give the window back before anyone hears of the completion, so a client that
             # opens its next upload right away finds the budget as it left it.
             self._registry._give_back(self)
@@ -604,12 +605,21 @@ class UploadRegistry:
         self._uploads: dict[str, Upload] = {}
         self._opening: dict[str, trio.Event] = {}
         self._per_client: TallyCounter[str] = TallyCounter()
+        metrics.buffer_held.set_function(self.held_bytes)
 
     def __len__(self) -> int:
         return len(self._uploads)
 
     def get(self, upload_id: str) -> Upload | None:
         return self._uploads.get(upload_id)
+
+    def held_bytes(self) -> int:
+        """Bytes all live uploads hold in their buffers right now (read at scrape time)."""
+        return sum(
+            upload.writer.stats.held_bytes
+            for upload in self._uploads.values()
+            if upload.state is UploadState.ACTIVE
+        )
 
     def uploads(self) -> list[Upload]:
         """Every upload this process holds (live, or finished and remembered for a while)."""

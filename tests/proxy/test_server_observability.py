@@ -83,6 +83,7 @@ async def test_metrics_endpoint_counts_an_upload(
     assert _sample(body, "rup_bytes_committed_total") == len(data)
     assert 'rup_errors_sent_total{code="BAD_TOKEN"} 1.0' in body
     assert _sample(body, "rup_buffer_reserved_bytes") == 0
+    assert _sample(body, "rup_buffer_held_bytes") == 0
     assert _sample(body, "rup_connections") == 1
 
 
