@@ -46,6 +46,13 @@ import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 from prometheus_client import Counter
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from faultnet.counters import FaultCounters
 from faultnet.gcs import GcsServer
@@ -247,6 +254,7 @@ class _Run:
         retry_tests: RetryTestClient,
         client_counters: FaultCounters,
         saboteur: Saboteur | None,
+        on_outcome: Callable[[UploadOutcome], None] | None,
     ) -> None:
         self.settings = settings
         self.specs = specs
@@ -256,6 +264,7 @@ class _Run:
         self.retry_tests = retry_tests
         self.client_counters = client_counters
         self.saboteur = saboteur
+        self.on_outcome = on_outcome
         self.outcomes: list[UploadOutcome] = []
         self.rss_samples: list[tuple[int, int]] = []
         self._sample_every = max(1, len(specs) // 100)
@@ -299,6 +308,8 @@ class _Run:
         finally:
             limiter.release()
         self.outcomes.append(outcome)
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
         if len(self.outcomes) % self._sample_every == 0:
             self.rss_samples.append((len(self.outcomes), _rss()))
 
@@ -442,8 +453,17 @@ def _gcs_endpoint(external: str | None) -> Iterator[tuple[str, TargetKind]]:
         yield server.url, TargetKind.EMBEDDED
 
 
-def run_chaos(settings: ChaosSettings, *, saboteur: Saboteur | None = None) -> ChaosReport:
-    """Run every upload of ``settings`` and judge each; blocking (it runs its own trio loop)."""
+def run_chaos(
+    settings: ChaosSettings,
+    *,
+    saboteur: Saboteur | None = None,
+    on_outcome: Callable[[UploadOutcome], None] | None = None,
+) -> ChaosReport:
+    """Run every upload of ``settings`` and judge each; blocking (it runs its own trio loop).
+
+    ``on_outcome`` is called with each upload's verdict as it is reached, in the order
+    uploads finish (from the trio thread; keep it quick).
+    """
     mix = FAULT_MIXES[settings.faults]
     specs = plan_uploads(
         uploads=settings.uploads,
@@ -476,6 +496,7 @@ def run_chaos(settings: ChaosSettings, *, saboteur: Saboteur | None = None) -> C
                 retry_tests=RetryTestClient(url),
                 client_counters=client_counters,
                 saboteur=saboteur,
+                on_outcome=on_outcome,
             )
             retries, leaks = trio.run(run_state.run)
         finally:
@@ -556,6 +577,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _run_with_progress(settings: ChaosSettings) -> ChaosReport:
+    """:func:`run_chaos` with a progress bar on stderr that counts broken promises."""
+    uploads = len(settings.only) if settings.only else settings.uploads
+    broken = 0
+    with Progress(
+        TextColumn("rup chaos"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[broken]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("uploads", total=uploads, broken="")
+
+        def advance(outcome: UploadOutcome) -> None:
+            nonlocal broken
+            broken += not outcome.verdict.keeps_promise
+            progress.update(task, advance=1, broken=f"[red]{broken} broken[/red]" if broken else "")
+
+        return run_chaos(settings, on_outcome=advance)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         settings = ChaosSettings(
@@ -573,7 +617,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"rup chaos: {exc}", file=sys.stderr)
         return 2
-    report = run_chaos(settings)
+    if args.json or not sys.stderr.isatty():
+        report = run_chaos(settings)
+    else:
+        report = _run_with_progress(settings)
     if args.json:
         print(json.dumps(report.as_dict(), indent=None))
     else:
