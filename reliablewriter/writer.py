@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from google.cloud import storage  # type: ignore[import-untyped]
@@ -54,6 +54,8 @@ from .transport import ChunkBody, GcsTransport, SessionOptions, TransportFailure
 __all__ = ["ObjectInfo", "PendingWrite", "ReliableWriter", "WriterStats", "open_writer"]
 
 logger = logging.getLogger("reliablewriter")
+
+_T = TypeVar("_T")
 
 _STATUS_QUERY = {"Content-Range": "bytes */*"}
 
@@ -186,6 +188,7 @@ class ReliableWriter:
         self._rng = random.Random()
         # Set from the trio side, read by the worker thread between body slices.
         self._stop_sending = threading.Event()
+        self._thread_limiter = trio.CapacityLimiter(1)
         self._changed = trio.Event()
         self._worker_scope = trio.CancelScope()
         self._worker_done = trio.Event()
@@ -404,7 +407,7 @@ class ReliableWriter:
         await self._stop_worker()
         if self._session_uri is not None:
             with contextlib.suppress(TransportFailure):
-                await trio.to_thread.run_sync(self._transport.delete, self._session_uri)
+                await self._in_thread(self._transport.delete, self._session_uri)
 
     # --- internals: shared state ----------------------------------------------------
 
@@ -444,6 +447,14 @@ class ReliableWriter:
         self._stop_sending.set()
         self._worker_scope.cancel()
         await self._worker_done.wait()
+
+    async def _in_thread(self, function: Callable[..., _T], *args: Any) -> _T:
+        """Run blocking HTTP in a worker thread, one at a time for this writer.
+
+        The writer's own limiter (instead of trio's shared default of 40 threads) keeps
+        uploads independent: writers stuck in stalled connections cannot starve others.
+        """
+        return await trio.to_thread.run_sync(function, *args, limiter=self._thread_limiter)
 
     def _report_progress(self) -> None:
         if self._progress is not None:
@@ -549,7 +560,7 @@ class ReliableWriter:
                 operation = self._query_status
 
     async def _create_session(self) -> Outcome:
-        created = await trio.to_thread.run_sync(self._transport.create_session, self._options)
+        created = await self._in_thread(self._transport.create_session, self._options)
         if isinstance(created, HttpResponse):
             if created.status == 404:
                 # On initiation a 404 is a missing bucket, not a lost session.
@@ -583,7 +594,7 @@ class ReliableWriter:
         await self._retrying(self._create_session)
 
     async def _query_status(self) -> Outcome:
-        outcome = await trio.to_thread.run_sync(self._exchange, None, None)
+        outcome = await self._in_thread(self._exchange, None, None)
         if isinstance(outcome, Persisted):
             self._acknowledge()
         return outcome
@@ -600,7 +611,7 @@ class ReliableWriter:
             on_sent=self._count_sent,
         )
         try:
-            outcome = await trio.to_thread.run_sync(self._exchange, plan, body)
+            outcome = await self._in_thread(self._exchange, plan, body)
         finally:
             body.release()
         if isinstance(outcome, Persisted):
