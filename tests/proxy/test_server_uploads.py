@@ -7,7 +7,6 @@ import os
 from collections.abc import Awaitable, Callable
 
 import google_crc32c
-import pytest
 import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 
@@ -290,10 +289,6 @@ async def test_complete_with_a_wrong_size_is_refused_and_can_be_corrected(
     assert (await client.reply(Completed)).size == len(data)
 
 
-@pytest.mark.xfail(
-    reason="reliablewriter: resuming a finalized session checks GCS's CRC32C against the "
-    "empty checksum of a fresh writer (writer.py, _open_session's Finished branch)",
-)
 async def test_complete_after_a_restart_returns_the_finished_object(
     start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
 ) -> None:
