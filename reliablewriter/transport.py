@@ -196,9 +196,10 @@ class GcsTransport:
             )
         except api_exceptions.GoogleAPICallError as exc:
             response = exc.response
-            if isinstance(response, requests.Response):
+            if isinstance(response, requests.Response) and response.status_code >= 300:
                 return _response(response)
-            failure = TransportFailure(f"http-{exc.code}")
+            # A success without a usable Location header: damaged on the way.
+            failure = TransportFailure("bad-session-uri")
             _scrub(exc)
         except (requests.RequestException, OSError) as exc:
             failure = TransportFailure(_cause_of(exc))

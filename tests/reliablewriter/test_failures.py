@@ -386,3 +386,16 @@ async def test_emulator_survives_lost_responses_and_stalls(
     await upload(target.bucket, "obj", data, settings)
     assert target.counters.faults_applied(fault) >= 1
     assert target.read("obj") == data
+
+
+async def test_initiation_is_retried_with_a_precondition(
+    target: Target, settings: WriterSettings
+) -> None:
+    target.script("return-503", "return-reset-connection")
+    data = payload(300 * KiB)
+    async with open_writer(target.bucket, "obj", settings, if_generation_match=0) as writer:
+        assert writer.stats.retries_by_cause == {"http-503": 1, "connection": 1}
+        await writer.write_at(0, data)
+        await writer.complete()
+    assert target.script_done()
+    assert target.read("obj") == data
