@@ -84,12 +84,3 @@ class StreamChecksum:
         if self._md5 is None or not self.valid:
             return None
         return base64.b64encode(self._md5.digest()).decode("ascii")
-
-    def hash_header(self) -> str | None:
-        """The ``x-goog-hash`` value that lets GCS refuse an object that does not match."""
-        parts = []
-        if self.crc32c is not None:
-            parts.append(f"crc32c={self.crc32c}")
-        if self.md5 is not None:
-            parts.append(f"md5={self.md5}")
-        return ",".join(parts) or None
