@@ -50,7 +50,12 @@ class StreamChecksum:
         self._md5 = hashlib.md5(usedforsecurity=False) if mode.md5 else None
 
     def extend(self, start: int, views: list[memoryview]) -> None:
-        """Feed the bytes from ``start`` on; the part below :attr:`offset` is skipped."""
+        """Feed the bytes from ``start`` on; the part below :attr:`offset` is skipped.
+
+        ``start`` must not lie beyond :attr:`offset`: a gap would make the checksum wrong.
+        """
+        if start > self.offset:
+            raise ValueError(f"cannot checksum from {start}: bytes from {self.offset} unseen")
         for view in views:
             skip = self.offset - start
             start += len(view)

@@ -33,6 +33,12 @@ def test_a_stream_that_did_not_start_at_zero_has_no_checksum() -> None:
     assert checksum.md5 is None
 
 
+def test_a_gap_is_refused() -> None:
+    checksum = StreamChecksum(ChecksumMode.CRC32C)
+    with pytest.raises(ValueError, match="unseen"):
+        checksum.extend(1, [memoryview(b"x")])
+
+
 def test_mode_none_computes_nothing() -> None:
     checksum = StreamChecksum(ChecksumMode.NONE)
     checksum.extend(0, [memoryview(b"abc")])
