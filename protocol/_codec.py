@@ -178,7 +178,8 @@ def _describe(exc: ConstructError) -> str:
     if isinstance(exc, StringError):
         # construct's message quotes the offending bytes, which may be a secret (auth, token).
         return "text is not valid UTF-8"
-    where = str(getattr(exc, "path", "") or "").removeprefix("(parsing)").removeprefix(" -> ")
+    where = str(getattr(exc, "path", "") or "").removeprefix("(parsing) -> body")
+    where = where.removeprefix(" -> ")
     detail = str(exc).splitlines()[-1]
     return f"field {where}: {detail}" if where else detail
 

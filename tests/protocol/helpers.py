@@ -41,6 +41,8 @@ def drain(conn: Connection) -> list[Event]:
     events: list[Event] = []
     while (event := conn.next_event()) is not NEED_DATA:
         events.append(event)
+        if isinstance(event, ConnectionClosed):
+            break
     return events
 
 
