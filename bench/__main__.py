@@ -83,7 +83,7 @@ def _table(entries: dict[str, dict[str, Any]]) -> Table:
     table.add_column("benchmark")
     table.add_column("time", justify="right")
     table.add_column("status")
-    table.add_column("ratio")
+    table.add_column("ratio", overflow="fold")
     table.add_column("value", justify="right")
     for name, entry in entries.items():
         if not entry["ok"]:

@@ -74,11 +74,17 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, An
 
 
 def find_ratios(result: Mapping[str, Any]) -> dict[str, float]:
-    """The claims of one result: every number under a key that mentions ``ratio``."""
+    """The claims of one result: every number under a key that mentions ``ratio``.
+
+    ``target_ratio`` and the like are the goals the claims are held to, not claims.
+    """
     return {
         key: float(value)
         for key, value in flatten(result)
-        if "ratio" in key and isinstance(value, int | float) and not isinstance(value, bool)
+        if "ratio" in key
+        and not key.rpartition(".")[2].startswith("target")
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
     }
 
 

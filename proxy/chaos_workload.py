@@ -328,25 +328,30 @@ def plan_uploads(
     boundaries = boundary_sizes(geometry, max_size)
     specs = []
     for index in range(uploads):
+        # Two streams: what is uploaded never depends on the fault mix or its intensity,
+        # so runs that differ only in faults upload the same objects the same way.
         rng = random.Random(f"rup-chaos:{seed}:{index}")
+        fault_rng = random.Random(f"rup-chaos:{seed}:{index}:faults")
         size = boundaries[index] if index < len(boundaries) else _log_uniform_size(rng, max_size)
         precondition = _precondition(rng, precondition_share)
+        upload_connections = rng.randint(1, connections)
         instructions: tuple[str, ...] = ()
-        if mix.instructions and rng.random() < _scaled(mix.scripted, intensity):
-            instructions = tuple(rng.choices(mix.instructions, k=rng.randint(1, 2)))
+        if mix.instructions and fault_rng.random() < _scaled(mix.scripted, intensity):
+            instructions = tuple(fault_rng.choices(mix.instructions, k=fault_rng.randint(1, 2)))
         key = f"{seed}:{index}"
         specs.append(
             UploadSpec(
                 index=index,
                 name=f"chaos/{seed}/{index:05d}-{size}",
                 size=size,
-                connections=rng.randint(1, connections),
+                connections=upload_connections,
                 precondition=precondition,
                 client_plan=FaultPlan(
-                    _client_toxics(mix, intensity, size, rng), seed=rng.getrandbits(32)
+                    _client_toxics(mix, intensity, size, fault_rng),
+                    seed=fault_rng.getrandbits(32),
                 ),
                 gcs_plan=FaultPlan(
-                    _gcs_toxics(mix, intensity, size, rng), seed=rng.getrandbits(32)
+                    _gcs_toxics(mix, intensity, size, fault_rng), seed=fault_rng.getrandbits(32)
                 ),
                 instructions=instructions,
                 source=ObjectSource(key, size),
