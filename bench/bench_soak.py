@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import subprocess
 import sys
@@ -96,7 +97,8 @@ def _sweep(uploads: int, gcs_url: str) -> list[dict[str, Any]]:
 
 
 def _soak(uploads: int, gcs_url: str) -> dict[str, Any]:
-    report = run_chaos(ChaosSettings(uploads=uploads, seed=SEED, gcs_endpoint=gcs_url))
+    settings = ChaosSettings(uploads=uploads, seed=SEED)
+    report = run_chaos(dataclasses.replace(settings, gcs_endpoint=gcs_url))
     samples = [list(sample) for sample in report.rss_samples]
     # Buffers, thread stacks and allocator arenas grow to their working size over the first
     # uploads; a leak shows as growth after that, so the baseline is the RSS a tenth in.
@@ -117,7 +119,8 @@ def _soak(uploads: int, gcs_url: str) -> dict[str, Any]:
         "rss_end_bytes": report.rss_end,
         "rss_peak_bytes": max([s[1] for s in samples] or [report.rss_end]),
         "rss_samples": samples,
-        "replay": report.replay,
+        # the endpoint is gone after the run; the replay makes its own
+        "replay": settings.replay_command(tuple(o.index for o in report.broken)),
     }
 
 

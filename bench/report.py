@@ -101,6 +101,26 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _record_lists(result: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
+    """Lists of records (a sweep's points, say) at the top level or one level down."""
+    found: dict[str, list[Mapping[str, Any]]] = {}
+    for key, value in result.items():
+        if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            found[key] = value
+        elif isinstance(value, Mapping):
+            found.update({f"{key}.{k}": v for k, v in _record_lists(value).items() if "." not in k})
+    return found
+
+
+def _table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
+    for row in rows:
+        cells = (_cell(_format(row[c])) if c in row else "" for c in columns)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _first_paragraph(text: str | None) -> str:
     return (text or "").strip().split("\n\n", 1)[0].replace("\n", " ")
 
@@ -153,7 +173,13 @@ def render_markdown(
             "| figure | value |",
             "|---|---:|",
         ]
-        lines += [f"| `{key}` | {_format(value)} |" for key, value in flatten(entry["result"])]
+        lines += [
+            f"| `{key}` | {_format(value)} |"
+            for key, value in flatten(entry["result"])
+            if key != "benchmark"
+        ]
+        for key, rows in _record_lists(entry["result"]).items():
+            lines += ["", f"`{key}`:", "", *_table(rows)]
     if plots:
         lines += ["", "## Plots", ""]
         for plot in plots:
