@@ -13,11 +13,13 @@ from collections.abc import Callable
 import google_crc32c
 import pytest
 import trio
+import trio.testing
 
 from faultnet.gcs import GcsApiError
 from reliablewriter import (
     NonRetryableHTTPError,
     RetriesExhaustedError,
+    RetryPolicy,
     ServerRegressionError,
     SessionLostError,
     WriterAbortedError,
@@ -399,3 +401,44 @@ async def test_initiation_is_retried_with_a_precondition(
         await writer.complete()
     assert target.script_done()
     assert target.read("obj") == data
+
+
+# The retry deadline counts from the last progress (virtual time: backoff sleeps jump).
+
+_SLOW_BACKOFF = RetryPolicy(
+    max_attempts=100, deadline=10.0, initial_delay=8.0, max_delay=8.0, multiplier=1.0
+)
+
+
+async def test_deadline_counts_from_the_last_progress(
+    target: Target, settings: WriterSettings, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Ten failures, each after progress, each followed by a backoff of up to 8 s.
+
+    In all they wait far longer than the 10 s deadline, but never 10 s without progress.
+    """
+    settings = dataclasses.replace(
+        settings, min_chunk_size=256 * KiB, max_chunk_size=256 * KiB, retry=_SLOW_BACKOFF
+    )
+    data = payload(10 * 256 * KiB)
+    started = trio.current_time()
+    async with open_writer(target.bucket, "obj", settings) as writer:
+        target.script(*(f"return-503-after-{256 * (i + 1)}K" for i in range(10)))
+        await writer.write_at(0, data)
+        await writer.complete()
+    assert target.script_done()
+    assert writer.stats.retries_by_cause["http-503"] == 10
+    assert trio.current_time() - started > _SLOW_BACKOFF.deadline
+    assert target.read("obj") == data
+
+
+async def test_deadline_without_progress_gives_up(
+    target: Target, settings: WriterSettings, autojump_clock: trio.testing.MockClock
+) -> None:
+    settings = dataclasses.replace(settings, retry=_SLOW_BACKOFF)
+    async with open_writer(target.bucket, "obj", settings) as writer:
+        target.script(*["return-503"] * 50)
+        await writer.write_at(0, payload(MiB))
+        with pytest.raises(RetriesExhaustedError) as failure:
+            await writer.complete()
+    assert 2 <= failure.value.attempts < 50
