@@ -80,6 +80,10 @@ _HEADER_PREFIX: Final = struct.Struct(">4sBBHQII")  # HEADER_STRUCT without the 
 _U32: Final = struct.Struct(">I")
 _crc_value = google_crc32c.value
 _crc_extend = google_crc32c.extend
+_FRAME_TYPES: Final = {int(frame_type): frame_type for frame_type in FrameType}
+_FIRST_REPLY_TYPE: Final = 0x80
+_new_event = object.__new__
+_set_attribute = object.__setattr__
 
 
 class Role(enum.Enum):
@@ -92,6 +96,14 @@ class _Reading(enum.Enum):
     BODY = enum.auto()
     WRITE_AT_OFFSET = enum.auto()
     WRITE_AT_DATA = enum.auto()
+
+
+def _write_at_data(seq: int, data: memoryview) -> WriteAtData:
+    """WriteAtData(seq, data), built without the frozen dataclass __init__ (twice as slow)."""
+    event = _new_event(WriteAtData)
+    _set_attribute(event, "seq", seq)
+    _set_attribute(event, "data", data)
+    return event
 
 
 def _as_crc_input(data: bytes | memoryview) -> bytes:
@@ -118,6 +130,7 @@ class Connection:
                 f" not {max_frame_size}"
             )
         self.role: Final = role
+        self._receives_requests = role is Role.SERVER
         self.version: int | None = None
         """The negotiated protocol version, once Welcome has passed."""
         self._max_frame_size = max_frame_size
@@ -202,6 +215,19 @@ class Connection:
         the ERROR state and every later call raises too. PayloadCrcError is the exception: the
         failed request is reported and the next call continues with the following frame.
         """
+        # The hot path, inlined: the next piece of a WriteAt payload, one event per buffer.
+        if self._reading is _Reading.WRITE_AT_DATA and self._remaining:
+            piece = self._buffer.take_piece(self._remaining)
+            if piece is not None:
+                self._remaining -= len(piece)
+                if type(piece) is bytes:
+                    self._crc = _crc_extend(self._crc, piece)
+                    return _write_at_data(self._frame_seq, memoryview(piece))
+                # google_crc32c takes only bytes: part of a buffer costs one bounded copy.
+                self._crc = _crc_extend(self._crc, bytes(piece))
+                return _write_at_data(self._frame_seq, piece)  # type: ignore[arg-type]
+            if not self._eof:
+                return NEED_DATA
         if self._error is not None:
             raise RemoteProtocolError(
                 f"connection already failed: {self._error.message}",
@@ -219,17 +245,9 @@ class Connection:
 
     def _next_event(self) -> Event | NeedData:
         reading = self._reading
-        if reading is _Reading.WRITE_AT_DATA:  # the hot path: one event per received buffer
-            remaining = self._remaining
-            if remaining:
-                piece = self._buffer.take_piece(remaining)
-                if piece is None:
-                    return self._need_data()
-                self._remaining = remaining - len(piece)
-                self._crc = _crc_extend(self._crc, _as_crc_input(piece))
-                if type(piece) is bytes:
-                    piece = memoryview(piece)
-                return WriteAtData(self._frame_seq, piece)  # type: ignore[arg-type]
+        if reading is _Reading.WRITE_AT_DATA:
+            if self._remaining:
+                return self._need_data()  # next_event() found the buffer empty
             self._reading = _Reading.HEADER
             if self._crc != self._expected_crc:
                 raise PayloadCrcError(
@@ -318,33 +336,34 @@ class Connection:
                 ErrorCode.UNSUPPORTED_VERSION,
                 seq=seq,
             )
-        try:
-            frame_type = FrameType(raw_type)
-        except ValueError:
+        frame_type = _FRAME_TYPES.get(raw_type)
+        if frame_type is None:
             raise RemoteProtocolError(
                 f"unknown frame type 0x{raw_type:02x}", ErrorCode.UNKNOWN_FRAME_TYPE, seq=seq
-            ) from None
-        name = frame_type.name
+            )
         if flags:
             raise RemoteProtocolError(
-                f"{name} seq {seq}: unknown flags 0x{flags:04x}", ErrorCode.MALFORMED_FRAME, seq=seq
+                f"{frame_type.name} seq {seq}: unknown flags 0x{flags:04x}",
+                ErrorCode.MALFORMED_FRAME,
+                seq=seq,
             )
         if seq != self._last_received_seq + 1:
             raise RemoteProtocolError(
-                f"{name} has seq {seq}, expected {self._last_received_seq + 1}",
+                f"{frame_type.name} has seq {seq}, expected {self._last_received_seq + 1}",
                 ErrorCode.BAD_SEQUENCE,
                 seq=seq,
             )
         self._last_received_seq = seq
-        if frame_type.is_request != (self.role is Role.SERVER):
-            sender = "client" if frame_type.is_request else "server"
+        is_request = raw_type < _FIRST_REPLY_TYPE
+        if is_request is not self._receives_requests:
+            sender = "client" if is_request else "server"
             raise RemoteProtocolError(
-                f"{name} seq {seq}: only a {sender} sends {name} frames",
+                f"{frame_type.name} seq {seq}: only a {sender} sends {frame_type.name} frames",
                 ErrorCode.UNEXPECTED_FRAME,
                 seq=seq,
             )
         self._check_payload_size(frame_type, seq, size)
-        if frame_type.is_request:
+        if is_request:
             self._receive_request(frame_type, seq)
         self._frame_type = frame_type
         self._frame_seq = seq
