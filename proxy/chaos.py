@@ -82,7 +82,7 @@ from proxy.client import (
 )
 from proxy.config import ServerSettings
 from proxy.demo import parse_size
-from proxy.server import serve_in_background
+from proxy.server import ProxyServer, serve_in_background
 from reliablewriter import RetryPolicy, WriterSettings
 
 __all__ = [
@@ -90,6 +90,7 @@ __all__ = [
     "ChaosSettings",
     "Saboteur",
     "configure",
+    "lingering_in_proxy",
     "run",
     "run_chaos",
 ]
@@ -100,6 +101,8 @@ _BUCKET: Final = "rup-chaos"
 #: how long the proxy gets to stop once every upload has ended, before it counts as a leak
 _SHUTDOWN_DEADLINE: Final = 15.0
 _WRITE_SIZE: Final = 256 * KiB
+#: how long the proxy gets to close connections and writers once every upload has ended
+_SETTLE_DEADLINE: Final = 10.0
 
 #: called (in a worker thread) after an upload and before it is judged: tests use it to
 #: tamper with GCS and prove that the judge notices
@@ -228,6 +231,27 @@ def _live_tasks() -> set[trio.lowlevel.Task]:
     return found
 
 
+async def lingering_in_proxy(server: ProxyServer, *, patience: float) -> list[str]:
+    """What ``server`` still holds after ``patience`` seconds: connections, active uploads.
+
+    Called once every upload of a run has ended, when the proxy should let go at once.
+    """
+
+    def active_uploads() -> float:
+        return server.metrics.registry.get_sample_value("rup_active_uploads") or 0.0
+
+    with trio.move_on_after(patience):
+        # The server has no event for "idle"; a short poll costs nothing at the end of a run.
+        while server.connection_count or active_uploads():  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    found = []
+    if server.connection_count:
+        found.append(f"{server.connection_count} client connections still open in the proxy")
+    if active_uploads():
+        found.append(f"{active_uploads():.0f} uploads still active in the proxy")
+    return found
+
+
 def _if_generation_match(precondition: Precondition, previous_generation: int | None) -> int | None:
     if precondition is Precondition.ABSENT:
         return 0
@@ -281,6 +305,10 @@ class _Run:
                     for spec in self.specs:
                         await limiter.acquire()
                         nursery.start_soon(self._one, spec, server.address, limiter)
+                # A hung upload was abandoned, not aborted: the proxy rightly keeps it
+                # resumable. The run has failed anyway; only a clean run must leave nothing.
+                if all(o.verdict is not Verdict.HUNG for o in self.outcomes):
+                    leaks += await lingering_in_proxy(server, patience=_SETTLE_DEADLINE)
                 retries = _by_label(server.metrics.retries)
                 # Only the shutdown itself runs under this deadline.
                 shutdown_scope.deadline = trio.current_time() + _SHUTDOWN_DEADLINE

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Awaitable, Callable
 
 import pytest
 from google.cloud import storage  # type: ignore[import-untyped]
 
 from faultnet.gcs import GcsServer
 from faultnet.gcs.testing import anonymous_client
-from proxy.chaos import ChaosSettings, run_chaos
+from proxy.chaos import ChaosSettings, lingering_in_proxy, run_chaos
 from proxy.chaos_report import Verdict
 from proxy.chaos_verify import SourceComparator, verify_object, verify_untouched
 from proxy.chaos_workload import (
@@ -28,6 +29,8 @@ from proxy.chaos_workload import (
     plan_uploads,
 )
 from proxy.cli import main
+from proxy.server import ProxyServer
+from tests.proxy.conftest import RawClient
 
 pytestmark = pytest.mark.slow
 
@@ -144,6 +147,18 @@ def test_a_lying_server_fails_an_upload_cleanly_which_only_strict_runs_refuse(
 
     assert main([*replay, "--strict"]) == 1
     assert "--only 11" in capsys.readouterr().err
+
+
+async def test_what_the_proxy_still_holds_after_a_run_is_a_leak(
+    proxy_server: ProxyServer, raw_client: Callable[..., Awaitable[RawClient]]
+) -> None:
+    client = await raw_client(proxy_server)
+    assert await lingering_in_proxy(proxy_server, patience=0.2) == [
+        "1 client connections still open in the proxy"
+    ]
+
+    await client.aclose()
+    assert await lingering_in_proxy(proxy_server, patience=10) == []
 
 
 def _exit_code(arguments: list[str]) -> int | str | None:
