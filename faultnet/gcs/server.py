@@ -170,6 +170,7 @@ class GcsServer:
                 if self._stopping.is_set():
                     return
                 logger.exception("accept failed; the listener goes on")
+                self._stopping.wait(0.1)  # e.g. out of file descriptors: do not spin
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self._idle_timeout)

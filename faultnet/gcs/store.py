@@ -209,8 +209,8 @@ class SessionInfo:
 class UploadSession:
     """One resumable upload: bytes ``[0, persisted_size)`` are stored, in order.
 
-    Callers hold :attr:`lock` across a read-decide-append sequence; the store takes it
-    itself nowhere, so a session is never locked twice.
+    Callers hold :attr:`lock` across a read-decide-append sequence. Neither this class
+    nor :class:`Store` takes it, so it is never taken twice.
     """
 
     def __init__(
@@ -256,11 +256,10 @@ class UploadSession:
     def append(self, data: bytes | bytearray | memoryview, *, digest: bool = True) -> None:
         """Store ``data`` at :attr:`persisted_size`, taking ownership of it.
 
-        ``digest=False`` skips hashing: for the final block, whose digest is known.
-
         In memory the session keeps ``data`` itself, not a copy, so chunk ingest costs one
         copy (kernel to request buffer). The caller must never change ``data`` afterwards;
-        request bodies are fresh buffers, so this holds.
+        request bodies are fresh buffers, so this holds. ``digest=False`` skips hashing:
+        for the final block, whose digest the caller already has.
         """
         if self.result is not None:
             raise GcsApiError(400, "upload already finalized")
