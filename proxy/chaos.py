@@ -93,6 +93,7 @@ __all__ = [
     "lingering_in_proxy",
     "run",
     "run_chaos",
+    "settings_from",
 ]
 
 HELP: Final = "run many uploads under faults on every leg, and verify every byte"
@@ -140,6 +141,8 @@ class ChaosSettings:
             raise ValueError("--deadline must be positive")
         if self.max_size < 0:
             raise ValueError("--max-size must not be negative")
+        if not 0 <= self.precondition_share <= 1:
+            raise ValueError("--generation-match must be a share within 0..1")
 
     def replay_command(self, only: tuple[int, ...] = ()) -> str:
         """The ``rup chaos`` command that reruns this run, or just the uploads in ``only``."""
@@ -153,6 +156,7 @@ class ChaosSettings:
             "--faults", self.faults,
             "--intensity", repr(self.intensity),
             "--deadline", repr(self.deadline),
+            "--generation-match", repr(self.precondition_share),
         ]  # fmt: skip
         if self.gcs_endpoint is not None:
             words += ["--gcs-endpoint", self.gcs_endpoint]
@@ -591,6 +595,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="an upload taking longer counts as hung",
     )  # fmt: skip
     parser.add_argument(
+        "--generation-match", type=float, default=defaults.precondition_share, metavar="SHARE",
+        help="share of uploads that use ifGenerationMatch (0..1)",
+    )  # fmt: skip
+    parser.add_argument(
         "--gcs-endpoint", metavar="URL",
         help="an external GCS endpoint (e.g. storage-testbench) instead of the embedded one",
     )  # fmt: skip
@@ -628,20 +636,26 @@ def _run_with_progress(settings: ChaosSettings) -> ChaosReport:
         return run_chaos(settings, on_outcome=advance)
 
 
+def settings_from(args: argparse.Namespace) -> ChaosSettings:
+    """The settings the parsed command line asks for; ValueError when they cannot work."""
+    return ChaosSettings(
+        uploads=args.uploads,
+        seed=args.seed,
+        max_size=parse_size(args.max_size),
+        connections=args.connections,
+        concurrency=args.concurrency,
+        faults=args.faults,
+        intensity=args.intensity,
+        deadline=args.deadline,
+        precondition_share=args.generation_match,
+        gcs_endpoint=args.gcs_endpoint,
+        only=args.only,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        settings = ChaosSettings(
-            uploads=args.uploads,
-            seed=args.seed,
-            max_size=parse_size(args.max_size),
-            connections=args.connections,
-            concurrency=args.concurrency,
-            faults=args.faults,
-            intensity=args.intensity,
-            deadline=args.deadline,
-            gcs_endpoint=args.gcs_endpoint,
-            only=args.only,
-        )
+        settings = settings_from(args)
     except ValueError as exc:
         print(f"rup chaos: {exc}", file=sys.stderr)
         return 2

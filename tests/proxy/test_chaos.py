@@ -6,8 +6,10 @@ the judge is proven to catch problems by tampering with GCS between upload and v
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import shlex
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -15,7 +17,13 @@ from google.cloud import storage  # type: ignore[import-untyped]
 
 from faultnet.gcs import GcsServer
 from faultnet.gcs.testing import anonymous_client
-from proxy.chaos import ChaosSettings, lingering_in_proxy, run_chaos
+from proxy.chaos import (
+    ChaosSettings,
+    configure,
+    lingering_in_proxy,
+    run_chaos,
+    settings_from,
+)
 from proxy.chaos_report import Verdict
 from proxy.chaos_verify import SourceComparator, verify_object, verify_untouched
 from proxy.chaos_workload import (
@@ -176,10 +184,28 @@ def _exit_code(arguments: list[str]) -> int | str | None:
         ["--intensity", "-1"],
         ["--max-size", "lots"],
         ["--only", "1,x"],
+        ["--generation-match", "1.5"],
     ],
 )
 def test_bad_arguments_exit_2(arguments: list[str]) -> None:
     assert _exit_code(arguments) == 2
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ChaosSettings(),
+        dataclasses.replace(SMALL, faults="harsh", intensity=0.35, precondition_share=0.25),
+        ChaosSettings(uploads=7, max_size=0, gcs_endpoint="http://127.0.0.1:9", only=(2, 5)),
+    ],
+)
+def test_the_replay_command_asks_for_exactly_the_same_run(settings: ChaosSettings) -> None:
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    words = shlex.split(settings.replay_command())
+
+    assert words[:2] == ["rup", "chaos"]
+    assert settings_from(parser.parse_args(words[2:])) == settings
 
 
 # -- the workload: deterministic, replayable, boundary sizes first --------------------------
