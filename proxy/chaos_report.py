@@ -136,7 +136,7 @@ class ChaosReport:
 
     def failures_by_cause(self) -> dict[str, int]:
         counts = collections.Counter(
-            f"{o.verdict.value}: {o.cause or 'unknown'}"
+            f"{o.verdict.value}: {o.cause}" if o.cause else o.verdict.value
             for o in self.outcomes
             if o.verdict is not Verdict.VERIFIED
         )
@@ -224,8 +224,15 @@ class ChaosReport:
         summary.add_row("uploads", f"{uploads} in {self.elapsed:.1f} s")
         for verdict, count in self.verdicts().items():
             summary.add_row(f"  {verdict}", f"{count} ({count / max(uploads, 1):.1%})")
-        summary.add_row("verified", f"{self.verified_share:.1%} of uploads expected to succeed")
+        summary.add_row(
+            "verified share", f"{self.verified_share:.1%} of uploads expected to succeed"
+        )
         summary.add_row("bytes verified", f"{self.bytes_verified / _MiB:.1f} MiB")
+        summary.add_row(
+            "bytes moved",
+            f"{self.client_faults.get('bytes_up', 0) / _MiB:.1f} MiB client -> proxy,"
+            f" {self.gcs_faults.get('bytes_up', 0) / _MiB:.1f} MiB proxy -> GCS",
+        )
         lat, thr = self.latency_percentiles(), self.throughput_percentiles()
         summary.add_row(
             "time to complete",
