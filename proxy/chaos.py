@@ -102,8 +102,10 @@ _BUCKET: Final = "rup-chaos"
 #: how long the proxy gets to stop once every upload has ended, before it counts as a leak
 _SHUTDOWN_DEADLINE: Final = 15.0
 _WRITE_SIZE: Final = 256 * KiB
-#: how long the proxy gets to close connections and writers once every upload has ended
-_SETTLE_DEADLINE: Final = 10.0
+#: how long the proxy keeps an upload that has no connection and sees no activity
+_ORPHAN_TIMEOUT: Final = 8.0
+#: how long the proxy gets to let go of everything once every upload has ended
+_SETTLE_DEADLINE: Final = _ORPHAN_TIMEOUT + 5.0
 
 #: called (in a worker thread) after an upload and before it is judged: tests use it to
 #: tamper with GCS and prove that the judge notices
@@ -173,7 +175,9 @@ class ChaosSettings:
             total_buffer_limit=max(64 * MiB, 2 * self.concurrency * g.window),
             handshake_timeout=10.0,
             idle_timeout=60.0,
-            upload_idle_timeout=60.0,
+            # An upload whose UploadOpened reply a fault swallowed is an orphan: its client
+            # opened another. This is how long the proxy keeps orphans before releasing them.
+            upload_idle_timeout=_ORPHAN_TIMEOUT,
             complete_timeout=60.0,
             # finished uploads are judged at once; nobody asks the proxy again
             result_retention=1.0,
