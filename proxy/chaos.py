@@ -571,11 +571,18 @@ def _indexes(text: str) -> tuple[int, ...]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     defaults = ChaosSettings()
-    parser.add_argument("--uploads", type=int, default=defaults.uploads, metavar="N")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="replays a run exactly")
     parser.add_argument(
-        "--max-size", default="64M", help="largest object, e.g. 64M (sizes run from 0 B to it)"
-    )
+        "--uploads", type=int, default=defaults.uploads, metavar="N",
+        help=f"how many uploads (default {defaults.uploads})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed,
+        help="decides every size, byte and fault; the same seed replays the same run",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-size", default="64M", metavar="SIZE",
+        help="largest object, e.g. 64M (default); sizes run from 0 B to it",
+    )  # fmt: skip
     parser.add_argument(
         "--connections",
         type=int,
@@ -588,8 +595,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="uploads in flight at once",
     )  # fmt: skip
     parser.add_argument(
-        "--faults", default=defaults.faults, choices=sorted(FAULT_MIXES), help="the fault mix"
-    )
+        "--faults", default=defaults.faults, choices=list(FAULT_MIXES),
+        help=f"the fault mix (default {defaults.faults}; harsh adds faults no upload survives)",
+    )  # fmt: skip
     parser.add_argument(
         "--intensity", type=float, default=defaults.intensity, metavar="X",
         help="scales every fault probability (0 turns faults off)",
