@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from proxy.chaos import ChaosSettings, run_chaos
+from proxy.chaos_run import ChaosSettings, run_chaos
 from proxy.chaos_workload import MiB
 
 __all__ = ["main", "run"]

@@ -17,14 +17,9 @@ from google.cloud import storage  # type: ignore[import-untyped]
 
 from faultnet.gcs import GcsServer
 from faultnet.gcs.testing import anonymous_client
-from proxy.chaos import (
-    ChaosSettings,
-    configure,
-    lingering_in_proxy,
-    run_chaos,
-    settings_from,
-)
+from proxy.chaos import configure, settings_from
 from proxy.chaos_report import Verdict
+from proxy.chaos_run import ChaosSettings, lingering_in_proxy, run_chaos
 from proxy.chaos_verify import SourceComparator, verify_object, verify_untouched
 from proxy.chaos_workload import (
     FAULT_MIXES,
