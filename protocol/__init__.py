@@ -1,4 +1,20 @@
-"""rup's wire protocol: a sans-IO codec for the framed binary protocol in docs/protocol.md."""
+"""rup's wire protocol: a sans-IO codec for the framed binary protocol in docs/protocol.md.
+
+Nothing here does I/O. A server loop looks like::
+
+    conn = Connection(Role.SERVER)
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            conn.receive_data(await stream.receive_some())  # b"" at EOF
+            continue
+        ...  # handle the event; answer requests with conn.send(reply)
+
+`Connection.send()` returns buffers to write in order (for WriteAt, the caller's data
+itself, uncopied); `Connection.last_sent_seq` is the seq that the reply will carry in
+`reply_to`. Received WriteAt payload arrives as WriteAtStart, WriteAtData (views into the
+received buffers) and WriteAtEnd once its CRC32C verified.
+"""
 
 from ._state import ConnectionState
 from .connection import (

@@ -213,7 +213,10 @@ class Connection:
 
         Raises RemoteProtocolError when the peer broke the protocol; the connection is then in
         the ERROR state and every later call raises too. PayloadCrcError is the exception: the
-        failed request is reported and the next call continues with the following frame.
+        frame `exc.seq` is dropped and the next call continues with the following frame. On a
+        server that is a request to answer with Error(BAD_CRC). On a client it is a reply whose
+        `reply_to` was in the damaged payload, so which request it answered is unknown: treat
+        the connection as broken (reconnect and attach) rather than wait for that reply.
         """
         # The hot path, inlined: the next piece of a WriteAt payload, one event per buffer.
         if self._reading is _Reading.WRITE_AT_DATA and self._remaining:

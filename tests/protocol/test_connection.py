@@ -127,6 +127,20 @@ def test_write_at_data_is_passed_through_and_delivered_as_views() -> None:
     assert end == WriteAtEnd(3)
 
 
+def test_buffers_that_are_not_bytes_are_accepted_and_still_verified() -> None:
+    client, server = bound_pair()
+    wire = bytearray(client.send_bytes(WriteAt(0, b"abc" * 1000)))
+    server.receive_data(wire[:100])  # a bytearray
+    server.receive_data(memoryview(wire)[100:2000])
+    server.receive_data(memoryview(bytes(wire[2000:])).cast("b"))  # signed bytes
+    assert merge_writes(drain(server)) == [ReceivedWrite(3, 0, b"abc" * 1000)]
+    wire[-1] ^= 1
+    _, server = bound_pair()
+    server.receive_data(memoryview(wire))
+    with pytest.raises(PayloadCrcError, match="WRITE_AT seq 3: payload CRC32C mismatch"):
+        drain(server)
+
+
 def test_write_at_is_delivered_as_it_arrives() -> None:
     client, server = bound_pair()
     wire = client.send_bytes(WriteAt(100, bytes(50_000)))
