@@ -99,7 +99,10 @@ class _Reading(enum.Enum):
 
 
 def _write_at_data(seq: int, data: memoryview) -> WriteAtData:
-    """WriteAtData(seq, data), built without the frozen dataclass __init__ (twice as slow)."""
+    """WriteAtData(seq, data), without the frozen dataclass __init__ and its per-field checks.
+
+    Runs once per received buffer, where the generated __init__ was a measurable share.
+    """
     event = _new_event(WriteAtData)
     _set_attribute(event, "seq", seq)
     _set_attribute(event, "data", data)
@@ -223,12 +226,12 @@ class Connection:
             piece = self._buffer.take_piece(self._remaining)
             if piece is not None:
                 self._remaining -= len(piece)
-                if type(piece) is bytes:
+                if isinstance(piece, bytes):
                     self._crc = _crc_extend(self._crc, piece)
                     return _write_at_data(self._frame_seq, memoryview(piece))
                 # google_crc32c takes only bytes: part of a buffer costs one bounded copy.
                 self._crc = _crc_extend(self._crc, bytes(piece))
-                return _write_at_data(self._frame_seq, piece)  # type: ignore[arg-type]
+                return _write_at_data(self._frame_seq, piece)
             if not self._eof:
                 return NEED_DATA
         if self._error is not None:
