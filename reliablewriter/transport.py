@@ -234,6 +234,30 @@ class GcsTransport:
                 body.release()
         raise failure
 
+    def get_object(self) -> Mapping[str, Any] | None:
+        """The live object's metadata, or None if there is none (or it cannot be read).
+
+        Raises :class:`TransportFailure` for failures worth another attempt.
+        """
+        failure: TransportFailure | None = None
+        try:
+            blob = self._blob.bucket.get_blob(self._blob.name, timeout=self._timeout, retry=None)
+        except api_exceptions.GoogleAPICallError as exc:
+            if exc.code is not None and exc.code < 500 and exc.code not in (408, 429):
+                return None
+            failure = TransportFailure(f"http-{exc.code}")
+            _scrub(exc)
+        except (requests.RequestException, OSError) as exc:
+            failure = TransportFailure(_cause_of(exc))
+            _scrub(exc)
+        if failure is not None:
+            raise failure
+        if blob is None:
+            return None
+        # The JSON resource GCS returned; google-cloud-storage keeps it as ``_properties``.
+        resource: Mapping[str, Any] = blob._properties
+        return resource
+
     def delete(self, uri: str) -> HttpResponse:
         """Cancel the session at ``uri`` (GCS answers 499 when it did)."""
         failure: TransportFailure | None = None

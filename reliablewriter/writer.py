@@ -201,6 +201,8 @@ class ReliableWriter:
         self._chunks = 0
         self._retries: Counter[str] = Counter()
         self._restarts = 0
+        # Whether a final chunk went out: a lost session may then have left the object.
+        self._final_sent = False
         # Failed attempts and the time of the last progress, for the retry policy.
         self._attempts = 0
         self._last_progress = trio.current_time()
@@ -503,7 +505,11 @@ class ReliableWriter:
     async def _upload(self) -> None:
         while self._result is None:
             plan = await self._next_plan()
-            outcome = await self._retrying(partial(self._send_chunk, plan))
+            outcome = await self._retrying(partial(self._send_chunk, plan), then=self._query_status)
+            if isinstance(outcome, SessionGone) and self._final_sent:
+                # The final chunk may have been stored before the session went away with
+                # its answer; then the object is there, and it is ours if it matches.
+                outcome = await self._retrying(self._look_up_object)
             if isinstance(outcome, Finished):
                 self._finish(outcome.resource)
             elif isinstance(outcome, SessionGone):
@@ -523,13 +529,21 @@ class ReliableWriter:
                 return plan
             await self._wait_for_change()
 
-    async def _retrying(self, operation: Callable[[], Awaitable[Outcome]]) -> Outcome:
+    async def _retrying(
+        self,
+        operation: Callable[[], Awaitable[Outcome]],
+        *,
+        then: Callable[[], Awaitable[Outcome]] | None = None,
+    ) -> Outcome:
         """Run ``operation`` until it gets a definite answer, or give up.
 
-        After a failed attempt the writer backs off and then asks GCS what the session
-        holds, rather than repeating a chunk: GCS may have kept part of it. Attempts and
-        the deadline count from the last progress, across chunks.
+        After a failed attempt the writer backs off and tries again, with ``then`` if
+        given: after a chunk, that is a status query rather than the chunk again, since
+        GCS may have kept part of it. Attempts and the deadline count from the last
+        progress, across chunks; time spent idle (waiting for data) does not count.
         """
+        if self._attempts == 0:
+            self._last_progress = trio.current_time()
         while True:
             try:
                 outcome = await operation()
@@ -556,8 +570,7 @@ class ReliableWriter:
                 outcome.cause,
             )
             await trio.sleep(policy.next_delay(self._attempts, self._rng))
-            if self._session_uri is not None:
-                operation = self._query_status
+            operation = then or operation
 
     async def _create_session(self) -> Outcome:
         created = await self._in_thread(self._transport.create_session, self._options)
@@ -593,6 +606,17 @@ class ReliableWriter:
         self._state.restart()
         await self._retrying(self._create_session)
 
+    async def _look_up_object(self) -> Outcome:
+        """Finished if the live object is this upload's, by size and CRC32C; else gone."""
+        resource = await self._in_thread(self._transport.get_object)
+        expected = self._checksum.crc32c or self._expected_crc32c
+        if resource is not None and expected is not None:
+            info = ObjectInfo.from_resource(resource)
+            if info.size == self._total and info.crc32c == expected:
+                logger.info("the session of %r is gone, but its object is complete", self.name)
+                return Finished(resource)
+        return SessionGone(404)
+
     async def _query_status(self) -> Outcome:
         outcome = await self._in_thread(self._exchange, None, None)
         if isinstance(outcome, Persisted):
@@ -602,6 +626,7 @@ class ReliableWriter:
     async def _send_chunk(self, plan: ChunkPlan) -> Outcome:
         before = self._state.committed
         self._state.sending(plan)
+        self._final_sent = self._final_sent or plan.final
         # Only the body holds the chunk's views, and it lets go of them when the request
         # ends however it ends: frames kept alive by a traceback must not pin caller data.
         body = ChunkBody(

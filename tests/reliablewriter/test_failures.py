@@ -242,6 +242,36 @@ async def test_lost_session_after_acknowledged_bytes_names_the_lost_range(
     assert target.script_done()
 
 
+async def test_session_lost_after_the_final_chunk_was_stored_finds_the_object(
+    target: Target, settings: WriterSettings
+) -> None:
+    data = payload(3 * MiB // 2)
+    async with open_writer(target.bucket, "obj", settings) as writer:
+        # The answer to the final chunk is cut short, then the status query meets a 410.
+        target.script("return-broken-stream-final-chunk-after-4B", "return-410")
+        await writer.write_at(0, data)
+        info = await writer.complete(crc32c=google_crc32c.value(data))
+    assert target.script_done()
+    assert info.size == len(data)
+    assert target.object_names() == ["obj"]
+    assert target.read("obj") == data
+
+
+async def test_session_lost_on_the_final_chunk_itself_is_still_lost(
+    target: Target, settings: WriterSettings
+) -> None:
+    data = payload(MiB + 100 * KiB)  # the tail is below min_chunk_size: only final sends it
+    async with open_writer(target.bucket, "obj", settings) as writer:
+        await writer.write_at(0, data[:MiB])
+        await writer.wait_committed(MiB)
+        target.script("return-410")  # the final chunk: refused, nothing finalized
+        await writer.write_at(MiB, data[MiB:])
+        with pytest.raises(SessionLostError, match=r"bytes \[0, 1048576\)"):
+            await writer.complete()
+    assert target.script_done()
+    assert target.object_names() == []
+
+
 # 9. Errors that retrying cannot fix.
 
 
