@@ -37,12 +37,11 @@ __all__ = [
     "BODIES",
     "HEADER",
     "HEADER_FIELDS",
+    "HEADER_FIELDS_STRUCT",
     "HEADER_SIZE",
     "HEADER_STRUCT",
     "MAGIC",
-    "NONE_U64",
     "OFFSET_STRUCT",
-    "REPLY_PREFIX_STRUCT",
     "WRITE_AT_PREFIX_SIZE",
     "FrameType",
     "crc32c",
@@ -103,9 +102,6 @@ HEADER: Final[Construct] = Struct(
 HEADER_SIZE: Final = 28
 
 
-NONE_U64: Final = 2**64 - 1
-
-
 class _Bool(Adapter):  # type: ignore[misc]
     """A byte that must be exactly 0 or 1."""
 
@@ -132,8 +128,9 @@ class _Optional(Adapter):  # type: ignore[misc]
         return {"present": obj is not None, "value": obj}
 
 
-def _text(length_field: Construct = Int16ub) -> Construct:
-    return PascalString(length_field, "utf8")
+def _text() -> Construct:
+    """A u16 byte length, then that many bytes of UTF-8."""
+    return PascalString(Int16ub, "utf8")
 
 
 _REPLY_TO = "reply_to" / Int64ub
@@ -210,8 +207,8 @@ BODIES: Final[dict[FrameType, Construct]] = {
 HEADER_STRUCT: Final = struct.Struct(">4sBBHQIII")
 """magic, version, frame_type, flags, seq, payload_size, payload_crc32c, header_crc32c."""
 
+HEADER_FIELDS_STRUCT: Final = struct.Struct(HEADER_STRUCT.format[:-1])
+"""The header without its CRC: the bytes header_crc32c covers (HEADER_FIELDS)."""
+
 OFFSET_STRUCT: Final = struct.Struct(">Q")
 WRITE_AT_PREFIX_SIZE: Final = OFFSET_STRUCT.size
-
-REPLY_PREFIX_STRUCT: Final = struct.Struct(">Q")
-"""Every reply body starts with the 8-byte seq of the request it answers."""

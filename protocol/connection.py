@@ -23,6 +23,7 @@ from ._codec import (
 )
 from ._receive import ReceiveBuffer
 from ._spec import (
+    HEADER_FIELDS_STRUCT,
     HEADER_SIZE,
     HEADER_STRUCT,
     MAGIC,
@@ -76,7 +77,6 @@ SUPPORTED_VERSIONS: Final = (PROTOCOL_VERSION,)
 DEFAULT_MAX_FRAME_SIZE: Final = 1024 * 1024
 HARD_MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
 
-_HEADER_PREFIX: Final = struct.Struct(">4sBBHQII")  # HEADER_STRUCT without the header CRC
 _U32: Final = struct.Struct(">I")
 _crc_value = google_crc32c.value
 _crc_extend = google_crc32c.extend
@@ -589,7 +589,7 @@ class Connection:
 
     @staticmethod
     def _header(frame_type: FrameType, seq: int, payload_size: int, payload_crc: int) -> bytes:
-        fields = _HEADER_PREFIX.pack(
+        fields = HEADER_FIELDS_STRUCT.pack(
             MAGIC, PROTOCOL_VERSION, frame_type, 0, seq, payload_size, payload_crc
         )
         return fields + _U32.pack(_crc_value(fields))

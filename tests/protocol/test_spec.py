@@ -39,6 +39,8 @@ from protocol._codec import EVENT_TYPES, FIXED_BODY_SIZES, decode_body, encode_b
 from protocol._spec import (
     BODIES,
     HEADER,
+    HEADER_FIELDS,
+    HEADER_FIELDS_STRUCT,
     HEADER_SIZE,
     HEADER_STRUCT,
     MAGIC,
@@ -76,7 +78,8 @@ def test_header_construct_build_equals_struct_pack(
         "payload_crc32c": crc,
     }
     built = HEADER.build({"fields": {"value": fields}})
-    prefix = struct.pack(">4sBBHQII", MAGIC, version, frame_type, flags, seq, size, crc)
+    prefix = HEADER_FIELDS_STRUCT.pack(MAGIC, version, frame_type, flags, seq, size, crc)
+    assert prefix == HEADER_FIELDS.build(fields)
     assert built == prefix + struct.pack(">I", crc32c(prefix))
     assert HEADER_STRUCT.unpack(built) == (
         MAGIC,
