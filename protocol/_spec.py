@@ -19,6 +19,7 @@ from construct import (
     Const,
     Construct,
     Enum,
+    FormatField,
     GreedyBytes,
     If,
     Int8ub,
@@ -204,11 +205,23 @@ BODIES: Final[dict[FrameType, Construct]] = {
 
 # -- the hot path's view of the same bytes -------------------------------------------------------
 
-HEADER_STRUCT: Final = struct.Struct(">4sBBHQIII")
-"""magic, version, frame_type, flags, seq, payload_size, payload_crc32c, header_crc32c."""
 
-HEADER_FIELDS_STRUCT: Final = struct.Struct(HEADER_STRUCT.format[:-1])
-"""The header without its CRC: the bytes header_crc32c covers (HEADER_FIELDS)."""
+def _struct_format(fields: Construct) -> str:
+    """The `struct` format of a construct Struct made of fixed-size integers and byte strings."""
+    codes = []
+    for field in fields.subcons:
+        while not isinstance(field, FormatField | Bytes):
+            field = field.subcon  # unwrap Renamed, Const, Enum, ...
+        codes.append(field.fmtstr[1:] if isinstance(field, FormatField) else f"{field.length}s")
+    return ">" + "".join(codes)
+
+
+HEADER_FIELDS_STRUCT: Final = struct.Struct(_struct_format(HEADER_FIELDS))
+"""magic, version, frame_type, flags, seq, payload_size, payload_crc32c: what header_crc32c
+covers. Derived from HEADER_FIELDS; tests/protocol/test_spec.py checks they agree."""
+
+HEADER_STRUCT: Final = struct.Struct(HEADER_FIELDS_STRUCT.format + "I")
+"""The whole header: HEADER_FIELDS_STRUCT, then header_crc32c."""
 
 OFFSET_STRUCT: Final = struct.Struct(">Q")
 WRITE_AT_PREFIX_SIZE: Final = OFFSET_STRUCT.size

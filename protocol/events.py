@@ -140,6 +140,8 @@ class WriteAt(Request):
     """Send `data` for byte range [offset, offset + len(data)) of the object.
 
     Only the sending side builds this event; `data` is passed through `send()` without a copy.
+    Prefer `bytes`: google-crc32c reads only bytes, so other buffers are copied once,
+    transiently, to checksum them.
     """
 
     offset: int
