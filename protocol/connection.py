@@ -156,6 +156,13 @@ class Connection:
         self._expected_crc = 0
         self._crc = 0
 
+    def __repr__(self) -> str:
+        return (
+            f"<Connection {self.role.value} state={self._state.value}"
+            f" sent={self._last_sent_seq} received={self._last_received_seq}"
+            f" in_flight={len(self._in_flight)}>"
+        )
+
     # -- introspection ---------------------------------------------------------------------------
 
     @property

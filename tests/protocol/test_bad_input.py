@@ -396,6 +396,24 @@ def test_oversized_frames_are_refused_from_the_header_alone(
     assert server.state.name == "ERROR"
 
 
+@pytest.mark.parametrize(
+    ("frame_type", "size"), [(FrameType.ABORT, 1), (FrameType.PING, 65_536), (FrameType.ACK, 16)]
+)
+def test_fixed_size_bodies_are_checked_from_the_header(frame_type: FrameType, size: int) -> None:
+    _, server = bound_pair()
+    server.receive_data(frame(frame_type, 3, b"", payload_size=size))
+    with pytest.raises(RemoteProtocolError) as excinfo:
+        server.next_event()
+    if frame_type is FrameType.ACK:
+        assert excinfo.value.message == "ACK seq 3: only a server sends ACK frames"
+    else:
+        assert excinfo.value.message.endswith(
+            f"declares {size} payload bytes; its body is always"
+            f" {8 if frame_type is FrameType.PING else 0}"
+        )
+        assert excinfo.value.code is ErrorCode.MALFORMED_FRAME
+
+
 def test_a_huge_write_at_is_streamed_not_buffered() -> None:
     client, server = bound_pair(max_frame_size=16 * 1024 * 1024)
     server.receive_data(frame(FrameType.WRITE_AT, 3, b"", payload_size=8 + 16 * 1024 * 1024))

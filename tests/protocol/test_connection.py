@@ -378,6 +378,12 @@ def test_local_errors_change_nothing() -> None:
     assert (client.state, client.last_sent_seq, client.requests_in_flight) == before
 
 
+def test_connection_repr() -> None:
+    client, _ = bound_pair()
+    client.send(Ping())
+    assert repr(client) == "<Connection client state=BOUND sent=3 received=2 in_flight=1>"
+
+
 def test_secrets_stay_out_of_reprs() -> None:
     assert "s3cret" not in repr(Hello((1,), MIN_FRAME_SIZE, auth="s3cret"))
     assert "s3cret" not in repr(AttachUpload(b"s3cret"))
