@@ -143,10 +143,11 @@ def _default_run() -> dict[str, Any]:
 
 def run(quick: bool, uploads: int | None = None) -> dict[str, Any]:
     """The default run, the sweep and the soak; also writes :data:`RESULTS`."""
-    default = _default_run()
     with _gcs_endpoint() as gcs_url:
-        sweep = _sweep(QUICK_SWEEP_UPLOADS if quick else SWEEP_UPLOADS, gcs_url)
+        # the soak first, so its RSS starts from a fresh process
         soak = _soak(uploads or (QUICK_SOAK_UPLOADS if quick else SOAK_UPLOADS), gcs_url)
+        sweep = _sweep(QUICK_SWEEP_UPLOADS if quick else SWEEP_UPLOADS, gcs_url)
+    default = _default_run()
     clean = sweep[0]["throughput_mib_s"] or float("nan")
     result: dict[str, Any] = {
         "benchmark": "soak",
