@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
+from proxy.chaos_report import ChaosReport, Verdict
 from proxy.chaos_run import ChaosSettings, run_chaos
 from proxy.chaos_workload import MiB
 
@@ -95,9 +96,21 @@ def _sweep(uploads: int, gcs_url: str) -> list[dict[str, Any]]:
                 "faults": sum(report.client_faults["faults"].values())
                 + sum(report.gcs_faults["faults"].values())
                 + sum(report.scripted_faults().values()),
+                "not_verified": _not_verified(report, settings),
             }
         )
     return points
+
+
+def _not_verified(report: ChaosReport, settings: ChaosSettings) -> list[str]:
+    """Each upload not verified (refusals aside) with its replay command, then any leak."""
+    local = dataclasses.replace(settings, gcs_endpoint=None)  # the endpoint will be gone
+    return [
+        f"upload {o.index}: {o.verdict.value}: {o.problem}"
+        f" (replay: {local.replay_command((o.index,))})"
+        for o in report.outcomes
+        if o.verdict not in (Verdict.VERIFIED, Verdict.REFUSED)
+    ] + list(report.leaks)
 
 
 def _soak(uploads: int, gcs_url: str) -> dict[str, Any]:
@@ -123,8 +136,7 @@ def _soak(uploads: int, gcs_url: str) -> dict[str, Any]:
         "rss_end_bytes": report.rss_end,
         "rss_peak_bytes": max([s[1] for s in samples] or [report.rss_end]),
         "rss_samples": samples,
-        # the endpoint is gone after the run; the replay makes its own
-        "replay": settings.replay_command(tuple(o.index for o in report.broken)),
+        "not_verified": _not_verified(report, settings),
     }
 
 
@@ -138,6 +150,7 @@ def _default_run() -> dict[str, Any]:
         "seconds": round(report.elapsed, 2),
         "target_seconds": DEFAULT_RUN_TARGET_SECONDS,
         "time_ratio_to_target": round(report.elapsed / DEFAULT_RUN_TARGET_SECONDS, 3),
+        "not_verified": _not_verified(report, ChaosSettings()),
     }
 
 

@@ -112,11 +112,29 @@ def _record_lists(result: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]
     return found
 
 
+def _not_verified(data: Any) -> Iterator[str]:
+    """Every line under a ``not_verified`` key, at any depth (chaos runs list them there)."""
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            if key == "not_verified" and isinstance(value, list):
+                yield from (str(line) for line in value)
+            else:
+                yield from _not_verified(value)
+    elif isinstance(data, list):
+        for item in data:
+            yield from _not_verified(item)
+
+
 def _table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
     for row in rows:
-        cells = (_cell(_format(row[c])) if c in row else "" for c in columns)
+        cells = (
+            _cell(str(len(row[c])) if isinstance(row[c], list) else _format(row[c]))
+            if c in row
+            else ""
+            for c in columns
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -180,6 +198,10 @@ def render_markdown(
         ]
         for key, rows in _record_lists(entry["result"]).items():
             lines += ["", f"`{key}`:", "", *_table(rows)]
+        not_verified = list(_not_verified(entry["result"]))
+        if not_verified:
+            lines += ["", "Uploads not verified, each with the command that replays it:", ""]
+            lines += [f"- {_cell(line)}" for line in not_verified]
     if plots:
         lines += ["", "## Plots", ""]
         for plot in plots:
