@@ -117,6 +117,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="an external GCS endpoint (e.g. storage-testbench) instead of the embedded one",
     )  # fmt: skip
     parser.add_argument(
+        "--portable-faults", action="store_true",
+        help="script only the GCS faults storage-testbench knows too (use with it)",
+    )  # fmt: skip
+    parser.add_argument(
         "--only", type=_indexes, default=(), metavar="I,J,...", help="run only these uploads"
     )
     parser.add_argument(
@@ -163,6 +167,7 @@ def settings_from(args: argparse.Namespace) -> ChaosSettings:
         deadline=args.deadline,
         precondition_share=args.generation_match,
         gcs_endpoint=args.gcs_endpoint,
+        portable_faults=args.portable_faults,
         only=args.only,
     )
 

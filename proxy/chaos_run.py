@@ -92,6 +92,8 @@ class ChaosSettings:
     #: share of uploads that use ifGenerationMatch
     precondition_share: float = 0.1
     gcs_endpoint: str | None = None
+    #: script only the GCS faults storage-testbench knows too (it refuses rup's own)
+    portable_faults: bool = False
     #: upload indexes to run (replaying a failure); empty runs them all
     only: tuple[int, ...] = ()
     geometry: ChunkGeometry = dataclasses.field(default_factory=ChunkGeometry)
@@ -126,6 +128,8 @@ class ChaosSettings:
         ]  # fmt: skip
         if self.gcs_endpoint is not None:
             words += ["--gcs-endpoint", self.gcs_endpoint]
+        if self.portable_faults:
+            words.append("--portable-faults")
         if only or self.only:
             words += ["--only", ",".join(map(str, only or self.only))]
         return shlex.join(words)
@@ -465,6 +469,8 @@ def run_chaos(
     uploads finish (from the trio thread; keep it quick).
     """
     mix = FAULT_MIXES[settings.faults]
+    if settings.portable_faults:
+        mix = mix.portable()
     specs = plan_uploads(
         uploads=settings.uploads,
         seed=settings.seed,

@@ -36,6 +36,7 @@ from faultnet.plan import (
 
 __all__ = [
     "FAULT_MIXES",
+    "RUP_ONLY_INSTRUCTIONS",
     "ChunkGeometry",
     "FaultMix",
     "KiB",
@@ -123,6 +124,14 @@ class FaultMix:
     scripted: float
     instructions: tuple[str, ...]
 
+    def portable(self) -> FaultMix:
+        """This mix without the scripted faults storage-testbench does not know."""
+        kept = tuple(i for i in self.instructions if i not in RUP_ONLY_INSTRUCTIONS)
+        return dataclasses.replace(self, instructions=kept)
+
+
+#: retry-test instructions only rup's strict endpoint knows; storage-testbench refuses them
+RUP_ONLY_INSTRUCTIONS: Final = frozenset({"return-308-short-range-128K", "return-range-regression"})
 
 _RECOVERABLE_INSTRUCTIONS: Final = (
     "return-503",

@@ -23,6 +23,7 @@ from proxy.chaos_run import ChaosSettings, lingering_in_proxy, run_chaos
 from proxy.chaos_verify import SourceComparator, verify_object, verify_untouched
 from proxy.chaos_workload import (
     FAULT_MIXES,
+    RUP_ONLY_INSTRUCTIONS,
     ChunkGeometry,
     MiB,
     ObjectSource,
@@ -71,7 +72,12 @@ def test_a_run_against_an_external_endpoint_scripts_its_faults_there_and_cleans_
     gcs_server: GcsServer,
 ) -> None:
     settings = dataclasses.replace(
-        SMALL, uploads=8, max_size=600_000, gcs_endpoint=gcs_server.url, intensity=2.0
+        SMALL,
+        uploads=8,
+        max_size=600_000,
+        gcs_endpoint=gcs_server.url,
+        portable_faults=True,  # as storage-testbench needs
+        intensity=2.0,
     )
 
     report = run_chaos(settings)
@@ -164,10 +170,6 @@ async def test_what_the_proxy_still_holds_after_a_run_is_a_leak(
     assert await lingering_in_proxy(proxy_server, patience=10) == []
 
 
-@pytest.mark.xfail(
-    reason="reliablewriter: a 410 after the final chunk's response was lost is taken for a"
-    " lost session, though GCS has the object (issue 4)",
-)
 def test_an_object_finalized_before_its_session_expired_is_not_reported_as_failed() -> None:
     # seed 1's upload 140 (1.5 MiB): the reply to its final chunk is cut after 4 bytes, then
     # the session answers 410. GCS holds the object; the client must be told so.
@@ -209,7 +211,13 @@ def test_bad_arguments_exit_2(arguments: list[str]) -> None:
     [
         ChaosSettings(),
         dataclasses.replace(SMALL, faults="harsh", intensity=0.35, precondition_share=0.25),
-        ChaosSettings(uploads=7, max_size=0, gcs_endpoint="http://127.0.0.1:9", only=(2, 5)),
+        ChaosSettings(
+            uploads=7,
+            max_size=0,
+            gcs_endpoint="http://127.0.0.1:9",
+            portable_faults=True,
+            only=(2, 5),
+        ),
     ],
 )
 def test_the_replay_command_asks_for_exactly_the_same_run(settings: ChaosSettings) -> None:
@@ -275,6 +283,15 @@ def test_each_precondition_kind_appears_and_only_replacements_have_a_previous_ob
         assert (spec.previous is not None) == spec.precondition.needs_previous
         assert not spec.client_plan.toxics
         assert not spec.instructions
+
+
+def test_portable_mixes_script_only_what_storage_testbench_knows() -> None:
+    harsh = FAULT_MIXES["harsh"]
+    portable = harsh.portable().instructions
+
+    assert set(harsh.instructions) >= RUP_ONLY_INSTRUCTIONS
+    assert not RUP_ONLY_INSTRUCTIONS & set(portable)
+    assert set(portable) == set(harsh.instructions) - RUP_ONLY_INSTRUCTIONS
 
 
 def test_object_sources_regenerate_any_range_and_never_repeat_a_block() -> None:
