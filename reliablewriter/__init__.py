@@ -17,8 +17,10 @@ from .errors import (
     WriterClosedError,
     WriterError,
 )
+from .results import ObjectInfo, WriterStats
 from .settings import CHUNK_QUANTUM, ChecksumMode, RetryPolicy, WriterSettings
-from .writer import ObjectInfo, PendingWrite, ReliableWriter, WriterStats, open_writer
+from .staged import PendingWrite
+from .writer import ReliableWriter, open_writer
 
 __all__ = [
     "CHUNK_QUANTUM",

@@ -18,8 +18,9 @@ import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 
 from .errors import WriterClosedError
+from .results import ObjectInfo, WriterStats
 from .settings import WriterSettings
-from .writer import ObjectInfo, ReliableWriter, WriterStats, open_writer
+from .writer import ReliableWriter, open_writer
 
 __all__ = ["BlockingWriter", "open_blocking_writer"]
 

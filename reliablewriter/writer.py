@@ -16,7 +16,6 @@ import random
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
@@ -37,6 +36,7 @@ from .errors import (
     WriterClosedError,
     WriterError,
 )
+from .results import ObjectInfo, WriterStats
 from .resumable import (
     ChunkPlan,
     Finished,
@@ -49,108 +49,16 @@ from .resumable import (
     plan_chunk,
 )
 from .settings import WriterSettings
+from .staged import PendingWrite
 from .transport import ChunkBody, GcsTransport, SessionOptions, TransportFailure
 
-__all__ = ["ObjectInfo", "PendingWrite", "ReliableWriter", "WriterStats", "open_writer"]
+__all__ = ["ReliableWriter", "open_writer"]
 
 logger = logging.getLogger("reliablewriter")
 
 _T = TypeVar("_T")
 
 _STATUS_QUERY = {"Content-Range": "bytes */*"}
-
-
-@dataclass(frozen=True)
-class WriterStats:
-    """Counters of one writer, as a snapshot."""
-
-    bytes_sent: int = 0
-    bytes_acked: int = 0
-    chunks: int = 0
-    retries: int = 0
-    retries_by_cause: Mapping[str, int] = field(default_factory=dict)
-    session_restarts: int = 0
-    held_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """The finished object, from GCS's own metadata."""
-
-    bucket: str
-    name: str
-    generation: int
-    size: int
-    crc32c: str | None
-    md5_hash: str | None
-    content_type: str | None
-    metadata: Mapping[str, str]
-    resource: Mapping[str, Any] = field(repr=False, compare=False)
-
-    @classmethod
-    def from_resource(cls, resource: Mapping[str, Any]) -> ObjectInfo:
-        return cls(
-            bucket=str(resource.get("bucket", "")),
-            name=str(resource.get("name", "")),
-            generation=int(resource.get("generation", 0)),
-            size=int(resource.get("size", 0)),
-            crc32c=resource.get("crc32c"),
-            md5_hash=resource.get("md5Hash"),
-            content_type=resource.get("contentType"),
-            metadata=dict(resource.get("metadata") or {}),
-            resource=resource,
-        )
-
-
-class PendingWrite:
-    """A staged write of ``[offset, offset + length)``: fed piece by piece, then committed.
-
-    Fed views are held but not uploadable until :meth:`commit` (first copy wins there, as
-    for :meth:`ReliableWriter.write_at`); :meth:`discard` drops them. Used as a context
-    manager, it discards unless committed.
-    """
-
-    def __init__(self, writer: ReliableWriter, offset: int, length: int) -> None:
-        self._writer = writer
-        self.offset = offset
-        self.length = length
-        self.fed = 0
-        self._views: list[memoryview] = []
-        self._open = True
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Append the next bytes of the write (kept as a view, not copied)."""
-        self._check_open()
-        view = as_byte_view(data)
-        if self.fed + len(view) > self.length:
-            raise ValueError(f"feeding {len(view)} bytes overruns the staged length {self.length}")
-        self._views.append(view)
-        self.fed += len(view)
-
-    def commit(self) -> int:
-        """Make the bytes uploadable; returns how many were new. Needs all ``length`` fed."""
-        self._check_open()
-        if self.fed != self.length:
-            raise ValueError(f"staged write has {self.fed} of {self.length} bytes")
-        self._open = False
-        views, self._views = self._views, []
-        return self._writer._accept(self.offset, views)
-
-    def discard(self) -> None:
-        """Drop the fed bytes; nothing of them reaches GCS. Idempotent."""
-        self._open = False
-        self._views = []
-
-    def _check_open(self) -> None:
-        if not self._open:
-            raise WriterClosedError("the staged write is already committed or discarded")
-        self._writer._check_usable()
-
-    def __enter__(self) -> PendingWrite:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.discard()
 
 
 class ReliableWriter:
@@ -296,7 +204,7 @@ class ReliableWriter:
                 name=self.name,
                 offset=self.committed_offset,
             )
-        return PendingWrite(self, offset, length)
+        return PendingWrite(offset, length, accept=self._accept, check_usable=self._check_usable)
 
     async def wait_for_window(self, end: int) -> None:
         """Wait until :attr:`window_end` reaches ``end``."""
