@@ -13,7 +13,7 @@ from faultnet.gcs.digest import RunningDigest
 
 @pytest.mark.parametrize("md5", [True, False])
 def test_digest_of_blocks_plus_tail_matches_hashing_the_whole(md5: bool) -> None:
-    blocks = [bytes([i]) * (1000 * i + 1) for i in range(20)]
+    blocks = [bytes([i]) * (1000 * i + 1) for i in range(20)] + [bytes(range(256)) * 12289]
     digest = RunningDigest(md5=md5)
     for block in blocks:
         digest.update(memoryview(bytearray(block)))
