@@ -16,7 +16,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
 from faultnet.gcs.errors import GcsApiError
@@ -45,6 +45,7 @@ from faultnet.gcs.store import ObjectInfo, Preconditions, Store, UploadSession
 __all__ = ["Exchange", "GcsApi", "Reply"]
 
 _JSON = "application/json; charset=UTF-8"
+_I = TypeVar("_I", bound=Instruction)
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?')
 
 
@@ -60,7 +61,7 @@ class Exchange:
     instruction: Instruction | None
     retry_tests: RetryTests
 
-    def claim(self, kind: type[Instruction]) -> Instruction | None:
+    def claim(self, kind: type[_I]) -> _I | None:
         """Consume the waiting instruction if it is a ``kind``; None if not (or taken)."""
         instruction = self.instruction
         if not isinstance(instruction, kind) or self.test_id is None:
@@ -202,7 +203,7 @@ class GcsApi:
         if exchange.claim(ResetConnection):
             return Reply(Response(500), reset=True)
         forced = exchange.claim(ReturnStatus)
-        if isinstance(forced, ReturnStatus):
+        if forced is not None:
             exchange.connection.discard_body()
             upload_id = exchange.request.query.get("upload_id")
             if forced.status == 410 and upload_id is not None:
@@ -212,7 +213,7 @@ class GcsApi:
             )
         reply = handler(exchange)
         broken = exchange.claim(BrokenStream)
-        if isinstance(broken, BrokenStream):
+        if broken is not None:
             return Reply(reply.response, cut_after=broken.after_bytes)
         return reply
 
@@ -341,7 +342,7 @@ class GcsApi:
             status = 206
         response = Response(status, data, tuple(headers), content_type=info.content_type)
         stall = exchange.claim(StallAfterBytes)
-        if isinstance(stall, StallAfterBytes):
+        if stall is not None:
             return Reply(response, pause_at=stall.offset, pause_seconds=stall.seconds)
         return Reply(response)
 
@@ -457,7 +458,7 @@ class GcsApi:
         reply = self._chunk_reply(exchange, outcome)
         if outcome.result is not None and not already_final:
             broken = exchange.claim(BrokenFinalResponse)
-            if isinstance(broken, BrokenFinalResponse):
+            if broken is not None:
                 return Reply(reply.response, cut_after=broken.after_bytes)
         return reply
 
