@@ -272,6 +272,10 @@ class UploadSession:
                 part.flush()
                 os.fsync(part.fileno())
         else:
+            if view.nbytes * 2 < memoryview(view.obj).nbytes:
+                # A small part of a big request buffer (the new tail of a resent chunk):
+                # copy it, rather than keep the whole buffer alive for as long as the object.
+                view = memoryview(bytes(view))
             self._segments.append(view)
         if digest:
             self.digest.update(view)

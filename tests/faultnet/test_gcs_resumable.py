@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from faultnet.gcs import UPLOAD_QUANTUM, GcsServer
+from faultnet.gcs.store import Preconditions
 from faultnet.gcs.testing import start_resumable_upload
 
 Q = UPLOAD_QUANTUM
@@ -265,3 +266,24 @@ def test_put_without_content_range_uploads_everything(
     response = requests.put(session_uri, data=b"whole", timeout=30)
     assert response.status_code == 200
     assert gcs_server.store.get_object(gcs_bucket, "obj")[0] == b"whole"
+
+
+def test_a_small_new_tail_does_not_keep_its_whole_request_buffer(
+    gcs_server: GcsServer, gcs_bucket: str
+) -> None:
+    session = gcs_server.store.create_session(
+        gcs_bucket,
+        "obj",
+        content_type="application/octet-stream",
+        metadata={},
+        declared_size=None,
+        preconditions=Preconditions(),
+    )
+    request_buffer = bytearray(4 * Q)
+    with session.lock:
+        session.append(memoryview(request_buffer)[: 3 * Q])  # most of it: kept as is
+        session.append(memoryview(request_buffer)[3 * Q : 3 * Q + 10])  # a sliver: copied
+    kept, copied = session.segments()
+    assert kept.obj is request_buffer
+    assert copied.obj is not request_buffer
+    assert session.persisted_size == 3 * Q + 10
