@@ -343,3 +343,18 @@ def test_client_retries_through_scripted_503s(gcs_server: GcsServer, gcs_bucket:
     assert gcs_server.retry_tests.get(test_id)["instructions"] == {INSERT: [], GET: ["return-503"]}
     assert blob.download_as_bytes(retry=fast_retry) == payload
     assert gcs_server.retry_tests.get(test_id)["completed"] is True
+
+
+def test_return_broken_stream_on_a_chunk_stores_it_then_cuts_the_response(
+    gcs_server: GcsServer, session_uri: str
+) -> None:
+    test_id = gcs_server.create_retry_test({INSERT: ["return-broken-stream"]})
+    request = _raw_request(
+        "PUT",
+        session_uri,
+        {"Content-Range": f"bytes 0-{Q - 1}/*", "x-retry-test-id": test_id},
+        _pattern(Q),
+    )
+    status, _, body = _split_response(_raw_exchange(gcs_server, request))
+    assert (status, body) == (308, b"")  # a 308 has no body: only the head got out
+    assert _persisted(session_uri) == Q
