@@ -246,9 +246,8 @@ class ClientConnection(UploadListener):
         raise _HangUpError
 
     def _fail(self, reply_to: int, error: UploadError | RemoteProtocolError) -> None:
-        # Messages can quote GCS or library errors: scrub them like log lines.
-        message = redact(error.message)
-        self._outbox.put_nowait(Error(reply_to, error.code, error.retryable, message))
+        """Queue an Error at once, for the few that come at most once per request or upload."""
+        self._outbox.put_nowait(_error(reply_to, error))
 
     # --- receiving --------------------------------------------------------------------
 
@@ -289,7 +288,7 @@ class ClientConnection(UploadListener):
                     # The header was sound, so the stream is still in step: refuse this
                     # frame only, and let the client resend it.
                     self._discard_staged()
-                    self._fail(exc.seq, exc)
+                    await self._reply(_error(exc.seq, exc))
                     continue
                 except TimeoutError:
                     self._outbox.put_nowait(
@@ -301,7 +300,9 @@ class ClientConnection(UploadListener):
                 try:
                     await self._dispatch(event, nursery)
                 except UploadError as exc:
-                    self._fail(getattr(event, "seq", 0), exc)
+                    # Waits like any reply, so a client that keeps sending refused requests
+                    # without reading the refusals cannot grow the outbox without bound.
+                    await self._reply(_error(getattr(event, "seq", 0), exc))
                     if exc.code is ErrorCode.OUTSIDE_CREDIT:
                         # Writing outside the credit breaks the protocol: say so and close.
                         raise _HangUpError from exc
@@ -511,6 +512,11 @@ class ProxyServer:
             with trio.move_on_after(self.settings.shutdown_grace):
                 await self._all_closed.wait()
         connections_scope.cancel()
+
+
+def _error(reply_to: int, error: UploadError | RemoteProtocolError) -> Error:
+    # Messages can quote GCS or library errors: scrub them like log lines.
+    return Error(reply_to, error.code, error.retryable, redact(error.message))
 
 
 def _completed(reply_to: int, info: ObjectInfo) -> Completed:

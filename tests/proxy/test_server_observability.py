@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -25,9 +26,10 @@ from protocol import (
     UploadOpened,
 )
 from proxy.backend import Backend, TargetKind
-from proxy.config import MiB, ServerSettings
+from proxy.config import KiB, MiB, ServerSettings
 from proxy.logging import REDACTED, RedactingFormatter, log_event, redact
 from proxy.server import ProxyServer, serve_in_background
+from reliablewriter import RetryPolicy
 from tests.proxy.conftest import RawClient
 from tests.proxy.test_server_uploads import send_range
 
@@ -148,15 +150,21 @@ def test_structured_log_lines_are_key_value_and_redacted(
 async def test_gcs_faults_are_retried_and_counted_by_cause(
     proxy_settings: ServerSettings, gcs_server: GcsServer, raw_client: Connect, gcs_bucket: str
 ) -> None:
-    # Every connection to GCS is reset after 300 KiB of request bytes, so every chunk
-    # beyond the first needs a retry (and a status query) to get through.
-    plan = FaultPlan.parse("seed=5; reset_peer:up(after=300k)")
+    # Every connection to GCS is reset once 300 KiB of request bytes went through it. With
+    # 256 KiB chunks each connection carries one chunk whole and is cut in the next one,
+    # which must be retried (after a status query) on a new connection.
+    plan = FaultPlan.parse("seed=1; reset_peer:up(after=300k)")
     http = faulty_session(plan, pool_maxsize=16)
     backend = Backend(anonymous_client(gcs_server.url, http=http), TargetKind.ENDPOINT, "faulty")
+    patient = dataclasses.replace(
+        proxy_settings.writer,
+        min_chunk_size=256 * KiB,
+        max_chunk_size=256 * KiB,
+        retry=RetryPolicy(max_attempts=50, initial_delay=0.01, max_delay=0.1),
+    )
+    settings = dataclasses.replace(proxy_settings, writer=patient)
     data = os.urandom(3 * MiB + 17)
-    async with serve_in_background(
-        proxy_settings, backend, metrics_listen=("127.0.0.1", 0)
-    ) as server:
+    async with serve_in_background(settings, backend, metrics_listen=("127.0.0.1", 0)) as server:
         assert server.metrics_address is not None
         client = await raw_client(server)
         await client.open(gcs_bucket, "retried.bin")
