@@ -166,7 +166,7 @@ def run(quick: bool, uploads: int | None = None) -> dict[str, Any]:
         "benchmark": "soak",
         "default_run": default,
         "intensity_sweep": sweep,
-        "throughput_ratio_to_no_faults": {
+        "ratio_to_no_faults": {
             f"intensity_{point['intensity']:g}": round(point["throughput_mib_s"] / clean, 3)
             for point in sweep[1:]
         },

@@ -244,12 +244,15 @@ def writer_chunk_size(summary: Mapping[str, Any], axes: Any) -> bool:
     series = _chunk_series(sweep) if sweep is not None else {}
     if not series:
         return False
-    for label, points in sorted(series.items()):
+    labels = {"reliablewriter": "ReliableWriter", "resumable_media": "google-resumable-media"}
+    for name, points in sorted(series.items()):
         xs, ys = zip(*sorted(points), strict=True)
-        axes.plot(xs, ys, marker="o", label=label)
+        axes.plot(xs, ys, marker="o", label=labels.get(name, name))
     axes.set_xscale("log", base=2)
+    axes.set_xticks(xs, [f"{x:g}" for x in xs])
     axes.set_xlabel("chunk size (MiB)")
     axes.set_ylabel("throughput (MiB/s)")
+    axes.set_ylim(bottom=0)
     axes.legend()
     return True
 
