@@ -128,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     entries: dict[str, dict[str, Any]] = {}
     for name in names:
         console.print(f"[bold]{name}[/bold]: running{' (quick)' if args.quick else ''}...")
-        entries[name] = _run_isolated(name, args.quick)
+        entries[name] = {
+            **_run_isolated(name, args.quick),
+            "measured": report.now(),
+            "quick": args.quick,
+        }
         status = "ok" if entries[name]["ok"] else "[red]FAILED[/red]"
         console.print(f"  {status} in {entries[name]['seconds']:.0f} s")
     console.print(_table(entries))

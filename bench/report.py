@@ -185,8 +185,10 @@ def render_markdown(
         if not entry.get("ok"):
             lines += ["Did not run:", "", "```", str(entry.get("error", "")).strip(), "```"]
             continue
+        when = f", {entry['measured']}" if "measured" in entry else ""
+        sizes = " at quick sizes" if entry.get("quick") else ""
         lines += [
-            f"Took {entry['seconds']:.0f} s.",
+            f"Took {entry['seconds']:.0f} s{sizes}{when}.",
             "",
             "| figure | value |",
             "|---|---:|",
