@@ -37,8 +37,9 @@ class ServerSettings:
 
     Buffers: every upload gets a window of at most ``upload_buffer_limit`` bytes ahead of its
     committed offset, reserved from the shared ``total_buffer_limit`` when the upload opens.
-    When the shared budget cannot give ``min_upload_window``, new uploads are refused with a
-    retryable TOO_BUSY; existing uploads are never starved, so no client can deadlock another.
+    When the shared budget cannot give ``min_upload_window``, a new upload waits up to
+    ``budget_wait`` for windows to come back, then is refused with a retryable TOO_BUSY.
+    Existing uploads never need more than they hold, so no client can deadlock another.
     """
 
     host: str = "127.0.0.1"
@@ -69,6 +70,8 @@ class ServerSettings:
     upload_idle_timeout: float = 300.0
     #: a Complete still missing bytes after this long without any new byte fails with the gaps
     complete_timeout: float = 120.0
+    #: how long a new upload waits for buffer budget to come back before TOO_BUSY
+    budget_wait: float = 30.0
     #: how long a completed upload remembers its result, for repeated Complete requests
     result_retention: float = 600.0
     #: on shutdown, how long in-flight frames get to finish after GoingAway went out

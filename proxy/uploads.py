@@ -136,6 +136,7 @@ class BufferBudget:
         self._total = total
         self._reserved = 0
         self._metrics = metrics
+        self._returned = trio.lowlevel.ParkingLot()
 
     @property
     def available(self) -> int:
@@ -156,9 +157,26 @@ class BufferBudget:
         self._metrics.buffer_bytes.set(self._reserved)
         return granted
 
+    async def acquire(self, preferred: int, minimum: int, *, patience: float) -> int:
+        """Like :meth:`reserve`, but wait up to ``patience`` seconds for windows to come back.
+
+        Waiting cannot deadlock: uploads that hold windows never need more to finish, so
+        they always give theirs back. Raises a retryable TOO_BUSY if none came back in time.
+        """
+        with trio.move_on_after(patience):
+            while (granted := self.reserve(preferred, minimum)) is None:
+                await self._returned.park()
+            return granted
+        raise UploadError(
+            ErrorCode.TOO_BUSY,
+            "the proxy's buffer budget stayed exhausted; retry later",
+            retryable=True,
+        )
+
     def release(self, amount: int) -> None:
         self._reserved -= amount
         self._metrics.buffer_bytes.set(self._reserved)
+        self._returned.unpark_all()
 
 
 #: chunks are at most this fraction of the window, so while one chunk is on its way to GCS
@@ -720,21 +738,21 @@ class UploadRegistry:
                 f"client {client} already has {self._per_client[client]} uploads open here",
                 retryable=True,
             )
-        window = self._budget.reserve(settings.upload_buffer_limit, settings.min_upload_window)
-        if window is None:
-            raise UploadError(
-                ErrorCode.TOO_BUSY,
-                "the proxy's buffer budget is exhausted; retry later",
-                retryable=True,
-            )
-        opened = trio.Event()
-        self._opening[upload_id] = opened
+        # Claimed before any waiting, so concurrent opens and attaches see them at once.
         self._per_client[client] += 1
-        upload = Upload(self, upload_id, request, client, window)
+        opened = self._opening[upload_id] = trio.Event()
+        window: int | None = None
         try:
+            window = await self._budget.acquire(
+                settings.upload_buffer_limit,
+                settings.min_upload_window,
+                patience=settings.budget_wait,
+            )
+            upload = Upload(self, upload_id, request, client, window)
             await self._nursery.start(self._run, upload, session_uri)
         except BaseException:
-            self._budget.release(window)
+            if window is not None:
+                self._budget.release(window)
             self._forget_client(client)
             raise
         finally:

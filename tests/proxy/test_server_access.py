@@ -104,7 +104,10 @@ async def test_exhausted_buffer_budget_answers_too_busy_and_recovers(
     start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
 ) -> None:
     async with start_proxy(
-        upload_buffer_limit=2 * MiB, min_upload_window=1 * MiB, total_buffer_limit=3 * MiB
+        upload_buffer_limit=2 * MiB,
+        min_upload_window=1 * MiB,
+        total_buffer_limit=3 * MiB,
+        budget_wait=0.2,
     ) as server:
         # A burst shares the pool: windows shrink to the minimum, then the pool is gone.
         holders = [await raw_client(server) for _ in range(3)]
@@ -122,6 +125,26 @@ async def test_exhausted_buffer_budget_answers_too_busy_and_recovers(
         await holders[0].reply(Completed)
         # The finished upload gave its window back.
         assert (await late.open(gcs_bucket, "budget-late.bin")).token
+
+
+async def test_a_new_upload_waits_for_budget_to_come_back(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+) -> None:
+    async with start_proxy(
+        upload_buffer_limit=1 * MiB, min_upload_window=1 * MiB, total_buffer_limit=1 * MiB
+    ) as server:
+        holder = await raw_client(server)
+        await holder.open(gcs_bucket, "holder.bin")
+        waiter = await raw_client(server)
+        await waiter.send(OpenUpload(gcs_bucket, "waiter.bin"))  # no budget left: it waits
+
+        data = os.urandom(512 * 1024)
+        await send_range(holder, data, 0, len(data))
+        await holder.send(Complete(len(data)))
+        await holder.reply(Completed)
+
+        with trio.fail_after(10):
+            assert (await waiter.reply(UploadOpened)).token
 
 
 async def test_uploads_per_client_are_limited(
