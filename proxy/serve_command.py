@@ -98,6 +98,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upload-idle-timeout", type=float, default=defaults.upload_idle_timeout)
     parser.add_argument("--handshake-timeout", type=float, default=defaults.handshake_timeout)
     parser.add_argument(
+        "--budget-wait", type=float, default=defaults.budget_wait, metavar="SECONDS",
+        help="how long a new upload waits for buffer budget before TOO_BUSY",
+    )  # fmt: skip
+    parser.add_argument(
         "--allow-bucket", action="append", default=[], metavar="BUCKET",
         help="only these buckets may be written (repeatable)",
     )  # fmt: skip
@@ -138,6 +142,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         idle_timeout=args.idle_timeout,
         upload_idle_timeout=args.upload_idle_timeout,
         handshake_timeout=args.handshake_timeout,
+        budget_wait=args.budget_wait,
         allowed_buckets=tuple(args.allow_bucket),
         allowed_prefixes=tuple(args.allow_prefix),
         **changes,  # type: ignore[arg-type]
