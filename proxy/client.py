@@ -393,6 +393,7 @@ class _Channel:
         self.going_away = False
         self.acked_any = False
         self._blocking = False
+        self._patient = False
         self._cancel_scope = trio.CancelScope()
         self._receive_scope: trio.CancelScope | None = None
 
@@ -482,17 +483,21 @@ class _Channel:
             await self._write_frame(buffers)
         return True
 
-    async def request(self, event: Request, *, blocking: bool = False) -> Reply:
+    async def request(
+        self, event: Request, *, blocking: bool = False, patient: bool = False
+    ) -> Reply:
         """Send ``event`` and return the proxy's reply to it (which may be an Error).
 
         ``blocking`` requests (Hello, Open, Attach, Complete, Abort) forbid any WriteAt on
-        this connection until answered, and may take as long as GCS needs to finalize.
+        this connection until answered. A ``patient`` one (Complete) may take as long as GCS
+        needs to finalize, so it waits ``complete_timeout`` rather than ``reply_timeout``.
         """
         waiter = _Waiter()
         async with self._send_lock:
             buffers = self._conn.send(event)
             self._waiters[self._conn.last_sent_seq] = waiter
             self._blocking = self._blocking or blocking
+            self._patient = self._patient or patient
             self._arm_receive_timeout()
             await self._write_frame(buffers)
         try:
@@ -501,6 +506,8 @@ class _Channel:
             if blocking:
                 self._blocking = False
                 self._upload.changed()
+            if patient:
+                self._patient = False
         if isinstance(waiter.reply, _ConnectionLostError):
             raise waiter.reply
         assert waiter.reply is not None
@@ -531,7 +538,7 @@ class _Channel:
         if not self._waiters and not self.frames:
             return math.inf
         settings = self._upload.settings
-        return settings.complete_timeout if self._blocking else settings.reply_timeout
+        return settings.complete_timeout if self._patient else settings.reply_timeout
 
     def _arm_receive_timeout(self) -> None:
         # a reply is now due: a receive that started with no deadline must get one
@@ -992,7 +999,7 @@ class Upload:
             channel = await self._any_channel()
             try:
                 reply = await channel.request(
-                    Complete(total_size=total, crc32c=crc32c), blocking=True
+                    Complete(total_size=total, crc32c=crc32c), blocking=True, patient=True
                 )
                 if isinstance(reply, Error) and reply.code == ErrorCode.MISSING_RANGES:
                     # the proxy lost bytes it had acknowledged (a restart): catch up, resend

@@ -333,3 +333,28 @@ async def test_tls_over_four_connections(
         )
     assert result.size == len(data)
     assert await stored(storage_client, gcs_bucket, "tls") == data
+
+
+async def test_a_stalled_connection_is_abandoned_and_its_frames_resent(
+    proxy_server: ProxyServer,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # With seed 0 the first connection stops receiving (Acks, Credit) after 300 bytes, forever,
+    # and the next one is clean. With one connection nothing else can report progress: the
+    # client must notice within reply_timeout, reconnect, and carry on from the Status.
+    plan = FaultPlan.parse("seed=0; stall:down(after=300)~0.4")
+    counters = FaultCounters()
+    path, data = payload(4 * MiB)
+    settings = dataclasses.replace(client_settings(1), reply_timeout=1.0)
+    result = await upload_file(
+        path,
+        f"gs://{gcs_bucket}/stalled",
+        proxy=proxy_server.address,
+        settings=settings,
+        connector=faulty_connector(proxy_server, plan, counters),
+    )
+    assert counters.as_dict()["faults"]["stall"] == 1
+    assert result.reconnects == 1
+    assert await stored(storage_client, gcs_bucket, "stalled") == data
