@@ -156,21 +156,23 @@ async def test_corrupted_payload_is_resent(
     storage_client: storage.Client,
     payload: Callable[[int], tuple[Path, bytes]],
 ) -> None:
-    # Byte 600k of each connection lands inside a WriteAt payload (frames are 256 KiB plus a
-    # 36-byte header and offset), so the proxy sees a payload CRC mismatch, not a bad header.
-    plan = FaultPlan.parse("seed=1; corrupt:up(at=600k)")
+    # Frames are 256 KiB of payload after 36 bytes of header and offset, so bytes 600k and
+    # 1800k of the one connection land inside payloads: the proxy sees two payload CRC
+    # mismatches (not broken headers), answers BAD_CRC and keeps the connection.
+    plan = FaultPlan.parse("seed=1; corrupt:up(at=600k); corrupt:up(at=1800k)")
     counters = FaultCounters()
     path, data = payload(4 * MiB)
     result = await upload_file(
         path,
         f"gs://{gcs_bucket}/crc",
         proxy=proxy_server.address,
-        settings=client_settings(2),
+        settings=client_settings(1),
         connector=faulty_connector(proxy_server, plan, counters),
     )
     assert counters.as_dict()["faults"]["corrupt"] == 2
-    assert result.errors_by_code.get("BAD_CRC", 0) == 2
-    assert result.resent_bytes_by_cause.get("bad_crc", 0) == 2 * 256 * KiB
+    assert result.errors_by_code == {"BAD_CRC": 2}
+    assert result.resent_bytes_by_cause == {"bad_crc": 2 * 256 * KiB}
+    assert result.reconnects == 0
     assert await stored(storage_client, gcs_bucket, "crc") == data
 
 
