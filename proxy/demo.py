@@ -137,8 +137,15 @@ class DemoReport:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "exit codes:\n  0    the object was verified\n  1    the upload failed or the object"
+        " did not verify\n  2    usage error"
+    )
     parser.add_argument("--size", default="256M", help="object size, e.g. 64M or 1G (default 256M)")
-    parser.add_argument("--connections", type=int, default=4, metavar="N")
+    parser.add_argument(
+        "--connections", type=int, default=4, metavar="N", help="client connections (default 4)"
+    )
     parser.add_argument(
         "--client-faults",
         default=DEFAULT_CLIENT_FAULTS,
