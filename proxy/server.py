@@ -66,7 +66,6 @@ from proxy.uploads import (
     StagedWrite,
     Upload,
     UploadError,
-    UploadListener,
     UploadRegistry,
 )
 from reliablewriter import ObjectInfo
@@ -155,7 +154,7 @@ def _authenticated(presented: str, accepted: tuple[str, ...]) -> bool:
     return matched
 
 
-class ClientConnection(UploadListener):
+class ClientConnection:
     """One client connection: handshake, then requests until either side closes.
 
     Cancelling :meth:`run` closes the connection; the uploads it was attached to go on

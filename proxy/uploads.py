@@ -12,6 +12,12 @@ ends in one of four ways:
 * released: nobody was attached and nothing happened for ``upload_idle_timeout``, or the
   server shut down. The GCS session is left alone, so the upload stays resumable through
   its token, on this instance or any other sharing the token key.
+
+Credit: each upload gets a window (its buffer limit) carved from the server's shared
+:class:`BufferBudget` when it opens, and grants clients ``[committed, committed + window)``.
+The window only ever moves forward, so a write within any credit once announced is within
+the current one, and every attached connection hears of each move (one Credit per chunk
+GCS acknowledges).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import secrets
 from collections import Counter as TallyCounter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -92,18 +99,16 @@ class OpenRequest:
     if_generation_match: int | None = None
 
 
-class UploadListener:
+class UploadListener(Protocol):
     """Something attached to an upload: hears when its window moves and when it fails.
 
     Connections implement these; they must not block (the upload calls them for every
     attached connection in turn, and one slow client must not hold up the others).
     """
 
-    def offer_credit(self, upload: Upload, committed_offset: int, window_end: int) -> None:
-        raise NotImplementedError
+    def offer_credit(self, upload: Upload, committed_offset: int, window_end: int) -> None: ...
 
-    def upload_failed(self, upload: Upload, error: UploadError) -> None:
-        raise NotImplementedError
+    def upload_failed(self, upload: Upload, error: UploadError) -> None: ...
 
 
 def missing_ranges(
