@@ -2,7 +2,9 @@
 
 Task tree (every task lives in a nursery)::
 
-    serve()                          server nursery: metrics endpoint, uploads (registry)
+    serve()                          server nursery: metrics endpoint, one task per upload
+    ├── UploadRegistry._run()        upload nursery: the writer (open_writer), the task that
+    │                                announces credit, and the completion once asked for
     └── connections nursery          one task per client connection
         └── ClientConnection.run()   connection nursery: receive loop (the task itself),
                                      send loop, and one task per Complete awaiting its result
@@ -74,6 +76,7 @@ __all__ = ["ProxyServer", "serve", "serve_in_background"]
 
 logger = get_logger(__name__)
 
+#: bytes asked of the socket per receive; WriteAt payload views point into these buffers
 _RECEIVE_SIZE = 256 * 1024
 #: replies a connection may have queued before its receive loop waits for the client to read
 _OUTBOX_CAPACITY = 64
