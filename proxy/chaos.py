@@ -3,7 +3,9 @@
 A run starts the strict GCS endpoint (or uses ``--gcs-endpoint``) and a proxy in this
 process, then uploads ``--uploads`` objects through it, ``--concurrency`` at a time, while
 
-* each upload's client -> proxy connections suffer its own fault plan (faultnet.stream),
+* each upload's client -> proxy connections suffer its own fault plan, applied by
+  faultnet.stream in the client or, for a quarter of the uploads, by a faultnet.tcpproxy
+  chaos proxy relaying real sockets,
 * each upload's proxy -> GCS HTTP connections suffer another (faultnet.transport, routed per
   upload by :class:`~proxy.chaos_routing.UploadRouter`), and
 * some uploads get GCS-side scripted faults (retry-test instructions: 503s, resets, stalls,

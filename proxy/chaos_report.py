@@ -55,6 +55,8 @@ class UploadOutcome:
     name: str
     size: int
     verdict: Verdict
+    #: how its client connections met their faults (see proxy.chaos_workload.ClientLeg)
+    client_leg: str = ""
     #: for failures: the proxy's error code or the exception type
     cause: str = ""
     #: for broken promises: what differs, in one sentence

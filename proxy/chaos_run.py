@@ -9,6 +9,7 @@ command line around it is :mod:`proxy.chaos`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -19,16 +20,18 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 from prometheus_client import Counter
 
-from faultnet.counters import FaultCounters
+from faultnet.counters import FaultCounters, FaultCountersDict
 from faultnet.gcs import GcsServer
 from faultnet.gcs.testing import anonymous_client
+from faultnet.plan import FaultPlan
 from faultnet.stream import open_tcp_stream
+from faultnet.tcpproxy import open_chaos_proxy
 from protocol import ErrorCode
 from proxy.backend import Backend, TargetKind, pooled_session
 from proxy.chaos_report import ChaosReport, UploadOutcome, Verdict
@@ -37,6 +40,7 @@ from proxy.chaos_verify import delete_object, put_previous, verify_object, verif
 from proxy.chaos_workload import (
     FAULT_MIXES,
     ChunkGeometry,
+    ClientLeg,
     KiB,
     MiB,
     Precondition,
@@ -266,6 +270,8 @@ class _Run:
         self.saboteur = saboteur
         self.on_outcome = on_outcome
         self.outcomes: list[UploadOutcome] = []
+        #: the client-leg counters of each upload that went through a chaos proxy
+        self.chaos_proxy_counts: list[FaultCountersDict] = []
         self.rss_samples: list[tuple[int, int]] = []
         self._sample_every = max(1, len(specs) // 100)
 
@@ -347,8 +353,8 @@ class _Run:
                 await trio.to_thread.run_sync(self.retry_tests.fired, test_id, spec.instructions)
             )
         base = UploadOutcome(
-            spec.index, spec.name, spec.size, Verdict.VERIFIED, elapsed=elapsed,
-            scripted_faults=fired,
+            spec.index, spec.name, spec.size, Verdict.VERIFIED, client_leg=spec.client_leg.value,
+            elapsed=elapsed, scripted_faults=fired,
         )  # fmt: skip
         if result is not None:
             base = dataclasses.replace(
@@ -424,16 +430,24 @@ class _Run:
     async def _upload(
         self, spec: UploadSpec, address: tuple[str, int], if_generation_match: int | None
     ) -> UploadResult:
-        host, port = address
-        indexes = itertools.count()
+        """Send the upload over its client leg; a chaos proxy lives as long as the upload."""
+        if spec.client_leg is ClientLeg.FAULTY_STREAM:
+            connector = _faulty_connector(address, spec.client_plan, self.client_counters)
+            return await self._send(spec, address, connector, if_generation_match)
+        async with open_chaos_proxy(address, spec.client_plan) as chaos:
+            try:
+                connector = _plain_connector(chaos.address)
+                return await self._send(spec, address, connector, if_generation_match)
+            finally:
+                self.chaos_proxy_counts.append(chaos.counters.as_dict())
 
-        async def connect() -> trio.abc.Stream:
-            return await open_tcp_stream(
-                host, port, plan=spec.client_plan, counters=self.client_counters,
-                index=next(indexes),
-            )  # fmt: skip
-
-        connector: Connector = connect
+    async def _send(
+        self,
+        spec: UploadSpec,
+        address: tuple[str, int],
+        connector: Connector,
+        if_generation_match: int | None,
+    ) -> UploadResult:
         async with connect_upload(
             address,
             _BUCKET,
@@ -446,6 +460,41 @@ class _Run:
             for block in spec.source.blocks(_WRITE_SIZE):
                 await upload.write(block)
             return await upload.complete()
+
+
+def _faulty_connector(
+    address: tuple[str, int], plan: FaultPlan, counters: FaultCounters
+) -> Connector:
+    """Connections wrapped in ``plan``'s faults, numbered 0, 1, ... within the upload."""
+    host, port = address
+    indexes = itertools.count()
+
+    async def connect() -> trio.abc.Stream:
+        return await open_tcp_stream(host, port, plan=plan, counters=counters, index=next(indexes))
+
+    return connect
+
+
+def _plain_connector(address: tuple[str, int]) -> Connector:
+    host, port = address
+
+    async def connect() -> trio.abc.Stream:
+        return await trio.open_tcp_stream(host, port)
+
+    return connect
+
+
+def _merged(*counts: FaultCountersDict) -> dict[str, Any]:
+    """The sum of several counters' snapshots, in the same shape."""
+    faults: collections.Counter[str] = collections.Counter()
+    for count in counts:
+        faults.update(count["faults"])
+    return {
+        "connections": sum(count["connections"] for count in counts),
+        "bytes_up": sum(count["bytes_up"] for count in counts),
+        "bytes_down": sum(count["bytes_down"] for count in counts),
+        "faults": dict(sorted(faults.items())),
+    }
 
 
 @contextlib.contextmanager
@@ -516,7 +565,7 @@ def run_chaos(
         },
         outcomes=outcomes,
         elapsed=time.monotonic() - started,
-        client_faults=dict(client_counters.as_dict()),
+        client_faults=_merged(client_counters.as_dict(), *run_state.chaos_proxy_counts),
         gcs_faults=dict(gcs_counters.as_dict()),
         proxy_retries_by_cause=retries,
         leaks=tuple(leaks),

@@ -38,6 +38,7 @@ __all__ = [
     "FAULT_MIXES",
     "RUP_ONLY_INSTRUCTIONS",
     "ChunkGeometry",
+    "ClientLeg",
     "FaultMix",
     "KiB",
     "MiB",
@@ -90,6 +91,19 @@ def boundary_sizes(geometry: ChunkGeometry, max_size: int) -> list[int]:
         sizes += [edge - 1, edge, edge + 1]
     sizes.append(max_size)
     return sorted({size for size in sizes if 0 <= size <= max_size})
+
+
+class ClientLeg(enum.Enum):
+    """How an upload's client -> proxy connections meet their faults."""
+
+    #: each connection is wrapped in the client process (faultnet.stream)
+    FAULTY_STREAM = "faulty stream"
+    #: connections go through a TCP chaos proxy (faultnet.tcpproxy): real sockets both sides
+    CHAOS_PROXY = "chaos proxy"
+
+
+#: share of uploads whose client leg goes through a TCP chaos proxy
+_CHAOS_PROXY_SHARE: Final = 0.25
 
 
 class Precondition(enum.Enum):
@@ -198,6 +212,7 @@ class UploadSpec:
     name: str
     size: int
     connections: int
+    client_leg: ClientLeg
     precondition: Precondition
     client_plan: FaultPlan
     gcs_plan: FaultPlan
@@ -344,6 +359,9 @@ def plan_uploads(
         size = boundaries[index] if index < len(boundaries) else _log_uniform_size(rng, max_size)
         precondition = _precondition(rng, precondition_share)
         upload_connections = rng.randint(1, connections)
+        client_leg = (
+            ClientLeg.CHAOS_PROXY if rng.random() < _CHAOS_PROXY_SHARE else ClientLeg.FAULTY_STREAM
+        )
         instructions: tuple[str, ...] = ()
         if mix.instructions and fault_rng.random() < _scaled(mix.scripted, intensity):
             instructions = tuple(fault_rng.choices(mix.instructions, k=fault_rng.randint(1, 2)))
@@ -354,6 +372,7 @@ def plan_uploads(
                 name=f"chaos/{seed}/{index:05d}-{size}",
                 size=size,
                 connections=upload_connections,
+                client_leg=client_leg,
                 precondition=precondition,
                 client_plan=FaultPlan(
                     _client_toxics(mix, intensity, size, fault_rng),

@@ -25,6 +25,7 @@ from proxy.chaos_workload import (
     FAULT_MIXES,
     RUP_ONLY_INSTRUCTIONS,
     ChunkGeometry,
+    ClientLeg,
     MiB,
     ObjectSource,
     Precondition,
@@ -59,7 +60,8 @@ def test_a_small_seeded_run_verifies_every_upload_despite_faults_on_every_leg() 
     assert verdicts.get(Verdict.VERIFIED.value, 0) + verdicts.get(Verdict.REFUSED.value, 0) == 30
     # stale ifGenerationMatch uploads were refused, and their previous objects checked intact
     assert any(o.verdict is Verdict.REFUSED for o in report.outcomes)
-    # faults really fired on all three fronts
+    # both kinds of client leg were used, and faults really fired on all three fronts
+    assert {o.client_leg for o in report.outcomes} == {leg.value for leg in ClientLeg}
     assert sum(report.client_faults["faults"].values()) > 0
     assert sum(report.gcs_faults["faults"].values()) > 0
     assert report.scripted_faults()
