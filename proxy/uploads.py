@@ -360,6 +360,11 @@ class Upload:
             )
         return None
 
+    @property
+    def finished(self) -> bool:
+        """Whether the upload's writer and tasks are all gone."""
+        return self._finished.is_set()
+
     async def wait_finished(self) -> None:
         """Wait until the upload's writer and tasks are gone (completed, failed, or released)."""
         await self._finished.wait()

@@ -26,6 +26,7 @@ from protocol import (
 from protocol import Status as StatusReply
 from proxy.config import KiB, MiB
 from proxy.server import ProxyServer
+from proxy.uploads import UploadState
 from tests.proxy.conftest import RawClient
 
 Connect = Callable[..., Awaitable[RawClient]]
@@ -200,12 +201,16 @@ async def test_abort_racing_writes_fails_them_all_with_aborted(
                 assert reply.code is ErrorCode.ABORTED
                 return
 
+    (upload,) = proxy_server.registry.uploads()
     async with trio.open_nursery() as nursery:
         for index, writer in enumerate(writers):
             nursery.start_soon(keep_writing, writer, index * 512 * KiB)
         seq = await aborter.send(Abort())
         reply = await aborter.reply(Ack)
         assert reply.reply_to == seq
+        # The reply came only once every task of the upload was gone.
+        assert upload.finished
+        assert upload.state is UploadState.ABORTED
 
     assert Error in outcomes or len(outcomes) == 12
     # Nothing more goes into the aborted upload, on any connection.
