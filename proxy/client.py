@@ -432,8 +432,8 @@ class _Channel:
                     self.fail(_first(group, _ConnectionLostError))
                 except* UploadError as group:
                     error = _first(group, UploadError)
-                    if not (self._upload.aborting and error.code == ErrorCode.ABORTED):
-                        self._upload.fail(error)
+                    if not (self._upload._aborting and error.code == ErrorCode.ABORTED):
+                        self._upload._fail(error)
                     self.fail(_ConnectionLostError(error.message, code=error.code))
                 except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
                     reason = f"connection broke: {_first(group, Exception)!r}"
@@ -454,7 +454,7 @@ class _Channel:
         hello = Hello(
             versions=(PROTOCOL_VERSION,),
             max_frame_size=settings.frame_size,
-            auth=self._upload.auth,
+            auth=self._upload._auth,
             client_name=_CLIENT_NAME,
         )
         with trio.fail_after(settings.connect_timeout):
@@ -462,7 +462,7 @@ class _Channel:
         if not isinstance(reply, Welcome):
             raise _unexpected(reply, "Hello")
         self.max_data = reply.max_frame_size
-        self._upload.note_frame_size(reply.max_frame_size)
+        self._upload._note_frame_size(reply.max_frame_size)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -505,7 +505,7 @@ class _Channel:
         finally:
             if blocking:
                 self._blocking = False
-                self._upload.changed()
+                self._upload._notify()
             if patient:
                 self._patient = False
         if isinstance(waiter.reply, _ConnectionLostError):
@@ -520,19 +520,19 @@ class _Channel:
         while True:
             await self.frame_slots.acquire()
             while self._blocking:
-                await upload.wait_changed()
-            piece = await upload.next_piece(self)
+                await upload._wait_changed()
+            piece = await upload._next_piece(self)
             if piece is None:  # going away: let the proxy answer what is in flight
                 self.frame_slots.release()
                 await trio.sleep_forever()
             self.staged = piece
-            data = await upload.read(piece)
+            data = await upload._read_piece(piece)
             if not await self._send_piece(piece, data):
                 self.staged = None
-                upload.hand_back(piece)
+                upload._hand_back(piece)
                 self.frame_slots.release()
                 continue
-            upload.note_sent(len(data))
+            upload._note_sent(len(data))
 
     def _receive_timeout(self) -> float:
         if not self._waiters and not self.frames:
@@ -583,19 +583,19 @@ class _Channel:
             waiter.reply = event
             waiter.done.set()
         elif isinstance(event, Credit):
-            upload.note_credit(event.committed_offset, event.window_end)
+            upload._note_credit(event.committed_offset, event.window_end)
         elif isinstance(event, GoingAway):
             self.going_away = True
-            upload.changed()
+            upload._notify()
             if not self.frames:
                 self.fail(_ConnectionLostError("proxy is going away"))
         elif isinstance(event, Error):
             # unsolicited: the proxy is about to close this connection, or the upload is gone
-            upload.count_error(event.code)
-            if not _upload_fatal(event) or upload.aborting:
+            upload._count_error(event.code)
+            if not _upload_fatal(event) or upload._aborting:
                 self.fail(_ConnectionLostError(f"proxy said: {event.message}", code=event.code))
             else:
-                upload.fail(_rejection(event))
+                upload._fail(_rejection(event))
         elif not isinstance(event, Pong):
             raise RemoteProtocolError(
                 f"reply to unknown request {event.reply_to}: {type(event).__name__}",
@@ -606,18 +606,18 @@ class _Channel:
         upload = self._upload
         if isinstance(event, Ack | Credit):
             self.acked_any = True
-            upload.note_received(piece, event.committed_offset)
+            upload._note_received(piece, event.committed_offset)
             if isinstance(event, Credit):
-                upload.note_credit(event.committed_offset, event.window_end)
+                upload._note_credit(event.committed_offset, event.window_end)
         elif isinstance(event, Error):
-            upload.count_error(event.code)
-            upload.requeue([piece], cause=event.code.name.lower())
+            upload._count_error(event.code)
+            upload._requeue([piece], cause=event.code.name.lower())
             if event.code == ErrorCode.BAD_CRC:
                 return  # the header was intact: the connection goes on, the frame is resent
-            if upload.aborting and event.code == ErrorCode.ABORTED:
+            if upload._aborting and event.code == ErrorCode.ABORTED:
                 return
             if _upload_fatal(event):
-                upload.fail(_rejection(event))
+                upload._fail(_rejection(event))
             else:
                 self.fail(_ConnectionLostError(f"proxy said: {event.message}", code=event.code))
         else:
@@ -670,7 +670,7 @@ class Upload:
         description: str,
     ) -> None:
         self.settings = settings
-        self.auth = auth
+        self._auth = auth
         self._open_request = open_request
         self._connector = connector
         self._progress = progress
@@ -695,7 +695,7 @@ class Upload:
         self._cancel_scope: trio.CancelScope | None = None
         self._finished = False
         #: set by abort(): no new frames, and ABORTED errors are the expected outcome
-        self.aborting = False
+        self._aborting = False
         self._started = time.monotonic()
         self.bytes_sent = 0
         self.reconnects = 0
@@ -704,28 +704,28 @@ class Upload:
 
     # -- state shared by the channels ----------------------------------------------------
 
-    def changed(self) -> None:
+    def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def wait_changed(self) -> None:
+    async def _wait_changed(self) -> None:
         await self._changed.wait()
 
-    def fail(self, error: UploadError) -> None:
+    def _fail(self, error: UploadError) -> None:
         if self._failure is None:
             self._failure = error
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
-        self.changed()
+        self._notify()
 
     def _check(self) -> None:
         if self._failure is not None:
             raise self._failure
 
-    def count_error(self, code: ErrorCode) -> None:
+    def _count_error(self, code: ErrorCode) -> None:
         self.errors_by_code[code.name] = self.errors_by_code.get(code.name, 0) + 1
 
-    def note_sent(self, length: int) -> None:
+    def _note_sent(self, length: int) -> None:
         self.bytes_sent += length
         self._report()
 
@@ -736,31 +736,31 @@ class Upload:
             if self._source is not None:
                 self._source.release(committed)
 
-    def note_credit(self, committed: int, window_end: int) -> None:
+    def _note_credit(self, committed: int, window_end: int) -> None:
         self._note_committed(committed)
         self._window_end = max(self._window_end, window_end)
-        self.changed()
+        self._notify()
 
-    def note_received(self, piece: ByteRange, committed: int) -> None:
+    def _note_received(self, piece: ByteRange, committed: int) -> None:
         self._received.add(*piece)
         for watcher in self._ack_watchers:
             watcher.add(*piece)
         self._note_committed(committed)
-        self.changed()
+        self._notify()
         self._report()
 
-    def note_frame_size(self, agreed: int) -> None:
+    def _note_frame_size(self, agreed: int) -> None:
         """Pieces are cut at multiples of the first agreed frame size, for the whole upload."""
         if not self._frame_size_agreed:
             self._frame_size = min(self._frame_size, agreed)
             self._frame_size_agreed = True
 
-    def hand_back(self, piece: ByteRange) -> None:
+    def _hand_back(self, piece: ByteRange) -> None:
         """Return a piece that was taken but never sent."""
         self._to_send.add(*piece)
-        self.changed()
+        self._notify()
 
-    def requeue(self, pieces: list[ByteRange], *, cause: str) -> None:
+    def _requeue(self, pieces: list[ByteRange], *, cause: str) -> None:
         for start, end in pieces:
             start = max(start, self._committed)
             for gap_start, gap_end in self._received.missing(start, end):
@@ -768,7 +768,7 @@ class Upload:
                 self.resent_bytes_by_cause[cause] = (
                     self.resent_bytes_by_cause.get(cause, 0) + gap_end - gap_start
                 )
-        self.changed()
+        self._notify()
 
     def _resync(self, status: Status, acked_meanwhile: RangeSet) -> None:
         """Make the to-send set exactly what the proxy lacks and no connection is sending."""
@@ -794,16 +794,16 @@ class Upload:
             )
         self._to_send = needed
         self._received = received
-        self.changed()
+        self._notify()
 
     def _available(self) -> int:
         return self._source.available if self._source is not None else 0
 
-    async def next_piece(self, channel: _Channel) -> ByteRange | None:
+    async def _next_piece(self, channel: _Channel) -> ByteRange | None:
         """The lowest piece to send that fits the credit window; None when going away."""
         while True:
             self._check()
-            if channel.going_away or self.aborting:
+            if channel.going_away or self._aborting:
                 return None
             if self._to_send:
                 self._to_send.remove(0, self._committed)
@@ -814,9 +814,9 @@ class Upload:
                     piece = self._to_send.take(self._window_end, min(alignment, channel.max_data))
                     if piece is not None:
                         return piece
-            await self.wait_changed()
+            await self._wait_changed()
 
-    async def read(self, piece: ByteRange) -> bytes | memoryview:
+    async def _read_piece(self, piece: ByteRange) -> bytes | memoryview:
         assert self._source is not None
         return await self._source.read(*piece)
 
@@ -844,7 +844,7 @@ class Upload:
         while not self._finished:
             if failures:
                 if failures > policy.max_attempts:
-                    self.fail(
+                    self._fail(
                         ProxyUnreachableError(
                             f"{self._description}: gave up after {failures} failed connection"
                             f" attempts; last: {last_reason}"
@@ -865,7 +865,7 @@ class Upload:
             assert channel.failure is not None
             last_reason = channel.failure.reason
             if channel.failure.code is not None:
-                self.count_error(channel.failure.code)
+                self._count_error(channel.failure.code)
             if not self._finished:
                 self.reconnects += 1
                 failures = 1 if channel.acked_any else failures + 1
@@ -874,10 +874,10 @@ class Upload:
     def _drop(self, channel: _Channel) -> None:
         if channel in self._channels:
             self._channels.discard(channel)
-            self.requeue(channel.in_flight(), cause="connection_lost")
+            self._requeue(channel.in_flight(), cause="connection_lost")
             channel.frames.clear()
             channel.staged = None
-        self.changed()
+        self._notify()
 
     async def _bind(self, channel: _Channel) -> None:
         """Open the upload (first connection) or attach to it, and catch up with its state."""
@@ -893,7 +893,7 @@ class Upload:
             self._note_committed(reply.committed_offset)
             self._opened.set()
             self._channels.add(channel)
-            self.changed()
+            self._notify()
             return
         await self._opened.wait()
         assert self._token is not None
@@ -928,7 +928,7 @@ class Upload:
             for channel in self._channels:
                 if channel.failure is None and not channel.going_away:
                     return channel
-            await self.wait_changed()
+            await self._wait_changed()
 
     # -- public API ----------------------------------------------------------------------
 
@@ -950,7 +950,7 @@ class Upload:
         self._source = _FileSource(fd, size)
         self._to_send.add(0, size)
         self._to_send.remove(0, self._committed)
-        self.changed()
+        self._notify()
 
     async def write(self, data: bytes) -> None:
         """Append ``data`` to the object; waits while the stream buffer is full."""
@@ -964,13 +964,13 @@ class Upload:
             self.settings.stream_buffer, self._window_end - self._committed
         ):
             self._check()
-            await self.wait_changed()
+            await self._wait_changed()
         self._check()
         before = source.available
         source.append(bytes(data))
         if source.available > before:
             self._to_send.add(before, source.available)
-            self.changed()
+            self._notify()
 
     async def complete(self) -> UploadResult:
         """Finish the object and return what GCS stored, once it matches what was sent.
@@ -985,7 +985,7 @@ class Upload:
             before = source.available
             source.finish()
             self._to_send.add(before, source.available)
-            self.changed()
+            self._notify()
         total = source.total
         assert total is not None
         crc32c = await source.crc32c()
@@ -995,7 +995,7 @@ class Upload:
                 await trio.sleep(self.settings.reconnect.delay(attempt, self._rng))
             while not self._received.contains(0, total):
                 self._check()
-                await self.wait_changed()
+                await self._wait_changed()
             channel = await self._any_channel()
             try:
                 reply = await channel.request(
@@ -1003,7 +1003,7 @@ class Upload:
                 )
                 if isinstance(reply, Error) and reply.code == ErrorCode.MISSING_RANGES:
                     # the proxy lost bytes it had acknowledged (a restart): catch up, resend
-                    self.count_error(reply.code)
+                    self._count_error(reply.code)
                     last_problem = reply.message
                     await self._catch_up(channel)
                     continue
@@ -1016,14 +1016,14 @@ class Upload:
             self._check()
             error = _unexpected(reply, "Complete")
             if isinstance(error, UploadError):
-                self.fail(error)
+                self._fail(error)
                 raise error
             last_problem = error.reason
         error = UploadError(
             f"{self._description}: the proxy did not finalize the object after"
             f" {self.settings.max_complete_attempts} attempts; last: {last_problem}"
         )
-        self.fail(error)
+        self._fail(error)
         raise error
 
     def _result(self, reply: Completed, total: int, crc32c: int) -> UploadResult:
@@ -1032,7 +1032,7 @@ class Upload:
                 f"{self._description}: GCS stored {reply.size} bytes with crc32c"
                 f" {reply.crc32c:08x}, but {total} bytes with crc32c {crc32c:08x} were sent"
             )
-            self.fail(error)
+            self._fail(error)
             raise error
         bucket, name = self._open_request.bucket, self._open_request.name
         return UploadResult(
@@ -1056,8 +1056,8 @@ class Upload:
         Sending stops at once; frames already in flight fail on the proxy with ABORTED,
         which is expected here and not reported.
         """
-        self.aborting = True
-        self.changed()
+        self._aborting = True
+        self._notify()
         channel = await self._any_channel()
         try:
             reply = await channel.request(Abort(), blocking=True)
@@ -1065,7 +1065,7 @@ class Upload:
             raise UploadError(f"{self._description}: abort not confirmed: {exc.reason}") from exc
         finally:
             self._finished = True
-            self.changed()
+            self._notify()
         if isinstance(reply, Error) and reply.code != ErrorCode.ABORTED:
             raise _rejection(reply)
 
@@ -1131,7 +1131,7 @@ async def connect_upload(
             for index in range(settings.connections):
                 nursery.start_soon(upload._run_slot, index)
             while not upload._opened.is_set() and upload._failure is None:
-                await upload.wait_changed()
+                await upload._wait_changed()
             if upload._failure is None:
                 try:
                     yield upload
