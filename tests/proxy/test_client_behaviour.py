@@ -94,6 +94,11 @@ class FakeProxy:
         self.restart_at_write: int | None = None
         #: report this crc32c in Completed instead of the real one
         self.lie_crc32c: int | None = None
+        #: report nothing committed beyond this (GCS holding back), so later bytes can be lost
+        self.commit_limit: int | None = None
+        #: at the first Complete, lose these acknowledged (uncommitted) bytes, as a restarted
+        #: proxy would, and answer MISSING_RANGES
+        self.lose_at_complete: tuple[int, int] | None = None
         self._scopes: set[trio.CancelScope] = set()
 
     @property
@@ -109,7 +114,7 @@ class FakeProxy:
         self.received.add(offset, end)
         head = self.received.first()
         if head is not None and head[0] == 0:
-            self.committed = head[1]
+            self.committed = min(head[1], self.commit_limit or head[1])
 
     def _restart(self) -> None:
         self.received = RangeSet([(0, self.committed)] if self.committed else [])
@@ -223,6 +228,9 @@ class FakeProxy:
             elif isinstance(event, StatusQuery):
                 await send(Status(event.seq, self.committed, tuple(self.received), self.window_end))
             elif isinstance(event, Complete):
+                if self.lose_at_complete is not None:
+                    self.received.remove(*self.lose_at_complete)
+                    self.lose_at_complete = None
                 if not self.received.contains(0, event.total_size):
                     missing = self.received.missing(0, event.total_size)
                     await send(
@@ -475,3 +483,17 @@ def test_blocking_stream_upload(
     )
     assert bytes(proxy.data) == data
     assert result.size == len(data)
+
+
+async def test_complete_answered_with_missing_ranges_resends_them(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    proxy, address = fake_proxy
+    proxy.commit_limit = 4 * FRAME
+    proxy.lose_at_complete = (5 * FRAME, 7 * FRAME)
+    path, data = payload_file(10 * FRAME)
+    result = await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(2))
+    assert bytes(proxy.data) == data
+    assert result.errors_by_code == {"MISSING_RANGES": 1}
+    assert result.resent_bytes_by_cause == {"proxy_lost": 2 * FRAME}
