@@ -360,3 +360,27 @@ async def test_a_stalled_connection_is_abandoned_and_its_frames_resent(
     assert counters.as_dict()["faults"]["stall"] == 1
     assert result.reconnects == 1
     assert await stored(storage_client, gcs_bucket, "stalled") == data
+
+
+async def test_empty_file_and_empty_stream(
+    proxy_server: ProxyServer,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    path, _ = payload(0)
+
+    async def nothing() -> AsyncIterator[bytes]:
+        return
+        yield b""
+
+    from_file = await upload_file(
+        path, f"gs://{gcs_bucket}/empty-file", proxy=proxy_server.address, settings=SETTINGS
+    )
+    from_stream = await upload_stream(
+        nothing(), f"gs://{gcs_bucket}/empty-stream", proxy=proxy_server.address, settings=SETTINGS
+    )
+    assert from_file.size == from_stream.size == 0
+    assert from_file.crc32c == from_stream.crc32c == 0
+    assert await stored(storage_client, gcs_bucket, "empty-file") == b""
+    assert await stored(storage_client, gcs_bucket, "empty-stream") == b""
