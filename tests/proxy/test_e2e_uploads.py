@@ -371,8 +371,8 @@ async def test_empty_file_and_empty_stream(
     path, _ = payload(0)
 
     async def nothing() -> AsyncIterator[bytes]:
-        return
-        yield b""
+        for chunk in ():
+            yield chunk
 
     from_file = await upload_file(
         path, f"gs://{gcs_bucket}/empty-file", proxy=proxy_server.address, settings=SETTINGS
