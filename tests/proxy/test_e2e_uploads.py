@@ -371,7 +371,8 @@ async def test_empty_file_and_empty_stream(
     path, _ = payload(0)
 
     async def nothing() -> AsyncIterator[bytes]:
-        for chunk in ():
+        no_chunks: tuple[bytes, ...] = ()
+        for chunk in no_chunks:
             yield chunk
 
     from_file = await upload_file(
