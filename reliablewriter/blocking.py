@@ -17,6 +17,7 @@ from typing import Any, Self, TypeVar
 import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 
+from .buffer import as_byte_view
 from .errors import WriterClosedError
 from .results import ObjectInfo, WriterStats
 from .settings import WriterSettings
@@ -104,7 +105,7 @@ class BlockingWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append ``data``; blocks while the buffer is full. Returns the byte count."""
-        view = memoryview(data).cast("B")
+        view = as_byte_view(data)
         self._call(self.writer.write_at, self.position, view)
         self.position += len(view)
         return len(view)
