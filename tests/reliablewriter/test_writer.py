@@ -341,3 +341,12 @@ async def test_resuming_a_finished_session_returns_the_object(
         finished.size,
         finished.crc32c,
     )
+
+
+async def test_a_missing_bucket_is_refused_when_opening(
+    target: Target, settings: WriterSettings
+) -> None:
+    bucket = target.bucket.client.bucket("no-such-bucket")
+    with pytest.raises(NonRetryableHTTPError, match="not found") as refused:
+        await upload(bucket, "obj", b"data", settings)
+    assert refused.value.status == 404
