@@ -156,8 +156,10 @@ class ReliableWriter:
         if self._state.committed:
             ranges.append((0, self._state.committed))
         for start, end in self._buffer.ranges():
-            if ranges and ranges[-1][1] == start:
-                ranges[-1] = (ranges[-1][0], end)
+            # Held bytes may reach below the committed offset while a chunk's release is
+            # pending, so merge overlaps as well as neighbours.
+            if ranges and start <= ranges[-1][1]:
+                ranges[-1] = (ranges[-1][0], max(ranges[-1][1], end))
             else:
                 ranges.append((start, end))
         return tuple(ranges)

@@ -156,9 +156,10 @@ class GcsServer:
                     self._threads.discard(threading.current_thread())
 
         thread = threading.Thread(target=run, name=name, daemon=True)
+        # Started under the lock, so stop() never sees (and joins) a thread not yet started.
         with self._lock:
             self._threads.add(thread)
-        thread.start()
+            thread.start()
 
     # -- connections --------------------------------------------------------------------
 
