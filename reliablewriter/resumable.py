@@ -210,11 +210,9 @@ class ResumableState:
         else:
             match = _RANGE.match(header.strip())
             if match is None:
-                raise UnexpectedResponseError(
-                    f"malformed Range header {header!r} in a 308",
-                    name=self.name,
-                    offset=self.committed,
-                )
+                # Damaged on the way (GCS only ever sends ``bytes=0-N``): asking again is
+                # safe, and a server that keeps sending it runs out the retries.
+                return RetryLater("malformed-range")
             reported = int(match["last"]) + 1
         if reported < self.committed:
             raise ServerRegressionError(

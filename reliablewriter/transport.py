@@ -15,7 +15,6 @@ through google-cloud-storage (``Blob.create_resumable_upload_session``).
 
 from __future__ import annotations
 
-import re
 import threading
 import traceback
 import urllib.parse
@@ -28,9 +27,6 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import storage  # type: ignore[import-untyped]
 
 from .resumable import HttpResponse
-
-# RFC 9110's token: what a header name is made of.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 __all__ = [
     "ChunkBody",
@@ -170,13 +166,10 @@ def _response(response: requests.Response) -> HttpResponse:
     its head arrives as a shorter, plausible one: a 308 without ``Range`` ("nothing
     stored"), or with a cut ``Range``. GCS (and the strict endpoint) frame every response
     with ``Content-Length`` or chunked encoding, and the length header comes last, so a
-    response without that framing was cut, and one whose header names are not tokens was
-    damaged: either is a failed attempt, never GCS's word. A body shorter than its
-    ``Content-Length`` makes urllib3 raise while reading ``content``.
+    response without that framing was cut: a failed attempt, never GCS's word. A body
+    shorter than its ``Content-Length`` makes urllib3 raise while reading ``content``.
     """
     headers = {name.lower(): value for name, value in response.headers.items()}
-    if not all(_TOKEN.fullmatch(name) for name in headers):
-        raise TransportFailure("malformed-response")
     chunked = headers.get("transfer-encoding", "").strip().lower() == "chunked"
     if not chunked and not _is_length(headers.get("content-length", "")):
         raise TransportFailure("truncated-response")

@@ -521,3 +521,36 @@ async def test_a_308_cut_inside_its_head_is_retried_not_believed(
     assert faulty.counters.faults_applied("limit_data") == 1
     assert second.stats.retries_by_cause == {"truncated-response": 1}
     assert target.read("obj") == data
+
+
+_SECOND_308 = b"HTTP/1.1 308 Resume Incomplete\r\nRange: bytes=0-1048575\r\nContent-Length: 0\r\n"
+
+
+@pytest.mark.parametrize(
+    ("damaged", "cause"),
+    [
+        (_SECOND_308.index(b"308"), "connection"),  # not a status line any more
+        # Not a header: the head ends before it, the body is read until the timeout.
+        (_SECOND_308.index(b"ange:"), "timeout"),
+        (_SECOND_308.index(b"ytes="), "malformed-range"),  # not a Range
+    ],
+    ids=["status", "header-name", "range-value"],
+)
+async def test_a_308_corrupted_on_the_wire_is_retried(
+    target: Target, faulty_target: Faulty, settings: WriterSettings, damaged: int, cause: str
+) -> None:
+    settings = _with_progress_timeout(settings, 0.3)
+    data = payload(2 * MiB)
+    async with open_writer(target.bucket, "obj", settings) as first:
+        await first.write_at(0, data[: 512 * KiB])
+        await first.wait_committed(512 * KiB)
+        session_uri = first.session_uri
+    faulty = faulty_target(
+        _FIRST_CONNECTION_ONLY.format(f"corrupt:down(at={_RESUMED_STATUS_308 + damaged})")
+    )
+    async with open_writer(faulty.bucket, "obj", settings, session_uri=session_uri) as second:
+        await second.write_at(512 * KiB, data[512 * KiB :])
+        await second.complete(crc32c=google_crc32c.value(data))
+    assert faulty.counters.faults_applied("corrupt") == 1
+    assert second.stats.retries_by_cause == {cause: 1}
+    assert target.read("obj") == data
