@@ -37,6 +37,13 @@ __all__ = [
 ]
 
 
+# What the HTTP stack raises when the network fails. ValueError is what ``select``/``poll``
+# and ``io`` raise for a socket closed underneath them: urllib3 polls a pooled
+# connection's socket before reusing it, and that socket may have been closed while the
+# connection sat in the pool (a fault injector closing it, or another thread).
+_NETWORK_ERRORS = (requests.RequestException, OSError, ValueError)
+
+
 class UploadInterrupted(Exception):  # noqa: N818 - it is a signal, not a failure
     """Raised inside a request body when the writer stops sending (abort or shutdown)."""
 
@@ -152,6 +159,8 @@ def _cause_of(exc: BaseException) -> str:
         return "truncated-response"
     if isinstance(exc, requests.ConnectionError | ConnectionError):
         return "connection"
+    if isinstance(exc, ValueError) and not isinstance(exc, requests.RequestException):
+        return "closed-connection"
     return type(exc).__name__
 
 
@@ -217,7 +226,7 @@ class GcsTransport:
             # A success without a usable Location header: damaged on the way.
             failure = TransportFailure("bad-session-uri")
             _scrub(exc)
-        except (requests.RequestException, OSError) as exc:
+        except _NETWORK_ERRORS as exc:
             failure = TransportFailure(_cause_of(exc))
             _scrub(exc)
         if failure is not None:
@@ -242,7 +251,7 @@ class GcsTransport:
                 "PUT", uri, data=data, headers=dict(headers), timeout=self._timeout
             ) as response:
                 return _response(response)
-        except (requests.RequestException, OSError, UploadInterrupted) as exc:
+        except (*_NETWORK_ERRORS, UploadInterrupted) as exc:
             failure = TransportFailure(_cause_of(exc))
             _scrub(exc)
         finally:
@@ -263,7 +272,7 @@ class GcsTransport:
                 return None
             failure = TransportFailure(f"http-{exc.code}")
             _scrub(exc)
-        except (requests.RequestException, OSError) as exc:
+        except _NETWORK_ERRORS as exc:
             failure = TransportFailure(_cause_of(exc))
             _scrub(exc)
         if failure is not None:
@@ -280,7 +289,7 @@ class GcsTransport:
         try:
             with self.http.request("DELETE", uri, timeout=self._timeout) as response:
                 return _response(response)
-        except (requests.RequestException, OSError) as exc:
+        except _NETWORK_ERRORS as exc:
             failure = TransportFailure(_cause_of(exc))
             _scrub(exc)
         raise failure

@@ -554,3 +554,29 @@ async def test_a_308_corrupted_on_the_wire_is_retried(
     assert faulty.counters.faults_applied("corrupt") == 1
     assert second.stats.retries_by_cause == {cause: 1}
     assert target.read("obj") == data
+
+
+async def test_a_connection_closed_while_pooled_is_replaced(
+    target: Target, faulty_target: Faulty, settings: WriterSettings
+) -> None:
+    """The connection closes as the status answer's last line arrives; the answer is whole.
+
+    The connection goes back to the pool with its socket closed, and urllib3's check
+    before reusing it raises ValueError (polling a closed socket): a failed attempt.
+    """
+    data = payload(MiB)
+    async with open_writer(target.bucket, "obj", settings) as first:
+        await first.write_at(0, data[: 512 * KiB])
+        await first.wait_committed(512 * KiB)
+        session_uri = first.session_uri
+    last_line = len(b"\r\n\r\n")
+    faulty = faulty_target(
+        _FIRST_CONNECTION_ONLY.format(f"limit_data:down(bytes={_RESUMED_STATUS_308 - last_line})")
+    )
+    async with open_writer(faulty.bucket, "obj", settings, session_uri=session_uri) as second:
+        assert second.committed_offset == 512 * KiB
+        await second.write_at(512 * KiB, data[512 * KiB :])
+        await second.complete(crc32c=google_crc32c.value(data))
+    assert faulty.counters.faults_applied("limit_data") == 1
+    assert second.stats.retries_by_cause == {"closed-connection": 1}
+    assert target.read("obj") == data
