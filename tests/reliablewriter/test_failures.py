@@ -580,3 +580,59 @@ async def test_a_connection_closed_while_pooled_is_replaced(
     assert faulty.counters.faults_applied("limit_data") == 1
     assert second.stats.retries_by_cause == {"closed-connection": 1}
     assert target.read("obj") == data
+
+
+# The final response, 200 with the object's JSON, begins with a head of this length (the
+# Content-Length has three digits); a fault a few dozen bytes past it hits the JSON.
+_FINAL_HEAD = len(
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=UTF-8\r\n"
+    b"Content-Length: 667\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("fault", "cause"),
+    [
+        # A flipped byte makes the JSON undecodable.
+        (f"corrupt:down(at={_RESUMED_STATUS_308 + _FINAL_HEAD + 40})", "truncated-response"),
+        # A body shorter than its Content-Length.
+        (f"limit_data:down(bytes={_RESUMED_STATUS_308 + _FINAL_HEAD + 40})", "truncated-response"),
+    ],
+    ids=["corrupted", "cut-short"],
+)
+async def test_a_damaged_final_response_is_recovered_by_a_status_query(
+    target: Target, faulty_target: Faulty, settings: WriterSettings, fault: str, cause: str
+) -> None:
+    data = payload(512 * KiB + 1000)
+    async with open_writer(target.bucket, "obj", settings) as first:
+        await first.write_at(0, data[: 512 * KiB])
+        await first.wait_committed(512 * KiB)
+        session_uri = first.session_uri
+    # The resumed writer's first connection: the status query's 308, then the final chunk's
+    # 200, damaged. A status query on a new connection gets the object's JSON again.
+    faulty = faulty_target(_FIRST_CONNECTION_ONLY.format(fault))
+    async with open_writer(faulty.bucket, "obj", settings, session_uri=session_uri) as second:
+        await second.write_at(512 * KiB, data[512 * KiB :])
+        info = await second.complete(crc32c=google_crc32c.value(data))
+    assert sum(faulty.counters.faults_applied(name) for name in ("corrupt", "limit_data")) == 1
+    assert second.stats.retries_by_cause == {cause: 1}
+    assert info.size == len(data)
+    assert target.object_names() == ["obj"]
+    assert target.read("obj") == data
+
+
+async def test_a_308_whose_connection_breaks_after_it_is_taken(
+    target: Target, settings: WriterSettings
+) -> None:
+    """``return-broken-stream`` on a non-final chunk: the 308 (its body is empty) arrives
+    whole, then the connection closes; the next chunk goes out on a new connection."""
+    data = payload(2 * MiB)
+    async with open_writer(target.bucket, "obj", settings) as writer:
+        await writer.write_at(0, data[:MiB])
+        await writer.wait_committed(MiB)
+        target.script("return-broken-stream")
+        await writer.write_at(MiB, data[MiB:])
+        await writer.complete(crc32c=google_crc32c.value(data))
+    assert target.script_done()
+    assert writer.stats.retries == 0
+    assert target.read("obj") == data
