@@ -174,7 +174,7 @@ def _response(response: requests.Response) -> HttpResponse:
     ``http.client`` takes EOF for the end of a response head, so a response cut inside
     its head arrives as a shorter, plausible one: a 308 without ``Range`` ("nothing
     stored"), or with a cut ``Range``. GCS (and the strict endpoint) frame every response
-    with ``Content-Length`` or chunked encoding, and the length header comes last, so a
+    with ``Content-Length`` or chunked encoding, the length sent after ``Range``, so a
     response without that framing was cut: a failed attempt, never GCS's word. A body
     shorter than its ``Content-Length`` makes urllib3 raise while reading ``content``.
     """
