@@ -375,7 +375,11 @@ class ReliableWriter:
     # --- internals: the worker ------------------------------------------------------
 
     async def _run(self) -> None:
-        """The worker: upload until the object is complete, the writer fails or is closed."""
+        """The worker: upload until the object is complete, the writer fails or is closed.
+
+        Failures of the upload are stored for callers, not raised; anything else is a bug
+        and is raised into the nursery after being stored as well.
+        """
         try:
             with self._worker_scope:
                 try:
@@ -383,6 +387,18 @@ class ReliableWriter:
                         await self._upload()
                 except WriterError as exc:
                     self._fail(exc)
+                except Exception as exc:
+                    # A bug (ours, or a progress callback that raised). It still crashes
+                    # the nursery, but callers in other tasks must hear why rather than
+                    # "the writer is closed". Only the type: messages may hold the URL.
+                    self._fail(
+                        WriterError(
+                            f"the upload worker crashed: {type(exc).__name__}",
+                            name=self.name,
+                            offset=self._state.committed,
+                        )
+                    )
+                    raise
         finally:
             self._buffer.clear()
             self._worker_done.set()
@@ -701,8 +717,9 @@ async def open_writer(
                 writer._notify()
                 await writer._stop_worker()
     except BaseExceptionGroup as group:
-        # The worker never raises (its failures are stored and re-raised to callers), so
-        # a group here wraps the caller's own exception: give it back unwrapped.
+        # The worker raises only for a bug (upload failures are stored and re-raised to
+        # callers), so a group here wraps one exception, usually the caller's own: give
+        # it back unwrapped.
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise

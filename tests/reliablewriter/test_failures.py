@@ -18,12 +18,15 @@ import trio.testing
 from faultnet.gcs import GcsApiError
 from reliablewriter import (
     NonRetryableHTTPError,
+    ReliableWriter,
     RetriesExhaustedError,
     RetryPolicy,
     ServerRegressionError,
     SessionLostError,
     WriterAbortedError,
+    WriterError,
     WriterSettings,
+    WriterStats,
     open_writer,
 )
 
@@ -636,3 +639,30 @@ async def test_a_308_whose_connection_breaks_after_it_is_taken(
     assert target.script_done()
     assert writer.stats.retries == 0
     assert target.read("obj") == data
+
+
+async def test_a_crashed_worker_fails_the_writer_for_every_caller(
+    target: Target, settings: WriterSettings
+) -> None:
+    """A worker that dies of something unexpected (here the caller's own progress callback
+    breaking its contract) leaves a failure naming it, so callers in other tasks (the
+    proxy's connections) hear why, instead of "the writer is closed"."""
+
+    def broken_progress(stats: WriterStats) -> None:
+        raise RuntimeError("a bug in the progress callback")
+
+    opened: list[ReliableWriter] = []
+
+    async def upload_until_the_crash() -> None:
+        async with open_writer(target.bucket, "obj", settings, progress=broken_progress) as writer:
+            opened.append(writer)
+            await writer.write_at(0, payload(MiB))  # within the window: returns at once
+            await trio.sleep_forever()  # until the crash cancels the block
+
+    with pytest.raises(RuntimeError, match="a bug in the progress callback"):
+        await upload_until_the_crash()
+    writer = opened[0]
+    with pytest.raises(WriterError, match="the upload worker crashed: RuntimeError"):
+        await writer.wait_committed(MiB)
+    with pytest.raises(WriterError, match="the upload worker crashed: RuntimeError"):
+        await writer.write_at(MiB, b"more")
