@@ -218,6 +218,27 @@ class Connection:
             data = memoryview(data).cast("B")
         self._buffer.append(data)
 
+    def receive_size(self, limit: int) -> int:
+        """How many bytes to ask the transport for next: at most `limit`, and never past the end
+        of the header or payload being read.
+
+        A receiver that asks for this much gets each WriteAt's data in buffers of its own, so
+        every `WriteAtData` is a whole received buffer: its CRC32C needs no copy, and a view
+        held on to pins only payload bytes, not the start of the next frame. A header and a
+        WriteAt's 8-byte offset are asked for together.
+        """
+        buffered = len(self._buffer)
+        reading = self._reading
+        if reading is _Reading.WRITE_AT_DATA:
+            wanted = self._remaining - buffered
+        elif reading is _Reading.HEADER:
+            wanted = HEADER_SIZE + WRITE_AT_PREFIX_SIZE - buffered
+        elif reading is _Reading.WRITE_AT_OFFSET:
+            wanted = WRITE_AT_PREFIX_SIZE - buffered
+        else:
+            wanted = self._payload_size - buffered
+        return min(limit, wanted) if wanted > 0 else limit
+
     def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA.
 

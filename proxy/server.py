@@ -76,7 +76,8 @@ __all__ = ["ProxyServer", "serve", "serve_in_background"]
 
 logger = get_logger(__name__)
 
-#: bytes asked of the socket per receive; WriteAt payload views point into these buffers
+#: most bytes asked of the socket per receive; a receive never reaches past the end of the
+#: WriteAt payload being read, so payload views are whole receive buffers (no copy to checksum)
 _RECEIVE_SIZE = 256 * 1024
 #: replies a connection may have queued before its receive loop waits for the client to read
 _OUTBOX_CAPACITY = 64
@@ -257,7 +258,8 @@ class ClientConnection:
         """The next bytes from the client (b"" at EOF), or ``None`` if none came in time."""
         with trio.move_on_after(patience):
             try:
-                return bytes(await self._stream.receive_some(_RECEIVE_SIZE))
+                size = self._protocol.receive_size(_RECEIVE_SIZE)
+                return bytes(await self._stream.receive_some(size))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return b""
         return None

@@ -19,6 +19,7 @@ from protocol import (
     Credit,
     Error,
     ErrorCode,
+    Event,
     GoingAway,
     Hello,
     LocalProtocolError,
@@ -125,6 +126,36 @@ def test_write_at_data_is_passed_through_and_delivered_as_views() -> None:
     assert first.data.obj is chunks[1]
     assert second.data.obj is chunks[2]
     assert end == WriteAtEnd(3)
+
+
+def test_receiving_what_receive_size_asks_for_keeps_each_payload_buffer_whole() -> None:
+    client, server = bound_pair()
+    wire = b"".join(
+        b"".join(client.send(event))
+        for event in (WriteAt(0, b"a" * 5000), Ping(7), WriteAt(5000, b"b" * 3000))
+    )
+    received: list[bytes] = []
+    events: list[Event] = []
+    while len(b"".join(received)) < len(wire):
+        size = server.receive_size(1024)
+        assert 0 < size <= 1024
+        start = len(b"".join(received))
+        received.append(wire[start : start + size])
+        server.receive_data(received[-1])
+        events.extend(drain(server))
+    pieces = [event for event in events if isinstance(event, WriteAtData)]
+    # Every payload piece is a whole received buffer: nothing of a header rides along.
+    assert len(pieces) == 5 + 3  # 5000 and 3000 bytes in pieces of at most 1024
+    for piece in pieces:
+        buffer = piece.data.obj
+        assert isinstance(buffer, bytes)
+        assert any(buffer is whole for whole in received)
+        assert len(piece.data) == len(buffer)
+    assert merge_writes(events) == [
+        ReceivedWrite(3, 0, b"a" * 5000),
+        Ping(7, seq=4),
+        ReceivedWrite(5, 5000, b"b" * 3000),
+    ]
 
 
 def test_buffers_that_are_not_bytes_are_accepted_and_still_verified() -> None:
