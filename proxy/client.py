@@ -311,6 +311,9 @@ class _StreamSource:
         self._crc = google_crc32c.extend(self._crc, data)
         self.written += len(data)
         size = self._block_size
+        if len(data) == size and not self._pending and type(data) is bytes:
+            self._emit(data)  # immutable and exactly one block: kept as it is, no copy
+            return
         view = memoryview(data)
         if self._pending:
             room = size - len(self._pending)

@@ -67,6 +67,8 @@ DEFAULT_GCS_FAULTS: Final = "reset_peer:up(after=10m)~0.7; latency:down(ms=10)~0
 
 _BUCKET: Final = "rup-demo"
 _BLOCK: Final = 8 * 1024 * 1024
+#: what the generator yields at a time: the client's default frame size
+_PIECE: Final = 1024 * 1024
 _DOWNLOAD_PIECE: Final = 1024 * 1024
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
@@ -164,32 +166,37 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 class _DemoObject:
-    """Deterministic, non-repeating bytes, made block by block: nothing touches the disk.
+    """Deterministic, non-repeating bytes, made piece by piece: nothing touches the disk.
 
     One random block, rotated by a different amount for each block, so a piece written at
-    the wrong offset never matches by accident.
+    the wrong offset never matches by accident. Every piece is one slice of the block laid
+    twice end to end: one copy per byte, and pieces of the client's frame size, which its
+    stream buffer keeps as they are.
     """
 
     def __init__(self, size: int, seed: int) -> None:
         self.size = size
-        self._base = random.Random(seed).randbytes(min(size, _BLOCK) or 1)
+        base = random.Random(seed).randbytes(min(size, _BLOCK) or 1)
+        self._block_size = len(base)
+        self._doubled = base + base
 
-    def blocks(self) -> Iterator[bytes]:
-        base = self._base
-        for index, offset in enumerate(range(0, self.size, len(base))):
-            shift = (index * 4099) % len(base)
-            block = base[shift:] + base[:shift]
-            yield block[: self.size - offset]
+    def pieces(self) -> Iterator[bytes]:
+        block_size, doubled = self._block_size, self._doubled
+        for index, offset in enumerate(range(0, self.size, block_size)):
+            shift = (index * 4099) % block_size
+            block_end = min(block_size, self.size - offset)
+            for begin in range(0, block_end, _PIECE):
+                yield doubled[shift + begin : shift + min(begin + _PIECE, block_end)]
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        for block in self.blocks():
+        for piece in self.pieces():
             await trio.lowlevel.checkpoint()
-            yield block
+            yield piece
 
     def crc32c(self) -> int:
         crc = 0
-        for block in self.blocks():
-            crc = google_crc32c.extend(crc, block)
+        for piece in self.pieces():
+            crc = google_crc32c.extend(crc, piece)
         return crc
 
 
@@ -218,8 +225,8 @@ class _Comparator:
     """A write-only file that checks what is written against the demo object, in order."""
 
     def __init__(self, expected: _DemoObject) -> None:
-        self._blocks = expected.blocks()
-        self._block = b""
+        self._pieces = expected.pieces()
+        self._piece = b""
         self._position = 0
         self.offset = 0
         self.first_difference: int | None = None
@@ -227,15 +234,15 @@ class _Comparator:
     def write(self, data: bytes) -> int:
         done = 0
         while done < len(data):
-            if self._position == len(self._block):
-                self._block, self._position = next(self._blocks, b""), 0
-                if not self._block:  # more bytes than the object has
+            if self._position == len(self._piece):
+                self._piece, self._position = next(self._pieces, b""), 0
+                if not self._piece:  # more bytes than the object has
                     self._differs_at(self.offset)
                     self.offset += len(data) - done
                     break
-            length = min(len(data) - done, len(self._block) - self._position)
+            length = min(len(data) - done, len(self._piece) - self._position)
             got = data[done : done + length]
-            want = self._block[self._position : self._position + length]
+            want = self._piece[self._position : self._position + length]
             if got != want:
                 pairs = zip(got, want, strict=True)
                 self._differs_at(self.offset + next(i for i, (a, b) in enumerate(pairs) if a != b))
