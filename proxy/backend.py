@@ -98,15 +98,15 @@ class Backend:
 def open_backend(target: GcsTarget) -> Iterator[Backend]:
     """A backend for ``target``; an embedded endpoint lives exactly as long as the context."""
     kind = target.resolve()
+    # faultnet.gcs.testing is light; GcsServer is imported only for the embedded endpoint.
+    from faultnet.gcs.testing import anonymous_client, without_background_fetches
+
     if kind is TargetKind.REAL:
-        yield Backend(
-            storage.Client(project=target.project), kind, "https://storage.googleapis.com"
-        )
+        client = without_background_fetches(storage.Client(project=target.project))
+        yield Backend(client, kind, "https://storage.googleapis.com")
         return
 
-    # Imported here: only these two kinds need faultnet's HTTP machinery.
     from faultnet.gcs import GcsServer
-    from faultnet.gcs.testing import anonymous_client
 
     if kind is TargetKind.ENDPOINT:
         assert target.endpoint is not None

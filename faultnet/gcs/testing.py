@@ -9,7 +9,7 @@ import requests
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage  # type: ignore[import-untyped]
 
-__all__ = ["anonymous_client", "start_resumable_upload"]
+__all__ = ["anonymous_client", "start_resumable_upload", "without_background_fetches"]
 
 
 def anonymous_client(url: str, *, http: requests.Session | None = None) -> storage.Client:
@@ -18,12 +18,26 @@ def anonymous_client(url: str, *, http: requests.Session | None = None) -> stora
     ``http`` replaces the client's transport, e.g. a session with faultnet's
     fault-injecting adapter mounted.
     """
-    return storage.Client(
+    client = storage.Client(
         project="test",
         credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
         client_options={"api_endpoint": url},
         _http=http,
     )
+    return without_background_fetches(client)
+
+
+def without_background_fetches(client: storage.Client) -> storage.Client:
+    """Stop ``client`` from starting threads of its own behind the caller's back.
+
+    google-cloud-storage 3.x keeps a bucket-metadata cache for telemetry: a cache miss or a
+    404 starts a daemon thread that fetches the bucket, retrying with backoff. Those threads
+    belong to no nursery, outlive the endpoint they talk to, send requests through the
+    fault-injecting transport that nobody asked for, and draw on the global ``random``
+    state. rup needs none of that metadata.
+    """
+    client._bucket_metadata_cache = None
+    return client
 
 
 def start_resumable_upload(
