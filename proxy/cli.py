@@ -57,10 +57,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(rest)
     try:
         code: int = module.run(args)
+    except BaseExceptionGroup as group:
+        # Ctrl-C inside a trio nursery arrives grouped; anything else in the group is real.
+        interrupts, others = group.split(KeyboardInterrupt)
+        if interrupts is None or others is not None:
+            raise
+        return _interrupted()
     except KeyboardInterrupt:
-        print("rup: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     return code
+
+
+def _interrupted() -> int:
+    print("rup: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":
