@@ -93,6 +93,8 @@ MiB: Final = 1024 * KiB
 _E = TypeVar("_E", bound=BaseException)
 
 _RECEIVE_SIZE: Final = 64 * KiB
+#: bytes a file source reads in one worker-thread call (the piece asked for and the next ones)
+_READ_AHEAD: Final = 8 * MiB
 _CLIENT_NAME: Final = "rup-client/0.1"
 #: Codes that condemn a connection, not the upload: reconnecting may well succeed.
 _CONNECTION_CODES: Final = frozenset(
@@ -252,22 +254,62 @@ def parse_gs_url(url: str) -> tuple[str, str]:
 
 
 class _FileSource:
-    """Random access to a file: each piece is read when it is sent (and again if resent)."""
+    """Random access to a file: each piece is read when it is sent (and again if resent).
 
-    def __init__(self, fd: int, size: int) -> None:
+    Reads go to a worker thread several frames at a time: the piece asked for and the
+    frames after it, each as a ``bytes`` of its own (so the codec checksums it without a
+    copy). Slots take the lowest pieces in turn, so the next ones are usually those; one
+    thread round trip per frame cost more CPU than the read itself. At most
+    :data:`_READ_AHEAD` bytes wait, and a new batch replaces what the last one left.
+    """
+
+    def __init__(self, fd: int, size: int, frame_size: int) -> None:
         self._fd = fd
         self.size = size
         self.total: int | None = size
+        self._frame_size = frame_size
+        self._ahead: dict[int, bytes] = {}
+        #: the batch being read: its first and end offsets, and when it is in
+        self._loading: tuple[int, int, trio.Event] | None = None
 
     @property
     def available(self) -> int:
         return self.size
 
     async def read(self, start: int, end: int) -> bytes | memoryview:
-        data = await trio.to_thread.run_sync(os.pread, self._fd, end - start, start)
-        if len(data) != end - start:
-            raise UploadError(f"file shrank while uploading: short read at offset {start}")
-        return data
+        while True:
+            data = self._ahead.pop(start, None)
+            if data is not None and len(data) == end - start:
+                return data
+            loading = self._loading
+            if loading is None or not loading[0] <= start < loading[1]:
+                break
+            await loading[2].wait()  # the batch in flight holds this piece, or shows it does not
+        pieces = [(start, end)]
+        limit = min(self.size, start + _READ_AHEAD)
+        while pieces[-1][1] < limit:
+            begin = pieces[-1][1]
+            pieces.append((begin, min(begin + self._frame_size - begin % self._frame_size, limit)))
+        loading = (start, pieces[-1][1], trio.Event())
+        self._loading = loading
+        try:
+            batch = await trio.to_thread.run_sync(self._read_all, pieces)
+        finally:
+            if self._loading is loading:
+                self._loading = None
+            loading[2].set()
+        self._ahead = dict(zip((begin for begin, _ in pieces[1:]), batch[1:], strict=True))
+        return batch[0]
+
+    def _read_all(self, pieces: list[tuple[int, int]]) -> list[bytes]:
+        """In a worker thread: each piece read into a bytes object of its own."""
+        batch = []
+        for start, end in pieces:
+            data = os.pread(self._fd, end - start, start)
+            if len(data) != end - start:
+                raise UploadError(f"file shrank while uploading: short read at offset {start}")
+            batch.append(data)
+        return batch
 
     def release(self, committed: int) -> None:
         """Nothing to release: a file can always be read again."""
@@ -950,7 +992,7 @@ class Upload:
             raise RuntimeError("this upload already has data")
         fd = os.open(path, os.O_RDONLY)
         size = os.fstat(fd).st_size
-        self._source = _FileSource(fd, size)
+        self._source = _FileSource(fd, size, self._frame_size)
         self._to_send.add(0, size)
         self._to_send.remove(0, self._committed)
         self._notify()
