@@ -178,6 +178,10 @@ def _response(response: requests.Response) -> HttpResponse:
     response without that framing was cut: a failed attempt, never GCS's word. A body
     shorter than its ``Content-Length`` makes urllib3 raise while reading ``content``.
     """
+    if any(char < " " and char != "\t" for char in response.reason or ""):
+        # A status line whose end was damaged swallowed the next header line ("Incomplete
+        # \r\xf5Range: ..."), leaving a framed 308 without its Range.
+        raise TransportFailure("malformed-response")
     headers = {name.lower(): value for name, value in response.headers.items()}
     chunked = headers.get("transfer-encoding", "").strip().lower() == "chunked"
     if not chunked and not _is_length(headers.get("content-length", "")):

@@ -533,11 +533,13 @@ _SECOND_308 = b"HTTP/1.1 308 Resume Incomplete\r\nRange: bytes=0-1048575\r\nCont
     ("damaged", "cause"),
     [
         (_SECOND_308.index(b"308"), "connection"),  # not a status line any more
+        # The status line runs on into the Range line: a 308 without Range.
+        (_SECOND_308.index(b"\n"), "malformed-response"),
         # Not a header: the head ends before it, the body is read until the timeout.
         (_SECOND_308.index(b"ange:"), "timeout"),
         (_SECOND_308.index(b"ytes="), "malformed-range"),  # not a Range
     ],
-    ids=["status", "header-name", "range-value"],
+    ids=["status", "status-line-end", "header-name", "range-value"],
 )
 async def test_a_308_corrupted_on_the_wire_is_retried(
     target: Target, faulty_target: Faulty, settings: WriterSettings, damaged: int, cause: str
