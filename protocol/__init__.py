@@ -16,6 +16,7 @@ itself, uncopied); `Connection.last_sent_seq` is the seq that the reply will car
 received buffers) and WriteAtEnd once its CRC32C verified.
 """
 
+from ._crc import crc32c_combine
 from ._state import ConnectionState
 from .connection import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -104,4 +105,5 @@ __all__ = [
     "WriteAtData",
     "WriteAtEnd",
     "WriteAtStart",
+    "crc32c_combine",
 ]

@@ -21,6 +21,7 @@ from ._codec import (
     decode_body,
     encode_body,
 )
+from ._crc import crc32c_combine
 from ._receive import ReceiveBuffer
 from ._spec import (
     HEADER_FIELDS_STRUCT,
@@ -608,7 +609,10 @@ class Connection:
         if not 0 <= event.offset <= 2**64 - 1 - size:
             raise LocalProtocolError(f"WriteAt offset {event.offset} is out of range")
         prefix = OFFSET_STRUCT.pack(event.offset)
-        crc = _crc_extend(_crc_value(prefix), _as_crc_input(data))
+        if event.data_crc32c is None:
+            crc = _crc_extend(_crc_value(prefix), _as_crc_input(data))
+        else:
+            crc = crc32c_combine(_crc_value(prefix), event.data_crc32c, size)
         seq = self._last_sent_seq + 1
         header = self._header(FrameType.WRITE_AT, seq, WRITE_AT_PREFIX_SIZE + size, crc)
         self._last_sent_seq = seq

@@ -141,11 +141,14 @@ class WriteAt(Request):
 
     Only the sending side builds this event; `data` is passed through `send()` without a copy.
     Prefer `bytes`: google-crc32c reads only bytes, so other buffers are copied once,
-    transiently, to checksum them.
+    transiently, to checksum them. A sender that already has the CRC32C of `data` (it
+    checksummed the bytes as it read them) gives it as `data_crc32c`, and `send()` does not
+    read `data` at all; a wrong value makes the receiver refuse the frame (BAD_CRC).
     """
 
     offset: int
     data: bytes | bytearray | memoryview
+    data_crc32c: int | None = None
 
     def __repr__(self) -> str:
         return f"WriteAt(offset={self.offset}, len(data)={len(self.data)}, seq={self.seq})"

@@ -66,6 +66,7 @@ from protocol import (
     UploadOpened,
     Welcome,
     WriteAt,
+    crc32c_combine,
 )
 from proxy.ranges import ByteRange, RangeSet
 
@@ -257,10 +258,17 @@ class _FileSource:
     """Random access to a file: each piece is read when it is sent (and again if resent).
 
     Reads go to a worker thread several frames at a time: the piece asked for and the
-    frames after it, each as a ``bytes`` of its own (so the codec checksums it without a
-    copy). Slots take the lowest pieces in turn, so the next ones are usually those; one
-    thread round trip per frame cost more CPU than the read itself. At most
-    :data:`_READ_AHEAD` bytes wait, and a new batch replaces what the last one left.
+    frames after it, each as a ``bytes`` of its own with its CRC32C. Slots take the lowest
+    pieces in turn, so the next ones are usually those; one thread round trip per frame
+    cost more CPU than the read itself. At most :data:`_READ_AHEAD` bytes wait, and a new
+    batch replaces what the last one left.
+
+    Each byte is checksummed once: the piece's CRC32C goes into its frame header, and the
+    whole file's CRC32C is combined from those of the pieces as they were last sent
+    (:func:`protocol.crc32c_combine`), folded in order below the committed offset. If the
+    pieces do not tile the file (the upload resumed bytes sent by someone else), the file is
+    read again to checksum it. A file whose size or modification time changed during the
+    upload fails it: the bytes sent may come from different versions of the file.
     """
 
     def __init__(self, fd: int, size: int, frame_size: int) -> None:
@@ -268,19 +276,27 @@ class _FileSource:
         self.size = size
         self.total: int | None = size
         self._frame_size = frame_size
-        self._ahead: dict[int, bytes] = {}
+        self._version = _file_version(fd)
+        self._ahead: dict[int, tuple[bytes, int]] = {}
         #: the batch being read: its first and end offsets, and when it is in
         self._loading: tuple[int, int, trio.Event] | None = None
+        #: pieces read and not folded yet: start -> (end, CRC32C)
+        self._crcs: dict[int, tuple[int, int]] = {}
+        #: the CRC32C of [0, _folded)
+        self._folded = 0
+        self._folded_crc = 0
 
     @property
     def available(self) -> int:
         return self.size
 
-    async def read(self, start: int, end: int) -> bytes | memoryview:
+    async def read(self, start: int, end: int) -> tuple[bytes | memoryview, int | None]:
+        """The bytes of ``[start, end)`` and their CRC32C."""
         while True:
-            data = self._ahead.pop(start, None)
-            if data is not None and len(data) == end - start:
-                return data
+            ahead = self._ahead.pop(start, None)
+            if ahead is not None and len(ahead[0]) == end - start:
+                self._crcs[start] = (end, ahead[1])
+                return ahead
             loading = self._loading
             if loading is None or not loading[0] <= start < loading[1]:
                 break
@@ -299,25 +315,44 @@ class _FileSource:
                 self._loading = None
             loading[2].set()
         self._ahead = dict(zip((begin for begin, _ in pieces[1:]), batch[1:], strict=True))
+        self._crcs[start] = (end, batch[0][1])
         return batch[0]
 
-    def _read_all(self, pieces: list[tuple[int, int]]) -> list[bytes]:
-        """In a worker thread: each piece read into a bytes object of its own."""
+    def _read_all(self, pieces: list[tuple[int, int]]) -> list[tuple[bytes, int]]:
+        """In a worker thread: each piece read into a bytes object of its own, with its CRC."""
         batch = []
         for start, end in pieces:
             data = os.pread(self._fd, end - start, start)
             if len(data) != end - start:
                 raise UploadError(f"file shrank while uploading: short read at offset {start}")
-            batch.append(data)
+            batch.append((data, google_crc32c.value(data)))
         return batch
 
     def release(self, committed: int) -> None:
-        """Nothing to release: a file can always be read again."""
+        """Bytes below ``committed`` are in GCS and never sent again: fold their CRCs."""
+        self._fold(committed)
+
+    def _fold(self, limit: int) -> None:
+        crcs = self._crcs
+        while (entry := crcs.get(self._folded)) is not None and entry[0] <= limit:
+            del crcs[self._folded]
+            end, crc = entry
+            self._folded_crc = crc32c_combine(self._folded_crc, crc, end - self._folded)
+            self._folded = end
+        for start in [start for start in crcs if start < self._folded]:
+            del crcs[start]  # superseded: those bytes were resent in other pieces
 
     def close(self) -> None:
         os.close(self._fd)
 
     async def crc32c(self) -> int:
+        """The file's CRC32C, once every byte has been sent; UploadError if it changed."""
+        if _file_version(self._fd) != self._version:
+            raise UploadError("the file changed while it was being uploaded")
+        self._fold(self.size)
+        if self._folded == self.size:
+            return self._folded_crc
+
         def checksum() -> int:
             crc, offset = 0, 0
             while offset < self.size:
@@ -331,6 +366,11 @@ class _FileSource:
         return await trio.to_thread.run_sync(checksum)
 
 
+def _file_version(fd: int) -> tuple[int, int]:
+    status = os.fstat(fd)
+    return status.st_size, status.st_mtime_ns
+
+
 class _StreamSource:
     """The uncommitted tail of a stream, in frame-aligned blocks.
 
@@ -341,8 +381,10 @@ class _StreamSource:
 
     def __init__(self, block_size: int) -> None:
         self._block_size = block_size
-        self._blocks: dict[int, bytes] = {}
+        #: start -> (block, its CRC32C)
+        self._blocks: dict[int, tuple[bytes, int]] = {}
         self._pending = bytearray()
+        #: the CRC32C of the blocks so far, combined from theirs (each byte is read once)
         self._crc = 0
         self.written = 0
         #: bytes that are in blocks, hence sendable
@@ -350,7 +392,6 @@ class _StreamSource:
         self.total: int | None = None
 
     def append(self, data: bytes) -> None:
-        self._crc = google_crc32c.extend(self._crc, data)
         self.written += len(data)
         size = self._block_size
         if len(data) == size and not self._pending and type(data) is bytes:
@@ -377,21 +418,25 @@ class _StreamSource:
         self.total = self.written
 
     def _emit(self, block: bytes) -> None:
-        self._blocks[self.available] = block
+        crc = google_crc32c.value(block)
+        self._crc = crc32c_combine(self._crc, crc, len(block))
+        self._blocks[self.available] = (block, crc)
         self.available += len(block)
 
-    async def read(self, start: int, end: int) -> bytes | memoryview:
+    async def read(self, start: int, end: int) -> tuple[bytes | memoryview, int | None]:
+        """The bytes of ``[start, end)``, with their CRC32C if they are a whole block."""
         base = start - start % self._block_size
-        block = self._blocks.get(base)
-        if block is None or end > base + len(block):
+        entry = self._blocks.get(base)
+        if entry is None or end > base + len(entry[0]):
             # pieces are cut on block boundaries, so this is a bookkeeping bug, not bad input
             raise AssertionError(f"bytes [{start}, {end}) are no longer buffered")
+        block, crc = entry
         if start == base and end == base + len(block):
-            return block  # whole: bytes let the codec checksum it without a copy
-        return memoryview(block)[start - base : end - base]
+            return block, crc
+        return memoryview(block)[start - base : end - base], None
 
     def release(self, committed: int) -> None:
-        for base in [b for b, block in self._blocks.items() if b + len(block) <= committed]:
+        for base in [b for b, (block, _) in self._blocks.items() if b + len(block) <= committed]:
             del self._blocks[base]
 
     def close(self) -> None:
@@ -516,12 +561,14 @@ class _Channel:
             for buffer in buffers:
                 await self._stream.send_all(buffer)
 
-    async def _send_piece(self, piece: ByteRange, data: bytes | memoryview) -> bool:
+    async def _send_piece(
+        self, piece: ByteRange, data: bytes | memoryview, crc32c: int | None
+    ) -> bool:
         """Send one WriteAt; False, with nothing sent, if a blocking request got in first."""
         async with self._send_lock:
             if self._blocking:
                 return False
-            buffers = self._conn.send(WriteAt(offset=piece[0], data=data))
+            buffers = self._conn.send(WriteAt(offset=piece[0], data=data, data_crc32c=crc32c))
             self.frames[self._conn.last_sent_seq] = piece
             self.staged = None
             self._arm_receive_timeout()
@@ -571,8 +618,8 @@ class _Channel:
                 self.frame_slots.release()
                 await trio.sleep_forever()
             self.staged = piece
-            data = await upload._read_piece(piece)
-            if not await self._send_piece(piece, data):
+            data, crc32c = await upload._read_piece(piece)
+            if not await self._send_piece(piece, data, crc32c):
                 self.staged = None
                 upload._hand_back(piece)
                 self.frame_slots.release()
@@ -861,7 +908,7 @@ class Upload:
                         return piece
             await self._wait_changed()
 
-    async def _read_piece(self, piece: ByteRange) -> bytes | memoryview:
+    async def _read_piece(self, piece: ByteRange) -> tuple[bytes | memoryview, int | None]:
         assert self._source is not None
         return await self._source.read(*piece)
 
@@ -1033,6 +1080,10 @@ class Upload:
             self._notify()
         total = source.total
         assert total is not None
+        # A file's checksum is combined from its pieces', so it is known once all were sent.
+        while not self._received.contains(0, total):
+            self._check()
+            await self._wait_changed()
         crc32c = await source.crc32c()
         last_problem = ""
         for attempt in range(self.settings.max_complete_attempts):

@@ -52,6 +52,7 @@ from proxy.client import (
     ClientSettings,
     ProxyUnreachableError,
     ReconnectPolicy,
+    UploadError,
     UploadProgress,
     UploadRejectedError,
     connect_upload,
@@ -414,6 +415,24 @@ async def test_checksum_disagreement_is_reported(
     path, _ = payload_file(3 * FRAME)
     with pytest.raises(ChecksumMismatchError, match="crc32c"):
         await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(2))
+
+
+async def test_a_file_that_changes_during_the_upload_fails_it(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # The file's checksum is combined from its pieces' as they were read, so it would match
+    # whatever mix of versions was sent: the change itself has to be noticed.
+    proxy, address = fake_proxy
+    path, _ = payload_file(8 * FRAME)
+
+    def touch(progress: UploadProgress) -> None:
+        if progress.bytes_sent:
+            os.utime(path, ns=(0, 0))
+
+    with pytest.raises(UploadError, match="file changed while it was being uploaded"):
+        await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(2), progress=touch)
+    assert proxy.aborted  # never completed: the block was left with the error, which aborts
 
 
 async def test_unreachable_proxy_gives_up_after_the_policy() -> None:
