@@ -98,7 +98,9 @@ class RedactingFilter(logging.Filter):
 
 #: third-party loggers that write request URLs (with the session's upload_id) at DEBUG
 _URL_LOGGERS = (
+    # A filter does not reach sibling loggers, so each one that may print a URL is listed.
     "urllib3.connectionpool",
+    "urllib3.connection",
     "google.auth.transport.requests",
     "google.resumable_media",
     "google.cloud.storage",

@@ -27,7 +27,13 @@ from protocol import (
 )
 from proxy.backend import Backend, TargetKind
 from proxy.config import KiB, MiB, ServerSettings
-from proxy.logging import REDACTED, RedactingFormatter, log_event, redact
+from proxy.logging import (
+    REDACTED,
+    RedactingFormatter,
+    log_event,
+    protect_third_party_loggers,
+    redact,
+)
 from proxy.server import ProxyServer, serve_in_background
 from reliablewriter import RetryPolicy
 from tests.proxy.conftest import RawClient
@@ -131,6 +137,21 @@ def test_redact_masks_session_ids_and_bearer_tokens() -> None:
     assert "ABCDEF" not in scrubbed
     assert "abc.def" not in scrubbed
     assert REDACTED in scrubbed
+
+
+@pytest.mark.parametrize(
+    "name", ["urllib3.connectionpool", "urllib3.connection", "google.cloud.storage"]
+)
+def test_http_library_loggers_are_scrubbed(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    # urllib3.connection warns "Failed to parse headers (url=...)" with the session URI when
+    # a response head is damaged; each such logger needs its own filter.
+    protect_third_party_loggers()
+    with caplog.at_level(logging.DEBUG, logger=name):
+        logging.getLogger(name).warning("Failed to parse headers (url=%s)", SESSION_URI)
+
+    (record,) = caplog.records
+    assert "ABCDEF" not in record.getMessage()
+    assert REDACTED in record.getMessage()
 
 
 def test_structured_log_lines_are_key_value_and_redacted(
