@@ -18,7 +18,10 @@ handshake, around the TLS socket. Faults therefore act on the HTTP bytes, not on
 records: ``after=N`` means the same request byte over http and https, and ``corrupt``
 exercises the application's own integrity checks (crc32c, md5) instead of merely tripping
 TLS's MAC. The TCP-level effects stay real: a reset sends an RST (``SO_LINGER`` 0) on the
-underlying TCP socket, and ``limit_data`` closes it.
+underlying TCP socket, and ``limit_data`` shuts it down (a FIN, as from a peer that closed).
+Neither leaves urllib3 holding a dead descriptor: a connection a fault ended polls as
+readable, as a kernel socket the peer closed or reset does, so urllib3 replaces it when it
+comes out of the pool instead of failing on it.
 
 How stalls end, and so how a progress timeout fires: a :class:`~faultnet.engine.Freeze`
 (or a delay) blocks the calling thread for its duration, but never longer than the
@@ -80,10 +83,11 @@ class FaultySocket:
     * after a reset, every send and receive raises :class:`ConnectionResetError` (sticky).
       urllib3 swallows that error while it sends a request body and goes on to read the
       response; the read then fails too, which requests reports as a ``ConnectionError``;
-    * after ``limit_data`` closed the connection, sends raise :class:`BrokenPipeError` and
-      receives return ``b""``;
-    * ``settimeout`` after the socket is closed is a no-op: urllib3 calls it on a
-      connection whose socket a fault already closed.
+    * after ``limit_data`` shut the connection down, sends raise :class:`BrokenPipeError`
+      and receives return ``b""``;
+    * either way the socket keeps a descriptor, until its owner closes it, that polls as
+      readable: urllib3 checks a pooled connection that way before reusing it;
+    * ``settimeout`` after the owner closed the socket is a no-op, as urllib3 expects.
 
     Meant for one thread at a time, like the connection it belongs to; only :meth:`close`
     may come from another thread, and it wakes an operation sleeping in a fault.
@@ -239,16 +243,16 @@ class FaultySocket:
             raise OSError(errno.EBADF, "socket is closed")
 
     def _end(self, action: Reset | Close) -> None:
+        """End the connection as the fault says; closing the descriptor stays the owner's job."""
+        self._pending.clear()
         if isinstance(action, Reset):
             self._reset = True
-            _abort(self._sock)
+            self._sock = _abort(self._sock)
             return
         self._limit_closed = True
-        self._pending.clear()
-        # The peer may be gone already; the close below is what matters.
+        # The peer may be gone already; then there is nothing left to shut down.
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
 
     def _wait_until(self, deadline: float) -> None:
         """Block until ``deadline``, but no longer than the socket timeout, like a kernel."""
@@ -290,14 +294,24 @@ def _connection_reset() -> ConnectionResetError:
     return ConnectionResetError(errno.ECONNRESET, "connection reset by fault injection")
 
 
-def _abort(sock: socket.socket) -> None:
-    """Close ``sock`` with a real RST instead of a FIN."""
+def _abort(sock: socket.socket) -> socket.socket:
+    """Reset ``sock`` with a real RST; returns the descriptor that stands in for it.
+
+    Only closing a socket with ``SO_LINGER`` 0 sends an RST, but a socket reset by its
+    peer keeps its descriptor until its owner closes it, and that descriptor polls as
+    readable. The stand-in, a socket whose other end is already closed, does the same, so
+    urllib3's liveness check on a pooled connection sees it dead rather than failing on a
+    closed descriptor.
+    """
     if sock.fileno() == -1:
-        return
+        return sock  # its owner closed it already: nothing left to reset
+    stand_in, other_end = socket.socketpair()
+    other_end.close()
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     finally:
         sock.close()
+    return stand_in
 
 
 class _SocketWrapping:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import socketserver
 import ssl
@@ -26,6 +27,7 @@ from faultnet.plan import (
     Direction,
     FaultPlan,
     Latency,
+    LimitData,
     ResetPeer,
     Slicer,
     SlowClose,
@@ -319,6 +321,65 @@ def test_abort_connections_wakes_a_thread_stalled_forever(server: RecordingServe
     session.close()
 
 
+EMPTY_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+class KeepAliveServer(socketserver.ThreadingTCPServer):
+    """Answers every bodiless request with :data:`EMPTY_RESPONSE`, keeping connections open."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _KeepAliveHandler)
+        self.connections = 0
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/"
+
+
+class _KeepAliveHandler(socketserver.BaseRequestHandler):
+    server: KeepAliveServer
+
+    def handle(self) -> None:
+        self.server.connections += 1
+        pending = b""
+        with contextlib.suppress(OSError):
+            while chunk := self.request.recv(65536):
+                pending += chunk
+                while b"\r\n\r\n" in pending:
+                    _, _, pending = pending.partition(b"\r\n\r\n")
+                    self.request.sendall(EMPTY_RESPONSE)
+
+
+@pytest.fixture
+def keep_alive_server() -> Iterator[KeepAliveServer]:
+    with KeepAliveServer() as srv:
+        thread = threading.Thread(target=srv.serve_forever, args=(0.01,), daemon=True)
+        thread.start()
+        yield srv
+        srv.shutdown()
+
+
+def test_a_pooled_connection_ended_by_limit_data_is_replaced(
+    keep_alive_server: KeepAliveServer,
+) -> None:
+    # The cut falls just before the head's closing blank line: http.client takes the EOF
+    # for the end of the head, so the first answer is whole and its connection is pooled.
+    cut = len(EMPTY_RESPONSE) - len(b"\r\n")
+    plan = FaultPlan.parse(f"seed=0; limit_data:down(bytes={cut})~0.3")
+    assert [bool(plan.for_connection(i)) for i in range(2)] == [True, False]
+    counters = FaultCounters()
+    with faulty_session(plan, counters) as session:
+        first = session.get(keep_alive_server.url(), timeout=30)
+        # urllib3 polls the pooled connection, sees the peer's FIN and opens a new one.
+        second = session.get(keep_alive_server.url(), timeout=30)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert counters.faults_applied("limit_data") == 1
+    assert counters.as_dict()["connections"] == 2
+    assert keep_alive_server.connections == 2
+
+
 # -- FaultySocket on its own, over a socketpair ------------------------------------------
 
 
@@ -370,6 +431,41 @@ def test_downstream_reset_is_sticky_for_both_directions(tcp_pair: Pair) -> None:
     faulty.settimeout(5)  # urllib3 does this on a dead socket; it must not raise
     faulty.close()
     faulty.settimeout(1)
+
+
+def _polls_readable(sock: FaultySocket) -> bool:
+    """urllib3's liveness check on a pooled connection: a readable idle socket is dead."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
+def test_limit_data_shuts_down_but_leaves_closing_to_the_owner(tcp_pair: Pair) -> None:
+    faulty, peer = wrap(tcp_pair, LimitData(direction=Direction.UPSTREAM, bytes=3))
+    with pytest.raises(BrokenPipeError):
+        faulty.sendall(b"abcdef")
+    assert peer.recv(100) == b"abc"
+    assert peer.recv(100) == b""  # a FIN, not a reset
+    assert faulty.fileno() != -1
+    assert _polls_readable(faulty)
+    assert faulty.recv(100) == b""
+    faulty.settimeout(5)
+    faulty.close()
+    assert faulty.fileno() == -1
+
+
+def test_after_a_reset_the_socket_polls_dead_and_stays_reset(tcp_pair: Pair) -> None:
+    faulty, peer = wrap(tcp_pair, ResetPeer(direction=Direction.UPSTREAM, after=0))
+    with pytest.raises(ConnectionResetError):
+        faulty.sendall(b"x")
+    with pytest.raises(ConnectionResetError):
+        peer.recv(100)  # the RST is real
+    assert faulty.fileno() != -1  # as a kernel socket's, until its owner closes it
+    assert _polls_readable(faulty)
+    faulty.settimeout(5)
+    with pytest.raises(ConnectionResetError):
+        faulty.recv(100)
+    faulty.close()
+    assert faulty.fileno() == -1
 
 
 def test_slow_close_delays_the_eof(tcp_pair: Pair) -> None:
