@@ -55,6 +55,7 @@ from protocol import (
     Event,
     GoingAway,
     Hello,
+    LocalProtocolError,
     OpenUpload,
     Pong,
     RemoteProtocolError,
@@ -557,9 +558,24 @@ class _Channel:
     # -- requests -------------------------------------------------------------------------
 
     async def _write_frame(self, buffers: list[bytes | memoryview]) -> None:
-        with trio.fail_after(self._upload.settings.reply_timeout):
-            for buffer in buffers:
-                await self._stream.send_all(buffer)
+        """Write one frame; a broken, closed or stalled stream condemns this connection.
+
+        Requests are also sent from tasks outside :meth:`run` (``complete()`` and
+        ``abort()`` run in the caller's task), so the stream's own errors are turned into
+        :class:`_ConnectionLostError` here, at the one place frames are written.
+        """
+        try:
+            with trio.fail_after(self._upload.settings.reply_timeout):
+                for buffer in buffers:
+                    await self._stream.send_all(buffer)
+        except trio.TooSlowError as exc:
+            lost = _ConnectionLostError("proxy stopped reading for too long")
+            self.fail(lost)
+            raise lost from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            lost = _ConnectionLostError(f"connection broke: {exc!r}")
+            self.fail(lost)
+            raise lost from exc
 
     async def _send_piece(
         self, piece: ByteRange, data: bytes | memoryview, crc32c: int | None
@@ -585,13 +601,28 @@ class _Channel:
         needs to finalize, so it waits ``complete_timeout`` rather than ``reply_timeout``.
         """
         waiter = _Waiter()
-        async with self._send_lock:
-            buffers = self._conn.send(event)
-            self._waiters[self._conn.last_sent_seq] = waiter
-            self._blocking = self._blocking or blocking
-            self._patient = self._patient or patient
-            self._arm_receive_timeout()
-            await self._write_frame(buffers)
+        while True:
+            async with self._send_lock:
+                if self.failure is not None:
+                    raise self.failure
+                # One blocking request at a time: the protocol allows nothing else while,
+                # say, a Complete is in flight, so an Abort waits for its answer.
+                if not (blocking and self._blocking):
+                    try:
+                        buffers = self._conn.send(event)
+                    except LocalProtocolError as exc:
+                        raise UploadError(
+                            f"{self._upload._description}: cannot send"
+                            f" {type(event).__name__} now: {exc.message}",
+                            code=ErrorCode.INVALID_STATE,
+                        ) from exc
+                    self._waiters[self._conn.last_sent_seq] = waiter
+                    self._blocking = self._blocking or blocking
+                    self._patient = self._patient or patient
+                    self._arm_receive_timeout()
+                    await self._write_frame(buffers)
+                    break
+            await self._upload._wait_changed()
         try:
             await waiter.done.wait()
         finally:
@@ -786,6 +817,9 @@ class Upload:
         self._failure: UploadError | None = None
         self._cancel_scope: trio.CancelScope | None = None
         self._finished = False
+        #: Complete succeeded and the object matched what was sent: the upload is done, and
+        #: whatever the proxy says later about leftover frames changes nothing
+        self._completed = False
         #: set by abort(): no new frames, and ABORTED errors are the expected outcome
         self._aborting = False
         self._started = time.monotonic()
@@ -804,6 +838,8 @@ class Upload:
         await self._changed.wait()
 
     def _fail(self, error: UploadError) -> None:
+        if self._completed:
+            return
         if self._failure is None:
             self._failure = error
         if self._cancel_scope is not None:
@@ -895,7 +931,7 @@ class Upload:
         """The lowest piece to send that fits the credit window; None when going away."""
         while True:
             self._check()
-            if channel.going_away or self._aborting:
+            if channel.going_away or self._aborting or self._finished:
                 return None
             if self._to_send:
                 self._to_send.remove(0, self._committed)
@@ -1108,7 +1144,10 @@ class Upload:
                 continue
             if isinstance(reply, Completed):
                 self._finished = True
-                return self._result(reply, total, crc32c)
+                result = self._result(reply, total, crc32c)
+                self._completed = True
+                self._notify()
+                return result
             self._check()
             error = _unexpected(reply, "Complete")
             if isinstance(error, UploadError):
@@ -1152,6 +1191,11 @@ class Upload:
         Sending stops at once; frames already in flight fail on the proxy with ABORTED,
         which is expected here and not reported.
         """
+        if self._completed:
+            raise UploadError(
+                f"{self._description}: cannot abort, the object is already complete",
+                code=ErrorCode.INVALID_STATE,
+            )
         self._aborting = True
         self._notify()
         channel = await self._any_channel()

@@ -516,3 +516,88 @@ async def test_complete_answered_with_missing_ranges_resends_them(
     assert bytes(proxy.data) == data
     assert result.errors_by_code == {"MISSING_RANGES": 1}
     assert result.resent_bytes_by_cause == {"proxy_lost": 2 * FRAME}
+
+
+class StallsOnceArmed(trio.abc.Stream):
+    """A real connection whose sends stop for good once ``armed`` is set: an upstream stall.
+
+    As with a kernel socket, closing the stream wakes a stalled send with
+    :class:`trio.ClosedResourceError`.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, armed: trio.Event) -> None:
+        self._stream = stream
+        self._armed = armed
+        self._closed = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._armed.is_set():
+            await self._closed.wait()
+            raise trio.ClosedResourceError("the stream was closed while a send was stalled")
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        self._closed.set()
+        await self._stream.aclose()
+
+
+async def _upload_whose_complete_stalls(
+    address: tuple[str, int], path: Path, size: int, client_settings: ClientSettings
+) -> None:
+    """Upload ``path``; every connection open once all bytes are acknowledged stalls."""
+    armed = trio.Event()
+
+    async def connect() -> trio.abc.Stream:
+        stream = await trio.open_tcp_stream(*address)
+        return stream if armed.is_set() else StallsOnceArmed(stream, armed)
+
+    def arm_when_all_acknowledged(progress: UploadProgress) -> None:
+        if progress.bytes_received == size:
+            armed.set()
+
+    result = await upload_file(
+        path,
+        "gs://bkt/o",
+        proxy=address,
+        settings=client_settings,
+        connector=connect,
+        progress=arm_when_all_acknowledged,
+    )
+    assert result.size == size
+
+
+@pytest.mark.parametrize("connections", [1, 2])
+async def test_a_complete_whose_send_times_out_is_sent_again_on_a_new_connection(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+    connections: int,
+) -> None:
+    # The Complete's write times out (reply_timeout) while its connection still looks
+    # healthy: this once escaped as TooSlowError, then the abort on the way out tried that
+    # same connection and raised "cannot send ABORT in state COMPLETING".
+    proxy, address = fake_proxy
+    path, data = payload_file(3 * FRAME + 5)
+    client_settings = settings(connections, reply_timeout=1.0, complete_timeout=60.0)
+    await _upload_whose_complete_stalls(address, path, len(data), client_settings)
+    assert bytes(proxy.data) == data
+    assert not proxy.aborted
+
+
+async def test_a_complete_whose_connection_closes_under_its_send_is_sent_again(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # No reply within complete_timeout: the connection is closed while the Complete is
+    # still being written, which once escaped from complete() as ClosedResourceError.
+    proxy, address = fake_proxy
+    path, data = payload_file(3 * FRAME + 5)
+    client_settings = settings(1, reply_timeout=60.0, complete_timeout=0.5)
+    await _upload_whose_complete_stalls(address, path, len(data), client_settings)
+    assert bytes(proxy.data) == data
+    assert not proxy.aborted
