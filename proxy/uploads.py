@@ -6,7 +6,9 @@ can come and go (attach, drop, re-attach) while the bytes keep flowing to GCS. A
 ends in one of four ways:
 
 * completed: the object exists; the result is kept for ``result_retention`` so a repeated
-  Complete gets the same answer;
+  Complete gets the same answer, and a frame resent from within the object (a client may
+  still have one in flight when Complete succeeds on another connection) is acknowledged
+  and dropped, as the bytes it carries are already in the object;
 * aborted: the GCS session is cancelled;
 * failed: the writer gave up (the error says why);
 * released: nobody was attached and nothing happened for ``upload_idle_timeout``, or the
@@ -230,15 +232,13 @@ class StagedWrite:
         self.length = length
         self._received = 0
         self._failure: UploadError | None = None
+        self._pending: PendingWrite | _NullPending
         try:
-            self._pending: PendingWrite | _NullPending = upload.writer.begin_write(offset, length)
-        except WriterClosedError as exc:
-            # Only a finished upload closes its writer while still registered here.
-            raise UploadError(
-                ErrorCode.INVALID_STATE, f"upload {upload.upload_id} takes no more writes"
-            ) from exc
+            self._pending = upload.writer.begin_write(offset, length)
         except WriterError as exc:
-            raise upload.failure() or _error_from_writer(exc) from exc
+            if not self._redundant(exc):
+                raise _write_refusal(upload, exc) from exc
+            self._pending = _NullPending()
 
     def feed(self, data: memoryview) -> None:
         if self._failure is not None:
@@ -269,8 +269,42 @@ class StagedWrite:
                 self._fail(exc)
 
     def _fail(self, exc: WriterError) -> None:
-        self._failure = self.upload.failure() or _error_from_writer(exc)
         self._pending = _NullPending()
+        if not self._redundant(exc):
+            self._failure = _write_refusal(self.upload, exc)
+
+    def _redundant(self, exc: WriterError) -> bool:
+        """Whether the writer closed (completing) holding every byte this frame carries.
+
+        Such a frame is a late resend, and its Ack says nothing new; refusing it would
+        fail a client whose Complete succeeded, or is about to, on another connection.
+        """
+        return (
+            isinstance(exc, WriterClosedError)
+            and self.upload.failure() is None
+            and self.upload.holds(self.offset, self.offset + self.length)
+        )
+
+
+def _write_refusal(upload: Upload, exc: WriterError) -> UploadError:
+    """Why ``upload``'s writer refused a write: the upload's recorded failure comes first.
+
+    The writer closes as the upload ends, before or after the upload records why (abort,
+    failure, release), so the closure itself says nothing about the reason.
+    """
+    failure = upload.failure()
+    if failure is not None:
+        return failure
+    if not isinstance(exc, WriterClosedError):
+        return _error_from_writer(exc)
+    if upload.state is UploadState.COMPLETED:
+        return UploadError(ErrorCode.INVALID_STATE, f"upload {upload.upload_id} is completed")
+    # Closing without a failure: the upload is being released (idle, or shutdown).
+    return UploadError(
+        ErrorCode.UNKNOWN_UPLOAD,
+        f"upload {upload.upload_id} is being released here; attach again with its token",
+        retryable=True,
+    )
 
 
 class _NullPending:
@@ -377,16 +411,24 @@ class Upload:
         self._listeners.discard(listener)
         self._touch()
 
+    def holds(self, start: int, end: int) -> bool:
+        """Whether every byte of ``[start, end)`` is received or committed already."""
+        return all(gap_end <= start for _, gap_end in missing_ranges(self.received_ranges(), end))
+
     def begin_write(self, offset: int, length: int) -> StagedWrite:
         """Start taking a WriteAt frame for ``[offset, offset + length)``.
 
         Raises :class:`UploadError` with OUTSIDE_CREDIT when the frame reaches beyond the
         window any Credit ever granted (windows only grow, so a write within an older
-        credit is always within the current one).
+        credit is always within the current one). After completion, a frame within the
+        object is a late resend: it is taken and dropped, so its Ack says nothing new.
         """
         failure = self.failure()
         if failure is not None:
             raise failure
+        if self.state is UploadState.COMPLETED and self.holds(offset, offset + length):
+            self._touch()
+            return StagedWrite(self, offset, length)
         if self.state is UploadState.COMPLETED:
             raise UploadError(ErrorCode.INVALID_STATE, f"upload {self.upload_id} is completed")
         end = offset + length

@@ -99,6 +99,31 @@ async def test_second_complete_returns_the_same_result(
     )
 
 
+async def test_a_frame_resent_after_completion_is_acknowledged_not_refused(
+    proxy_server: ProxyServer, raw_client: Connect, gcs_bucket: str
+) -> None:
+    # A client can still have a frame in flight on one connection when its Complete
+    # succeeds on another: the object holds those bytes, so the resend is answered
+    # harmlessly rather than with INVALID_STATE, which would fail a finished upload.
+    data = _payload(300 * KiB)
+    client = await raw_client(proxy_server)
+    opened = await client.open(gcs_bucket, "late.bin")
+    await send_range(client, data, 0, len(data))
+    await client.send(Complete(len(data)))
+    await client.reply(Completed)
+
+    late = await raw_client(proxy_server)
+    await late.send(AttachUpload(opened.token))
+    await late.reply(UploadOpened)
+    ack = await late.write(FRAME, data[FRAME : 2 * FRAME])
+    assert ack.committed_offset == len(data)
+
+    # Beyond the object, a write is still a mistake.
+    await late.send(WriteAt(offset=len(data), data=b"x"))
+    refused = await late.reply(Error)
+    assert refused.code == ErrorCode.INVALID_STATE
+
+
 async def test_out_of_order_ranges_over_two_connections(
     proxy_server: ProxyServer, raw_client: Connect, gcs_bucket: str, storage_client: storage.Client
 ) -> None:
