@@ -1,4 +1,4 @@
-"""Where the endpoint keeps buckets, objects and in-progress upload sessions.
+"""Where the endpoint keeps buckets, objects and upload sessions.
 
 Two modes share one API. In memory, everything lives in dicts. On disk (``data_dir``),
 an object is one file, ``<data><metadata JSON><8-byte big-endian JSON length>``, written
@@ -7,6 +7,11 @@ one, never a half-written one. A session's bytes are appended to ``sessions/<id>
 (fsynced per chunk) next to a ``.json`` with its fixed parameters, so a restarted server
 picks the session up where its part file ends; finalizing appends the metadata trailer
 and renames the part file into place, so no byte is copied.
+
+A finalized session is forgotten except for its result, the new object's metadata: GCS
+answers a status query on a finished session with it (200), and a writer whose final
+response was lost relies on that. Nothing else of the session, least of all its bytes,
+outlives finalization, so a long-running endpoint does not grow with every upload.
 
 This module enforces storage invariants only (sessions grow by appending; preconditions;
 checksums on finalize). Which bytes of a request get appended is the business of
@@ -298,6 +303,27 @@ class UploadSession:
                 remaining -= len(block)
                 yield block
 
+    @classmethod
+    def finished(cls, upload_id: str, result: ObjectInfo) -> UploadSession:
+        """A session that finalized into ``result``, rebuilt from that record alone.
+
+        It holds no bytes and refuses more; every request on it answers with ``result``.
+        """
+        session = cls(
+            upload_id,
+            bucket=result.bucket,
+            name=result.name,
+            content_type=result.content_type,
+            metadata=result.metadata,
+            declared_size=result.size,
+            preconditions=Preconditions(),
+            part_path=None,
+            compute_md5=False,
+        )
+        session._size = session.acknowledged_size = result.size
+        session.result = result
+        return session
+
     def snapshot(self) -> SessionInfo:
         return SessionInfo(
             self.bucket, self.name, self._size, self.total_size, self.result is not None
@@ -324,7 +350,8 @@ class Store:
         self._objects: dict[str, dict[str, ObjectInfo]] = {}
         # In memory an object is the blocks it arrived in: finalizing copies nothing.
         self._data: dict[tuple[str, str], tuple[bytes | memoryview, ...]] = {}
-        self._sessions: dict[str, UploadSession] = {}
+        self._sessions: dict[str, UploadSession] = {}  # in progress
+        self._finished: dict[str, ObjectInfo] = {}  # upload id -> what it finalized into
         self._last_generation = 0
         self.data_dir = Path(data_dir) if data_dir is not None else None
         if self.data_dir is not None:
@@ -593,21 +620,31 @@ class Store:
             return session
 
     def session(self, upload_id: str) -> UploadSession:
+        """The session ``upload_id``; a finished one is rebuilt from its result (no bytes)."""
         with self._lock:
             session = self._sessions.get(upload_id)
-        if session is None:
-            raise GcsApiError(404, "No such upload session.", reason="notFound")
-        return session
+            result = self._finished.get(upload_id)
+        if session is not None:
+            return session
+        if result is not None:
+            return UploadSession.finished(upload_id, result)
+        raise GcsApiError(404, "No such upload session.", reason="notFound")
 
     def sessions(self) -> list[SessionInfo]:
+        """Every session the endpoint answers for: in progress, then finished."""
         with self._lock:
             sessions = list(self._sessions.values())
-        return [session.snapshot() for session in sessions]
+            finished = list(self._finished.values())
+        return [session.snapshot() for session in sessions] + [
+            SessionInfo(info.bucket, info.name, info.size, info.size, finalized=True)
+            for info in finished
+        ]
 
     def delete_session(self, session: UploadSession) -> None:
         """Forget ``session``; later requests for it get 404. Caller holds its lock."""
         with self._lock:
             self._sessions.pop(session.upload_id, None)
+            self._finished.pop(session.upload_id, None)
         session.discard()
         if self.data_dir is not None:
             sessions = self.data_dir / "sessions"
@@ -649,7 +686,10 @@ class Store:
             else:
                 self._commit_part_file(session, info)
             self._objects[session.bucket][session.name] = info
-        session.result = info
+            # Only the result stays; requests already holding ``session`` see it final.
+            session.result = info
+            self._sessions.pop(session.upload_id, None)
+            self._finished[session.upload_id] = info
         session.discard()
         return info
 
@@ -661,7 +701,7 @@ class Store:
         with open(part_path, "ab") as file:
             _write_trailer(file, info)
         _publish(part_path, self._object_path(info.bucket, info.name))
-        # The finished session stays answerable (200 + metadata) in memory only.
+        # The finished session stays answerable (200 + metadata), from memory only.
         (sessions / f"{session.upload_id}.json").unlink()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import socket
+import weakref
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -13,7 +14,7 @@ import pytest
 import requests
 
 from faultnet.gcs import UPLOAD_QUANTUM, GcsServer
-from faultnet.gcs.store import Preconditions
+from faultnet.gcs.store import Preconditions, SessionInfo
 from faultnet.gcs.testing import start_resumable_upload
 
 Q = UPLOAD_QUANTUM
@@ -287,3 +288,57 @@ def test_a_small_new_tail_does_not_keep_its_whole_request_buffer(
     assert kept.obj is request_buffer
     assert copied.obj is not request_buffer
     assert session.persisted_size == 3 * Q + 10
+
+
+class _RequestBuffer(bytearray):
+    """A request body the test can hold a weak reference to."""
+
+
+def test_a_finished_session_leaves_only_its_result_behind(
+    gcs_server: GcsServer, gcs_bucket: str
+) -> None:
+    """A long-running endpoint must not grow with every upload it has finished."""
+    store = gcs_server.store
+    session = store.create_session(
+        gcs_bucket,
+        "obj",
+        content_type="application/octet-stream",
+        metadata={},
+        declared_size=None,
+        preconditions=Preconditions(),
+    )
+    upload_id = session.upload_id
+    body = _RequestBuffer(_pattern(Q))
+    with session.lock:
+        session.append(memoryview(body))
+        info = store.finalize_session(session, memoryview(b"tail"))
+    session_gone, body_gone = weakref.ref(session), weakref.ref(body)
+    del session, body
+    assert session_gone() is None
+
+    # What answers the status query now is rebuilt from the result alone.
+    finished = store.session(upload_id)
+    assert finished.result == info
+    assert finished.persisted_size == Q + 4
+    assert finished.segments() == ()
+    assert store.sessions() == [SessionInfo(gcs_bucket, "obj", Q + 4, Q + 4, finalized=True)]
+    # The object held the bytes; once it is gone, nothing does.
+    assert body_gone() is not None
+    store.delete_object(gcs_bucket, "obj")
+    assert body_gone() is None
+    assert store.session(upload_id).result == info
+
+
+def test_a_status_query_on_a_finished_session_answers_with_the_object(
+    gcs_server: GcsServer, gcs_bucket: str, session_uri: str
+) -> None:
+    final = _put(session_uri, f"bytes 0-{Q - 1}/{Q}", _pattern(Q))
+    assert final.status_code == 200
+    for _ in range(2):
+        again = _put(session_uri, "bytes */*")
+        assert again.status_code == 200
+        assert again.json() == final.json()
+    # A resent final chunk is answered the same way, and stores nothing.
+    assert _put(session_uri, f"bytes 0-{Q - 1}/{Q}", _pattern(Q, seed=1)).json() == final.json()
+    assert gcs_server.store.get_object(gcs_bucket, "obj")[0] == _pattern(Q)
+    assert [s.finalized for s in gcs_server.store.sessions()] == [True]
