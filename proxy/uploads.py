@@ -592,14 +592,28 @@ class Upload:
     def _writer_failed(self, exc: WriterError) -> UploadError:
         """Record that the writer gave up; every attached connection hears of it at once."""
         if self._failure is None:
-            self._failure = error = _error_from_writer(exc)
-            self.state = UploadState.FAILED
-            self._registry.metrics.uploads_failed.labels(reason=type(exc).__name__).inc()
             log_event(logger, logging.WARNING, "upload-failed", upload=self.upload_id, error=exc)
+        return self._record_failure(_error_from_writer(exc), reason=type(exc).__name__)
+
+    def _crashed(self) -> UploadError:
+        """Record that a bug ended the upload's tasks (call it while handling the exception).
+
+        A failure recorded earlier stays: it is the reason clients were, or will be, told.
+        """
+        log_event(logger, logging.ERROR, "upload-crashed", exc=True, upload=self.upload_id)
+        error = UploadError(ErrorCode.INTERNAL, f"upload {self.upload_id} broke")
+        return self._record_failure(error, reason="crash")
+
+    def _record_failure(self, error: UploadError, *, reason: str) -> UploadError:
+        """The first failure recorded is the upload's; attached connections hear of it."""
+        if self._failure is None and self.state in (UploadState.ACTIVE, UploadState.RELEASED):
+            self._failure = error
+            self.state = UploadState.FAILED
+            self._registry.metrics.uploads_failed.labels(reason=reason).inc()
             for listener in list(self._listeners):
                 listener.upload_failed(self, error)
             self._activity.unpark_all()
-        return self._failure
+        return self._failure or error
 
     def _record_stats(self, stats: WriterStats) -> None:
         self._stats_seen.publish(stats, self._registry.metrics)
@@ -870,9 +884,7 @@ class UploadRegistry:
                 raise UploadError(
                     ErrorCode.GCS_ERROR, f"could not start the GCS upload: {exc}", retryable=True
                 ) from exc
-            upload._failure = UploadError(ErrorCode.INTERNAL, f"upload {upload.upload_id} broke")
-            upload.state = UploadState.FAILED
-            log_event(logger, logging.ERROR, "upload-crashed", exc=True, upload=upload.upload_id)
+            upload._crashed()
         finally:
             if started:
                 self.metrics.active_uploads.dec()
