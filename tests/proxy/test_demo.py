@@ -37,6 +37,16 @@ def test_demo_verifies_the_object_despite_faults_on_both_legs() -> None:
     assert "MiB/s" in text
 
 
+def test_the_default_plans_put_faults_on_both_legs(capsys: pytest.CaptureFixture[str]) -> None:
+    # What `rup demo` promises with no fault options (default plans and seed), at 1/4 size.
+    assert main(["demo", "--size", "64M", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verified"] is True
+    assert sum(report["client_faults"]["faults"].values()) >= 1
+    assert report["gcs_faults"]["faults"].get("reset_peer", 0) >= 1
+    assert sum(report["proxy_gcs_retries"].values()) >= 1
+
+
 def test_demo_command_prints_a_json_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--size", "3M", "--connections", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
