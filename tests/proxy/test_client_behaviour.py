@@ -100,6 +100,12 @@ class FakeProxy:
         #: at the first Complete, lose these acknowledged (uncommitted) bytes, as a restarted
         #: proxy would, and answer MISSING_RANGES
         self.lose_at_complete: tuple[int, int] | None = None
+        #: never answer the StatusQuery of the first connection to attach, and answer later
+        #: attaches only once that query has arrived
+        self.hold_first_attached_status = False
+        self.status_answered = trio.Event()
+        self._first_status_arrived = trio.Event()
+        self._attaches = 0
         self._scopes: set[trio.CancelScope] = set()
 
     @property
@@ -116,6 +122,10 @@ class FakeProxy:
         head = self.received.first()
         if head is not None and head[0] == 0:
             self.committed = min(head[1], self.commit_limit or head[1])
+
+    def drop_connections(self) -> None:
+        for scope in self._scopes:
+            scope.cancel()
 
     def _restart(self) -> None:
         self.received = RangeSet([(0, self.committed)] if self.committed else [])
@@ -149,6 +159,7 @@ class FakeProxy:
         going_away = False
         payload = bytearray()
         offset = 0
+        attach_index = 0
 
         async def send(*replies: Reply) -> None:
             async with send_lock:
@@ -188,6 +199,10 @@ class FakeProxy:
                 )
             elif isinstance(event, AttachUpload):
                 assert event.token == self.token
+                self._attaches += 1
+                attach_index = self._attaches
+                if self.hold_first_attached_status and attach_index > 1:
+                    await self._first_status_arrived.wait()
                 await send(
                     UploadOpened(event.seq, self.token, self.committed, self.resumed),
                     Credit(0, self.committed, self.window_end),
@@ -227,6 +242,10 @@ class FakeProxy:
                 if going_away and in_flight == 0 and not holding:
                     return
             elif isinstance(event, StatusQuery):
+                if self.hold_first_attached_status and attach_index == 1:
+                    self._first_status_arrived.set()
+                    await trio.sleep_forever()
+                self.status_answered.set()
                 await send(Status(event.seq, self.committed, tuple(self.received), self.window_end))
             elif isinstance(event, Complete):
                 if self.lose_at_complete is not None:
@@ -601,3 +620,29 @@ async def test_a_complete_whose_connection_closes_under_its_send_is_sent_again(
     await _upload_whose_complete_stalls(address, path, len(data), client_settings)
     assert bytes(proxy.data) == data
     assert not proxy.aborted
+
+
+async def test_status_queries_answered_out_of_order_while_frames_are_acknowledged(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+) -> None:
+    # Two connections attach and ask for Status; the first answer comes last, with Acks in
+    # between. Each query's record of what was acknowledged meanwhile is its own (they
+    # once were told apart by content, and the wrong one was removed: ValueError).
+    proxy, address = fake_proxy
+    proxy.hold_first_attached_status = True
+    data = os.urandom(8 * FRAME)
+    acknowledged = trio.Event()
+
+    def note(progress: UploadProgress) -> None:
+        if progress.bytes_received == len(data):
+            acknowledged.set()
+
+    async with connect_upload(address, "bkt", "o", settings=settings(3), progress=note) as upload:
+        with trio.fail_after(10):
+            await proxy.status_answered.wait()
+            await upload.write(data)
+            await acknowledged.wait()
+        proxy.drop_connections()  # the held-back Status never comes; its connection drops
+        result = await upload.complete()
+    assert bytes(proxy.data) == data
+    assert result.size == len(data)
