@@ -722,12 +722,20 @@ class UploadRegistry:
             )
         upload_id = secrets.token_urlsafe(12)
         upload = await self._start(upload_id, request, client, session_uri=None)
-        assert upload._writer is not None
+        try:
+            session_uri = upload.writer.session_uri
+        except WriterClosedError as exc:
+            # The writer opened without a session (GCS answered the initiation with a
+            # status it took for a lost session): nothing to hand out a token for.
+            upload._writer_failed(exc)
+            raise UploadError(
+                ErrorCode.GCS_ERROR, "could not start the GCS upload", retryable=True
+            ) from exc
         ticket = self.codec.issue(
             upload_id=upload_id,
             bucket=request.bucket,
             name=request.name,
-            session_uri=upload._writer.session_uri,
+            session_uri=session_uri,
             content_type=request.content_type,
             metadata=request.metadata,
             expected_size=request.expected_size,

@@ -12,10 +12,10 @@ from requests.adapters import HTTPAdapter
 
 from faultnet.gcs import GcsServer
 from faultnet.gcs.testing import anonymous_client
-from protocol import AttachUpload, Error, ErrorCode
+from protocol import AttachUpload, Error, ErrorCode, OpenUpload
 from proxy.backend import Backend, TargetKind
-from proxy.config import KiB
-from proxy.server import ProxyServer
+from proxy.config import KiB, ServerSettings
+from proxy.server import ProxyServer, serve_in_background
 from tests.proxy.conftest import RawClient
 
 Connect = Callable[..., Awaitable[RawClient]]
@@ -59,3 +59,24 @@ async def test_a_crashed_upload_tells_its_connections_and_keeps_one_reason(
     refused = await later.reply(Error)
     assert refused.code == told.code
     assert refused.code in (ErrorCode.GCS_ERROR, ErrorCode.INTERNAL)
+
+
+async def test_a_session_initiation_answered_410_is_a_retryable_refusal(
+    gcs_server: GcsServer, proxy_settings: ServerSettings, raw_client: Connect, gcs_bucket: str
+) -> None:
+    # A 410 at initiation once left the writer without a session, and the open crashed the
+    # connection ("no session yet") instead of answering it.
+    session = requests.Session()
+    session.headers["x-retry-test-id"] = gcs_server.create_retry_test(
+        {"storage.objects.insert": ["return-410"]}
+    )
+    client = anonymous_client(gcs_server.url, http=session)
+    backend = Backend(client, TargetKind.EMBEDDED, gcs_server.url)
+    async with serve_in_background(proxy_settings, backend) as server:
+        connection = await raw_client(server)
+        await connection.send(OpenUpload(gcs_bucket, "gone.bin"))
+        refused = await connection.reply(Error)
+        assert refused.code == ErrorCode.GCS_ERROR
+        assert refused.retryable
+        opened = await connection.open(gcs_bucket, "gone.bin")
+        assert opened.token
