@@ -21,6 +21,12 @@ checked against it and the size.
 Cancellation: cancelling any call here abandons the upload on this side; the proxy keeps
 it resumable until its idle timeout, then GCS keeps the session for a week. Leaving
 :func:`connect_upload`'s block without :meth:`Upload.complete` aborts the upload.
+
+Errors: every failure reaches the caller as :class:`UploadError` (or a subclass); a broken,
+closed or stalled connection is only a reason to reconnect. Once ``complete()`` has returned,
+the upload is done: the object exists and matched what was sent, so anything the proxy says
+afterwards about frames still in flight elsewhere (the proxy acknowledges such late resends
+anyway) changes nothing.
 """
 
 from __future__ import annotations
@@ -1189,7 +1195,9 @@ class Upload:
         """Cancel the upload on the proxy and in GCS; the object is not created.
 
         Sending stops at once; frames already in flight fail on the proxy with ABORTED,
-        which is expected here and not reported.
+        which is expected here and not reported. An Abort waits for a Complete in flight on
+        the same connection to be answered; once the object is complete, abort raises
+        :class:`UploadError` with INVALID_STATE.
         """
         if self._completed:
             raise UploadError(
