@@ -431,7 +431,18 @@ class ReliableWriter:
     async def _upload(self) -> None:
         while self._result is None:
             plan = await self._next_plan()
-            outcome = await self._retrying(partial(self._send_chunk, plan), then=self._query_status)
+            try:
+                outcome = await self._retrying(
+                    partial(self._send_chunk, plan), then=self._query_status
+                )
+            except RetriesExhaustedError:
+                # GCS may have stored the final chunk while every answer since was lost;
+                # then the object is the last witness. One look: if it is not ours (or
+                # cannot be seen), giving up stands, and no object is left unreported.
+                found = await self._last_look() if self._final_sent else None
+                if found is None:
+                    raise
+                outcome = found
             if isinstance(outcome, SessionGone) and self._final_sent:
                 # The final chunk may have been stored before the session went away with
                 # its answer; then the object is there, and it is ours if it matches.
@@ -542,6 +553,14 @@ class ReliableWriter:
                 logger.info("the session of %r is gone, but its object is complete", self.name)
                 return Finished(resource)
         return SessionGone(404)
+
+    async def _last_look(self) -> Finished | None:
+        """The finished object, if a single lookup finds it to be ours; else None."""
+        try:
+            outcome = await self._look_up_object()
+        except TransportFailure:
+            return None
+        return outcome if isinstance(outcome, Finished) else None
 
     async def _query_status(self) -> Outcome:
         outcome = await self._in_thread(self._exchange, None, None)

@@ -260,6 +260,24 @@ async def test_session_lost_after_the_final_chunk_was_stored_finds_the_object(
     assert target.read("obj") == data
 
 
+async def test_a_stored_final_chunk_is_found_after_every_answer_is_lost(
+    target: Target, settings: WriterSettings
+) -> None:
+    # The final chunk is stored but its answer cut, and every status query after it fails
+    # until the writer gives up: the object exists, so giving up would leave it behind
+    # unreported. The writer looks the object up once and returns it.
+    attempts = settings.retry.max_attempts
+    data = payload(MiB + 3)
+    async with open_writer(target.bucket, "obj", settings) as writer:
+        target.script("return-broken-stream-final-chunk-after-4B", *["return-503"] * (attempts - 1))
+        await writer.write_at(0, data)
+        info = await writer.complete(crc32c=google_crc32c.value(data))
+    assert target.script_done()
+    assert sum(writer.stats.retries_by_cause.values()) == attempts
+    assert info.size == len(data)
+    assert target.read("obj") == data
+
+
 async def test_session_lost_on_the_final_chunk_itself_is_still_lost(
     target: Target, settings: WriterSettings
 ) -> None:
