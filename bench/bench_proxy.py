@@ -20,8 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,6 +30,7 @@ import requests
 import trio
 from google.resumable_media.requests import ResumableUpload
 
+from bench._rup_process import rup_process
 from faultnet.gcs.testing import anonymous_client
 from proxy.client import upload_file
 
@@ -56,56 +55,25 @@ BUCKET = "bench"
 RESULTS = Path(__file__).resolve().parent / "results" / "proxy.json"
 
 
-def _spawn(*args: str) -> tuple[subprocess.Popen[str], str]:
-    """Start ``rup ARGS`` and return it with the first line it prints."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline().strip()
-    if not line:
-        process.kill()
-        raise RuntimeError(f"rup {' '.join(args)} exited before it was ready")
-    return process, line
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @contextlib.contextmanager
 def _gcs_server() -> Iterator[str]:
-    process, url = _spawn("gcs-server", "--port", "0")
-    try:
+    with rup_process("gcs-server", "--port", "0") as (_, url):
         anonymous_client(url).bucket(BUCKET).create()
         yield url
-    finally:
-        _stop(process)
 
 
 @contextlib.contextmanager
 def _proxy(gcs_url: str) -> Iterator[tuple[tuple[str, int], int]]:
-    process, line = _spawn(
+    with rup_process(
         "serve",
         "--listen", "127.0.0.1:0",
         "--gcs-endpoint", gcs_url,
         "--upload-buffer-mib", str(UPLOAD_BUFFER_MIB),
         "--total-buffer-mib", str(TOTAL_BUFFER_MIB),
-    )  # fmt: skip
-    # "rup serve: listening on HOST:PORT (gcs: URL)"
-    host, _, port = line.split("listening on ", 1)[1].split()[0].rpartition(":")
-    try:
+    ) as (process, line):  # fmt: skip
+        # "rup serve: listening on HOST:PORT (gcs: URL)"
+        host, _, port = line.split("listening on ", 1)[1].split()[0].rpartition(":")
         yield (host, int(port)), process.pid
-    finally:
-        _stop(process)
 
 
 def _peak_rss(pid: int) -> int:

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import json
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -30,6 +27,7 @@ from typing import Any, Final
 
 import trio
 
+from bench._rup_process import rup_process
 from faultnet.gcs.testing import anonymous_client
 from proxy.backend import pooled_session
 from proxy.client import upload_stream
@@ -43,37 +41,6 @@ QUICK_COUNT: Final = 200
 CONCURRENCY: Final = 16
 BUCKET: Final = "bench-small"
 RESULTS: Final = Path(__file__).resolve().parent / "results" / "small_objects.json"
-
-
-def _start(*args: str) -> tuple[subprocess.Popen[str], str]:
-    """Start ``rup ARGS``; returns it with the first line it prints (where it listens)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline().strip()
-    if not line:
-        process.kill()
-        process.wait()
-        raise RuntimeError(f"rup {' '.join(args)} exited before it was ready")
-    return process, line
-
-
-@contextlib.contextmanager
-def _running(*args: str) -> Iterator[str]:
-    process, line = _start(*args)
-    try:
-        yield line
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _payload(index: int) -> bytes:
@@ -128,9 +95,12 @@ def run(quick: bool, count: int | None = None) -> dict[str, Any]:
     """Upload ``count`` small objects each way; also writes :data:`RESULTS`."""
     count = count or (QUICK_COUNT if quick else FULL_COUNT)
     seconds: dict[str, float] = {}
-    with _running("gcs-server", "--port", "0") as gcs_url:
+    with rup_process("gcs-server", "--port", "0") as (_, gcs_url):
         anonymous_client(gcs_url).bucket(BUCKET).create()
-        with _running("serve", "--listen", "127.0.0.1:0", "--gcs-endpoint", gcs_url) as line:
+        with rup_process("serve", "--listen", "127.0.0.1:0", "--gcs-endpoint", gcs_url) as (
+            _,
+            line,
+        ):
             address = _address(line)
             for concurrency in (1, CONCURRENCY):
                 # interleaved, so machine noise hits both ways alike

@@ -20,15 +20,12 @@ client and the proxy, which share this process, and they share no GIL with the e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
+from bench._rup_process import rup_process
 from proxy.chaos_report import ChaosReport, Verdict
 from proxy.chaos_run import ChaosSettings, run_chaos
 from proxy.chaos_workload import MiB
@@ -45,30 +42,6 @@ SEED: Final = 2026
 #: the issue's target for a plain ``rup chaos`` (200 uploads, moderate faults) on 2 cores
 DEFAULT_RUN_TARGET_SECONDS: Final = 120.0
 RESULTS: Final = Path(__file__).resolve().parent / "results" / "soak.json"
-
-
-@contextlib.contextmanager
-def _gcs_endpoint() -> Iterator[str]:
-    """``rup gcs-server`` in a process of its own; its URL."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "gcs-server", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    try:
-        url = process.stdout.readline().strip()
-        if not url.startswith("http"):
-            raise RuntimeError("rup gcs-server exited before it was ready")
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _sweep(uploads: int, gcs_url: str) -> list[dict[str, Any]]:
@@ -156,7 +129,7 @@ def _default_run() -> dict[str, Any]:
 
 def run(quick: bool, uploads: int | None = None) -> dict[str, Any]:
     """The default run, the sweep and the soak; also writes :data:`RESULTS`."""
-    with _gcs_endpoint() as gcs_url:
+    with rup_process("gcs-server", "--port", "0") as (_, gcs_url):
         # the soak first, so its RSS starts from a fresh process
         soak = _soak(uploads or (QUICK_SOAK_UPLOADS if quick else SOAK_UPLOADS), gcs_url)
         sweep = _sweep(QUICK_SWEEP_UPLOADS if quick else SWEEP_UPLOADS, gcs_url)

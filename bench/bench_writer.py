@@ -42,6 +42,7 @@ import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 from google.resumable_media.requests import ResumableUpload
 
+from bench._rup_process import rup_process
 from faultnet.gcs.testing import anonymous_client
 from reliablewriter import WriterSettings, WriterStats, open_writer
 
@@ -68,23 +69,10 @@ def _parse_size(text: str) -> int:
 
 @contextmanager
 def gcs_endpoint() -> Iterator[str]:
-    """``rup gcs-server`` in its own process; yields its URL."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "gcs-server", "--no-md5"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        url = server.stdout.readline().strip()
-        if not url.startswith("http"):
-            raise RuntimeError("rup gcs-server did not start")
+    """``rup gcs-server`` in its own process, with a ``bench`` bucket; yields its URL."""
+    with rup_process("gcs-server", "--no-md5") as (_, url):
         anonymous_client(url).create_bucket("bench")
         yield url
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def _settings(chunk: int, buffer_limit: int) -> WriterSettings:

@@ -1,0 +1,37 @@
+"""A ``rup`` command in a process of its own, for benchmarks that measure it from outside."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+
+__all__ = ["rup_process"]
+
+
+@contextlib.contextmanager
+def rup_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Run ``rup ARGS``; yields the process and the first line it prints (where it listens).
+
+    The process is terminated on exit, and killed if it does not stop within 15 s.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().strip()
+        if not line:
+            raise RuntimeError(f"rup {' '.join(args)} exited before it was ready")
+        yield process, line
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
