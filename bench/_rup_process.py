@@ -17,7 +17,7 @@ def rup_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     The process is terminated on exit, and killed if it does not stop within 15 s.
     """
     process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", *args],
+        [sys.executable, "-m", "proxy.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -5,7 +5,7 @@ own. The proxy runs as ``rup serve`` in another process, so its peak RSS (``VmHW
 own; a fresh proxy is started for each scenario. The client runs here.
 
 * direct: google-resumable-media's ``ResumableUpload`` from the file, 16 MiB chunks;
-* proxy, 1 and 4 connections: ``proxy.client.upload_file``;
+* proxy, 1 and 4 connections: ``proxy.client_file``;
 * 64 concurrent uploads (16 MiB each; 2 MiB with ``--quick``), one connection each.
 
 Targets (issue 5): 4 connections at least 1.0x direct; the proxy's RSS under its total

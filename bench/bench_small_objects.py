@@ -5,7 +5,7 @@ process of their own; the clients run here. The same objects are uploaded four w
 
 * direct: google-cloud-storage ``Blob.upload_from_string`` (one multipart request each),
   one at a time, then from 16 threads at once;
-* proxy: ``proxy.client.upload_stream`` over one connection per upload, one at a time,
+* proxy: ``proxy.client_stream`` over one connection per upload, one at a time,
   then 16 uploads at once.
 
 The ratios (proxy / direct, at each concurrency) are the claims: the proxy turns every
@@ -29,8 +29,8 @@ import trio
 
 from bench._rup_process import rup_process
 from faultnet.gcs.testing import anonymous_client
-from proxy.backend import pooled_session
 from proxy.client import upload_stream
+from proxy.server.backend import pooled_session
 
 __all__ = ["main", "run"]
 

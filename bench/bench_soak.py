@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench._rup_process import rup_process
-from proxy.chaos_report import ChaosReport, Verdict
-from proxy.chaos_run import ChaosSettings, run_chaos
-from proxy.chaos_workload import MiB
+from proxy.chaos.report import ChaosReport, Verdict
+from proxy.chaos.run import ChaosSettings, run_chaos
+from proxy.chaos.workload import MiB
 
 __all__ = ["main", "run"]
 

@@ -1,41 +1,13 @@
-"""rup's proxy: the trio server, the client library and the ``rup`` command line."""
+"""rup's proxy: the composition of protocol, reliablewriter and faultnet.
 
-from proxy.backend import Backend, GcsTarget, open_backend
-from proxy.client import (
-    ChecksumMismatchError,
-    ClientSettings,
-    ProxyUnreachableError,
-    ReconnectPolicy,
-    Upload,
-    UploadError,
-    UploadProgress,
-    UploadRejectedError,
-    UploadResult,
-    connect_upload,
-    upload_file,
-    upload_stream,
-)
-from proxy.config import ServerSettings
-from proxy.server import ProxyServer, serve, serve_in_background
+Four rooms, each with one job (see docs/architecture.md):
 
-__all__ = [
-    "Backend",
-    "ChecksumMismatchError",
-    "ClientSettings",
-    "GcsTarget",
-    "ProxyServer",
-    "ProxyUnreachableError",
-    "ReconnectPolicy",
-    "ServerSettings",
-    "Upload",
-    "UploadError",
-    "UploadProgress",
-    "UploadRejectedError",
-    "UploadResult",
-    "connect_upload",
-    "open_backend",
-    "serve",
-    "serve_in_background",
-    "upload_file",
-    "upload_stream",
-]
+* :mod:`proxy.client`: the client library; imports only :mod:`protocol` of ours.
+* :mod:`proxy.server`: the trio server that streams uploads into GCS.
+* :mod:`proxy.chaos`: the chaos harness and the demo.
+* :mod:`proxy.cli`: the ``rup`` command line; nothing imports it.
+
+This package imports none of them, so ``import proxy.client`` costs only the client.
+"""
+
+__all__: list[str] = []

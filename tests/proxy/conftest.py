@@ -40,9 +40,9 @@ from protocol import (
     Welcome,
     WriteAt,
 )
-from proxy.backend import Backend, TargetKind
-from proxy.config import KiB, MiB, ServerSettings
 from proxy.server import ProxyServer, serve_in_background
+from proxy.server.backend import Backend, TargetKind
+from proxy.server.settings import KiB, MiB, ServerSettings
 from reliablewriter import RetryPolicy, WriterSettings
 
 ReplyT = TypeVar("ReplyT", bound=Reply)

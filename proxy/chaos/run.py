@@ -1,0 +1,576 @@
+"""The engine of ``rup chaos``: run every upload of a seeded workload and judge each one.
+
+:func:`run_chaos` starts the strict GCS endpoint (or uses an external one) and a proxy in
+this process, runs the uploads of :func:`~proxy.chaos.workload.plan_uploads` a few at a time
+with their faults on every leg, and has :mod:`proxy.chaos.verify` judge what GCS holds after
+each. Its :class:`~proxy.chaos.report.ChaosReport` says whether every promise was kept. The
+command line around it is :mod:`proxy.cli.chaos`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import itertools
+import math
+import os
+import shlex
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import trio
+from google.cloud import storage  # type: ignore[import-untyped]
+from prometheus_client import Counter
+
+from faultnet.counters import FaultCounters, FaultCountersDict
+from faultnet.gcs import GcsServer
+from faultnet.gcs.testing import anonymous_client
+from faultnet.plan import FaultPlan
+from faultnet.stream import open_tcp_stream
+from faultnet.tcpproxy import open_chaos_proxy
+from protocol import ErrorCode
+from proxy.chaos.report import ChaosReport, UploadOutcome, Verdict
+from proxy.chaos.routing import RetryTestClient, UploadRouter
+from proxy.chaos.verify import delete_object, put_previous, verify_object, verify_untouched
+from proxy.chaos.workload import (
+    FAULT_MIXES,
+    ChunkGeometry,
+    ClientLeg,
+    KiB,
+    MiB,
+    Precondition,
+    UploadSpec,
+    plan_uploads,
+)
+from proxy.client import (
+    ClientSettings,
+    Connector,
+    ReconnectPolicy,
+    UploadError,
+    UploadResult,
+    connect_upload,
+)
+from proxy.server import ProxyServer, serve_in_background
+from proxy.server.backend import Backend, TargetKind, pooled_session
+from proxy.server.settings import ServerSettings
+from reliablewriter import RetryPolicy, WriterSettings
+
+__all__ = [
+    "ChaosSettings",
+    "Saboteur",
+    "lingering_in_proxy",
+    "run_chaos",
+]
+
+_BUCKET: Final = "rup-chaos"
+#: how long the proxy gets to stop once every upload has ended, before it counts as a leak
+_SHUTDOWN_DEADLINE: Final = 15.0
+_WRITE_SIZE: Final = 256 * KiB
+#: how long the proxy keeps an upload that has no connection and sees no activity
+_ORPHAN_TIMEOUT: Final = 8.0
+#: how long the proxy gets to let go of everything once every upload has ended
+_SETTLE_DEADLINE: Final = _ORPHAN_TIMEOUT + 5.0
+
+#: called (in a worker thread) after an upload and before it is judged: tests use it to
+#: tamper with GCS and prove that the judge notices
+Saboteur = Callable[[storage.Bucket, UploadSpec], None]
+
+
+@dataclass(frozen=True)
+class ChaosSettings:
+    """One chaos run; the defaults are ``rup chaos`` with no options."""
+
+    uploads: int = 200
+    seed: int = 1
+    max_size: int = 64 * MiB
+    connections: int = 4
+    concurrency: int = 8
+    faults: str = "moderate"
+    intensity: float = 1.0
+    #: seconds an upload may take before it counts as hung
+    deadline: float = 120.0
+    #: share of uploads that use ifGenerationMatch
+    precondition_share: float = 0.1
+    gcs_endpoint: str | None = None
+    #: script only the GCS faults storage-testbench knows too (it refuses rup's own)
+    portable_faults: bool = False
+    #: upload indexes to run (replaying a failure); empty runs them all
+    only: tuple[int, ...] = ()
+    geometry: ChunkGeometry = dataclasses.field(default_factory=ChunkGeometry)
+
+    def __post_init__(self) -> None:
+        if self.faults not in FAULT_MIXES:
+            raise ValueError(f"unknown fault mix {self.faults!r}; known: {', '.join(FAULT_MIXES)}")
+        if self.uploads < 1 or self.connections < 1 or self.concurrency < 1:
+            raise ValueError("--uploads, --connections and --concurrency must be at least 1")
+        if not self.intensity >= 0 or not math.isfinite(self.intensity):
+            raise ValueError(f"--intensity must be a finite number >= 0, got {self.intensity}")
+        if self.deadline <= 0:
+            raise ValueError("--deadline must be positive")
+        if self.max_size < 0:
+            raise ValueError("--max-size must not be negative")
+        if not 0 <= self.precondition_share <= 1:
+            raise ValueError("--generation-match must be a share within 0..1")
+
+    def replay_command(self, only: tuple[int, ...] = ()) -> str:
+        """The ``rup chaos`` command that reruns this run, or just the uploads in ``only``."""
+        words = [
+            "rup", "chaos",
+            "--uploads", str(self.uploads),
+            "--seed", str(self.seed),
+            "--max-size", str(self.max_size),
+            "--connections", str(self.connections),
+            "--concurrency", str(self.concurrency),
+            "--faults", self.faults,
+            "--intensity", repr(self.intensity),
+            "--deadline", repr(self.deadline),
+            "--generation-match", repr(self.precondition_share),
+        ]  # fmt: skip
+        if self.gcs_endpoint is not None:
+            words += ["--gcs-endpoint", self.gcs_endpoint]
+        if self.portable_faults:
+            words.append("--portable-faults")
+        if only or self.only:
+            words += ["--only", ",".join(map(str, only or self.only))]
+        return shlex.join(words)
+
+    def server_settings(self) -> ServerSettings:
+        g = self.geometry
+        return ServerSettings(
+            max_frame_size=g.frame,
+            upload_buffer_limit=g.window,
+            min_upload_window=g.min_chunk,
+            total_buffer_limit=max(64 * MiB, 2 * self.concurrency * g.window),
+            handshake_timeout=10.0,
+            idle_timeout=60.0,
+            # An upload whose UploadOpened reply a fault swallowed is an orphan: its client
+            # opened another. This is how long the proxy keeps orphans before releasing them.
+            upload_idle_timeout=_ORPHAN_TIMEOUT,
+            complete_timeout=60.0,
+            # finished uploads are judged at once; nobody asks the proxy again
+            result_retention=1.0,
+            shutdown_grace=2.0,
+            writer=WriterSettings(
+                min_chunk_size=g.min_chunk,
+                max_chunk_size=g.max_chunk,
+                buffer_limit=g.window,
+                retry=RetryPolicy(
+                    max_attempts=12, deadline=60.0, initial_delay=0.02, max_delay=1.0
+                ),
+                connect_timeout=5.0,
+                # a stalled GCS connection must be noticed well within the upload's deadline
+                progress_timeout=3.0,
+            ),
+        )
+
+    def client_settings(self, connections: int) -> ClientSettings:
+        return ClientSettings(
+            connections=connections,
+            frame_size=self.geometry.frame,
+            connect_timeout=5.0,
+            # a stalled client connection must be noticed well within the upload's deadline
+            reply_timeout=4.0,
+            complete_timeout=self.deadline,
+            stream_buffer=2 * self.geometry.window,
+            reconnect=ReconnectPolicy(max_attempts=12, initial_delay=0.02, max_delay=0.5),
+        )
+
+
+def _rss() -> int:
+    """This process's resident set size, in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _by_label(counter: Counter) -> dict[str, int]:
+    return {
+        next(iter(sample.labels.values()), ""): int(sample.value)
+        for metric in counter.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
+
+
+def _live_tasks() -> set[trio.lowlevel.Task]:
+    """Every task of this trio run."""
+    found: set[trio.lowlevel.Task] = set()
+    pending = [trio.lowlevel.current_root_task()]
+    while pending:
+        task = pending.pop()
+        if task is None or task in found:
+            continue
+        found.add(task)
+        pending += [child for nursery in task.child_nurseries for child in nursery.child_tasks]
+    return found
+
+
+async def lingering_in_proxy(server: ProxyServer, *, patience: float) -> list[str]:
+    """What ``server`` still holds after ``patience`` seconds: connections, active uploads.
+
+    Called once every upload of a run has ended, when the proxy should let go at once.
+    """
+
+    def active_uploads() -> float:
+        return server.metrics.registry.get_sample_value("rup_active_uploads") or 0.0
+
+    with trio.move_on_after(patience):
+        # The server has no event for "idle"; a short poll costs nothing at the end of a run.
+        while server.connection_count or active_uploads():  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    found = []
+    if server.connection_count:
+        found.append(f"{server.connection_count} client connections still open in the proxy")
+    if active_uploads():
+        found.append(f"{active_uploads():.0f} uploads still active in the proxy")
+    return found
+
+
+def _if_generation_match(precondition: Precondition, previous_generation: int | None) -> int | None:
+    if precondition is Precondition.ABSENT:
+        return 0
+    if previous_generation is None:
+        return None
+    if precondition is Precondition.CURRENT:
+        return previous_generation
+    if precondition is Precondition.STALE:
+        return max(1, previous_generation - 1)
+    return None
+
+
+class _Run:
+    """The state of one run inside trio: counters, clients, and the outcomes so far."""
+
+    def __init__(
+        self,
+        settings: ChaosSettings,
+        specs: list[UploadSpec],
+        *,
+        router: UploadRouter,
+        backend: Backend,
+        judge: storage.Bucket,
+        retry_tests: RetryTestClient,
+        client_counters: FaultCounters,
+        saboteur: Saboteur | None,
+        on_outcome: Callable[[UploadOutcome], None] | None,
+    ) -> None:
+        self.settings = settings
+        self.specs = specs
+        self.router = router
+        self.backend = backend
+        self.judge = judge
+        self.retry_tests = retry_tests
+        self.client_counters = client_counters
+        self.saboteur = saboteur
+        self.on_outcome = on_outcome
+        self.outcomes: list[UploadOutcome] = []
+        #: the client-leg counters of each upload that went through a chaos proxy
+        self.chaos_proxy_counts: list[FaultCountersDict] = []
+        self.rss_samples: list[tuple[int, int]] = []
+        self._sample_every = max(1, len(specs) // 100)
+
+    async def run(self) -> tuple[dict[str, int], list[str]]:
+        """Every upload, then the proxy's retries by cause and anything that leaked."""
+        leaks: list[str] = []
+        tasks_before = _live_tasks()
+        limiter = trio.Semaphore(self.settings.concurrency)
+        with trio.CancelScope() as shutdown_scope:
+            async with serve_in_background(self.settings.server_settings(), self.backend) as server:
+                self.rss_samples.append((0, _rss()))
+                async with trio.open_nursery() as nursery:
+                    for spec in self.specs:
+                        await limiter.acquire()
+                        nursery.start_soon(self._one, spec, server.address, limiter)
+                # A hung upload was abandoned, not aborted: the proxy rightly keeps it
+                # resumable. The run has failed anyway; only a clean run must leave nothing.
+                if all(o.verdict is not Verdict.HUNG for o in self.outcomes):
+                    leaks += await lingering_in_proxy(server, patience=_SETTLE_DEADLINE)
+                retries = _by_label(server.metrics.retries)
+                # Only the shutdown itself runs under this deadline.
+                shutdown_scope.deadline = trio.current_time() + _SHUTDOWN_DEADLINE
+        if shutdown_scope.cancelled_caught:
+            leaks.append(f"the proxy did not shut down within {_SHUTDOWN_DEADLINE:.0f} s")
+        leftover = _live_tasks() - tasks_before
+        if leftover:
+            names = ", ".join(sorted(task.name for task in leftover))
+            leaks.append(f"{len(leftover)} tasks still running after the proxy stopped: {names}")
+        return retries, leaks
+
+    async def _one(
+        self, spec: UploadSpec, address: tuple[str, int], limiter: trio.Semaphore
+    ) -> None:
+        try:
+            outcome = await self._judged_upload(spec, address)
+        except Exception as exc:
+            # Record, don't propagate: one broken upload must not hide the others' verdicts.
+            # Clients must fail with UploadError; anything else is a bug worth a replay.
+            outcome = UploadOutcome(
+                spec.index, spec.name, spec.size, Verdict.CRASHED, cause=type(exc).__name__,
+                problem=f"unexpected exception: {exc!r}",
+                detail="".join(traceback.format_exception(exc)),
+            )  # fmt: skip
+        finally:
+            limiter.release()
+        self.outcomes.append(outcome)
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+        if len(self.outcomes) % self._sample_every == 0:
+            self.rss_samples.append((len(self.outcomes), _rss()))
+
+    async def _judged_upload(self, spec: UploadSpec, address: tuple[str, int]) -> UploadOutcome:
+        previous_generation = None
+        if spec.previous is not None:
+            previous_generation = await trio.to_thread.run_sync(
+                put_previous, self.judge, spec.name, spec.previous
+            )
+        test_id = None
+        if spec.instructions:
+            test_id = await trio.to_thread.run_sync(self.retry_tests.create, spec.instructions)
+        self.router.register(spec.name, spec.gcs_plan, test_id)
+        result: UploadResult | None = None
+        error: UploadError | None = None
+        started = trio.current_time()
+        try:
+            with trio.move_on_after(self.settings.deadline) as deadline_scope:
+                try:
+                    result = await self._upload(
+                        spec, address, _if_generation_match(spec.precondition, previous_generation)
+                    )
+                except UploadError as exc:
+                    error = exc
+        finally:
+            self.router.release(spec.name)
+        elapsed = trio.current_time() - started
+        fired: tuple[str, ...] = ()
+        if test_id is not None:
+            fired = tuple(
+                await trio.to_thread.run_sync(self.retry_tests.fired, test_id, spec.instructions)
+            )
+        base = UploadOutcome(
+            spec.index, spec.name, spec.size, Verdict.VERIFIED, client_leg=spec.client_leg.value,
+            elapsed=elapsed, scripted_faults=fired,
+        )  # fmt: skip
+        if result is not None:
+            base = dataclasses.replace(
+                base,
+                bytes_sent=result.bytes_sent,
+                reconnects=result.reconnects,
+                resent_bytes_by_cause=dict(result.resent_bytes_by_cause),
+                errors_by_code=dict(result.errors_by_code),
+            )
+        if self.saboteur is not None:
+            await trio.to_thread.run_sync(self.saboteur, self.judge, spec)
+        try:
+            if deadline_scope.cancelled_caught:
+                return dataclasses.replace(
+                    base,
+                    verdict=Verdict.HUNG,
+                    cause="deadline",
+                    problem=f"no result within the {self.settings.deadline:.0f} s deadline",
+                )
+            return await trio.to_thread.run_sync(
+                self._verdict, spec, base, result, error, previous_generation
+            )
+        finally:
+            await trio.to_thread.run_sync(delete_object, self.judge, spec.name)
+
+    def _verdict(
+        self,
+        spec: UploadSpec,
+        base: UploadOutcome,
+        result: UploadResult | None,
+        error: UploadError | None,
+        previous_generation: int | None,
+    ) -> UploadOutcome:
+        """Blocking: what GCS holds now, against what this upload's ending promises."""
+        if result is not None:
+            if spec.precondition is Precondition.STALE:
+                return dataclasses.replace(
+                    base,
+                    verdict=Verdict.WRONGLY_ACCEPTED,
+                    problem=f"ifGenerationMatch named a stale generation, yet generation"
+                    f" {result.generation} was written",
+                )
+            problem = verify_object(
+                self.judge,
+                spec.name,
+                spec.source,
+                generation=result.generation,
+                reported_crc32c=result.crc32c,
+            )
+            if problem:
+                return dataclasses.replace(base, verdict=Verdict.CORRUPT, problem=problem)
+            return base
+        assert error is not None
+        cause = error.code.name if error.code is not None else type(error).__name__
+        problem = verify_untouched(self.judge, spec.name, spec.previous, previous_generation)
+        if problem:
+            return dataclasses.replace(
+                base,
+                verdict=Verdict.LEFT_BEHIND,
+                cause=cause,
+                problem=f"{problem}; the client was told: {error.message}",
+            )
+        refused = (
+            spec.precondition is Precondition.STALE and error.code is ErrorCode.PRECONDITION_FAILED
+        )
+        return dataclasses.replace(
+            base,
+            verdict=Verdict.REFUSED if refused else Verdict.FAILED_CLEANLY,
+            cause=cause,
+            problem="" if refused else error.message,
+        )
+
+    async def _upload(
+        self, spec: UploadSpec, address: tuple[str, int], if_generation_match: int | None
+    ) -> UploadResult:
+        """Send the upload over its client leg; a chaos proxy lives as long as the upload."""
+        if spec.client_leg is ClientLeg.FAULTY_STREAM:
+            connector = _faulty_connector(address, spec.client_plan, self.client_counters)
+            return await self._send(spec, address, connector, if_generation_match)
+        async with open_chaos_proxy(address, spec.client_plan) as chaos:
+            try:
+                connector = _plain_connector(chaos.address)
+                return await self._send(spec, address, connector, if_generation_match)
+            finally:
+                self.chaos_proxy_counts.append(chaos.counters.as_dict())
+
+    async def _send(
+        self,
+        spec: UploadSpec,
+        address: tuple[str, int],
+        connector: Connector,
+        if_generation_match: int | None,
+    ) -> UploadResult:
+        async with connect_upload(
+            address,
+            _BUCKET,
+            spec.name,
+            settings=self.settings.client_settings(spec.connections),
+            connector=connector,
+            if_generation_match=if_generation_match,
+            expected_size=spec.size,
+        ) as upload:
+            for block in spec.source.blocks(_WRITE_SIZE):
+                await upload.write(block)
+            return await upload.complete()
+
+
+def _faulty_connector(
+    address: tuple[str, int], plan: FaultPlan, counters: FaultCounters
+) -> Connector:
+    """Connections wrapped in ``plan``'s faults, numbered 0, 1, ... within the upload."""
+    host, port = address
+    indexes = itertools.count()
+
+    async def connect() -> trio.abc.Stream:
+        return await open_tcp_stream(host, port, plan=plan, counters=counters, index=next(indexes))
+
+    return connect
+
+
+def _plain_connector(address: tuple[str, int]) -> Connector:
+    host, port = address
+
+    async def connect() -> trio.abc.Stream:
+        return await trio.open_tcp_stream(host, port)
+
+    return connect
+
+
+def _merged(*counts: FaultCountersDict) -> dict[str, Any]:
+    """The sum of several counters' snapshots, in the same shape."""
+    faults: collections.Counter[str] = collections.Counter()
+    for count in counts:
+        faults.update(count["faults"])
+    return {
+        "connections": sum(count["connections"] for count in counts),
+        "bytes_up": sum(count["bytes_up"] for count in counts),
+        "bytes_down": sum(count["bytes_down"] for count in counts),
+        "faults": dict(sorted(faults.items())),
+    }
+
+
+@contextlib.contextmanager
+def _gcs_endpoint(external: str | None) -> Iterator[tuple[str, TargetKind]]:
+    if external is not None:
+        yield external.rstrip("/"), TargetKind.ENDPOINT
+        return
+    with GcsServer() as server:
+        yield server.url, TargetKind.EMBEDDED
+
+
+def run_chaos(
+    settings: ChaosSettings,
+    *,
+    saboteur: Saboteur | None = None,
+    on_outcome: Callable[[UploadOutcome], None] | None = None,
+) -> ChaosReport:
+    """Run every upload of ``settings`` and judge each; blocking (it runs its own trio loop).
+
+    ``on_outcome`` is called with each upload's verdict as it is reached, in the order
+    uploads finish (from the trio thread; keep it quick).
+    """
+    mix = FAULT_MIXES[settings.faults]
+    if settings.portable_faults:
+        mix = mix.portable()
+    specs = plan_uploads(
+        uploads=settings.uploads,
+        seed=settings.seed,
+        max_size=settings.max_size,
+        connections=settings.connections,
+        mix=mix,
+        intensity=settings.intensity,
+        geometry=settings.geometry,
+        precondition_share=settings.precondition_share,
+    )
+    if settings.only:
+        specs = [spec for spec in specs if spec.index in settings.only]
+    client_counters, gcs_counters = FaultCounters(), FaultCounters()
+    started = time.monotonic()
+    rss_start = _rss()
+    with _gcs_endpoint(settings.gcs_endpoint) as (url, kind):
+        judge_client = anonymous_client(url, http=pooled_session())
+        judge = judge_client.bucket(_BUCKET)
+        if not judge.exists():
+            judge.create()
+        router = UploadRouter(gcs_counters)
+        try:
+            run_state = _Run(
+                settings,
+                specs,
+                router=router,
+                backend=Backend(anonymous_client(url, http=router), kind, url),
+                judge=judge,
+                retry_tests=RetryTestClient(url),
+                client_counters=client_counters,
+                saboteur=saboteur,
+                on_outcome=on_outcome,
+            )
+            retries, leaks = trio.run(run_state.run)
+        finally:
+            router.close()
+    outcomes = tuple(sorted(run_state.outcomes, key=lambda outcome: outcome.index))
+    broken = tuple(o.index for o in outcomes if not o.verdict.keeps_promise)
+    return ChaosReport(
+        settings={
+            **{k: v for k, v in dataclasses.asdict(settings).items() if k != "geometry"},
+            "geometry": dataclasses.asdict(settings.geometry),
+        },
+        outcomes=outcomes,
+        elapsed=time.monotonic() - started,
+        client_faults=_merged(client_counters.as_dict(), *run_state.chaos_proxy_counts),
+        gcs_faults=dict(gcs_counters.as_dict()),
+        proxy_retries_by_cause=retries,
+        leaks=tuple(leaks),
+        rss_start=rss_start,
+        rss_end=_rss(),
+        rss_samples=tuple(run_state.rss_samples),
+        replay=settings.replay_command(broken),
+    )

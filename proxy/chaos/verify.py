@@ -1,0 +1,128 @@
+"""The chaos run's judge: what GCS holds after an upload, against what it should hold.
+
+Blocking (google-cloud-storage over HTTP, no faults): call from a worker thread. Every check
+returns the empty string when GCS holds what it should, and otherwise one sentence saying
+what differs, which is what the report prints.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+
+import google_crc32c
+from google.api_core import exceptions as api_exceptions
+from google.cloud import storage  # type: ignore[import-untyped]
+
+from proxy.chaos.workload import ObjectSource, SourceReader
+
+__all__ = ["SourceComparator", "delete_object", "put_previous", "verify_object", "verify_untouched"]
+
+
+class SourceComparator:
+    """A write-only file that compares what is written, in order, with an object's source.
+
+    Keeps only the first difference and a running CRC32C of what was written.
+    """
+
+    def __init__(self, reader: SourceReader) -> None:
+        self._reader = reader
+        self.offset = 0
+        self.crc32c = 0
+        self.first_difference: int | None = None
+
+    def write(self, data: bytes) -> int:
+        self.crc32c = google_crc32c.extend(self.crc32c, data)
+        if self.first_difference is None:
+            expected = self._reader.read(self.offset, len(data))
+            if expected != data:
+                self.first_difference = self.offset + next(
+                    (i for i, (a, b) in enumerate(zip(expected, data, strict=False)) if a != b),
+                    min(len(expected), len(data)),
+                )
+        self.offset += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+
+def _stored_crc32c(blob: storage.Blob) -> int:
+    return int.from_bytes(base64.b64decode(blob.crc32c or ""), "big")
+
+
+def _compare_download(blob: storage.Blob, source: ObjectSource) -> str:
+    comparator = SourceComparator(source.reader())
+    # checksum=None: this comparison is the judge, not the library's own check
+    blob.download_to_file(comparator, checksum=None)
+    if comparator.first_difference is not None:
+        return f"the stored object differs from the source from byte {comparator.first_difference}"
+    if comparator.offset != source.size:
+        return f"the download has {comparator.offset} bytes, the source {source.size}"
+    return ""
+
+
+def verify_object(
+    bucket: storage.Bucket,
+    name: str,
+    source: ObjectSource,
+    *,
+    generation: int | None = None,
+    reported_crc32c: int | None = None,
+) -> str:
+    """'' when ``name`` holds exactly ``source``: size, CRC32C, and every byte.
+
+    ``generation`` and ``reported_crc32c`` are what the client was told; they must match
+    what GCS holds too.
+    """
+    blob = bucket.get_blob(name)
+    if blob is None:
+        return "the upload succeeded but there is no object"
+    expected_crc = source.crc32c()
+    if blob.size != source.size:
+        return f"GCS holds {blob.size} bytes, the source has {source.size}"
+    if _stored_crc32c(blob) != expected_crc:
+        return f"GCS reports crc32c {_stored_crc32c(blob):08x}, the source has {expected_crc:08x}"
+    if reported_crc32c is not None and reported_crc32c != expected_crc:
+        return (
+            f"the client was told crc32c {reported_crc32c:08x}, the source has {expected_crc:08x}"
+        )
+    if generation is not None and blob.generation != generation:
+        return f"the client was told generation {generation}, GCS holds {blob.generation}"
+    return _compare_download(blob, source)
+
+
+def verify_untouched(
+    bucket: storage.Bucket,
+    name: str,
+    previous: ObjectSource | None,
+    previous_generation: int | None,
+) -> str:
+    """'' when a failed upload left nothing behind: no object, or the previous one intact."""
+    blob = bucket.get_blob(name)
+    if previous is None or previous_generation is None:
+        if blob is None:
+            return ""
+        return f"the upload failed but left an object of {blob.size} bytes behind"
+    if blob is None:
+        return "the upload failed and the previous generation is gone"
+    if blob.generation != previous_generation:
+        return (
+            f"the upload failed but generation {blob.generation} replaced"
+            f" generation {previous_generation}"
+        )
+    return _compare_download(blob, previous)
+
+
+def put_previous(bucket: storage.Bucket, name: str, previous: ObjectSource) -> int:
+    """Store ``previous`` as ``name`` (any earlier object is replaced); its generation."""
+    blob = bucket.blob(name)
+    blob.upload_from_string(b"".join(previous.blocks()), content_type="application/octet-stream")
+    generation: int = blob.generation
+    return generation
+
+
+def delete_object(bucket: storage.Bucket, name: str) -> None:
+    """Remove ``name`` if it exists, so a long run does not fill the endpoint's memory."""
+    with contextlib.suppress(api_exceptions.NotFound):
+        bucket.blob(name).delete()

@@ -1,0 +1,202 @@
+"""``rup chaos``: many uploads under faults on every leg, each one judged byte for byte.
+
+A run starts the strict GCS endpoint (or uses ``--gcs-endpoint``) and a proxy in this
+process, then uploads ``--uploads`` objects through it, ``--concurrency`` at a time, while
+
+* each upload's client -> proxy connections suffer its own fault plan, applied by
+  faultnet.stream in the client or, for a quarter of the uploads, by a faultnet.tcpproxy
+  chaos proxy relaying real sockets,
+* each upload's proxy -> GCS HTTP connections suffer another (faultnet.transport, routed per
+  upload by :class:`~proxy.chaos.routing.UploadRouter`), and
+* some uploads get GCS-side scripted faults (retry-test instructions: 503s, resets, stalls,
+  short ranges, broken final responses; with ``--faults harsh`` also expired sessions and a
+  lying server).
+
+Sizes go from 0 B to ``--max-size``, sizes one byte either side of every quantum, frame,
+chunk and window edge always included; some uploads use ``ifGenerationMatch``. Every
+upload ends in one of the verdicts of :class:`~proxy.chaos.report.Verdict`: verified
+against the regenerated source (size, CRC32C and every byte), or refused / failed with a
+clear error while GCS holds what it held before. Anything else (corruption, a duplicate
+byte, an object left behind, a hang past ``--deadline``, a task still running after the
+proxy stopped) fails the run: exit status 1, with the command that replays the failing
+uploads. With ``--strict`` a clean failure of an upload that should have succeeded fails
+the run too. Exit status 2 means bad arguments.
+
+Everything an upload meets is derived from ``--seed`` and its index (see
+:mod:`proxy.chaos.workload`), so ``--seed S --only 17`` reruns upload 17 with the same size,
+data and faults (their timing, and so the outcome of a race, may still differ). This module
+is the command line; :mod:`proxy.chaos.run` runs the uploads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Final
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from proxy.chaos.demo import parse_size
+from proxy.chaos.report import ChaosReport, UploadOutcome, Verdict
+from proxy.chaos.run import ChaosSettings, run_chaos
+from proxy.chaos.workload import FAULT_MIXES
+
+__all__ = [
+    "HELP",
+    "ChaosSettings",
+    "configure",
+    "run",
+    "run_chaos",
+    "settings_from",
+]
+
+HELP: Final = "run many uploads under faults on every leg, and verify every byte"
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def _indexes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected indexes such as 3,17,42, got {text!r}"
+        ) from None
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    defaults = ChaosSettings()
+    parser.add_argument(
+        "--uploads", type=int, default=defaults.uploads, metavar="N",
+        help=f"how many uploads (default {defaults.uploads})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed,
+        help="decides every size, byte and fault; the same seed replays the same run",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-size", default="64M", metavar="SIZE",
+        help="largest object, e.g. 64M (default); sizes run from 0 B to it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=defaults.connections,
+        metavar="N",
+        help="most connections per upload (each upload uses 1..N)",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=defaults.concurrency, metavar="N",
+        help="uploads in flight at once",
+    )  # fmt: skip
+    parser.add_argument(
+        "--faults", default=defaults.faults, choices=list(FAULT_MIXES),
+        help=f"the fault mix (default {defaults.faults}; harsh adds faults no upload survives)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--intensity", type=float, default=defaults.intensity, metavar="X",
+        help="scales every fault probability (0 turns faults off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--deadline", type=float, default=defaults.deadline, metavar="SECONDS",
+        help="an upload taking longer counts as hung",
+    )  # fmt: skip
+    parser.add_argument(
+        "--generation-match", type=float, default=defaults.precondition_share, metavar="SHARE",
+        help="share of uploads that use ifGenerationMatch (0..1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gcs-endpoint", metavar="URL",
+        help="an external GCS endpoint (e.g. storage-testbench) instead of the embedded one",
+    )  # fmt: skip
+    parser.add_argument(
+        "--portable-faults", action="store_true",
+        help="script only the GCS faults storage-testbench knows too (use with it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", type=_indexes, default=(), metavar="I,J,...", help="run only these uploads"
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="also fail when an upload that should have succeeded failed cleanly",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _run_with_progress(settings: ChaosSettings) -> ChaosReport:
+    """:func:`run_chaos` with a progress bar on stderr that counts broken promises."""
+    uploads = len(settings.only) if settings.only else settings.uploads
+    broken = 0
+    with Progress(
+        TextColumn("rup chaos"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[broken]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("uploads", total=uploads, broken="")
+
+        def advance(outcome: UploadOutcome) -> None:
+            nonlocal broken
+            broken += not outcome.verdict.keeps_promise
+            progress.update(task, advance=1, broken=f"[red]{broken} broken[/red]" if broken else "")
+
+        return run_chaos(settings, on_outcome=advance)
+
+
+def settings_from(args: argparse.Namespace) -> ChaosSettings:
+    """The settings the parsed command line asks for; ValueError when they cannot work."""
+    return ChaosSettings(
+        uploads=args.uploads,
+        seed=args.seed,
+        max_size=parse_size(args.max_size),
+        connections=args.connections,
+        concurrency=args.concurrency,
+        faults=args.faults,
+        intensity=args.intensity,
+        deadline=args.deadline,
+        precondition_share=args.generation_match,
+        gcs_endpoint=args.gcs_endpoint,
+        portable_faults=args.portable_faults,
+        only=args.only,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from(args)
+    except ValueError as exc:
+        print(f"rup chaos: {exc}", file=sys.stderr)
+        return 2
+    if args.json or not sys.stderr.isatty():
+        report = run_chaos(settings)
+    else:
+        report = _run_with_progress(settings)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=None))
+    else:
+        report.render(Console())
+    if not report.passed:
+        print(f"rup chaos: FAILED; replay with: {report.replay}", file=sys.stderr)
+        return 1
+    if args.strict and report.verified_share < 1.0:
+        failed = tuple(o.index for o in report.outcomes if o.verdict is Verdict.FAILED_CLEANLY)
+        print(
+            f"rup chaos: {len(failed)} uploads failed (cleanly); replay with:"
+            f" {settings.replay_command(failed)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -1,0 +1,248 @@
+"""``rup upload``: upload a file, or stdin, through a rup proxy.
+
+Exit codes:
+
+====  ==============================================================
+0     the object was stored and its size and CRC32C verified
+1     the upload failed for another reason (the message says why)
+2     usage error: bad arguments, unreadable file
+3     the proxy refused the credentials or the bucket/object
+4     a precondition failed (``--if-generation-match``)
+5     the proxy could not be reached, or kept failing, within the retry budget
+6     the stored object does not match what was sent (size or CRC32C)
+130   interrupted (Ctrl-C)
+====  ==============================================================
+
+Errors are a single line on stderr. A progress bar shows on stderr when it is a terminal;
+``--json`` prints one summary line on stdout instead, for success and for failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import ssl
+import sys
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import trio
+
+from protocol import MIN_FRAME_SIZE, ErrorCode
+from proxy.cli.progress import UploadBar
+from proxy.client import (
+    ChecksumMismatchError,
+    ClientSettings,
+    ProxyUnreachableError,
+    ReconnectPolicy,
+    UploadError,
+    UploadProgress,
+    UploadResult,
+    parse_gs_url,
+    parse_proxy_address,
+    upload_file,
+    upload_stream,
+)
+
+__all__ = ["EXIT_CODES", "HELP", "configure", "exit_code_for", "run"]
+
+HELP: Final = "upload a file or stdin to gs://BUCKET/OBJECT through a rup proxy"
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_DENIED: Final = 3
+EXIT_PRECONDITION: Final = 4
+EXIT_UNREACHABLE: Final = 5
+EXIT_MISMATCH: Final = 6
+EXIT_INTERRUPTED: Final = 130
+
+EXIT_CODES: Final = {
+    EXIT_OK: "the object was stored and verified",
+    EXIT_FAILED: "the upload failed",
+    EXIT_USAGE: "usage error",
+    EXIT_DENIED: "authentication or permission refused",
+    EXIT_PRECONDITION: "precondition failed (--if-generation-match)",
+    EXIT_UNREACHABLE: "proxy unreachable or kept failing",
+    EXIT_MISMATCH: "stored object differs from what was sent",
+    EXIT_INTERRUPTED: "interrupted",
+}
+
+_DENIED_CODES: Final = frozenset(
+    {ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN, ErrorCode.BAD_TOKEN}
+)
+_STDIN_READ_SIZE: Final = 1024 * 1024
+
+
+def exit_code_for(error: UploadError) -> int:
+    """The documented exit code for an upload failure."""
+    if isinstance(error, ProxyUnreachableError):
+        return EXIT_UNREACHABLE
+    if isinstance(error, ChecksumMismatchError) or error.code == ErrorCode.CHECKSUM_MISMATCH:
+        return EXIT_MISMATCH
+    if error.code in _DENIED_CODES:
+        return EXIT_DENIED
+    if error.code == ErrorCode.PRECONDITION_FAILED:
+        return EXIT_PRECONDITION
+    return EXIT_FAILED
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "exit codes:\n" + "\n".join(
+        f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES.items()
+    )
+    parser.add_argument("source", metavar="FILE|-", help="file to upload, or - for stdin")
+    parser.add_argument("url", metavar="gs://BUCKET/OBJECT", help="where to store it")
+    parser.add_argument(
+        "--proxy",
+        metavar="HOST:PORT",
+        default=os.environ.get("RUP_PROXY"),
+        help="the rup proxy (default: $RUP_PROXY)",
+    )
+    parser.add_argument(
+        "--connections", type=int, default=4, metavar="N", help="TCP connections (default 4)"
+    )
+    parser.add_argument(
+        "--auth-token",
+        default=os.environ.get("RUP_AUTH_TOKEN", ""),
+        help="bearer token the proxy expects (default: $RUP_AUTH_TOKEN)",
+    )
+    parser.add_argument("--tls", action="store_true", help="use TLS with the system's CAs")
+    parser.add_argument("--tls-ca", metavar="FILE", help="use TLS, trusting this CA bundle")
+    parser.add_argument("--content-type", default="application/octet-stream")
+    parser.add_argument(
+        "--if-generation-match",
+        type=int,
+        metavar="GEN",
+        help="only store if the object's generation is GEN (0: only if it does not exist)",
+    )
+    parser.add_argument(
+        "--frame-size",
+        type=int,
+        default=ClientSettings.frame_size,
+        metavar="BYTES",
+        help="payload bytes per frame (default 1 MiB)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=ReconnectPolicy.max_attempts,
+        metavar="N",
+        help="consecutive failed attempts per connection before giving up (default %(default)s)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON summary line")
+
+
+def _usage(args: argparse.Namespace) -> str | None:
+    if not args.proxy:
+        return "--proxy HOST:PORT is required (or set RUP_PROXY)"
+    try:
+        parse_proxy_address(args.proxy)
+        parse_gs_url(args.url)
+    except ValueError as exc:
+        return str(exc)
+    if args.connections < 1:
+        return f"--connections must be at least 1, got {args.connections}"
+    if args.frame_size < MIN_FRAME_SIZE:
+        return f"--frame-size must be at least {MIN_FRAME_SIZE}, got {args.frame_size}"
+    if args.retries < 0:
+        return f"--retries must not be negative, got {args.retries}"
+    if args.source != "-" and not os.path.isfile(args.source):
+        return f"cannot read {args.source!r}: not a file"
+    return None
+
+
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.tls_ca:
+        return ssl.create_default_context(cafile=args.tls_ca)
+    if args.tls:
+        return ssl.create_default_context()
+    return None
+
+
+async def _stdin_chunks() -> AsyncIterator[bytes]:
+    # A duplicate, so trio's non-blocking mode and closing do not touch the real fd 0.
+    async with trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())) as stdin:
+        while chunk := await stdin.receive_some(_STDIN_READ_SIZE):
+            yield bytes(chunk)
+
+
+async def _upload(args: argparse.Namespace, bar: UploadBar | None) -> UploadResult:
+    def progress(snapshot: UploadProgress) -> None:
+        if bar is not None:
+            bar.update(snapshot)
+
+    settings = ClientSettings(
+        connections=args.connections,
+        frame_size=args.frame_size,
+        reconnect=ReconnectPolicy(max_attempts=args.retries),
+    )
+    common: dict[str, Any] = {
+        "proxy": args.proxy,
+        "auth": args.auth_token,
+        "tls": _tls_context(args),
+        "content_type": args.content_type,
+        "if_generation_match": args.if_generation_match,
+        "settings": settings,
+        "progress": progress,
+    }
+    if args.source == "-":
+        return await upload_stream(_stdin_chunks(), args.url, **common)
+    return await upload_file(args.source, args.url, **common)
+
+
+def _summary(result: UploadResult) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "url": f"gs://{result.bucket}/{result.name}",
+        "size": result.size,
+        "generation": result.generation,
+        "crc32c": base64.b64encode(result.crc32c.to_bytes(4, "big")).decode(),
+        "md5": base64.b64encode(result.md5).decode() if result.md5 else None,
+        "elapsed_s": round(result.elapsed, 3),
+        "throughput_mib_s": round(result.throughput / 2**20, 2),
+        "connections": result.connections,
+        "bytes_sent": result.bytes_sent,
+        "reconnects": result.reconnects,
+        "resent_bytes": dict(result.resent_bytes_by_cause),
+        "errors": dict(result.errors_by_code),
+    }
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    print(f"rup upload: {message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"ok": False, "error": message, "exit_code": code}))
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    problem = _usage(args)
+    if problem is not None:
+        return _fail(args, problem, EXIT_USAGE)
+    try:
+        if args.json or not sys.stderr.isatty():
+            result = trio.run(_upload, args, None)
+        else:
+            with UploadBar(args.url) as bar:
+                result = trio.run(_upload, args, bar)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted", EXIT_INTERRUPTED)
+    except UploadError as exc:
+        return _fail(args, exc.message, exit_code_for(exc))
+    except (OSError, ssl.SSLError) as exc:
+        return _fail(args, f"{type(exc).__name__}: {exc}", EXIT_FAILED)
+    if args.json:
+        print(json.dumps(_summary(result)))
+    else:
+        mib_s = result.throughput / 2**20
+        print(
+            f"stored gs://{result.bucket}/{result.name}: {result.size} bytes, generation"
+            f" {result.generation}, crc32c verified, {mib_s:.1f} MiB/s,"
+            f" {result.reconnects} reconnects",
+            file=sys.stderr,
+        )
+    return EXIT_OK

@@ -1,0 +1,74 @@
+"""The ``rup`` dispatcher: usage errors, help, and Ctrl-C however it arrives."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from collections.abc import Callable
+
+import pytest
+
+from proxy.cli import main as cli
+
+
+@pytest.fixture
+def fake_command(monkeypatch: pytest.MonkeyPatch) -> Callable[[BaseException], None]:
+    """Registers ``rup fake``, whose run() raises whatever the test sets."""
+    module = types.ModuleType("rup_fake_command")
+    raised: list[BaseException] = []
+
+    def run(args: argparse.Namespace) -> int:
+        raise raised[0]
+
+    module.HELP = "a command for tests"  # type: ignore[attr-defined]
+    module.configure = lambda parser: None  # type: ignore[attr-defined]
+    module.run = run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(cli.COMMANDS, "fake", (module.__name__, "for tests"))
+    return raised.append
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    assert "commands:" in capsys.readouterr().err
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bogus"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert f"  {name} " in out
+
+
+@pytest.mark.parametrize(
+    "interrupt",
+    [KeyboardInterrupt(), BaseExceptionGroup("from a nursery", [KeyboardInterrupt()])],
+    ids=["bare", "grouped"],
+)
+def test_ctrl_c_exits_130(
+    fake_command: Callable[[BaseException], None],
+    interrupt: BaseException,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake_command(interrupt)
+    assert cli.main(["fake"]) == 130
+    assert capsys.readouterr().err == "rup: interrupted\n"
+
+
+def test_a_real_error_beside_ctrl_c_is_not_swallowed(
+    fake_command: Callable[[BaseException], None],
+) -> None:
+    fake_command(BaseExceptionGroup("mixed", [KeyboardInterrupt(), ValueError("real")]))
+    with pytest.raises(BaseExceptionGroup) as group:
+        cli.main(["fake"])
+    assert group.group_contains(ValueError)

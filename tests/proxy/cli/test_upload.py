@@ -1,0 +1,165 @@
+"""``rup upload`` as users run it: exit codes, one-line errors, ``--json``, stdin.
+
+The command runs its own trio loop, so the proxy it talks to runs in a thread of its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import google_crc32c
+import pytest
+import trio
+
+from faultnet.gcs import GcsServer
+from faultnet.gcs.testing import anonymous_client
+from proxy.cli.main import main
+from proxy.server import serve_in_background
+from proxy.server.backend import Backend, TargetKind
+from proxy.server.settings import ServerSettings
+
+TOKEN = "sesame"
+
+
+@pytest.fixture
+def proxy_address(gcs_server: GcsServer) -> Iterator[str]:
+    """A proxy that wants bearer token TOKEN, served from a background thread."""
+    ready: queue.Queue[tuple[str, trio.lowlevel.TrioToken, trio.Event]] = queue.Queue()
+
+    async def serve() -> None:
+        backend = Backend(anonymous_client(gcs_server.url), TargetKind.EMBEDDED, gcs_server.url)
+        settings = ServerSettings(auth_tokens=(TOKEN,), shutdown_grace=0.5)
+        async with serve_in_background(settings, backend) as server:
+            stop = trio.Event()
+            host, port = server.address
+            ready.put((f"{host}:{port}", trio.lowlevel.current_trio_token(), stop))
+            await stop.wait()
+
+    thread = threading.Thread(target=trio.run, args=(serve,), daemon=True)
+    thread.start()
+    address, token, stop = ready.get(timeout=30)
+    yield address
+    trio.from_thread.run_sync(stop.set, trio_token=token)
+    thread.join(timeout=30)
+
+
+def stored(gcs_server: GcsServer, bucket: str, name: str) -> bytes:
+    data: bytes = anonymous_client(gcs_server.url).bucket(bucket).blob(name).download_as_bytes()
+    return data
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> tuple[Path, bytes]:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    path = tmp_path / "source.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+def test_file_upload_prints_one_json_line(
+    proxy_address: str,
+    gcs_server: GcsServer,
+    source: tuple[Path, bytes],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path, data = source
+    argv = ["upload", str(path), "gs://cmd/file.bin", "--proxy", proxy_address]
+    assert main([*argv, "--auth-token", TOKEN, "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1
+    summary = json.loads(out[0])
+    assert summary["ok"] is True
+    assert summary["size"] == len(data)
+    assert (
+        summary["crc32c"] == base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
+    )
+    assert stored(gcs_server, "cmd", "file.bin") == data
+
+
+def test_stdin_upload(proxy_address: str, gcs_server: GcsServer) -> None:
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    completed = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "upload", "-", "gs://cmd/stdin.bin", "--json"],
+        input=data,
+        capture_output=True,
+        env={**os.environ, "RUP_PROXY": proxy_address, "RUP_AUTH_TOKEN": TOKEN},
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr.decode()
+    assert json.loads(completed.stdout)["size"] == len(data)
+    assert stored(gcs_server, "cmd", "stdin.bin") == data
+
+
+def test_wrong_token_exits_3_with_one_line(
+    proxy_address: str, source: tuple[Path, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = source
+    argv = ["upload", str(path), "gs://cmd/x", "--proxy", proxy_address, "--auth-token", "nope"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "UNAUTHENTICATED" in err[0]
+    assert "nope" not in err[0]
+
+
+def test_precondition_failure_exits_4(
+    proxy_address: str, source: tuple[Path, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = source
+    argv = ["upload", str(path), "gs://cmd/once", "--proxy", proxy_address]
+    argv += ["--auth-token", TOKEN, "--if-generation-match", "0", "--json"]
+    assert main(argv) == 0
+    assert main(argv) == 4
+    last = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert last == {"ok": False, "error": last["error"], "exit_code": 4}
+
+
+def test_unreachable_proxy_exits_5(
+    source: tuple[Path, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = source
+    with socket.socket() as sock:  # nothing listens on this port once it is closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["upload", str(path), "gs://cmd/x", "--proxy", f"127.0.0.1:{port}", "--retries", "2"]
+    assert main(argv) == 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "cannot connect" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["upload", "missing-file", "gs://b/o", "--proxy", "127.0.0.1:1"],
+        ["upload", "-", "s3://b/o", "--proxy", "127.0.0.1:1"],
+        ["upload", "-", "gs://b/o", "--proxy", "no-port"],
+        ["upload", "-", "gs://b/o", "--proxy", "127.0.0.1:1", "--connections", "0"],
+    ],
+)
+def test_usage_errors_exit_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RUP_PROXY", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["upload", "--help"])
+    help_text = capsys.readouterr().out
+    for code in ("0", "1", "2", "3", "4", "5", "6", "130"):
+        assert f"\n  {code:<4} " in help_text
