@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from faultnet.gcs import UPLOAD_QUANTUM, GcsServer
-from faultnet.gcs.testing import start_resumable_upload
+from faultnet.gcs.clients import start_resumable_upload
 
 __all__ = ["TARGET_BYTES_PER_SECOND", "run"]
 

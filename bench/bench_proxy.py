@@ -31,7 +31,7 @@ import trio
 from google.resumable_media.requests import ResumableUpload
 
 from bench._rup_process import rup_process
-from faultnet.gcs.testing import anonymous_client
+from faultnet.gcs.clients import anonymous_client
 from proxy.client import upload_file
 
 __all__ = ["main", "run"]

@@ -28,7 +28,7 @@ from typing import Any, Final
 import trio
 
 from bench._rup_process import rup_process
-from faultnet.gcs.testing import anonymous_client
+from faultnet.gcs.clients import anonymous_client
 from proxy.client import upload_stream
 from proxy.server.backend import pooled_session
 

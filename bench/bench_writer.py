@@ -43,7 +43,7 @@ from google.cloud import storage  # type: ignore[import-untyped]
 from google.resumable_media.requests import ResumableUpload
 
 from bench._rup_process import rup_process
-from faultnet.gcs.testing import anonymous_client
+from faultnet.gcs.clients import anonymous_client
 from reliablewriter import WriterSettings, WriterStats, open_writer
 
 __all__ = ["TARGET_ALLOC_PER_BYTE", "TARGET_RATIO", "run"]

@@ -32,6 +32,6 @@ def gcs_bucket(gcs_server: GcsServer) -> str:
 @pytest.fixture
 def storage_client(gcs_server: GcsServer) -> storage.Client:
     """An anonymous google-cloud-storage client pointed at :func:`gcs_server`."""
-    from faultnet.gcs.testing import anonymous_client  # heavy import; only where needed
+    from faultnet.gcs.clients import anonymous_client  # heavy import; only where needed
 
     return anonymous_client(gcs_server.url)

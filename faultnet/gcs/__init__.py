@@ -6,8 +6,9 @@ injects the faults a retry test scripts (see :mod:`faultnet.gcs.retry_test`).
 """
 
 from faultnet.gcs.errors import GcsApiError
+from faultnet.gcs.model import ObjectInfo, SessionInfo
 from faultnet.gcs.resumable import UPLOAD_QUANTUM
 from faultnet.gcs.server import GcsServer
-from faultnet.gcs.store import ObjectInfo, SessionInfo, Store
+from faultnet.gcs.store import Store
 
 __all__ = ["UPLOAD_QUANTUM", "GcsApiError", "GcsServer", "ObjectInfo", "SessionInfo", "Store"]

@@ -21,6 +21,7 @@ from urllib.parse import quote, unquote
 
 from faultnet.gcs.errors import GcsApiError
 from faultnet.gcs.http11 import Body, HttpConnection, Request, Response
+from faultnet.gcs.model import ObjectInfo, Preconditions
 from faultnet.gcs.resumable import (
     UPLOAD_QUANTUM,
     ChunkOutcome,
@@ -40,7 +41,7 @@ from faultnet.gcs.retry_test import (
     ShortRange,
     StallAfterBytes,
 )
-from faultnet.gcs.store import ObjectInfo, Preconditions, Store, UploadSession
+from faultnet.gcs.store import Store, UploadSession
 
 __all__ = ["Exchange", "GcsApi", "Reply"]
 

@@ -1,5 +1,11 @@
 """A minimal, fast, blocking HTTP/1.1 server connection: just what the GCS endpoint needs.
 
+Why the endpoint keeps its own HTTP layer rather than h11 or ``http.server``: it is the
+ingest fast path. Every byte of every upload in the tests, the chaos runs and the
+benchmarks crosses it, and it must take chunks at several hundred MB/s on a small machine
+while injecting faults at exact byte offsets in bodies (pause, cut, reset). Both need
+control of the socket reads that a general library hides behind its own buffering.
+
 ``http.server`` reads bodies through a buffered file object and copies them repeatedly,
 which caps it far below the ingest rate the endpoint must sustain. This module reads a
 request head (bounded in size), then reads ``Content-Length`` bodies with ``recv_into``

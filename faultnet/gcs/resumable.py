@@ -21,7 +21,8 @@ import re
 from dataclasses import dataclass
 
 from faultnet.gcs.errors import GcsApiError
-from faultnet.gcs.store import ObjectInfo, Store, UploadSession
+from faultnet.gcs.model import ObjectInfo
+from faultnet.gcs.store import Store, UploadSession
 
 __all__ = [
     "UPLOAD_QUANTUM",

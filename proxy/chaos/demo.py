@@ -34,7 +34,7 @@ from prometheus_client import Counter
 
 from faultnet.counters import FaultCounters
 from faultnet.gcs import GcsServer
-from faultnet.gcs.testing import anonymous_client
+from faultnet.gcs.clients import anonymous_client
 from faultnet.plan import FaultPlan, PlanSyntaxError
 from faultnet.stream import open_tcp_stream
 from faultnet.transport import faulty_session

@@ -28,7 +28,7 @@ from prometheus_client import Counter
 
 from faultnet.counters import FaultCounters, FaultCountersDict
 from faultnet.gcs import GcsServer
-from faultnet.gcs.testing import anonymous_client
+from faultnet.gcs.clients import anonymous_client
 from faultnet.plan import FaultPlan
 from faultnet.stream import open_tcp_stream
 from faultnet.tcpproxy import open_chaos_proxy

@@ -98,8 +98,8 @@ class Backend:
 def open_backend(target: GcsTarget) -> Iterator[Backend]:
     """A backend for ``target``; an embedded endpoint lives exactly as long as the context."""
     kind = target.resolve()
-    # faultnet.gcs.testing is light; GcsServer is imported only for the embedded endpoint.
-    from faultnet.gcs.testing import anonymous_client, without_background_fetches
+    # faultnet.gcs.clients is light; GcsServer is imported only for the embedded endpoint.
+    from faultnet.gcs.clients import anonymous_client, without_background_fetches
 
     if kind is TargetKind.REAL:
         client = without_background_fetches(storage.Client(project=target.project))

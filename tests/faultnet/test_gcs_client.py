@@ -13,7 +13,7 @@ from google.cloud import storage  # type: ignore[import-untyped]
 from google.resumable_media.requests import ResumableUpload
 
 from faultnet.gcs import UPLOAD_QUANTUM, GcsServer
-from faultnet.gcs.testing import anonymous_client
+from faultnet.gcs.clients import anonymous_client
 
 
 def _crc32c(data: bytes) -> str:

@@ -16,7 +16,7 @@ def test_gcs_server_serves_until_signalled(tmp_path: Path, stop_signal: signal.S
     command = [
         sys.executable,
         "-m",
-        "proxy",
+        "proxy.cli",
         "gcs-server",
         "--port",
         "0",

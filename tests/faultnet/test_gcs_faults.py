@@ -14,7 +14,7 @@ import requests
 from google.cloud import storage  # type: ignore[import-untyped]
 
 from faultnet.gcs import UPLOAD_QUANTUM, GcsServer
-from faultnet.gcs.testing import anonymous_client, start_resumable_upload
+from faultnet.gcs.clients import anonymous_client, start_resumable_upload
 
 Q = UPLOAD_QUANTUM
 KIB = 1024

@@ -14,8 +14,8 @@ import pytest
 import requests
 
 from faultnet.gcs import UPLOAD_QUANTUM, GcsServer
-from faultnet.gcs.store import Preconditions, SessionInfo
-from faultnet.gcs.testing import start_resumable_upload
+from faultnet.gcs.clients import start_resumable_upload
+from faultnet.gcs.model import Preconditions, SessionInfo
 
 Q = UPLOAD_QUANTUM
 

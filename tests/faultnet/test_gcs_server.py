@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from faultnet.gcs import UPLOAD_QUANTUM, GcsServer
-from faultnet.gcs.testing import start_resumable_upload
+from faultnet.gcs.clients import start_resumable_upload
 
 Q = UPLOAD_QUANTUM
 

@@ -21,7 +21,7 @@ from google.api_core.exceptions import BadRequest
 from faultnet.counters import FaultCounters
 from faultnet.engine import ConnectionFaults
 from faultnet.gcs import GcsServer
-from faultnet.gcs.testing import anonymous_client
+from faultnet.gcs.clients import anonymous_client
 from faultnet.plan import (
     Corrupt,
     Direction,

@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from faultnet.gcs import GcsServer
-from faultnet.gcs.testing import anonymous_client
+from faultnet.gcs.clients import anonymous_client
 from protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,

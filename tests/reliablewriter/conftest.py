@@ -14,7 +14,7 @@ from google.cloud import storage  # type: ignore[import-untyped]
 
 from faultnet.counters import FaultCounters
 from faultnet.gcs import GcsServer
-from faultnet.gcs.testing import anonymous_client
+from faultnet.gcs.clients import anonymous_client
 from faultnet.plan import FaultPlan
 from faultnet.transport import faulty_session
 from reliablewriter import ObjectInfo, RetryPolicy, WriterSettings, open_writer

@@ -16,7 +16,7 @@ import pytest
 from google.cloud import storage  # type: ignore[import-untyped]
 
 from faultnet.gcs import GcsServer
-from faultnet.gcs.testing import anonymous_client
+from faultnet.gcs.clients import anonymous_client
 from proxy.chaos.report import Verdict
 from proxy.chaos.run import ChaosSettings, lingering_in_proxy, run_chaos
 from proxy.chaos.verify import SourceComparator, verify_object, verify_untouched

@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from faultnet.gcs import GcsServer
-from faultnet.gcs.testing import anonymous_client
+from faultnet.gcs.clients import anonymous_client
 from proxy.cli.main import main
 from proxy.server import serve_in_background
 from proxy.server.backend import Backend, TargetKind

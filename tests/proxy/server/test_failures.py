@@ -11,7 +11,7 @@ import trio
 from requests.adapters import HTTPAdapter
 
 from faultnet.gcs import GcsServer
-from faultnet.gcs.testing import anonymous_client
+from faultnet.gcs.clients import anonymous_client
 from protocol import AttachUpload, Error, ErrorCode, OpenUpload
 from proxy.server import ProxyServer, serve_in_background
 from proxy.server.backend import Backend, TargetKind

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from faultnet.gcs import GcsServer
-from faultnet.gcs.testing import anonymous_client
+from faultnet.gcs.clients import anonymous_client
 from faultnet.plan import FaultPlan
 from faultnet.transport import faulty_session
 from protocol import (

@@ -1,6 +1,7 @@
-"""Helpers for code that talks to a :class:`~faultnet.gcs.GcsServer` (tests, demo, chaos).
+"""Client helpers for a :class:`~faultnet.gcs.GcsServer`: storage clients, session starts.
 
-Kept out of pytest so ``rup demo`` and the chaos runner can use them too.
+Used by ``rup serve`` (the embedded endpoint's client), ``rup demo``, the chaos runner,
+the benchmarks and the tests; so they live here, not in pytest fixtures.
 """
 
 from __future__ import annotations
