@@ -21,7 +21,6 @@ becomes a reset of both, and any other failure closes both sides.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import socket
 import struct
@@ -29,9 +28,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
-from http import HTTPStatus
 from typing import Any
-from urllib.parse import unquote
 
 import trio
 
@@ -46,6 +43,7 @@ from faultnet.engine import (
     Freeze,
     Reset,
 )
+from faultnet.http_json import HTTPError, Request, Response, serve_json
 from faultnet.plan import Direction, FaultPlan, PlanSyntaxError, Toxic, toxic_from_dict
 
 __all__ = [
@@ -288,7 +286,7 @@ class ChaosProxy:
         host, port = listeners[0].socket.getsockname()[:2]
         self._control_address = (host, port)
         task_status.started(self._control_address)
-        await trio.serve_listeners(partial(_answer_control_request, self), listeners)
+        await serve_json(listeners, partial(_route, self))
 
     async def _relay(self, client: trio.SocketStream) -> None:
         index = self._next_index
@@ -427,110 +425,7 @@ async def open_chaos_proxy(
 
 # -- the HTTP control API ----------------------------------------------------------------
 #
-# Deliberately tiny: one request per connection, answered with ``Connection: close``, JSON
-# in and out. Bad requests get a 4xx with a message; nothing a client sends can stop the
-# proxy.
-
-#: longest request head (request line and headers) accepted
-MAX_REQUEST_HEAD = 16 * 1024
-#: longest request body accepted; a toxic's JSON is well under a kilobyte
-MAX_REQUEST_BODY = 64 * 1024
-#: how long one control request may take, end to end, before it is dropped
-CONTROL_REQUEST_TIMEOUT = 10.0
-
-
-class _HTTPError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass(frozen=True)
-class _Request:
-    method: str
-    path: str
-    body: bytes
-
-
-@dataclass(frozen=True)
-class _Response:
-    status: int
-    body: Any
-    headers: tuple[tuple[str, str], ...] = ()
-
-    def encode(self) -> bytes:
-        payload = (json.dumps(self.body, indent=2) + "\n").encode()
-        lines = [
-            f"HTTP/1.1 {self.status} {HTTPStatus(self.status).phrase}",
-            "Content-Type: application/json",
-            f"Content-Length: {len(payload)}",
-            "Connection: close",
-            *(f"{name}: {value}" for name, value in self.headers),
-        ]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
-
-
-async def _answer_control_request(proxy: ChaosProxy, stream: trio.SocketStream) -> None:
-    async with stream:
-        try:
-            with trio.fail_after(CONTROL_REQUEST_TIMEOUT):
-                try:
-                    response = _route(proxy, await _read_request(stream))
-                except _HTTPError as exc:
-                    response = _Response(exc.status, {"error": exc.message})
-                except Exception:
-                    # A bug in a handler must cost one request, not the whole proxy.
-                    logger.exception("control API: internal error")
-                    response = _Response(500, {"error": "internal error; see the proxy's log"})
-                await stream.send_all(response.encode())
-                # Let the client read the answer before the close: closing with unread
-                # request bytes in our buffer would reset the connection under it.
-                await stream.send_eof()
-                while await stream.receive_some(MAX_REQUEST_BODY):
-                    pass
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client stalled or went away: there is no one left to answer
-
-
-async def _read_request(stream: trio.abc.ReceiveStream) -> _Request:
-    received = bytearray()
-    while (head_end := received.find(b"\r\n\r\n")) < 0:
-        if len(received) > MAX_REQUEST_HEAD:
-            raise _HTTPError(431, f"request head longer than {MAX_REQUEST_HEAD} bytes")
-        chunk = await stream.receive_some(MAX_REQUEST_HEAD)
-        if not chunk:
-            raise _HTTPError(400, "connection closed before the request head ended")
-        received += chunk
-    if head_end > MAX_REQUEST_HEAD:
-        raise _HTTPError(431, f"request head longer than {MAX_REQUEST_HEAD} bytes")
-    request_line, *header_lines = received[:head_end].decode("latin-1").split("\r\n")
-    method, _, rest = request_line.partition(" ")
-    target, _, version = rest.partition(" ")
-    if not method or not target.startswith("/") or not version.startswith("HTTP/1."):
-        raise _HTTPError(400, f"malformed request line {request_line[:100]!r}")
-    headers: dict[str, str] = {}
-    for line in header_lines:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
-            raise _HTTPError(400, f"malformed header line {line[:100]!r}")
-        headers[name.lower()] = value.strip()
-    if "transfer-encoding" in headers:
-        raise _HTTPError(411, "send the body with a Content-Length, not chunked")
-    length_text = headers.get("content-length", "0")
-    if not _is_index(length_text):
-        raise _HTTPError(400, f"malformed Content-Length {length_text[:20]!r}")
-    length = int(length_text)
-    if length > MAX_REQUEST_BODY:
-        raise _HTTPError(413, f"request body longer than {MAX_REQUEST_BODY} bytes")
-    body = received[head_end + 4 :]
-    while len(body) < length:
-        chunk = await stream.receive_some(length - len(body))
-        if not chunk:
-            raise _HTTPError(400, f"body ended after {len(body)} of {length} bytes")
-        body += chunk
-    path = unquote(target.partition("?")[0])
-    return _Request(method=method, path=path, body=bytes(body[:length]))
+# JSON in and out over h11 (faultnet.http_json); bad requests get a 4xx with a message.
 
 
 _ALLOWED_METHODS = {
@@ -541,37 +436,37 @@ _ALLOWED_METHODS = {
 }
 
 
-def _route(proxy: ChaosProxy, request: _Request) -> _Response:
+async def _route(proxy: ChaosProxy, request: Request) -> Response:
     segments = tuple(s for s in request.path.split("/") if s)
     try:
         match request.method, segments:
             case "GET", ("toxics",):
-                return _Response(200, _toxics_listing(proxy))
+                return Response(200, _toxics_listing(proxy))
             case "POST", ("toxics",):
-                toxic, name = _toxic_from_body(request.body)
+                toxic, name = _toxic_from_body(request)
                 named = proxy.add_toxic(toxic, name)
-                return _Response(201, {"index": len(proxy.toxics()) - 1, **named.to_dict()})
+                return Response(201, {"index": len(proxy.toxics()) - 1, **named.to_dict()})
             case "DELETE", ("toxics", key):
                 removed = proxy.remove_toxic(int(key) if _is_index(key) else key)
-                return _Response(200, {"removed": removed.to_dict()})
+                return Response(200, {"removed": removed.to_dict()})
             case "POST", ("reset",):
                 proxy.reset()
-                return _Response(200, _toxics_listing(proxy))
+                return Response(200, _toxics_listing(proxy))
             case "GET", ("stats",):
-                return _Response(200, proxy.stats().to_dict())
+                return Response(200, proxy.stats().to_dict())
     except ToxicNotFoundError as exc:
-        raise _HTTPError(404, str(exc)) from exc
+        raise HTTPError(404, str(exc)) from exc
     except DuplicateToxicError as exc:
-        raise _HTTPError(409, str(exc)) from exc
+        raise HTTPError(409, str(exc)) from exc
     except ValueError as exc:
-        raise _HTTPError(400, str(exc)) from exc
+        raise HTTPError(400, str(exc)) from exc
     shape = segments[:1] + (("*",) if len(segments) == 2 else ())
     if len(segments) <= 2 and shape in _ALLOWED_METHODS:
         allowed = _ALLOWED_METHODS[shape]
-        return _Response(
+        return Response(
             405, {"error": f"{request.method} not allowed; use {allowed}"}, (("Allow", allowed),)
         )
-    return _Response(404, {"error": f"no such resource {request.path[:100]!r}"})
+    return Response(404, {"error": f"no such resource {request.path[:100]!r}"})
 
 
 def _toxics_listing(proxy: ChaosProxy) -> dict[str, Any]:
@@ -584,23 +479,20 @@ def _toxics_listing(proxy: ChaosProxy) -> dict[str, Any]:
 _DIRECTION_NAMES = ("up", "down", "upstream", "downstream")
 
 
-def _toxic_from_body(body: bytes) -> tuple[Toxic, str | None]:
+def _toxic_from_body(request: Request) -> tuple[Toxic, str | None]:
     """Read a toxic in Toxiproxy's JSON shape, where ``stream`` names the direction."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _HTTPError(400, f"body is not valid JSON: {exc}") from exc
+    data = request.json()
     if not isinstance(data, dict):
-        raise _HTTPError(400, "a toxic must be a JSON object")
+        raise HTTPError(400, "a toxic must be a JSON object")
     name = data.pop("name", None)
     if name is not None and not isinstance(name, str):
-        raise _HTTPError(400, f"a toxic's name must be a string, got {name!r}")
+        raise HTTPError(400, f"a toxic's name must be a string, got {name!r}")
     if "direction" not in data and "stream" in data:
         data["direction"] = data.pop("stream")
     if data.get("direction", "up") not in _DIRECTION_NAMES:
-        raise _HTTPError(400, f"direction must be one of {', '.join(_DIRECTION_NAMES)}")
+        raise HTTPError(400, f"direction must be one of {', '.join(_DIRECTION_NAMES)}")
     try:
         return toxic_from_dict(data), name
     except (TypeError, ValueError) as exc:
         message = str(exc) if isinstance(exc, PlanSyntaxError) else f"malformed toxic: {exc}"
-        raise _HTTPError(400, message) from exc
+        raise HTTPError(400, message) from exc

@@ -394,13 +394,17 @@ async def test_control_api_refuses_duplicate_names(proxy: ChaosProxy) -> None:
     [
         (b"NONSENSE\r\n\r\n", 400),
         (b"GET /toxics\r\n\r\n", 400),
-        (b"GET /toxics HTTP/1.1\r\nno colon here\r\n\r\n", 400),
-        (b"POST /toxics HTTP/1.1\r\nContent-Length: ten\r\n\r\n", 400),
-        ("POST /toxics HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1"), 400),
-        (b"POST /toxics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
-        (b"POST /toxics HTTP/1.1\r\nContent-Length: 50\r\n\r\n{}", 400),  # body cut short
+        (b"GET /toxics HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400),
+        (b"POST /toxics HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n", 400),
+        (
+            "POST /toxics HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1"),
+            400,
+        ),
+        (b"POST /toxics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+        (b"POST /toxics HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{}", 400),  # cut short
         (b"GET /toxics HTTP/1.1\r\n" + b"X-Filler: y\r\n" * 2000, 431),
         (b"GET /toxics HTTP/1.1", 400),  # head cut short
+        (b"GET /toxics HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without the mandatory Host
     ],
 )
 async def test_control_api_survives_malformed_http(
@@ -413,6 +417,42 @@ async def test_control_api_survives_malformed_http(
         answer = await receive_all(stream)
 
     assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    assert (await control(proxy, "GET", "/toxics"))[0] == 200
+
+
+async def test_control_api_keeps_a_connection_alive_across_requests(proxy: ChaosProxy) -> None:
+    assert proxy.control_address is not None
+    host, port = proxy.control_address
+
+    def two_requests() -> list[tuple[int, Any]]:
+        connection = http.client.HTTPConnection(host, port, timeout=10)
+        try:
+            answers = []
+            for method, path in (("POST", "/toxics"), ("GET", "/toxics")):
+                body = json.dumps({"type": "latency", "name": "slow"}) if method == "POST" else None
+                connection.request(method, path, body=body)
+                response = connection.getresponse()
+                answers.append((response.status, json.loads(response.read())))
+            return answers
+        finally:
+            connection.close()
+
+    (created, _), (listed, listing) = await trio.to_thread.run_sync(two_requests)
+
+    assert (created, listed) == (201, 200)
+    assert [t["name"] for t in listing["toxics"]] == ["slow"]
+
+
+async def test_control_api_drops_a_client_that_stalls(
+    mock_clock: trio.testing.MockClock, proxy: ChaosProxy
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    assert proxy.control_address is not None
+    async with await trio.open_tcp_stream(*proxy.control_address) as stalled:
+        await stalled.send_all(b"GET /toxics HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        start = trio.current_time()
+        assert await receive_all(stalled) == b""
+        assert trio.current_time() - start == pytest.approx(10.0)  # REQUEST_TIMEOUT
     assert (await control(proxy, "GET", "/toxics"))[0] == 200
 
 
