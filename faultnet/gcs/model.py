@@ -183,8 +183,6 @@ class SessionInfo:
     finalized: bool
 
 
-
-
 @dataclass(frozen=True)
 class SessionParams:
     """What a resumable upload is fixed to when it starts."""

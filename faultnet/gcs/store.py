@@ -447,4 +447,3 @@ def _check_hashes(
         raise GcsApiError(
             400, f"Provided MD5 hash {expected_md5!r} doesn't match calculated MD5 {md5!r}."
         )
-

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from faultnet.gcs import GcsServer
+
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_gcs_server_serves_until_signalled(tmp_path: Path, stop_signal: signal.Signals) -> None:
@@ -34,4 +36,5 @@ def test_gcs_server_serves_until_signalled(tmp_path: Path, stop_signal: signal.S
             process.send_signal(stop_signal)
             exit_code = process.wait(timeout=60)
     assert exit_code == 0
-    assert (tmp_path / "buckets" / "cli").is_dir()
+    with GcsServer(data_dir=tmp_path) as server:  # what it stored is there after a restart
+        assert [bucket.name for bucket in server.store.list_buckets()] == ["cli"]
