@@ -17,6 +17,7 @@ received buffers) and WriteAtEnd once its CRC32C verified.
 """
 
 from ._crc import crc32c_combine
+from ._spec import FrameType
 from ._state import ConnectionState
 from .connection import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -29,11 +30,15 @@ from .connection import (
     Role,
 )
 from .errors import (
+    ERROR_SPECS,
     ErrorCode,
+    ErrorSpec,
     LocalProtocolError,
     PayloadCrcError,
     ProtocolError,
     RemoteProtocolError,
+    Scope,
+    error_spec,
 )
 from .events import (
     NEED_DATA,
@@ -66,6 +71,7 @@ from .events import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "ERROR_SPECS",
     "HARD_MAX_FRAME_SIZE",
     "MAX_CONTROL_BODY_SIZE",
     "MIN_FRAME_SIZE",
@@ -83,7 +89,9 @@ __all__ = [
     "Credit",
     "Error",
     "ErrorCode",
+    "ErrorSpec",
     "Event",
+    "FrameType",
     "GoingAway",
     "Hello",
     "LocalProtocolError",
@@ -97,6 +105,7 @@ __all__ = [
     "Reply",
     "Request",
     "Role",
+    "Scope",
     "Status",
     "StatusQuery",
     "UploadOpened",
@@ -106,4 +115,5 @@ __all__ = [
     "WriteAtEnd",
     "WriteAtStart",
     "crc32c_combine",
+    "error_spec",
 ]

@@ -244,11 +244,11 @@ class Connection:
         """The next event, or NEED_DATA.
 
         Raises RemoteProtocolError when the peer broke the protocol; the connection is then in
-        the ERROR state and every later call raises too. PayloadCrcError is the exception: the
-        frame `exc.seq` is dropped and the next call continues with the following frame. On a
-        server that is a request to answer with Error(BAD_CRC). On a client it is a reply whose
-        `reply_to` was in the damaged payload, so which request it answered is unknown: treat
-        the connection as broken (reconnect and attach) rather than wait for that reply.
+        the ERROR state and every later call raises too. On a server, PayloadCrcError (not a
+        RemoteProtocolError) means one request's payload was damaged: the frame `exc.seq` is
+        dropped, answer it with `Error.from_exception(exc)`, and the next call continues with
+        the following frame. A damaged HELLO, and on a client a damaged reply (its `reply_to`
+        is in the damaged bytes), are fatal RemoteProtocolErrors with code BAD_CRC instead.
         """
         # The hot path, inlined: the next piece of a WriteAt payload, one event per buffer.
         if self._reading is _Reading.WRITE_AT_DATA and self._remaining:
@@ -271,8 +271,6 @@ class Connection:
             )
         try:
             return self._next_event()
-        except PayloadCrcError:
-            raise
         except RemoteProtocolError as exc:
             self._state = ConnectionState.ERROR
             self._error = exc
@@ -315,11 +313,15 @@ class Connection:
         frame_type, seq = self._frame_type, self._frame_seq
         crc = _crc_value(body)
         if crc != self._expected_crc:
-            raise PayloadCrcError(
+            message = (
                 f"{frame_type.name} seq {seq}: payload CRC32C mismatch"
-                f" ({crc:08x} computed, {self._expected_crc:08x} in header)",
-                seq=seq,
+                f" ({crc:08x} computed, {self._expected_crc:08x} in header)"
             )
+            if self._receives_requests and frame_type is not FrameType.HELLO:
+                raise PayloadCrcError(message, seq=seq)
+            # A damaged reply cannot be matched to its request (reply_to is in the damaged
+            # bytes), and every answer to a HELLO but WELCOME ends the connection: fatal.
+            raise RemoteProtocolError(message, ErrorCode.BAD_CRC, seq=seq)
         event = decode_body(frame_type, seq, body)
         if isinstance(event, Reply):
             self._check_reply(frame_type, event, RemoteProtocolError)
