@@ -13,6 +13,16 @@ chunk of bytes it is fed it returns what the caller must do, in order:
 * :class:`Reset` -- abort the connection with an RST; sticky, as a kernel's is,
 * :class:`Close` -- close the connection cleanly (``limit_data`` reached).
 
+Toxics that act at a time rather than at a byte (``limit_time``, ``timeout``) arm a
+:class:`Timer` instead: the caller takes new timers with :meth:`DirectionFaults.take_timers`
+after building the engine and after each :meth:`~DirectionFaults.feed`, and when one
+expires asks :meth:`DirectionFaults.fire` how to end the connection. Only a wrapper that
+can run timers may build such an engine (``ConnectionFaults(..., timers=True)``).
+
+A :class:`Delay` says how long to wait; :class:`Timeline` says until when, so that an
+I/O layer whose sleeps overshoot and whose writes take time still keeps a ``bandwidth``
+rate, and so that ``latency`` counts from when the bytes arrived (a pipe, not a queue).
+
 Positions are absolute per direction, counted from the first byte of the connection, so a
 toxic with ``after=N`` acts at exactly byte N: a chunk that crosses N is split so exactly N
 bytes go first. A trigger at the very end of a chunk acts right after it; one at 0 acts
@@ -30,8 +40,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from faultnet.counters import FaultCounters
 from faultnet.plan import (
@@ -41,10 +51,13 @@ from faultnet.plan import (
     FaultPlan,
     Latency,
     LimitData,
+    LimitTime,
+    Loss,
     ResetPeer,
     Slicer,
     SlowClose,
     Stall,
+    Timeout,
     Toxic,
 )
 
@@ -57,6 +70,9 @@ __all__ = [
     "Forward",
     "Freeze",
     "Reset",
+    "Timeline",
+    "Timer",
+    "TimerNotSupportedError",
     "freeze_deadline",
 ]
 
@@ -66,9 +82,16 @@ View = bytes | memoryview
 
 @dataclass(frozen=True)
 class Delay:
-    """Wait ``seconds`` before the next action; the connection is slow, not stuck."""
+    """Wait ``seconds`` before the next action; the connection is slow, not stuck.
+
+    ``after_arrival`` marks a propagation delay (``latency``): it counts from when the
+    bytes arrived, so a layer that reads ahead delays every byte by the same amount
+    instead of adding the delay once per read. It is left out of comparisons: both kinds
+    mean the same wait on an ideal clock, and only a :class:`Timeline` tells them apart.
+    """
 
     seconds: float
+    after_arrival: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -101,6 +124,57 @@ class Close:
 
 Action = Delay | Forward | Freeze | Reset | Close
 
+
+@dataclass(frozen=True)
+class Timer:
+    """End the connection ``seconds`` after the timer was armed, unless it ended before.
+
+    ``reset`` says whether it ends with an RST; ``toxic`` names the toxic that armed it.
+    """
+
+    seconds: float
+    toxic: str
+    reset: bool = False
+
+
+class TimerNotSupportedError(ValueError):
+    """A toxic that acts at a time was given to a wrapper that cannot run timers."""
+
+
+#: how far behind the current time a Timeline's schedule may fall and still be kept: the
+#: slack absorbs sleeps that overshoot and writes that take time, so a bandwidth limit
+#: holds over a long transfer; past it, the schedule restarts from now, so a sender that
+#: paused gets a burst of at most this much link time, as from a token bucket.
+TIMELINE_SLACK = 0.02
+
+
+class Timeline:
+    """When each wait of one direction ends, on an ideal clock. Sans-IO: the caller says
+    what time it is and when the bytes being moved arrived; it sleeps until the answer.
+
+    Waits queue behind each other: a wait starts where the previous one ended if that is
+    no more than :data:`TIMELINE_SLACK` ago, so the I/O layer's own lateness does not add
+    up. A propagation delay (``Delay.after_arrival``) ends that long after the bytes
+    arrived, or when the previous wait ended if that is later: bytes never overtake.
+    """
+
+    def __init__(self, slack: float = TIMELINE_SLACK) -> None:
+        self._slack = slack
+        self._cursor = -math.inf
+
+    def deadline(self, wait: Delay | Freeze, *, now: float, arrival: float) -> float:
+        """The time at which ``wait`` (a :class:`Freeze` with a length) is over."""
+        seconds = wait.seconds
+        if seconds is None:
+            return math.inf
+        base = self._cursor if self._cursor >= now - self._slack else now
+        if isinstance(wait, Delay) and wait.after_arrival:
+            target = max(base, arrival + seconds)
+        else:
+            target = base + seconds
+        self._cursor = target
+        return target
+
 # Bandwidth is shaped in slices of a tenth of a second so a large write trickles out
 # instead of arriving in one burst after a long silence.
 _BANDWIDTH_SLICES_PER_SECOND = 10
@@ -124,6 +198,10 @@ class _Stage:
     def finish(self) -> list[Action]:
         return []
 
+    def start(self) -> list[Timer]:
+        """The timers the toxic arms when it starts acting."""
+        return []
+
 
 class _LatencyStage(_Stage):
     def apply(self, actions: list[Action]) -> list[Action]:
@@ -133,7 +211,7 @@ class _LatencyStage(_Stage):
         if delay_ms <= 0 or not any(isinstance(a, Forward) for a in actions):
             return actions
         self.count()
-        return [Delay(delay_ms / 1000), *actions]
+        return [Delay(delay_ms / 1000, after_arrival=True), *actions]
 
 
 class _BandwidthStage(_Stage):
@@ -231,7 +309,9 @@ class _StallStage(_PositionStage):
 
 class _ResetStage(_PositionStage):
     def fire(self, before: View, after: View) -> list[Action]:
-        return [Forward(before), Reset(self.at), Forward(after)]
+        assert isinstance(self.toxic, ResetPeer)
+        hold = [Freeze(self.toxic.ms / 1000)] if self.toxic.ms > 0 else []
+        return [Forward(before), *hold, Reset(self.at), Forward(after)]
 
 
 class _LimitStage(_PositionStage):
@@ -262,6 +342,128 @@ class _SlowCloseStage(_Stage):
         return [Delay(self.toxic.ms / 1000)]
 
 
+class _LimitTimeStage(_Stage):
+    def apply(self, actions: list[Action]) -> list[Action]:
+        return actions
+
+    def start(self) -> list[Timer]:
+        assert isinstance(self.toxic, LimitTime)
+        return [Timer(self.toxic.ms / 1000, self.toxic.NAME)]
+
+
+class _TimeoutStage(_Stage):
+    """Nothing passes: the first bytes meet a freeze that only the connection's end lifts
+    (a wrapper drops what arrives meanwhile), and a timer closes the connection."""
+
+    def __init__(self, toxic: Toxic, rng: random.Random, counters: FaultCounters | None) -> None:
+        super().__init__(toxic, rng, counters)
+        self.frozen = False
+
+    def apply(self, actions: list[Action]) -> list[Action]:
+        if self.frozen:
+            return [a for a in actions if not isinstance(a, Forward)]
+        out: list[Action] = []
+        for action in actions:
+            if isinstance(action, Forward):
+                self.frozen = True
+                self.count()
+                out.append(Freeze(None))
+                break
+            out.append(action)
+        return out
+
+    def start(self) -> list[Timer]:
+        assert isinstance(self.toxic, Timeout)
+        return [Timer(self.toxic.ms / 1000, self.toxic.NAME)] if self.toxic.ms > 0 else []
+
+
+class _LossStage(_Stage):
+    """Decides segment by segment whether it is lost (a two-state Markov chain whose
+    stationary loss rate is ``p`` and whose lag-one correlation is ``correlation``), and
+    puts a retransmission timeout in front of each lost one."""
+
+    def __init__(self, toxic: Toxic, rng: random.Random, counters: FaultCounters | None) -> None:
+        super().__init__(toxic, rng, counters)
+        assert isinstance(toxic, Loss)
+        self.segment = toxic.segment
+        self.rto = toxic.rto_ms / 1000
+        p, c = toxic.p, toxic.correlation
+        self.loss_after_loss = p + c * (1 - p)
+        self.loss_after_delivery = p * (1 - c)
+        self.previous_lost: bool | None = None  # None: the first segment draws at rate p
+        self.position = 0
+
+    def _lost(self) -> bool:
+        if self.previous_lost is None:
+            chance = self.toxic.p if isinstance(self.toxic, Loss) else 0.0
+        elif self.previous_lost:
+            chance = self.loss_after_loss
+        else:
+            chance = self.loss_after_delivery
+        self.previous_lost = self.rng.random() < chance
+        return self.previous_lost
+
+    def apply(self, actions: list[Action]) -> list[Action]:
+        out: list[Action] = []
+        for action in actions:
+            if not isinstance(action, Forward):
+                out.append(action)
+                continue
+            data = action.data
+            run_start = 0
+            # the first segment boundary inside this piece of data
+            boundary = -self.position % self.segment
+            while boundary < len(data):
+                if self._lost():
+                    self.count()
+                    if boundary > run_start:
+                        out.append(Forward(data[run_start:boundary]))
+                    out.append(Delay(self.rto))
+                    run_start = boundary
+                boundary += self.segment
+            if run_start < len(data):
+                out.append(Forward(data[run_start:]))
+            self.position += len(data)
+        return out
+
+
+class _TriggeredStage(_Stage):
+    """Holds a toxic back until ``at`` bytes have passed; from there the toxic acts as if
+    its connection had just started."""
+
+    def __init__(self, inner: _Stage, at: int, arm: Callable[[list[Timer]], None]) -> None:
+        super().__init__(inner.toxic, inner.rng, inner.counters)
+        self.inner = inner
+        self.at = at
+        self.arm = arm
+        self.position = 0
+        self.armed = False
+
+    def apply(self, actions: list[Action]) -> list[Action]:
+        if self.armed:
+            return self.inner.apply(actions)
+        out: list[Action] = []
+        rest: list[Action] = []
+        for action in actions:
+            if self.armed:
+                rest.append(action)
+            elif isinstance(action, Forward) and self.position + len(action.data) >= self.at:
+                cut = self.at - self.position
+                self.position = self.at
+                self.armed = True
+                self.arm(self.inner.start())
+                out.extend(a for a in (Forward(action.data[:cut]),) if _non_empty(a))
+                rest.extend(a for a in (Forward(action.data[cut:]),) if _non_empty(a))
+            else:
+                if isinstance(action, Forward):
+                    self.position += len(action.data)
+                out.append(action)
+        return out + (self.inner.apply(rest) if rest else [])
+
+    def finish(self) -> list[Action]:
+        return self.inner.finish() if self.armed else []
+
+
 def _non_empty(action: Action) -> bool:
     return not isinstance(action, Forward) or len(action.data) > 0
 
@@ -289,6 +491,12 @@ def _stage(toxic: Toxic, rng: random.Random, counters: FaultCounters | None) -> 
             return _CorruptStage(toxic, rng, counters, at)
         case SlowClose():
             return _SlowCloseStage(toxic, rng, counters)
+        case LimitTime():
+            return _LimitTimeStage(toxic, rng, counters)
+        case Timeout():
+            return _TimeoutStage(toxic, rng, counters)
+        case Loss():
+            return _LossStage(toxic, rng, counters)
     raise TypeError(f"no fault engine stage for toxic {toxic!r}")
 
 
@@ -309,17 +517,44 @@ class DirectionFaults:
         self.direction = direction
         self.toxics = tuple(t for t in toxics if t.direction is direction)
         seed = rng.getrandbits(64)
+        self._timers: list[Timer] = []
         # Each toxic gets its own random stream so adding one toxic does not reshuffle
         # the choices of the others.
-        self._stages = [
-            _stage(toxic, random.Random(f"{seed}:{i}"), counters)
-            for i, toxic in enumerate(self.toxics)
-        ]
+        self._stages: list[_Stage] = []
+        for i, toxic in enumerate(self.toxics):
+            stage = _stage(toxic, random.Random(f"{seed}:{i}"), counters)
+            if toxic.trigger_bytes:
+                stage = _TriggeredStage(stage, toxic.trigger_bytes, self._timers.extend)
+            else:
+                self._timers.extend(stage.start())
+            self._stages.append(stage)
         self._counters = counters
+        #: bytes fed so far
+        self.position = 0
         #: bytes the caller reported as moved, see :meth:`forwarded`
         self.forwarded_bytes = 0
         #: the Reset or Close that ended this direction, if any
         self.ended: Reset | Close | None = None
+
+    @property
+    def delays_from_arrival(self) -> bool:
+        """Whether some wait counts from the bytes' arrival (``latency``): a wrapper that
+        reads ahead while earlier bytes wait keeps such a delay from adding up per read."""
+        return any(isinstance(t, Latency) for t in self.toxics)
+
+    def take_timers(self) -> list[Timer]:
+        """The timers armed since the last call (at the start, or by a trigger)."""
+        timers, self._timers[:] = list(self._timers), []
+        return timers
+
+    def fire(self, timer: Timer) -> Reset | Close | None:
+        """A timer expired: how the connection ends, or ``None`` if it already has."""
+        if self.ended is not None:
+            return None
+        if self._counters is not None:
+            self._counters.add_fault(timer.toxic)
+        self.ended = Reset(self.position) if timer.reset else Close(self.position)
+        return self.ended
 
     def feed(self, data: Buffer) -> list[Action]:
         """The actions that move ``data`` (the next bytes of this direction) along."""
@@ -327,7 +562,9 @@ class DirectionFaults:
             return [self.ended]
         if not data:
             return []
-        actions: list[Action] = [Forward(_as_view(data))]
+        view = _as_view(data)
+        self.position += len(view)
+        actions: list[Action] = [Forward(view)]
         for stage in self._stages:
             actions = stage.apply(actions)
         for i, action in enumerate(actions):
@@ -360,9 +597,15 @@ class ConnectionFaults:
         *,
         rng: random.Random | None = None,
         counters: FaultCounters | None = None,
+        timers: bool = False,
     ) -> None:
         rng = rng if rng is not None else random.Random(0)
         self.toxics = tuple(toxics)
+        timed = [t.NAME for t in self.toxics if t.needs_timer()]
+        if timed and not timers:
+            raise TimerNotSupportedError(
+                f"{', '.join(timed)} acts at a time, which only the TCP chaos proxy can do"
+            )
         self.upstream = DirectionFaults(Direction.UPSTREAM, self.toxics, rng, counters)
         self.downstream = DirectionFaults(Direction.DOWNSTREAM, self.toxics, rng, counters)
         if counters is not None:
@@ -370,10 +613,20 @@ class ConnectionFaults:
 
     @classmethod
     def for_connection(
-        cls, plan: FaultPlan, index: int, counters: FaultCounters | None = None
+        cls,
+        plan: FaultPlan,
+        index: int,
+        counters: FaultCounters | None = None,
+        *,
+        timers: bool = False,
     ) -> ConnectionFaults:
         """The faults of connection number ``index`` under ``plan``; deterministic."""
-        return cls(plan.for_connection(index), rng=plan.rng(index, "faults"), counters=counters)
+        return cls(
+            plan.for_connection(index),
+            rng=plan.rng(index, "faults"),
+            counters=counters,
+            timers=timers,
+        )
 
     def direction(self, direction: Direction) -> DirectionFaults:
         return self.upstream if direction is Direction.UPSTREAM else self.downstream

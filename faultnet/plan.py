@@ -10,8 +10,11 @@ Text form, for the command line (items are separated by ``;``)::
 
     seed=7; latency:down(ms=50,jitter=10); reset_peer:up(after=64k)~0.3
 
-Each item is ``NAME[:DIRECTION][(KEY=VALUE,...)][~TOXICITY]``. DIRECTION is ``up``
-(client to server, the default) or ``down`` (server to client). Sizes take the suffixes
+Each item is ``NAME[:DIRECTION][(KEY=VALUE,...)][~TOXICITY][@TRIGGER]``. DIRECTION is
+``up`` (client to server, the default) or ``down`` (server to client). TRIGGER delays the
+toxic: ``@bytes=64k`` makes it act only once 64 KiB have passed in its direction (its own
+positions then count from there), ``@connections=3`` spares a proxy's first three
+connections; both may be given, separated by a comma. Sizes take the suffixes
 ``k``, ``m`` and ``g`` (powers of 1024); numbers may also be written as ``0xff`` or
 ``2.5e-3``. The JSON form is what :meth:`FaultPlan.to_json` writes; both forms read back
 to an equal plan.
@@ -37,13 +40,17 @@ __all__ = [
     "FaultPlan",
     "Latency",
     "LimitData",
+    "LimitTime",
+    "Loss",
     "PlanSyntaxError",
     "ResetPeer",
     "Slicer",
     "SlowClose",
     "Stall",
+    "Timeout",
     "Toxic",
     "toxic_from_dict",
+    "toxic_to_dict",
 ]
 
 
@@ -58,40 +65,68 @@ class Direction(enum.Enum):
     DOWNSTREAM = "down"  # server -> client: what the wrapped side receives
 
 
+#: fields every toxic has, which are not among its kind-specific parameters
+_COMMON_FIELDS = ("direction", "toxicity", "trigger_bytes", "trigger_connections")
+
+
 @dataclass(frozen=True)
 class Toxic:
-    """Base of every toxic: where it acts and how often."""
+    """Base of every toxic: where it acts, how often, and from when.
+
+    ``trigger_bytes`` holds the toxic back until that many bytes have passed in its
+    direction; from there on it acts as if its connection had just started (``after``,
+    ``at`` and ``bytes`` count from the trigger, timers start there). ``trigger_connections``
+    leaves out the first that many connections (by index) entirely.
+    """
 
     direction: Direction = Direction.UPSTREAM
     toxicity: float = 1.0
+    trigger_bytes: int = 0
+    trigger_connections: int = 0
 
     #: the name used in the text and JSON forms
     NAME: ClassVar[str] = ""
+    #: inclusive bounds of parameters that have them, beyond "finite and not negative"
+    LIMITS: ClassVar[Mapping[str, tuple[float, float]]] = {}
 
     def __post_init__(self) -> None:
         if not isinstance(self.direction, Direction):
             raise PlanSyntaxError(
                 f"{self.NAME}: direction must be a Direction, got {self.direction!r}"
             )
-        if not 0.0 <= self.toxicity <= 1.0:
-            raise PlanSyntaxError(f"{self.NAME}: toxicity must be within 0..1, got {self.toxicity}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 if not math.isfinite(value):
                     raise PlanSyntaxError(f"{self.NAME}: {f.name} must be finite, got {value}")
-                if value < 0:
+                low, high = {"toxicity": (0.0, 1.0), **self.LIMITS}.get(f.name, (0, math.inf))
+                if f.name == "toxicity" or f.name in self.LIMITS:
+                    if not low <= value <= high:
+                        raise PlanSyntaxError(
+                            f"{self.NAME}: {f.name} must be within {low:g}..{high:g}, got {value}"
+                        )
+                elif value < 0:
                     raise PlanSyntaxError(
                         f"{self.NAME}: {f.name} must not be negative, got {value}"
                     )
 
     def params(self) -> dict[str, Any]:
-        """The kind-specific parameters, without direction and toxicity."""
+        """The kind-specific parameters, without direction, toxicity and trigger."""
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("direction", "toxicity")
+            if f.name not in _COMMON_FIELDS
         }
+
+    def trigger(self) -> dict[str, int]:
+        """The trigger's non-default parts, as ``{"bytes": N, "connections": M}``."""
+        parts = {"bytes": self.trigger_bytes, "connections": self.trigger_connections}
+        return {key: value for key, value in parts.items() if value}
+
+    def needs_timer(self) -> bool:
+        """Whether the toxic acts at a time rather than at a byte: only a wrapper that can
+        run timers (the chaos proxy) can carry it out."""
+        return False
 
 
 @dataclass(frozen=True)
@@ -139,10 +174,15 @@ class Stall(Toxic):
 
 @dataclass(frozen=True)
 class ResetPeer(Toxic):
-    """After ``after`` bytes, reset the connection (a real RST, via ``SO_LINGER 0``)."""
+    """After ``after`` bytes, reset the connection (a real RST, via ``SO_LINGER 0``).
+
+    With ``ms``, the bytes from ``after`` on are held back for that many milliseconds
+    before the reset: Toxiproxy's ``reset_peer`` with its ``timeout``.
+    """
 
     NAME: ClassVar[str] = "reset_peer"
     after: int = 0
+    ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -166,18 +206,74 @@ class Corrupt(Toxic):
     """Flip one byte: the byte at stream position ``at`` is XORed with ``mask``."""
 
     NAME: ClassVar[str] = "corrupt"
+    LIMITS: ClassVar[Mapping[str, tuple[float, float]]] = {"mask": (1, 0xFF)}
     at: int = 0
     mask: int = 0xFF
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 1 <= self.mask <= 0xFF:
-            raise PlanSyntaxError(f"corrupt: mask must be within 1..255, got {self.mask}")
+
+@dataclass(frozen=True)
+class LimitTime(Toxic):
+    """Close the connection cleanly ``ms`` milliseconds after it starts (or its trigger)."""
+
+    NAME: ClassVar[str] = "limit_time"
+    ms: float = 0.0
+
+    def needs_timer(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class Timeout(Toxic):
+    """Toxiproxy's ``timeout``: from the start (or the trigger) nothing passes, and what
+    arrives is dropped; the connection closes after ``ms`` milliseconds (0: never)."""
+
+    NAME: ClassVar[str] = "timeout"
+    ms: float = 0.0
+
+    def needs_timer(self) -> bool:
+        return self.ms > 0
+
+
+@dataclass(frozen=True)
+class Loss(Toxic):
+    """Packet loss as a TCP stream feels it: some segments stall for a retransmission.
+
+    The stream is cut into segments of ``segment`` bytes. Each is lost with probability
+    ``p``; a lost segment, and every byte behind it, waits ``rto_ms`` milliseconds (the
+    retransmission timeout) before it passes. Nothing is dropped or reordered: TCP hides
+    loss as delay. ``correlation`` makes losses come in bursts (a Gilbert model): it is
+    the correlation between one segment's loss and the next's, while the long-run loss
+    rate stays ``p``; a burst lasts ``1 / (1 - p - correlation * (1 - p))`` segments on
+    average.
+    """
+
+    NAME: ClassVar[str] = "loss"
+    LIMITS: ClassVar[Mapping[str, tuple[float, float]]] = {
+        "p": (0.0, 1.0),
+        "correlation": (0.0, 1.0),
+        "segment": (1, math.inf),
+    }
+    p: float = 0.0
+    correlation: float = 0.0
+    segment: int = 1460
+    rto_ms: float = 200.0
 
 
 TOXIC_TYPES: dict[str, type[Toxic]] = {
     cls.NAME: cls
-    for cls in (Latency, Bandwidth, Slicer, Stall, ResetPeer, LimitData, SlowClose, Corrupt)
+    for cls in (
+        Latency,
+        Bandwidth,
+        Slicer,
+        Stall,
+        ResetPeer,
+        LimitData,
+        SlowClose,
+        Corrupt,
+        LimitTime,
+        Timeout,
+        Loss,
+    )
 }
 
 _SIZE_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -185,7 +281,8 @@ _ITEM = re.compile(
     r"""^(?P<name>[a-z_]+)
         (?::(?P<direction>up|down|upstream|downstream))?
         (?:\((?P<params>[^)]*)\))?
-        (?:~(?P<toxicity>[0-9.eE+-]+))?$""",
+        (?:~(?P<toxicity>[0-9.eE+-]+))?
+        (?:@(?P<trigger>[a-z0-9.=,\s]+))?$""",
     re.VERBOSE,
 )
 
@@ -222,14 +319,45 @@ def _parse_direction(text: str) -> Direction:
     raise PlanSyntaxError(f"direction must be 'up' or 'down', got {text!r}")
 
 
+_TRIGGER_FIELDS = {"bytes": "trigger_bytes", "connections": "trigger_connections"}
+
+
+def _read_trigger(name: str, raw: Mapping[str, Any]) -> dict[str, int]:
+    """The toxic's trigger fields from ``{"bytes": ..., "connections": ...}``."""
+    trigger: dict[str, int] = {}
+    for key, value in raw.items():
+        field_name = _TRIGGER_FIELDS.get(key)
+        if field_name is None:
+            raise PlanSyntaxError(
+                f"{name}: unknown trigger {key!r}; a trigger takes bytes, connections"
+            )
+        trigger[field_name] = int(_read_value(value, integer=True, what=f"{name}@{key}"))
+    return trigger
+
+
+def _read_value(value: Any, *, integer: bool, what: str) -> int | float:
+    if isinstance(value, str):
+        return _parse_number(value, integer=integer, what=what)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise PlanSyntaxError(f"{what}: expected a number, got {value!r}")
+    if integer and (not math.isfinite(value) or value != int(value)):
+        raise PlanSyntaxError(f"{what}: expected a whole number, got {value!r}")
+    return int(value) if integer else float(value)
+
+
 def _build_toxic(
-    name: str, raw: Mapping[str, Any], *, direction: Direction, toxicity: float
+    name: str,
+    raw: Mapping[str, Any],
+    *,
+    direction: Direction,
+    toxicity: float,
+    trigger: Mapping[str, Any] | None = None,
 ) -> Toxic:
     cls = TOXIC_TYPES.get(name)
     if cls is None:
         known = ", ".join(sorted(TOXIC_TYPES))
         raise PlanSyntaxError(f"unknown toxic {name!r}; known toxics: {known}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("direction", "toxicity")}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _COMMON_FIELDS}
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         f = fields.get(key)
@@ -237,14 +365,8 @@ def _build_toxic(
             raise PlanSyntaxError(
                 f"{name}: unknown parameter {key!r}; it takes {', '.join(fields) or 'none'}"
             )
-        integer = f.type in ("int", int)
-        if isinstance(value, str):
-            value = _parse_number(value, integer=integer, what=f"{name}.{key}")
-        elif not isinstance(value, int | float) or isinstance(value, bool):
-            raise PlanSyntaxError(f"{name}.{key}: expected a number, got {value!r}")
-        elif integer and (not math.isfinite(value) or value != int(value)):
-            raise PlanSyntaxError(f"{name}.{key}: expected a whole number, got {value!r}")
-        kwargs[key] = int(value) if integer else float(value)
+        kwargs[key] = _read_value(value, integer=f.type in ("int", int), what=f"{name}.{key}")
+    kwargs.update(_read_trigger(name, trigger or {}))
     return cls(direction=direction, toxicity=toxicity, **kwargs)
 
 
@@ -263,7 +385,9 @@ class FaultPlan:
         Deterministic: the same plan, seed and index always give the same answer.
         """
         rng = self.rng(index, "select")
-        return tuple(t for t in self.toxics if t.toxicity >= 1.0 or rng.random() < t.toxicity)
+        # The draw comes first so a trigger never shifts the choices of other toxics.
+        drawn = [t for t in self.toxics if t.toxicity >= 1.0 or rng.random() < t.toxicity]
+        return tuple(t for t in drawn if index >= t.trigger_connections)
 
     def rng(self, index: int, purpose: str) -> random.Random:
         """A random source for one connection and one purpose, derived from the seed."""
@@ -291,21 +415,19 @@ class FaultPlan:
                 raise PlanSyntaxError(
                     f"cannot read fault {item!r}; expected NAME[:up|down][(key=value,...)][~p]"
                 )
-            raw: dict[str, str] = {}
-            for pair in filter(None, (p.strip() for p in (match["params"] or "").split(","))):
-                key, sep, value = pair.partition("=")
-                if not sep:
-                    raise PlanSyntaxError(f"{match['name']}: expected key=value, got {pair!r}")
-                if key.strip() in raw:
-                    raise PlanSyntaxError(f"{match['name']}: {key.strip()!r} given twice")
-                raw[key.strip()] = value.strip()
+            raw = _split_pairs(match["name"], match["params"] or "")
             toxicity = 1.0
             if match["toxicity"]:
                 toxicity = float(
                     _parse_number(match["toxicity"], integer=False, what=f"{match['name']}~")
                 )
             direction = _parse_direction(match["direction"] or "up")
-            toxics.append(_build_toxic(match["name"], raw, direction=direction, toxicity=toxicity))
+            trigger = _split_pairs(match["name"] + "@", match["trigger"] or "")
+            toxics.append(
+                _build_toxic(
+                    match["name"], raw, direction=direction, toxicity=toxicity, trigger=trigger
+                )
+            )
         return cls(toxics=tuple(toxics), seed=seed)
 
     def to_text(self) -> str:
@@ -314,24 +436,17 @@ class FaultPlan:
         for t in self.toxics:
             # repr() of a float is the shortest text that reads back to the same float
             params = ",".join(f"{k}={v!r}" for k, v in t.params().items())
-            items.append(f"{t.NAME}:{t.direction.value}({params})~{t.toxicity!r}")
+            trigger = ",".join(f"{k}={v}" for k, v in t.trigger().items())
+            items.append(
+                f"{t.NAME}:{t.direction.value}({params})~{t.toxicity!r}"
+                + (f"@{trigger}" if trigger else "")
+            )
         return "; ".join(items)
 
     # -- JSON form ---------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "toxics": [
-                {
-                    "type": t.NAME,
-                    "direction": t.direction.value,
-                    "toxicity": t.toxicity,
-                    "attributes": t.params(),
-                }
-                for t in self.toxics
-            ],
-        }
+        return {"seed": self.seed, "toxics": [toxic_to_dict(t) for t in self.toxics]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -362,6 +477,19 @@ class FaultPlan:
         return cls.from_dict(data)
 
 
+def _split_pairs(what: str, text: str) -> dict[str, str]:
+    """``key=value,...`` into a dict, refusing a pair without ``=`` or a key given twice."""
+    raw: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise PlanSyntaxError(f"{what}: expected key=value, got {pair!r}")
+        if key.strip() in raw:
+            raise PlanSyntaxError(f"{what}: {key.strip()!r} given twice")
+        raw[key.strip()] = value.strip()
+    return raw
+
+
 def _parse_seed(text: str) -> int:
     try:
         return int(text.strip())
@@ -379,12 +507,29 @@ def toxic_from_dict(data: Mapping[str, Any]) -> Toxic:
     toxicity = data.get("toxicity", 1.0)
     if not isinstance(toxicity, int | float) or isinstance(toxicity, bool):
         raise PlanSyntaxError(f"malformed toxic: 'toxicity' must be a number, got {toxicity!r}")
+    trigger = data.get("trigger", {})
+    if not isinstance(trigger, Mapping):
+        raise PlanSyntaxError("a toxic's 'trigger' must be an object")
     return _build_toxic(
         str(data["type"]),
         attributes,
         direction=_parse_direction(str(data.get("direction", "up"))),
         toxicity=float(toxicity),
+        trigger=trigger,
     )
+
+
+def toxic_to_dict(toxic: Toxic) -> dict[str, Any]:
+    """The JSON form :func:`toxic_from_dict` reads; ``trigger`` only when there is one."""
+    data: dict[str, Any] = {
+        "type": toxic.NAME,
+        "direction": toxic.direction.value,
+        "toxicity": toxic.toxicity,
+        "attributes": toxic.params(),
+    }
+    if toxic.trigger():
+        data["trigger"] = toxic.trigger()
+    return data
 
 
 FaultPlan.NONE = FaultPlan()

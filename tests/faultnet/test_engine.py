@@ -14,6 +14,9 @@ from faultnet.engine import (
     Forward,
     Freeze,
     Reset,
+    Timeline,
+    Timer,
+    TimerNotSupportedError,
 )
 from faultnet.plan import (
     Bandwidth,
@@ -22,10 +25,13 @@ from faultnet.plan import (
     FaultPlan,
     Latency,
     LimitData,
+    LimitTime,
+    Loss,
     ResetPeer,
     Slicer,
     SlowClose,
     Stall,
+    Timeout,
     Toxic,
 )
 
@@ -209,3 +215,182 @@ def test_same_seed_same_faults_and_toxicity_varies_by_connection() -> None:
 def test_connection_faults_pick_the_engine_by_direction(direction: Direction) -> None:
     faults = ConnectionFaults()
     assert faults.direction(direction).direction is direction
+
+
+# -- toxics that act at a time -----------------------------------------------------------
+
+
+def test_limit_time_arms_its_timer_at_the_start_and_closes_where_the_bytes_stand() -> None:
+    counters = FaultCounters()
+    faults = ConnectionFaults([LimitTime(ms=1500)], counters=counters, timers=True)
+    [timer] = faults.upstream.take_timers()
+    assert timer == Timer(1.5, "limit_time")
+    assert faults.upstream.take_timers() == []  # taken once
+    assert faults.downstream.take_timers() == []
+    assert faults.upstream.feed(b"abcde") == [Forward(b"abcde")]  # bytes flow until then
+
+    assert faults.upstream.fire(timer) == Close(5)
+    assert faults.upstream.feed(b"f") == [Close(5)]
+    assert faults.upstream.fire(timer) is None  # already ended: nothing more happens
+    assert counters.faults_applied("limit_time") == 1
+
+
+def test_timeout_drops_everything_and_closes_after_its_timer() -> None:
+    faults = ConnectionFaults([Timeout(ms=250)], timers=True)
+    assert faults.upstream.take_timers() == [Timer(0.25, "timeout")]
+    assert faults.upstream.feed(b"abc") == [Freeze(None)]
+    assert faults.upstream.feed(b"def") == []  # dropped, as Toxiproxy's timeout does
+
+
+def test_timeout_of_zero_needs_no_timer() -> None:
+    faults = ConnectionFaults([Timeout(ms=0)])  # no timers: still allowed
+    assert faults.upstream.take_timers() == []
+    assert faults.upstream.feed(b"abc") == [Freeze(None)]
+
+
+@pytest.mark.parametrize("toxic", [LimitTime(ms=10), Timeout(ms=10)])
+def test_a_timed_toxic_is_refused_where_timers_cannot_run(toxic: Toxic) -> None:
+    with pytest.raises(TimerNotSupportedError, match=toxic.NAME):
+        ConnectionFaults([toxic])
+
+
+def test_reset_peer_can_hold_the_bytes_before_resetting() -> None:
+    faults = engine(ResetPeer(after=2, ms=500))
+    assert faults.feed(b"abcd") == [Forward(b"ab"), Freeze(0.5), Reset(2)]
+
+
+# -- triggers ----------------------------------------------------------------------------
+
+
+def test_a_byte_trigger_starts_a_toxic_where_it_is_crossed() -> None:
+    faults = engine(LimitData(bytes=10, trigger_bytes=100))
+    assert shape(faults.feed(b"x" * 60)) == [60]
+    assert shape(faults.feed(b"x" * 60)) == [40, 10, Close(10)]  # positions count from 100
+    assert faults.position == 120
+
+
+def test_a_byte_trigger_spares_the_bytes_before_it_from_latency() -> None:
+    faults = engine(Latency(ms=20, trigger_bytes=5))
+    assert faults.feed(b"abc") == [Forward(b"abc")]
+    assert faults.feed(b"defg") == [Forward(b"de"), Delay(0.02), Forward(b"fg")]
+    assert faults.feed(b"h") == [Delay(0.02), Forward(b"h")]
+
+
+def test_a_byte_trigger_arms_a_timer_when_it_is_crossed() -> None:
+    faults = ConnectionFaults([LimitTime(ms=100, trigger_bytes=4)], timers=True)
+    assert faults.upstream.take_timers() == []
+    faults.upstream.feed(b"abc")
+    assert faults.upstream.take_timers() == []
+    faults.upstream.feed(b"de")
+    assert faults.upstream.take_timers() == [Timer(0.1, "limit_time")]
+
+
+def test_a_trigger_at_the_end_of_a_write_acts_on_the_next() -> None:
+    faults = engine(ResetPeer(after=0, trigger_bytes=3))
+    assert faults.feed(b"abc") == [Forward(b"abc")]
+    assert faults.feed(b"d") == [Reset(0)]
+
+
+def test_a_connection_trigger_spares_the_first_connections() -> None:
+    plan = FaultPlan.parse("seed=5; limit_data(bytes=1)@connections=3; latency(ms=1)")
+    chosen = [[t.NAME for t in plan.for_connection(i)] for i in range(5)]
+    assert chosen == [["latency"]] * 3 + [["limit_data", "latency"]] * 2
+
+
+# -- packet loss as stalled segments -----------------------------------------------------
+
+
+def test_loss_of_every_segment_puts_a_timeout_before_each() -> None:
+    faults = engine(Loss(p=1, segment=10, rto_ms=200))
+    assert shape(faults.feed(b"x" * 25)) == [Delay(0.2), 10, Delay(0.2), 10, Delay(0.2), 5]
+    # the next write continues the segment the last one left open
+    assert shape(faults.feed(b"x" * 25)) == [5, Delay(0.2), 10, Delay(0.2), 10]
+
+
+def test_no_loss_forwards_the_data_whole() -> None:
+    data = bytearray(100_000)
+    (action,) = engine(Loss(p=0)).feed(data)
+    assert isinstance(action, Forward)
+    assert isinstance(action.data, memoryview)
+    assert action.data.obj is data
+
+
+def lost_segments(actions: list[Action], segment: int) -> list[bool]:
+    """Which segments a loss toxic's actions stalled: a Delay stands before a lost one."""
+    position = 0
+    lost: list[bool] = []
+    for action in actions:
+        if isinstance(action, Delay):
+            lost.append(True)
+        elif isinstance(action, Forward):
+            position += len(action.data)
+            lost.extend([False] * (-(-position // segment) - len(lost)))
+    return lost
+
+
+@pytest.mark.parametrize(("correlation", "mean_burst"), [(0.0, 1 / 0.9), (0.8, 1 / 0.18)])
+def test_loss_keeps_its_rate_and_correlation_makes_bursts(
+    correlation: float, mean_burst: float
+) -> None:
+    faults = engine(Loss(p=0.1, correlation=correlation, segment=10, rto_ms=1))
+    actions: list[Action] = []
+    for size in [37, 2500, 10_000, 13] * 50:  # uneven writes: segments straddle them
+        actions += faults.feed(b"x" * size)
+    lost = lost_segments(actions, 10)
+
+    assert len(lost) == 50 * 12_550 // 10
+    assert forwarded(actions) == b"x" * (50 * 12_550)
+    bursts = [run for run in "".join("L" if x else "." for x in lost).split(".") if run]
+    assert sum(lost) / len(lost) == pytest.approx(0.1, rel=0.1)
+    assert sum(lost) / len(bursts) == pytest.approx(mean_burst, rel=0.1)
+
+
+def test_loss_is_seeded() -> None:
+    def delays() -> list[int]:
+        actions = engine(Loss(p=0.3, correlation=0.5, segment=7)).feed(b"x" * 7000)
+        return [i for i, a in enumerate(actions) if isinstance(a, Delay)]
+
+    assert delays() == delays()
+
+
+# -- the timeline ------------------------------------------------------------------------
+
+
+def test_timeline_keeps_a_rate_although_each_sleep_overshoots() -> None:
+    timeline = Timeline()
+    now = 0.0
+    for _ in range(100):
+        deadline = timeline.deadline(Delay(0.01), now=now, arrival=0.0)
+        now = deadline + 0.001  # the I/O layer wakes 1 ms late, every time
+    assert deadline == pytest.approx(1.0)
+
+
+def test_timeline_restarts_from_now_after_an_idle_spell() -> None:
+    timeline = Timeline(slack=0.02)
+    assert timeline.deadline(Delay(0.1), now=0.0, arrival=0.0) == pytest.approx(0.1)
+    # the sender paused for 5 s: no credit for the idle time beyond the slack
+    assert timeline.deadline(Delay(0.1), now=5.1, arrival=5.1) == pytest.approx(5.2)
+
+
+def test_timeline_counts_latency_from_arrival_and_never_reorders() -> None:
+    timeline = Timeline()
+    latency = Delay(0.05, after_arrival=True)
+    # three reads that arrived 1 ms apart while the first one waited
+    assert timeline.deadline(latency, now=0.0, arrival=0.0) == pytest.approx(0.05)
+    assert timeline.deadline(latency, now=0.05, arrival=0.001) == pytest.approx(0.051)
+    assert timeline.deadline(latency, now=0.051, arrival=0.002) == pytest.approx(0.052)
+    # behind a transmission that ends later, the bytes wait for it
+    assert timeline.deadline(Delay(0.5), now=0.052, arrival=0.002) == pytest.approx(0.552)
+    assert timeline.deadline(latency, now=0.552, arrival=0.003) == pytest.approx(0.552)
+
+
+def test_timeline_waits_forever_for_an_endless_freeze() -> None:
+    assert Timeline().deadline(Freeze(None), now=1.0, arrival=1.0) == float("inf")
+
+
+def test_latency_is_a_delay_from_arrival_and_bandwidth_is_not() -> None:
+    [latency, _] = engine(Latency(ms=5)).feed(b"a")
+    [bandwidth, _] = engine(Bandwidth(rate=10)).feed(b"a")
+    assert isinstance(latency, Delay)
+    assert isinstance(bandwidth, Delay)
+    assert (latency.after_arrival, bandwidth.after_arrival) == (True, False)

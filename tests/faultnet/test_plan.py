@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from faultnet.plan import (
     Direction,
     FaultPlan,
     Latency,
+    LimitData,
     PlanSyntaxError,
     ResetPeer,
     Stall,
@@ -24,21 +26,17 @@ from faultnet.plan import (
 @st.composite
 def toxics(draw: st.DrawFn) -> Toxic:
     cls = draw(st.sampled_from(sorted(TOXIC_TYPES.values(), key=lambda c: c.NAME)))
-    params: dict[str, int | float] = {}
+    params: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name in ("direction", "toxicity"):
-            continue
-        if f.name == "mask":
-            params[f.name] = draw(st.integers(1, 255))
-        elif f.type == "int":
-            params[f.name] = draw(st.integers(0, 2**48))
+            continue  # drawn below; the trigger fields are drawn like any whole number
+        low, high = cls.LIMITS.get(f.name, (0, 2**48 if f.type == "int" else 1e9))
+        if f.type == "int":
+            params[f.name] = draw(st.integers(int(low), int(min(high, 2**48))))
         else:
-            params[f.name] = draw(st.floats(0, 1e9, allow_nan=False, allow_infinity=False))
-    return cls(
-        direction=draw(st.sampled_from(Direction)),
-        toxicity=draw(st.floats(0, 1)),
-        **params,
-    )
+            params[f.name] = draw(st.floats(low, high, allow_nan=False, allow_infinity=False))
+    params["toxicity"] = draw(st.floats(0, 1))
+    return cls(direction=draw(st.sampled_from(Direction)), **params)
 
 
 plans = st.builds(
@@ -164,3 +162,39 @@ def test_with_toxic_appends() -> None:
     assert plan.to_text() == (
         "seed=3; latency:up(ms=1.5,jitter=0.0)~1.0; stall:up(after=2,seconds=0.0)~1.0"
     )
+
+
+def test_a_trigger_reads_and_writes_in_both_forms() -> None:
+    plan = FaultPlan.parse("limit_data:down(bytes=1)@bytes=64k,connections=2; latency(ms=1)")
+    assert plan.toxics == (
+        LimitData(
+            direction=Direction.DOWNSTREAM, bytes=1, trigger_bytes=65536, trigger_connections=2
+        ),
+        Latency(ms=1),
+    )
+    assert plan.to_text() == (
+        "seed=0; limit_data:down(bytes=1)~1.0@bytes=65536,connections=2; "
+        "latency:up(ms=1.0,jitter=0.0)~1.0"
+    )
+    [triggered, plain] = plan.to_dict()["toxics"]
+    assert triggered["trigger"] == {"bytes": 65536, "connections": 2}
+    assert "trigger" not in plain  # a toxic without one keeps its old JSON form
+    assert FaultPlan.from_json(plan.to_json()) == plan
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("latency@when=3", "latency: unknown trigger 'when'; a trigger takes bytes, connections"),
+        ("latency@bytes=1.5", "latency@bytes: expected a whole number"),
+        ("latency@bytes", "latency@: expected key=value"),
+        ("loss(p=1.5)", "loss: p must be within 0..1, got 1.5"),
+        ("loss(correlation=2)", "loss: correlation must be within 0..1, got 2.0"),
+        ("loss(segment=0)", "loss: segment must be within 1..inf, got 0"),
+        ('{"toxics": [{"type": "latency", "trigger": 5}]}', "'trigger' must be an object"),
+    ],
+)
+def test_bad_triggers_and_bounds_are_rejected(text: str, message: str) -> None:
+    with pytest.raises(PlanSyntaxError) as error:
+        FaultPlan.parse(text)
+    assert message in str(error.value)
