@@ -152,7 +152,7 @@ class GcsApi:
 
     def route(self, request: Request) -> tuple[str, Callable[[Exchange], Reply]]:
         """The JSON API method name (empty for the retry-test API) and handler."""
-        segments = [unquote(s) for s in request.path.split("/")[1:]]
+        segments = [unquote(s, errors="surrogateescape") for s in request.path.split("/")[1:]]
         verb = request.method
         if segments[:1] in (["retry_test"], ["retry_tests"]):
             return "", self._retry_test_api
@@ -547,7 +547,7 @@ def _method_not_allowed(exchange: Exchange) -> Reply:
 
 
 def _segments(exchange: Exchange) -> list[str]:
-    return [unquote(s) for s in exchange.request.path.split("/")[1:]]
+    return [unquote(s, errors="surrogateescape") for s in exchange.request.path.split("/")[1:]]
 
 
 def _bucket_of(exchange: Exchange) -> str:

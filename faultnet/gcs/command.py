@@ -47,7 +47,14 @@ def run(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with GcsServer(args.host, args.port, args.data_dir, args.persist_granularity) as server:
+        server = GcsServer(
+            args.host,
+            args.port,
+            args.data_dir,
+            args.persist_granularity,
+            compute_md5=args.compute_md5,
+        )
+        with server:
             print(server.url, flush=True)
             print(f"rup gcs-server: serving {server.url}", file=sys.stderr, flush=True)
             done.wait()

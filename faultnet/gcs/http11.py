@@ -128,7 +128,8 @@ def _parse_head(head: bytes) -> Request:
         value = value.strip(" \t")
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     split = urlsplit(target)
-    query = dict(parse_qsl(split.query, keep_blank_values=True))
+    # Bytes that are not UTF-8 survive as surrogates, for the API to refuse (not to guess).
+    query = dict(parse_qsl(split.query, keep_blank_values=True, errors="surrogateescape"))
     return Request(method, target, split.path, query, headers, version)
 
 

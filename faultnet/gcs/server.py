@@ -9,7 +9,8 @@ wakes every scripted stall, and joins every thread it started.
 What requests mean lives in :mod:`faultnet.gcs.api`; this module only moves bytes and
 turns failures into responses: a :class:`~faultnet.gcs.errors.GcsApiError` becomes its
 JSON error, a malformed request its 4xx, and any other exception a 500 - the server
-itself keeps going.
+itself keeps going. The log line for such a 500 names the exception's type and where it
+was raised, never its text (which may hold a file path or a request's secrets).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 import socket
 import threading
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
@@ -227,8 +229,14 @@ class GcsServer:
             connection.close_after_response()  # framing lost: the next request is unfindable
         except PeerGoneError:
             raise
-        except Exception:
-            logger.exception("handler for %s (%s) failed", method or "request", request.method)
+        except Exception as exc:
+            logger.error(  # noqa: TRY400 - the exception's text may hold secrets: _describe
+                "handler for %s (%s) failed: %s\n%s",
+                method or "request",
+                request.method,
+                _describe(exc),
+                "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+            )
             reply = Reply(Response(500, error_body(500, "Internal error", "backendError")))
         return self._deliver(connection, request.keep_alive, reply)
 
@@ -253,3 +261,15 @@ class GcsServer:
             pause=pause,
         )
         return connection.usable
+
+
+def _describe(exc: BaseException) -> str:
+    """What went wrong, without the values an exception carries.
+
+    An exception's text can hold a path under the data directory, a request's header, or
+    an upload id; none of those may reach a log. So the log gets the exception's type (and
+    an OS error's errno and meaning), and the traceback's frames without their values.
+    """
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{type(exc).__name__} (errno {exc.errno}: {os.strerror(exc.errno)})"
+    return type(exc).__name__

@@ -31,6 +31,12 @@ from faultnet.gcs.disk import DiskStorage
 from faultnet.gcs.errors import GcsApiError
 from faultnet.gcs.memory import MemoryStorage
 from faultnet.gcs.model import BucketInfo, ObjectInfo, Preconditions, SessionInfo, SessionParams
+from faultnet.gcs.names import (
+    check_bucket_name,
+    check_content_type,
+    check_custom_metadata,
+    check_object_name,
+)
 from faultnet.gcs.storage import Block, SessionBytes, Storage
 
 __all__ = ["Store", "UploadSession"]
@@ -188,8 +194,7 @@ class Store:
     # -- buckets ------------------------------------------------------------------------
 
     def create_bucket(self, name: str) -> BucketInfo:
-        if not name or "/" in name or len(name) > 222:
-            raise GcsApiError(400, f"Invalid bucket name: {name!r}")
+        check_bucket_name(name)
         with self._lock:
             if name in self._buckets:
                 raise GcsApiError(409, f"Bucket {name} already exists.", reason="conflict")
@@ -204,10 +209,11 @@ class Store:
             return self._bucket(name)
 
     def _bucket(self, name: str) -> BucketInfo:
-        try:
-            return self._buckets[name]
-        except KeyError:
-            raise GcsApiError(404, f"Bucket {name} not found.", reason="notFound") from None
+        info = self._buckets.get(name)
+        if info is None:
+            check_bucket_name(name)  # a name no bucket can have is a 400, as on GCS
+            raise GcsApiError(404, f"Bucket {name} not found.", reason="notFound")
+        return info
 
     def list_buckets(self) -> list[BucketInfo]:
         with self._lock:
@@ -230,7 +236,10 @@ class Store:
 
     def _live(self, bucket: str, name: str) -> ObjectInfo | None:
         self._bucket(bucket)
-        return self._objects[bucket].get(name)
+        info = self._objects[bucket].get(name)
+        if info is None:
+            check_object_name(name)  # a name no object can have is a 400, as on GCS
+        return info
 
     def _live_generation(self, bucket: str, name: str) -> int:
         info = self._live(bucket, name)
@@ -260,7 +269,7 @@ class Store:
         expected_md5: str | None = None,
     ) -> ObjectInfo:
         """Create a new generation of ``bucket/name`` from ``data`` in one step."""
-        _check_name(name)
+        _check_new_object(name, content_type, metadata or {})
         content = bytes(data)
         crc32c = encode_crc32c(google_crc32c.value(content))
         md5 = encode_md5(hashlib.md5(content).digest()) if self.compute_md5 else None
@@ -346,7 +355,7 @@ class Store:
         declared_size: int | None,
         preconditions: Preconditions,
     ) -> UploadSession:
-        _check_name(name)
+        _check_new_object(name, content_type, metadata)
         upload_id = secrets.token_urlsafe(24)
         params = SessionParams(
             bucket, name, content_type, dict(metadata), declared_size, preconditions
@@ -428,9 +437,10 @@ class Store:
         return info
 
 
-def _check_name(name: str) -> None:
-    if not name or len(name.encode()) > 1024 or "\n" in name or "\r" in name:
-        raise GcsApiError(400, "Invalid object name.")
+def _check_new_object(name: str, content_type: str, metadata: Mapping[str, str]) -> None:
+    check_object_name(name)
+    check_content_type(content_type)
+    check_custom_metadata(metadata)
 
 
 def _check_hashes(

@@ -39,29 +39,29 @@ def _on(server: GcsServer, session_uri: str) -> str:
 def test_objects_survive_a_restart(tmp_path: Path) -> None:
     payload = _pattern(Q + 99)
     with GcsServer(data_dir=tmp_path) as server:
-        server.store.create_bucket("b")
-        uri = start_resumable_upload(server.url, "b", "dir/big")
+        server.store.create_bucket("bkt")
+        uri = start_resumable_upload(server.url, "bkt", "dir/big")
         created = _put(uri, f"bytes 0-{len(payload) - 1}/{len(payload)}", payload).json()
-        server.store.insert_object("b", "small", b"tiny", metadata={"k": "v"})
+        server.store.insert_object("bkt", "small", b"tiny", metadata={"k": "v"})
 
     with GcsServer(data_dir=tmp_path) as server:
-        assert [b.name for b in server.store.list_buckets()] == ["b"]
-        data, resource = server.store.get_object("b", "dir/big")
+        assert [b.name for b in server.store.list_buckets()] == ["bkt"]
+        data, resource = server.store.get_object("bkt", "dir/big")
         assert data == payload
         assert {k: resource[k] for k in ("generation", "crc32c", "md5Hash", "size")} == {
             k: created[k] for k in ("generation", "crc32c", "md5Hash", "size")
         }
-        assert server.store.get_object("b", "small")[1]["metadata"] == {"k": "v"}
+        assert server.store.get_object("bkt", "small")[1]["metadata"] == {"k": "v"}
         # A new generation after the restart is still newer than the old ones.
-        newer = server.store.insert_object("b", "small", b"newer")
+        newer = server.store.insert_object("bkt", "small", b"newer")
         assert newer.generation > int(created["generation"])
 
 
 def test_a_session_continues_after_a_restart(tmp_path: Path) -> None:
     payload = _pattern(3 * Q + 1)
     with GcsServer(data_dir=tmp_path) as server:
-        server.store.create_bucket("b")
-        uri = start_resumable_upload(server.url, "b", "obj")
+        server.store.create_bucket("bkt")
+        uri = start_resumable_upload(server.url, "bkt", "obj")
         assert _put(uri, f"bytes 0-{2 * Q - 1}/*", payload[: 2 * Q]).status_code == 308
 
     with GcsServer(data_dir=tmp_path) as server:
@@ -69,31 +69,31 @@ def test_a_session_continues_after_a_restart(tmp_path: Path) -> None:
         assert (status.status_code, status.headers["Range"]) == (308, f"bytes=0-{2 * Q - 1}")
         rest = _put(_on(server, uri), f"bytes {2 * Q}-{3 * Q}/{3 * Q + 1}", payload[2 * Q :])
         assert rest.status_code == 200
-        assert server.store.get_object("b", "obj")[0] == payload
+        assert server.store.get_object("bkt", "obj")[0] == payload
     assert _part_files(tmp_path) == []
 
 
 def test_objects_appear_only_when_complete(tmp_path: Path) -> None:
     with GcsServer(data_dir=tmp_path) as server:
-        server.store.create_bucket("b")
-        uri = start_resumable_upload(server.url, "b", "obj")
+        server.store.create_bucket("bkt")
+        uri = start_resumable_upload(server.url, "bkt", "obj")
         assert _put(uri, f"bytes 0-{Q - 1}/*", _pattern(Q)).status_code == 308
-        assert server.store.list_objects("b") == []
+        assert server.store.list_objects("bkt") == []
         assert _object_files(tmp_path) == []
 
     # What a crash in the middle of writing an object leaves behind is never an object.
     (tmp_path / "tmp" / "half-written").write_bytes(b"partial")
     with GcsServer(data_dir=tmp_path) as server:
-        assert server.store.list_objects("b") == []
+        assert server.store.list_objects("bkt") == []
         assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_replace_and_delete_on_disk(tmp_path: Path) -> None:
     with GcsServer(data_dir=tmp_path) as server:
-        server.store.create_bucket("b")
-        first = server.store.insert_object("b", "obj", b"first")
-        server.store.insert_object("b", "obj", b"second, longer")
-        url = f"{server.url}/storage/v1/b/b/o/obj"
+        server.store.create_bucket("bkt")
+        first = server.store.insert_object("bkt", "obj", b"first")
+        server.store.insert_object("bkt", "obj", b"second, longer")
+        url = f"{server.url}/storage/v1/b/bkt/o/obj"
         assert requests.get(url, params={"alt": "media"}, timeout=30).content == b"second, longer"
         old = requests.get(
             url, params={"alt": "media", "generation": str(first.generation)}, timeout=30

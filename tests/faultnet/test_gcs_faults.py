@@ -234,7 +234,7 @@ def controlled_sleep() -> _ControlledSleep:
 @pytest.fixture
 def stalling_server(controlled_sleep: _ControlledSleep) -> Iterator[GcsServer]:
     with GcsServer(sleep=controlled_sleep) as server:
-        server.store.create_bucket("b")
+        server.store.create_bucket("bkt")
         yield server
     controlled_sleep.release.set()
 
@@ -242,7 +242,7 @@ def stalling_server(controlled_sleep: _ControlledSleep) -> Iterator[GcsServer]:
 def test_stall_after_nk_on_upload_holds_exactly_n_kib_during_the_stall(
     stalling_server: GcsServer, controlled_sleep: _ControlledSleep
 ) -> None:
-    uri = start_resumable_upload(stalling_server.url, "b", "obj")
+    uri = start_resumable_upload(stalling_server.url, "bkt", "obj")
     test_id = stalling_server.create_retry_test({INSERT: ["stall-for-7s-after-300K"]})
     payload = _pattern(2 * Q + 10)
     with ThreadPoolExecutor(1) as pool:
@@ -256,15 +256,15 @@ def test_stall_after_nk_on_upload_holds_exactly_n_kib_during_the_stall(
         assert controlled_sleep.requested == [7.0]
         controlled_sleep.release.set()
         assert stalled.result().status_code == 200
-    assert stalling_server.store.get_object("b", "obj")[0] == payload
+    assert stalling_server.store.get_object("bkt", "obj")[0] == payload
 
 
 def test_stall_after_nk_on_download(
     stalling_server: GcsServer, controlled_sleep: _ControlledSleep
 ) -> None:
-    stalling_server.store.insert_object("b", "obj", _pattern(50 * KIB))
+    stalling_server.store.insert_object("bkt", "obj", _pattern(50 * KIB))
     test_id = stalling_server.create_retry_test({GET: ["stall-for-3s-after-20K"]})
-    uri = f"{stalling_server.url}/storage/v1/b/b/o/obj?alt=media"
+    uri = f"{stalling_server.url}/storage/v1/b/bkt/o/obj?alt=media"
     with socket.create_connection(stalling_server.address, timeout=30) as sock:
         sock.sendall(_raw_request("GET", uri, {"x-retry-test-id": test_id}))
         assert controlled_sleep.stalled.wait(60)

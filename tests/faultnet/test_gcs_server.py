@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -93,17 +94,29 @@ def test_unknown_paths_and_methods(gcs_server: GcsServer, gcs_bucket: str) -> No
 
 
 def test_handler_failure_is_a_500_and_the_server_goes_on(
-    gcs_server: GcsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken() -> list[object]:
-        raise RuntimeError("simulated bug")
+    """A real failure (the session's part file turned into a directory) answers 500.
 
-    monkeypatch.setattr(gcs_server.store, "list_buckets", broken)
-    response = requests.get(f"{gcs_server.url}/storage/v1/b", timeout=30)
-    assert response.status_code == 500
-    assert "simulated bug" in caplog.text
-    monkeypatch.undo()
-    assert _still_serving(gcs_server)
+    The log names the exception and where it was raised, but never its text: that holds
+    the session file's path, and no session id or data-dir path may reach a log or a body.
+    """
+    with GcsServer(data_dir=tmp_path) as server:
+        server.store.create_bucket("bkt")
+        uri = start_resumable_upload(server.url, "bkt", "obj")
+        upload_id = uri.rsplit("upload_id=", 1)[1]
+        [part] = (tmp_path / "sessions").glob("*.part")
+        part.unlink()
+        part.mkdir()
+        response = requests.put(
+            uri, data=b"x" * Q, headers={"Content-Range": f"bytes 0-{Q - 1}/*"}, timeout=30
+        )
+        assert response.status_code == 500
+        assert "IsADirectoryError" in caplog.text
+        for secret in (upload_id, str(tmp_path), part.name):
+            assert secret not in caplog.text
+            assert secret not in response.text
+        assert _still_serving(server)
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(
