@@ -32,7 +32,7 @@ from google.resumable_media.requests import ResumableUpload
 
 from bench._rup_process import rup_process
 from faultnet.gcs.clients import anonymous_client
-from proxy.client import upload_file
+from proxy.client import ClientSettings, UploadOptions, upload_file
 
 __all__ = ["main", "run"]
 
@@ -118,9 +118,8 @@ def _through_proxy(address: tuple[str, int], path: Path, name: str, connections:
 
     async def go() -> float:
         started = time.perf_counter()
-        result = await upload_file(
-            path, f"gs://{BUCKET}/{name}", proxy=address, connections=connections
-        )
+        options = UploadOptions(proxy=address, settings=ClientSettings(connections=connections))
+        result = await upload_file(path, f"gs://{BUCKET}/{name}", options)
         if result.size != expected:
             raise RuntimeError(f"proxy reported {result.size} bytes for {name}")
         return time.perf_counter() - started
@@ -134,7 +133,8 @@ def _concurrent(address: tuple[str, int], path: Path, count: int) -> tuple[float
 
     async def one(index: int) -> None:
         nonlocal done
-        await upload_file(path, f"gs://{BUCKET}/concurrent-{index}", proxy=address, connections=1)
+        options = UploadOptions(proxy=address, settings=ClientSettings(connections=1))
+        await upload_file(path, f"gs://{BUCKET}/concurrent-{index}", options)
         done += 1
 
     async def go() -> float:

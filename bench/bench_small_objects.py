@@ -29,7 +29,7 @@ import trio
 
 from bench._rup_process import rup_process
 from faultnet.gcs.clients import anonymous_client
-from proxy.client import upload_stream
+from proxy.client import ClientSettings, UploadOptions, upload_stream
 from proxy.server.backend import pooled_session
 
 __all__ = ["main", "run"]
@@ -68,9 +68,8 @@ def _through_proxy(address: tuple[str, int], count: int, concurrency: int, prefi
 
     async def worker(indexes: Iterator[int]) -> None:
         for index in indexes:
-            result = await upload_stream(
-                chunks(index), f"gs://{BUCKET}/{prefix}/{index}", proxy=address, connections=1
-            )
+            options = UploadOptions(proxy=address, settings=ClientSettings(connections=1))
+            result = await upload_stream(chunks(index), f"gs://{BUCKET}/{prefix}/{index}", options)
             if result.size != OBJECT_SIZE:
                 raise RuntimeError(f"the proxy stored {result.size} bytes for object {index}")
 

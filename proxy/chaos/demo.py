@@ -39,7 +39,14 @@ from faultnet.plan import FaultPlan, PlanSyntaxError
 from faultnet.stream import open_tcp_stream
 from faultnet.transport import faulty_session
 from proxy.cli.progress import UploadBar
-from proxy.client import ClientSettings, Connector, UploadError, UploadResult, upload_stream
+from proxy.client import (
+    ClientSettings,
+    Connector,
+    UploadError,
+    UploadOptions,
+    UploadResult,
+    upload_stream,
+)
 from proxy.server import serve_in_background
 from proxy.server.backend import Backend, TargetKind
 from proxy.server.settings import ServerSettings
@@ -208,7 +215,7 @@ def _faulty_connector(
     host, port = address
     indexes = itertools.count()
 
-    async def connect() -> trio.abc.Stream:
+    async def connect(_host: str, _port: int) -> trio.abc.Stream:
         return await open_tcp_stream(host, port, plan=plan, counters=counters, index=next(indexes))
 
     return connect
@@ -298,10 +305,12 @@ async def _upload(
         result = await upload_stream(
             source.chunks(),
             f"gs://{_BUCKET}/{name}",
-            proxy=server.address,
-            settings=ClientSettings(connections=connections),
-            connector=_faulty_connector(server.address, client_plan, client_counters),
-            progress=bar.update if bar is not None else None,
+            UploadOptions(
+                proxy=server.address,
+                settings=ClientSettings(connections=connections),
+                connector=_faulty_connector(server.address, client_plan, client_counters),
+                progress=bar.update if bar is not None else None,
+            ),
         )
         return result, _by_label(server.metrics.retries)
 

@@ -49,11 +49,12 @@ from proxy.chaos.workload import (
 from proxy.client import (
     ClientSettings,
     Connector,
-    ReconnectPolicy,
     UploadError,
+    UploadOptions,
     UploadResult,
     connect_upload,
 )
+from proxy.client import RetryPolicy as ClientRetryPolicy
 from proxy.server import ProxyServer, serve_in_background
 from proxy.server.backend import Backend, TargetKind, pooled_session
 from proxy.server.settings import ServerSettings
@@ -176,7 +177,7 @@ class ChaosSettings:
             reply_timeout=4.0,
             complete_timeout=self.deadline,
             stream_buffer=2 * self.geometry.window,
-            reconnect=ReconnectPolicy(max_attempts=12, initial_delay=0.02, max_delay=0.5),
+            retry=ClientRetryPolicy(max_attempts=12, initial_delay=0.02, max_delay=0.5),
         )
 
 
@@ -449,13 +450,14 @@ class _Run:
         if_generation_match: int | None,
     ) -> UploadResult:
         async with connect_upload(
-            address,
-            _BUCKET,
-            spec.name,
-            settings=self.settings.client_settings(spec.connections),
-            connector=connector,
-            if_generation_match=if_generation_match,
-            expected_size=spec.size,
+            f"gs://{_BUCKET}/{spec.name}",
+            UploadOptions(
+                proxy=address,
+                settings=self.settings.client_settings(spec.connections),
+                connector=connector,
+                if_generation_match=if_generation_match,
+                expected_size=spec.size,
+            ),
         ) as upload:
             for block in spec.source.blocks(_WRITE_SIZE):
                 await upload.write(block)
@@ -469,7 +471,7 @@ def _faulty_connector(
     host, port = address
     indexes = itertools.count()
 
-    async def connect() -> trio.abc.Stream:
+    async def connect(_host: str, _port: int) -> trio.abc.Stream:
         return await open_tcp_stream(host, port, plan=plan, counters=counters, index=next(indexes))
 
     return connect
@@ -478,7 +480,7 @@ def _faulty_connector(
 def _plain_connector(address: tuple[str, int]) -> Connector:
     host, port = address
 
-    async def connect() -> trio.abc.Stream:
+    async def connect(_host: str, _port: int) -> trio.abc.Stream:
         return await trio.open_tcp_stream(host, port)
 
     return connect

@@ -36,8 +36,9 @@ from proxy.client import (
     ChecksumMismatchError,
     ClientSettings,
     ProxyUnreachableError,
-    ReconnectPolicy,
+    RetryPolicy,
     UploadError,
+    UploadOptions,
     UploadProgress,
     UploadResult,
     parse_gs_url,
@@ -129,7 +130,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--retries",
         type=int,
-        default=ReconnectPolicy.max_attempts,
+        default=RetryPolicy.max_attempts,
         metavar="N",
         help="consecutive failed attempts per connection before giving up (default %(default)s)",
     )
@@ -175,23 +176,22 @@ async def _upload(args: argparse.Namespace, bar: UploadBar | None) -> UploadResu
         if bar is not None:
             bar.update(snapshot)
 
-    settings = ClientSettings(
-        connections=args.connections,
-        frame_size=args.frame_size,
-        reconnect=ReconnectPolicy(max_attempts=args.retries),
+    options = UploadOptions(
+        proxy=args.proxy,
+        auth=args.auth_token,
+        tls=_tls_context(args),
+        settings=ClientSettings(
+            connections=args.connections,
+            frame_size=args.frame_size,
+            retry=RetryPolicy(max_attempts=args.retries),
+        ),
+        content_type=args.content_type,
+        if_generation_match=args.if_generation_match,
+        progress=progress,
     )
-    common: dict[str, Any] = {
-        "proxy": args.proxy,
-        "auth": args.auth_token,
-        "tls": _tls_context(args),
-        "content_type": args.content_type,
-        "if_generation_match": args.if_generation_match,
-        "settings": settings,
-        "progress": progress,
-    }
     if args.source == "-":
-        return await upload_stream(_stdin_chunks(), args.url, **common)
-    return await upload_file(args.source, args.url, **common)
+        return await upload_stream(_stdin_chunks(), args.url, options)
+    return await upload_file(args.source, args.url, options)
 
 
 def _summary(result: UploadResult) -> dict[str, Any]:

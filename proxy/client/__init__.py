@@ -2,37 +2,40 @@
 
 It imports only :mod:`protocol` of rup's packages (an import contract checks it), so a
 program that uploads does not load the server, google-cloud-storage or cryptography.
+:mod:`proxy.client.blocking` has the same entry points for code without trio.
+
+Modules, one job each: ``api`` (entry points), ``upload`` (the caller's handle),
+``lifecycle`` (the state table), ``transfer`` (connection slots), ``channel`` (one
+connection), ``ledger`` (byte bookkeeping), ``sources`` (file and stream data),
+``settings`` (policy and options), ``results``, ``names`` and ``errors``.
 """
 
-from proxy.client.upload import (
+from proxy.client.api import connect_upload, upload_file, upload_stream
+from proxy.client.errors import (
     ChecksumMismatchError,
-    ClientSettings,
-    Connector,
     ProxyUnreachableError,
-    ReconnectPolicy,
-    Upload,
     UploadError,
-    UploadProgress,
     UploadRejectedError,
-    UploadResult,
-    connect_upload,
-    parse_gs_url,
-    parse_proxy_address,
-    upload_file,
-    upload_stream,
 )
+from proxy.client.lifecycle import UploadState
+from proxy.client.names import parse_gs_url, parse_proxy_address
+from proxy.client.results import UploadProgress, UploadResult
+from proxy.client.settings import ClientSettings, Connector, RetryPolicy, UploadOptions
+from proxy.client.upload import Upload
 
 __all__ = [
     "ChecksumMismatchError",
     "ClientSettings",
     "Connector",
     "ProxyUnreachableError",
-    "ReconnectPolicy",
+    "RetryPolicy",
     "Upload",
     "UploadError",
+    "UploadOptions",
     "UploadProgress",
     "UploadRejectedError",
     "UploadResult",
+    "UploadState",
     "connect_upload",
     "parse_gs_url",
     "parse_proxy_address",

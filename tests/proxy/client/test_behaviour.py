@@ -51,8 +51,9 @@ from proxy.client import (
     ChecksumMismatchError,
     ClientSettings,
     ProxyUnreachableError,
-    ReconnectPolicy,
+    RetryPolicy,
     UploadError,
+    UploadOptions,
     UploadProgress,
     UploadRejectedError,
     blocking,
@@ -294,7 +295,7 @@ FAST = ClientSettings(
     frame_size=FRAME,
     frames_in_flight=4,
     reply_timeout=10.0,
-    reconnect=ReconnectPolicy(max_attempts=4, initial_delay=0.001, max_delay=0.01),
+    retry=RetryPolicy(max_attempts=4, initial_delay=0.001, max_delay=0.01),
 )
 
 
@@ -311,7 +312,7 @@ async def test_file_arrives_whole_within_credit_and_pipelined(
     proxy, address = fake_proxy
     path, data = payload_file(3 * MiB + 12345)
     result = await upload_file(
-        path, "gs://bkt/dir/obj", proxy=address, settings=settings(connections)
+        path, "gs://bkt/dir/obj", UploadOptions(proxy=address, settings=settings(connections))
     )
     assert bytes(proxy.data) == data
     assert result.size == len(data)
@@ -337,7 +338,9 @@ async def test_stream_keeps_a_bounded_buffer_and_arrives_whole(
             yield data[start : start + 10_000]
 
     result = await upload_stream(
-        chunks(), "gs://bkt/stream", proxy=address, settings=settings(2, stream_buffer=4 * FRAME)
+        chunks(),
+        "gs://bkt/stream",
+        UploadOptions(proxy=address, settings=settings(2, stream_buffer=4 * FRAME)),
     )
     assert bytes(proxy.data) == data
     assert result.size == len(data)
@@ -352,7 +355,9 @@ async def test_corrupt_frame_is_resent(
     proxy, address = fake_proxy
     proxy.corrupt_at = {2 * FRAME, 9 * FRAME}
     path, data = payload_file(16 * FRAME)
-    result = await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(2))
+    result = await upload_file(
+        path, "gs://bkt/o", UploadOptions(proxy=address, settings=settings(2))
+    )
     assert bytes(proxy.data) == data
     assert result.resent_bytes_by_cause == {"bad_crc": 2 * FRAME}
     assert result.errors_by_code == {"BAD_CRC": 2}
@@ -366,7 +371,9 @@ async def test_connection_cut_partway_through_a_frame_is_survived(
     proxy, address = fake_proxy
     proxy.cut_at_write = {5, 20}
     path, data = payload_file(40 * FRAME)
-    result = await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(4))
+    result = await upload_file(
+        path, "gs://bkt/o", UploadOptions(proxy=address, settings=settings(4))
+    )
     assert bytes(proxy.data) == data
     assert result.reconnects == 2
     assert result.resent_bytes_by_cause["connection_lost"] >= 2 * FRAME
@@ -380,7 +387,9 @@ async def test_restart_that_forgets_unacknowledged_bytes_is_resumed(
     proxy, address = fake_proxy
     proxy.restart_at_write = 12
     path, data = payload_file(32 * FRAME)
-    result = await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(3))
+    result = await upload_file(
+        path, "gs://bkt/o", UploadOptions(proxy=address, settings=settings(3))
+    )
     assert bytes(proxy.data) == data
     assert result.reconnects == 3  # every connection was dropped once
     assert proxy.credit_violations == []
@@ -393,7 +402,9 @@ async def test_going_away_moves_to_a_new_connection(
     proxy, address = fake_proxy
     proxy.going_away_at_write = 6
     path, data = payload_file(24 * FRAME)
-    result = await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(1))
+    result = await upload_file(
+        path, "gs://bkt/o", UploadOptions(proxy=address, settings=settings(1))
+    )
     assert bytes(proxy.data) == data
     assert result.reconnects == 1
     assert proxy.connections == 2
@@ -406,7 +417,7 @@ async def test_a_window_smaller_than_a_frame_still_finishes(
     proxy, address = fake_proxy
     proxy.window = 40 * KiB
     path, data = payload_file(300 * KiB)
-    await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(4))
+    await upload_file(path, "gs://bkt/o", UploadOptions(proxy=address, settings=settings(4)))
     assert bytes(proxy.data) == data
     assert proxy.credit_violations == []
 
@@ -419,7 +430,9 @@ async def test_wrong_credentials_are_one_clear_error(
     proxy.auth = "right"
     path, _ = payload_file(FRAME)
     with pytest.raises(UploadRejectedError) as caught:
-        await upload_file(path, "gs://bkt/o", proxy=address, auth="wrong", settings=settings(4))
+        await upload_file(
+            path, "gs://bkt/o", UploadOptions(proxy=address, auth="wrong", settings=settings(4))
+        )
     assert caught.value.code == ErrorCode.UNAUTHENTICATED
     assert "right" not in str(caught.value)  # secrets never appear in messages
     assert "wrong" not in str(caught.value)
@@ -433,7 +446,7 @@ async def test_checksum_disagreement_is_reported(
     proxy.lie_crc32c = 1234
     path, _ = payload_file(3 * FRAME)
     with pytest.raises(ChecksumMismatchError, match="crc32c"):
-        await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(2))
+        await upload_file(path, "gs://bkt/o", UploadOptions(proxy=address, settings=settings(2)))
 
 
 async def test_a_file_that_changes_during_the_upload_fails_it(
@@ -450,7 +463,9 @@ async def test_a_file_that_changes_during_the_upload_fails_it(
             os.utime(path, ns=(0, 0))
 
     with pytest.raises(UploadError, match="file changed while it was being uploaded"):
-        await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(2), progress=touch)
+        await upload_file(
+            path, "gs://bkt/o", UploadOptions(proxy=address, settings=settings(2), progress=touch)
+        )
     assert proxy.aborted  # never completed: the block was left with the error, which aborts
 
 
@@ -459,7 +474,9 @@ async def test_unreachable_proxy_gives_up_after_the_policy() -> None:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(ProxyUnreachableError, match="cannot connect"):
-        async with connect_upload(("127.0.0.1", port), "bkt", "o", settings=settings(2)):
+        async with connect_upload(
+            "gs://bkt/o", UploadOptions(proxy=("127.0.0.1", port), settings=settings(2))
+        ):
             pytest.fail("the upload cannot have opened")
 
 
@@ -467,7 +484,9 @@ async def test_leaving_the_block_without_completing_aborts(
     fake_proxy: tuple[FakeProxy, tuple[str, int]],
 ) -> None:
     proxy, address = fake_proxy
-    async with connect_upload(address, "bkt", "o", settings=settings(2)) as upload:
+    async with connect_upload(
+        "gs://bkt/o", UploadOptions(proxy=address, settings=settings(2))
+    ) as upload:
         await upload.write(b"x" * 1000)
     assert proxy.aborted
 
@@ -504,11 +523,31 @@ def test_blocking_file_upload(
     path, data = payload_file(5 * FRAME + 3)
     seen: list[UploadProgress] = []
     result = blocking.upload_file(
-        path, "gs://bkt/o", proxy=address, settings=settings(3), progress=seen.append
+        path, "gs://bkt/o", UploadOptions(proxy=address, settings=settings(3), progress=seen.append)
     )
     assert bytes(proxy.data) == data
     assert result.size == len(data)
     assert seen[-1].bytes_received == len(data)
+
+
+def test_blocking_file_upload_uses_the_connector(
+    fake_proxy_in_thread: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # The blocking upload_file once dropped ``connector`` on the floor.
+    proxy, address = fake_proxy_in_thread
+    path, data = payload_file(2 * FRAME + 1)
+    dialled: list[tuple[str, int]] = []
+
+    async def connect(host: str, port: int) -> trio.abc.Stream:
+        dialled.append((host, port))
+        return await trio.open_tcp_stream(host, port)
+
+    options = UploadOptions(proxy=address, settings=settings(2), connector=connect)
+    result = blocking.upload_file(path, "gs://bkt/o", options)
+    assert bytes(proxy.data) == data
+    assert result.size == len(data)
+    assert dialled == [address, address]
 
 
 def test_blocking_stream_upload(
@@ -517,7 +556,7 @@ def test_blocking_stream_upload(
     proxy, address = fake_proxy_in_thread
     data = os.urandom(3 * FRAME + 11)
     result = blocking.upload_stream(
-        io.BytesIO(data), "gs://bkt/o", proxy=address, settings=settings(2)
+        io.BytesIO(data), "gs://bkt/o", UploadOptions(proxy=address, settings=settings(2))
     )
     assert bytes(proxy.data) == data
     assert result.size == len(data)
@@ -531,7 +570,9 @@ async def test_complete_answered_with_missing_ranges_resends_them(
     proxy.commit_limit = 4 * FRAME
     proxy.lose_at_complete = (5 * FRAME, 7 * FRAME)
     path, data = payload_file(10 * FRAME)
-    result = await upload_file(path, "gs://bkt/o", proxy=address, settings=settings(2))
+    result = await upload_file(
+        path, "gs://bkt/o", UploadOptions(proxy=address, settings=settings(2))
+    )
     assert bytes(proxy.data) == data
     assert result.errors_by_code == {"MISSING_RANGES": 1}
     assert result.resent_bytes_by_cause == {"proxy_lost": 2 * FRAME}
@@ -572,8 +613,8 @@ async def _upload_whose_complete_stalls(
     """Upload ``path``; every connection open once all bytes are acknowledged stalls."""
     armed = trio.Event()
 
-    async def connect() -> trio.abc.Stream:
-        stream = await trio.open_tcp_stream(*address)
+    async def connect(host: str, port: int) -> trio.abc.Stream:
+        stream = await trio.open_tcp_stream(host, port)
         return stream if armed.is_set() else StallsOnceArmed(stream, armed)
 
     def arm_when_all_acknowledged(progress: UploadProgress) -> None:
@@ -583,10 +624,12 @@ async def _upload_whose_complete_stalls(
     result = await upload_file(
         path,
         "gs://bkt/o",
-        proxy=address,
-        settings=client_settings,
-        connector=connect,
-        progress=arm_when_all_acknowledged,
+        UploadOptions(
+            proxy=address,
+            settings=client_settings,
+            connector=connect,
+            progress=arm_when_all_acknowledged,
+        ),
     )
     assert result.size == size
 
@@ -637,7 +680,9 @@ async def test_status_queries_answered_out_of_order_while_frames_are_acknowledge
         if progress.bytes_received == len(data):
             acknowledged.set()
 
-    async with connect_upload(address, "bkt", "o", settings=settings(3), progress=note) as upload:
+    async with connect_upload(
+        "gs://bkt/o", UploadOptions(proxy=address, settings=settings(3), progress=note)
+    ) as upload:
         with trio.fail_after(10):
             await proxy.status_answered.wait()
             await upload.write(data)

@@ -31,7 +31,8 @@ from protocol import ErrorCode
 from proxy.client import (
     ClientSettings,
     Connector,
-    ReconnectPolicy,
+    RetryPolicy,
+    UploadOptions,
     UploadProgress,
     UploadRejectedError,
     connect_upload,
@@ -49,7 +50,7 @@ SETTINGS = ClientSettings(
     frame_size=256 * KiB,
     frames_in_flight=4,
     reply_timeout=20.0,
-    reconnect=ReconnectPolicy(max_attempts=30, initial_delay=0.01, max_delay=0.2),
+    retry=RetryPolicy(max_attempts=30, initial_delay=0.01, max_delay=0.2),
 )
 
 
@@ -73,11 +74,10 @@ async def stored(client: storage.Client, bucket: str, name: str) -> bytes:
     return await trio.to_thread.run_sync(blob.download_as_bytes)
 
 
-def faulty_connector(server: ProxyServer, plan: FaultPlan, counters: FaultCounters) -> Connector:
-    host, port = server.address
+def faulty_connector(plan: FaultPlan, counters: FaultCounters) -> Connector:
     indexes = itertools.count()
 
-    async def connect() -> trio.abc.Stream:
+    async def connect(host: str, port: int) -> trio.abc.Stream:
         return await open_tcp_stream(host, port, plan=plan, index=next(indexes), counters=counters)
 
     return connect
@@ -95,8 +95,7 @@ async def test_file_over_n_connections(
     result = await upload_file(
         path,
         f"gs://{gcs_bucket}/n/{connections}",
-        proxy=proxy_server.address,
-        settings=client_settings(connections),
+        UploadOptions(proxy=proxy_server.address, settings=client_settings(connections)),
     )
     assert result.size == len(data)
     assert result.crc32c == google_crc32c.value(data)
@@ -117,7 +116,9 @@ async def test_stream_of_unknown_length(
 
     settings = dataclasses.replace(client_settings(3), stream_buffer=2 * MiB)
     result = await upload_stream(
-        chunks(), f"gs://{gcs_bucket}/stream", proxy=proxy_server.address, settings=settings
+        chunks(),
+        f"gs://{gcs_bucket}/stream",
+        UploadOptions(proxy=proxy_server.address, settings=settings),
     )
     assert result.size == len(data)
     assert await stored(storage_client, gcs_bucket, "stream") == data
@@ -139,9 +140,11 @@ async def test_connections_killed_partway_through_frames(
     result = await upload_file(
         path,
         f"gs://{gcs_bucket}/cut",
-        proxy=proxy_server.address,
-        settings=client_settings(4),
-        connector=faulty_connector(proxy_server, plan, counters),
+        UploadOptions(
+            proxy=proxy_server.address,
+            settings=client_settings(4),
+            connector=faulty_connector(plan, counters),
+        ),
     )
     faults = counters.as_dict()["faults"]
     assert faults.get("reset_peer", 0) >= 1
@@ -165,9 +168,11 @@ async def test_corrupted_payload_is_resent(
     result = await upload_file(
         path,
         f"gs://{gcs_bucket}/crc",
-        proxy=proxy_server.address,
-        settings=client_settings(1),
-        connector=faulty_connector(proxy_server, plan, counters),
+        UploadOptions(
+            proxy=proxy_server.address,
+            settings=client_settings(1),
+            connector=faulty_connector(plan, counters),
+        ),
     )
     assert counters.as_dict()["faults"]["corrupt"] == 2
     assert result.errors_by_code == {"BAD_CRC": 2}
@@ -200,9 +205,9 @@ async def test_upload_survives_a_proxy_restart(
                         await upload_file(
                             path,
                             f"gs://{gcs_bucket}/restart",
-                            proxy=address,
-                            settings=client_settings(4),
-                            progress=progress,
+                            UploadOptions(
+                                proxy=address, settings=client_settings(4), progress=progress
+                            ),
                         )
                     )
                     finished.set()
@@ -231,9 +236,7 @@ async def test_wrong_bearer_token_is_one_clear_error(
             await upload_file(
                 path,
                 f"gs://{gcs_bucket}/denied",
-                proxy=server.address,
-                auth="guess",
-                settings=client_settings(4),
+                UploadOptions(proxy=server.address, auth="guess", settings=client_settings(4)),
             )
         assert caught.value.code is ErrorCode.UNAUTHENTICATED
         assert "sesame" not in str(caught.value)
@@ -241,9 +244,7 @@ async def test_wrong_bearer_token_is_one_clear_error(
         result = await upload_file(
             path,
             f"gs://{gcs_bucket}/allowed",
-            proxy=server.address,
-            auth="sesame",
-            settings=client_settings(2),
+            UploadOptions(proxy=server.address, auth="sesame", settings=client_settings(2)),
         )
         assert result.size == KiB
 
@@ -253,14 +254,10 @@ async def test_precondition_failure_is_reported_with_its_code(
 ) -> None:
     path, _ = payload(300 * KiB)
     url = f"gs://{gcs_bucket}/once"
-    upload = functools.partial(
-        upload_file,
-        path,
-        url,
-        proxy=proxy_server.address,
-        if_generation_match=0,
-        settings=client_settings(2),
+    options = UploadOptions(
+        proxy=proxy_server.address, if_generation_match=0, settings=client_settings(2)
     )
+    upload = functools.partial(upload_file, path, url, options)
     await upload()
     with pytest.raises(UploadRejectedError) as caught:
         await upload()
@@ -271,7 +268,8 @@ async def test_abort_racing_writes_leaves_no_object(
     proxy_server: ProxyServer, gcs_bucket: str, storage_client: storage.Client
 ) -> None:
     async with connect_upload(
-        proxy_server.address, gcs_bucket, "aborted", settings=client_settings(4)
+        f"gs://{gcs_bucket}/aborted",
+        UploadOptions(proxy=proxy_server.address, settings=client_settings(4)),
     ) as upload:
         for _ in range(12):
             await upload.write(os.urandom(256 * KiB))  # slots are sending while we abort
@@ -292,8 +290,7 @@ async def test_eight_uploads_finish_while_a_client_sends_garbage(
         await upload_stream(
             chunks(),
             f"gs://{gcs_bucket}/{name}",
-            proxy=proxy_server.address,
-            settings=client_settings(2),
+            UploadOptions(proxy=proxy_server.address, settings=client_settings(2)),
         )
 
     async def vandal() -> None:
@@ -329,9 +326,7 @@ async def test_tls_over_four_connections(
         result = await upload_file(
             path,
             f"gs://{gcs_bucket}/tls",
-            proxy=server.address,
-            tls=client_context,
-            settings=client_settings(4),
+            UploadOptions(proxy=server.address, tls=client_context, settings=client_settings(4)),
         )
     assert result.size == len(data)
     assert await stored(storage_client, gcs_bucket, "tls") == data
@@ -353,9 +348,11 @@ async def test_a_stalled_connection_is_abandoned_and_its_frames_resent(
     result = await upload_file(
         path,
         f"gs://{gcs_bucket}/stalled",
-        proxy=proxy_server.address,
-        settings=settings,
-        connector=faulty_connector(proxy_server, plan, counters),
+        UploadOptions(
+            proxy=proxy_server.address,
+            settings=settings,
+            connector=faulty_connector(plan, counters),
+        ),
     )
     assert counters.as_dict()["faults"]["stall"] == 1
     assert result.reconnects == 1
@@ -375,12 +372,9 @@ async def test_empty_file_and_empty_stream(
         for chunk in no_chunks:
             yield chunk
 
-    from_file = await upload_file(
-        path, f"gs://{gcs_bucket}/empty-file", proxy=proxy_server.address, settings=SETTINGS
-    )
-    from_stream = await upload_stream(
-        nothing(), f"gs://{gcs_bucket}/empty-stream", proxy=proxy_server.address, settings=SETTINGS
-    )
+    options = UploadOptions(proxy=proxy_server.address, settings=SETTINGS)
+    from_file = await upload_file(path, f"gs://{gcs_bucket}/empty-file", options)
+    from_stream = await upload_stream(nothing(), f"gs://{gcs_bucket}/empty-stream", options)
     assert from_file.size == from_stream.size == 0
     assert from_file.crc32c == from_stream.crc32c == 0
     assert await stored(storage_client, gcs_bucket, "empty-file") == b""

@@ -1,0 +1,125 @@
+"""The entry points: :func:`connect_upload`, :func:`upload_file` and :func:`upload_stream`.
+
+Each takes the destination (``gs://bucket/object``) and one
+:class:`~proxy.client.settings.UploadOptions`. Cancellation: cancelling any call here
+abandons the upload on this side; the proxy keeps it resumable until its idle timeout, then
+GCS keeps the session for a week. Leaving :func:`connect_upload`'s block with an exception
+(other than a cancellation) and without :meth:`~proxy.client.upload.Upload.complete` aborts
+the upload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import ssl
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+import trio
+
+from protocol import OpenUpload
+from proxy.client.errors import UploadError
+from proxy.client.names import parse_gs_url, parse_proxy_address
+from proxy.client.results import UploadResult
+from proxy.client.settings import Connector, UploadOptions
+from proxy.client.transfer import Transfer
+from proxy.client.upload import Upload
+
+__all__ = ["connect_upload", "upload_file", "upload_stream"]
+
+#: how long leaving the block waits for the proxy to confirm an Abort
+_ABORT_ON_EXIT_TIMEOUT = 5.0
+
+
+def _default_connector(tls: ssl.SSLContext | None) -> Connector:
+    async def connect(host: str, port: int) -> trio.abc.Stream:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        if tls is not None:
+            ssl_stream = trio.SSLStream(stream, tls, server_hostname=host)
+            await ssl_stream.do_handshake()
+            stream = ssl_stream
+        return stream
+
+    return connect
+
+
+@asynccontextmanager
+async def connect_upload(url: str, options: UploadOptions) -> AsyncIterator[Upload]:
+    """Open an upload of ``url`` (``gs://bucket/object``) and yield it once opened.
+
+    Give the data with :meth:`Upload.send_file` or :meth:`Upload.write`, then call
+    :meth:`Upload.complete`. Leaving the block with an exception and without completing
+    aborts the upload.
+    """
+    bucket, name = parse_gs_url(url)
+    proxy = options.proxy
+    address = parse_proxy_address(proxy) if isinstance(proxy, str) else proxy
+    transfer = Transfer(
+        open_request=OpenUpload(
+            bucket=bucket,
+            name=name,
+            content_type=options.content_type,
+            metadata=tuple(options.metadata.items()),
+            expected_size=options.expected_size,
+            if_generation_match=options.if_generation_match,
+        ),
+        options=options,
+        address=address,
+        connector=options.connector or _default_connector(options.tls),
+    )
+    upload = Upload(transfer)
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            transfer.start(nursery)
+            try:
+                await transfer.wait_opened()
+                if transfer.lifecycle.failure is None:
+                    try:
+                        yield upload
+                    except trio.Cancelled:
+                        raise
+                    except BaseException as exc:  # re-raised below, outside the nursery
+                        body_error = exc
+                    if not transfer.lifecycle.over:
+                        with (
+                            trio.move_on_after(_ABORT_ON_EXIT_TIMEOUT, shield=True),
+                            suppress(UploadError),
+                        ):
+                            await upload.abort()
+            finally:
+                transfer.stop()
+    finally:
+        source = transfer.ledger.source
+        if source is not None:
+            source.close()
+    failure = transfer.lifecycle.failure
+    if failure is not None and not isinstance(body_error, UploadError):
+        raise failure
+    if body_error is not None:
+        raise body_error
+
+
+async def upload_file(
+    path: str | os.PathLike[str], url: str, options: UploadOptions
+) -> UploadResult:
+    """Upload the file at ``path`` to ``url`` (``gs://bucket/object``)."""
+    options = dataclasses.replace(options, expected_size=os.stat(path).st_size)
+    async with connect_upload(url, options) as upload:
+        await upload.send_file(path)
+        return await upload.complete()
+
+
+async def upload_stream(
+    chunks: AsyncIterable[bytes], url: str, options: UploadOptions
+) -> UploadResult:
+    """Upload everything ``chunks`` yields (length unknown up front) to ``url``.
+
+    Only bytes the proxy has not committed yet are kept, at most ``stream_buffer`` of them;
+    ``chunks`` is not iterated further while that buffer is full.
+    """
+    async with connect_upload(url, options) as upload:
+        async for chunk in chunks:
+            await upload.write(chunk)
+        return await upload.complete()

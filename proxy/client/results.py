@@ -1,0 +1,45 @@
+"""What an upload reports: progress snapshots while it runs, and the result once it is stored."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = ["UploadProgress", "UploadResult"]
+
+
+@dataclass(frozen=True)
+class UploadProgress:
+    """A snapshot for progress displays; ``total`` is None while a stream is still open."""
+
+    total: int | None
+    bytes_sent: int
+    bytes_received: int
+    committed: int
+    connections: int
+    reconnects: int
+    resent_bytes: int
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """The finalized object, as the proxy reported it, plus what it took to get there."""
+
+    bucket: str
+    name: str
+    size: int
+    generation: int
+    crc32c: int
+    md5: bytes | None
+    elapsed: float
+    connections: int
+    bytes_sent: int
+    reconnects: int
+    resent_bytes_by_cause: Mapping[str, int]
+    errors_by_code: Mapping[str, int]
+
+    @property
+    def throughput(self) -> float:
+        """Object bytes per second, over the whole upload."""
+        return self.size / self.elapsed if self.elapsed > 0 else math.inf

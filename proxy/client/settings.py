@@ -1,0 +1,100 @@
+"""How an upload is tuned and where it goes: one retry policy, one settings value, one options.
+
+* :class:`RetryPolicy` is the only place that decides how long to wait before trying again,
+  for reconnects and for a ``Complete`` alike (capped exponential backoff with full jitter).
+* :class:`ClientSettings` tunes the transfer (connections, frame size, timeouts).
+* :class:`UploadOptions` is everything an entry point needs besides the data and the
+  destination: the proxy, credentials, object properties, settings, hooks. Every entry point
+  (:func:`~proxy.client.connect_upload`, :func:`~proxy.client.upload_file`, ...) takes one.
+
+All three are frozen: change one with :func:`dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+if TYPE_CHECKING:
+    from proxy.client.results import UploadProgress
+
+__all__ = ["ClientSettings", "Connector", "KiB", "MiB", "RetryPolicy", "UploadOptions"]
+
+KiB: Final = 1024
+MiB: Final = 1024 * KiB
+
+#: Opens one byte stream to the proxy at ``(host, port)``: lets callers add TLS, faults or
+#: another transport. The default opens TCP (and TLS when :attr:`UploadOptions.tls` is set).
+Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a connection slot retries: exponential backoff with full jitter.
+
+    ``max_attempts`` counts consecutive failures of one slot; any acknowledged frame resets
+    the count, so a long upload over a flaky network is not capped, a dead proxy is.
+    """
+
+    max_attempts: int = 8
+    initial_delay: float = 0.05
+    max_delay: float = 2.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait before retry number ``attempt`` (1 for the first retry)."""
+        return rng.uniform(0.0, min(self.max_delay, self.initial_delay * 2.0**attempt))
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Tuning for one upload. The defaults suit a LAN or loopback proxy."""
+
+    connections: int = 4
+    #: payload bytes per WriteAt frame; capped by what the proxy's Welcome allows
+    frame_size: int = 1 * MiB
+    #: WriteAt frames sent on one connection before waiting for an Ack
+    frames_in_flight: int = 4
+    connect_timeout: float = 10.0
+    #: while a reply is due, this long without a byte from the proxy means the link stalled
+    reply_timeout: float = 30.0
+    #: Complete waits for GCS to commit the tail, so it gets longer
+    complete_timeout: float = 300.0
+    #: a stream keeps at most this many bytes that the proxy has not committed yet
+    stream_buffer: int = 64 * MiB
+    max_complete_attempts: int = 6
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        if self.connections < 1:
+            raise ValueError(f"connections must be at least 1, got {self.connections}")
+        if self.frame_size < 1 or self.frames_in_flight < 1:
+            raise ValueError("frame_size and frames_in_flight must be positive")
+        if self.stream_buffer < self.frame_size:
+            raise ValueError("stream_buffer must hold at least one frame")
+
+
+@dataclass(frozen=True)
+class UploadOptions:
+    """Where and how to upload: everything an entry point takes besides the data and the URL.
+
+    ``proxy`` is ``"HOST:PORT"`` or ``(host, port)``. ``connector`` replaces the plain TCP
+    (or, with ``tls``, TLS) connection, e.g. with a fault-injecting stream. ``expected_size``
+    is filled in by :func:`~proxy.client.upload_file` from the file. ``progress`` is called
+    from the upload's tasks with a snapshot whenever something changes; keep it quick.
+    """
+
+    proxy: str | tuple[str, int]
+    auth: str = field(default="", repr=False)
+    tls: ssl.SSLContext | None = None
+    connector: Connector | None = None
+    settings: ClientSettings = field(default_factory=ClientSettings)
+    content_type: str = "application/octet-stream"
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    if_generation_match: int | None = None
+    expected_size: int | None = None
+    progress: Callable[[UploadProgress], None] | None = None

@@ -1,0 +1,258 @@
+"""The engine of one upload: N connection slots that open or attach, then send pieces.
+
+One upload is spread over ``connections`` TCP connections ("slots"). The first slot opens the
+upload and gets its token; the others attach with that token. Every slot then takes the
+lowest piece of the object that still has to be sent, within the proxy's credit window, and
+pipelines up to ``frames_in_flight`` ``WriteAt`` frames before it waits for their ``Ack``.
+Pieces never cross a frame-size boundary, so a resend after a fault is the same frame again.
+
+When a slot reconnects it re-attaches with the token and asks for ``Status``; the
+:class:`~proxy.client.ledger.Ledger` then holds exactly what the proxy does not hold and no
+other connection is sending. That is what makes a proxy restart harmless: the new instance
+recovers the committed offset from GCS and the client resends only the rest.
+
+:class:`Transfer` is what each :class:`~proxy.client.channel.Channel` talks to (it is their
+:class:`~proxy.client.channel.ChannelOwner`); :class:`~proxy.client.upload.Upload` is the
+caller's handle on it. Cancellation: cancelling the nursery given to :meth:`Transfer.start`
+closes every connection; the proxy keeps the upload resumable with its token.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import trio
+
+from protocol import AttachUpload, OpenUpload, Status, StatusQuery, UploadOpened
+from protocol.ranges import ByteRange, RangeSet
+from proxy.client.channel import Channel
+from proxy.client.errors import ProxyUnreachableError, UploadError, unexpected_reply
+from proxy.client.ledger import Ledger
+from proxy.client.lifecycle import Lifecycle, UploadState
+from proxy.client.results import UploadProgress
+from proxy.client.settings import ClientSettings, Connector, UploadOptions
+
+__all__ = ["Transfer"]
+
+
+class Transfer:
+    """One upload's connections, lifecycle and byte ledger."""
+
+    def __init__(
+        self,
+        *,
+        open_request: OpenUpload,
+        options: UploadOptions,
+        address: tuple[str, int],
+        connector: Connector,
+    ) -> None:
+        self._options = options
+        self._open_request = open_request
+        self._address = address
+        self._connector = connector
+        self._description = f"upload of gs://{open_request.bucket}/{open_request.name}"
+        self.rng = random.Random()
+        self.lifecycle = Lifecycle()
+        self._ledger = Ledger(options.settings.frame_size, self.report)
+        self._opened = trio.Event()
+        self._token: bytes | None = None
+        self._channels: set[Channel] = set()
+        self._cancel_scope = trio.CancelScope()
+        self.started = time.monotonic()
+
+    # -- what a Channel sees (ChannelOwner) ------------------------------------------------
+
+    @property
+    def settings(self) -> ClientSettings:
+        return self._options.settings
+
+    @property
+    def ledger(self) -> Ledger:
+        return self._ledger
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    @property
+    def auth(self) -> str:
+        return self._options.auth
+
+    @property
+    def aborting(self) -> bool:
+        return self.lifecycle.at(UploadState.ABORTING)
+
+    def fail(self, error: UploadError) -> None:
+        """End the upload with ``error`` (kept only if it is the first), stopping every slot."""
+        if self.lifecycle.fail(error):
+            self._cancel_scope.cancel()
+        self._ledger.notify()
+
+    async def next_piece(self, channel: Channel) -> ByteRange | None:
+        """The lowest piece to send that fits the credit window; None when going away."""
+        while True:
+            self.lifecycle.check()
+            if channel.going_away or not self.lifecycle.at(UploadState.SENDING):
+                return None
+            piece = self._ledger.take(channel.max_data)
+            if piece is not None:
+                return piece
+            await self._ledger.wait_changed()
+
+    # -- what the Upload sees --------------------------------------------------------------
+
+    @property
+    def open_request(self) -> OpenUpload:
+        return self._open_request
+
+    @property
+    def token(self) -> bytes | None:
+        """The upload's token once the proxy issued it (a secret: never log it)."""
+        return self._token
+
+    async def wait_changed(self) -> None:
+        """Wait until something changes; raises the upload's failure if there is one."""
+        self.lifecycle.check()
+        await self._ledger.wait_changed()
+
+    async def wait_opened(self) -> None:
+        """Wait until the upload is open or has failed (then :attr:`lifecycle` says why)."""
+        while not self._opened.is_set() and self.lifecycle.failure is None:
+            await self._ledger.wait_changed()
+
+    def move(self, state: UploadState) -> None:
+        """Move the lifecycle on and wake every waiter."""
+        self.lifecycle.move(state)
+        self._ledger.notify()
+
+    async def any_channel(self) -> Channel:
+        """A connection that is bound and healthy (waits for one)."""
+        while True:
+            self.lifecycle.check()
+            for channel in self._channels:
+                if channel.failure is None and not channel.going_away:
+                    return channel
+            await self._ledger.wait_changed()
+
+    async def catch_up(self, channel: Channel) -> None:
+        """Ask the proxy what it holds and make that the basis of what is left to send."""
+        # Frames acknowledged while the Status is on its way are held too, even though the
+        # Status (a snapshot taken earlier) cannot say so.
+        with self._ledger.watch_acks() as acked_meanwhile:
+            status = await channel.request(StatusQuery())
+        if not isinstance(status, Status):
+            raise unexpected_reply(status, "StatusQuery")
+        in_flight = RangeSet()
+        for other in self._channels:
+            for start, end in other.in_flight():
+                in_flight.add(start, end)
+        self._ledger.resync(status, acked_meanwhile, in_flight)
+
+    def report(self) -> None:
+        progress = self._options.progress
+        if progress is None:
+            return
+        ledger = self._ledger
+        source = ledger.source
+        progress(
+            UploadProgress(
+                total=source.total if source is not None else None,
+                bytes_sent=ledger.bytes_sent,
+                bytes_received=ledger.received_total,
+                committed=ledger.committed,
+                connections=len(self._channels),
+                reconnects=ledger.reconnects,
+                resent_bytes=sum(ledger.resent_bytes_by_cause.values()),
+            )
+        )
+
+    # -- connection slots ------------------------------------------------------------------
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Start every connection slot in ``nursery``; a failure of the upload cancels it all.
+
+        Whatever else runs in ``nursery`` (the caller's block) is cancelled with the slots, so
+        a failure interrupts a caller waiting on something unrelated, such as its data.
+        """
+        self._cancel_scope = nursery.cancel_scope
+        for index in range(self.settings.connections):
+            nursery.start_soon(self._run_slot, index)
+
+    def stop(self) -> None:
+        """Stop every slot: the upload is over, or the caller left."""
+        if not self.lifecycle.over:
+            self.move(UploadState.DETACHED)
+        self._cancel_scope.cancel()
+
+    async def _run_slot(self, index: int) -> None:
+        policy = self.settings.retry
+        failures = 0
+        last_reason = ""
+        while not self.lifecycle.over:
+            if failures:
+                if failures > policy.max_attempts:
+                    self.fail(
+                        ProxyUnreachableError(
+                            f"{self._description}: gave up after {failures} failed connection"
+                            f" attempts; last: {last_reason}"
+                        )
+                    )
+                    return
+                await trio.sleep(policy.delay(failures, self.rng))
+            try:
+                with trio.fail_after(self.settings.connect_timeout):
+                    stream = await self._connector(*self._address)
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                failures += 1
+                last_reason = f"cannot connect: {exc or type(exc).__name__}"
+                continue
+            channel = Channel(self, stream)
+            await channel.run(self._bind)
+            self._drop(channel)
+            assert channel.failure is not None
+            last_reason = channel.failure.reason
+            if channel.failure.code is not None:
+                self._ledger.count_error(channel.failure.code)
+            if not self.lifecycle.over:
+                self._ledger.note_reconnect()
+                failures = 1 if channel.acked_any else failures + 1
+            self.report()
+
+    def _drop(self, channel: Channel) -> None:
+        if channel in self._channels:
+            self._channels.discard(channel)
+            self._ledger.requeue(channel.surrender(), cause="connection_lost")
+        self._ledger.notify()
+
+    async def _bind(self, channel: Channel) -> None:
+        """Open the upload (first connection) or attach to it, and catch up with its state."""
+        if self.lifecycle.at(UploadState.NEW):
+            self.move(UploadState.OPENING)
+            try:
+                reply = await self._request_open(channel)
+            except BaseException:
+                if self.lifecycle.at(UploadState.OPENING):
+                    self.move(UploadState.NEW)  # another connection (or this one, again) opens
+                raise
+            self._token = reply.token
+            self._ledger.note_committed(reply.committed_offset)
+            self.move(UploadState.SENDING)
+            self._opened.set()
+            self._channels.add(channel)
+            self._ledger.notify()
+            return
+        await self._opened.wait()
+        assert self._token is not None
+        attached = await channel.request(AttachUpload(token=self._token), blocking=True)
+        if not isinstance(attached, UploadOpened):
+            raise unexpected_reply(attached, "AttachUpload")
+        self._ledger.note_attached(attached.committed_offset, resumed=attached.resumed)
+        self._channels.add(channel)
+        await self.catch_up(channel)
+
+    async def _request_open(self, channel: Channel) -> UploadOpened:
+        reply = await channel.request(self._open_request, blocking=True)
+        if not isinstance(reply, UploadOpened):
+            raise unexpected_reply(reply, "OpenUpload")
+        return reply
