@@ -19,6 +19,7 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("proxy.chaos.demo", "upload a generated object through faults, and verify it"),
     "serve": ("proxy.cli.serve", "run the proxy server"),
+    "keygen": ("proxy.cli.keygen", "print a new upload-token key for RUP_TOKEN_KEY"),
     "upload": ("proxy.cli.upload", "upload a file or stdin through a proxy"),
     "gcs-server": ("faultnet.gcs.command", "run the strict GCS endpoint with scripted faults"),
     "faultproxy": ("faultnet.tcpproxy_command", "run the TCP chaos proxy"),

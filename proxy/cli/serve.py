@@ -1,9 +1,17 @@
 """``rup serve``: run the proxy until SIGTERM or Ctrl-C.
 
 Secrets can come from the environment instead of the command line, where other users of
-the machine could read them: ``RUP_AUTH_TOKEN`` (comma-separated bearer tokens) and
-``RUP_TOKEN_KEY`` (the upload-token key; give every instance that should resume another's
-uploads the same one). Without a token key, each process draws a random one.
+the machine could read them: ``RUP_AUTH_TOKEN`` (comma-separated bearer tokens),
+``RUP_TOKEN_KEY`` (the upload-token key from ``rup keygen``, or a passphrase of 16 or more
+characters; give every instance that should resume another's uploads the same one) and
+``RUP_GCS_ACCESS_TOKEN`` (the bearer secret of the GCS endpoint: the one the embedded
+endpoint requires, or the one sent to ``--gcs-endpoint``).
+
+Without a token key, ``--data-dir D`` keeps one in ``D/keys/token.key`` (made once, 0600), so
+a restart opens the tokens it issued; otherwise the key is random and the uploads cannot
+outlive the process, which is said at startup. The embedded endpoint requires a bearer
+secret (kept in ``D/keys/gcs-access-token`` with ``--data-dir``, else one per process)
+unless ``--gcs-open`` asks for it to be open, e.g. to read objects back with another tool.
 
 Exit codes: 0 after a clean shutdown, 2 for bad arguments, 1 if the server failed.
 """
@@ -11,9 +19,13 @@ Exit codes: 0 after a clean shutdown, 2 for bad arguments, 1 if the server faile
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import functools
+import ipaddress
 import logging
 import os
+import secrets
 import signal
 import ssl
 import sys
@@ -22,16 +34,35 @@ from pathlib import Path
 import trio
 
 from proxy.server import ProxyServer, serve
-from proxy.server.backend import GcsTarget, open_backend
+from proxy.server.backend import Backend, GcsTarget, TargetKind, open_backend
+from proxy.server.keys import (
+    KeyMaterialError,
+    generate_key_text,
+    key_from_text,
+    load_or_create_secret,
+    private_directory,
+)
 from proxy.server.logging import configure_logging, get_logger, log_event
 from proxy.server.settings import MiB, ServerSettings, SettingsError
-from proxy.server.tokens import key_from_text
 
 __all__ = ["HELP", "configure", "run"]
 
 HELP = "run the proxy: accept uploads and stream them into GCS"
 
 logger = get_logger(__name__)
+
+#: under --data-dir: secrets the proxy keeps (a directory the GCS store does not own)
+KEYS_DIRECTORY = "keys"
+TOKEN_KEY_FILE = "token.key"
+GCS_SECRET_FILE = "gcs-access-token"
+
+
+class KeySource(enum.Enum):
+    """Where the upload-token key came from, which decides whether uploads outlive us."""
+
+    GIVEN = "--token-key or RUP_TOKEN_KEY"
+    DATA_DIR = "the data dir"
+    EPHEMERAL = "random, for this process only"
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -53,8 +84,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     defaults = ServerSettings(token_key=bytes(32))
     parser.epilog = (
         "Secrets may come from the environment: RUP_AUTH_TOKEN (comma-separated bearer "
-        "tokens) and RUP_TOKEN_KEY. With neither --gcs-endpoint nor credentials, the "
-        "embedded strict GCS endpoint is started (in memory, or under --data-dir). "
+        "tokens), RUP_TOKEN_KEY (from 'rup keygen') and RUP_GCS_ACCESS_TOKEN. With neither "
+        "--gcs-endpoint nor credentials, the embedded strict GCS endpoint is started (in "
+        "memory, or under --data-dir), requiring a bearer secret unless --gcs-open. "
         "Exit codes: 0 clean shutdown, 1 server failure, 2 bad arguments."
     )
     parser.add_argument(
@@ -74,8 +106,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="accept this bearer token (repeatable; default: $RUP_AUTH_TOKEN, else no auth)",
     )  # fmt: skip
     parser.add_argument(
-        "--token-key", metavar="KEY", help="upload-token key (default: $RUP_TOKEN_KEY, else random)"
-    )
+        "--token-key", metavar="KEY",
+        help="upload-token key from 'rup keygen', or a passphrase of 16+ characters "
+        "(default: $RUP_TOKEN_KEY, else the one kept in --data-dir, else random)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gcs-listen", type=_host_port, metavar="HOST:PORT",
+        help="where the embedded GCS endpoint listens (default: 127.0.0.1, any free port)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gcs-open", action="store_true",
+        help="serve the embedded GCS endpoint without its bearer secret (to read objects back)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--create-buckets", action=argparse.BooleanOptionalAction, default=None,
+        help="create a missing bucket on first use "
+        "(default: only for the embedded endpoint in memory)",
+    )  # fmt: skip
     parser.add_argument("--tls-cert", type=Path, metavar="PEM")
     parser.add_argument("--tls-key", type=Path, metavar="PEM")
     parser.add_argument("--metrics", type=_host_port, metavar="HOST:PORT", help="serve /metrics")
@@ -102,6 +149,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="how long a new upload waits for buffer budget before TOO_BUSY",
     )  # fmt: skip
     parser.add_argument(
+        "--drain-timeout", type=float, default=defaults.drain_timeout, metavar="SECONDS",
+        help="on SIGTERM, how long GCS requests in flight get to finish",
+    )  # fmt: skip
+    parser.add_argument(
+        "--resume-window", type=float, default=defaults.resume_window, metavar="SECONDS",
+        help="how long an upload nobody is attached to keeps its GCS session",
+    )  # fmt: skip
+    parser.add_argument(
         "--allow-bucket", action="append", default=[], metavar="BUCKET",
         help="only these buckets may be written (repeatable)",
     )  # fmt: skip
@@ -113,12 +168,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", "-v", action="store_true")
 
 
-def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    """The server settings ``args`` describe; :class:`SettingsError` if they cannot work."""
+def token_key_from_args(args: argparse.Namespace) -> tuple[bytes, KeySource]:
+    """The upload-token key and where it came from (see the module docstring).
+
+    Raises :class:`KeyMaterialError` for a passphrase too short or a key file not to trust.
+    """
+    key_text = args.token_key or os.environ.get("RUP_TOKEN_KEY")
+    if key_text:
+        return key_from_text(key_text), KeySource.GIVEN
+    if args.data_dir is not None:
+        path = _keys_directory(args.data_dir) / TOKEN_KEY_FILE
+        text, _ = load_or_create_secret(path, generate_key_text)
+        return key_from_text(text), KeySource.DATA_DIR
+    return secrets.token_bytes(32), KeySource.EPHEMERAL
+
+
+def _keys_directory(data_dir: Path) -> Path:
+    private_directory(data_dir)
+    return private_directory(data_dir / KEYS_DIRECTORY)
+
+
+def settings_from_args(args: argparse.Namespace, token_key: bytes | None = None) -> ServerSettings:
+    """The server settings ``args`` describe; :class:`SettingsError` if they cannot work.
+
+    ``token_key``: the key :func:`token_key_from_args` chose (default: it is asked).
+    """
     auth_tokens = list(args.auth_token)
     if not auth_tokens and os.environ.get("RUP_AUTH_TOKEN"):
         auth_tokens = [t for t in os.environ["RUP_AUTH_TOKEN"].split(",") if t]
-    key_text = args.token_key or os.environ.get("RUP_TOKEN_KEY")
+    if token_key is None:
+        token_key, _ = token_key_from_args(args)
     tls: ssl.SSLContext | None = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -126,13 +205,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(args.tls_cert, args.tls_key)
     host, port = args.listen
-    changes: dict[str, object] = {}
-    if key_text:
-        changes["token_key"] = key_from_text(key_text)
     return ServerSettings(
         host=host,
         port=port,
         auth_tokens=tuple(auth_tokens),
+        token_key=token_key,
         tls=tls,
         max_frame_size=args.max_frame_mib,
         upload_buffer_limit=args.upload_buffer_mib,
@@ -143,16 +220,110 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         upload_idle_timeout=args.upload_idle_timeout,
         handshake_timeout=args.handshake_timeout,
         budget_wait=args.budget_wait,
+        drain_timeout=args.drain_timeout,
+        resume_window=args.resume_window,
         allowed_buckets=tuple(args.allow_bucket),
         allowed_prefixes=tuple(args.allow_prefix),
-        **changes,  # type: ignore[arg-type]
     )
 
 
+def target_from_args(args: argparse.Namespace) -> tuple[GcsTarget, str]:
+    """Where to write, and how the embedded endpoint's secret was chosen (for the banner).
+
+    Raises :class:`SettingsError` for options that do not fit the target.
+    """
+    target = GcsTarget(
+        endpoint=args.gcs_endpoint,
+        data_dir=args.data_dir,
+        project=args.project,
+        force_embedded=args.embedded,
+        create_buckets=args.create_buckets,
+    )
+    kind = target.resolve()
+    if kind is not TargetKind.EMBEDDED:
+        if args.gcs_listen is not None or args.gcs_open:
+            raise SettingsError("--gcs-listen and --gcs-open are for the embedded endpoint")
+        if kind is TargetKind.REAL and args.create_buckets:
+            raise SettingsError("--create-buckets is for emulators, not real GCS")
+        bearer = os.environ.get("RUP_GCS_ACCESS_TOKEN") or None
+        return dataclasses.replace(target, access_token=bearer), ""
+    if args.gcs_listen is not None:
+        target = dataclasses.replace(target, listen=args.gcs_listen)
+    if args.gcs_open:
+        return target, "open: anyone who can reach it may read and write every object"
+    secret = os.environ.get("RUP_GCS_ACCESS_TOKEN")
+    how = "the bearer token in $RUP_GCS_ACCESS_TOKEN"
+    if not secret and args.data_dir is not None:
+        path = _keys_directory(args.data_dir) / GCS_SECRET_FILE
+        secret, _ = load_or_create_secret(path, lambda: secrets.token_urlsafe(32))
+        how = f"the bearer token in {path}"
+    elif not secret:
+        secret = secrets.token_urlsafe(32)
+        how = "a bearer token of this process only (set RUP_GCS_ACCESS_TOKEN, or --gcs-open)"
+    return dataclasses.replace(target, access_token=secret), f"requires {how}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def startup_warnings(
+    settings: ServerSettings, backend: Backend, key_source: KeySource, gcs_open: bool
+) -> list[tuple[str, str]]:
+    """What a user would otherwise learn the hard way: ``(event, reason)`` pairs to log."""
+    warnings: list[tuple[str, str]] = []
+    if key_source is KeySource.EPHEMERAL:
+        warnings.append(
+            (
+                "uploads-cannot-outlive-this-process",
+                "the token key is random: give --token-key/RUP_TOKEN_KEY or --data-dir so "
+                "that a restarted proxy can resume its uploads",
+            )
+        )
+    if not settings.auth_tokens and not _is_loopback(settings.host):
+        warnings.append(
+            (
+                "no-auth-on-a-public-address",
+                f"anyone who can reach {settings.host} may upload: give --auth-token or "
+                "RUP_AUTH_TOKEN",
+            )
+        )
+    if backend.kind is TargetKind.EMBEDDED and gcs_open:
+        warnings.append(
+            (
+                "gcs-endpoint-open",
+                "--gcs-open: the embedded endpoint takes requests without a secret, bypassing "
+                "the proxy's auth and allow-lists",
+            )
+        )
+    return warnings
+
+
+@dataclasses.dataclass(frozen=True)
+class _Startup:
+    """What ``rup serve`` decided before serving, for the banner and the warnings."""
+
+    key_source: KeySource
+    gcs_access: str
+    gcs_open: bool
+
+
 async def _serve_until_signalled(
-    settings: ServerSettings, target: GcsTarget, metrics_listen: tuple[str, int] | None
+    settings: ServerSettings,
+    target: GcsTarget,
+    metrics_listen: tuple[str, int] | None,
+    startup: _Startup,
 ) -> None:
     with open_backend(target) as backend:
+        for event, reason in startup_warnings(
+            settings, backend, startup.key_source, startup.gcs_open
+        ):
+            log_event(logger, logging.WARNING, event, reason=reason)
         async with trio.open_nursery() as nursery:
             server: ProxyServer = await nursery.start(
                 functools.partial(serve, settings, backend, metrics_listen=metrics_listen)
@@ -160,6 +331,11 @@ async def _serve_until_signalled(
             host, port = server.address
             # Scripts (and the tests) read this line to learn the port when --listen used 0.
             print(f"rup serve: listening on {host}:{port} (gcs: {backend.url})", flush=True)
+            if backend.kind is TargetKind.EMBEDDED:
+                print(
+                    f"rup serve: embedded GCS endpoint {backend.url} ({startup.gcs_access})",
+                    flush=True,
+                )
             if server.metrics_address is not None:
                 mhost, mport = server.metrics_address
                 print(f"rup serve: metrics on http://{mhost}:{mport}/metrics", flush=True)
@@ -175,18 +351,15 @@ def run(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, json_lines=args.json_logs
     )
     try:
-        settings = settings_from_args(args)
-    except (SettingsError, OSError, ssl.SSLError) as exc:
+        token_key, key_source = token_key_from_args(args)
+        settings = settings_from_args(args, token_key)
+        target, gcs_access = target_from_args(args)
+    except (SettingsError, KeyMaterialError, OSError, ssl.SSLError) as exc:
         print(f"rup serve: {exc}", file=sys.stderr)
         return 2
-    target = GcsTarget(
-        endpoint=args.gcs_endpoint,
-        data_dir=args.data_dir,
-        project=args.project,
-        force_embedded=args.embedded,
-    )
+    startup = _Startup(key_source, gcs_access, args.gcs_open)
     try:
-        trio.run(_serve_until_signalled, settings, target, args.metrics)
+        trio.run(_serve_until_signalled, settings, target, args.metrics, startup)
     except OSError as exc:
         print(f"rup serve: {exc}", file=sys.stderr)
         return 1

@@ -76,6 +76,11 @@ class ServerSettings:
     result_retention: float = 600.0
     #: on shutdown, how long in-flight frames get to finish after GoingAway went out
     shutdown_grace: float = 5.0
+    #: on shutdown, how long uploads get to finish the GCS requests they have in flight
+    drain_timeout: float = 10.0
+    #: how long an upload nobody is attached to keeps its GCS session before it is cancelled
+    #: (well inside GCS's 7-day session life); its token cannot resume it after that
+    resume_window: float = 3600.0
 
     #: when not empty, only these buckets may be written
     allowed_buckets: tuple[str, ...] = ()
@@ -94,9 +99,11 @@ class ServerSettings:
             raise SettingsError("upload_buffer_limit must be at least min_upload_window")
         if self.total_buffer_limit < self.upload_buffer_limit:
             raise SettingsError("total_buffer_limit must be at least upload_buffer_limit")
-        for name in ("handshake_timeout", "idle_timeout", "upload_idle_timeout"):
+        for name in ("handshake_timeout", "idle_timeout", "upload_idle_timeout", "resume_window"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
+        if self.drain_timeout < 0:
+            raise SettingsError("drain_timeout must not be negative")
 
     def allows(self, bucket: str, name: str) -> bool:
         """Whether the allow-lists permit writing ``name`` into ``bucket``."""

@@ -12,9 +12,6 @@ cannot be replayed under a different format.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import json
 import os
 import time
@@ -29,7 +26,6 @@ __all__ = [
     "BadTokenError",
     "TokenCodec",
     "UploadTicket",
-    "key_from_text",
 ]
 
 _FORMAT_VERSION = 1
@@ -42,9 +38,10 @@ _MAX_TOKEN_SIZE = 8 * 1024
 
 
 class BadTokenError(Exception):
-    """A token that was forged, tampered with, truncated, or has expired.
+    """A token this proxy cannot open: sealed with another key, damaged, or expired.
 
-    The message says which, but never echoes any part of the token.
+    Not an authentication failure: a proxy restarted without its key sees its own tokens
+    this way. The message says which, but never echoes any part of the token.
     """
 
 
@@ -96,29 +93,6 @@ class UploadTicket:
             created_at=float(doc["c"]),
             expires_at=float(doc["e"]),
         )
-
-
-def key_from_text(text: str) -> bytes:
-    """Turn ``--token-key`` / ``RUP_TOKEN_KEY`` into a 32-byte key.
-
-    64 hex digits or 44 characters of base64 are used as the key itself; any other text is
-    treated as a passphrase and hashed, so instances configured with the same string agree.
-    """
-    stripped = text.strip()
-    if len(stripped) == 64:
-        try:
-            return bytes.fromhex(stripped)
-        except ValueError:
-            pass
-    if len(stripped) == 44:
-        try:
-            key = base64.b64decode(stripped, validate=True)
-        except binascii.Error:
-            pass
-        else:
-            if len(key) == 32:
-                return key
-    return hashlib.sha256(b"rup token key\x00" + stripped.encode("utf-8")).digest()
 
 
 class TokenCodec:
@@ -175,7 +149,8 @@ class TokenCodec:
             plaintext = self._aead.decrypt(nonce, sealed, _ASSOCIATED_DATA + header)
         except InvalidTag:
             raise BadTokenError(
-                "upload token is not genuine (tampered, or sealed with another key)"
+                "this proxy cannot resume that upload: it restarted with another key, "
+                "or the token is damaged"
             ) from None
         try:
             ticket = UploadTicket.from_json(json.loads(plaintext))

@@ -5,17 +5,27 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trio
 
 from faultnet.gcs import GcsServer
 from protocol import Complete, Completed, GoingAway
-from proxy.cli.serve import configure, settings_from_args
-from proxy.server.settings import MiB
-from proxy.server.tokens import key_from_text
+from proxy.cli.serve import (
+    KeySource,
+    configure,
+    settings_from_args,
+    startup_warnings,
+    target_from_args,
+    token_key_from_args,
+)
+from proxy.server.backend import Backend, TargetKind
+from proxy.server.keys import key_from_text
+from proxy.server.settings import MiB, ServerSettings, SettingsError
 from tests.proxy.conftest import RawClient
 from tests.proxy.server.test_uploads import send_range
 
@@ -27,8 +37,8 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 
 def test_flags_and_environment_become_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RUP_AUTH_TOKEN", "one,two")
-    monkeypatch.setenv("RUP_TOKEN_KEY", "shared secret")
+    monkeypatch.setenv("RUP_AUTH_TOKEN", "first-secret,second-secret")
+    monkeypatch.setenv("RUP_TOKEN_KEY", "a shared secret passphrase")
     args = _parse(
         "--listen", "0.0.0.0:9000",
         "--upload-buffer-mib", "8",
@@ -40,13 +50,13 @@ def test_flags_and_environment_become_settings(monkeypatch: pytest.MonkeyPatch) 
     settings = settings_from_args(args)
 
     assert (settings.host, settings.port) == ("0.0.0.0", 9000)
-    assert settings.auth_tokens == ("one", "two")
-    assert settings.token_key == key_from_text("shared secret")
+    assert settings.auth_tokens == ("first-secret", "second-secret")
+    assert settings.token_key == key_from_text("a shared secret passphrase")
     assert settings.upload_buffer_limit == 8 * MiB
     assert settings.total_buffer_limit == 64 * MiB
     assert settings.allows("b1", "in/x")
     assert not settings.allows("b1", "out/x")
-    assert "one" not in repr(settings)
+    assert "first-secret" not in repr(settings)
 
 
 def test_flags_beat_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,10 +66,98 @@ def test_flags_beat_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_tls_needs_both_certificate_and_key(tmp_path: object) -> None:
-    from proxy.server.settings import SettingsError
-
     with pytest.raises(SettingsError, match="go together"):
         settings_from_args(_parse("--tls-cert", "cert.pem"))
+
+
+def test_the_data_dir_keeps_one_key_and_one_gcs_secret_across_restarts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("RUP_TOKEN_KEY", raising=False)
+    monkeypatch.delenv("RUP_GCS_ACCESS_TOKEN", raising=False)
+    data_dir = tmp_path / "data"
+    args = _parse("--data-dir", str(data_dir))
+
+    key, source = token_key_from_args(args)
+    target, access = target_from_args(args)
+    key_again, _ = token_key_from_args(args)
+    target_again, _ = target_from_args(args)
+
+    assert source is KeySource.DATA_DIR
+    assert key == key_again
+    assert len(key) == 32
+    assert target.access_token
+    assert target.access_token == target_again.access_token
+    assert "gcs-access-token" in access
+    assert not target.creates_buckets()
+    for path in (data_dir, data_dir / "keys"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    for path in (data_dir / "keys" / "token.key", data_dir / "keys" / "gcs-access-token"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_given_key_wins_and_no_key_means_a_random_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RUP_TOKEN_KEY", raising=False)
+    first, source = token_key_from_args(_parse())
+    second, _ = token_key_from_args(_parse())
+    assert source is KeySource.EPHEMERAL
+    assert first != second
+
+    key, source = token_key_from_args(_parse("--token-key", "0123456789abcdef0123"))
+    assert source is KeySource.GIVEN
+    assert key == key_from_text("0123456789abcdef0123")
+
+
+def test_the_in_memory_endpoint_gets_a_per_process_secret_unless_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RUP_GCS_ACCESS_TOKEN", raising=False)
+    target, _ = target_from_args(_parse("--embedded"))
+    other, _ = target_from_args(_parse("--embedded"))
+    assert target.access_token
+    assert target.access_token != other.access_token
+    assert target.creates_buckets()
+
+    opened, access = target_from_args(_parse("--embedded", "--gcs-open"))
+    assert opened.access_token is None
+    assert "open" in access
+
+    monkeypatch.setenv("RUP_GCS_ACCESS_TOKEN", "chosen-secret")
+    chosen, _ = target_from_args(_parse("--embedded", "--gcs-listen", "127.0.0.1:9999"))
+    assert chosen.access_token == "chosen-secret"
+    assert chosen.listen == ("127.0.0.1", 9999)
+
+
+def test_an_external_endpoint_gets_the_bearer_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RUP_GCS_ACCESS_TOKEN", "endpoint-secret")
+    target, _ = target_from_args(_parse("--gcs-endpoint", "http://127.0.0.1:1"))
+    assert target.access_token == "endpoint-secret"
+    with pytest.raises(SettingsError, match="embedded"):
+        target_from_args(_parse("--gcs-endpoint", "http://127.0.0.1:1", "--gcs-open"))
+
+
+def _warnings(
+    settings: ServerSettings, kind: TargetKind, source: KeySource, gcs_open: bool
+) -> set[str]:
+    backend = Backend(object(), kind, "http://127.0.0.1:1")
+    return {event for event, _ in startup_warnings(settings, backend, source, gcs_open)}
+
+
+def test_startup_warns_about_what_is_exposed_or_lost() -> None:
+    quiet = ServerSettings(host="127.0.0.1")
+    assert not _warnings(quiet, TargetKind.EMBEDDED, KeySource.DATA_DIR, False)
+    assert _warnings(quiet, TargetKind.EMBEDDED, KeySource.EPHEMERAL, False) == {
+        "uploads-cannot-outlive-this-process"
+    }
+    for public in ("0.0.0.0", "::", "192.0.2.7", "proxy.example"):
+        assert _warnings(
+            ServerSettings(host=public), TargetKind.ENDPOINT, KeySource.GIVEN, False
+        ) == {"no-auth-on-a-public-address"}
+    guarded = ServerSettings(host="0.0.0.0", auth_tokens=("t",))
+    assert not _warnings(guarded, TargetKind.ENDPOINT, KeySource.GIVEN, False)
+    assert _warnings(quiet, TargetKind.EMBEDDED, KeySource.GIVEN, True) == {"gcs-endpoint-open"}
 
 
 async def _read_line(stream: trio.abc.ReceiveStream) -> str:
@@ -121,4 +219,5 @@ async def test_serve_uploads_then_stops_on_sigterm(gcs_bucket: str, gcs_server: 
     text = logs.decode()
     assert code == 0, text
     assert "upload-completed" in text
+    assert "uploads-cannot-outlive-this-process" in text  # no key, no data dir
     assert "upload_id=" not in text.replace("upload_id=[redacted]", "")

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from proxy.server.backend import GcsTarget, TargetKind, open_backend
+from faultnet.gcs import GcsServer
+from faultnet.gcs.clients import anonymous_client
+from proxy.server.backend import (
+    Backend,
+    GcsTarget,
+    SessionReferenceError,
+    TargetKind,
+    open_backend,
+)
 
 
 @pytest.fixture
@@ -40,7 +48,7 @@ def test_application_default_credentials_mean_real_gcs(
 
 
 def test_embedded_endpoint_creates_buckets_and_keeps_objects_on_disk(tmp_path: Path) -> None:
-    target = GcsTarget(data_dir=tmp_path / "gcs")
+    target = GcsTarget(data_dir=tmp_path / "gcs", create_buckets=True)
     with open_backend(target) as backend:
         assert backend.kind is TargetKind.EMBEDDED
         backend.bucket("fresh-bucket").blob("kept.txt").upload_from_string(b"still here")
@@ -48,3 +56,70 @@ def test_embedded_endpoint_creates_buckets_and_keeps_objects_on_disk(tmp_path: P
     with open_backend(target) as backend:
         blob = backend.bucket("fresh-bucket").blob("kept.txt")
         assert blob.download_as_bytes() == b"still here"
+
+
+def test_only_the_in_memory_embedded_endpoint_creates_buckets_unless_asked(tmp_path: Path) -> None:
+    assert GcsTarget(force_embedded=True).creates_buckets()
+    assert not GcsTarget(data_dir=tmp_path).creates_buckets()
+    assert not GcsTarget(endpoint="http://127.0.0.1:1").creates_buckets()
+    assert GcsTarget(endpoint="http://127.0.0.1:1", create_buckets=True).creates_buckets()
+
+
+def test_a_missing_bucket_is_not_created_unless_asked(gcs_server: GcsServer) -> None:
+    backend = Backend(anonymous_client(gcs_server.url), TargetKind.ENDPOINT, gcs_server.url)
+    assert not backend.bucket("never-made").exists()
+    assert backend.live_generation("never-made", "x") == 0
+
+
+def test_live_generation_is_zero_for_no_object_and_the_generation_otherwise(
+    gcs_server: GcsServer, gcs_bucket: str
+) -> None:
+    backend = Backend(anonymous_client(gcs_server.url), TargetKind.ENDPOINT, gcs_server.url)
+    assert backend.live_generation(gcs_bucket, "absent.bin") == 0
+    blob = backend.bucket(gcs_bucket).blob("present.bin")
+    blob.upload_from_string(b"x")
+    assert backend.live_generation(gcs_bucket, "present.bin") == blob.generation > 0
+
+
+ENDPOINT = "http://127.0.0.1:9000"
+SESSION = f"{ENDPOINT}/upload/storage/v1/b/bkt/o?uploadType=resumable&upload_id=AbC-_9.x"
+
+
+def _backend(url: str = ENDPOINT) -> Backend:
+    return Backend(anonymous_client(url), TargetKind.ENDPOINT, url)
+
+
+def test_a_session_is_kept_as_its_upload_id_and_rebuilt_at_the_current_endpoint() -> None:
+    reference = _backend().session_reference("bkt", SESSION)
+    assert reference == "AbC-_9.x"
+    # The endpoint came back on another port: the session is found there.
+    rebuilt = _backend("http://127.0.0.1:9555").session_uri("bkt", reference)
+    assert rebuilt == (
+        "http://127.0.0.1:9555/upload/storage/v1/b/bkt/o?uploadType=resumable&upload_id=AbC-_9.x"
+    )
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        SESSION.replace("127.0.0.1:9000", "evil.example:80"),
+        SESSION.replace("http:", "https:"),
+        SESSION.replace("/b/bkt/", "/b/other/"),
+        SESSION.replace("/upload/storage", "/storage"),
+        SESSION.replace("upload_id=AbC-_9.x", "upload_id=a/b"),
+        SESSION + "&upload_id=second",
+        SESSION.replace("upload_id=", "id="),
+    ],
+)
+def test_a_session_elsewhere_or_of_another_shape_is_refused(uri: str) -> None:
+    with pytest.raises(SessionReferenceError) as info:
+        _backend().session_reference("bkt", uri)
+    assert "AbC" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "reference", ["", "http://evil.example/x", "a b", "a&upload_id=b", "../../x", "x" * 1025]
+)
+def test_a_reference_that_is_not_an_upload_id_never_becomes_a_url(reference: str) -> None:
+    with pytest.raises(SessionReferenceError):
+        _backend().session_uri("bkt", reference)

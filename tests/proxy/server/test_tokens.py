@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from proxy.server.tokens import BadTokenError, TokenCodec, UploadTicket, key_from_text
+from proxy.server.keys import key_from_text
+from proxy.server.tokens import BadTokenError, TokenCodec, UploadTicket
 
 SESSION_URI = "http://127.0.0.1:9/upload/storage/v1/b/bkt/o?uploadType=resumable&upload_id=s3cr3t"
 
@@ -77,7 +78,9 @@ def test_token_from_another_key_is_refused() -> None:
     ours = TokenCodec(os.urandom(32), lifetime=60.0)
     theirs = TokenCodec(os.urandom(32), lifetime=60.0)
 
-    with pytest.raises(BadTokenError, match="not genuine"):
+    with pytest.raises(
+        BadTokenError, match="cannot resume that upload: it restarted with another key"
+    ):
         ours.open(theirs.seal(_ticket(theirs)))
 
 
@@ -98,13 +101,3 @@ def test_expired_token_is_refused_with_its_upload_named() -> None:
     with pytest.raises(BadTokenError, match="upload u1 has expired") as info:
         codec.open(token)
     assert "s3cr3t" not in str(info.value)
-
-
-def test_key_from_text_accepts_hex_base64_and_passphrases() -> None:
-    raw = bytes(range(32))
-
-    assert key_from_text(raw.hex()) == raw
-    assert key_from_text("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=") == raw
-    derived = key_from_text("a passphrase")
-    assert len(derived) == 32
-    assert derived != key_from_text("another passphrase")
