@@ -10,7 +10,12 @@ import requests
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage  # type: ignore[import-untyped]
 
-__all__ = ["anonymous_client", "start_resumable_upload", "without_background_fetches"]
+__all__ = [
+    "anonymous_client",
+    "authorized_client",
+    "start_resumable_upload",
+    "without_background_fetches",
+]
 
 
 def anonymous_client(url: str, *, http: requests.Session | None = None) -> storage.Client:
@@ -24,6 +29,33 @@ def anonymous_client(url: str, *, http: requests.Session | None = None) -> stora
         credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
         client_options={"api_endpoint": url},
         _http=http,
+    )
+    return without_background_fetches(client)
+
+
+def authorized_client(
+    url: str, access_token: str, *, http: requests.Session | None = None
+) -> storage.Client:
+    """A google-cloud-storage client for an endpoint that requires ``access_token``.
+
+    Every request carries ``Authorization: Bearer <access_token>``, session URIs of
+    resumable uploads included. ``http``, if given, lends its transport adapters (e.g.
+    faultnet's fault-injecting one) to the authorized session; it is not changed.
+    """
+    from google.auth.transport.requests import AuthorizedSession
+    from google.oauth2.credentials import Credentials
+
+    credentials = Credentials(token=access_token)  # type: ignore[no-untyped-call]
+    session = AuthorizedSession(credentials)  # type: ignore[no-untyped-call]
+    if http is not None:
+        session.trust_env = http.trust_env
+        for prefix, adapter in http.adapters.items():
+            session.mount(prefix, adapter)
+    client = storage.Client(
+        project="test",
+        credentials=credentials,
+        client_options={"api_endpoint": url},
+        _http=session,
     )
     return without_background_fetches(client)
 

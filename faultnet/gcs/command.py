@@ -1,8 +1,14 @@
-"""``rup gcs-server``: run the strict GCS endpoint until SIGINT or SIGTERM."""
+"""``rup gcs-server``: run the strict GCS endpoint until SIGINT or SIGTERM.
+
+The access token (see :class:`~faultnet.gcs.GcsServer`) comes from a file
+(``--access-token-file``) or the environment (``RUP_GCS_ACCESS_TOKEN``), never from a
+command-line argument, which any local user could read in the process list.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -11,7 +17,9 @@ from types import FrameType
 from faultnet.gcs.resumable import UPLOAD_QUANTUM
 from faultnet.gcs.server import GcsServer
 
-__all__ = ["HELP", "configure", "run"]
+__all__ = ["ACCESS_TOKEN_ENV", "HELP", "configure", "read_access_token", "run"]
+
+ACCESS_TOKEN_ENV = "RUP_GCS_ACCESS_TOKEN"
 
 HELP = "run a strict GCS JSON API endpoint with scripted faults (storage-testbench's API)"
 
@@ -37,15 +45,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not compute objects' MD5 (saves CPU; objects then have no md5Hash)",
     )
+    parser.add_argument(
+        "--access-token-file",
+        default=None,
+        metavar="PATH",
+        help=(
+            "require every request to carry 'Authorization: Bearer <token>', the token being "
+            f"this file's content (default: ${ACCESS_TOKEN_ENV} if set, else no token)"
+        ),
+    )
+
+
+def read_access_token(path: str | None) -> str | None:
+    """The token from ``path`` (whitespace around it stripped), else from the environment.
+
+    Raises ValueError, without the token in the message, if it is empty or malformed.
+    """
+    if path is not None:
+        with open(path, encoding="ascii", errors="replace") as file:
+            token = file.read().strip()
+        if not token:
+            raise ValueError(f"the access token file {path} is empty")
+        return token
+    return os.environ.get(ACCESS_TOKEN_ENV) or None
 
 
 def run(args: argparse.Namespace) -> int:
-    done = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        done.set()
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server = GcsServer(
             args.host,
@@ -53,7 +78,18 @@ def run(args: argparse.Namespace) -> int:
             args.data_dir,
             args.persist_granularity,
             compute_md5=args.compute_md5,
+            access_token=read_access_token(args.access_token_file),
         )
+    except (OSError, ValueError) as exc:
+        print(f"rup gcs-server: {exc}", file=sys.stderr)
+        return 2
+    done = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
         with server:
             print(server.url, flush=True)
             print(f"rup gcs-server: serving {server.url}", file=sys.stderr, flush=True)

@@ -6,6 +6,20 @@ anyone's event loop. One thread accepts; each connection gets its own thread, so
 that stalls mid-body holds up nobody else. :meth:`GcsServer.stop` shuts every socket down,
 wakes every scripted stall, and joins every thread it started.
 
+**Access.** With ``access_token`` set, every request must carry ``Authorization: Bearer
+<token>``; anything else is answered 401 before it is routed, so an unauthenticated
+caller learns nothing, not even which buckets exist. That includes requests on a
+resumable session's URI. On real GCS the session URI is itself a bearer capability
+(whoever holds it may upload, without credentials); here holding the URI is not enough:
+the holder must also carry the token. The reason is this endpoint's use: embedded in
+``rup serve``, its session URIs travel inside upload tokens and reach places (clients,
+other proxies) that should not gain write access to the store by holding one. Clients
+that talk to the endpoint with credentials (google-cloud-storage with a static-token
+credentials object, google-resumable-media through an authorized session) send the
+bearer on every request anyway, session URIs included. The token is compared in constant
+time and never logged. Without ``access_token`` the endpoint is open, as storage-testbench
+is; that is for tests and for loopback use by one user.
+
 What requests mean lives in :mod:`faultnet.gcs.api`; this module only moves bytes and
 turns failures into responses: a :class:`~faultnet.gcs.errors.GcsApiError` becomes its
 JSON error, a malformed request its 4xx, and any other exception a 500 - the server
@@ -16,8 +30,10 @@ was raised, never its text (which may hold a file path or a request's secrets).
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import os
+import re
 import socket
 import threading
 import traceback
@@ -27,7 +43,7 @@ from typing import Self
 
 from faultnet.gcs.api import Exchange, GcsApi, Reply
 from faultnet.gcs.errors import GcsApiError, error_body
-from faultnet.gcs.http11 import HttpConnection, PeerGoneError, ProtocolError, Response
+from faultnet.gcs.http11 import HttpConnection, PeerGoneError, ProtocolError, Request, Response
 from faultnet.gcs.resumable import UPLOAD_QUANTUM
 from faultnet.gcs.retry_test import RetryTests
 from faultnet.gcs.store import Store
@@ -35,6 +51,10 @@ from faultnet.gcs.store import Store
 __all__ = ["GcsServer"]
 
 logger = logging.getLogger("faultnet.gcs")
+
+_TOKEN_SYNTAX = re.compile(r"[\x21-\x7e]{1,4096}")
+#: an unauthorized request's body is read (to keep the connection) only up to this size
+_DISCARD_AT_MOST = 64 * 1024
 
 
 class GcsServer:
@@ -44,7 +64,8 @@ class GcsServer:
     prefix up to a multiple of this; 0 keeps nothing). ``sleep`` is how scripted stalls
     wait; tests pass their own to control them. The default wakes early on :meth:`stop`.
     ``compute_md5=False`` saves most of the CPU ingest costs, for benchmarks on small
-    machines; objects then have no ``md5Hash``.
+    machines; objects then have no ``md5Hash``. ``access_token``: a secret every request
+    must carry as ``Authorization: Bearer <token>`` (see the module's docstring).
     """
 
     def __init__(
@@ -59,9 +80,16 @@ class GcsServer:
         idle_timeout: float = 300.0,
         sleep: Callable[[float], None] | None = None,
         compute_md5: bool = True,
+        access_token: str | None = None,
     ) -> None:
         if chunk_persist_granularity < 0:
             raise ValueError("chunk_persist_granularity must be >= 0")
+        if access_token is not None and not _TOKEN_SYNTAX.fullmatch(access_token):
+            # Said without the token: it is a secret, and this may end up in a log.
+            raise ValueError("access_token must be 1 to 4096 visible ASCII characters")
+        self._expected_authorization = (
+            None if access_token is None else f"Bearer {access_token}".encode()
+        )
         self.store = Store(data_dir, compute_md5=compute_md5)
         self.retry_tests = RetryTests()
         self._stopping = threading.Event()
@@ -212,6 +240,8 @@ class GcsServer:
             return False
         if request is None:
             return False
+        if not self._authorized(request):
+            return self._refuse_unauthorized(connection, request)
         host = request.header("host")
         base_url = f"http://{host}" if host else self.url
         method, handler = self.api.route(request)
@@ -239,6 +269,31 @@ class GcsServer:
             )
             reply = Reply(Response(500, error_body(500, "Internal error", "backendError")))
         return self._deliver(connection, request.keep_alive, reply)
+
+    def _authorized(self, request: Request) -> bool:
+        expected = self._expected_authorization
+        if expected is None:
+            return True
+        given = request.header("authorization")
+        if given is None:
+            return False
+        scheme, _, credential = given.strip().partition(" ")
+        presented = f"Bearer {credential.strip()}".encode("latin-1", "replace")
+        return scheme.lower() == "bearer" and hmac.compare_digest(presented, expected)
+
+    def _refuse_unauthorized(self, connection: HttpConnection, request: Request) -> bool:
+        """Answer 401 without reading more than a small body (nobody pays for a stranger's)."""
+        declared = connection.declared_body_length()
+        if declared is not None and declared <= _DISCARD_AT_MOST:
+            connection.discard_body()  # so the connection can go on to the next request
+        if request.header("authorization") is None:
+            message, reason = "no bearer token sent", "required"
+        else:
+            message, reason = "bearer token not accepted", "authError"
+        response = Response(
+            401, error_body(401, message, reason), (("WWW-Authenticate", 'Bearer realm="rup"'),)
+        )
+        return self._deliver(connection, request.keep_alive, Reply(response))
 
     def _deliver(self, connection: HttpConnection, keep_alive: bool, reply: Reply) -> bool:
         if reply.reset:
