@@ -14,6 +14,7 @@ __all__ = [
     "RetriesExhaustedError",
     "ServerRegressionError",
     "SessionLostError",
+    "TooFragmentedError",
     "UnexpectedResponseError",
     "WindowExceededError",
     "WriterAbortedError",
@@ -133,6 +134,37 @@ class IncompleteObjectError(WriterError):
         more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
         super().__init__(f"cannot complete: missing bytes {shown}{more}", name=name, offset=offset)
         self.missing = missing
+
+
+class TooFragmentedError(WriterError):
+    """A write would make the upload hold more separate pieces than its cap allows.
+
+    Every piece held costs memory beyond its bytes, so a caller writing many tiny
+    pieces with holes between them (out of order) is refused rather than let the
+    buffer's real size grow without bound. The write's pieces before the refused one may
+    be held (they are correct bytes; sending the write again is safe); the writer itself
+    carries on. ``fragments`` is how many were held, ``adding`` how many the refused piece
+    would have added, ``limit`` the cap.
+    """
+
+    def __init__(
+        self,
+        *,
+        fragments: int,
+        adding: int,
+        limit: int,
+        name: str = "",
+        offset: int | None = None,
+    ) -> None:
+        super().__init__(
+            f"too fragmented: {fragments} separate pieces held, this write adds {adding}, "
+            f"the limit is {limit}; send larger pieces, in order",
+            name=name,
+            offset=offset,
+        )
+        self.fragments = fragments
+        self.adding = adding
+        self.limit = limit
 
 
 class WindowExceededError(WriterError):

@@ -20,6 +20,9 @@ class WriterStats:
     retries_by_cause: Mapping[str, int] = field(default_factory=dict)
     session_restarts: int = 0
     held_bytes: int = 0
+    #: Separate pieces (views) held, and the memory charged for them with the payload.
+    fragments: int = 0
+    buffered_cost: int = 0
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,18 @@ import enum
 import random
 from dataclasses import dataclass, field
 
+from .buffer import FRAGMENT_OVERHEAD
+
 __all__ = ["CHUNK_QUANTUM", "ChecksumMode", "RetryPolicy", "WriterSettings"]
 
 #: GCS requires every non-final chunk of a resumable upload to be a multiple of this.
 CHUNK_QUANTUM = 256 * 1024
 
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+# The derived fragment cap: one piece per 4 KiB of buffer, never fewer than 256.
+_BYTES_PER_DERIVED_FRAGMENT = 4 * 1024
+_MIN_DERIVED_FRAGMENTS = 256
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,12 @@ class WriterSettings:
     ``send_slice`` is how many bytes are handed to the socket at once, which is what
     bounds one socket operation. (urllib3 applies the connect timeout to sending the
     request as well, so the smaller of the two bounds connecting.)
+
+    ``max_fragments`` caps the separate pieces (views) the buffer holds; a write beyond it
+    raises :class:`~reliablewriter.TooFragmentedError`. ``None`` derives it from the
+    buffer: one piece per 4 KiB of ``buffer_limit`` (at least 256), so the pieces'
+    overhead adds at most an eighth to the buffer (see :attr:`fragment_limit` and
+    :attr:`max_buffered_cost`).
     """
 
     min_chunk_size: int = 8 * 1024 * 1024
@@ -106,6 +118,7 @@ class WriterSettings:
     progress_timeout: float = 60.0
     checksum: ChecksumMode = ChecksumMode.CRC32C
     send_slice: int = 1024 * 1024
+    max_fragments: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("min_chunk_size", "max_chunk_size"):
@@ -120,3 +133,21 @@ class WriterSettings:
             raise ValueError("timeouts must be positive")
         if self.send_slice <= 0:
             raise ValueError("send_slice must be positive")
+        if self.max_fragments is not None and self.max_fragments < 1:
+            raise ValueError("max_fragments must be at least 1")
+
+    @property
+    def fragment_limit(self) -> int:
+        """The cap on separate pieces held, given or derived from ``buffer_limit``."""
+        if self.max_fragments is not None:
+            return self.max_fragments
+        return max(_MIN_DERIVED_FRAGMENTS, self.buffer_limit // _BYTES_PER_DERIVED_FRAGMENT)
+
+    @property
+    def max_buffered_cost(self) -> int:
+        """The most a writer's :attr:`~reliablewriter.ReliableWriter.buffered_cost` can be.
+
+        Payload within the window plus the overhead of every piece the cap allows: what a
+        caller sharing a memory budget between writers should reserve for one.
+        """
+        return self.buffer_limit + self.fragment_limit * FRAGMENT_OVERHEAD

@@ -30,6 +30,7 @@ from .errors import (
     NonRetryableHTTPError,
     RetriesExhaustedError,
     SessionLostError,
+    TooFragmentedError,
     UnexpectedResponseError,
     WindowExceededError,
     WriterAbortedError,
@@ -91,7 +92,7 @@ class ReliableWriter:
         self._state = ResumableState(
             name=blob.name, policy=settings.retry, resumed=session_uri is not None
         )
-        self._buffer = ScatterBuffer()
+        self._buffer = ScatterBuffer(max_fragments=settings.fragment_limit)
         self._checksum = StreamChecksum(settings.checksum)
         self._rng = random.Random()
         # Set from the trio side, read by the worker thread between body slices.
@@ -139,6 +140,15 @@ class ReliableWriter:
         return self._state.committed + self._settings.buffer_limit
 
     @property
+    def buffered_cost(self) -> int:
+        """Memory the buffer is charged for now: payload held plus each piece's overhead.
+
+        At most :attr:`WriterSettings.max_buffered_cost`; what a caller sharing one memory
+        budget between writers charges this one (it changes with every write and release).
+        """
+        return self._buffer.cost
+
+    @property
     def stats(self) -> WriterStats:
         return WriterStats(
             bytes_sent=self._bytes_sent,
@@ -148,6 +158,8 @@ class ReliableWriter:
             retries_by_cause=dict(self._retries),
             session_restarts=self._restarts,
             held_bytes=self._buffer.held_bytes,
+            fragments=self._buffer.fragment_count,
+            buffered_cost=self._buffer.cost,
         )
 
     def received_ranges(self) -> tuple[tuple[int, int], ...]:
@@ -325,10 +337,17 @@ class ReliableWriter:
 
     def _accept(self, offset: int, views: list[memoryview]) -> int:
         self._check_usable()
-        added = 0
-        for view in views:
-            added += self._buffer.insert(offset, view)
-            offset += len(view)
+        try:
+            added = self._buffer.insert_views(offset, views)
+        except TooFragmentedError as exc:
+            self._notify()  # what came before the refused piece is held
+            raise TooFragmentedError(
+                fragments=exc.fragments,
+                adding=exc.adding,
+                limit=exc.limit,
+                name=self.name,
+                offset=self._state.committed,
+            ) from None
         if added:
             self._notify()
         return added
@@ -418,7 +437,9 @@ class ReliableWriter:
             await self._retrying(self._create_session)
         elif isinstance(outcome, Persisted):
             self._state.resumed_at(outcome.offset)
-            self._buffer = ScatterBuffer(outcome.offset)
+            self._buffer = ScatterBuffer(
+                outcome.offset, max_fragments=self._settings.fragment_limit
+            )
             self._checksum = StreamChecksum(self._settings.checksum, start=outcome.offset)
         elif isinstance(outcome, Finished):
             # None of the object's bytes passed through this writer, so there is no CRC32C
