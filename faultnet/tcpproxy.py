@@ -1,59 +1,55 @@
-"""A TCP chaos proxy: forward connections to one upstream, injecting a fault plan's toxics.
+"""A TCP chaos proxy: forward connections to an upstream, injecting a fault plan's toxics.
 
-:func:`open_chaos_proxy` listens on a port (loopback by default) and relays every accepted
-connection to a fixed upstream address. Connections are numbered in accept order, and
+A :class:`ChaosProxy` listens on a port (loopback by default) and relays every accepted
+connection to its upstream address. Connections are numbered in accept order, and
 connection ``i`` gets the toxics ``plan.for_connection(i)`` picks, so a seeded run is
 replayable. Toxics act in the plan's direction: *upstream* toxics on the bytes the client
 sends to the server, *downstream* toxics on the bytes the server sends back. The fault
-engine (:mod:`faultnet.engine`) decides what each toxic does; this module only carries
-out its actions between two sockets.
+engine (:mod:`faultnet.engine`) decides what each toxic does; :mod:`faultnet.relay`
+carries out its actions between two sockets.
 
-The toxics can change while the proxy runs, through :class:`ChaosProxy`'s methods or the
-small HTTP control API (see :meth:`ChaosProxy.serve_control`). A change applies to the
-connections accepted afterwards; connections already open keep the toxics they started
-with, as they would with a real network that changes under new flows only.
+A :class:`ProxyCollection` holds several named proxies, as one Toxiproxy server does: each
+can be created, disabled (it stops listening and drops its connections), enabled again,
+moved to another listen or upstream address, and deleted while the others run.
+:func:`open_chaos_proxy` runs one proxy, and optionally the HTTP control API
+(:mod:`faultnet.control`), for the duration of an ``async with`` block.
 
-The relay is transparent about how a connection ends: an EOF from one side becomes an EOF
-(half-close) towards the other, a reset from either side (or from a ``reset_peer`` toxic)
-becomes a reset of both, and any other failure closes both sides.
+The toxics can change while a proxy runs. A change applies to the connections accepted
+afterwards; connections already open keep the toxics they started with, as they would
+with a real network that changes under new flows only.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import socket
-import struct
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import trio
 
 from faultnet.counters import FaultCounters
-from faultnet.engine import (
-    Action,
-    Close,
-    ConnectionFaults,
-    Delay,
-    DirectionFaults,
-    Forward,
-    Freeze,
-    Reset,
-)
-from faultnet.http_json import HTTPError, Request, Response, serve_json
-from faultnet.plan import Direction, FaultPlan, PlanSyntaxError, Toxic, toxic_from_dict
+from faultnet.engine import ConnectionFaults
+from faultnet.plan import Direction, FaultPlan, Toxic
+from faultnet.relay import Relay
 
 __all__ = [
     "Address",
     "ChaosProxy",
     "DuplicateToxicError",
     "NamedToxic",
+    "ProxyCollection",
+    "ProxyExistsError",
+    "ProxyNotFoundError",
+    "ProxySpec",
     "ProxyStats",
     "ToxicNotFoundError",
+    "format_address",
+    "is_toxic_index",
     "open_chaos_proxy",
+    "open_proxy_collection",
+    "parse_address",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,9 +57,23 @@ logger = logging.getLogger(__name__)
 #: a host and port, as trio and the socket module take them
 Address = tuple[str, int]
 
-#: bytes asked for per receive: big enough that per-call Python overhead is noise next to
-#: the copy itself, which is what lets the no-toxic path keep up with loopback.
-RELAY_CHUNK = 1024 * 1024
+#: the name of the proxy that ``open_chaos_proxy`` and ``rup faultproxy --listen`` make
+DEFAULT_PROXY_NAME = "default"
+
+
+def parse_address(text: str) -> Address:
+    """Read ``HOST:PORT`` (``[V6ADDR]:PORT`` for IPv6); :class:`ValueError` if it is not."""
+    host, colon, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def format_address(address: Address) -> str:
+    """``HOST:PORT``, with brackets around an IPv6 host."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ToxicNotFoundError(LookupError):
@@ -72,6 +82,14 @@ class ToxicNotFoundError(LookupError):
 
 class DuplicateToxicError(ValueError):
     """A toxic with that name already exists."""
+
+
+class ProxyNotFoundError(LookupError):
+    """No proxy has the given name."""
+
+
+class ProxyExistsError(ValueError):
+    """A proxy with that name already exists."""
 
 
 _STREAM_NAMES = {Direction.UPSTREAM: "upstream", Direction.DOWNSTREAM: "downstream"}
@@ -126,34 +144,44 @@ def _default_name(toxic: Toxic) -> str:
     return f"{toxic.NAME}_{_STREAM_NAMES[toxic.direction]}"
 
 
-def _is_index(text: str) -> bool:
-    # str.isdigit alone also accepts digits such as "²" that int() refuses.
+def is_toxic_index(text: str) -> bool:
+    """Whether ``text`` names a toxic by its position: ASCII digits only (``str.isdigit``
+    alone also accepts digits such as "²" that ``int`` refuses); names may not be so."""
     return text.isascii() and text.isdigit()
 
 
-def _is_reset(exc: BaseException) -> bool:
-    cause = exc.__cause__
-    return isinstance(cause, OSError) and cause.errno in (errno.ECONNRESET, errno.EPIPE)
+@dataclass(frozen=True)
+class ProxySpec:
+    """What a proxy is: its name, where it listens, where it relays to, and its toxics."""
 
-
-def _abort(stream: trio.abc.Stream) -> None:
-    """Make the next close send an RST instead of a FIN, when the stream is a real socket."""
-    if isinstance(stream, trio.SocketStream) and stream.socket.fileno() != -1:
-        # If the socket is already dead, a plain close is all that is left to do.
-        with suppress(OSError):
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    name: str
+    listen: Address
+    upstream: Address
+    enabled: bool = True
+    #: attached before the proxy listens; a bare Toxic gets Toxiproxy's default name
+    toxics: tuple[NamedToxic | Toxic, ...] = ()
+    seed: int = 0
 
 
 class ChaosProxy:
-    """A running chaos proxy: its addresses, its toxics, and its counters.
+    """One chaos proxy: its addresses, its toxics, its counters, and whether it listens.
 
-    Build one with :func:`open_chaos_proxy`. All methods must be called from the trio
-    thread the proxy runs in.
+    Build one through a :class:`ProxyCollection` or :func:`open_chaos_proxy`. All methods
+    must be called from the trio thread the proxy runs in.
     """
 
-    def __init__(self, upstream: Address, plan: FaultPlan, listener: trio.SocketListener) -> None:
+    def __init__(
+        self,
+        name: str,
+        upstream: Address,
+        plan: FaultPlan = FaultPlan.NONE,
+        *,
+        listen: Address = ("127.0.0.1", 0),
+        control_address: Callable[[], Address | None] = lambda: None,
+    ) -> None:
+        self.name = name
         self._upstream = upstream
-        self._listener = listener
+        self._listen = listen
         self._seed = plan.seed
         self._toxics: list[NamedToxic] = []
         for toxic in plan.toxics:
@@ -162,19 +190,27 @@ class ChaosProxy:
         self._active = 0
         self._counters = FaultCounters()
         self._upstream_connect_failures = 0
-        self._control_address: Address | None = None
+        self._control_address = control_address
+        self._scope: trio.CancelScope | None = None
+        self._stopped = trio.Event()
+        self._stopped.set()
 
     # -- addresses and toxics ----------------------------------------------------------
 
     @property
     def address(self) -> Address:
-        """Where clients connect."""
-        host, port = self._listener.socket.getsockname()[:2]
-        return host, port
+        """Where clients connect: the bound address once the proxy has listened (port 0
+        replaced by the real port), the configured one before."""
+        return self._listen
 
     @property
     def upstream(self) -> Address:
         return self._upstream
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the proxy is listening."""
+        return self._scope is not None
 
     @property
     def plan(self) -> FaultPlan:
@@ -183,6 +219,13 @@ class ChaosProxy:
 
     def toxics(self) -> tuple[NamedToxic, ...]:
         return tuple(self._toxics)
+
+    def toxic(self, name: str) -> NamedToxic:
+        """The toxic named ``name``; :class:`ToxicNotFoundError` if there is none."""
+        for named in self._toxics:
+            if named.name == name:
+                return named
+        raise ToxicNotFoundError(f"no toxic named {name!r}")
 
     def add_toxic(self, toxic: Toxic, name: str | None = None) -> NamedToxic:
         """Append ``toxic`` to the plan, for the connections accepted from now on.
@@ -198,7 +241,7 @@ class ChaosProxy:
             while name in taken:
                 name = f"{base}_{suffix}"
                 suffix += 1
-        elif not name or _is_index(name):
+        elif not name or is_toxic_index(name):
             raise ValueError(f"a toxic's name must be non-empty and not a number, got {name!r}")
         elif name in taken:
             raise DuplicateToxicError(f"a toxic named {name!r} already exists")
@@ -206,16 +249,21 @@ class ChaosProxy:
         self._toxics.append(named)
         return named
 
+    def replace_toxic(self, name: str, toxic: Toxic) -> NamedToxic:
+        """Change the toxic named ``name`` in place, for the connections accepted from now on."""
+        position = self._toxics.index(self.toxic(name))
+        self._toxics[position] = NamedToxic(name=name, toxic=toxic)
+        return self._toxics[position]
+
     def remove_toxic(self, key: int | str) -> NamedToxic:
         """Remove one toxic, by position in :meth:`toxics` or by name; return it."""
         if isinstance(key, int):
             if not 0 <= key < len(self._toxics):
                 raise ToxicNotFoundError(f"no toxic at index {key}; there are {len(self._toxics)}")
             return self._toxics.pop(key)
-        for position, named in enumerate(self._toxics):
-            if named.name == key:
-                return self._toxics.pop(position)
-        raise ToxicNotFoundError(f"no toxic named {key!r}")
+        named = self.toxic(key)
+        self._toxics.remove(named)
+        return named
 
     def reset(self) -> None:
         """Remove every toxic and zero the counters.
@@ -248,50 +296,54 @@ class ChaosProxy:
 
     @property
     def control_address(self) -> Address | None:
-        """Where the HTTP control API listens, once :meth:`serve_control` has started."""
-        return self._control_address
+        """Where the HTTP control API of this proxy's process listens, if it has one."""
+        return self._control_address()
 
-    # -- serving -----------------------------------------------------------------------
+    # -- listening ---------------------------------------------------------------------
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept and relay connections until cancelled.
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Listen, and relay in ``nursery`` until :meth:`stop`; no-op if already listening.
 
-        Cancelling it closes every relayed connection (both sides) and the listener.
+        Raises :class:`OSError` if the listen address cannot be bound.
         """
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._relay, [self._listener])
-            task_status.started()
+        if self._scope is None:
+            await nursery.start(self._serve)
 
-    async def serve_control(
-        self,
-        address: Address,
-        *,
-        task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Serve the HTTP control API on ``address`` until cancelled.
+    async def stop(self) -> None:
+        """Stop listening and close every relayed connection; returns once all are closed."""
+        if self._scope is not None:
+            self._scope.cancel()
+        await self._stopped.wait()
 
-        Reports the bound address through ``task_status``. The routes, all JSON:
+    def move(self, *, listen: Address | None = None, upstream: Address | None = None) -> None:
+        """Change where the proxy listens or relays to; takes effect at the next start."""
+        if listen is not None:
+            self._listen = listen
+        if upstream is not None:
+            self._upstream = upstream
 
-        - ``GET /toxics``: the current toxics (with index and name) and the plan's text;
-        - ``POST /toxics``: add one toxic, in Toxiproxy's shape (``type``, ``stream`` or
-          ``direction``, ``toxicity``, ``attributes``, optional ``name``); answers 201;
-        - ``DELETE /toxics/<index or name>``: remove one toxic;
-        - ``POST /reset``: remove every toxic and zero the counters (:meth:`reset`);
-        - ``GET /stats``: the counters (:meth:`ProxyStats.to_dict`).
-
-        Bad requests get a 4xx answer with an ``error`` message. Cancelling it drops any
-        request in progress without an answer.
-        """
-        listeners = await trio.open_tcp_listeners(address[1], host=address[0])
-        host, port = listeners[0].socket.getsockname()[:2]
-        self._control_address = (host, port)
-        task_status.started(self._control_address)
-        await serve_json(listeners, partial(_route, self))
+    async def _serve(self, *, task_status: trio.TaskStatus[None]) -> None:
+        listeners = await trio.open_tcp_listeners(self._listen[1], host=self._listen[0])
+        listener, extra = listeners[0], listeners[1:]
+        for other in extra:
+            await other.aclose()
+        host, port = listener.socket.getsockname()[:2]
+        self._listen = (host, port)
+        self._stopped = trio.Event()
+        try:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                async with listener, trio.open_nursery() as nursery:
+                    await nursery.start(trio.serve_listeners, self._relay, [listener])
+                    task_status.started()
+        finally:
+            self._scope = None
+            self._stopped.set()
 
     async def _relay(self, client: trio.SocketStream) -> None:
         index = self._next_index
         self._next_index += 1
-        faults = ConnectionFaults.for_connection(self.plan, index, self._counters)
+        faults = ConnectionFaults.for_connection(self.plan, index, self._counters, timers=True)
         self._active += 1
         try:
             async with client:
@@ -300,91 +352,137 @@ class ChaosProxy:
                 except OSError as exc:
                     self._upstream_connect_failures += 1
                     logger.warning(
-                        "connection %d: upstream %s:%d refused: %s", index, *self._upstream, exc
+                        "%s connection %d: upstream %s refused: %s",
+                        self.name,
+                        index,
+                        format_address(self._upstream),
+                        exc,
                     )
                     return
                 async with server:
-                    logger.debug("connection %d: toxics %s", index, faults.toxics)
-                    await _Relay(client, server, faults).run()
+                    logger.debug("%s connection %d: toxics %s", self.name, index, faults.toxics)
+                    await Relay(client, server, faults).run()
         finally:
             self._active -= 1
 
 
-class _Relay:
-    """Both directions of one proxied connection, with their faults, and how it ends.
+class ProxyCollection:
+    """Named chaos proxies in one process, as a Toxiproxy server holds them.
 
-    Upstream faults act on what the client sends, downstream faults on what the server
-    sends. A ``reset_peer`` resets both sides; a ``limit_data`` closes both; a stall that
-    never ends keeps its direction stuck, reading and dropping what arrives (as
-    Toxiproxy's ``timeout`` does) so that the sender closing still ends the connection.
+    Proxies run in the nursery given at construction; cancelling it closes them all.
     """
 
     def __init__(
-        self, client: trio.SocketStream, server: trio.SocketStream, faults: ConnectionFaults
+        self,
+        nursery: trio.Nursery,
+        *,
+        control_address: Callable[[], Address | None] = lambda: None,
     ) -> None:
-        self._client = client
-        self._server = server
-        self._faults = faults
-        self._scope = trio.CancelScope()
-        self._reset = False
+        self._nursery = nursery
+        self._proxies: dict[str, ChaosProxy] = {}
+        self._control_address = control_address
 
-    async def run(self) -> None:
-        """Relay until both directions have ended, or one of them ends the connection.
+    @property
+    def control_address(self) -> Address | None:
+        """Where the HTTP control API listens, if it is served."""
+        return self._control_address()
 
-        Returns with both streams still open (but set to reset if they should); the
-        caller closes them.
+    def proxies(self) -> tuple[ChaosProxy, ...]:
+        return tuple(self._proxies.values())
+
+    def get(self, name: str) -> ChaosProxy:
+        proxy = self._proxies.get(name)
+        if proxy is None:
+            raise ProxyNotFoundError(f"no proxy named {name!r}")
+        return proxy
+
+    async def create(self, spec: ProxySpec) -> ChaosProxy:
+        """Make a proxy with its toxics already attached, then let it listen if enabled.
+
+        The toxics are in place before the first connection can arrive: no connection
+        ever sees the proxy without them. Raises :class:`ProxyExistsError` for a taken
+        name and :class:`OSError` if the address cannot be bound (nothing is created).
         """
-        with self._scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump, self._client, self._server, self._faults.upstream)
-                nursery.start_soon(self._pump, self._server, self._client, self._faults.downstream)
-        if self._reset:
-            _abort(self._client)
-            _abort(self._server)
+        if spec.name in self._proxies:
+            raise ProxyExistsError(f"a proxy named {spec.name!r} already exists")
+        if not spec.name:
+            raise ValueError("a proxy needs a name")
+        proxy = ChaosProxy(
+            spec.name,
+            spec.upstream,
+            FaultPlan(seed=spec.seed),
+            listen=spec.listen,
+            control_address=self._control_address,
+        )
+        for toxic in spec.toxics:
+            if isinstance(toxic, NamedToxic):
+                proxy.add_toxic(toxic.toxic, toxic.name)
+            else:
+                proxy.add_toxic(toxic)
+        if spec.enabled:
+            await proxy.start(self._nursery)
+        self._proxies[spec.name] = proxy
+        return proxy
 
-    def _end_connection(self, *, reset: bool) -> None:
-        """End both directions now: each pump stops at its next checkpoint."""
-        self._reset = self._reset or reset
-        self._scope.cancel()
-
-    async def _pump(
+    async def update(
         self,
-        source: trio.abc.HalfCloseableStream,
-        sink: trio.abc.HalfCloseableStream,
-        faults: DirectionFaults,
-    ) -> None:
-        try:
-            while data := await source.receive_some(RELAY_CHUNK):
-                for action in faults.feed(data):
-                    await self._perform(action, source, sink, faults)
-            for action in faults.finish():
-                await self._perform(action, source, sink, faults)
-            await sink.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            # One direction failing ends the connection; a reset stays a reset.
-            self._end_connection(reset=_is_reset(exc))
+        name: str,
+        *,
+        listen: Address | None = None,
+        upstream: Address | None = None,
+        enabled: bool | None = None,
+    ) -> ChaosProxy:
+        """Change a proxy's addresses or whether it listens; a new address restarts it
+        (dropping its connections), as Toxiproxy does."""
+        proxy = self.get(name)
+        moved = (listen is not None and listen != proxy.address) or (
+            upstream is not None and upstream != proxy.upstream
+        )
+        was_enabled = proxy.enabled
+        if moved or enabled is False:
+            await proxy.stop()
+        proxy.move(listen=listen, upstream=upstream)
+        if enabled or (enabled is None and was_enabled):
+            await proxy.start(self._nursery)
+        return proxy
 
-    async def _perform(
-        self,
-        action: Action,
-        source: trio.abc.ReceiveStream,
-        sink: trio.abc.SendStream,
-        faults: DirectionFaults,
-    ) -> None:
-        match action:
-            case Forward(data=data):
-                await sink.send_all(data)
-                faults.forwarded(len(data))
-            case Delay(seconds=seconds) | Freeze(seconds=float(seconds)):
-                await trio.sleep(seconds)
-            case Freeze(seconds=None):
-                while await source.receive_some(RELAY_CHUNK):
-                    pass
-                self._end_connection(reset=False)
-            case Reset():
-                self._end_connection(reset=True)
-            case Close():
-                self._end_connection(reset=False)
+    async def delete(self, name: str) -> None:
+        proxy = self.get(name)
+        await proxy.stop()
+        del self._proxies[name]
+
+    async def populate(self, specs: Sequence[ProxySpec]) -> list[ChaosProxy]:
+        """Make sure each proxy exists as specified; Toxiproxy's ``/populate``.
+
+        A proxy that exists with the same listen and upstream addresses is left alone
+        (toxics and all); one that differs is replaced. Returns the proxies, in order.
+        """
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise ValueError("populate names a proxy twice")
+        proxies = []
+        for spec in specs:
+            existing = self._proxies.get(spec.name)
+            if existing is not None and _same_place(existing, spec):
+                proxies.append(existing)
+                continue
+            if existing is not None:
+                await self.delete(spec.name)
+            proxies.append(await self.create(spec))
+        return proxies
+
+    async def reset(self) -> None:
+        """Enable every proxy, remove every toxic, zero every counter; Toxiproxy's /reset."""
+        for proxy in self._proxies.values():
+            proxy.reset()
+            await proxy.start(self._nursery)
+
+
+def _same_place(proxy: ChaosProxy, spec: ProxySpec) -> bool:
+    listen_same = spec.listen == proxy.address or (
+        spec.listen[1] == 0 and spec.listen[0] == proxy.address[0]
+    )
+    return listen_same and spec.upstream == proxy.upstream
 
 
 @asynccontextmanager
@@ -394,25 +492,42 @@ async def open_chaos_proxy(
     *,
     listen: Address = ("127.0.0.1", 0),
     control: Address | None = None,
+    name: str = DEFAULT_PROXY_NAME,
 ) -> AsyncIterator[ChaosProxy]:
     """Run a chaos proxy in the background for the duration of the ``async with`` block.
 
     ``listen`` and ``control`` take port 0 for a free port; read the real ones from
     :attr:`ChaosProxy.address` and :attr:`ChaosProxy.control_address`. With ``control``
-    set, the HTTP control API is served there too. Leaving the block (or cancelling it)
-    closes every relayed connection and both listeners.
+    set, the HTTP control API is served there too, and proxies created through it live
+    as long as the block. Leaving the block (or cancelling it) closes every relayed
+    connection and every listener.
     """
-    listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
-    proxy = ChaosProxy(upstream, plan, listeners[0])
-    for extra in listeners[1:]:
-        await extra.aclose()
+    spec = ProxySpec(name, listen, upstream, toxics=plan.toxics, seed=plan.seed)
+    async with open_proxy_collection([spec], control=control) as collection:
+        yield collection.get(name)
+
+
+@asynccontextmanager
+async def open_proxy_collection(
+    specs: Iterable[ProxySpec] = (), *, control: Address | None = None
+) -> AsyncIterator[ProxyCollection]:
+    """Run a :class:`ProxyCollection` (and its control API, with ``control``) for the
+    duration of the ``async with`` block; ``specs`` are created first, in order."""
+    # Imported here: the control API imports this module for its types.
+    from faultnet.control import serve_control
+
+    bound: list[Address] = []
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(proxy.serve)
+            collection = ProxyCollection(
+                nursery, control_address=lambda: bound[0] if bound else None
+            )
+            for spec in specs:
+                await collection.create(spec)
             if control is not None:
-                await nursery.start(proxy.serve_control, control)
+                bound.append(await nursery.start(serve_control, collection, control))
             try:
-                yield proxy
+                yield collection
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
@@ -421,78 +536,3 @@ async def open_chaos_proxy(
         if len(group.exceptions) != 1:
             raise
         raise group.exceptions[0] from None
-
-
-# -- the HTTP control API ----------------------------------------------------------------
-#
-# JSON in and out over h11 (faultnet.http_json); bad requests get a 4xx with a message.
-
-
-_ALLOWED_METHODS = {
-    ("toxics",): "GET, POST",
-    ("toxics", "*"): "DELETE",
-    ("reset",): "POST",
-    ("stats",): "GET",
-}
-
-
-async def _route(proxy: ChaosProxy, request: Request) -> Response:
-    segments = tuple(s for s in request.path.split("/") if s)
-    try:
-        match request.method, segments:
-            case "GET", ("toxics",):
-                return Response(200, _toxics_listing(proxy))
-            case "POST", ("toxics",):
-                toxic, name = _toxic_from_body(request)
-                named = proxy.add_toxic(toxic, name)
-                return Response(201, {"index": len(proxy.toxics()) - 1, **named.to_dict()})
-            case "DELETE", ("toxics", key):
-                removed = proxy.remove_toxic(int(key) if _is_index(key) else key)
-                return Response(200, {"removed": removed.to_dict()})
-            case "POST", ("reset",):
-                proxy.reset()
-                return Response(200, _toxics_listing(proxy))
-            case "GET", ("stats",):
-                return Response(200, proxy.stats().to_dict())
-    except ToxicNotFoundError as exc:
-        raise HTTPError(404, str(exc)) from exc
-    except DuplicateToxicError as exc:
-        raise HTTPError(409, str(exc)) from exc
-    except ValueError as exc:
-        raise HTTPError(400, str(exc)) from exc
-    shape = segments[:1] + (("*",) if len(segments) == 2 else ())
-    if len(segments) <= 2 and shape in _ALLOWED_METHODS:
-        allowed = _ALLOWED_METHODS[shape]
-        return Response(
-            405, {"error": f"{request.method} not allowed; use {allowed}"}, (("Allow", allowed),)
-        )
-    return Response(404, {"error": f"no such resource {request.path[:100]!r}"})
-
-
-def _toxics_listing(proxy: ChaosProxy) -> dict[str, Any]:
-    return {
-        "plan": proxy.plan.to_text(),
-        "toxics": [{"index": i, **t.to_dict()} for i, t in enumerate(proxy.toxics())],
-    }
-
-
-_DIRECTION_NAMES = ("up", "down", "upstream", "downstream")
-
-
-def _toxic_from_body(request: Request) -> tuple[Toxic, str | None]:
-    """Read a toxic in Toxiproxy's JSON shape, where ``stream`` names the direction."""
-    data = request.json()
-    if not isinstance(data, dict):
-        raise HTTPError(400, "a toxic must be a JSON object")
-    name = data.pop("name", None)
-    if name is not None and not isinstance(name, str):
-        raise HTTPError(400, f"a toxic's name must be a string, got {name!r}")
-    if "direction" not in data and "stream" in data:
-        data["direction"] = data.pop("stream")
-    if data.get("direction", "up") not in _DIRECTION_NAMES:
-        raise HTTPError(400, f"direction must be one of {', '.join(_DIRECTION_NAMES)}")
-    try:
-        return toxic_from_dict(data), name
-    except (TypeError, ValueError) as exc:
-        message = str(exc) if isinstance(exc, PlanSyntaxError) else f"malformed toxic: {exc}"
-        raise HTTPError(400, message) from exc

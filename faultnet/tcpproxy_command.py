@@ -13,6 +13,7 @@ import sys
 
 import trio
 
+from faultnet import tcpproxy
 from faultnet.plan import FaultPlan, PlanSyntaxError
 from faultnet.tcpproxy import Address, ChaosProxy, open_chaos_proxy
 
@@ -28,11 +29,10 @@ _PLAN_HELP = (
 
 def parse_address(text: str) -> Address:
     """Read ``HOST:PORT`` (``[V6ADDR]:PORT`` for IPv6); an ``argparse`` type."""
-    host, colon, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not colon or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
+    try:
+        return tcpproxy.parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_plan(text: str) -> FaultPlan:
@@ -70,8 +70,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--control",
         type=parse_address,
         metavar="HOST:PORT",
-        help="serve the HTTP control API (GET/POST /toxics, DELETE /toxics/ID, "
-        "POST /reset, GET /stats) here",
+        help="serve the HTTP control API here: Toxiproxy's (/proxies, /proxies/NAME/toxics, "
+        "/populate, /reset, /version), plus GET/POST /toxics, DELETE /toxics/ID and GET /stats "
+        "on this proxy",
     )
 
 

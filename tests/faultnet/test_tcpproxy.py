@@ -280,6 +280,9 @@ async def control(proxy: ChaosProxy, method: str, path: str, body: Any = None) -
         try:
             connection.request(method, path, body=payload)
             response = connection.getresponse()
+            if response.status == 204:  # Toxiproxy's answer to a reset or a delete: no body
+                assert response.read() == b""
+                return response.status, None
             assert response.getheader("Content-Type") == "application/json"
             return response.status, json.loads(response.read())
         finally:
@@ -342,7 +345,9 @@ async def test_control_api_reset_and_stats(proxy: ChaosProxy) -> None:
         "faults": {},
     }
 
-    assert await control(proxy, "POST", "/reset") == (200, {"plan": "seed=0", "toxics": []})
+    # /reset is Toxiproxy's route, whose answer is a bare 204
+    assert await control(proxy, "POST", "/reset") == (204, None)
+    assert await control(proxy, "GET", "/toxics") == (200, {"plan": "seed=0", "toxics": []})
     status, stats = await control(proxy, "GET", "/stats")
     assert stats["connections_accepted"] == 0
     assert stats["bytes"] == {"upstream": 0, "downstream": 0}
