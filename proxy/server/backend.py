@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import inspect
-import logging
 import os
 import re
 import threading
@@ -26,7 +24,6 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import requests
 import requests.adapters
@@ -208,7 +205,7 @@ def open_backend(target: GcsTarget) -> Iterator[Backend]:
     """A backend for ``target``; an embedded endpoint lives exactly as long as the context."""
     kind = target.resolve()
     # faultnet.gcs.clients is light; GcsServer is imported only for the embedded endpoint.
-    from faultnet.gcs.clients import anonymous_client, without_background_fetches
+    from faultnet.gcs.clients import without_background_fetches
 
     creates = target.creates_buckets()
     if kind is TargetKind.REAL:
@@ -216,42 +213,40 @@ def open_backend(target: GcsTarget) -> Iterator[Backend]:
         yield Backend(client, kind, "https://storage.googleapis.com", create_buckets=creates)
         return
 
-    http = pooled_session(bearer=target.access_token)
     if kind is TargetKind.ENDPOINT:
         assert target.endpoint is not None
-        client = anonymous_client(target.endpoint, http=http)
+        client = _client(target.endpoint, target.access_token)
         yield Backend(client, kind, target.endpoint, create_buckets=creates)
         return
 
     from faultnet.gcs import GcsServer
 
     host, port = target.listen
-    # TEMPORARY, until faultnet's GcsServer takes access_token (being added): pass it only
-    # where it is understood, and say so loudly where it is not.
-    secret: dict[str, Any] = {}
-    if target.access_token is not None:
-        if "access_token" in inspect.signature(GcsServer).parameters:
-            secret["access_token"] = target.access_token
-        else:
-            logging.getLogger("rup.backend").warning(
-                "this GcsServer cannot require a secret yet: the embedded endpoint is open"
-            )
-    with GcsServer(host=host, port=port, data_dir=target.data_dir, **secret) as server:
-        client = anonymous_client(server.url, http=http)
-        yield Backend(client, kind, server.url, create_buckets=creates)
+    with GcsServer(
+        host=host, port=port, data_dir=target.data_dir, access_token=target.access_token
+    ) as server:
+        yield Backend(
+            _client(server.url, target.access_token), kind, server.url, create_buckets=creates
+        )
 
 
-def pooled_session(connections: int = 128, *, bearer: str | None = None) -> requests.Session:
+def _client(url: str, access_token: str | None) -> storage.Client:
+    """A client for the endpoint at ``url``, sending ``access_token`` as its bearer if set."""
+    from faultnet.gcs.clients import anonymous_client, authorized_client
+
+    if access_token is None:
+        return anonymous_client(url, http=pooled_session())
+    return authorized_client(url, access_token, http=pooled_session())
+
+
+def pooled_session(connections: int = 128) -> requests.Session:
     """A requests session that keeps up to ``connections`` connections alive per host.
 
     Every upload's writer makes its requests from a worker thread; requests' default pool
-    of 10 would make busy proxies reconnect to GCS for most chunks. ``bearer`` is sent as
-    ``Authorization: Bearer ...`` with every request (for an endpoint that requires one).
+    of 10 would make busy proxies reconnect to GCS for most chunks.
     """
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=connections)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    if bearer is not None:
-        session.headers["Authorization"] = f"Bearer {bearer}"
     return session

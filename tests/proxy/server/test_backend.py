@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import requests
 
 from faultnet.gcs import GcsServer
 from faultnet.gcs.clients import anonymous_client
@@ -123,3 +124,24 @@ def test_a_session_elsewhere_or_of_another_shape_is_refused(uri: str) -> None:
 def test_a_reference_that_is_not_an_upload_id_never_becomes_a_url(reference: str) -> None:
     with pytest.raises(SessionReferenceError):
         _backend().session_uri("bkt", reference)
+
+
+def test_the_embedded_endpoint_refuses_requests_without_its_secret() -> None:
+    target = GcsTarget(force_embedded=True, access_token="embedded-secret-1234")
+    with open_backend(target) as backend:
+        backend.bucket("guarded").blob("in.txt").upload_from_string(b"through the proxy")
+        outsider = requests.get(f"{backend.url}/storage/v1/b/guarded/o/in.txt", timeout=10)
+        wrong = requests.get(
+            f"{backend.url}/storage/v1/b/guarded/o/in.txt",
+            headers={"Authorization": "Bearer guess"},
+            timeout=10,
+        )
+        assert (outsider.status_code, wrong.status_code) == (401, 401)
+        assert b"through the proxy" not in outsider.content + wrong.content
+
+
+def test_an_open_embedded_endpoint_serves_anyone() -> None:
+    with open_backend(GcsTarget(force_embedded=True)) as backend:
+        backend.bucket("open").blob("in.txt").upload_from_string(b"readable")
+        reader = anonymous_client(backend.url)
+        assert reader.bucket("open").blob("in.txt").download_as_bytes() == b"readable"
