@@ -22,7 +22,7 @@ import trio
 import trio.testing
 
 from faultnet import tcpproxy_command as faultproxy_command
-from faultnet.plan import Corrupt, Direction, FaultPlan, Latency, LimitData, Stall
+from faultnet.plan import Bandwidth, Corrupt, Direction, FaultPlan, Latency, LimitData, Stall
 from faultnet.tcpproxy import (
     Address,
     ChaosProxy,
@@ -704,6 +704,169 @@ async def test_slow_close_delays_the_eof(
         await recorder.finished.wait()
         assert trio.current_time() - start == pytest.approx(2.0)
     assert recorder.received == b"bye"
+
+
+async def test_limit_time_closes_cleanly_after_exactly_t(
+    mock_clock: trio.testing.MockClock, recorder: Recorder, recorder_address: Address
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    plan = FaultPlan.parse("limit_time:up(ms=1500)")
+    async with open_chaos_proxy(recorder_address, plan) as proxy, await connect(proxy) as stream:
+        start = trio.current_time()
+        await stream.send_all(b"early")
+        assert await stream.receive_some() == b""  # the proxy hung up on us
+        assert trio.current_time() - start == pytest.approx(1.5)
+        await recorder.finished.wait()
+
+    assert recorder.received == b"early"
+    assert recorder.ending is None  # a clean close, not a reset
+    assert trio.current_time() - start == pytest.approx(1.5)
+    assert proxy.stats().faults == {"limit_time": 1}
+
+
+async def test_a_byte_trigger_starts_limit_time_when_it_is_crossed(
+    mock_clock: trio.testing.MockClock, recorder: Recorder, recorder_address: Address
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    plan = FaultPlan.parse("limit_time:up(ms=1000)@bytes=4")
+    async with open_chaos_proxy(recorder_address, plan) as proxy, await connect(proxy) as stream:
+        start = trio.current_time()
+        await stream.send_all(b"ab")
+        await trio.sleep(5)  # below the trigger: no timer runs, however long
+        await stream.send_all(b"cdef")  # crosses byte 4 at t=5
+        await recorder.finished.wait()
+
+    assert recorder.received == b"abcdef"
+    assert trio.current_time() - start == pytest.approx(6.0)
+
+
+async def test_timeout_drops_everything_then_closes(
+    mock_clock: trio.testing.MockClock, recorder: Recorder, recorder_address: Address
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    plan = FaultPlan.parse("timeout:up(ms=2000)")  # Toxiproxy's timeout toxic
+    async with open_chaos_proxy(recorder_address, plan) as proxy, await connect(proxy) as stream:
+        start = trio.current_time()
+        await stream.send_all(b"never arrives")
+        assert await stream.receive_some() == b""
+        assert trio.current_time() - start == pytest.approx(2.0)
+        await recorder.finished.wait()
+
+    assert recorder.received == b""
+    assert proxy.stats().bytes_upstream == 0
+
+
+async def test_reset_peer_with_a_delay_holds_the_data_then_resets(
+    mock_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+
+    async def talkative(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(b"0123456789")
+            await trio.sleep_forever()
+
+    upstream = await start_server(nursery, talkative)
+    plan = FaultPlan.parse("reset_peer:down(ms=500)")  # Toxiproxy's reset_peer{timeout: 500}
+    async with open_chaos_proxy(upstream, plan) as proxy, await connect(proxy) as stream:
+        start = trio.current_time()
+        received, error = await receive_until_broken(stream)
+        assert trio.current_time() - start == pytest.approx(0.5)
+
+    assert received == b""
+    assert isinstance(error.__cause__, ConnectionResetError)
+
+
+async def test_loss_stalls_each_lost_segment_for_the_retransmission_timeout(
+    mock_clock: trio.testing.MockClock, recorder: Recorder, recorder_address: Address
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    # the first 2000 bytes pass; from there every 1000-byte segment is lost once
+    plan = FaultPlan.parse("loss:up(p=1,segment=1000,rto_ms=200)@bytes=2000")
+    payload = os.urandom(5000)
+    async with open_chaos_proxy(recorder_address, plan) as proxy, await connect(proxy) as stream:
+        start = trio.current_time()
+        await stream.send_all(payload)
+        await stream.send_eof()
+        await recorder.finished.wait()
+
+    assert recorder.received == payload  # delayed, never dropped or reordered
+    by_time: dict[float, int] = {}
+    for t, data in recorder.arrivals:
+        by_time[round(t - start, 6)] = by_time.get(round(t - start, 6), 0) + len(data)
+    assert by_time == {0.0: 2000, 0.2: 1000, 0.4: 1000, 0.6: 1000}
+    assert proxy.stats().faults == {"loss": 3}
+
+
+async def test_a_connection_trigger_spares_the_first_connections(proxy: ChaosProxy) -> None:
+    proxy.add_toxic(LimitData(direction=Direction.DOWNSTREAM, bytes=3, trigger_connections=2))
+
+    echoes = [await round_trip_tolerating_reset(proxy, b"abcdef") for _ in range(4)]
+
+    assert echoes == [b"abcdef", b"abcdef", b"abc", b"abc"]
+
+
+@pytest.mark.parametrize(
+    ("plan", "round_trip_seconds"),
+    [
+        ("latency:up(ms=10); latency:down(ms=10)", 0.02),
+        ("latency:down(ms=10)", 0.01),
+        ("latency:up(ms=40)", 0.04),
+    ],
+)
+async def test_latency_applies_per_direction(
+    mock_clock: trio.testing.MockClock, echo_address: Address, plan: str, round_trip_seconds: float
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    async with (
+        open_chaos_proxy(echo_address, FaultPlan.parse(plan)) as proxy,
+        await connect(proxy) as stream,
+    ):
+        for _ in range(3):
+            start = trio.current_time()
+            await stream.send_all(b"ping")
+            assert await stream.receive_some() == b"ping"
+            assert trio.current_time() - start == pytest.approx(round_trip_seconds)
+
+
+@pytest.mark.parametrize("rate", [5_000_000, 20_000_000, 50_000_000])
+async def test_bandwidth_is_exact_at_network_profile_rates(
+    mock_clock: trio.testing.MockClock,
+    recorder: Recorder,
+    recorder_address: Address,
+    rate: int,
+) -> None:
+    # each read the proxy makes ends in a wait: jump soon, or the test spends its time idle
+    mock_clock.autojump_threshold = 0.002
+    size = rate // 5  # 0.2 s worth: several reads and several bandwidth slices at every rate
+    plan = FaultPlan([Bandwidth(rate=rate)])
+    async with open_chaos_proxy(recorder_address, plan) as proxy, await connect(proxy) as stream:
+        start = trio.current_time()
+        await stream.send_all(bytes(size))
+        await stream.send_eof()
+        await recorder.finished.wait()
+
+    assert len(recorder.received) == size
+    assert recorder.arrivals[-1][0] - start == pytest.approx(size / rate, abs=1e-6)
+
+
+async def test_latency_behind_bandwidth_is_a_pipe_not_a_queue(
+    mock_clock: trio.testing.MockClock, recorder: Recorder, recorder_address: Address
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    # the "wan" client leg: every byte is 10 ms late, and the link carries 20 MB/s
+    plan = FaultPlan.parse("bandwidth:up(rate=20000000); latency:up(ms=10)")
+    size = 10_000_000
+    async with open_chaos_proxy(recorder_address, plan) as proxy, await connect(proxy) as stream:
+        start = trio.current_time()
+        await stream.send_all(bytes(size))
+        await stream.send_eof()
+        await recorder.finished.wait()
+
+    assert len(recorder.received) == size
+    assert recorder.arrivals[0][0] - start >= 0.01  # nothing arrives before the latency
+    # 10 MB at 20 MB/s, plus the latency once, not once per read
+    assert recorder.arrivals[-1][0] - start == pytest.approx(0.5 + 0.01, abs=1e-6)
 
 
 async def test_toxicity_picks_the_same_connections_for_the_same_seed(
