@@ -839,7 +839,7 @@ async def test_bandwidth_is_exact_at_network_profile_rates(
     # each read the proxy makes ends in a wait: jump soon, or the test spends its time idle
     mock_clock.autojump_threshold = 0.002
     size = rate // 5  # 0.2 s worth: several reads and several bandwidth slices at every rate
-    plan = FaultPlan([Bandwidth(rate=rate)])
+    plan = FaultPlan((Bandwidth(rate=rate),))
     async with open_chaos_proxy(recorder_address, plan) as proxy, await connect(proxy) as stream:
         start = trio.current_time()
         await stream.send_all(bytes(size))
