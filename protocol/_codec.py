@@ -11,9 +11,9 @@ import dataclasses
 import struct
 from typing import Any, Final
 
-from construct import ConstructError, GreedyBytes, SizeofError, StringError, Struct
+from construct import Construct, ConstructError, GreedyBytes, SizeofError, StringError, Struct
 
-from ._spec import BODIES, FrameType
+from ._spec import BODIES, BODY_CHANGES, FrameType, body_layout
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .events import (
     Abort,
@@ -25,9 +25,11 @@ from .events import (
     Error,
     GoingAway,
     Hello,
+    Incomplete,
     OpenUpload,
     Ping,
     Pong,
+    PutObject,
     Reply,
     Request,
     Status,
@@ -41,6 +43,7 @@ __all__ = [
     "EVENT_TYPES",
     "FIXED_BODY_SIZES",
     "MAX_CONTROL_BODY_SIZE",
+    "MAX_LISTED_RANGES",
     "MIN_FRAME_SIZE",
     "decode_body",
     "encode_body",
@@ -51,7 +54,11 @@ MIN_FRAME_SIZE: Final = 1024
 """The smallest max_frame_size a peer may offer or agree to."""
 
 MAX_CONTROL_BODY_SIZE: Final = 64 * 1024
-"""The largest body of any frame but WriteAt, whatever max_frame_size was agreed."""
+"""The largest body of any frame but WriteAt and PutObject, whatever max_frame_size was agreed
+(a PutObject may carry max_frame_size data bytes on top)."""
+
+MAX_LISTED_RANGES: Final = 1024
+"""The most byte ranges a Status or Incomplete lists (16 KiB of body): the lowest ones."""
 
 EVENT_TYPES: Final[dict[FrameType, type[Request | Reply]]] = {
     FrameType.HELLO: Hello,
@@ -62,6 +69,7 @@ EVENT_TYPES: Final[dict[FrameType, type[Request | Reply]]] = {
     FrameType.ABORT: Abort,
     FrameType.STATUS_QUERY: StatusQuery,
     FrameType.PING: Ping,
+    FrameType.PUT_OBJECT: PutObject,
     FrameType.WELCOME: Welcome,
     FrameType.UPLOAD_OPENED: UploadOpened,
     FrameType.ACK: Ack,
@@ -71,6 +79,7 @@ EVENT_TYPES: Final[dict[FrameType, type[Request | Reply]]] = {
     FrameType.ERROR: Error,
     FrameType.PONG: Pong,
     FrameType.GOING_AWAY: GoingAway,
+    FrameType.INCOMPLETE: Incomplete,
 }
 
 _FRAME_TYPES: Final = {event_type: frame_type for frame_type, event_type in EVENT_TYPES.items()}
@@ -79,6 +88,13 @@ _FIELDS: Final = {
     frame_type: tuple(f.name for f in dataclasses.fields(event_type) if f.name != "seq")
     for frame_type, event_type in EVENT_TYPES.items()
 }
+# Event fields that only later versions' bodies have. They are None exactly when the
+# negotiated version's body lacks them: version 1's UploadOpened has no window_end.
+_ADDED_LATER: Final = {FrameType.UPLOAD_OPENED: ("window_end",)}
+
+
+def _has_field(body: Construct, name: str) -> bool:
+    return any(subcon.name == name for subcon in body.subcons)
 
 
 def _fixed_size(frame_type: FrameType) -> int | None:
@@ -93,7 +109,9 @@ FIXED_BODY_SIZES: Final[dict[FrameType, int]] = {
     for frame_type in FrameType
     if frame_type is not FrameType.WRITE_AT and (size := _fixed_size(frame_type)) is not None
 }
-"""Bodies whose size is known from the frame type alone, checked against the header."""
+"""Bodies whose size is known from the frame type alone, checked against the header (the same
+in every version: no fixed-size body has changed)."""
+assert not any(set(changes) & set(FIXED_BODY_SIZES) for changes in BODY_CHANGES.values())
 
 
 # The replies that come once per WriteAt frame, as plain structs: construct takes tens of
@@ -107,9 +125,17 @@ _PER_FRAME_LAYOUTS: Final = {
 
 # Parsing keeps whatever follows the last field, so trailing garbage is reported precisely.
 _PARSERS: Final = {
-    frame_type: Struct("body" / body, "trailing" / GreedyBytes)
-    for frame_type, body in BODIES.items()
+    version: {
+        frame_type: Struct("body" / body_layout(frame_type, version), "trailing" / GreedyBytes)
+        for frame_type in BODIES
+    }
+    for version in (1, *BODY_CHANGES)
 }
+
+
+def _parser(frame_type: FrameType, version: int) -> Struct:
+    changed = [v for v in _PARSERS if v <= version]
+    return _PARSERS[max(changed)][frame_type]
 
 
 def frame_type_of(event: Request | Reply) -> FrameType:
@@ -134,20 +160,28 @@ def _problem(event: Request | Reply) -> str | None:
                 return "version 0 does not exist"
             if max_frame_size < MIN_FRAME_SIZE:
                 return f"max_frame_size {max_frame_size} is below the minimum {MIN_FRAME_SIZE}"
-        case OpenUpload(bucket=bucket, name=name, metadata=metadata):
+        case (
+            OpenUpload(bucket=bucket, name=name, metadata=metadata)
+            | PutObject(bucket=bucket, name=name, metadata=metadata)
+        ):
             if not bucket or not name:
                 return "bucket and object name must not be empty"
             keys = [key for key, _ in metadata]
             if "" in keys or len(set(keys)) != len(keys):
                 return "metadata keys must be non-empty and unique"
-        case AttachUpload(token=token) | UploadOpened(token=token):
+        case AttachUpload(token=token):
             if not token:
                 return "upload token must not be empty"
-        case Status(received=received):
+        case UploadOpened(token=token, committed_offset=committed, window_end=window_end):
+            if not token:
+                return "upload token must not be empty"
+            if window_end is not None:
+                return _window_problem(committed, window_end)
+        case Status(received=ranges) | Incomplete(missing=ranges):
             previous_end = -1
-            for start, end in received:
+            for start, end in ranges:
                 if not previous_end < start < end:
-                    return "received ranges must be non-empty, sorted and disjoint"
+                    return "byte ranges must be non-empty, sorted and disjoint"
                 previous_end = end
             return _window_problem(event.committed_offset, event.window_end)
         case Credit(committed_offset=committed, window_end=window_end):
@@ -163,17 +197,21 @@ def _window_problem(committed_offset: int, window_end: int) -> str | None:
     return None
 
 
+_RANGE_FIELDS: Final = {FrameType.STATUS: "received", FrameType.INCOMPLETE: "missing"}
+
+
 def _to_construct(frame_type: FrameType, event: Request | Reply) -> dict[str, Any]:
     values = {name: getattr(event, name) for name in _FIELDS[frame_type]}
-    if frame_type is FrameType.OPEN_UPLOAD:
+    if frame_type in (FrameType.OPEN_UPLOAD, FrameType.PUT_OBJECT):
         values["metadata"] = [{"key": k, "value": v} for k, v in values["metadata"]]
-    elif frame_type is FrameType.STATUS:
-        values["received"] = [{"start": s, "end": e} for s, e in values["received"]]
+    elif (ranges := _RANGE_FIELDS.get(frame_type)) is not None:
+        values[ranges] = [{"start": s, "end": e} for s, e in values[ranges]]
     return values
 
 
-def encode_body(event: Request | Reply) -> tuple[FrameType, bytes]:
-    """The frame type and body bytes for a control event; LocalProtocolError if invalid."""
+def encode_body(event: Request | Reply, version: int = 1) -> tuple[FrameType, bytes]:
+    """The frame type and body bytes for a control event in protocol `version`;
+    LocalProtocolError if the event is invalid or that version cannot carry it."""
     frame_type = frame_type_of(event)
     if (problem := _problem(event)) is not None:
         raise LocalProtocolError(f"invalid {frame_type.name}: {problem}")
@@ -181,10 +219,22 @@ def encode_body(event: Request | Reply) -> tuple[FrameType, bytes]:
     try:
         if layout is not None:
             return frame_type, layout.pack(*[getattr(event, name) for name in _FIELDS[frame_type]])
-        body = BODIES[frame_type].build(_to_construct(frame_type, event))
+        body = body_layout(frame_type, version)
+        values = _to_construct(frame_type, event)
+        for name in _ADDED_LATER.get(frame_type, ()):
+            if not _has_field(body, name):
+                if values.pop(name) is not None:
+                    raise LocalProtocolError(
+                        f"{frame_type.name} has no {name} in protocol version {version}"
+                    )
+            elif values[name] is None:
+                raise LocalProtocolError(
+                    f"{frame_type.name} needs {name} in protocol version {version}"
+                )
+        encoded = body.build(values)
     except (ConstructError, UnicodeError, TypeError, ValueError, struct.error) as exc:
         raise LocalProtocolError(f"cannot encode {frame_type.name}: {exc}") from exc
-    return frame_type, bytes(body)
+    return frame_type, bytes(encoded)
 
 
 def _describe(exc: ConstructError) -> str:
@@ -197,15 +247,16 @@ def _describe(exc: ConstructError) -> str:
     return f"field {where}: {detail}" if where else detail
 
 
-def decode_body(frame_type: FrameType, seq: int, body: bytes) -> Request | Reply:
-    """The event for a received control frame whose payload CRC already matched."""
+def decode_body(frame_type: FrameType, seq: int, body: bytes, version: int = 1) -> Request | Reply:
+    """The event for a received control frame whose payload CRC already matched, as laid out in
+    protocol `version`."""
     name = frame_type.name
     layout = _PER_FRAME_LAYOUTS.get(frame_type)
     if layout is not None and len(body) == layout.size:
         values = dict(zip(_FIELDS[frame_type], layout.unpack(body), strict=True))
         return _checked(EVENT_TYPES[frame_type](**values, seq=seq), seq)
     try:
-        parsed_frame = _PARSERS[frame_type].parse(body)
+        parsed_frame = _parser(frame_type, version).parse(body)
     except ConstructError as exc:
         raise RemoteProtocolError(
             f"malformed {name} body: {_describe(exc)}", ErrorCode.MALFORMED_FRAME, seq=seq
@@ -217,13 +268,13 @@ def decode_body(frame_type: FrameType, seq: int, body: bytes) -> Request | Reply
             seq=seq,
         )
     parsed = parsed_frame.body
-    values = {field: parsed[field] for field in _FIELDS[frame_type]}
+    values = {field: parsed[field] for field in _FIELDS[frame_type] if field in parsed}
     if frame_type is FrameType.HELLO:
         values["versions"] = tuple(values["versions"])
-    elif frame_type is FrameType.OPEN_UPLOAD:
+    elif frame_type in (FrameType.OPEN_UPLOAD, FrameType.PUT_OBJECT):
         values["metadata"] = tuple((item.key, item.value) for item in values["metadata"])
-    elif frame_type is FrameType.STATUS:
-        values["received"] = tuple((item.start, item.end) for item in values["received"])
+    elif (ranges := _RANGE_FIELDS.get(frame_type)) is not None:
+        values[ranges] = tuple((item.start, item.end) for item in values[ranges])
     elif frame_type is FrameType.ERROR:
         try:
             values["code"] = ErrorCode(values["code"])

@@ -36,6 +36,9 @@ from construct import (
 
 __all__ = [
     "BODIES",
+    "BODY_CHANGES",
+    "FIRST_VERSION",
+    "FRAMING_VERSION",
     "HEADER",
     "HEADER_FIELDS",
     "HEADER_FIELDS_STRUCT",
@@ -45,11 +48,16 @@ __all__ = [
     "OFFSET_STRUCT",
     "WRITE_AT_PREFIX_SIZE",
     "FrameType",
+    "body_layout",
     "crc32c",
 ]
 
 MAGIC: Final = b"\xabRUP"
 """First four bytes of every frame; the non-ASCII first byte stops text protocols early."""
+
+FRAMING_VERSION: Final = 1
+"""The header's `version` byte: the layout of the header itself, the same whatever protocol
+version HELLO and WELCOME negotiate. It changes only if the header does."""
 
 
 class FrameType(enum.IntEnum):
@@ -63,6 +71,7 @@ class FrameType(enum.IntEnum):
     ABORT = 0x06
     STATUS_QUERY = 0x07
     PING = 0x08
+    PUT_OBJECT = 0x09
 
     WELCOME = 0x81
     UPLOAD_OPENED = 0x82
@@ -73,6 +82,7 @@ class FrameType(enum.IntEnum):
     ERROR = 0x87
     PONG = 0x88
     GOING_AWAY = 0x89
+    INCOMPLETE = 0x8A
 
     @property
     def is_request(self) -> bool:
@@ -85,9 +95,9 @@ def crc32c(data: bytes) -> int:
 
 HEADER_FIELDS: Final[Construct] = Struct(
     "magic" / Const(MAGIC),
-    "version" / Int8ub,
+    "version" / Int8ub,  # FRAMING_VERSION
     "frame_type" / Enum(Int8ub, FrameType),
-    "flags" / Int16ub,  # no flags are defined in version 1: must be 0
+    "flags" / Int16ub,  # no flags are defined: must be 0
     "seq" / Int64ub,  # 1, 2, 3, ... per direction
     "payload_size" / Int32ub,
     "payload_crc32c" / Int32ub,  # CRC32C of the payload bytes (0 for an empty payload)
@@ -135,6 +145,8 @@ def _text() -> Construct:
 
 
 _REPLY_TO = "reply_to" / Int64ub
+_RANGES = PrefixedArray(Int32ub, Struct("start" / Int64ub, "end" / Int64ub))
+_METADATA = PrefixedArray(Int16ub, Struct("key" / _text(), "value" / _text()))
 
 BODIES: Final[dict[FrameType, Construct]] = {
     FrameType.HELLO: Struct(
@@ -147,7 +159,7 @@ BODIES: Final[dict[FrameType, Construct]] = {
         "bucket" / _text(),
         "name" / _text(),
         "content_type" / _text(),
-        "metadata" / PrefixedArray(Int16ub, Struct("key" / _text(), "value" / _text())),
+        "metadata" / _METADATA,
         "expected_size" / _optional(Int64ub),
         "if_generation_match" / _optional(Int64ub),
     ),
@@ -162,6 +174,16 @@ BODIES: Final[dict[FrameType, Construct]] = {
     FrameType.ABORT: Struct(),
     FrameType.STATUS_QUERY: Struct(),
     FrameType.PING: Struct("nonce" / Int64ub),
+    # Version 2: a whole small object in one request, answered by COMPLETED.
+    FrameType.PUT_OBJECT: Struct(
+        "bucket" / _text(),
+        "name" / _text(),
+        "content_type" / _text(),
+        "metadata" / _METADATA,
+        "if_generation_match" / _optional(Int64ub),
+        "crc32c" / _optional(Int32ub),
+        "data" / GreedyBytes,
+    ),
     FrameType.WELCOME: Struct(
         _REPLY_TO,
         "version" / Int8ub,
@@ -184,7 +206,7 @@ BODIES: Final[dict[FrameType, Construct]] = {
         _REPLY_TO,
         "committed_offset" / Int64ub,
         "window_end" / Int64ub,
-        "received" / PrefixedArray(Int32ub, Struct("start" / Int64ub, "end" / Int64ub)),
+        "received" / _RANGES,
     ),
     FrameType.COMPLETED: Struct(
         _REPLY_TO,
@@ -201,7 +223,44 @@ BODIES: Final[dict[FrameType, Construct]] = {
     ),
     FrameType.PONG: Struct(_REPLY_TO, "nonce" / Int64ub),
     FrameType.GOING_AWAY: Struct(_REPLY_TO, "message" / _text()),
+    # Version 2: COMPLETE cannot finish yet; these byte ranges below total_size are missing.
+    FrameType.INCOMPLETE: Struct(
+        _REPLY_TO,
+        "committed_offset" / Int64ub,
+        "window_end" / Int64ub,
+        "missing" / _RANGES,
+    ),
 }
+"""Each frame type's body as version 1 defines it (or as the version that added it does)."""
+
+BODY_CHANGES: Final[dict[int, dict[FrameType, Construct]]] = {
+    2: {
+        # The initial credit window, so a client can write without waiting for CREDIT.
+        FrameType.UPLOAD_OPENED: Struct(
+            _REPLY_TO,
+            "committed_offset" / Int64ub,
+            "resumed" / _Bool(),
+            "window_end" / Int64ub,
+            "token" / GreedyBytes,
+        ),
+    },
+}
+"""The bodies a later protocol version lays out differently: version -> frame type -> body."""
+
+FIRST_VERSION: Final[dict[FrameType, int]] = {
+    frame_type: 2 if frame_type in (FrameType.PUT_OBJECT, FrameType.INCOMPLETE) else 1
+    for frame_type in FrameType
+}
+"""The protocol version that introduced each frame type; an older peer does not know it."""
+
+
+def body_layout(frame_type: FrameType, version: int) -> Construct:
+    """The body of `frame_type` in protocol `version`: the latest change at or below it."""
+    for changed_in in sorted(BODY_CHANGES, reverse=True):
+        if changed_in <= version and frame_type in BODY_CHANGES[changed_in]:
+            return BODY_CHANGES[changed_in][frame_type]
+    return BODIES[frame_type]
+
 
 # -- the hot path's view of the same bytes -------------------------------------------------------
 

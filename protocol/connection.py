@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from dataclasses import replace
 from typing import Final
 
 import google_crc32c
@@ -17,6 +18,7 @@ import google_crc32c
 from ._codec import (
     FIXED_BODY_SIZES,
     MAX_CONTROL_BODY_SIZE,
+    MAX_LISTED_RANGES,
     MIN_FRAME_SIZE,
     decode_body,
     encode_body,
@@ -24,6 +26,8 @@ from ._codec import (
 from ._crc import crc32c_combine
 from ._receive import ReceiveBuffer
 from ._spec import (
+    FIRST_VERSION,
+    FRAMING_VERSION,
     HEADER_FIELDS_STRUCT,
     HEADER_SIZE,
     HEADER_STRUCT,
@@ -38,6 +42,7 @@ from ._state import (
     REPLY_TRANSITIONS,
     REQUEST_TRANSITIONS,
     UNSOLICITED_REPLIES,
+    UPLOAD_BOUND,
     ConnectionState,
 )
 from .errors import (
@@ -49,12 +54,20 @@ from .errors import (
 )
 from .events import (
     NEED_DATA,
+    Ack,
     ConnectionClosed,
+    Credit,
+    Error,
     Event,
+    GoingAway,
     Hello,
+    Incomplete,
     NeedData,
+    PutObject,
     Reply,
     Request,
+    Status,
+    UploadOpened,
     Welcome,
     WriteAt,
     WriteAtData,
@@ -64,8 +77,13 @@ from .events import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "FRAMING_VERSION",
     "HARD_MAX_FRAME_SIZE",
+    "LATEST_VERSION",
     "MAX_CONTROL_BODY_SIZE",
+    "MAX_LISTED_RANGES",
+    "MAX_MESSAGE_SIZE",
+    "MAX_TOKEN_SIZE",
     "MIN_FRAME_SIZE",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
@@ -74,15 +92,28 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION: Final = 1
-SUPPORTED_VERSIONS: Final = (PROTOCOL_VERSION,)
+"""Version 1, the original protocol (named so before version 2 existed; callers that offer only
+it keep speaking version 1 unchanged)."""
+LATEST_VERSION: Final = 2
+"""Version 2 (planned as "1.1"): version 1 plus UPLOAD_OPENED.window_end, INCOMPLETE,
+PUT_OBJECT and error codes 27-30 and 37-38. Nothing version 1 has changes meaning."""
+SUPPORTED_VERSIONS: Final = (PROTOCOL_VERSION, LATEST_VERSION)
 DEFAULT_MAX_FRAME_SIZE: Final = 1024 * 1024
 HARD_MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
+MAX_TOKEN_SIZE: Final = 8 * 1024
+"""The largest upload token a server issues (and so must accept back in ATTACH_UPLOAD)."""
+MAX_MESSAGE_SIZE: Final = 1024
+"""The most UTF-8 bytes of an Error or GoingAway message `send()` puts on the wire."""
 
 _U32: Final = struct.Struct(">I")
 _crc_value = google_crc32c.value
 _crc_extend = google_crc32c.extend
 _FRAME_TYPES: Final = {int(frame_type): frame_type for frame_type in FrameType}
 _FIRST_REPLY_TYPE: Final = 0x80
+_FRAME_TYPES_IN: Final = {
+    version: {int(t): t for t, since in FIRST_VERSION.items() if since <= version}
+    for version in SUPPORTED_VERSIONS
+}
 _new_event = object.__new__
 _set_attribute = object.__setattr__
 
@@ -122,22 +153,42 @@ class Connection:
     `last_sent_seq` is the seq of the frame `send()` produced last (the `reply_to` its reply
     will carry). Every received event carries its frame's seq.
 
-    `max_frame_size` bounds the data bytes of one WriteAt frame. It is this end's own limit until
-    `Welcome` has been sent or received, then the agreed one. Control frames (everything but
-    WriteAt) have bodies of at most MAX_CONTROL_BODY_SIZE bytes, whatever was agreed.
+    `max_frame_size` bounds the data bytes of one WriteAt (or PutObject) frame. It is this end's
+    own limit until `Welcome` has been sent or received, then the agreed one. Control frames
+    (everything else) have bodies of at most MAX_CONTROL_BODY_SIZE bytes, whatever was agreed.
+
+    `versions` are the protocol versions this end speaks (a client offers them all in `hello()`,
+    a server's `welcome()` picks the newest one the client offered too). Replies a server sends
+    are fitted to the client's version and to the protocol's promises by `send()`: see there.
     """
 
-    def __init__(self, role: Role, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+    ) -> None:
         if not MIN_FRAME_SIZE <= max_frame_size <= HARD_MAX_FRAME_SIZE:
             raise ValueError(
                 f"max_frame_size must be in [{MIN_FRAME_SIZE}, {HARD_MAX_FRAME_SIZE}],"
                 f" not {max_frame_size}"
             )
+        if not versions or not set(versions) <= set(SUPPORTED_VERSIONS):
+            raise ValueError(
+                f"versions must be some of {list(SUPPORTED_VERSIONS)}, not {list(versions)}"
+            )
         self.role: Final = role
+        self.versions: Final = tuple(sorted(set(versions)))
         self._receives_requests = role is Role.SERVER
         self.version: int | None = None
         """The negotiated protocol version, once Welcome has passed."""
         self._max_frame_size = max_frame_size
+        # (committed_offset, window_end): the largest sent (server) or received (client) since
+        # the bound upload was bound; None while no upload is bound.
+        self._window: tuple[int, int] | None = None
+        # The frame types the negotiated version (version 1 until then) has, by number.
+        self._frame_types = _FRAME_TYPES_IN[PROTOCOL_VERSION]
         self._state = ConnectionState.AWAIT_HELLO
         self._hello: Hello | None = None
         self._last_sent_seq = 0
@@ -184,6 +235,17 @@ class Connection:
         return self._eof
 
     @property
+    def window(self) -> tuple[int, int] | None:
+        """(committed_offset, window_end), the largest this connection has carried for the bound
+        upload (from UploadOpened, Credit, Status, Incomplete and Acks); None while unbound.
+
+        On a server these are never lower than what was sent before (`send()` sees to it). A
+        client should still take the largest window_end over all its connections to the upload:
+        frames on different connections have no order.
+        """
+        return self._window
+
+    @property
     def requests_in_flight(self) -> int:
         """How many requests have been sent (client) or received (server) but not answered."""
         return len(self._in_flight)
@@ -192,11 +254,11 @@ class Connection:
 
     def hello(self, *, auth: str = "", client_name: str = "") -> Hello:
         """The Hello a client should send: every version we speak and our frame size limit."""
-        return Hello(SUPPORTED_VERSIONS, self._max_frame_size, auth=auth, client_name=client_name)
+        return Hello(self.versions, self._max_frame_size, auth=auth, client_name=client_name)
 
     def welcome(self, hello: Hello, *, server_name: str = "") -> Welcome:
         """The Welcome that answers a received `hello`: the newest common version, smaller limit."""
-        common = set(hello.versions).intersection(SUPPORTED_VERSIONS)
+        common = set(hello.versions).intersection(self.versions)
         if not common:
             raise LocalProtocolError("no common protocol version to welcome", seq=hello.seq)
         max_frame_size = min(hello.max_frame_size, self._max_frame_size)
@@ -322,12 +384,20 @@ class Connection:
             # A damaged reply cannot be matched to its request (reply_to is in the damaged
             # bytes), and every answer to a HELLO but WELCOME ends the connection: fatal.
             raise RemoteProtocolError(message, ErrorCode.BAD_CRC, seq=seq)
-        event = decode_body(frame_type, seq, body)
+        event = decode_body(frame_type, seq, body, self.version or 1)
         if isinstance(event, Reply):
             self._check_reply(frame_type, event, RemoteProtocolError)
             self._apply_reply(frame_type, event)
+            self._note_window(event)
         elif isinstance(event, Hello):
             self._receive_hello(event)
+        elif isinstance(event, PutObject) and len(event.data) > self._max_frame_size:
+            raise RemoteProtocolError(
+                f"PUT_OBJECT seq {seq} carries {len(event.data)} data bytes, above max_frame_size"
+                f" {self._max_frame_size}",
+                ErrorCode.FRAME_TOO_LARGE,
+                seq=seq,
+            )
         return event
 
     def _need_data(self) -> ConnectionClosed | NeedData:
@@ -366,17 +436,27 @@ class Connection:
             raise RemoteProtocolError(
                 "header CRC32C mismatch: the frame header is corrupt", ErrorCode.CORRUPT_HEADER
             )
-        # From here on the header is intact, so errors can name the frame's seq.
-        if version not in SUPPORTED_VERSIONS:
+        # The header is intact. Errors name the frame's seq (their Error's reply_to) only once
+        # it is known to be the expected one: until then an Error is unsolicited (reply_to 0).
+        if version != FRAMING_VERSION:
             raise RemoteProtocolError(
-                f"frame version {version} is not supported; supported: {list(SUPPORTED_VERSIONS)}",
+                f"frame version {version} is not supported; supported: [{FRAMING_VERSION}]",
                 ErrorCode.UNSUPPORTED_VERSION,
-                seq=seq,
             )
-        frame_type = _FRAME_TYPES.get(raw_type)
-        if frame_type is None:
+        if seq != self._last_received_seq + 1:
+            known = _FRAME_TYPES.get(raw_type)
+            name = known.name if known is not None else f"frame type 0x{raw_type:02x}"
             raise RemoteProtocolError(
-                f"unknown frame type 0x{raw_type:02x}", ErrorCode.UNKNOWN_FRAME_TYPE, seq=seq
+                f"{name} has seq {seq}, expected {self._last_received_seq + 1}",
+                ErrorCode.BAD_SEQUENCE,
+            )
+        self._last_received_seq = seq
+        frame_type = self._frame_types.get(raw_type)
+        if frame_type is None:
+            version = self.version or PROTOCOL_VERSION
+            which = "unknown" if raw_type not in _FRAME_TYPES else f"version {version} has no"
+            raise RemoteProtocolError(
+                f"{which} frame type 0x{raw_type:02x}", ErrorCode.UNKNOWN_FRAME_TYPE, seq=seq
             )
         if flags:
             raise RemoteProtocolError(
@@ -384,13 +464,6 @@ class Connection:
                 ErrorCode.MALFORMED_FRAME,
                 seq=seq,
             )
-        if seq != self._last_received_seq + 1:
-            raise RemoteProtocolError(
-                f"{frame_type.name} has seq {seq}, expected {self._last_received_seq + 1}",
-                ErrorCode.BAD_SEQUENCE,
-                seq=seq,
-            )
-        self._last_received_seq = seq
         is_request = raw_type < _FIRST_REPLY_TYPE
         if is_request is not self._receives_requests:
             sender = "client" if is_request else "server"
@@ -414,7 +487,9 @@ class Connection:
     def _check_payload_size(self, frame_type: FrameType, seq: int, size: int) -> None:
         name = frame_type.name
         limit = MAX_CONTROL_BODY_SIZE
-        if frame_type is FrameType.WRITE_AT:
+        if frame_type is FrameType.PUT_OBJECT:
+            limit += self._max_frame_size
+        elif frame_type is FrameType.WRITE_AT:
             limit = WRITE_AT_PREFIX_SIZE + self._max_frame_size
             if size < WRITE_AT_PREFIX_SIZE:
                 raise RemoteProtocolError(
@@ -451,10 +526,10 @@ class Connection:
 
     def _receive_hello(self, hello: Hello) -> None:
         self._hello = hello
-        if not set(hello.versions).intersection(SUPPORTED_VERSIONS):
+        if not set(hello.versions).intersection(self.versions):
             raise RemoteProtocolError(
                 f"client offers protocol versions {list(hello.versions)}; this server supports"
-                f" {list(SUPPORTED_VERSIONS)}",
+                f" {list(self.versions)}",
                 ErrorCode.UNSUPPORTED_VERSION,
                 seq=hello.seq,
             )
@@ -498,7 +573,7 @@ class Connection:
 
     def _check_welcome(self, welcome: Welcome, error: type[ProtocolError]) -> None:
         assert self._hello is not None  # a Hello is in flight, or the Welcome was refused
-        if welcome.version not in self._hello.versions or welcome.version not in SUPPORTED_VERSIONS:
+        if welcome.version not in self._hello.versions or welcome.version not in self.versions:
             raise error(
                 f"Welcome picks version {welcome.version}, which was not offered"
                 f" (offered {list(self._hello.versions)})",
@@ -520,8 +595,35 @@ class Connection:
         request = self._in_flight.pop(reply.reply_to)
         if isinstance(reply, Welcome):
             self.version = reply.version
+            self._frame_types = _FRAME_TYPES_IN[reply.version]
             self._max_frame_size = reply.max_frame_size
         self._state = REPLY_TRANSITIONS.get((request, frame_type), self._state)
+        if self._state not in UPLOAD_BOUND:
+            self._window = None
+
+    def _note_window(self, reply: Reply) -> None:
+        """Keep `window` up to date with a reply sent or received (after `_apply_reply`, which
+        clears it whenever the connection is left without an upload)."""
+        window = self._window
+        if isinstance(reply, Ack):  # the per-frame case first
+            committed = reply.committed_offset
+            if window is not None and committed > window[0] and reply.reply_to:
+                self._window = (committed, max(committed, window[1]))
+            return
+        kind = type(reply)
+        if kind is UploadOpened:
+            if self._state in UPLOAD_BOUND:
+                # A new binding starts from its own offsets (version 1: no window granted yet).
+                assert isinstance(reply, UploadOpened)
+                committed = reply.committed_offset
+                end = committed if reply.window_end is None else reply.window_end
+                self._window = (committed, end)
+        elif window is not None and (kind is Credit or kind is Status or kind is Incomplete):
+            assert isinstance(reply, Credit | Status | Incomplete)
+            self._window = (
+                max(reply.committed_offset, window[0]),
+                max(reply.window_end, window[1]),
+            )
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -535,13 +637,38 @@ class Connection:
             return self._send_write_at(event)
         if not isinstance(event, Request | Reply):
             raise LocalProtocolError(f"{type(event).__name__} events are never sent")
-        frame_type, body = encode_body(event)
+        if self.role is Role.SERVER and isinstance(event, Reply):
+            if type(event) is Ack:  # once per WriteAt: inlined
+                window = self._window
+                if (
+                    window is not None
+                    and event.committed_offset < window[0]
+                    and self._in_flight.get(event.reply_to) is FrameType.WRITE_AT
+                ):
+                    event = Ack(event.reply_to, window[0])
+            else:
+                event = self._fit_reply(event)
+        frame_type, body = encode_body(event, self.version or self._peer_version())
         if frame_type.is_request != (self.role is Role.CLIENT):
             raise LocalProtocolError(f"a {self.role.value} does not send {frame_type.name}")
-        if len(body) > MAX_CONTROL_BODY_SIZE:
+        if FIRST_VERSION[frame_type] > (self.version or PROTOCOL_VERSION):
             raise LocalProtocolError(
-                f"{frame_type.name} body is {len(body)} bytes, above the {MAX_CONTROL_BODY_SIZE}"
-                " allowed for control frames",
+                f"{frame_type.name} needs protocol version {FIRST_VERSION[frame_type]};"
+                f" this connection speaks {self.version or 'none yet'}",
+                ErrorCode.UNKNOWN_FRAME_TYPE,
+            )
+        limit = MAX_CONTROL_BODY_SIZE
+        if isinstance(event, PutObject):
+            limit += self._max_frame_size
+            if len(event.data) > self._max_frame_size:
+                raise LocalProtocolError(
+                    f"PutObject carries {len(event.data)} bytes, above max_frame_size"
+                    f" {self._max_frame_size}: upload it with OpenUpload, WriteAt and Complete",
+                    ErrorCode.FRAME_TOO_LARGE,
+                )
+        if len(body) > limit:
+            raise LocalProtocolError(
+                f"{frame_type.name} body is {len(body)} bytes, above the {limit} allowed",
                 ErrorCode.FRAME_TOO_LARGE,
             )
         if isinstance(event, Request):
@@ -568,7 +695,77 @@ class Connection:
             self._in_flight.pop(event.reply_to, None)
         else:
             self._apply_reply(frame_type, event)
+            self._note_window(event)
         return [frame]
+
+    def _peer_version(self) -> int:
+        """The version the peer decodes: the negotiated one, or (a server answering a Hello)
+        the one it would negotiate, or version 1 before that."""
+        if self.version is not None:
+            return self.version
+        if self._hello is not None and self.role is Role.SERVER:
+            common = set(self._hello.versions).intersection(self.versions)
+            if common:
+                return max(common)
+        return PROTOCOL_VERSION
+
+    def _fit_reply(self, reply: Reply) -> Reply:
+        """`reply` as the protocol promises the client it will be, whatever the caller built.
+
+        * An Error code or Incomplete the client's version lacks becomes what that version has
+          (`ErrorCode.for_version`, `Incomplete.as_error`); UploadOpened.window_end is left out
+          for a version-1 client (which learns its window from the Credit that follows), and
+          for a version-2 client defaults to committed_offset (an empty window: wait for it).
+        * Status and Incomplete list at most MAX_LISTED_RANGES ranges, the lowest.
+        * Error and GoingAway messages are at most MAX_MESSAGE_SIZE bytes, control characters
+          escaped, so a message that quotes a long or hostile name can always be sent.
+        * committed_offset and window_end never go down on this connection while an upload is
+          bound: a stale Credit, Status, Incomplete or Ack carries the largest values sent.
+        """
+        kind = type(reply)
+        if kind is Credit or kind is Status:
+            return self._no_lower_window(reply)
+        version = self._peer_version()
+        if isinstance(reply, Incomplete):
+            if len(reply.missing) > MAX_LISTED_RANGES:
+                reply = replace(reply, missing=reply.missing[:MAX_LISTED_RANGES])
+            if version < FIRST_VERSION[FrameType.INCOMPLETE]:
+                reply = reply.as_error()
+            else:
+                return self._no_lower_window(reply)
+        if isinstance(reply, Error):
+            code, message = reply.code.for_version(version), _fit_message(reply.message)
+            if code is not reply.code or message is not reply.message:
+                reply = replace(reply, code=code, message=message)
+        elif isinstance(reply, GoingAway):
+            message = _fit_message(reply.message)
+            if message is not reply.message:
+                reply = replace(reply, message=message)
+        elif isinstance(reply, UploadOpened):
+            if version < 2 and reply.window_end is not None:
+                reply = replace(reply, window_end=None)
+            elif version >= 2 and reply.window_end is None:
+                # No window known yet: an empty one; the Credit that follows grants it.
+                reply = replace(reply, window_end=reply.committed_offset)
+        return reply
+
+    def _no_lower_window(self, reply: Reply) -> Reply:
+        window = self._window
+        if window is None or self._state not in UPLOAD_BOUND:
+            return reply
+        committed, end = window
+        if isinstance(reply, Status):
+            received = reply.received
+            if len(received) > MAX_LISTED_RANGES:
+                reply = replace(reply, received=received[:MAX_LISTED_RANGES])
+        assert isinstance(reply, Credit | Status | Incomplete)
+        if reply.committed_offset < committed or reply.window_end < end:
+            return replace(
+                reply,
+                committed_offset=max(committed, reply.committed_offset),
+                window_end=max(end, reply.window_end),
+            )
+        return reply
 
     def send_bytes(self, event: Event) -> bytes:
         """`send()` joined into one bytes object (copies WriteAt data; fine for small frames)."""
@@ -624,10 +821,29 @@ class Connection:
     @staticmethod
     def _header(frame_type: FrameType, seq: int, payload_size: int, payload_crc: int) -> bytes:
         fields = HEADER_FIELDS_STRUCT.pack(
-            MAGIC, PROTOCOL_VERSION, frame_type, 0, seq, payload_size, payload_crc
+            MAGIC, FRAMING_VERSION, frame_type, 0, seq, payload_size, payload_crc
         )
         return fields + _U32.pack(_crc_value(fields))
 
 
 def _names(frame_types: frozenset[FrameType]) -> str:
     return ", ".join(sorted(t.name for t in frame_types)) or "nothing"
+
+
+_ELLIPSIS: Final = "\N{HORIZONTAL ELLIPSIS}"
+
+
+def _fit_message(text: str) -> str:
+    """`text` with control (non-printable) characters escaped, cut to MAX_MESSAGE_SIZE bytes.
+
+    Returns `text` itself when it needs neither, which is the common case.
+    """
+    if text.isprintable() and len(text) <= MAX_MESSAGE_SIZE // 4:
+        return text  # short enough whatever its characters' UTF-8 lengths
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    encoded = text.encode()
+    if len(encoded) <= MAX_MESSAGE_SIZE:
+        return text
+    cut = encoded[: MAX_MESSAGE_SIZE - len(_ELLIPSIS.encode())]
+    return cut.decode("utf-8", "ignore") + _ELLIPSIS

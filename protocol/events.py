@@ -31,10 +31,12 @@ __all__ = [
     "Event",
     "GoingAway",
     "Hello",
+    "Incomplete",
     "NeedData",
     "OpenUpload",
     "Ping",
     "Pong",
+    "PutObject",
     "Reply",
     "Request",
     "Status",
@@ -121,11 +123,15 @@ class OpenUpload(Request):
     if_generation_match: int | None = None
 
     def __post_init__(self) -> None:
-        metadata: object = self.metadata
-        if isinstance(metadata, Mapping):
-            object.__setattr__(self, "metadata", tuple(metadata.items()))
-        elif not isinstance(metadata, tuple):
-            object.__setattr__(self, "metadata", tuple(self.metadata))
+        _normalise_metadata(self)
+
+
+def _normalise_metadata(event: OpenUpload | PutObject) -> None:
+    metadata: object = event.metadata
+    if isinstance(metadata, Mapping):
+        object.__setattr__(event, "metadata", tuple(metadata.items()))
+    elif not isinstance(metadata, tuple):
+        object.__setattr__(event, "metadata", tuple(event.metadata))
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +183,28 @@ class Ping(Request):
     nonce: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class PutObject(Request):
+    """Version 2: store a whole object in one request (open, write and complete at once).
+
+    Answered by `Completed` (or `Error`), like `Complete`; no token is issued, nothing is left to
+    attach to. `data` is at most the agreed max_frame_size; a larger object is uploaded with
+    OpenUpload, WriteAt and Complete. `crc32c`, when given, is checked like Complete's. Without
+    `if_generation_match`, repeating a PutObject whose reply was lost stores the bytes again.
+    """
+
+    bucket: str
+    name: str
+    data: bytes = field(repr=False)
+    content_type: str = "application/octet-stream"
+    metadata: tuple[tuple[str, str], ...] = ()
+    if_generation_match: int | None = None
+    crc32c: int | None = None
+
+    def __post_init__(self) -> None:
+        _normalise_metadata(self)
+
+
 # -- streamed receive side of WriteAt ------------------------------------------------------------
 
 
@@ -221,11 +249,17 @@ class Welcome(Reply):
 
 @dataclass(frozen=True, slots=True)
 class UploadOpened(Reply):
-    """Answers `OpenUpload` and `AttachUpload`; `token` lets other connections attach."""
+    """Answers `OpenUpload` and `AttachUpload`; `token` lets other connections attach.
+
+    `window_end` is the initial credit window's end (version 2; None from a version-1 peer,
+    which sends a `Credit` instead). A server may always set it: `Connection.send()` leaves it
+    out for a version-1 client.
+    """
 
     token: bytes = field(repr=False)
     committed_offset: int
     resumed: bool
+    window_end: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +279,12 @@ class Credit(Reply):
 
 @dataclass(frozen=True, slots=True)
 class Status(Reply):
-    """Answers `StatusQuery`; `received` lists sorted, disjoint half-open ranges [start, end)."""
+    """Answers `StatusQuery`; `received` lists sorted, disjoint half-open ranges [start, end).
+
+    `received` may leave out ranges the server holds, never claim ones it does not: `send()`
+    keeps the lowest MAX_LISTED_RANGES. Bytes below `committed_offset` are held whether listed
+    or not.
+    """
 
     committed_offset: int
     received: tuple[tuple[int, int], ...]
@@ -279,6 +318,33 @@ class Error(Reply):
 @dataclass(frozen=True, slots=True)
 class Pong(Reply):
     nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Incomplete(Reply):
+    """Version 2: answers a `Complete` that cannot finish yet because bytes are missing.
+
+    `missing` lists the lowest missing ranges below the Complete's total_size (at most
+    MAX_LISTED_RANGES: if the list is full, more may follow it). The connection stays bound:
+    send them, then Complete again. To a version-1 client `send()` turns this into
+    `self.as_error()`, the MISSING_RANGES error version 1 knows.
+    """
+
+    committed_offset: int
+    window_end: int
+    missing: tuple[tuple[int, int], ...]
+
+    def as_error(self) -> Error:
+        """Version 1's form of this reply: Error(MISSING_RANGES), the ranges in its message."""
+        shown = ", ".join(f"[{start}, {end})" for start, end in self.missing[:_RANGES_IN_TEXT])
+        more = len(self.missing) - _RANGES_IN_TEXT
+        if more > 0:
+            shown += f" and {more} more"
+        code = ErrorCode.MISSING_RANGES
+        return Error(self.reply_to, code, code.retryable, f"missing bytes {shown}")
+
+
+_RANGES_IN_TEXT: Final = 8
 
 
 @dataclass(frozen=True, slots=True)

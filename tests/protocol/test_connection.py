@@ -6,6 +6,7 @@ import pytest
 
 from protocol import (
     DEFAULT_MAX_FRAME_SIZE,
+    LATEST_VERSION,
     MIN_FRAME_SIZE,
     NEED_DATA,
     Abort,
@@ -59,7 +60,7 @@ S = ConnectionState
 def test_a_whole_upload_conversation() -> None:
     client, server = negotiated_pair()
     assert (client.state, server.state) == (S.IDLE, S.IDLE)
-    assert client.version == server.version == 1
+    assert client.version == server.version == LATEST_VERSION
 
     (open_request,) = transfer(client, server, OpenUpload("bkt", "obj", metadata=(("a", "b"),)))
     assert isinstance(open_request, OpenUpload)
@@ -199,7 +200,7 @@ def test_hello_negotiates_the_smaller_frame_size() -> None:
     assert isinstance(hello, Hello)
     assert hello.auth == "token"
     welcome = server.welcome(hello, server_name="rup")
-    assert welcome == Welcome(1, 1, 256 * 1024, "rup")
+    assert welcome == Welcome(1, LATEST_VERSION, 256 * 1024, "rup")
     transfer(server, client, welcome)
     assert client.max_frame_size == server.max_frame_size == 256 * 1024
 
@@ -221,18 +222,20 @@ def test_frames_above_the_agreed_size_are_refused_both_ways() -> None:
 
 def test_unknown_versions_only_get_a_clear_error() -> None:
     client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
-    server.receive_data(frame(FrameType.HELLO, 1, _hello_body(versions=[2, 7])))
+    server.receive_data(frame(FrameType.HELLO, 1, _hello_body(versions=[3, 7])))
     with pytest.raises(RemoteProtocolError) as excinfo:
         server.next_event()
     assert excinfo.value.code is ErrorCode.UNSUPPORTED_VERSION
-    assert str(excinfo.value) == "client offers protocol versions [2, 7]; this server supports [1]"
+    assert str(excinfo.value) == (
+        "client offers protocol versions [3, 7]; this server supports [1, 2]"
+    )
     # The server can still say why before it closes, and the client hears it.
     assert server.state is S.ERROR
     reply = Error.from_exception(excinfo.value)
     assert reply == Error(1, ErrorCode.UNSUPPORTED_VERSION, False, str(excinfo.value))
     client.send(client.hello())
     assert transfer(server, client, reply) == [Error(1, reply.code, False, reply.message, seq=1)]
-    assert client.state is S.AWAIT_HELLO
+    assert client.state is S.ERROR  # a refused Hello ends the connection
 
 
 def test_a_client_can_offer_only_versions_it_speaks() -> None:
