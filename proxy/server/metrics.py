@@ -1,20 +1,29 @@
 """Prometheus metrics for the proxy, and the ``/metrics`` endpoint that serves them.
 
 Each server owns its own :class:`prometheus_client.CollectorRegistry`, so several servers in
-one process (tests, the demo) never mix their numbers. The endpoint is a deliberately tiny
-HTTP/1.0 responder running as a trio task in the server's nursery: one request per
-connection, ``GET /metrics`` only.
+one process (tests, the demo) never mix their numbers. The endpoint is prometheus-client's
+own exposition app (:func:`prometheus_client.make_wsgi_app`) on wsgiref's threading server,
+run by a trio task in the server's nursery: ``GET /metrics`` only.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+    from _typeshed.wsgi import WSGIApplication as WSGIApp
 
 __all__ = ["ServerMetrics", "serve_metrics"]
 
-_MAX_REQUEST_HEAD = 8 * 1024
 _REQUEST_TIMEOUT = 10.0
 
 
@@ -67,30 +76,30 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-async def _answer(stream: trio.abc.Stream, metrics: ServerMetrics) -> None:
-    head = b""
-    with trio.move_on_after(_REQUEST_TIMEOUT):
-        while b"\r\n\r\n" not in head and len(head) < _MAX_REQUEST_HEAD:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                break
-            head += chunk
-    request_line = head.split(b"\r\n", 1)[0].split()
-    if len(request_line) >= 2 and request_line[0] == b"GET" and request_line[1] == b"/metrics":
-        status, content_type, body = b"200 OK", CONTENT_TYPE_LATEST.encode(), metrics.render()
-    else:
-        status, content_type, body = b"404 Not Found", b"text/plain", b"only /metrics lives here\n"
-    response = (
-        b"HTTP/1.0 " + status + b"\r\nContent-Type: " + content_type
-        + b"\r\nContent-Length: " + str(len(body)).encode()
-        + b"\r\nConnection: close\r\n\r\n" + body
-    )  # fmt: skip
-    try:
-        await stream.send_all(response)
-    except trio.BrokenResourceError:
-        pass  # the scraper went away; nothing to tell it
-    finally:
-        await trio.aclose_forcefully(stream)
+class _MetricsServerV6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """wsgiref's handler, without a stderr line per scrape, and with a bound on slow clients."""
+
+    timeout = _REQUEST_TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _metrics_only(app: WSGIApp) -> WSGIApp:
+    """``app`` at ``/metrics``; every other path is a 404 (a scraper at a wrong URL should
+    hear so, not get metrics by accident)."""
+
+    def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/metrics":
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"only /metrics lives here\n"]
+
+    return serve
 
 
 async def serve_metrics(
@@ -100,13 +109,27 @@ async def serve_metrics(
     *,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``GET /metrics`` on ``host:port`` until cancelled; reports the bound address."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    sockname = listeners[0].socket.getsockname()
+    """Serve ``GET /metrics`` on ``host:port`` until cancelled; reports the bound address.
 
-    async def handler(stream: trio.SocketStream) -> None:
-        await _answer(stream, metrics)
-
-    async with trio.open_nursery() as nursery:
-        task_status.started((sockname[0], sockname[1]))
-        await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+    prometheus-client's WSGI app on wsgiref's threading server, in a thread of its own (the
+    exposition server is blocking). Cancelling this task stops the server and waits for its
+    thread, so the port is closed when the task is gone.
+    """
+    server_class = _MetricsServerV6 if ":" in host else ThreadingWSGIServer
+    httpd: WSGIServer = make_server(
+        host, port, _metrics_only(make_wsgi_app(metrics.registry)), server_class, _QuietHandler
+    )
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="rup-metrics", daemon=True
+    )
+    thread.start()
+    try:
+        address = httpd.server_address
+        task_status.started((str(address[0]), int(address[1])))
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            # shutdown() waits for serve_forever to notice, at most one poll interval.
+            await trio.to_thread.run_sync(httpd.shutdown)
+            httpd.server_close()
+            await trio.to_thread.run_sync(thread.join)

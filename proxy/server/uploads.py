@@ -1,9 +1,11 @@
-"""Uploads in one proxy process: their writers, credit, completion, abort and release.
+"""One upload in this process: its writer, credit, completion, abort and release.
 
 An :class:`Upload` outlives the connection that opened it. Its writer runs in a nursery of
-its own, started by the :class:`UploadRegistry` inside the server's nursery, so connections
-can come and go (attach, drop, re-attach) while the bytes keep flowing to GCS. An upload
-ends in one of four ways:
+its own (:meth:`Upload.run`, started by the :class:`~proxy.server.registry.UploadRegistry`
+inside the server's nursery), so connections can come and go (attach, drop, re-attach)
+while the bytes keep flowing to GCS. Its lifecycle is one enum, :class:`UploadState`, and
+one table, :data:`UPLOAD_TRANSITIONS`; :class:`UploadLifecycle` refuses any other move.
+An upload ends in one of four ways:
 
 * completed: the object exists; the result is kept for ``result_retention`` so a repeated
   Complete gets the same answer, and a frame resent from within the object (a client may
@@ -16,10 +18,10 @@ ends in one of four ways:
   its token, on this instance or any other sharing the token key.
 
 Credit: each upload gets a window (its buffer limit) carved from the server's shared
-:class:`BufferBudget` when it opens, and grants clients ``[committed, committed + window)``.
-The window only ever moves forward, so a write within any credit once announced is within
-the current one, and every attached connection hears of each move (one Credit per chunk
-GCS acknowledges).
+:class:`~proxy.server.budget.BufferBudget` when it opens, and grants clients
+``[committed, committed + window)``. The window only ever moves forward, so a write within
+any credit once announced is within the current one, and every attached connection hears
+of each move (one Credit per chunk GCS acknowledges).
 """
 
 from __future__ import annotations
@@ -27,20 +29,19 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-import secrets
 from collections import Counter as TallyCounter
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 import trio
 
 from protocol import ErrorCode
+from protocol.ranges import RangeSet
 from proxy.server.backend import Backend
+from proxy.server.errors import ServerError
 from proxy.server.logging import get_logger, log_event
 from proxy.server.metrics import ServerMetrics
 from proxy.server.settings import ServerSettings
-from proxy.server.tokens import BadTokenError, TokenCodec, UploadTicket
 from reliablewriter import (
     CHUNK_QUANTUM,
     ChecksumMismatchError,
@@ -57,36 +58,79 @@ from reliablewriter import (
 )
 
 __all__ = [
-    "BufferBudget",
+    "UPLOAD_TRANSITIONS",
+    "IllegalTransitionError",
     "OpenRequest",
     "StagedWrite",
     "Upload",
-    "UploadError",
+    "UploadHost",
+    "UploadLifecycle",
     "UploadListener",
-    "UploadRegistry",
     "UploadState",
-    "missing_ranges",
+    "writer_settings_for",
 ]
 
 logger = get_logger(__name__)
 
 
-class UploadError(Exception):
-    """A request about an upload that cannot be served, with the code the client gets."""
-
-    def __init__(self, code: ErrorCode, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retryable = retryable
-
-
 class UploadState(enum.Enum):
     ACTIVE = "active"
+    """The writer runs: writes, status queries, Complete and Abort are served."""
     COMPLETED = "completed"
+    """The object exists; the result is remembered for ``result_retention``."""
     ABORTED = "aborted"
+    """An Abort cancelled the GCS session."""
     FAILED = "failed"
+    """The writer gave up, or a bug ended the upload's tasks; ``failure()`` says why."""
     RELEASED = "released"
+    """Let go here (idle, or shutdown) with the GCS session kept: attach again to resume."""
+
+
+_U = UploadState
+
+UPLOAD_TRANSITIONS: Final[dict[UploadState, frozenset[UploadState]]] = {
+    _U.ACTIVE: frozenset({_U.COMPLETED, _U.ABORTED, _U.FAILED, _U.RELEASED}),
+    # A released upload's writer is still stopping: it may fail meanwhile, and an Abort
+    # that arrives in that moment still cancels the session.
+    _U.RELEASED: frozenset({_U.FAILED, _U.ABORTED}),
+    # An Abort after a failure still cancels the GCS session; the failure stays the reason.
+    _U.FAILED: frozenset({_U.ABORTED}),
+    _U.COMPLETED: frozenset(),
+    _U.ABORTED: frozenset(),
+}
+"""For each state, the states an upload may move to from it; every other move is a bug."""
+
+
+class IllegalTransitionError(RuntimeError):
+    """A move :data:`UPLOAD_TRANSITIONS` does not allow: a bug in the server, never a client's."""
+
+    def __init__(self, upload_id: str, current: UploadState, target: UploadState) -> None:
+        super().__init__(f"upload {upload_id} cannot go from {current.name} to {target.name}")
+        self.current = current
+        self.target = target
+
+
+class UploadLifecycle:
+    """Where one upload is in :data:`UPLOAD_TRANSITIONS`, starting ACTIVE."""
+
+    __slots__ = ("_state", "_upload_id")
+
+    def __init__(self, upload_id: str) -> None:
+        self._upload_id = upload_id
+        self._state = UploadState.ACTIVE
+
+    @property
+    def state(self) -> UploadState:
+        return self._state
+
+    def can_move_to(self, target: UploadState) -> bool:
+        return target in UPLOAD_TRANSITIONS[self._state]
+
+    def move_to(self, target: UploadState) -> None:
+        """Enter ``target``; raises :class:`IllegalTransitionError` if the table forbids it."""
+        if not self.can_move_to(target):
+            raise IllegalTransitionError(self._upload_id, self._state, target)
+        self._state = target
 
 
 @dataclass(frozen=True)
@@ -110,80 +154,29 @@ class UploadListener(Protocol):
 
     def offer_credit(self, upload: Upload, committed_offset: int, window_end: int) -> None: ...
 
-    def upload_failed(self, upload: Upload, error: UploadError) -> None: ...
+    def upload_failed(self, upload: Upload, error: ServerError) -> None: ...
 
 
-def missing_ranges(
-    received: tuple[tuple[int, int], ...], total: int
-) -> tuple[tuple[int, int], ...]:
-    """The half-open gaps in ``[0, total)`` not covered by the sorted ``received`` ranges."""
-    gaps: list[tuple[int, int]] = []
-    position = 0
-    for start, end in received:
-        if start > position:
-            gaps.append((position, min(start, total)))
-        position = max(position, end)
-        if position >= total:
-            break
-    if position < total:
-        gaps.append((position, total))
-    return tuple((start, end) for start, end in gaps if start < end)
-
-
-def _describe_ranges(ranges: tuple[tuple[int, int], ...], limit: int = 8) -> str:
-    shown = ", ".join(f"[{start}, {end})" for start, end in ranges[:limit])
-    more = f" and {len(ranges) - limit} more" if len(ranges) > limit else ""
-    return shown + more
-
-
-class BufferBudget:
-    """The shared pool of buffer bytes that upload windows are carved from."""
-
-    def __init__(self, total: int, metrics: ServerMetrics) -> None:
-        self._total = total
-        self._reserved = 0
-        self._metrics = metrics
-        self._returned = trio.lowlevel.ParkingLot()
+class UploadHost(Protocol):
+    """What an upload needs from the registry that holds it."""
 
     @property
-    def available(self) -> int:
-        return self._total - self._reserved
+    def settings(self) -> ServerSettings: ...
 
-    def reserve(self, preferred: int, minimum: int) -> int | None:
-        """A window of ``minimum`` to ``preferred`` bytes, or ``None`` if even that is gone.
+    @property
+    def metrics(self) -> ServerMetrics: ...
 
-        Once the pool runs low, each new upload gets at most a quarter of what is left, so
-        a burst of uploads shares the pool with shrinking windows instead of the first few
-        taking it all and the rest being turned away.
-        """
-        if self.available < minimum:
-            return None
-        fair_share = max(minimum, self.available // 4)
-        granted = max(minimum, min(preferred, fair_share) // CHUNK_QUANTUM * CHUNK_QUANTUM)
-        self._reserved += granted
-        self._metrics.buffer_bytes.set(self._reserved)
-        return granted
+    @property
+    def backend(self) -> Backend: ...
 
-    async def acquire(self, preferred: int, minimum: int, *, patience: float) -> int:
-        """Like :meth:`reserve`, but wait up to ``patience`` seconds for windows to come back.
+    def upload_running(self, upload: Upload) -> None:
+        """The writer is up: the upload can be found and counted from now on."""
 
-        Waiting cannot deadlock: uploads that hold windows never need more to finish, so
-        they always give theirs back. Raises a retryable TOO_BUSY if none came back in time.
-        """
-        with trio.move_on_after(patience):
-            while (granted := self.reserve(preferred, minimum)) is None:
-                await self._returned.park()
-            return granted
-        raise UploadError(
-            ErrorCode.TOO_BUSY,
-            "the proxy's buffer budget stayed exhausted; retry later",
-            retryable=True,
-        )
+    def give_back(self, upload: Upload) -> None:
+        """Return what the upload holds (window, client slot); only the first call counts."""
 
-    def release(self, amount: int) -> None:
-        self._reserved -= amount
-        self._metrics.buffer_bytes.set(self._reserved)
-        self._returned.unpark_all()
+    def upload_stopped(self, upload: Upload) -> None:
+        """The writer and tasks are gone: stop counting the upload, and give back."""
 
 
 #: chunks are at most this fraction of the window, so while one chunk is on its way to GCS
@@ -191,7 +184,7 @@ class BufferBudget:
 _CHUNKS_PER_WINDOW = 4
 
 
-def _writer_settings_for(template: WriterSettings, window: int) -> WriterSettings:
+def writer_settings_for(template: WriterSettings, window: int) -> WriterSettings:
     """``template`` with chunks that leave room in a window of ``window`` bytes.
 
     A chunk as large as the window would stall the client for the whole time GCS takes
@@ -205,17 +198,17 @@ def _writer_settings_for(template: WriterSettings, window: int) -> WriterSetting
     )
 
 
-def _error_from_writer(exc: WriterError) -> UploadError:
+def error_from_writer(exc: WriterError) -> ServerError:
     """The client-facing form of a writer failure (its message holds no secrets)."""
     if isinstance(exc, NonRetryableHTTPError) and exc.status == 412:
-        return UploadError(ErrorCode.PRECONDITION_FAILED, str(exc))
+        return ServerError(ErrorCode.PRECONDITION_FAILED, str(exc))
     if isinstance(exc, NonRetryableHTTPError) and exc.status in (401, 403):
-        return UploadError(ErrorCode.FORBIDDEN, str(exc))
+        return ServerError(ErrorCode.FORBIDDEN, str(exc))
     if isinstance(exc, ChecksumMismatchError):
-        return UploadError(ErrorCode.CHECKSUM_MISMATCH, str(exc))
+        return ServerError(ErrorCode.CHECKSUM_MISMATCH, str(exc))
     if isinstance(exc, WriterAbortedError):
-        return UploadError(ErrorCode.ABORTED, str(exc))
-    return UploadError(ErrorCode.GCS_ERROR, str(exc))
+        return ServerError(ErrorCode.ABORTED, str(exc))
+    return ServerError(ErrorCode.GCS_ERROR, str(exc), retryable=False)
 
 
 class StagedWrite:
@@ -231,13 +224,13 @@ class StagedWrite:
         self.offset = offset
         self.length = length
         self._received = 0
-        self._failure: UploadError | None = None
+        self._failure: ServerError | None = None
         self._pending: PendingWrite | _NullPending
         try:
             self._pending = upload.writer.begin_write(offset, length)
         except WriterError as exc:
             if not self._redundant(exc):
-                raise _write_refusal(upload, exc) from exc
+                raise upload.write_refusal(exc) from exc
             self._pending = _NullPending()
 
     def feed(self, data: memoryview) -> None:
@@ -271,7 +264,7 @@ class StagedWrite:
     def _fail(self, exc: WriterError) -> None:
         self._pending = _NullPending()
         if not self._redundant(exc):
-            self._failure = _write_refusal(self.upload, exc)
+            self._failure = self.upload.write_refusal(exc)
 
     def _redundant(self, exc: WriterError) -> bool:
         """Whether the writer closed (completing) holding every byte this frame carries.
@@ -284,27 +277,6 @@ class StagedWrite:
             and self.upload.failure() is None
             and self.upload.holds(self.offset, self.offset + self.length)
         )
-
-
-def _write_refusal(upload: Upload, exc: WriterError) -> UploadError:
-    """Why ``upload``'s writer refused a write: the upload's recorded failure comes first.
-
-    The writer closes as the upload ends, before or after the upload records why (abort,
-    failure, release), so the closure itself says nothing about the reason.
-    """
-    failure = upload.failure()
-    if failure is not None:
-        return failure
-    if not isinstance(exc, WriterClosedError):
-        return _error_from_writer(exc)
-    if upload.state is UploadState.COMPLETED:
-        return UploadError(ErrorCode.INVALID_STATE, f"upload {upload.upload_id} is completed")
-    # Closing without a failure: the upload is being released (idle, or shutdown).
-    return UploadError(
-        ErrorCode.UNKNOWN_UPLOAD,
-        f"upload {upload.upload_id} is being released here; attach again with its token",
-        retryable=True,
-    )
 
 
 class _NullPending:
@@ -324,36 +296,29 @@ class _Completion:
     crc32c: int | None
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
     result: ObjectInfo | None = None
-    error: UploadError | None = None
+    error: ServerError | None = None
 
 
 class Upload:
-    """One upload's state in this process. Created only by :class:`UploadRegistry`."""
+    """One upload's state in this process. Created only by the registry, run by :meth:`run`."""
 
     def __init__(
-        self,
-        registry: UploadRegistry,
-        upload_id: str,
-        request: OpenRequest,
-        client: str,
-        window: int,
+        self, host: UploadHost, upload_id: str, request: OpenRequest, client: str, window: int
     ) -> None:
         self.upload_id = upload_id
         self.request = request
         self.client = client
         self.window = window
-        self.state = UploadState.ACTIVE
-        #: whether the window and the client's upload slot are still reserved for this upload
-        self.holds_resources = True
         #: the sealed token; set once the writer has a session
         self.token = b""
-        self._registry = registry
+        self._host = host
+        self._lifecycle = UploadLifecycle(upload_id)
         self._writer: ReliableWriter | None = None
         self._listeners: set[UploadListener] = set()
         self._activity = trio.lowlevel.ParkingLot()
         self._last_activity = trio.current_time()
         self._completion: _Completion | None = None
-        self._failure: UploadError | None = None
+        self._failure: ServerError | None = None
         self._nursery: trio.Nursery | None = None
         self._finished = trio.Event()
         self._stats_seen = _StatsCursor()
@@ -361,12 +326,16 @@ class Upload:
     def __repr__(self) -> str:
         return f"<Upload {self.upload_id} {self.request.bucket}/{self.request.name} {self.state}>"
 
+    @property
+    def state(self) -> UploadState:
+        return self._lifecycle.state
+
     # --- what connections use -------------------------------------------------------
 
     @property
     def writer(self) -> ReliableWriter:
         if self._writer is None:
-            raise UploadError(ErrorCode.INTERNAL, f"upload {self.upload_id} has no writer")
+            raise ServerError(ErrorCode.INTERNAL, f"upload {self.upload_id} has no writer")
         return self._writer
 
     @property
@@ -380,19 +349,57 @@ class Upload:
     def received_ranges(self) -> tuple[tuple[int, int], ...]:
         return tuple(self.writer.received_ranges())
 
-    def failure(self) -> UploadError | None:
+    def missing(self, end: int) -> list[tuple[int, int]]:
+        """The byte ranges below ``end`` neither received nor committed yet, lowest first."""
+        return RangeSet(self.received_ranges()).missing(0, end)
+
+    def failure(self) -> ServerError | None:
         """Why this upload cannot take more requests, or ``None`` while it can."""
         if self._failure is not None:
             return self._failure
         if self.state is UploadState.ABORTED:
-            return UploadError(ErrorCode.ABORTED, f"upload {self.upload_id} was aborted")
+            return ServerError(ErrorCode.ABORTED, f"upload {self.upload_id} was aborted")
         if self.state is UploadState.RELEASED:
-            return UploadError(
+            return ServerError(
                 ErrorCode.UNKNOWN_UPLOAD,
                 f"upload {self.upload_id} was released here; attach again with its token",
                 retryable=True,
             )
         return None
+
+    def session_uri(self) -> str:
+        """The GCS session the token must lead to (a secret: never log it).
+
+        Raises a retryable GCS_ERROR, and records the failure, if the writer opened without
+        a session (GCS answered the initiation with a status it took for a lost session).
+        """
+        try:
+            return self.writer.session_uri
+        except WriterClosedError as exc:
+            self._writer_failed(exc)
+            raise ServerError(
+                ErrorCode.GCS_ERROR, "could not start the GCS upload", retryable=True
+            ) from exc
+
+    def write_refusal(self, exc: WriterError) -> ServerError:
+        """Why the writer refused a write: the upload's recorded failure comes first.
+
+        The writer closes as the upload ends, before or after the upload records why (abort,
+        failure, release), so the closure itself says nothing about the reason.
+        """
+        failure = self.failure()
+        if failure is not None:
+            return failure
+        if not isinstance(exc, WriterClosedError):
+            return error_from_writer(exc)
+        if self.state is UploadState.COMPLETED:
+            return ServerError(ErrorCode.INVALID_STATE, f"upload {self.upload_id} is completed")
+        # Closing without a failure: the upload is being released (idle, or shutdown).
+        return ServerError(
+            ErrorCode.UNKNOWN_UPLOAD,
+            f"upload {self.upload_id} is being released here; attach again with its token",
+            retryable=True,
+        )
 
     @property
     def finished(self) -> bool:
@@ -413,12 +420,12 @@ class Upload:
 
     def holds(self, start: int, end: int) -> bool:
         """Whether every byte of ``[start, end)`` is received or committed already."""
-        return all(gap_end <= start for _, gap_end in missing_ranges(self.received_ranges(), end))
+        return RangeSet(self.received_ranges()).contains(start, end)
 
     def begin_write(self, offset: int, length: int) -> StagedWrite:
         """Start taking a WriteAt frame for ``[offset, offset + length)``.
 
-        Raises :class:`UploadError` with OUTSIDE_CREDIT when the frame reaches beyond the
+        Raises :class:`ServerError` with OUTSIDE_CREDIT when the frame reaches beyond the
         window any Credit ever granted (windows only grow, so a write within an older
         credit is always within the current one). After completion, a frame within the
         object is a late resend: it is taken and dropped, so its Ack says nothing new.
@@ -430,17 +437,17 @@ class Upload:
             self._touch()
             return StagedWrite(self, offset, length)
         if self.state is UploadState.COMPLETED:
-            raise UploadError(ErrorCode.INVALID_STATE, f"upload {self.upload_id} is completed")
+            raise ServerError(ErrorCode.INVALID_STATE, f"upload {self.upload_id} is completed")
         end = offset + length
         expected = self.request.expected_size
         if expected is not None and end > expected:
-            raise UploadError(
+            raise ServerError(
                 ErrorCode.OUTSIDE_CREDIT,
                 f"write [{offset}, {end}) goes past the declared size {expected}",
             )
         window_end = self.window_end
         if end > window_end:
-            raise UploadError(
+            raise ServerError(
                 ErrorCode.OUTSIDE_CREDIT,
                 f"write [{offset}, {end}) goes past the credit window end {window_end}",
             )
@@ -448,7 +455,7 @@ class Upload:
         return StagedWrite(self, offset, length)
 
     def note_received(self, nbytes: int) -> None:
-        self._registry.metrics.bytes_received.inc(nbytes)
+        self._host.metrics.bytes_received.inc(nbytes)
         self._touch()
         self._activity.unpark_all()
 
@@ -461,7 +468,7 @@ class Upload:
         """
         completion = self._completion
         if completion is not None and completion.total_size != total_size:
-            raise UploadError(
+            raise ServerError(
                 ErrorCode.INVALID_STATE,
                 f"upload {self.upload_id} is completing with size {completion.total_size}, "
                 f"not {total_size}",
@@ -470,8 +477,9 @@ class Upload:
             failure = self.failure()
             if failure is not None:
                 raise failure
+            if self._nursery is None:
+                raise ServerError(ErrorCode.INTERNAL, f"upload {self.upload_id} is not running")
             completion = self._completion = _Completion(total_size, crc32c)
-            assert self._nursery is not None
             self._nursery.start_soon(self._finish, completion)
         await completion.done.wait()
         if completion.error is not None:
@@ -480,7 +488,7 @@ class Upload:
             # The completion was cut short by the upload ending (abort, writer failure,
             # shutdown); the reason is recorded once the upload's tasks are gone.
             await self._finished.wait()
-            raise self.failure() or UploadError(
+            raise self.failure() or ServerError(
                 ErrorCode.INTERNAL, f"upload {self.upload_id} ended before completing"
             )
         return completion.result
@@ -493,11 +501,11 @@ class Upload:
         cancelled; only the wait for them is cut short.
         """
         if self.state is UploadState.COMPLETED:
-            raise UploadError(ErrorCode.INVALID_STATE, f"upload {self.upload_id} is completed")
+            raise ServerError(ErrorCode.INVALID_STATE, f"upload {self.upload_id} is completed")
         if self.state is UploadState.ABORTED:
             await self._finished.wait()
             return
-        self.state = UploadState.ABORTED
+        self._lifecycle.move_to(UploadState.ABORTED)
         self._activity.unpark_all()
         try:
             if self._writer is not None:
@@ -510,26 +518,78 @@ class Upload:
         await self._finished.wait()
         log_event(logger, logging.INFO, "upload-aborted", upload=self.upload_id)
 
-    # --- the upload's own tasks -----------------------------------------------------
+    # --- the upload's lifetime --------------------------------------------------------
+
+    async def run(
+        self,
+        session_uri: str | None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The upload's lifetime: open the writer, serve it, and let go of everything after.
+
+        Failures before ``task_status.started()`` are raised (as :class:`ServerError`) to
+        whoever opened the upload; after it, they are logged and recorded on the upload,
+        never raised into the server's nursery. Cancelled, the upload is released: its GCS
+        session is left alone, resumable through the token.
+        """
+        host = self._host
+        request = self.request
+        started = False
+        try:
+            bucket = await trio.to_thread.run_sync(host.backend.bucket, request.bucket)
+            async with open_writer(
+                bucket,
+                request.name,
+                writer_settings_for(host.settings.writer, self.window),
+                content_type=request.content_type,
+                metadata=dict(request.metadata),
+                if_generation_match=request.if_generation_match,
+                expected_size=request.expected_size,
+                session_uri=session_uri,
+            ) as writer:
+                self._writer = writer
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    host.upload_running(self)
+                    nursery.start_soon(self._follow_writer)
+                    started = True
+                    task_status.started()
+                    await self._linger()
+                    nursery.cancel_scope.cancel()
+                self._record_stats(writer.stats)
+        except WriterError as exc:
+            if not started:
+                raise error_from_writer(exc) from exc
+            self._writer_failed(exc)
+        except Exception as exc:
+            if not started:
+                raise ServerError(
+                    ErrorCode.GCS_ERROR, f"could not start the GCS upload: {exc}", retryable=True
+                ) from exc
+            self._crashed()
+        finally:
+            if started:
+                host.upload_stopped(self)
+            self._finished_running()
 
     def _touch(self) -> None:
         self._last_activity = trio.current_time()
 
     async def _await_all_received(self, total_size: int) -> None:
         """Wait until ``[0, total_size)`` is all received; fail if it stops arriving."""
-        patience = self._registry.settings.complete_timeout
-        while gaps := missing_ranges(self.received_ranges(), total_size):
+        patience = self._host.settings.complete_timeout
+        while gaps := self.missing(total_size):
             with trio.move_on_after(patience) as waiting:
                 await self._activity.park()
             failure = self.failure()
             if failure is not None:
                 raise failure
             if waiting.cancelled_caught:
-                raise UploadError(
+                raise ServerError(
                     ErrorCode.MISSING_RANGES,
                     f"upload {self.upload_id}: nothing arrived for {patience:g} s; "
                     f"missing bytes {_describe_ranges(gaps)}",
-                    retryable=True,
                 )
 
     async def _finish(self, completion: _Completion) -> None:
@@ -538,7 +598,7 @@ class Upload:
             completion.result = await self.writer.complete(
                 total_size=completion.total_size, crc32c=completion.crc32c
             )
-        except UploadError as exc:
+        except ServerError as exc:
             completion.error = exc
             # Missing bytes may still come: a later Complete starts over.
             if exc.code is ErrorCode.MISSING_RANGES:
@@ -548,15 +608,15 @@ class Upload:
         except ValueError as exc:
             # The writer refuses a total that contradicts the bytes it holds or the size
             # declared at open. The upload itself is fine: a corrected Complete may follow.
-            completion.error = UploadError(ErrorCode.SIZE_MISMATCH, str(exc))
+            completion.error = ServerError(ErrorCode.SIZE_MISMATCH, str(exc))
             self._completion = None
         else:
-            self.state = UploadState.COMPLETED
+            self._lifecycle.move_to(UploadState.COMPLETED)
             self._record_stats(self.writer.stats)  # counted before anyone hears of it
             # Give the window back before anyone hears of the completion, so a client that
             # opens its next upload right away finds the budget as it left it.
-            self._registry._give_back(self)
-            self._registry.metrics.uploads_completed.inc()
+            self._host.give_back(self)
+            self._host.metrics.uploads_completed.inc()
             log_event(
                 logger,
                 logging.INFO,
@@ -589,38 +649,38 @@ class Upload:
             if self.state is not UploadState.ABORTED:
                 self._writer_failed(exc)
 
-    def _writer_failed(self, exc: WriterError) -> UploadError:
+    def _writer_failed(self, exc: WriterError) -> ServerError:
         """Record that the writer gave up; every attached connection hears of it at once."""
         if self._failure is None:
             log_event(logger, logging.WARNING, "upload-failed", upload=self.upload_id, error=exc)
-        return self._record_failure(_error_from_writer(exc), reason=type(exc).__name__)
+        return self._record_failure(error_from_writer(exc), reason=type(exc).__name__)
 
-    def _crashed(self) -> UploadError:
+    def _crashed(self) -> ServerError:
         """Record that a bug ended the upload's tasks (call it while handling the exception).
 
         A failure recorded earlier stays: it is the reason clients were, or will be, told.
         """
         log_event(logger, logging.ERROR, "upload-crashed", exc=True, upload=self.upload_id)
-        error = UploadError(ErrorCode.INTERNAL, f"upload {self.upload_id} broke")
+        error = ServerError(ErrorCode.INTERNAL, f"upload {self.upload_id} broke")
         return self._record_failure(error, reason="crash")
 
-    def _record_failure(self, error: UploadError, *, reason: str) -> UploadError:
+    def _record_failure(self, error: ServerError, *, reason: str) -> ServerError:
         """The first failure recorded is the upload's; attached connections hear of it."""
-        if self._failure is None and self.state in (UploadState.ACTIVE, UploadState.RELEASED):
+        if self._failure is None and self._lifecycle.can_move_to(UploadState.FAILED):
             self._failure = error
-            self.state = UploadState.FAILED
-            self._registry.metrics.uploads_failed.labels(reason=reason).inc()
+            self._lifecycle.move_to(UploadState.FAILED)
+            self._host.metrics.uploads_failed.labels(reason=reason).inc()
             for listener in list(self._listeners):
                 listener.upload_failed(self, error)
             self._activity.unpark_all()
         return self._failure or error
 
     def _record_stats(self, stats: WriterStats) -> None:
-        self._stats_seen.publish(stats, self._registry.metrics)
+        self._stats_seen.publish(stats, self._host.metrics)
 
     async def _linger(self) -> None:
         """Hold the writer until the upload is completed, aborted, or idle long enough."""
-        settings = self._registry.settings
+        settings = self._host.settings
         while self.state is UploadState.ACTIVE:
             if self._completion is not None or self._listeners:
                 deadline = trio.current_time() + settings.upload_idle_timeout
@@ -629,7 +689,7 @@ class Upload:
                 if trio.current_time() >= deadline:
                     # Released from now on, though the writer takes a moment to stop: an
                     # attach arriving meanwhile takes the upload over afresh from GCS.
-                    self.state = UploadState.RELEASED
+                    self._lifecycle.move_to(UploadState.RELEASED)
                     log_event(logger, logging.INFO, "upload-released-idle", upload=self.upload_id)
                     return
             with trio.move_on_at(deadline):
@@ -637,9 +697,15 @@ class Upload:
 
     def _finished_running(self) -> None:
         if self.state is UploadState.ACTIVE:
-            self.state = UploadState.RELEASED
+            self._lifecycle.move_to(UploadState.RELEASED)
         self._activity.unpark_all()
         self._finished.set()
+
+
+def _describe_ranges(ranges: list[tuple[int, int]], limit: int = 8) -> str:
+    shown = ", ".join(f"[{start}, {end})" for start, end in ranges[:limit])
+    more = f" and {len(ranges) - limit} more" if len(ranges) > limit else ""
+    return shown + more
 
 
 class _StatsCursor:
@@ -658,263 +724,3 @@ class _StatsCursor:
             if delta > 0:
                 metrics.retries.labels(cause=cause).inc(delta)
                 self._retries[cause] = count
-
-
-class UploadRegistry:
-    """Every upload this process holds, and the budget and limits they share.
-
-    Upload tasks run in the nursery given at construction (the server's), so they outlive
-    the connections that start them.
-    """
-
-    def __init__(
-        self,
-        settings: ServerSettings,
-        backend: Backend,
-        metrics: ServerMetrics,
-        nursery: trio.Nursery,
-        *,
-        clock: Callable[[], float] | None = None,
-    ) -> None:
-        self.settings = settings
-        self.backend = backend
-        self.metrics = metrics
-        self.codec = (
-            TokenCodec(settings.token_key, lifetime=settings.token_lifetime)
-            if clock is None
-            else TokenCodec(settings.token_key, lifetime=settings.token_lifetime, clock=clock)
-        )
-        self._nursery = nursery
-        self._budget = BufferBudget(settings.total_buffer_limit, metrics)
-        self._uploads: dict[str, Upload] = {}
-        self._opening: dict[str, trio.Event] = {}
-        self._per_client: TallyCounter[str] = TallyCounter()
-        metrics.buffer_held.set_function(self.held_bytes)
-
-    def __len__(self) -> int:
-        return len(self._uploads)
-
-    def get(self, upload_id: str) -> Upload | None:
-        return self._uploads.get(upload_id)
-
-    def held_bytes(self) -> int:
-        """Bytes all live uploads hold in their buffers right now (read at scrape time)."""
-        return sum(
-            upload.writer.stats.held_bytes
-            for upload in self._uploads.values()
-            if upload.state is UploadState.ACTIVE
-        )
-
-    def uploads(self) -> list[Upload]:
-        """Every upload this process holds (live, or finished and remembered for a while)."""
-        return list(self._uploads.values())
-
-    async def open(self, request: OpenRequest, client: str) -> Upload:
-        """Start a new upload: a new GCS session, a writer, and a token for it.
-
-        If cancelled partway, nothing is registered and nothing stays reserved; a GCS
-        session may have been created, and is left to expire unused.
-        """
-        if not self.settings.allows(request.bucket, request.name):
-            raise UploadError(
-                ErrorCode.FORBIDDEN,
-                f"writing {request.bucket}/{request.name} is not allowed by this proxy",
-            )
-        upload_id = secrets.token_urlsafe(12)
-        upload = await self._start(upload_id, request, client, session_uri=None)
-        try:
-            session_uri = upload.writer.session_uri
-        except WriterClosedError as exc:
-            # The writer opened without a session (GCS answered the initiation with a
-            # status it took for a lost session): nothing to hand out a token for.
-            upload._writer_failed(exc)
-            raise UploadError(
-                ErrorCode.GCS_ERROR, "could not start the GCS upload", retryable=True
-            ) from exc
-        ticket = self.codec.issue(
-            upload_id=upload_id,
-            bucket=request.bucket,
-            name=request.name,
-            session_uri=session_uri,
-            content_type=request.content_type,
-            metadata=request.metadata,
-            expected_size=request.expected_size,
-            if_generation_match=request.if_generation_match,
-        )
-        upload.token = self.codec.seal(ticket)
-        self.metrics.uploads_started.inc()
-        log_event(
-            logger,
-            logging.INFO,
-            "upload-opened",
-            upload=upload_id,
-            bucket=request.bucket,
-            object=request.name,
-            client=client,
-            window=upload.window,
-        )
-        return upload
-
-    async def attach(self, token: bytes, client: str) -> tuple[Upload, bool]:
-        """The upload behind ``token``, taken over from GCS if this process does not hold it.
-
-        Returns the upload and whether it was resumed from its GCS session (in which case
-        the client must resend everything from the committed offset). If cancelled
-        partway, the upload is not taken over here and stays resumable from its token.
-        """
-        try:
-            ticket = self.codec.open(token)
-        except BadTokenError as exc:
-            raise UploadError(ErrorCode.BAD_TOKEN, str(exc)) from exc
-        while ticket.upload_id in self._opening:
-            await self._opening[ticket.upload_id].wait()
-        upload = self._uploads.get(ticket.upload_id)
-        if upload is not None:
-            failure = upload.failure()
-            if failure is not None and failure.code is not ErrorCode.UNKNOWN_UPLOAD:
-                raise failure
-            if failure is None:
-                return upload, False
-        if not self.settings.allows(ticket.bucket, ticket.name):
-            raise UploadError(
-                ErrorCode.FORBIDDEN,
-                f"writing {ticket.bucket}/{ticket.name} is not allowed by this proxy",
-            )
-        upload = await self._start(
-            ticket.upload_id, _request_from(ticket), client, session_uri=ticket.session_uri
-        )
-        session_uri = upload.writer.session_uri
-        # GCS may have forgotten the session, in which case the writer started a new one
-        # (from offset 0): the token must lead to the new session from now on.
-        upload.token = (
-            token
-            if session_uri == ticket.session_uri
-            else self.codec.seal(dataclasses.replace(ticket, session_uri=session_uri))
-        )
-        self.metrics.uploads_resumed.inc()
-        log_event(
-            logger,
-            logging.INFO,
-            "upload-resumed",
-            upload=ticket.upload_id,
-            committed=upload.committed_offset,
-            client=client,
-        )
-        return upload, True
-
-    async def _start(
-        self, upload_id: str, request: OpenRequest, client: str, *, session_uri: str | None
-    ) -> Upload:
-        settings = self.settings
-        if self._per_client[client] >= settings.max_uploads_per_client:
-            raise UploadError(
-                ErrorCode.TOO_BUSY,
-                f"client {client} already has {self._per_client[client]} uploads open here",
-                retryable=True,
-            )
-        # Claimed before any waiting, so concurrent opens and attaches see them at once.
-        self._per_client[client] += 1
-        opened = self._opening[upload_id] = trio.Event()
-        window: int | None = None
-        try:
-            window = await self._budget.acquire(
-                settings.upload_buffer_limit,
-                settings.min_upload_window,
-                patience=settings.budget_wait,
-            )
-            upload = Upload(self, upload_id, request, client, window)
-            await self._nursery.start(self._run, upload, session_uri)
-        except BaseException:
-            if window is not None:
-                self._budget.release(window)
-            self._forget_client(client)
-            raise
-        finally:
-            del self._opening[upload_id]
-            opened.set()
-        return upload
-
-    def _give_back(self, upload: Upload) -> None:
-        """Return ``upload``'s window and client slot; only the first call counts."""
-        if upload.holds_resources:
-            upload.holds_resources = False
-            self._budget.release(upload.window)
-            self._forget_client(upload.client)
-
-    def _forget_client(self, client: str) -> None:
-        self._per_client[client] -= 1
-        if self._per_client[client] <= 0:
-            del self._per_client[client]
-
-    async def _run(
-        self,
-        upload: Upload,
-        session_uri: str | None,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """The upload's lifetime: open the writer, serve it, and let go of everything after.
-
-        Failures before ``task_status.started()`` go to whoever opened the upload; after it,
-        they are logged and recorded on the upload, never raised into the server's nursery.
-        """
-        request = upload.request
-        started = False
-        try:
-            bucket = await trio.to_thread.run_sync(self.backend.bucket, request.bucket)
-            async with open_writer(
-                bucket,
-                request.name,
-                _writer_settings_for(self.settings.writer, upload.window),
-                content_type=request.content_type,
-                metadata=dict(request.metadata),
-                if_generation_match=request.if_generation_match,
-                expected_size=request.expected_size,
-                session_uri=session_uri,
-            ) as writer:
-                upload._writer = writer
-                async with trio.open_nursery() as nursery:
-                    upload._nursery = nursery
-                    self._uploads[upload.upload_id] = upload
-                    self.metrics.active_uploads.inc()
-                    nursery.start_soon(upload._follow_writer)
-                    started = True
-                    task_status.started()
-                    await upload._linger()
-                    nursery.cancel_scope.cancel()
-                upload._record_stats(writer.stats)
-        except WriterError as exc:
-            if not started:
-                raise _error_from_writer(exc) from exc
-            upload._writer_failed(exc)
-        except Exception as exc:
-            if not started:
-                raise UploadError(
-                    ErrorCode.GCS_ERROR, f"could not start the GCS upload: {exc}", retryable=True
-                ) from exc
-            upload._crashed()
-        finally:
-            if started:
-                self.metrics.active_uploads.dec()
-                self._give_back(upload)
-            upload._finished_running()
-        if started:
-            await self._retire(upload)
-
-    async def _retire(self, upload: Upload) -> None:
-        """Keep a finished upload's outcome visible for a while, then forget it."""
-        if upload.state in (UploadState.COMPLETED, UploadState.ABORTED, UploadState.FAILED):
-            await trio.sleep(self.settings.result_retention)
-        if self._uploads.get(upload.upload_id) is upload:
-            del self._uploads[upload.upload_id]
-
-
-def _request_from(ticket: UploadTicket) -> OpenRequest:
-    return OpenRequest(
-        bucket=ticket.bucket,
-        name=ticket.name,
-        content_type=ticket.content_type,
-        metadata=ticket.metadata,
-        expected_size=ticket.expected_size,
-        if_generation_match=ticket.if_generation_match,
-    )

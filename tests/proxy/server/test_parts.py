@@ -8,12 +8,20 @@ from hypothesis import strategies as st
 from trio.testing import wait_all_tasks_blocked
 
 from protocol import Ack, Credit, Pong
+from protocol.ranges import RangeSet
+from proxy.server.budget import BufferBudget
+from proxy.server.connection import Outbox
 from proxy.server.metrics import ServerMetrics
-from proxy.server.server import _Outbox
 from proxy.server.settings import MiB
-from proxy.server.uploads import BufferBudget, missing_ranges
 
 QUANTUM = 256 * 1024
+
+
+def missing_ranges(
+    received: tuple[tuple[int, int], ...], total: int
+) -> tuple[tuple[int, int], ...]:
+    """The gaps an upload reports (``Upload.missing``): the one RangeSet, asked for them."""
+    return tuple(RangeSet(received).missing(0, total))
 
 
 def test_missing_ranges_examples() -> None:
@@ -67,7 +75,7 @@ def test_budget_shrinks_windows_then_refuses_and_recovers() -> None:
 
 
 async def test_outbox_keeps_replies_in_order_and_only_the_newest_credit() -> None:
-    outbox = _Outbox(capacity=4)
+    outbox = Outbox(capacity=4)
     outbox.offer_credit(Credit(0, 0, 10))
     await outbox.put(Ack(1, 0))
     await outbox.put(Pong(2, 7))
@@ -81,7 +89,7 @@ async def test_outbox_keeps_replies_in_order_and_only_the_newest_credit() -> Non
 
 
 async def test_outbox_put_waits_for_room() -> None:
-    outbox = _Outbox(capacity=1)
+    outbox = Outbox(capacity=1)
     await outbox.put(Ack(1, 0))
     order: list[str] = []
 

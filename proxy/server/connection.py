@@ -1,0 +1,453 @@
+"""One client connection: the protocol per connection, and the dispatch of its requests.
+
+Task tree of one connection (every task lives in the connection's nursery)::
+
+    ClientConnection.run()   receive loop (the task itself), send loop, and one task per
+                             Complete awaiting its result
+
+A connection reads frames one at a time and streams each WriteAt payload straight into the
+upload's writer as it arrives. Everything it sends goes through its :class:`Outbox`, which
+keeps replies in order and coalesces Credit updates, so a slow client never holds up the
+upload or other clients. Uploads belong to the registry, not to a connection: closing a
+connection leaves its upload to go on, to be attached again with its token.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+from collections import deque
+
+import trio
+
+from protocol import (
+    NEED_DATA,
+    Abort,
+    Ack,
+    AttachUpload,
+    Complete,
+    Completed,
+    Connection,
+    ConnectionClosed,
+    ConnectionState,
+    Credit,
+    Error,
+    ErrorCode,
+    Event,
+    GoingAway,
+    Hello,
+    OpenUpload,
+    PayloadCrcError,
+    Ping,
+    Pong,
+    ProtocolError,
+    RemoteProtocolError,
+    Reply,
+    Role,
+    Status,
+    StatusQuery,
+    UploadOpened,
+    WriteAtData,
+    WriteAtEnd,
+    WriteAtStart,
+)
+from proxy.server.errors import ServerError
+from proxy.server.logging import get_logger, log_event, redact
+from proxy.server.metrics import ServerMetrics
+from proxy.server.registry import UploadRegistry
+from proxy.server.settings import ServerSettings
+from proxy.server.uploads import OpenRequest, StagedWrite, Upload
+from reliablewriter import ObjectInfo
+
+__all__ = ["ClientConnection", "Outbox"]
+
+logger = get_logger(__name__)
+
+#: most bytes asked of the socket per receive; a receive never reaches past the end of the
+#: WriteAt payload being read, so payload views are whole receive buffers (no copy to checksum)
+_RECEIVE_SIZE = 256 * 1024
+#: replies a connection may have queued before its receive loop waits for the client to read
+_OUTBOX_CAPACITY = 64
+#: how long a connection that is being closed gets to deliver its last frames
+DRAIN_TIMEOUT = 2.0
+
+
+class _HangUpError(Exception):
+    """Ends the receive loop; the connection sends what is queued and closes."""
+
+
+class Outbox:
+    """The frames waiting to go to one client: replies in order, plus the newest Credit.
+
+    A Credit supersedes the one before it, so at most one is ever queued: an upload can
+    tell every attached connection about its window without waiting for any of them.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._replies: deque[Reply] = deque()
+        self._credit: Credit | None = None
+        self._capacity = capacity
+        self._closed = False
+        self._has_items = trio.lowlevel.ParkingLot()
+        self._has_room = trio.lowlevel.ParkingLot()
+
+    async def put(self, reply: Reply) -> None:
+        """Queue ``reply``, waiting while the client is ``capacity`` replies behind."""
+        while len(self._replies) >= self._capacity and not self._closed:
+            await self._has_room.park()
+        self.put_nowait(reply)
+
+    def put_nowait(self, reply: Reply) -> None:
+        """Queue ``reply`` regardless of capacity (for the few frames that must not wait)."""
+        if self._closed:
+            return
+        self._replies.append(reply)
+        self._has_items.unpark_all()
+
+    def offer_credit(self, credit: Credit) -> None:
+        if self._closed:
+            return
+        self._credit = credit
+        self._has_items.unpark_all()
+
+    def forget_credit(self) -> None:
+        self._credit = None
+
+    def close(self) -> None:
+        """Accept nothing more; :meth:`get` returns ``None`` once what is queued is taken."""
+        self._closed = True
+        self._has_items.unpark_all()
+        self._has_room.unpark_all()
+
+    async def get(self) -> Reply | None:
+        while True:
+            if self._replies:
+                reply = self._replies.popleft()
+                self._has_room.unpark_all()
+                return reply
+            if self._credit is not None:
+                credit, self._credit = self._credit, None
+                return credit
+            if self._closed:
+                return None
+            await self._has_items.park()
+
+
+def _authenticated(presented: str, accepted: tuple[str, ...]) -> bool:
+    """Whether ``presented`` is one of ``accepted``, in time independent of where it differs."""
+    if not accepted:
+        return True
+    presented_bytes = presented.encode("utf-8")
+    matched = False
+    for token in accepted:
+        # No early exit: every configured token is compared every time.
+        matched |= hmac.compare_digest(presented_bytes, token.encode("utf-8"))
+    return matched
+
+
+class ClientConnection:
+    """One client connection: handshake, then requests until either side closes.
+
+    Cancelling :meth:`run` closes the connection; the uploads it was attached to go on
+    (they belong to the registry) and can be re-attached with their token.
+    """
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        registry: UploadRegistry,
+        metrics: ServerMetrics,
+        stream: trio.abc.Stream,
+        client: str,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._metrics = metrics
+        self._stream = stream
+        self.client = client
+        self._protocol = Connection(Role.SERVER, max_frame_size=self._settings.max_frame_size)
+        self._outbox = Outbox(_OUTBOX_CAPACITY)
+        self._sender_done = trio.Event()
+        self._upload: Upload | None = None
+        self._staged: StagedWrite | None = None
+        #: requests answered by tasks of their own (Complete); an idle client waiting on
+        #: one of them is not idle
+        self._outstanding = 0
+        self._going_away = False
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_loop)
+                try:
+                    await self._receive_loop(nursery)
+                except _HangUpError:
+                    pass
+                finally:
+                    self._outbox.close()
+                with trio.move_on_after(DRAIN_TIMEOUT):
+                    await self._sender_done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._unbind()
+            await trio.aclose_forcefully(self._stream)
+            log_event(logger, logging.DEBUG, "connection-closed", client=self.client)
+
+    def going_away(self) -> None:
+        """Tell the client the server is shutting down; requests in flight still finish."""
+        self._going_away = True
+        self._outbox.put_nowait(GoingAway(0, "server shutting down; reconnect and attach"))
+
+    def offer_credit(self, upload: Upload, committed_offset: int, window_end: int) -> None:
+        if upload is self._upload:
+            self._outbox.offer_credit(Credit(0, committed_offset, window_end))
+
+    def upload_failed(self, upload: Upload, error: ServerError) -> None:
+        # Unsolicited, so a client waiting for credit learns now instead of at its timeout.
+        if upload is self._upload:
+            self._outbox.forget_credit()
+            self._fail(0, error)
+
+    # --- sending ----------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        try:
+            while True:
+                reply = await self._outbox.get()
+                if reply is None:
+                    break
+                if self._protocol.state is ConnectionState.ERROR and not isinstance(
+                    reply, Error | GoingAway
+                ):
+                    continue  # after a fatal error only the explanation may still go out
+                if isinstance(reply, Error):
+                    self._metrics.errors.labels(code=reply.code.name).inc()
+                await self._stream.send_all(b"".join(self._protocol.send(reply)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client is gone; the receive loop finds out on its own
+        finally:
+            self._sender_done.set()
+
+    async def _reply(self, reply: Reply) -> None:
+        """Queue ``reply``; a client that stops reading its replies gets disconnected.
+
+        Without the limit, a client that pipelines requests but never reads would park
+        this connection forever with its receive loop stuck here, out of the idle timeout's
+        reach.
+        """
+        with trio.move_on_after(self._settings.idle_timeout):
+            await self._outbox.put(reply)
+            return
+        log_event(logger, logging.INFO, "client-not-reading", client=self.client)
+        raise _HangUpError
+
+    def _fail(self, reply_to: int, error: ServerError | ProtocolError) -> None:
+        """Queue an Error at once, for the few that come at most once per request or upload."""
+        self._outbox.put_nowait(_error(reply_to, error))
+
+    # --- receiving --------------------------------------------------------------------
+
+    async def _receive(self, patience: float) -> bytes | None:
+        """The next bytes from the client (b"" at EOF), or ``None`` if none came in time."""
+        with trio.move_on_after(patience):
+            try:
+                size = self._protocol.receive_size(_RECEIVE_SIZE)
+                return bytes(await self._stream.receive_some(size))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return b""
+        return None
+
+    async def _next_event(self, *, patience: float) -> Event:
+        while True:
+            event = self._protocol.next_event()
+            if event is not NEED_DATA:
+                return event
+            data = await self._receive(patience)
+            if data is None:
+                if self._outstanding:
+                    continue
+                raise TimeoutError
+            self._protocol.receive_data(data)
+
+    async def _receive_loop(self, nursery: trio.Nursery) -> None:
+        settings = self._settings
+        try:
+            # One deadline for TLS and Hello together, so a slow trickle cannot stretch it.
+            with trio.fail_after(settings.handshake_timeout):
+                if isinstance(self._stream, trio.SSLStream):
+                    await self._stream.do_handshake()
+                hello = await self._next_event(patience=settings.handshake_timeout)
+            await self._handshake(hello)
+            while True:
+                try:
+                    event = await self._next_event(patience=settings.idle_timeout)
+                except PayloadCrcError as exc:
+                    # The header was sound, so the stream is still in step: refuse this
+                    # frame only, and let the client resend it.
+                    self._discard_staged()
+                    await self._reply(_error(exc.seq, exc))
+                    continue
+                except TimeoutError:
+                    self._outbox.put_nowait(
+                        Error(0, ErrorCode.IDLE_TIMEOUT, True, "connection idle for too long")
+                    )
+                    return
+                if isinstance(event, ConnectionClosed):
+                    return
+                try:
+                    await self._dispatch(event, nursery)
+                except ServerError as exc:
+                    # Waits like any reply, so a client that keeps sending refused requests
+                    # without reading the refusals cannot grow the outbox without bound.
+                    await self._reply(_error(getattr(event, "seq", 0), exc))
+                    if exc.code is ErrorCode.OUTSIDE_CREDIT:
+                        # Writing outside the credit breaks the protocol: say so and close.
+                        raise _HangUpError from exc
+        except RemoteProtocolError as exc:
+            log_event(
+                logger, logging.INFO, "protocol-violation", client=self.client, error=exc.message
+            )
+            self._fail(exc.seq, exc)
+        except TimeoutError:
+            log_event(logger, logging.INFO, "handshake-timeout", client=self.client)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # TLS handshake failed or the client vanished mid-handshake
+        finally:
+            self._discard_staged()
+
+    async def _handshake(self, event: Event) -> None:
+        if not isinstance(event, Hello):
+            # The protocol state machine refuses anything but Hello first; be explicit anyway.
+            raise RemoteProtocolError("the first frame must be Hello", ErrorCode.UNEXPECTED_FRAME)
+        if not _authenticated(event.auth, self._settings.auth_tokens):
+            log_event(logger, logging.WARNING, "auth-refused", client=self.client)
+            self._fail(
+                event.seq, ServerError(ErrorCode.UNAUTHENTICATED, "bearer token not accepted")
+            )
+            raise _HangUpError
+        await self._reply(self._protocol.welcome(event, server_name=self._settings.server_name))
+        log_event(
+            logger, logging.DEBUG, "connection-ready", client=self.client, name=event.client_name
+        )
+
+    async def _dispatch(self, event: Event, nursery: trio.Nursery) -> None:
+        # The hot path first: payload pieces of a WriteAt frame.
+        if isinstance(event, WriteAtData):
+            if self._staged is not None:
+                self._staged.feed(event.data)
+        elif isinstance(event, WriteAtStart):
+            self._staged = None  # set only once the write is accepted
+            self._staged = self._bound().begin_write(event.offset, event.length)
+        elif isinstance(event, WriteAtEnd):
+            staged, self._staged = self._staged, None
+            if staged is not None:
+                committed = staged.commit()
+                await self._reply(Ack(event.seq, committed))
+        elif isinstance(event, OpenUpload):
+            await self._open(event)
+        elif isinstance(event, AttachUpload):
+            await self._attach(event)
+        elif isinstance(event, Complete):
+            self._outstanding += 1
+            nursery.start_soon(self._complete, self._bound(), event)
+        elif isinstance(event, Abort):
+            upload = self._bound()
+            try:
+                await upload.abort()
+            finally:
+                self._unbind()  # whatever the answer, an Abort leaves the connection unbound
+            await self._reply(Ack(event.seq, 0))
+        elif isinstance(event, StatusQuery):
+            upload = self._bound()
+            failure = upload.failure()
+            if failure is not None:
+                raise failure
+            await self._reply(
+                Status(
+                    event.seq, upload.committed_offset, upload.received_ranges(), upload.window_end
+                )
+            )
+        elif isinstance(event, Ping):
+            await self._reply(Pong(event.seq, event.nonce))
+        else:
+            raise RemoteProtocolError(
+                f"unexpected {type(event).__name__} frame", ErrorCode.UNEXPECTED_FRAME
+            )
+
+    def _discard_staged(self) -> None:
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            staged.discard()
+
+    # --- requests ---------------------------------------------------------------------
+
+    def _bound(self) -> Upload:
+        if self._upload is None:
+            raise ServerError(ErrorCode.INVALID_STATE, "no upload is open on this connection")
+        return self._upload
+
+    def _refuse_new_work_when_leaving(self) -> None:
+        if self._going_away:
+            raise ServerError(
+                ErrorCode.SHUTTING_DOWN, "server is shutting down; use another", retryable=True
+            )
+
+    async def _open(self, event: OpenUpload) -> None:
+        self._refuse_new_work_when_leaving()
+        request = OpenRequest(
+            bucket=event.bucket,
+            name=event.name,
+            content_type=event.content_type,
+            metadata=event.metadata,
+            expected_size=event.expected_size,
+            if_generation_match=event.if_generation_match,
+        )
+        upload = await self._registry.open(request, self.client)
+        await self._bind(event.seq, upload, resumed=False)
+
+    async def _attach(self, event: AttachUpload) -> None:
+        self._refuse_new_work_when_leaving()
+        upload, resumed = await self._registry.attach(event.token, self.client)
+        await self._bind(event.seq, upload, resumed=resumed)
+
+    async def _bind(self, reply_to: int, upload: Upload, *, resumed: bool) -> None:
+        self._unbind()
+        self._upload = upload
+        upload.attach(self)
+        committed = upload.committed_offset
+        await self._reply(UploadOpened(reply_to, upload.token, committed, resumed))
+        self._outbox.offer_credit(Credit(0, committed, upload.window_end))
+
+    def _unbind(self) -> None:
+        self._discard_staged()
+        if self._upload is not None:
+            self._upload.detach(self)
+            self._upload = None
+        self._outbox.forget_credit()
+
+    async def _complete(self, upload: Upload, event: Complete) -> None:
+        try:
+            info = await upload.complete(event.total_size, event.crc32c)
+        except ServerError as exc:
+            self._fail(event.seq, exc)
+        else:
+            if self._upload is upload:
+                self._unbind()  # Completed returns the connection to the unbound state
+            self._outbox.put_nowait(_completed(event.seq, info))
+        finally:
+            self._outstanding -= 1
+
+
+def _error(reply_to: int, error: ServerError | ProtocolError) -> Error:
+    # Messages can quote GCS or library errors: scrub them like log lines.
+    return Error(reply_to, error.code, error.retryable, redact(error.message))
+
+
+def _completed(reply_to: int, info: ObjectInfo) -> Completed:
+    """The Completed reply for ``info``, whose checksums are in GCS's base64 form."""
+    crc32c = int.from_bytes(base64.b64decode(info.crc32c), "big") if info.crc32c else 0
+    md5 = base64.b64decode(info.md5_hash) if info.md5_hash else None
+    return Completed(reply_to, info.generation, info.size, crc32c, md5)

@@ -1,0 +1,273 @@
+"""Every upload this process holds, and the budget and limits they share.
+
+The registry opens uploads (a new GCS session and a token) and attaches to them (by token,
+taking the upload over from GCS when this process does not hold it). Upload tasks run in
+the nursery given at construction (the server's), so they outlive the connections that
+start them; a finished upload's outcome stays findable for ``result_retention``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+from collections import Counter as TallyCounter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from protocol import ErrorCode
+from proxy.server.backend import Backend
+from proxy.server.budget import BufferBudget
+from proxy.server.errors import ServerError
+from proxy.server.logging import get_logger, log_event
+from proxy.server.metrics import ServerMetrics
+from proxy.server.settings import ServerSettings
+from proxy.server.tokens import BadTokenError, TokenCodec, UploadTicket
+from proxy.server.uploads import OpenRequest, Upload, UploadState
+
+__all__ = ["UploadRegistry"]
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """What a running upload holds here: its window and one of its client's upload slots."""
+
+    window: int
+    client: str
+
+
+class UploadRegistry:
+    """Every upload this process holds, and the budget and limits they share.
+
+    Upload tasks run in the nursery given at construction (the server's), so they outlive
+    the connections that start them.
+    """
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        backend: Backend,
+        metrics: ServerMetrics,
+        nursery: trio.Nursery,
+        *,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._backend = backend
+        self._metrics = metrics
+        self.codec = (
+            TokenCodec(settings.token_key, lifetime=settings.token_lifetime)
+            if clock is None
+            else TokenCodec(settings.token_key, lifetime=settings.token_lifetime, clock=clock)
+        )
+        self._nursery = nursery
+        self._budget = BufferBudget(settings.total_buffer_limit, metrics)
+        self._uploads: dict[str, Upload] = {}
+        self._opening: dict[str, trio.Event] = {}
+        self._claims: dict[Upload, _Claim] = {}
+        self._per_client: TallyCounter[str] = TallyCounter()
+        metrics.buffer_held.set_function(self.held_bytes)
+
+    # --- what uploads use (UploadHost) ------------------------------------------------
+
+    @property
+    def settings(self) -> ServerSettings:
+        return self._settings
+
+    @property
+    def metrics(self) -> ServerMetrics:
+        return self._metrics
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    def upload_running(self, upload: Upload) -> None:
+        self._uploads[upload.upload_id] = upload
+        self._metrics.active_uploads.inc()
+
+    def give_back(self, upload: Upload) -> None:
+        claim = self._claims.pop(upload, None)
+        if claim is not None:
+            self._budget.release(claim.window)
+            self._forget_client(claim.client)
+
+    def upload_stopped(self, upload: Upload) -> None:
+        self._metrics.active_uploads.dec()
+        self.give_back(upload)
+
+    # --- what connections use ---------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._uploads)
+
+    def get(self, upload_id: str) -> Upload | None:
+        return self._uploads.get(upload_id)
+
+    def held_bytes(self) -> int:
+        """Bytes all live uploads hold in their buffers right now (read at scrape time)."""
+        return sum(
+            upload.writer.stats.held_bytes
+            for upload in self._uploads.values()
+            if upload.state is UploadState.ACTIVE
+        )
+
+    def uploads(self) -> list[Upload]:
+        """Every upload this process holds (live, or finished and remembered for a while)."""
+        return list(self._uploads.values())
+
+    async def open(self, request: OpenRequest, client: str) -> Upload:
+        """Start a new upload: a new GCS session, a writer, and a token for it.
+
+        If cancelled partway, nothing is registered and nothing stays reserved; a GCS
+        session may have been created, and is left to expire unused.
+        """
+        if not self._settings.allows(request.bucket, request.name):
+            raise ServerError(
+                ErrorCode.FORBIDDEN,
+                f"writing {request.bucket}/{request.name} is not allowed by this proxy",
+            )
+        upload_id = secrets.token_urlsafe(12)
+        upload = await self._start(upload_id, request, client, session_uri=None)
+        ticket = self.codec.issue(
+            upload_id=upload_id,
+            bucket=request.bucket,
+            name=request.name,
+            session_uri=upload.session_uri(),
+            content_type=request.content_type,
+            metadata=request.metadata,
+            expected_size=request.expected_size,
+            if_generation_match=request.if_generation_match,
+        )
+        upload.token = self.codec.seal(ticket)
+        self._metrics.uploads_started.inc()
+        log_event(
+            logger,
+            logging.INFO,
+            "upload-opened",
+            upload=upload_id,
+            bucket=request.bucket,
+            object=request.name,
+            client=client,
+            window=upload.window,
+        )
+        return upload
+
+    async def attach(self, token: bytes, client: str) -> tuple[Upload, bool]:
+        """The upload behind ``token``, taken over from GCS if this process does not hold it.
+
+        Returns the upload and whether it was resumed from its GCS session (in which case
+        the client must resend everything from the committed offset). If cancelled
+        partway, the upload is not taken over here and stays resumable from its token.
+        """
+        try:
+            ticket = self.codec.open(token)
+        except BadTokenError as exc:
+            raise ServerError(ErrorCode.BAD_TOKEN, str(exc)) from exc
+        while ticket.upload_id in self._opening:
+            await self._opening[ticket.upload_id].wait()
+        upload = self._uploads.get(ticket.upload_id)
+        if upload is not None:
+            failure = upload.failure()
+            if failure is not None and failure.code is not ErrorCode.UNKNOWN_UPLOAD:
+                raise failure
+            if failure is None:
+                return upload, False
+        if not self._settings.allows(ticket.bucket, ticket.name):
+            raise ServerError(
+                ErrorCode.FORBIDDEN,
+                f"writing {ticket.bucket}/{ticket.name} is not allowed by this proxy",
+            )
+        upload = await self._start(
+            ticket.upload_id, _request_from(ticket), client, session_uri=ticket.session_uri
+        )
+        session_uri = upload.writer.session_uri
+        # GCS may have forgotten the session, in which case the writer started a new one
+        # (from offset 0): the token must lead to the new session from now on.
+        upload.token = (
+            token
+            if session_uri == ticket.session_uri
+            else self.codec.seal(dataclasses.replace(ticket, session_uri=session_uri))
+        )
+        self._metrics.uploads_resumed.inc()
+        log_event(
+            logger,
+            logging.INFO,
+            "upload-resumed",
+            upload=ticket.upload_id,
+            committed=upload.committed_offset,
+            client=client,
+        )
+        return upload, True
+
+    async def _start(
+        self, upload_id: str, request: OpenRequest, client: str, *, session_uri: str | None
+    ) -> Upload:
+        settings = self._settings
+        if self._per_client[client] >= settings.max_uploads_per_client:
+            raise ServerError(
+                ErrorCode.TOO_BUSY,
+                f"client {client} already has {self._per_client[client]} uploads open here",
+            )
+        # Claimed before any waiting, so concurrent opens and attaches see them at once.
+        self._per_client[client] += 1
+        opened = self._opening[upload_id] = trio.Event()
+        try:
+            window = await self._budget.acquire(
+                settings.upload_buffer_limit,
+                settings.min_upload_window,
+                patience=settings.budget_wait,
+            )
+        except BaseException:
+            self._forget_client(client)
+            del self._opening[upload_id]
+            opened.set()
+            raise
+        upload = Upload(self, upload_id, request, client, window)
+        self._claims[upload] = _Claim(window, client)
+        try:
+            await self._nursery.start(self._run, upload, session_uri)
+        except BaseException:
+            self.give_back(upload)
+            raise
+        finally:
+            del self._opening[upload_id]
+            opened.set()
+        return upload
+
+    def _forget_client(self, client: str) -> None:
+        self._per_client[client] -= 1
+        if self._per_client[client] <= 0:
+            del self._per_client[client]
+
+    async def _run(
+        self,
+        upload: Upload,
+        session_uri: str | None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await upload.run(session_uri, task_status=task_status)
+        await self._retire(upload)
+
+    async def _retire(self, upload: Upload) -> None:
+        """Keep a finished upload's outcome visible for a while, then forget it."""
+        if upload.state in (UploadState.COMPLETED, UploadState.ABORTED, UploadState.FAILED):
+            await trio.sleep(self._settings.result_retention)
+        if self._uploads.get(upload.upload_id) is upload:
+            del self._uploads[upload.upload_id]
+
+
+def _request_from(ticket: UploadTicket) -> OpenRequest:
+    return OpenRequest(
+        bucket=ticket.bucket,
+        name=ticket.name,
+        content_type=ticket.content_type,
+        metadata=ticket.metadata,
+        expected_size=ticket.expected_size,
+        if_generation_match=ticket.if_generation_match,
+    )
