@@ -66,25 +66,33 @@ class RetriesExhaustedError(WriterError):
 
 
 class SessionLostError(WriterError):
-    """GCS forgot the upload session (404/410) and the bytes to restart it are gone.
+    """GCS no longer knows the upload session (404/410), and the writer will not replace it.
 
-    ``lost_range`` is the half-open byte range that was acknowledged, released from the
-    buffer, and must now be resent by whoever still has it.
+    A session URI travels (in a proxy's tokens), so a lost session may have been
+    cancelled or finished elsewhere: a new session could write the object again after an
+    abort or a completion. The writer starts one only when its caller allowed it
+    (``restart_if_nothing_committed``), no byte was ever committed, and no object exists.
+
+    ``lost_range`` is the half-open byte range that was acknowledged and released from
+    the buffer, to be resent by whoever still has it; ``None`` when unknown (a session
+    lost while being resumed). ``status`` is GCS's answer.
     """
 
     def __init__(
         self,
         message: str,
         *,
-        lost_range: tuple[int, int],
+        lost_range: tuple[int, int] | None,
+        status: int | None = None,
         name: str = "",
         offset: int | None = None,
     ) -> None:
-        start, end = lost_range
-        super().__init__(
-            f"{message}; bytes [{start}, {end}) are no longer held", name=name, offset=offset
-        )
+        if lost_range is not None and lost_range[1] > lost_range[0]:
+            start, end = lost_range
+            message = f"{message}; bytes [{start}, {end}) are no longer held"
+        super().__init__(message, name=name, offset=offset)
         self.lost_range = lost_range
+        self.status = status
 
 
 class ServerRegressionError(WriterError):

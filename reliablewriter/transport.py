@@ -268,12 +268,22 @@ class GcsTransport:
 
         Raises :class:`TransportFailure` for failures worth another attempt.
         """
+        found = self.lookup_object()
+        return None if isinstance(found, int) else found
+
+    def lookup_object(self) -> Mapping[str, Any] | int:
+        """The live object's metadata (one metadata request), or the status refusing it.
+
+        404 means there is no live object; any other status (403, ...) means it could not
+        be read. Raises :class:`TransportFailure` for failures worth another attempt
+        (network, 408, 429, 5xx).
+        """
         failure: TransportFailure | None = None
         try:
             blob = self._blob.bucket.get_blob(self._blob.name, timeout=self._timeout, retry=None)
         except api_exceptions.GoogleAPICallError as exc:
             if exc.code is not None and exc.code < 500 and exc.code not in (408, 429):
-                return None
+                return int(exc.code)
             failure = TransportFailure(f"http-{exc.code}")
             _scrub(exc)
         except _NETWORK_ERRORS as exc:
@@ -282,7 +292,7 @@ class GcsTransport:
         if failure is not None:
             raise failure
         if blob is None:
-            return None
+            return 404
         # The JSON resource GCS returned; google-cloud-storage keeps it as ``_properties``.
         resource: Mapping[str, Any] = blob._properties
         return resource

@@ -78,8 +78,10 @@ class ReliableWriter:
         options: SessionOptions,
         session_uri: str | None,
         progress: Callable[[WriterStats], None] | None,
+        restart_if_nothing_committed: bool = False,
     ) -> None:
         self._blob = blob
+        self._restart_if_nothing_committed = restart_if_nothing_committed
         self._settings = settings
         self._options = options
         self._session_uri = session_uri
@@ -429,12 +431,8 @@ class ReliableWriter:
             return
         outcome = await self._retrying(self._query_status)
         if isinstance(outcome, SessionGone):
-            # Nothing of the old session survives; the caller resends from offset 0.
-            logger.info("the resumed session of %r is gone; starting a new one", self.name)
-            self._restarts += 1
-            self._session_uri = None
-            self._state.resumed_at(0)
-            await self._retrying(self._create_session)
+            # Never silently: the session may have been aborted or finished elsewhere.
+            await self._replace_lost_session(outcome.status, lost_range=None)
         elif isinstance(outcome, Persisted):
             self._state.resumed_at(outcome.offset)
             self._buffer = ScatterBuffer(
@@ -467,11 +465,12 @@ class ReliableWriter:
             if isinstance(outcome, SessionGone) and self._final_sent:
                 # The final chunk may have been stored before the session went away with
                 # its answer; then the object is there, and it is ours if it matches.
-                outcome = await self._retrying(self._look_up_object)
+                looked = await self._retrying(self._look_up_object)
+                outcome = looked if isinstance(looked, Finished) else outcome
             if isinstance(outcome, Finished):
                 self._finish(outcome.resource)
             elif isinstance(outcome, SessionGone):
-                await self._restart_session(outcome.status)
+                await self._replace_lost_session(outcome.status, lost_range=(0, self._buffer.base))
 
     async def _next_plan(self) -> ChunkPlan:
         settings = self._settings
@@ -548,21 +547,66 @@ class ReliableWriter:
         self._attempts = 0
         return Persisted(0)
 
-    async def _restart_session(self, status: int) -> None:
-        """The session is gone (404/410): start over if every byte is still here."""
+    async def _replace_lost_session(
+        self, status: int, *, lost_range: tuple[int, int] | None
+    ) -> None:
+        """The session is gone (404/410): start a new one only if nothing can be undone.
+
+        A session URI travels (in tokens), so the session may have been cancelled or
+        finished elsewhere; a new session would then write the object after an abort, or
+        over a completed upload. So a new one starts only if the caller allowed it, no
+        byte was committed (every byte still held here), and one metadata request finds
+        no live object.
+        """
         released = self._buffer.base
         if released > 0:
             raise SessionLostError(
                 f"GCS lost the upload session (HTTP {status})",
                 lost_range=(0, released),
+                status=status,
                 name=self.name,
                 offset=self._state.committed,
             )
-        logger.warning("GCS lost the session of %r; restarting it from byte 0", self.name)
+        if not self._restart_if_nothing_committed:
+            raise SessionLostError(
+                f"GCS no longer knows the upload session (HTTP {status}): it was cancelled, "
+                "expired, or finished elsewhere, so no new session is started",
+                lost_range=lost_range,
+                status=status,
+                name=self.name,
+            )
+        existing = await self._retrying(self._find_live_object)
+        if isinstance(existing, Finished):
+            generation = ObjectInfo.from_resource(existing.resource).generation
+            raise SessionLostError(
+                f"GCS no longer knows the upload session (HTTP {status}) and the object "
+                f"exists (generation {generation}): the upload may have finished already, "
+                "so no new session is started",
+                lost_range=lost_range,
+                status=status,
+                name=self.name,
+            )
+        logger.warning("GCS lost the session of %r; starting a new one from byte 0", self.name)
         self._restarts += 1
         self._session_uri = None
-        self._state.restart()
+        self._state.resumed_at(0)
         await self._retrying(self._create_session)
+
+    async def _find_live_object(self) -> Outcome:
+        """One metadata request: ``Finished`` with the live object, ``SessionGone(404)`` if
+        there is none; a refusal (403, ...) raises :class:`NonRetryableHTTPError`."""
+        found = await self._in_thread(self._transport.lookup_object)
+        if isinstance(found, int):
+            if found == 404:
+                return SessionGone(404)
+            raise NonRetryableHTTPError(
+                "cannot look the object up",
+                status=found,
+                reason="refused the metadata request",
+                name=self.name,
+                offset=self._state.committed,
+            )
+        return Finished(found)
 
     async def _look_up_object(self) -> Outcome:
         """Finished if the live object is this upload's, by size and CRC32C; else gone."""
@@ -713,15 +757,27 @@ async def open_writer(
     if_generation_match: int | None = None,
     expected_size: int | None = None,
     session_uri: str | None = None,
+    restart_if_nothing_committed: bool = False,
     progress: Callable[[WriterStats], None] | None = None,
 ) -> AsyncIterator[ReliableWriter]:
     """Open (or, with ``session_uri``, resume) an upload of ``bucket/name``.
 
     The session exists when this yields. With ``session_uri`` the writer asks GCS for
     the committed offset and starts there: the caller resends from
-    :attr:`ReliableWriter.committed_offset` (0 if that session was gone and a new one
-    started). ``if_generation_match`` applies at initiation and finalization, which makes
-    both safe to retry. ``progress`` is called (on the trio thread, so it must not block
+    :attr:`ReliableWriter.committed_offset`.
+
+    A session GCS no longer knows (404/410), on resuming or later, raises
+    :class:`~reliablewriter.SessionLostError`: it may have been aborted or finished
+    elsewhere, and a new session would write the object again. The one exception is
+    ``restart_if_nothing_committed=True``, the caller's word that no byte of the session
+    was ever committed: then, if no byte was acknowledged here either and one metadata
+    request finds no live object, a new session starts from byte 0 (``committed_offset``
+    0, ``stats.session_restarts`` counts it, and :attr:`ReliableWriter.session_uri`
+    changes). ``if_generation_match`` applies at initiation and finalization of every
+    session the writer starts, which makes both safe to retry, and makes GCS itself refuse
+    a second write once the object exists (pin 0, or the generation being replaced).
+
+    ``progress`` is called (on the trio thread, so it must not block
     or raise) each time GCS acknowledges more bytes and when the object is complete.
 
     Leaving the block without :meth:`~ReliableWriter.complete` or
@@ -744,6 +800,7 @@ async def open_writer(
         options=options,
         session_uri=session_uri,
         progress=progress,
+        restart_if_nothing_committed=restart_if_nothing_committed,
     )
     # Outside the nursery, so that a refusal surfaces as itself, not in an ExceptionGroup.
     await writer._open_session()

@@ -215,17 +215,34 @@ def _with_progress_timeout(settings: WriterSettings, seconds: float) -> WriterSe
 # 8. The session is lost (410 or 404).
 
 
-async def test_lost_session_restarts_when_every_byte_is_held(
+async def test_lost_session_restarts_when_allowed_and_every_byte_is_held(
     target: Target, settings: WriterSettings
 ) -> None:
     data = payload(400 * KiB)  # below one chunk: nothing is acknowledged before complete
-    async with open_writer(target.bucket, "obj", settings) as writer:
+    async with open_writer(
+        target.bucket, "obj", settings, restart_if_nothing_committed=True
+    ) as writer:
         target.script("return-410")
         await writer.write_at(0, data)
         await writer.complete()
     assert target.script_done()
     assert writer.stats.session_restarts == 1
     assert target.read("obj") == data
+
+
+async def test_a_lost_session_is_never_replaced_unless_allowed(
+    target: Target, settings: WriterSettings
+) -> None:
+    # Issue 11 #3: the session may have been aborted elsewhere (its URI travels in tokens).
+    async with open_writer(target.bucket, "obj", settings) as writer:
+        target.script("return-410")
+        await writer.write_at(0, payload(400 * KiB))
+        with pytest.raises(SessionLostError, match="no new session is started") as lost:
+            await writer.complete()
+    assert lost.value.status == 410
+    assert writer.stats.session_restarts == 0
+    assert target.script_done()
+    assert target.object_names() == []
 
 
 async def test_lost_session_after_acknowledged_bytes_names_the_lost_range(
@@ -379,22 +396,145 @@ async def test_retries_stop_after_max_attempts_without_progress(
     assert target.object_names() == []
 
 
-async def test_resuming_a_lost_session_starts_a_new_one_from_zero(
+async def _abandoned_session(target: Target, settings: WriterSettings, data: bytes) -> str:
+    """A session holding the first 512 KiB of ``data``, left resumable."""
+    async with open_writer(target.bucket, "obj", settings, if_generation_match=0) as first:
+        await first.write_at(0, data[: 600 * KiB])
+        await first.wait_committed(512 * KiB)
+        return first.session_uri
+
+
+async def test_resuming_a_lost_session_raises_instead_of_starting_over(
     target: Target, settings: WriterSettings
 ) -> None:
-    data = payload(MiB + 11)
-    async with open_writer(target.bucket, "obj", settings) as first:
+    session_uri = await _abandoned_session(target, settings, payload(MiB))
+    target.script("return-410")  # answers the resuming writer's status query
+    with pytest.raises(SessionLostError, match="no new session is started") as lost:
+        async with open_writer(target.bucket, "obj", settings, session_uri=session_uri):
+            pass
+    assert lost.value.lost_range is None  # what the lost session held is not known here
+    assert target.script_done()
+    assert target.object_names() == []
+
+
+async def test_a_session_aborted_elsewhere_is_not_resumed(
+    target: Target, settings: WriterSettings
+) -> None:
+    """Issue 11 #3 as reported: abort on one proxy, then present the token to another.
+
+    The abort's DELETE makes the endpoint forget the session for real (404 after it)."""
+    data = payload(MiB)
+    async with open_writer(target.bucket, "obj", settings, if_generation_match=0) as first:
         await first.write_at(0, data[: 600 * KiB])
         await first.wait_committed(512 * KiB)
         session_uri = first.session_uri
-    target.script("return-410")  # answers the resuming writer's status query
-    async with open_writer(target.bucket, "obj", settings, session_uri=session_uri) as second:
+        await first.abort()
+    with pytest.raises(SessionLostError) as lost:
+        async with open_writer(
+            target.bucket, "obj", settings, session_uri=session_uri, if_generation_match=0
+        ):
+            pass
+    assert lost.value.status == 404
+    assert target.object_names() == []
+
+
+async def test_resuming_a_lost_session_starts_over_only_when_nothing_was_committed(
+    target: Target, settings: WriterSettings
+) -> None:
+    data = payload(MiB + 11)
+    session_uri = await _abandoned_session(target, settings, data)
+    target.script("return-410")
+    async with open_writer(
+        target.bucket,
+        "obj",
+        settings,
+        session_uri=session_uri,
+        if_generation_match=0,
+        restart_if_nothing_committed=True,
+    ) as second:
         assert second.committed_offset == 0
         assert second.stats.session_restarts == 1
         assert second.session_uri != session_uri
         await second.write_at(0, data)
         await second.complete(crc32c=google_crc32c.value(data))
     assert target.read("obj") == data
+
+
+async def test_a_completed_upload_is_not_written_again_through_a_lost_session(
+    target: Target, settings: WriterSettings
+) -> None:
+    """Replaying a finished upload's session after the endpoint forgot it (410): even a
+    caller claiming nothing was committed gets SessionLostError, because the object
+    exists, and the object keeps its content."""
+    data = payload(300 * KiB)
+    async with open_writer(target.bucket, "obj", settings, if_generation_match=0) as first:
+        await first.write_at(0, data)
+        info = await first.complete()
+        session_uri = first.session_uri
+    target.script("return-410")
+    with pytest.raises(SessionLostError, match=f"generation {info.generation}"):
+        async with open_writer(
+            target.bucket,
+            "obj",
+            settings,
+            session_uri=session_uri,
+            if_generation_match=0,
+            restart_if_nothing_committed=True,
+        ):
+            pass
+    assert target.script_done()
+    assert target.read("obj") == data
+
+
+async def test_an_object_that_cannot_be_looked_up_does_not_count_as_missing(
+    target: Target, settings: WriterSettings
+) -> None:
+    """The restart's metadata request is retried on 503; a 403 is not "no object"."""
+    session_uri = await _abandoned_session(target, settings, payload(MiB))
+    test_id = target.strict.create_retry_test(
+        {
+            "storage.objects.insert": ["return-410"],
+            "storage.objects.get": ["return-503", "return-403"],
+        }
+    )
+    target.http.headers["x-retry-test-id"] = test_id
+    with pytest.raises(NonRetryableHTTPError, match="cannot look the object up") as refused:
+        async with open_writer(
+            target.bucket,
+            "obj",
+            settings,
+            session_uri=session_uri,
+            restart_if_nothing_committed=True,
+        ):
+            pass
+    assert refused.value.status == 403
+    assert target.strict.retry_tests.get(test_id)["completed"]
+    assert target.object_names() == []
+
+
+async def test_a_restarted_session_keeps_the_pinned_generation(
+    target: Target, settings: WriterSettings
+) -> None:
+    """The new session is started with the same ifGenerationMatch, so an object that
+    appears meanwhile is not overwritten: GCS refuses the finalization (412)."""
+    session_uri = await _abandoned_session(target, settings, payload(MiB))
+    target.script("return-410")
+    async with open_writer(
+        target.bucket,
+        "obj",
+        settings,
+        session_uri=session_uri,
+        if_generation_match=0,
+        restart_if_nothing_committed=True,
+    ) as second:
+        assert second.stats.session_restarts == 1
+        del target.http.headers["x-retry-test-id"]
+        await upload(target.bucket, "obj", b"someone else's", settings)
+        await second.write_at(0, payload(100 * KiB))
+        with pytest.raises(NonRetryableHTTPError) as refused:
+            await second.complete()
+    assert refused.value.status == 412
+    assert target.read("obj") == b"someone else's"
 
 
 async def test_errors_and_logs_never_show_the_session_uri(
