@@ -189,8 +189,11 @@ class ResumableState:
 
     def _finished(self, response: HttpResponse, sent: ChunkPlan | None) -> Outcome:
         if sent is not None and not sent.final:
+            # Not a finalization: this chunk did not ask for one (storage-testbench sends an
+            # empty 200 here for a broken stream). Nothing tells what the server holds.
             raise UnexpectedResponseError(
-                f"GCS finalized the object on a non-final chunk ending at {sent.end}",
+                f"unexpected response: HTTP {response.status} to a non-final chunk ending at "
+                f"{sent.end} (a 308 was due; this writer finalized nothing)",
                 name=self.name,
                 offset=self.committed,
             )

@@ -540,6 +540,10 @@ class ReliableWriter:
                     reason=f"bucket {self._blob.bucket.name!r} not found",
                     name=self.name,
                 )
+            if created.status == 410:
+                # No session to lose yet: a 410 here is a failed attempt (seen when a
+                # scripted fault meant for a session met the initiation), so try again.
+                return RetryLater("http-410")
             # Retryable statuses come back as RetryLater; anything else raises.
             return self._state.receive(created, None)
         self._session_uri = created

@@ -23,6 +23,7 @@ from reliablewriter import (
     RetryPolicy,
     ServerRegressionError,
     SessionLostError,
+    UnexpectedResponseError,
     WriterAbortedError,
     WriterError,
     WriterSettings,
@@ -592,6 +593,36 @@ async def test_initiation_is_retried_with_a_precondition(
         await writer.complete()
     assert target.script_done()
     assert target.read("obj") == data
+
+
+async def test_an_initiation_answered_410_is_retried(
+    target: Target, settings: WriterSettings
+) -> None:
+    # A 410 at initiation once left the writer open without a session ("no session yet").
+    target.script("return-410")
+    data = payload(300 * KiB)
+    async with open_writer(target.bucket, "obj", settings) as writer:
+        assert writer.stats.retries_by_cause == {"http-410": 1}
+        assert writer.session_uri
+        await writer.write_at(0, data)
+        await writer.complete()
+    assert target.script_done()
+    assert target.read("obj") == data
+
+
+async def test_a_200_to_a_non_final_chunk_is_an_unexpected_response(
+    target: Target, settings: WriterSettings
+) -> None:
+    """Issue 10 #9: storage-testbench answers a broken stream on a non-final chunk with an
+    empty 200. Nothing was finalized, and the error must not say so."""
+    async with open_writer(target.bucket, "obj", settings) as writer:
+        target.script("return-200")
+        await writer.write_at(0, payload(MiB))
+        with pytest.raises(UnexpectedResponseError, match="unexpected response: HTTP 200") as bad:
+            await writer.complete()
+    assert "finalized the object" not in str(bad.value)
+    assert target.script_done()
+    assert target.object_names() == []
 
 
 # The retry deadline counts from the last progress (virtual time: backoff sleeps jump).
