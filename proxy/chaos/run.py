@@ -177,7 +177,7 @@ class ChaosSettings:
             reply_timeout=4.0,
             complete_timeout=self.deadline,
             stream_buffer=2 * self.geometry.window,
-            retry=ClientRetryPolicy(max_attempts=12, initial_delay=0.02, max_delay=0.5),
+            retry=ClientRetryPolicy(deadline=20.0, initial_delay=0.02, max_delay=0.5),
         )
 
 

@@ -1,5 +1,8 @@
 """A rich progress bar for uploads: bytes, rate, retries and live connections.
 
+While no connection to the proxy is up, the bar says so and counts the seconds:
+``proxy unavailable, retrying (12 s)``; the client retries until its deadline.
+
 It is fed :class:`~proxy.client.UploadProgress` snapshots through :meth:`UploadBar.update`,
 which the client calls from its own task; rich redraws on its own timer, so a fast stream of
 updates costs little.
@@ -22,7 +25,7 @@ from rich.progress import (
 
 from proxy.client import UploadProgress
 
-__all__ = ["UploadBar"]
+__all__ = ["UploadBar", "status_line"]
 
 
 class UploadBar:
@@ -36,6 +39,7 @@ class UploadBar:
             TransferSpeedColumn(),
             TimeRemainingColumn(),
             TextColumn("{task.fields[connections]} conn  {task.fields[retries]} retries"),
+            TextColumn("[yellow]{task.fields[status]}"),
             console=console or Console(stderr=True),
             transient=False,
         )
@@ -45,7 +49,7 @@ class UploadBar:
     def __enter__(self) -> UploadBar:
         self._progress.start()
         self._task = self._progress.add_task(
-            self._description, total=None, connections=0, retries=0
+            self._description, total=None, connections=0, retries=0, status=""
         )
         return self
 
@@ -66,4 +70,12 @@ class UploadBar:
             completed=progress.bytes_received,
             connections=progress.connections,
             retries=progress.reconnects,
+            status=status_line(progress),
         )
+
+
+def status_line(progress: UploadProgress) -> str:
+    """What the bar says besides the numbers: empty while the proxy is reachable."""
+    if progress.retrying_for is None:
+        return ""
+    return f"proxy unavailable, retrying ({progress.retrying_for:.0f} s)"

@@ -42,7 +42,7 @@ from proxy.client import (
     UploadProgress,
     UploadResult,
     parse_gs_url,
-    parse_proxy_address,
+    proxy_addresses,
     upload_file,
     upload_stream,
 )
@@ -99,9 +99,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", metavar="gs://BUCKET/OBJECT", help="where to store it")
     parser.add_argument(
         "--proxy",
-        metavar="HOST:PORT",
+        metavar="HOST:PORT[,HOST:PORT...]",
         default=os.environ.get("RUP_PROXY"),
-        help="the rup proxy (default: $RUP_PROXY)",
+        help="the rup proxy, or several to fail over between (default: $RUP_PROXY)",
     )
     parser.add_argument(
         "--connections", type=int, default=4, metavar="N", help="TCP connections (default 4)"
@@ -128,11 +128,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="payload bytes per frame (default 1 MiB)",
     )
     parser.add_argument(
-        "--retries",
-        type=int,
-        default=RetryPolicy.max_attempts,
-        metavar="N",
-        help="consecutive failed attempts per connection before giving up (default %(default)s)",
+        "--retry-deadline",
+        type=float,
+        default=RetryPolicy.deadline,
+        metavar="SECONDS",
+        help="give up after this long without progress while the proxy is unreachable or"
+        " failing (default %(default)g)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON summary line")
 
@@ -141,7 +142,7 @@ def _usage(args: argparse.Namespace) -> str | None:
     if not args.proxy:
         return "--proxy HOST:PORT is required (or set RUP_PROXY)"
     try:
-        parse_proxy_address(args.proxy)
+        proxy_addresses(args.proxy)
         parse_gs_url(args.url)
     except ValueError as exc:
         return str(exc)
@@ -149,8 +150,8 @@ def _usage(args: argparse.Namespace) -> str | None:
         return f"--connections must be at least 1, got {args.connections}"
     if args.frame_size < MIN_FRAME_SIZE:
         return f"--frame-size must be at least {MIN_FRAME_SIZE}, got {args.frame_size}"
-    if args.retries < 0:
-        return f"--retries must not be negative, got {args.retries}"
+    if not args.retry_deadline >= 0:
+        return f"--retry-deadline must not be negative, got {args.retry_deadline}"
     if args.source != "-" and not os.path.isfile(args.source):
         return f"cannot read {args.source!r}: not a file"
     return None
@@ -183,7 +184,7 @@ async def _upload(args: argparse.Namespace, bar: UploadBar | None) -> UploadResu
         settings=ClientSettings(
             connections=args.connections,
             frame_size=args.frame_size,
-            retry=RetryPolicy(max_attempts=args.retries),
+            retry=RetryPolicy(deadline=args.retry_deadline),
         ),
         content_type=args.content_type,
         if_generation_match=args.if_generation_match,

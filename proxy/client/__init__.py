@@ -18,7 +18,7 @@ from proxy.client.errors import (
     UploadRejectedError,
 )
 from proxy.client.lifecycle import UploadState
-from proxy.client.names import parse_gs_url, parse_proxy_address
+from proxy.client.names import ProxyTarget, parse_gs_url, parse_proxy_address, proxy_addresses
 from proxy.client.results import UploadProgress, UploadResult
 from proxy.client.settings import ClientSettings, Connector, RetryPolicy, UploadOptions
 from proxy.client.upload import Upload
@@ -27,6 +27,7 @@ __all__ = [
     "ChecksumMismatchError",
     "ClientSettings",
     "Connector",
+    "ProxyTarget",
     "ProxyUnreachableError",
     "RetryPolicy",
     "Upload",
@@ -39,6 +40,7 @@ __all__ = [
     "connect_upload",
     "parse_gs_url",
     "parse_proxy_address",
+    "proxy_addresses",
     "upload_file",
     "upload_stream",
 ]

@@ -20,7 +20,7 @@ import trio
 
 from protocol import OpenUpload
 from proxy.client.errors import UploadError
-from proxy.client.names import parse_gs_url, parse_proxy_address
+from proxy.client.names import parse_gs_url, proxy_addresses
 from proxy.client.results import UploadResult
 from proxy.client.settings import Connector, UploadOptions
 from proxy.client.transfer import Transfer
@@ -35,11 +35,15 @@ _ABORT_ON_EXIT_TIMEOUT = 5.0
 def _default_connector(tls: ssl.SSLContext | None) -> Connector:
     async def connect(host: str, port: int) -> trio.abc.Stream:
         stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-        if tls is not None:
-            ssl_stream = trio.SSLStream(stream, tls, server_hostname=host)
+        if tls is None:
+            return stream
+        ssl_stream = trio.SSLStream(stream, tls, server_hostname=host)
+        try:
             await ssl_stream.do_handshake()
-            stream = ssl_stream
-        return stream
+        except BaseException:  # refused, broken or cancelled: the socket must not leak
+            await trio.aclose_forcefully(stream)
+            raise
+        return ssl_stream
 
     return connect
 
@@ -53,8 +57,7 @@ async def connect_upload(url: str, options: UploadOptions) -> AsyncIterator[Uplo
     aborts the upload.
     """
     bucket, name = parse_gs_url(url)
-    proxy = options.proxy
-    address = parse_proxy_address(proxy) if isinstance(proxy, str) else proxy
+    addresses = proxy_addresses(options.proxy)
     transfer = Transfer(
         open_request=OpenUpload(
             bucket=bucket,
@@ -65,7 +68,7 @@ async def connect_upload(url: str, options: UploadOptions) -> AsyncIterator[Uplo
             if_generation_match=options.if_generation_match,
         ),
         options=options,
-        address=address,
+        addresses=addresses,
         connector=options.connector or _default_connector(options.tls),
     )
     upload = Upload(transfer)

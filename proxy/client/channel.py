@@ -41,6 +41,7 @@ from protocol import (
     Welcome,
     WriteAt,
 )
+from protocol._spec import MAGIC  # the protocol does not export it (yet)
 from protocol.ranges import ByteRange
 from proxy.client.errors import (
     ConnectionLostError,
@@ -103,9 +104,13 @@ class Channel:
     number with the range they carry, so a lost connection hands those ranges back.
     """
 
-    def __init__(self, owner: ChannelOwner, stream: trio.abc.Stream) -> None:
+    def __init__(self, owner: ChannelOwner, stream: trio.abc.Stream, *, peer: str) -> None:
         self._owner = owner
         self._stream = stream
+        #: ``host:port``, for messages
+        self._peer = peer
+        #: the first bytes the peer sent, until they show it speaks the protocol
+        self._first_bytes: bytes | None = b""
         self._conn = Connection(Role.CLIENT, max_frame_size=owner.settings.frame_size)
         #: payload bytes per WriteAt, as agreed in the Welcome
         self.max_data = owner.settings.frame_size
@@ -327,9 +332,34 @@ class Channel:
                 if not data:
                     self.fail(ConnectionLostError("proxy closed the connection"))
                     return
+                self._check_peer_speaks_rup(data)
                 self._conn.receive_data(data)
                 continue
             self._dispatch(event)
+
+    def _check_peer_speaks_rup(self, data: bytes | bytearray) -> None:
+        """Fail the upload at once if the peer's first bytes are not a rup frame's magic.
+
+        Such a peer (an HTTP server, say: a wrong port) will never answer, and retrying it
+        until the deadline would only hide the mistake. One damaged byte is a fault on the
+        wire, not another protocol: only two or more bytes off the magic count.
+        """
+        if self._first_bytes is None:
+            return
+        self._first_bytes += bytes(data[: len(MAGIC) - len(self._first_bytes)])
+        if len(self._first_bytes) < len(MAGIC):
+            return
+        first, self._first_bytes = self._first_bytes, None
+        if sum(a != b for a, b in zip(first, MAGIC, strict=True)) >= 2:
+            preview = bytes(data[:24]).decode("ascii", "backslashreplace")
+            self._owner.fail(
+                UploadError(
+                    None,
+                    f"{self._owner.description}: {self._peer} does not speak the rup protocol"
+                    f" (it sent {preview!r}); is that the proxy's address?",
+                )
+            )
+            raise ConnectionLostError(f"{self._peer} does not speak the rup protocol")
 
     def _dispatch(self, event: Event) -> None:
         owner = self._owner

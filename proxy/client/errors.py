@@ -11,9 +11,7 @@ slot that owned it reconnects. It never reaches a caller.
 
 from __future__ import annotations
 
-from typing import Final
-
-from protocol import Error, ErrorCode, Event
+from protocol import Error, ErrorCode, Event, error_spec
 
 __all__ = [
     "ChecksumMismatchError",
@@ -67,25 +65,17 @@ class ConnectionLostError(Exception):
         self.code = code
 
 
-#: Codes that condemn a connection, not the upload: reconnecting may well succeed.
-_CONNECTION_CODES: Final = frozenset(
-    {
-        ErrorCode.MALFORMED_FRAME,
-        ErrorCode.BAD_SEQUENCE,
-        ErrorCode.CORRUPT_HEADER,
-        ErrorCode.UNKNOWN_FRAME_TYPE,
-        ErrorCode.UNEXPECTED_FRAME,
-        ErrorCode.OUTSIDE_CREDIT,
-        ErrorCode.TOO_BUSY,
-        ErrorCode.IDLE_TIMEOUT,
-        ErrorCode.SHUTTING_DOWN,
-    }
-)
-
-
 def condemns_upload(error: Error) -> bool:
-    """Whether an ``Error`` frame ends the whole upload (rather than one connection)."""
-    return not error.retryable and error.code not in _CONNECTION_CODES
+    """Whether an ``Error`` frame ends the whole upload (rather than one connection or frame).
+
+    The protocol's table (:data:`protocol.ERROR_SPECS`) decides: a code that trying again can
+    help is a reason to reconnect (or resend), whatever its scope; one that cannot ends the
+    upload. Only codes whose retryability is stated per reply (GCS_ERROR, UNKNOWN_UPLOAD) are
+    judged by the frame's own flag.
+    """
+    spec = error_spec(error.code)
+    retryable = error.retryable if spec.retryable_per_reply else spec.retryable or error.retryable
+    return not retryable
 
 
 def rejection(error: Error) -> UploadRejectedError:

@@ -39,6 +39,8 @@ class Ledger:
         self._ack_watchers: list[RangeSet] = []
         self._committed = 0
         self._window_end = 0
+        #: trio time of the last progress: the retry deadline counts from it
+        self.last_progress = trio.current_time()
         self.bytes_sent = 0
         self.reconnects = 0
         self.resent_bytes_by_cause: dict[str, int] = {}
@@ -113,8 +115,13 @@ class Ledger:
     def note_reconnect(self) -> None:
         self.reconnects += 1
 
+    def mark_progress(self) -> None:
+        """The upload moved forward (opened, bytes newly held, all sent): retries start anew."""
+        self.last_progress = trio.current_time()
+
     def note_committed(self, committed: int) -> None:
         if committed > self._committed:
+            self.mark_progress()
             self._committed = committed
             self._received.add(0, committed)
             if self._source is not None:
@@ -134,6 +141,8 @@ class Ledger:
         self.note_committed(committed)
 
     def note_received(self, piece: ByteRange, committed: int) -> None:
+        if not self._received.contains(*piece):
+            self.mark_progress()
         self._received.add(*piece)
         for watcher in self._ack_watchers:
             watcher.add(*piece)

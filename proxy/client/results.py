@@ -20,6 +20,8 @@ class UploadProgress:
     connections: int
     reconnects: int
     resent_bytes: int
+    #: seconds since the last connection to the proxy was lost, while none is up (else None)
+    retrying_for: float | None = None
 
 
 @dataclass(frozen=True)

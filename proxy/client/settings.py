@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from proxy.client.names import ProxyTarget
+
 if TYPE_CHECKING:
     from proxy.client.results import UploadProgress
 
@@ -35,19 +37,36 @@ Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How a connection slot retries: exponential backoff with full jitter.
+    """When to try again, and when to stop: bounded by time, not by a count of attempts.
 
-    ``max_attempts`` counts consecutive failures of one slot; any acknowledged frame resets
-    the count, so a long upload over a flaky network is not capped, a dead proxy is.
+    Retries go on while less than ``deadline`` seconds have passed since the upload last made
+    progress (bytes newly acknowledged or committed, the upload opened, every byte sent);
+    google-cloud-storage's default deadline is the same 120 s. Between attempts a slot waits
+    a random time up to ``initial_delay * multiplier ** (attempt - 1)``, capped at
+    ``max_delay`` (exponential backoff with full jitter), so reconnecting clients spread out.
     """
 
-    max_attempts: int = 8
-    initial_delay: float = 0.05
-    max_delay: float = 2.0
+    deadline: float = 120.0
+    initial_delay: float = 0.1
+    max_delay: float = 5.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.deadline < 0 or self.initial_delay < 0 or self.max_delay < self.initial_delay:
+            raise ValueError(
+                "deadline and initial_delay must not be negative, nor max_delay below initial_delay"
+            )
+        if self.multiplier < 1:
+            raise ValueError(f"multiplier must be at least 1, got {self.multiplier}")
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Seconds to wait before retry number ``attempt`` (1 for the first retry)."""
-        return rng.uniform(0.0, min(self.max_delay, self.initial_delay * 2.0**attempt))
+        ceiling = self.initial_delay * self.multiplier ** max(0, attempt - 1)
+        return rng.uniform(0.0, min(self.max_delay, ceiling))
+
+    def expired(self, since_progress: float) -> bool:
+        """Whether ``since_progress`` seconds without progress is too long to go on trying."""
+        return since_progress >= self.deadline
 
 
 @dataclass(frozen=True)
@@ -66,7 +85,6 @@ class ClientSettings:
     complete_timeout: float = 300.0
     #: a stream keeps at most this many bytes that the proxy has not committed yet
     stream_buffer: int = 64 * MiB
-    max_complete_attempts: int = 6
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
@@ -82,13 +100,15 @@ class ClientSettings:
 class UploadOptions:
     """Where and how to upload: everything an entry point takes besides the data and the URL.
 
-    ``proxy`` is ``"HOST:PORT"`` or ``(host, port)``. ``connector`` replaces the plain TCP
-    (or, with ``tls``, TLS) connection, e.g. with a fault-injecting stream. ``expected_size``
+    ``proxy`` is ``"HOST:PORT"``, ``(host, port)``, several of those (``"A:1,B:2"`` or a
+    list): the slots fail over from one to the next when one cannot be reached.
+    ``connector`` replaces the plain TCP (or, with ``tls``, TLS) connection, e.g. with a
+    fault-injecting stream. ``expected_size``
     is filled in by :func:`~proxy.client.upload_file` from the file. ``progress`` is called
     from the upload's tasks with a snapshot whenever something changes; keep it quick.
     """
 
-    proxy: str | tuple[str, int]
+    proxy: ProxyTarget
     auth: str = field(default="", repr=False)
     tls: ssl.SSLContext | None = None
     connector: Connector | None = None

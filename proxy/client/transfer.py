@@ -20,6 +20,7 @@ closes every connection; the proxy keeps the upload resumable with its token.
 from __future__ import annotations
 
 import random
+import ssl
 import time
 
 import trio
@@ -44,12 +45,14 @@ class Transfer:
         *,
         open_request: OpenUpload,
         options: UploadOptions,
-        address: tuple[str, int],
+        addresses: list[tuple[str, int]],
         connector: Connector,
     ) -> None:
         self._options = options
         self._open_request = open_request
-        self._address = address
+        self._addresses = addresses
+        #: index into _addresses of the proxy every slot connects to: moves on when one fails
+        self._current = 0
         self._connector = connector
         self._description = f"upload of gs://{open_request.bucket}/{open_request.name}"
         self.rng = random.Random()
@@ -60,6 +63,8 @@ class Transfer:
         self._channels: set[Channel] = set()
         self._cancel_scope = trio.CancelScope()
         self.started = time.monotonic()
+        #: when the last bound connection was lost (None while one is bound)
+        self._unavailable_since: float | None = None
 
     # -- what a Channel sees (ChannelOwner) ------------------------------------------------
 
@@ -164,8 +169,20 @@ class Transfer:
                 connections=len(self._channels),
                 reconnects=ledger.reconnects,
                 resent_bytes=sum(ledger.resent_bytes_by_cause.values()),
+                retrying_for=(
+                    None
+                    if self._unavailable_since is None
+                    else trio.current_time() - self._unavailable_since
+                ),
             )
         )
+
+    async def _report_while_unavailable(self) -> None:
+        """Once a second while no connection is up, so a display can count the seconds."""
+        while True:
+            await trio.sleep(1.0)
+            if self._unavailable_since is not None:
+                self.report()
 
     # -- connection slots ------------------------------------------------------------------
 
@@ -176,8 +193,11 @@ class Transfer:
         a failure interrupts a caller waiting on something unrelated, such as its data.
         """
         self._cancel_scope = nursery.cancel_scope
+        self._ledger.mark_progress()  # the deadline counts from the start, at first
         for index in range(self.settings.connections):
             nursery.start_soon(self._run_slot, index)
+        if self._options.progress is not None:
+            nursery.start_soon(self._report_while_unavailable)
 
     def stop(self) -> None:
         """Stop every slot: the upload is over, or the caller left."""
@@ -186,44 +206,81 @@ class Transfer:
         self._cancel_scope.cancel()
 
     async def _run_slot(self, index: int) -> None:
+        """Connect, bind and send; after a failure, back off and do it again, until the
+        upload is over or no progress was made for the retry policy's deadline."""
         policy = self.settings.retry
         failures = 0
         last_reason = ""
         while not self.lifecycle.over:
             if failures:
-                if failures > policy.max_attempts:
+                idle = trio.current_time() - self._ledger.last_progress
+                if policy.expired(idle):
                     self.fail(
                         ProxyUnreachableError(
-                            f"{self._description}: gave up after {failures} failed connection"
-                            f" attempts; last: {last_reason}"
+                            f"{self._description}: gave up after {idle:.0f} s without progress"
+                            f" ({failures} failed attempts on connection {index}); last:"
+                            f" {last_reason}"
                         )
                     )
                     return
                 await trio.sleep(policy.delay(failures, self.rng))
+            address_index = self._current
+            host, port = self._addresses[address_index]
             try:
                 with trio.fail_after(self.settings.connect_timeout):
-                    stream = await self._connector(*self._address)
+                    stream = await self._connector(host, port)
             except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                refusal = _tls_refusal(exc)
+                if refusal is not None:  # a certificate or protocol mismatch: retrying cannot help
+                    self.fail(
+                        UploadError(
+                            None, f"{self._description}: TLS with {host}:{port} failed: {refusal}"
+                        )
+                    )
+                    return
                 failures += 1
-                last_reason = f"cannot connect: {exc or type(exc).__name__}"
+                last_reason = f"cannot connect to {host}:{port}: {exc or type(exc).__name__}"
+                self._move_on_from(address_index)
+                self._note_unavailable()
                 continue
-            channel = Channel(self, stream)
+            channel = Channel(self, stream, peer=f"{host}:{port}")
             await channel.run(self._bind)
-            self._drop(channel)
+            bound = self._drop(channel)
             assert channel.failure is not None
             last_reason = channel.failure.reason
             if channel.failure.code is not None:
                 self._ledger.count_error(channel.failure.code)
+            if not bound:
+                self._move_on_from(address_index)  # refused before binding: try the next proxy
             if not self.lifecycle.over:
                 self._ledger.note_reconnect()
                 failures = 1 if channel.acked_any else failures + 1
             self.report()
 
-    def _drop(self, channel: Channel) -> None:
-        if channel in self._channels:
+    def _move_on_from(self, address_index: int) -> None:
+        """The proxy at ``address_index`` failed: the slots go to the next one (if any)."""
+        if self._current == address_index:
+            self._current = (address_index + 1) % len(self._addresses)
+
+    def _note_unavailable(self) -> None:
+        if not self._channels and self._unavailable_since is None:
+            self._unavailable_since = trio.current_time()
+            self.report()
+
+    def _drop(self, channel: Channel) -> bool:
+        """Forget a finished connection, requeueing its frames; whether it had been bound."""
+        bound = channel in self._channels
+        if bound:
             self._channels.discard(channel)
             self._ledger.requeue(channel.surrender(), cause="connection_lost")
+        if not self.lifecycle.over:
+            self._note_unavailable()
         self._ledger.notify()
+        return bound
+
+    def _bound(self, channel: Channel) -> None:
+        self._channels.add(channel)
+        self._unavailable_since = None
 
     async def _bind(self, channel: Channel) -> None:
         """Open the upload (first connection) or attach to it, and catch up with its state."""
@@ -239,7 +296,8 @@ class Transfer:
             self._ledger.note_committed(reply.committed_offset)
             self.move(UploadState.SENDING)
             self._opened.set()
-            self._channels.add(channel)
+            self._ledger.mark_progress()
+            self._bound(channel)
             self._ledger.notify()
             return
         await self._opened.wait()
@@ -248,7 +306,7 @@ class Transfer:
         if not isinstance(attached, UploadOpened):
             raise unexpected_reply(attached, "AttachUpload")
         self._ledger.note_attached(attached.committed_offset, resumed=attached.resumed)
-        self._channels.add(channel)
+        self._bound(channel)
         await self.catch_up(channel)
 
     async def _request_open(self, channel: Channel) -> UploadOpened:
@@ -256,3 +314,17 @@ class Transfer:
         if not isinstance(reply, UploadOpened):
             raise unexpected_reply(reply, "OpenUpload")
         return reply
+
+
+def _tls_refusal(exc: BaseException) -> str | None:
+    """Why a TLS handshake was refused for good (a bad certificate, a peer that does not speak
+    TLS), or None when the failure may be the network's (a reset, an early EOF)."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return None
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate not accepted: {cause.verify_message}"
+    reason = getattr(cause, "reason", None) or type(cause).__name__
+    return f"{str(reason).lower().replace('_', ' ')} (is it a TLS server?)"

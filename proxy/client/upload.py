@@ -123,10 +123,17 @@ class Upload:
         # A file's checksum is combined from its pieces', so it is known once all were sent.
         await self._all_received(total)
         crc32c = await source.crc32c()
+        self._ledger.mark_progress()  # every byte is held: the deadline counts from here
+        policy = settings.retry
         last_problem = ""
-        for attempt in range(settings.max_complete_attempts):
+        attempt = 0
+        while True:
             if attempt:
-                await trio.sleep(settings.retry.delay(attempt, transfer.rng))
+                idle = trio.current_time() - self._ledger.last_progress
+                if policy.expired(idle):
+                    break
+                await trio.sleep(policy.delay(attempt, transfer.rng))
+            attempt += 1
             await self._all_received(total)
             channel = await transfer.any_channel()
             try:
@@ -152,8 +159,10 @@ class Upload:
             last_problem = error.reason
         failure = UploadError(
             None,
-            f"{self._description}: the proxy did not finalize the object after"
-            f" {settings.max_complete_attempts} attempts; last: {last_problem}",
+            f"{self._description}: the proxy did not finalize the object within"
+            f" {policy.deadline:g} s of the last progress ({attempt} attempts); last:"
+            f" {last_problem}",
+            retryable=True,
         )
         transfer.fail(failure)
         raise failure

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,7 +132,8 @@ def test_unreachable_proxy_exits_5(
     with socket.socket() as sock:  # nothing listens on this port once it is closed
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    argv = ["upload", str(path), "gs://cmd/x", "--proxy", f"127.0.0.1:{port}", "--retries", "2"]
+    argv = ["upload", str(path), "gs://cmd/x", "--proxy", f"127.0.0.1:{port}"]
+    argv += ["--retry-deadline", "1"]
     assert main(argv) == 5
     err = capsys.readouterr().err
     assert err.count("\n") == 1
@@ -145,6 +147,7 @@ def test_unreachable_proxy_exits_5(
         ["upload", "-", "s3://b/o", "--proxy", "127.0.0.1:1"],
         ["upload", "-", "gs://b/o", "--proxy", "no-port"],
         ["upload", "-", "gs://b/o", "--proxy", "127.0.0.1:1", "--connections", "0"],
+        ["upload", "-", "gs://bkt/o", "--proxy", "127.0.0.1:1", "--retry-deadline", "-1"],
     ],
 )
 def test_usage_errors_exit_2(
@@ -163,3 +166,78 @@ def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> No
     help_text = capsys.readouterr().out
     for code in ("0", "1", "2", "3", "4", "5", "6", "130"):
         assert f"\n  {code:<4} " in help_text
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("gs://ab/o", "3 to 63 characters"),
+        ("gs://Upper/o", "lowercase letters"),
+        ("gs://-dash/o", "start and end with a letter or digit"),
+        ("gs://192.168.1.1/o", "IP address"),
+        ("gs://googley/o", "goog"),
+        ("gs://bkt/.", "'.' or '..'"),
+        ("gs://bkt/..", "'.' or '..'"),
+        ("gs://bkt/a\x07b", "control characters"),
+        ("gs://bkt/a\nb", "control characters"),
+        ("gs://bkt/" + "n" * 1025, "1 to 1024 bytes"),
+        ("gs://bkt/" + "\u00e9" * 513, "1 to 1024 bytes"),  # 1026 bytes of UTF-8
+    ],
+)
+def test_names_gcs_would_refuse_exit_2_before_connecting(
+    url: str, reason: str, source: tuple[Path, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = source
+    with socket.socket() as listener:  # a proxy that would notice a connection
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        host, port = listener.getsockname()
+        assert main(["upload", str(path), url, "--proxy", f"{host}:{port}"]) == 2
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody came
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert reason in err
+    assert "\x07" not in err  # the name is escaped, not printed raw
+
+
+def test_an_http_server_at_the_address_fails_in_one_line_within_2_s(
+    source: tuple[Path, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = source
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        host, port = listener.getsockname()
+
+        def answer_http() -> None:
+            for _ in range(4):  # one per connection the client opens
+                connection, _ = listener.accept()
+                with connection:
+                    connection.recv(4096)
+                    connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+        server = threading.Thread(target=answer_http, daemon=True)
+        server.start()
+        started = time.monotonic()
+        code = main(["upload", str(path), "gs://bkt/o", "--proxy", f"{host}:{port}"])
+        elapsed = time.monotonic() - started
+    assert code == 1
+    assert elapsed < 2.0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "does not speak the rup protocol" in err
+    assert "HTTP/1.1 400" in err
+
+
+def test_several_proxies_fail_over_to_the_one_that_answers(
+    proxy_address: str, gcs_server: GcsServer, source: tuple[Path, bytes]
+) -> None:
+    path, data = source
+    with socket.socket() as sock:  # nothing listens here once it is closed
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    argv = ["upload", str(path), "gs://cmd/failover.bin", "--proxy", f"{dead},{proxy_address}"]
+    assert main([*argv, "--auth-token", TOKEN]) == 0
+    assert stored(gcs_server, "cmd", "failover.bin") == data

@@ -14,6 +14,7 @@ import functools
 import io
 import os
 import queue
+import random
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -295,7 +296,7 @@ FAST = ClientSettings(
     frame_size=FRAME,
     frames_in_flight=4,
     reply_timeout=10.0,
-    retry=RetryPolicy(max_attempts=4, initial_delay=0.001, max_delay=0.01),
+    retry=RetryPolicy(deadline=5.0, initial_delay=0.001, max_delay=0.01),
 )
 
 
@@ -469,15 +470,61 @@ async def test_a_file_that_changes_during_the_upload_fails_it(
     assert proxy.aborted  # never completed: the block was left with the error, which aborts
 
 
-async def test_unreachable_proxy_gives_up_after_the_policy() -> None:
-    with trio.socket.socket() as sock:  # a port that nothing listens on
+async def unused_port() -> int:
+    with trio.socket.socket() as sock:  # a port that nothing listens on once it is closed
         await sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_unreachable_proxy_gives_up_after_the_policy() -> None:
+    port = await unused_port()
     with pytest.raises(ProxyUnreachableError, match="cannot connect"):
         async with connect_upload(
-            "gs://bkt/o", UploadOptions(proxy=("127.0.0.1", port), settings=settings(2))
+            "gs://bkt/o",
+            UploadOptions(
+                proxy=("127.0.0.1", port),
+                settings=settings(
+                    2, retry=RetryPolicy(deadline=0.2, initial_delay=0.01, max_delay=0.05)
+                ),
+            ),
         ):
             pytest.fail("the upload cannot have opened")
+
+
+async def test_retries_stop_at_the_deadline_not_after_a_number_of_attempts(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # Virtual time jumps once every task has waited 20 ms of real time: a refused loopback
+    # connect answers far sooner, so only the backoff sleeps are skipped.
+    mock_clock.autojump_threshold = 0.02
+    port = await unused_port()
+    policy = RetryPolicy(deadline=30.0, initial_delay=0.5, max_delay=4.0)
+    started = trio.current_time()
+    with pytest.raises(ProxyUnreachableError, match="s without progress") as caught:
+        async with connect_upload(
+            "gs://bkt/o",
+            UploadOptions(proxy=("127.0.0.1", port), settings=settings(2, retry=policy)),
+        ):
+            pytest.fail("the upload cannot have opened")
+    waited = trio.current_time() - started
+    assert policy.deadline <= waited <= policy.deadline + policy.max_delay
+    assert "cannot connect to 127.0.0.1" in caught.value.message
+    assert caught.value.code is None
+    assert caught.value.retryable
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    policy = RetryPolicy(initial_delay=0.1, max_delay=2.0, multiplier=2.0)
+    rng = random.Random(7)
+    for attempt in range(1, 12):
+        ceiling = min(2.0, 0.1 * 2.0 ** (attempt - 1))
+        delays = [policy.delay(attempt, rng) for _ in range(200)]
+        assert all(0.0 <= delay <= ceiling for delay in delays)
+        assert max(delays) > ceiling * 0.8  # jitter spreads over the whole range
+        assert min(delays) < ceiling * 0.2
+    assert not policy.expired(119.9)
+    assert RetryPolicy().expired(120.0)  # google-cloud-storage's default deadline
 
 
 async def test_leaving_the_block_without_completing_aborts(

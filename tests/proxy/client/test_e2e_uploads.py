@@ -50,7 +50,7 @@ SETTINGS = ClientSettings(
     frame_size=256 * KiB,
     frames_in_flight=4,
     reply_timeout=20.0,
-    retry=RetryPolicy(max_attempts=30, initial_delay=0.01, max_delay=0.2),
+    retry=RetryPolicy(deadline=10.0, initial_delay=0.01, max_delay=0.2),
 )
 
 
