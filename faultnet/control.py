@@ -28,7 +28,6 @@ connections already open).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import partial
 from importlib import metadata
 from typing import Any
@@ -52,7 +51,7 @@ from faultnet.tcpproxy import (
 )
 from faultnet.toxiproxy_json import proxy_to_json, toxic_from_json, toxic_to_json
 
-__all__ = ["TOXIPROXY_API_VERSION", "serve_control"]
+__all__ = ["TOXIPROXY_API_VERSION", "proxy_specs_from_json", "serve_control"]
 
 #: the Toxiproxy API version whose routes and shapes this serves
 TOXIPROXY_API_VERSION = "2.0.0"
@@ -210,7 +209,16 @@ def _proxy_spec(data: Any) -> ProxySpec:
     )
 
 
-def _populate_specs(data: Any) -> Sequence[ProxySpec]:
+def proxy_specs_from_json(data: Any) -> list[ProxySpec]:
+    """Proxies as ``/populate`` and Toxiproxy's ``-config`` file take them: a list (or
+    ``{"proxies": [...]}``) of proxies in Toxiproxy's shape. :class:`ValueError` if not."""
+    try:
+        return _populate_specs(data)
+    except HTTPError as exc:
+        raise ValueError(exc.message) from exc
+
+
+def _populate_specs(data: Any) -> list[ProxySpec]:
     # Toxiproxy takes a bare list; its config files also come as {"proxies": [...]}.
     proxies = data.get("proxies") if isinstance(data, dict) else data
     if not isinstance(proxies, list):

@@ -35,6 +35,7 @@ from faultnet.plan import Direction, FaultPlan, Toxic
 from faultnet.relay import Relay
 
 __all__ = [
+    "DEFAULT_PROXY_NAME",
     "Address",
     "ChaosProxy",
     "DuplicateToxicError",

@@ -6,9 +6,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -342,3 +346,39 @@ async def test_a_proxy_moves_to_a_new_upstream(
 
     assert (status, proxy["upstream"], proxy["enabled"]) == (200, upstream, True)
     assert await round_trip(parse_address(proxy["listen"]), b"moved") == b"moved"
+
+
+async def test_the_command_serves_toxiproxys_api_alone_with_a_config_file(
+    echo_address: Address, tmp_path: Path
+) -> None:
+    upstream = f"{echo_address[0]}:{echo_address[1]}"
+    config = tmp_path / "toxiproxy.json"
+    config.write_text(
+        json.dumps([{"name": "from_config", "listen": "127.0.0.1:0", "upstream": upstream}])
+    )
+    command = [sys.executable, "-m", "proxy.cli", "faultproxy", "--control", "127.0.0.1:0"]
+    command += ["--config", str(config)]
+    run = partial(trio.run_process, command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(partial(run, check=False))
+        assert process.stdout is not None
+        with trio.fail_after(60):  # a deadline against a hang, not a timing assertion
+            banner = b""
+            while banner.count(b"\n") < 2:
+                chunk = await process.stdout.receive_some()
+                assert chunk, banner
+                banner += chunk
+            proxy_line, control_line = banner.decode().splitlines()[:2]
+            assert proxy_line.startswith("from_config: listening on 127.0.0.1:")
+            control = parse_address(control_line.removeprefix("control API on http://"))
+
+            client = toxiproxy.Toxiproxy()
+            client.update_api_consumer(*control)
+            created = await blocking(lambda: client.create(upstream=upstream, name="made"))
+            assert sorted(await blocking(client.proxies)) == ["from_config", "made"]
+            payload = os.urandom(10_000)
+            assert await round_trip(parse_address(created.listen), payload) == payload
+
+            process.send_signal(signal.SIGINT)
+            await process.wait()
+    assert process.returncode == 130
