@@ -142,6 +142,11 @@ class ReliableWriter:
         return self._state.committed + self._settings.buffer_limit
 
     @property
+    def result(self) -> ObjectInfo | None:
+        """The finished object's metadata, once the upload is complete (else None)."""
+        return self._result
+
+    @property
     def buffered_cost(self) -> int:
         """Memory the buffer is charged for now: payload held plus each piece's overhead.
 
@@ -334,6 +339,37 @@ class ReliableWriter:
         if self._session_uri is not None:
             with contextlib.suppress(TransportFailure):
                 await self._in_thread(self._transport.delete, self._session_uri)
+
+    async def check_precondition(self) -> None:
+        """Check ``if_generation_match`` against the live object with one metadata request.
+
+        For an upload that is doomed, fail before its bytes are sent: GCS (and servers
+        such as storage-testbench that check preconditions only at finalization) would
+        otherwise take every byte and refuse the object at the end. The check at
+        finalization stays; this one only answers earlier. Raises
+        :class:`~reliablewriter.NonRetryableHTTPError` with status 412 when the live
+        generation (0: no object) is not the pinned one; does nothing without a pin.
+        Transient failures of the request are retried under the writer's policy.
+        """
+        expected = self._options.if_generation_match
+        if expected is None:
+            await trio.lowlevel.checkpoint()
+            return
+        found = await self._retrying(self._find_live_object)
+        live = (
+            ObjectInfo.from_resource(found.resource).generation
+            if isinstance(found, Finished)
+            else 0
+        )
+        if live != expected:
+            raise NonRetryableHTTPError(
+                "the upload cannot succeed",
+                status=412,
+                reason=f"the object's live generation is {live}, not {expected} "
+                "(ifGenerationMatch)",
+                name=self.name,
+                offset=self._state.committed,
+            )
 
     # --- internals: shared state ----------------------------------------------------
 
@@ -762,6 +798,7 @@ async def open_writer(
     expected_size: int | None = None,
     session_uri: str | None = None,
     restart_if_nothing_committed: bool = False,
+    check_generation_first: bool = False,
     progress: Callable[[WriterStats], None] | None = None,
 ) -> AsyncIterator[ReliableWriter]:
     """Open (or, with ``session_uri``, resume) an upload of ``bucket/name``.
@@ -780,6 +817,9 @@ async def open_writer(
     changes). ``if_generation_match`` applies at initiation and finalization of every
     session the writer starts, which makes both safe to retry, and makes GCS itself refuse
     a second write once the object exists (pin 0, or the generation being replaced).
+    ``check_generation_first=True`` adds one metadata request before any byte is sent
+    (:meth:`ReliableWriter.check_precondition`), so a doomed upload is refused (412) from
+    the ``async with`` line even where the server checks only at finalization.
 
     ``progress`` is called (on the trio thread, so it must not block
     or raise) each time GCS acknowledges more bytes and when the object is complete.
@@ -807,7 +847,12 @@ async def open_writer(
         restart_if_nothing_committed=restart_if_nothing_committed,
     )
     # Outside the nursery, so that a refusal surfaces as itself, not in an ExceptionGroup.
+    if check_generation_first and session_uri is None:
+        await writer.check_precondition()  # before a session is even started
     await writer._open_session()
+    if check_generation_first and session_uri is not None and writer.result is None:
+        # After the status query: a session that already finished made the object itself.
+        await writer.check_precondition()
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer._run)

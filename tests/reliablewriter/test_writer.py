@@ -301,6 +301,87 @@ async def test_if_generation_match_applies_at_finalization(
     assert target.read("race") == b"winner"
 
 
+# Issue 10 #8: with ifGenerationMatch, one metadata request fails a doomed upload before
+# its bytes are sent (storage-testbench checks preconditions only at finalization).
+
+
+async def test_a_doomed_resume_fails_before_any_byte_is_sent(
+    strict_target: Target, settings: WriterSettings
+) -> None:
+    target = strict_target
+    data = payload(MiB)
+    async with open_writer(target.bucket, "doomed", settings, if_generation_match=0) as first:
+        await first.write_at(0, data[: 600 * KiB])
+        await first.wait_committed(512 * KiB)
+        session_uri = first.session_uri
+    winner = await upload(target.bucket, "doomed", b"winner", settings)
+    options = {"session_uri": session_uri, "if_generation_match": 0}
+    # Unchecked, the resumed writer takes bytes that GCS will refuse only at the end.
+    async with open_writer(target.bucket, "doomed", settings, **options) as unchecked:
+        assert unchecked.committed_offset == 512 * KiB
+    with pytest.raises(NonRetryableHTTPError, match="live generation is") as refused:
+        async with open_writer(
+            target.bucket, "doomed", settings, check_generation_first=True, **options
+        ):
+            pytest.fail("a doomed upload must not open")
+    assert refused.value.status == 412
+    assert f"generation is {winner.generation}, not 0" in str(refused.value)
+    assert target.read("doomed") == b"winner"
+
+
+async def test_the_generation_is_checked_before_a_session_starts(
+    strict_target: Target, settings: WriterSettings
+) -> None:
+    target = strict_target
+    first = await upload(target.bucket, "gen", b"first", settings)
+    with pytest.raises(NonRetryableHTTPError, match="live generation is") as refused:
+        async with open_writer(
+            target.bucket, "gen", settings, if_generation_match=0, check_generation_first=True
+        ):
+            pytest.fail("a doomed upload must not open")
+    assert refused.value.status == 412
+    # The metadata request is retried like any other; a matching generation opens.
+    target.http.headers["x-retry-test-id"] = target.strict.create_retry_test(
+        {"storage.objects.get": ["return-503"]}
+    )
+    async with open_writer(
+        target.bucket,
+        "gen",
+        settings,
+        if_generation_match=first.generation,
+        check_generation_first=True,
+    ) as writer:
+        assert writer.stats.retries_by_cause == {"http-503": 1}
+        await writer.write_at(0, b"second")
+        await writer.complete()
+        # Once the object changed, the method says so too.
+        with pytest.raises(NonRetryableHTTPError, match="HTTP 412"):
+            await writer.check_precondition()
+    assert target.read("gen") == b"second"
+
+
+async def test_a_finished_session_resumes_despite_the_generation_check(
+    strict_target: Target, settings: WriterSettings
+) -> None:
+    """The object a resumed session finished is its own: no false 412."""
+    target = strict_target
+    """The object a resumed session finished is its own: no false 412."""
+    async with open_writer(target.bucket, "own", settings, if_generation_match=0) as first:
+        await first.write_at(0, b"mine")
+        info = await first.complete()
+        session_uri = first.session_uri
+    async with open_writer(
+        target.bucket,
+        "own",
+        settings,
+        session_uri=session_uri,
+        if_generation_match=0,
+        check_generation_first=True,
+    ) as again:
+        assert again.result == info
+        assert await again.complete() == info
+
+
 def test_blocking_facade_writes_sequentially(target: Target, settings: WriterSettings) -> None:
     data = payload(MiB + 5)
     with open_blocking_writer(target.bucket, "blocking", settings) as file:
