@@ -16,6 +16,7 @@ from types import FrameType
 
 from faultnet.gcs.resumable import UPLOAD_QUANTUM
 from faultnet.gcs.server import GcsServer
+from faultnet.gcs.store import DEFAULT_SESSION_TTL
 
 __all__ = ["ACCESS_TOKEN_ENV", "HELP", "configure", "read_access_token", "run"]
 
@@ -46,6 +47,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="do not compute objects' MD5 (saves CPU; objects then have no md5Hash)",
     )
     parser.add_argument(
+        "--session-ttl",
+        type=_positive_seconds,
+        default=DEFAULT_SESSION_TTL,
+        metavar="SECONDS",
+        help="forget a resumable session and delete its files this long after it started "
+        "(default: 7 days, as GCS)",
+    )
+    parser.add_argument(
         "--access-token-file",
         default=None,
         metavar="PATH",
@@ -54,6 +63,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
             f"this file's content (default: ${ACCESS_TOKEN_ENV} if set, else no token)"
         ),
     )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return seconds
 
 
 def read_access_token(path: str | None) -> str | None:
@@ -79,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             args.persist_granularity,
             compute_md5=args.compute_md5,
             access_token=read_access_token(args.access_token_file),
+            session_ttl=args.session_ttl,
         )
     except (OSError, ValueError) as exc:
         print(f"rup gcs-server: {exc}", file=sys.stderr)

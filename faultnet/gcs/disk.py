@@ -48,7 +48,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from faultnet.gcs.model import BucketInfo, ObjectInfo, SessionParams
+from faultnet.gcs.model import BucketInfo, FinishedSession, ObjectInfo, SessionParams
 from faultnet.gcs.storage import Block, LoadedSession, LoadedState, SessionBytes
 
 __all__ = ["CRASH_AT_ENV", "CRASH_STEPS", "DiskSessionBytes", "DiskStorage"]
@@ -178,32 +178,33 @@ class DiskStorage:
 
     def _load_sessions(
         self, made_by: dict[str, ObjectInfo]
-    ) -> tuple[list[LoadedSession], dict[str, ObjectInfo]]:
+    ) -> tuple[list[LoadedSession], dict[str, FinishedSession]]:
         sessions: list[LoadedSession] = []
-        finished: dict[str, ObjectInfo] = {}
+        finished: dict[str, FinishedSession] = {}
         directory = self.data_dir / "sessions"
         known: set[str] = set()
         for state_path in sorted(directory.glob("*.json")):
             state = _read_json(state_path)
             upload_id = state["uploadId"]
             known.add(state_path.stem)
-            result = state.get("finished")
-            if result is None and state_path.stem in made_by:
+            if "finished" in state:
+                record = FinishedSession.from_json(state)
+            elif state_path.stem in made_by:
                 # Killed after publishing, before recording it: the session is done.
-                info = made_by[state_path.stem]
-                self._record_finished(upload_id, info)
-                result = info.to_json()
-            if result is not None:
-                finished[upload_id] = ObjectInfo.from_json(result)
-                with contextlib.suppress(FileNotFoundError):
-                    state_path.with_suffix(".part").unlink()
+                params = SessionParams.from_json(state["params"])
+                record = FinishedSession(made_by[state_path.stem], params.created)
+                self._record_finished(upload_id, record)
+            else:
+                params = SessionParams.from_json(state["params"])
+                held = DiskSessionBytes(state_path.with_suffix(".part"))
+                sessions.append(LoadedSession(upload_id, params, held))
                 continue
-            params = SessionParams.from_json(state["params"])
-            held = DiskSessionBytes(state_path.with_suffix(".part"))
-            sessions.append(LoadedSession(upload_id, params, held))
+            finished[upload_id] = record
+            with contextlib.suppress(FileNotFoundError):
+                state_path.with_suffix(".part").unlink()
         for part in directory.glob("*.part"):
             if part.stem not in known:
-                part.unlink()  # its session was deleted, and the kill came in between
+                part.unlink()  # no session owns it (deleted or expired, then a kill)
         return sessions, finished
 
     # -- buckets ------------------------------------------------------------------------
@@ -277,9 +278,10 @@ class DiskStorage:
         self,
         upload_id: str,
         held: SessionBytes,
-        info: ObjectInfo,
+        finished: FinishedSession,
         replaced: ObjectInfo | None,
     ) -> None:
+        info = finished.result
         self._crash_point("tail-appended")
         part = self._session_path(upload_id, ".part")
         data = self._data_path(info)
@@ -287,12 +289,12 @@ class DiskStorage:
         _fsync_directory(data.parent)
         self._crash_point("data-linked")
         self._publish(info, session=part.stem, replaced=replaced, crash_points=True)
-        self._record_finished(upload_id, info)
+        self._record_finished(upload_id, finished)
         self._crash_point("session-finished")
         part.unlink()
 
-    def _record_finished(self, upload_id: str, info: ObjectInfo) -> None:
-        record = {"uploadId": upload_id, "finished": info.to_json()}
+    def _record_finished(self, upload_id: str, finished: FinishedSession) -> None:
+        record = {"uploadId": upload_id, **finished.to_json()}
         self._write_atomically(self._session_path(upload_id, ".json"), record)
 
     def remove_session(self, upload_id: str) -> None:

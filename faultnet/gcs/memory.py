@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from faultnet.gcs.model import BucketInfo, ObjectInfo, SessionParams
+from faultnet.gcs.model import BucketInfo, FinishedSession, ObjectInfo, SessionParams
 from faultnet.gcs.storage import Block, LoadedState, SessionBytes
 
 __all__ = ["MemorySessionBytes", "MemoryStorage"]
@@ -86,10 +86,10 @@ class MemoryStorage:
         self,
         upload_id: str,
         held: SessionBytes,
-        info: ObjectInfo,
+        finished: FinishedSession,
         replaced: ObjectInfo | None,
     ) -> None:
-        self.write_object(info, held.segments(), replaced)
+        self.write_object(finished.result, held.segments(), replaced)
 
     def remove_session(self, upload_id: str) -> None:
         pass  # the session's bytes go with the session object

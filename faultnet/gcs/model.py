@@ -18,6 +18,7 @@ from faultnet.gcs.errors import GcsApiError
 
 __all__ = [
     "BucketInfo",
+    "FinishedSession",
     "ObjectInfo",
     "Preconditions",
     "SessionInfo",
@@ -185,7 +186,7 @@ class SessionInfo:
 
 @dataclass(frozen=True)
 class SessionParams:
-    """What a resumable upload is fixed to when it starts."""
+    """What a resumable upload is fixed to when it starts (``created``: epoch seconds)."""
 
     bucket: str
     name: str
@@ -193,6 +194,7 @@ class SessionParams:
     metadata: Mapping[str, str]
     declared_size: int | None
     preconditions: Preconditions
+    created: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -202,6 +204,7 @@ class SessionParams:
             "metadata": dict(self.metadata),
             "declaredSize": self.declared_size,
             "preconditions": self.preconditions.to_json(),
+            "created": self.created,
         }
 
     @classmethod
@@ -213,4 +216,20 @@ class SessionParams:
             metadata=dict(data["metadata"]),
             declared_size=data["declaredSize"],
             preconditions=Preconditions.from_json(data["preconditions"]),
+            created=float(data.get("created", 0.0)),
         )
+
+
+@dataclass(frozen=True)
+class FinishedSession:
+    """What is left of a session once it finalized: its result, and when it started."""
+
+    result: ObjectInfo
+    created: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"finished": self.result.to_json(), "created": self.created}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FinishedSession:
+        return cls(ObjectInfo.from_json(data["finished"]), float(data.get("created", 0.0)))

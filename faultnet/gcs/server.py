@@ -30,6 +30,7 @@ was raised, never its text (which may hold a file path or a request's secrets).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import logging
 import os
@@ -46,7 +47,7 @@ from faultnet.gcs.errors import GcsApiError, error_body
 from faultnet.gcs.http11 import HttpConnection, PeerGoneError, ProtocolError, Request, Response
 from faultnet.gcs.resumable import UPLOAD_QUANTUM
 from faultnet.gcs.retry_test import RetryTests
-from faultnet.gcs.store import Store
+from faultnet.gcs.store import DEFAULT_SESSION_TTL, Store
 
 __all__ = ["GcsServer"]
 
@@ -66,6 +67,9 @@ class GcsServer:
     ``compute_md5=False`` saves most of the CPU ingest costs, for benchmarks on small
     machines; objects then have no ``md5Hash``. ``access_token``: a secret every request
     must carry as ``Authorization: Bearer <token>`` (see the module's docstring).
+    ``session_ttl``: seconds after its start when a resumable session is forgotten and its
+    files deleted, whether abandoned or finished (default: a week, as on GCS); checked at
+    start and then every quarter of it (at most every minute).
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class GcsServer:
         sleep: Callable[[float], None] | None = None,
         compute_md5: bool = True,
         access_token: str | None = None,
+        session_ttl: float = DEFAULT_SESSION_TTL,
     ) -> None:
         if chunk_persist_granularity < 0:
             raise ValueError("chunk_persist_granularity must be >= 0")
@@ -90,7 +95,9 @@ class GcsServer:
         self._expected_authorization = (
             None if access_token is None else f"Bearer {access_token}".encode()
         )
-        self.store = Store(data_dir, compute_md5=compute_md5)
+        self.store = Store(data_dir, compute_md5=compute_md5, session_ttl=session_ttl)
+        # Often enough that a session outlives its TTL by a quarter of it at most.
+        self._sweep_interval = min(max(session_ttl / 4, 0.05), 60.0)
         self.retry_tests = RetryTests()
         self._stopping = threading.Event()
         self.api = GcsApi(
@@ -128,7 +135,8 @@ class GcsServer:
         self._stopping.clear()
         listener = socket.create_server(self._requested, backlog=512)
         self._listener = listener
-        self._spawn(self._accept_loop, listener, name="gcs-accept")
+        self._spawn(lambda: self._accept_loop(listener), name="gcs-accept")
+        self._spawn(self._sweep_loop, name="gcs-sweep")
 
     def stop(self) -> None:
         """Close the listener and every connection, wake stalls, and join all threads."""
@@ -175,12 +183,10 @@ class GcsServer:
     def _interruptible_sleep(self, seconds: float) -> None:
         self._stopping.wait(seconds)
 
-    def _spawn(
-        self, target: Callable[[socket.socket], None], sock: socket.socket, *, name: str
-    ) -> None:
+    def _spawn(self, target: Callable[[], None], *, name: str) -> None:
         def run() -> None:
             try:
-                target(sock)
+                target()
             finally:
                 with self._lock:
                     self._threads.discard(threading.current_thread())
@@ -192,6 +198,14 @@ class GcsServer:
             thread.start()
 
     # -- connections --------------------------------------------------------------------
+
+    def _sweep_loop(self) -> None:
+        """Expire old sessions until :meth:`stop` (the store also does so when it loads)."""
+        while not self._stopping.wait(self._sweep_interval):
+            try:
+                self.store.expire_sessions()
+            except Exception as exc:  # a sweep that fails is retried by the next one
+                logger.error("session sweep failed: %s", _describe(exc))  # noqa: TRY400
 
     def _accept_loop(self, listener: socket.socket) -> None:
         while not self._stopping.is_set():
@@ -210,7 +224,7 @@ class GcsServer:
                     sock.close()
                     return
                 self._sockets.add(sock)
-            self._spawn(self._serve, sock, name=f"gcs-conn-{peer[1]}")
+            self._spawn(functools.partial(self._serve, sock), name=f"gcs-conn-{peer[1]}")
 
     def _serve(self, sock: socket.socket) -> None:
         connection = HttpConnection(

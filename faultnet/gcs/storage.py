@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
-from faultnet.gcs.model import BucketInfo, ObjectInfo, SessionParams
+from faultnet.gcs.model import BucketInfo, FinishedSession, ObjectInfo, SessionParams
 
 __all__ = ["Block", "LoadedSession", "LoadedState", "SessionBytes", "Storage"]
 
@@ -60,7 +60,7 @@ class LoadedState:
     buckets: Sequence[BucketInfo] = ()
     objects: Sequence[ObjectInfo] = ()
     sessions: Sequence[LoadedSession] = ()
-    finished: dict[str, ObjectInfo] = field(default_factory=dict)  # upload id -> result
+    finished: dict[str, FinishedSession] = field(default_factory=dict)  # by upload id
 
 
 class Storage(Protocol):
@@ -90,12 +90,12 @@ class Storage(Protocol):
         self,
         upload_id: str,
         held: SessionBytes,
-        info: ObjectInfo,
+        finished: FinishedSession,
         replaced: ObjectInfo | None,
     ) -> None:
-        """Turn the session's bytes into ``info``'s generation, atomically.
+        """Turn the session's bytes into ``finished.result``'s generation, atomically.
 
-        Afterwards the session is finished: only its result, ``info``, is kept.
+        Afterwards the session is finished: only ``finished`` is kept.
         """
 
     def remove_session(self, upload_id: str) -> None:

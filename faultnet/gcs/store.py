@@ -30,7 +30,14 @@ from faultnet.gcs.digest import RunningDigest, encode_crc32c, encode_md5
 from faultnet.gcs.disk import DiskStorage
 from faultnet.gcs.errors import GcsApiError
 from faultnet.gcs.memory import MemoryStorage
-from faultnet.gcs.model import BucketInfo, ObjectInfo, Preconditions, SessionInfo, SessionParams
+from faultnet.gcs.model import (
+    BucketInfo,
+    FinishedSession,
+    ObjectInfo,
+    Preconditions,
+    SessionInfo,
+    SessionParams,
+)
 from faultnet.gcs.names import (
     check_bucket_name,
     check_content_type,
@@ -39,7 +46,10 @@ from faultnet.gcs.names import (
 )
 from faultnet.gcs.storage import Block, SessionBytes, Storage
 
-__all__ = ["Store", "UploadSession"]
+__all__ = ["DEFAULT_SESSION_TTL", "Store", "UploadSession"]
+
+#: how long a resumable session lives, counted from its start: GCS's one week
+DEFAULT_SESSION_TTL = 7 * 24 * 3600.0
 
 NO_PRECONDITIONS = Preconditions()
 
@@ -67,6 +77,8 @@ class UploadSession:
         #: the highest persisted size ever reported to a client (a lying fault goes below)
         self.acknowledged_size = 0
         self.held = held
+        #: True once the session is deleted or expired: nothing more may be stored
+        self.gone = False
         self._size = held.size
         self.digest = RunningDigest(md5=compute_md5)
         for block in held.blocks():
@@ -91,8 +103,7 @@ class UploadSession:
         ``digest=False`` skips hashing: for the final block, whose digest the caller
         already has.
         """
-        if self.result is not None:
-            raise GcsApiError(400, "upload already finalized")
+        self.check_live()
         view = memoryview(data)
         if not view.nbytes:
             return
@@ -100,6 +111,13 @@ class UploadSession:
         if digest:
             self.digest.update(view)
         self._size += view.nbytes
+
+    def check_live(self) -> None:
+        """Raise unless bytes may still be stored: 404 once gone, 400 once finalized."""
+        if self.gone:
+            raise GcsApiError(404, "No such upload session.", reason="notFound")
+        if self.result is not None:
+            raise GcsApiError(400, "upload already finalized")
 
     def segments(self) -> tuple[memoryview, ...]:
         """The stored bytes, in order, as held in memory (empty on disk)."""
@@ -162,18 +180,27 @@ class Store:
 
     ``compute_md5=False`` leaves objects without ``md5Hash`` (see :class:`RunningDigest`);
     an upload that asks for an MD5 check is then refused rather than passed unchecked.
+    A session, in progress or finished, is forgotten (and its files deleted) once it is
+    ``session_ttl`` seconds old: see :meth:`expire_sessions`.
     """
 
     def __init__(
-        self, data_dir: str | os.PathLike[str] | None = None, *, compute_md5: bool = True
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        compute_md5: bool = True,
+        session_ttl: float = DEFAULT_SESSION_TTL,
     ) -> None:
+        if not session_ttl > 0:
+            raise ValueError("session_ttl must be > 0")
         self.compute_md5 = compute_md5
+        self.session_ttl = session_ttl
         self._storage: Storage = MemoryStorage() if data_dir is None else DiskStorage(data_dir)
         self._lock = threading.Lock()
         self._buckets: dict[str, BucketInfo] = {}
         self._objects: dict[str, dict[str, ObjectInfo]] = {}
         self._sessions: dict[str, UploadSession] = {}  # in progress
-        self._finished: dict[str, ObjectInfo] = {}  # upload id -> what it finalized into
+        self._finished: dict[str, FinishedSession] = {}  # by upload id
         self._last_generation = 0
         self._load()
 
@@ -190,6 +217,7 @@ class Store:
                 found.upload_id, found.params, found.held, compute_md5=self.compute_md5
             )
         self._finished.update(loaded.finished)
+        self.expire_sessions()
 
     # -- buckets ------------------------------------------------------------------------
 
@@ -358,7 +386,7 @@ class Store:
         _check_new_object(name, content_type, metadata)
         upload_id = secrets.token_urlsafe(24)
         params = SessionParams(
-            bucket, name, content_type, dict(metadata), declared_size, preconditions
+            bucket, name, content_type, dict(metadata), declared_size, preconditions, time.time()
         )
         with self._lock:
             preconditions.check(self._live_generation(bucket, name))
@@ -371,11 +399,11 @@ class Store:
         """The session ``upload_id``; a finished one is rebuilt from its result (no bytes)."""
         with self._lock:
             session = self._sessions.get(upload_id)
-            result = self._finished.get(upload_id)
+            finished = self._finished.get(upload_id)
         if session is not None:
             return session
-        if result is not None:
-            return UploadSession.finished(upload_id, result)
+        if finished is not None:
+            return UploadSession.finished(upload_id, finished.result)
         raise GcsApiError(404, "No such upload session.", reason="notFound")
 
     def sessions(self) -> list[SessionInfo]:
@@ -384,17 +412,42 @@ class Store:
             sessions = list(self._sessions.values())
             finished = list(self._finished.values())
         return [session.snapshot() for session in sessions] + [
-            SessionInfo(info.bucket, info.name, info.size, info.size, finalized=True)
-            for info in finished
+            SessionInfo(f.result.bucket, f.result.name, f.result.size, f.result.size, True)
+            for f in finished
         ]
 
     def delete_session(self, session: UploadSession) -> None:
         """Forget ``session``; later requests for it get 404. Caller holds its lock."""
+        session.gone = True
         with self._lock:
             self._sessions.pop(session.upload_id, None)
             self._finished.pop(session.upload_id, None)
             self._storage.remove_session(session.upload_id)
         session.discard()
+
+    def expire_sessions(self) -> int:
+        """Forget every session older than :attr:`session_ttl`; returns how many.
+
+        Its files go with it. A session busy with a request right now is left for the
+        next sweep rather than waited for: a sweep never blocks behind a slow client.
+        """
+        deadline = time.time() - self.session_ttl
+        with self._lock:
+            stale = [s for s in self._sessions.values() if s.params.created <= deadline]
+            finished = [i for i, f in self._finished.items() if f.created <= deadline]
+            for upload_id in finished:
+                del self._finished[upload_id]
+                self._storage.remove_session(upload_id)
+        expired = len(finished)
+        for session in stale:
+            if session.lock.acquire(blocking=False):
+                try:
+                    if session.result is None:
+                        self.delete_session(session)
+                        expired += 1
+                finally:
+                    session.lock.release()
+        return expired
 
     def finalize_session(
         self,
@@ -410,6 +463,7 @@ class Store:
         precondition (412) leaves the session as it was and creates no object.
         """
         params = session.params
+        session.check_live()
         with self._lock:
             params.preconditions.check(self._live_generation(params.bucket, params.name))
         crc32c, md5 = session.digest.digests_with(tail)
@@ -427,12 +481,13 @@ class Store:
                 md5,
                 params.metadata,
             )
-            self._storage.publish_session(session.upload_id, session.held, info, replaced)
+            finished = FinishedSession(info, params.created)
+            self._storage.publish_session(session.upload_id, session.held, finished, replaced)
             self._objects[params.bucket][params.name] = info
             # Only the result stays; requests already holding ``session`` see it final.
             session.result = info
             self._sessions.pop(session.upload_id, None)
-            self._finished[session.upload_id] = info
+            self._finished[session.upload_id] = finished
         session.discard()
         return info
 
