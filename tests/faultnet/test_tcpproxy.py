@@ -30,6 +30,7 @@ from faultnet.tcpproxy import (
     ToxicNotFoundError,
     open_chaos_proxy,
 )
+from tests.faultnet.command_output import read_lines
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -988,12 +989,7 @@ async def test_cli_relays_until_interrupted(echo_address: Address) -> None:
         assert process.stdout is not None
         assert process.stderr is not None
         with trio.fail_after(60):  # a deadline against a hang, not a timing assertion
-            banner = b""
-            while banner.count(b"\n") < 3:
-                chunk = await process.stdout.receive_some()
-                assert chunk, banner
-                banner += chunk
-            listening, control_line, plan_line = banner.decode().splitlines()[:3]
+            listening, control_line, plan_line = await read_lines(process.stdout, 3)
             host, port = listening.split()[2].rstrip(",").split(":")
             assert control_line.startswith("control API on http://127.0.0.1:")
             assert plan_line == "plan: seed=4"

@@ -27,6 +27,7 @@ from faultnet.tcpproxy import (
     open_proxy_collection,
     parse_address,
 )
+from tests.faultnet.command_output import read_lines
 
 T = TypeVar("T")
 
@@ -363,12 +364,7 @@ async def test_the_command_serves_toxiproxys_api_alone_with_a_config_file(
         process = await nursery.start(partial(run, check=False))
         assert process.stdout is not None
         with trio.fail_after(60):  # a deadline against a hang, not a timing assertion
-            banner = b""
-            while banner.count(b"\n") < 2:
-                chunk = await process.stdout.receive_some()
-                assert chunk, banner
-                banner += chunk
-            proxy_line, control_line = banner.decode().splitlines()[:2]
+            proxy_line, control_line = await read_lines(process.stdout, 2)
             assert proxy_line.startswith("from_config: listening on 127.0.0.1:")
             control = parse_address(control_line.removeprefix("control API on http://"))
 
