@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import random
 
@@ -315,14 +316,14 @@ async def test_a_doomed_resume_fails_before_any_byte_is_sent(
         await first.wait_committed(512 * KiB)
         session_uri = first.session_uri
     winner = await upload(target.bucket, "doomed", b"winner", settings)
-    options = {"session_uri": session_uri, "if_generation_match": 0}
+    resume = functools.partial(
+        open_writer, target.bucket, "doomed", settings, session_uri=session_uri
+    )
     # Unchecked, the resumed writer takes bytes that GCS will refuse only at the end.
-    async with open_writer(target.bucket, "doomed", settings, **options) as unchecked:
+    async with resume(if_generation_match=0) as unchecked:
         assert unchecked.committed_offset == 512 * KiB
     with pytest.raises(NonRetryableHTTPError, match="live generation is") as refused:
-        async with open_writer(
-            target.bucket, "doomed", settings, check_generation_first=True, **options
-        ):
+        async with resume(if_generation_match=0, check_generation_first=True):
             pytest.fail("a doomed upload must not open")
     assert refused.value.status == 412
     assert f"generation is {winner.generation}, not 0" in str(refused.value)
