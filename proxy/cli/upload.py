@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import os
 import ssl
 import sys
@@ -209,6 +210,7 @@ def _summary(result: UploadResult) -> dict[str, Any]:
         "bytes_sent": result.bytes_sent,
         "reconnects": result.reconnects,
         "resent_bytes": dict(result.resent_bytes_by_cause),
+        "restarts": result.restarts,
         "errors": dict(result.errors_by_code),
     }
 
@@ -220,7 +222,26 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     return code
 
 
+class _NoticeHandler(logging.Handler):
+    """The client library's notices (``rup.client`` warnings) as ``rup upload: ...`` lines.
+
+    It looks ``sys.stderr`` up at each line, so a progress bar that redirects stderr keeps
+    the line above the bar.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"rup upload: {record.getMessage()}", file=sys.stderr)
+
+
+def _show_client_notices() -> None:
+    logger = logging.getLogger("rup.client")
+    if not any(isinstance(handler, _NoticeHandler) for handler in logger.handlers):
+        logger.addHandler(_NoticeHandler(logging.WARNING))
+        logger.propagate = False
+
+
 def run(args: argparse.Namespace) -> int:
+    _show_client_notices()
     problem = _usage(args)
     if problem is not None:
         return _fail(args, problem, EXIT_USAGE)

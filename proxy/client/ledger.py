@@ -43,6 +43,8 @@ class Ledger:
         self.last_progress = trio.current_time()
         self.bytes_sent = 0
         self.reconnects = 0
+        #: times the upload started again from byte 0 (the proxy could not resume its token)
+        self.restarts = 0
         self.resent_bytes_by_cause: dict[str, int] = {}
         self.errors_by_code: dict[str, int] = {}
 
@@ -185,6 +187,23 @@ class Ledger:
 
     def _count_resent(self, cause: str, length: int) -> None:
         self.resent_bytes_by_cause[cause] = self.resent_bytes_by_cause.get(cause, 0) + length
+
+    def restart(self) -> None:
+        """Start again from byte 0 under a new upload: the proxy holds nothing of it.
+
+        Only for a source that still holds every byte (:attr:`Source.holds_everything`).
+        """
+        assert self._source is None or self._source.holds_everything
+        self._count_resent("restarted", self._received.total)
+        self.restarts += 1
+        self._received = RangeSet()
+        self._to_send = RangeSet()
+        self._committed = 0
+        self._window_end = 0
+        if self._source is not None:
+            self._to_send.add(0, self._source.available)
+        self.mark_progress()
+        self.notify()
 
     @contextmanager
     def watch_acks(self) -> Iterator[RangeSet]:

@@ -42,7 +42,8 @@ TRANSITIONS: Final[dict[UploadState, frozenset[UploadState]]] = {
     _S.NEW: frozenset({_S.OPENING, _S.SENDING, _S.FAILED, _S.DETACHED}),
     # back to NEW: the connection sending OpenUpload was lost before the reply
     _S.OPENING: frozenset({_S.NEW, _S.SENDING, _S.FAILED, _S.DETACHED}),
-    _S.SENDING: frozenset({_S.ABORTING, _S.COMPLETED, _S.FAILED, _S.DETACHED}),
+    # back to NEW: the proxy cannot resume the token, and the source still holds every byte
+    _S.SENDING: frozenset({_S.NEW, _S.ABORTING, _S.COMPLETED, _S.FAILED, _S.DETACHED}),
     _S.ABORTING: frozenset({_S.ABORTED, _S.FAILED, _S.DETACHED}),
     _S.COMPLETED: frozenset(),
     _S.ABORTED: frozenset(),

@@ -22,6 +22,8 @@ class UploadProgress:
     resent_bytes: int
     #: seconds since the last connection to the proxy was lost, while none is up (else None)
     retrying_for: float | None = None
+    #: times the upload started again from byte 0 because the proxy could not resume it
+    restarts: int = 0
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class UploadResult:
     reconnects: int
     resent_bytes_by_cause: Mapping[str, int]
     errors_by_code: Mapping[str, int]
+    #: times the upload started again from byte 0 because the proxy could not resume it
+    restarts: int = 0
 
     @property
     def throughput(self) -> float:

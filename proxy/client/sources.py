@@ -37,6 +37,10 @@ class Source(Protocol):
     async def read(self, start: int, end: int) -> tuple[bytes | memoryview, int | None]:
         """The bytes of ``[start, end)`` and their CRC32C if it is known without a pass."""
 
+    @property
+    def holds_everything(self) -> bool:
+        """Whether every byte can still be read, so the upload could start again from 0."""
+
     def release(self, committed: int) -> None:
         """Bytes below ``committed`` are in GCS and are never read again."""
 
@@ -82,6 +86,10 @@ class FileSource:
     @property
     def available(self) -> int:
         return self.size
+
+    @property
+    def holds_everything(self) -> bool:
+        return True  # a file is read again for any piece
 
     async def read(self, start: int, end: int) -> tuple[bytes | memoryview, int | None]:
         """The bytes of ``[start, end)`` and their CRC32C."""
@@ -185,6 +193,12 @@ class StreamSource:
         #: bytes that are in blocks, hence sendable
         self.available = 0
         self.total: int | None = None
+        #: blocks below this were dropped (committed): a restart from 0 cannot send them
+        self._released_below = 0
+
+    @property
+    def holds_everything(self) -> bool:
+        return self._released_below == 0
 
     def append(self, data: bytes) -> None:
         self.written += len(data)
@@ -233,6 +247,7 @@ class StreamSource:
     def release(self, committed: int) -> None:
         for base in [b for b, (block, _) in self._blocks.items() if b + len(block) <= committed]:
             del self._blocks[base]
+            self._released_below = max(self._released_below, base + self._block_size)
 
     def close(self) -> None:
         self._blocks.clear()

@@ -19,22 +19,45 @@ closes every connection; the proxy keeps the upload resumable with its token.
 
 from __future__ import annotations
 
+import logging
 import random
 import ssl
 import time
+from typing import Final
 
 import trio
 
-from protocol import AttachUpload, OpenUpload, Status, StatusQuery, UploadOpened
+from protocol import (
+    AttachUpload,
+    Error,
+    ErrorCode,
+    OpenUpload,
+    Status,
+    StatusQuery,
+    UploadOpened,
+)
 from protocol.ranges import ByteRange, RangeSet
 from proxy.client.channel import Channel
-from proxy.client.errors import ProxyUnreachableError, UploadError, unexpected_reply
+from proxy.client.errors import (
+    ConnectionLostError,
+    ProxyUnreachableError,
+    UploadError,
+    UploadRejectedError,
+    unexpected_reply,
+)
 from proxy.client.ledger import Ledger
 from proxy.client.lifecycle import Lifecycle, UploadState
 from proxy.client.results import UploadProgress
 from proxy.client.settings import ClientSettings, Connector, UploadOptions
 
 __all__ = ["Transfer"]
+
+_log: Final = logging.getLogger("rup.client")
+
+#: Attach refusals that mean "this proxy cannot open your token": not an attack, and not an
+#: authentication failure. BAD_TOKEN is what a version-1 peer says instead of
+#: TOKEN_NOT_RESUMABLE; for a token this client was given, it means the same.
+_NOT_RESUMABLE: Final = frozenset({ErrorCode.TOKEN_NOT_RESUMABLE, ErrorCode.BAD_TOKEN})
 
 
 class Transfer:
@@ -169,6 +192,7 @@ class Transfer:
                 connections=len(self._channels),
                 reconnects=ledger.reconnects,
                 resent_bytes=sum(ledger.resent_bytes_by_cause.values()),
+                restarts=ledger.restarts,
                 retrying_for=(
                     None
                     if self._unavailable_since is None
@@ -301,13 +325,44 @@ class Transfer:
             self._ledger.notify()
             return
         await self._opened.wait()
-        assert self._token is not None
-        attached = await channel.request(AttachUpload(token=self._token), blocking=True)
+        token = self._token
+        assert token is not None
+        attached = await channel.request(AttachUpload(token=token), blocking=True)
+        if isinstance(attached, Error) and attached.code in _NOT_RESUMABLE:
+            if token is self._token:  # the first connection to hear it: start again
+                self._start_again(attached)
+            await self._bind(channel)  # the refused attach left the connection unbound
+            return
         if not isinstance(attached, UploadOpened):
             raise unexpected_reply(attached, "AttachUpload")
         self._ledger.note_attached(attached.committed_offset, resumed=attached.resumed)
         self._bound(channel)
         await self.catch_up(channel)
+
+    def _start_again(self, refusal: Error) -> None:
+        """The proxy cannot open the token (it restarted with another key, say): open a new
+        upload and send everything again, if the source still holds everything."""
+        self._ledger.count_error(refusal.code)
+        source = self._ledger.source
+        if self.aborting or (source is not None and not source.holds_everything):
+            raise UploadRejectedError(
+                ErrorCode.TOKEN_NOT_RESUMABLE,
+                f"{self._description}: the proxy cannot resume this upload (it restarted with"
+                " another key, or the token is damaged), and the first bytes of the stream are"
+                " gone: upload it again",
+            )
+        _log.warning(
+            "%s: the proxy cannot resume this upload (it restarted with another key, or the"
+            " token is damaged): starting again from byte 0",
+            self._description,
+        )
+        self._token = None
+        self._opened = trio.Event()
+        for other in list(self._channels):  # bound to the old upload: they must bind anew
+            other.fail(ConnectionLostError("the upload starts again from byte 0"))
+        self._ledger.restart()
+        self.move(UploadState.NEW)
+        self.report()
 
     async def _request_open(self, channel: Channel) -> UploadOpened:
         reply = await channel.request(self._open_request, blocking=True)

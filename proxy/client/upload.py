@@ -192,6 +192,7 @@ class Upload:
             reconnects=ledger.reconnects,
             resent_bytes_by_cause=dict(ledger.resent_bytes_by_cause),
             errors_by_code=dict(ledger.errors_by_code),
+            restarts=ledger.restarts,
         )
 
     async def abort(self) -> None:

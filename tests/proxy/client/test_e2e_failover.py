@@ -24,6 +24,7 @@ import trio
 import trustme
 from google.cloud import storage  # type: ignore[import-untyped]
 
+from protocol import ErrorCode
 from proxy.client import (
     ClientSettings,
     RetryPolicy,
@@ -32,6 +33,7 @@ from proxy.client import (
     UploadProgress,
     UploadResult,
     upload_file,
+    upload_stream,
 )
 from proxy.server import ProxyServer
 
@@ -203,3 +205,68 @@ async def test_a_certificate_the_client_does_not_trust_ends_the_upload_at_once(
         with pytest.raises(UploadError, match="certificate not accepted"):
             await upload_file(path, "gs://bkt/o", options)
     assert trio.current_time() - started < 2.0
+
+
+@pytest.mark.parametrize("source", ["file", "stream"])
+async def test_a_proxy_back_with_another_key_makes_a_file_start_again_from_zero(
+    start_proxy: StartProxy,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    tmp_path: Path,
+    source: str,
+) -> None:
+    # The restarted proxy cannot open the token. A file is whole on disk: the client opens a
+    # new upload and sends it all again. A stream has dropped its committed bytes: it fails,
+    # with TOKEN_NOT_RESUMABLE (not an authentication error).
+    data = os.urandom(8 * MiB)
+    path = tmp_path / "payload"
+    path.write_bytes(data)
+    halfway, done = trio.Event(), trio.Event()
+    outcome: list[UploadResult | UploadError] = []
+
+    def progress(snapshot: UploadProgress) -> None:
+        if snapshot.committed >= 2 * MiB:
+            halfway.set()
+
+    async def upload(address: tuple[str, int]) -> None:
+        options = UploadOptions(
+            proxy=address, settings=dataclasses.replace(SETTINGS, connections=2), progress=progress
+        )
+        url = f"gs://{gcs_bucket}/again-{source}"
+        try:
+            if source == "file":
+                outcome.append(await upload_file(path, url, options))
+            else:
+                outcome.append(await upload_stream(chunks(data), url, options))
+        except UploadError as exc:
+            outcome.append(exc)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as first_life:
+            async with start_proxy() as first:
+                address = first.address
+                nursery.start_soon(upload, address)
+                await halfway.wait()
+                first_life.cancel()
+        with trio.fail_after(60):
+            async with start_proxy(port=address[1], token_key=os.urandom(32)):
+                await done.wait()
+
+    (result,) = outcome
+    if source == "file":
+        assert isinstance(result, UploadResult), result
+        assert result.restarts == 1
+        assert result.resent_bytes_by_cause["restarted"] >= 2 * MiB
+        assert {"BAD_TOKEN", "TOKEN_NOT_RESUMABLE"} & set(result.errors_by_code)
+        assert await stored(storage_client, gcs_bucket, "again-file") == data
+    else:
+        assert isinstance(result, UploadError)
+        assert result.code is ErrorCode.TOKEN_NOT_RESUMABLE
+        assert "cannot resume" in result.message
+
+
+async def chunks(data: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), 256 * KiB):
+        await trio.lowlevel.checkpoint()
+        yield data[start : start + 256 * KiB]
