@@ -136,7 +136,7 @@ class ErrorSpec:
 
 _R = FrameType
 _ANY: Final = frozenset(t for t in FrameType if t.is_request)
-_OPENS: Final = frozenset({_R.OPEN_UPLOAD})
+_OPENS: Final = frozenset({_R.OPEN_UPLOAD, _R.PUT_OBJECT})
 # Requests about the bound upload: once it has failed, each of these gets the failure.
 _ON_UPLOAD: Final = frozenset(
     {_R.ATTACH_UPLOAD, _R.WRITE_AT, _R.COMPLETE, _R.ABORT, _R.STATUS_QUERY}
@@ -239,7 +239,7 @@ ERROR_SPECS: Final[dict[ErrorCode, ErrorSpec]] = _specs(
             " object is finalized",
         ),
         ErrorSpec(
-            ErrorCode.CHECKSUM_MISMATCH, _S.UPLOAD, False, _ON_UPLOAD, True,
+            ErrorCode.CHECKSUM_MISMATCH, _S.UPLOAD, False, _ON_UPLOAD | {_R.PUT_OBJECT}, True,
             "the object's CRC32C is not the one the client gave: final, the object is not"
             " stored and every later request on the upload gets this error",
         ),
