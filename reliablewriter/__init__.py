@@ -4,6 +4,7 @@ See ``docs/reliablewriter.md`` for the design and :func:`open_writer` to start.
 """
 
 from .blocking import BlockingWriter, open_blocking_writer
+from .cancel import CancelResult, cancel_session
 from .errors import (
     ChecksumMismatchError,
     IncompleteObjectError,
@@ -26,6 +27,7 @@ from .writer import ReliableWriter, open_writer
 __all__ = [
     "CHUNK_QUANTUM",
     "BlockingWriter",
+    "CancelResult",
     "ChecksumMismatchError",
     "ChecksumMode",
     "IncompleteObjectError",
@@ -45,6 +47,7 @@ __all__ = [
     "WriterError",
     "WriterSettings",
     "WriterStats",
+    "cancel_session",
     "open_blocking_writer",
     "open_writer",
 ]

@@ -32,6 +32,7 @@ __all__ = [
     "ResumableState",
     "RetryLater",
     "SessionGone",
+    "error_reason",
     "plan_chunk",
 ]
 
@@ -123,7 +124,7 @@ class SessionGone:
 Outcome = Persisted | Finished | RetryLater | SessionGone
 
 
-def _reason(response: HttpResponse) -> str:
+def error_reason(response: HttpResponse) -> str:
     """GCS's own explanation of an error, shortened; never includes request URLs."""
     try:
         message = json.loads(response.body)["error"]["message"]
@@ -182,7 +183,7 @@ class ResumableState:
         raise NonRetryableHTTPError(
             "GCS refused the upload",
             status=status,
-            reason=_reason(response),
+            reason=error_reason(response),
             name=self.name,
             offset=self.committed,
         )

@@ -34,6 +34,9 @@ __all__ = [
     "SessionOptions",
     "TransportFailure",
     "UploadInterrupted",
+    "delete_session",
+    "http_session",
+    "request_timeout",
 ]
 
 
@@ -195,15 +198,11 @@ class GcsTransport:
     def __init__(self, blob: storage.Blob, *, connect_timeout: float, read_timeout: float) -> None:
         self._blob = blob
         self._client = blob.bucket.client
-        # urllib3 keeps the connect timeout on the socket until the request is sent, so
-        # it is what bounds each body slice's send; a stalled send must not outlast the
-        # progress timeout.
-        self._timeout = (min(connect_timeout, read_timeout), read_timeout)
+        self._timeout = request_timeout(connect_timeout, read_timeout)
 
     @property
     def http(self) -> requests.Session:
-        session: requests.Session = self._client._http
-        return session
+        return http_session(self._client)
 
     def create_session(self, options: SessionOptions) -> str | HttpResponse:
         """Start a resumable session; its URI, or GCS's refusal.
@@ -299,11 +298,35 @@ class GcsTransport:
 
     def delete(self, uri: str) -> HttpResponse:
         """Cancel the session at ``uri`` (GCS answers 499 when it did)."""
-        failure: TransportFailure | None = None
-        try:
-            with self.http.request("DELETE", uri, timeout=self._timeout) as response:
-                return _response(response)
-        except _NETWORK_ERRORS as exc:
-            failure = TransportFailure(_cause_of(exc))
-            _scrub(exc)
-        raise failure
+        return delete_session(self.http, uri, self._timeout)
+
+
+def http_session(client: storage.Client) -> requests.Session:
+    """The storage client's own ``requests`` session: its credentials, endpoint override
+    and mounted adapters (faultnet's fault injector) apply to whatever goes through it."""
+    session: requests.Session = client._http
+    return session
+
+
+def request_timeout(connect_timeout: float, read_timeout: float) -> tuple[float, float]:
+    """requests' (connect, read) timeout pair for one request.
+
+    urllib3 keeps the connect timeout on the socket until the request is sent, so it is
+    what bounds each body slice's send; a stalled send must not outlast the read timeout.
+    """
+    return (min(connect_timeout, read_timeout), read_timeout)
+
+
+def delete_session(http: requests.Session, uri: str, timeout: tuple[float, float]) -> HttpResponse:
+    """DELETE the resumable session at ``uri``: GCS answers 499 when it cancelled it.
+
+    Raises :class:`TransportFailure` if no whole answer came back.
+    """
+    failure: TransportFailure | None = None
+    try:
+        with http.request("DELETE", uri, timeout=timeout) as response:
+            return _response(response)
+    except _NETWORK_ERRORS as exc:
+        failure = TransportFailure(_cause_of(exc))
+        _scrub(exc)
+    raise failure
