@@ -4,6 +4,15 @@ The registry opens uploads (a new GCS session and a token) and attaches to them 
 taking the upload over from GCS when this process does not hold it). Upload tasks run in
 the nursery given at construction (the server's), so they outlive the connections that
 start them; a finished upload's outcome stays findable for ``result_retention``.
+
+Tokens are safe to replay. An open reads the object's live generation (one metadata
+request, so a doomed ``if_generation_match`` fails before any byte is sent) and pins it in
+the token: every GCS session the token can ever start carries that precondition, so once
+the upload completed (or anything else wrote the object) GCS itself refuses to write it
+again. An attach whose session GCS no longer knows (aborted, expired, finished and
+forgotten) is UPLOAD_FINISHED, never a silent new session; the session URI is rebuilt from
+this proxy's endpoint, never taken from the token. An upload released for idleness keeps
+its session for ``resume_window``, then it is cancelled (:mod:`proxy.server.dormant`).
 """
 
 from __future__ import annotations
@@ -15,12 +24,15 @@ from collections import Counter as TallyCounter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import requests
 import trio
+from google.api_core import exceptions as api_exceptions
 
 from protocol import ErrorCode
-from proxy.server.backend import Backend
+from proxy.server.backend import Backend, SessionReferenceError
 from proxy.server.budget import BufferBudget
-from proxy.server.errors import ServerError
+from proxy.server.dormant import DormantSessions
+from proxy.server.errors import ServerError, quote
 from proxy.server.logging import get_logger, log_event
 from proxy.server.metrics import ServerMetrics
 from proxy.server.settings import ServerSettings
@@ -70,6 +82,8 @@ class UploadRegistry:
         self._opening: dict[str, trio.Event] = {}
         self._claims: dict[Upload, _Claim] = {}
         self._per_client: TallyCounter[str] = TallyCounter()
+        self._dormant = DormantSessions(backend, settings.resume_window, settings.writer)
+        nursery.start_soon(self._dormant.run)
         metrics.buffer_held.set_function(self.held_bytes)
 
     # --- what uploads use (UploadHost) ------------------------------------------------
@@ -131,17 +145,25 @@ class UploadRegistry:
                 ErrorCode.FORBIDDEN,
                 f"writing {request.bucket}/{request.name} is not allowed by this proxy",
             )
+        pinned = dataclasses.replace(
+            request, if_generation_match=await self._generation_to_replace(request)
+        )
         upload_id = secrets.token_urlsafe(12)
-        upload = await self._start(upload_id, request, client, session_uri=None)
+        upload = await self._start(upload_id, pinned, client, session_uri=None)
+        try:
+            reference = self._backend.session_reference(request.bucket, upload.session_uri())
+        except SessionReferenceError as exc:
+            await upload.abort()
+            raise ServerError(ErrorCode.GCS_ERROR, str(exc), retryable=False) from exc
         ticket = self.codec.issue(
             upload_id=upload_id,
             bucket=request.bucket,
             name=request.name,
-            session_uri=upload.session_uri(),
+            session_ref=reference,
             content_type=request.content_type,
             metadata=request.metadata,
             expected_size=request.expected_size,
-            if_generation_match=request.if_generation_match,
+            if_generation_match=pinned.if_generation_match,
         )
         upload.token = self.codec.seal(ticket)
         self._metrics.uploads_started.inc()
@@ -166,8 +188,10 @@ class UploadRegistry:
         """
         try:
             ticket = self.codec.open(token)
-        except BadTokenError as exc:
-            raise ServerError(ErrorCode.BAD_TOKEN, str(exc)) from exc
+            session_uri = self._backend.session_uri(ticket.bucket, ticket.session_ref)
+        except (BadTokenError, SessionReferenceError) as exc:
+            # Not an authentication failure: a restart with another key looks the same.
+            raise ServerError(ErrorCode.TOKEN_NOT_RESUMABLE, _not_resumable(exc)) from exc
         while ticket.upload_id in self._opening:
             await self._opening[ticket.upload_id].wait()
         upload = self._uploads.get(ticket.upload_id)
@@ -182,17 +206,13 @@ class UploadRegistry:
                 ErrorCode.FORBIDDEN,
                 f"writing {ticket.bucket}/{ticket.name} is not allowed by this proxy",
             )
+        self._dormant.forget(ticket.upload_id)
+        # A session GCS no longer knows fails the start with UPLOAD_FINISHED: the writer
+        # never replaces it, since it may have been aborted or completed elsewhere.
         upload = await self._start(
-            ticket.upload_id, _request_from(ticket), client, session_uri=ticket.session_uri
+            ticket.upload_id, _request_from(ticket), client, session_uri=session_uri
         )
-        session_uri = upload.writer.session_uri
-        # GCS may have forgotten the session, in which case the writer started a new one
-        # (from offset 0): the token must lead to the new session from now on.
-        upload.token = (
-            token
-            if session_uri == ticket.session_uri
-            else self.codec.seal(dataclasses.replace(ticket, session_uri=session_uri))
-        )
+        upload.token = token
         self._metrics.uploads_resumed.inc()
         log_event(
             logger,
@@ -252,7 +272,50 @@ class UploadRegistry:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         await upload.run(session_uri, task_status=task_status)
+        if upload.state is UploadState.RELEASED:
+            # Released for idleness (a shutdown cancels this task before it gets here).
+            self._keep_session_for_a_while(upload)
         await self._retire(upload)
+
+    def _keep_session_for_a_while(self, upload: Upload) -> None:
+        try:
+            ticket = self.codec.open(upload.token)
+        except BadTokenError:
+            return  # expired: nobody can resume it; the endpoint expires the session
+        self._dormant.remember(ticket, upload.committed_offset)
+
+    async def _generation_to_replace(self, request: OpenRequest) -> int:
+        """The generation a new upload of ``request`` may replace: 0 when there is none.
+
+        One metadata request; a precondition the client gave that the live object already
+        contradicts fails here, before any byte is sent.
+        """
+        try:
+            live = await trio.to_thread.run_sync(
+                self._backend.live_generation, request.bucket, request.name
+            )
+        except api_exceptions.GoogleAPICallError as exc:
+            code = ErrorCode.FORBIDDEN if exc.code in (401, 403) else ErrorCode.GCS_ERROR
+            retryable = None if code is ErrorCode.FORBIDDEN else _retryable_status(exc.code)
+            raise ServerError(
+                code,
+                f"could not look up {quote(request.name)}: HTTP {exc.code}",
+                retryable=retryable,
+            ) from None
+        except requests.RequestException as exc:
+            raise ServerError(
+                ErrorCode.GCS_ERROR,
+                f"could not look up {quote(request.name)}: {type(exc).__name__}",
+                retryable=True,
+            ) from None
+        wanted = request.if_generation_match
+        if wanted is not None and wanted != live:
+            raise ServerError(
+                ErrorCode.PRECONDITION_FAILED,
+                f"if_generation_match={wanted}, but the live generation of "
+                f"{quote(request.bucket)}/{quote(request.name)} is {live}",
+            )
+        return live
 
     async def _retire(self, upload: Upload) -> None:
         """Keep a finished upload's outcome visible for a while, then forget it."""
@@ -260,6 +323,16 @@ class UploadRegistry:
             await trio.sleep(self._settings.result_retention)
         if self._uploads.get(upload.upload_id) is upload:
             del self._uploads[upload.upload_id]
+
+
+def _retryable_status(status: int | None) -> bool:
+    return status is None or status >= 500 or status in (408, 429)
+
+
+def _not_resumable(exc: BadTokenError | SessionReferenceError) -> str:
+    if isinstance(exc, BadTokenError):
+        return str(exc)
+    return "this proxy cannot resume that upload: the token is damaged"
 
 
 def _request_from(ticket: UploadTicket) -> OpenRequest:

@@ -1,13 +1,21 @@
 """Upload tokens: everything needed to resume an upload, sealed with the server's key.
 
-A token is the only state a proxy hands out. It carries the GCS resumable session URI,
-which is a bearer credential for the upload, so the token is encrypted as well as
-authenticated (AES-256-GCM). Any proxy instance holding the same key can open it and
-resume the upload from GCS alone, which is why proxies need no shared store.
+A token is the only state a proxy hands out. It carries a reference to the GCS resumable
+session (its ``upload_id``, a bearer credential for the upload), so the token is encrypted
+as well as authenticated (AES-256-GCM). Any proxy instance holding the same key can open it
+and resume the upload from GCS alone, which is why proxies need no shared store.
+
+A token never carries a URL: the proxy that resumes it builds the session URI from its own
+configured endpoint (see :meth:`proxy.server.backend.Backend.session_uri`), so a restarted
+endpoint may listen elsewhere, and even a forged token cannot point the proxy at another
+host. It also pins the generation the upload may replace (``if_generation_match``, 0 for
+"no object yet"), and every session started for it carries that precondition: once the
+upload completed, GCS itself refuses to write the object again from the same token.
 
 Wire form: ``version (1 byte) || nonce (12 bytes) || AES-GCM(ciphertext || tag)`` over a
 compact JSON document. The version byte is also bound in as associated data, so a token
-cannot be replayed under a different format.
+cannot be replayed under a different format. Version 1 tokens (which carried a URL) are
+refused.
 """
 
 from __future__ import annotations
@@ -28,9 +36,9 @@ __all__ = [
     "UploadTicket",
 ]
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _NONCE_SIZE = 12
-_ASSOCIATED_DATA = b"rup upload token v1"
+_ASSOCIATED_DATA = b"rup upload token v2"
 #: AES-GCM appends a 16-byte tag; anything shorter than header + tag cannot be a token
 _MIN_TOKEN_SIZE = 1 + _NONCE_SIZE + 16
 #: generous, but stops someone from making us decrypt megabytes
@@ -49,14 +57,16 @@ class BadTokenError(Exception):
 class UploadTicket:
     """What a token says about an upload.
 
-    ``upload_id`` names the upload inside one proxy process; ``session_uri`` is the secret
-    that lets any process resume it. ``repr`` hides the session URI.
+    ``upload_id`` names the upload inside one proxy process; ``session_ref`` (the GCS
+    session's ``upload_id``) is the secret that lets any process resume it, and ``repr``
+    hides it. ``if_generation_match`` is the generation the upload may replace (0: only
+    create), pinned when it opened, whether or not the client asked for a precondition.
     """
 
     upload_id: str
     bucket: str
     name: str
-    session_uri: str = field(repr=False)
+    session_ref: str = field(repr=False)
     content_type: str = "application/octet-stream"
     metadata: tuple[tuple[str, str], ...] = ()
     expected_size: int | None = None
@@ -69,7 +79,7 @@ class UploadTicket:
             "u": self.upload_id,
             "b": self.bucket,
             "n": self.name,
-            "s": self.session_uri,
+            "s": self.session_ref,
             "t": self.content_type,
             "m": [list(pair) for pair in self.metadata],
             "z": self.expected_size,
@@ -85,7 +95,7 @@ class UploadTicket:
             upload_id=str(doc["u"]),
             bucket=str(doc["b"]),
             name=str(doc["n"]),
-            session_uri=str(doc["s"]),
+            session_ref=str(doc["s"]),
             content_type=str(doc["t"]),
             metadata=metadata,
             expected_size=None if doc["z"] is None else int(doc["z"]),
@@ -111,7 +121,7 @@ class TokenCodec:
         upload_id: str,
         bucket: str,
         name: str,
-        session_uri: str,
+        session_ref: str,
         content_type: str,
         metadata: tuple[tuple[str, str], ...],
         expected_size: int | None,
@@ -123,7 +133,7 @@ class TokenCodec:
             upload_id=upload_id,
             bucket=bucket,
             name=name,
-            session_uri=session_uri,
+            session_ref=session_ref,
             content_type=content_type,
             metadata=metadata,
             expected_size=expected_size,
@@ -141,10 +151,15 @@ class TokenCodec:
     def open(self, token: bytes) -> UploadTicket:
         """The ticket inside ``token``; :class:`BadTokenError` unless genuine and unexpired."""
         if not _MIN_TOKEN_SIZE <= len(token) <= _MAX_TOKEN_SIZE:
-            raise BadTokenError(f"upload token has an impossible length ({len(token)} bytes)")
+            raise BadTokenError(
+                f"this proxy cannot resume that upload: a token of {len(token)} bytes is damaged"
+            )
         header, nonce, sealed = token[:1], token[1 : 1 + _NONCE_SIZE], token[1 + _NONCE_SIZE :]
         if header[0] != _FORMAT_VERSION:
-            raise BadTokenError(f"upload token format {header[0]} is not supported")
+            raise BadTokenError(
+                f"this proxy cannot resume that upload: its token has format {header[0]}, "
+                f"this proxy reads format {_FORMAT_VERSION} only"
+            )
         try:
             plaintext = self._aead.decrypt(nonce, sealed, _ASSOCIATED_DATA + header)
         except InvalidTag:
@@ -158,5 +173,7 @@ class TokenCodec:
             # Authentic but unreadable: only a server bug could produce this.
             raise BadTokenError("upload token is authentic but malformed") from exc
         if self._clock() >= ticket.expires_at:
-            raise BadTokenError(f"upload token for upload {ticket.upload_id} has expired")
+            raise BadTokenError(
+                f"this proxy cannot resume upload {ticket.upload_id}: its token has expired"
+            )
         return ticket

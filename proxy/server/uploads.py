@@ -49,6 +49,7 @@ from reliablewriter import (
     ObjectInfo,
     PendingWrite,
     ReliableWriter,
+    SessionLostError,
     WriterAbortedError,
     WriterClosedError,
     WriterError,
@@ -208,6 +209,10 @@ def error_from_writer(exc: WriterError) -> ServerError:
         return ServerError(ErrorCode.CHECKSUM_MISMATCH, str(exc))
     if isinstance(exc, WriterAbortedError):
         return ServerError(ErrorCode.ABORTED, str(exc))
+    if isinstance(exc, SessionLostError) and not exc.lost_range:
+        # Gone while resuming (or with nothing of ours lost): aborted, expired or finished,
+        # perhaps on another proxy. Its token can never write again.
+        return ServerError(ErrorCode.UPLOAD_FINISHED, str(exc))
     return ServerError(ErrorCode.GCS_ERROR, str(exc), retryable=False)
 
 
@@ -547,6 +552,9 @@ class Upload:
                 if_generation_match=request.if_generation_match,
                 expected_size=request.expected_size,
                 session_uri=session_uri,
+                # Only the process that opened the session knows nothing was committed;
+                # a token's session that is gone is never replaced (see registry.attach).
+                restart_if_nothing_committed=session_uri is None,
             ) as writer:
                 self._writer = writer
                 async with trio.open_nursery() as nursery:

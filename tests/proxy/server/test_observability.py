@@ -78,7 +78,7 @@ async def test_metrics_endpoint_counts_an_upload(
         await client.send(Complete(len(data)))
         await client.reply(Completed)
         await client.send(AttachUpload(b"not a token at all, clearly not"))
-        assert (await client.error()).code is ErrorCode.BAD_TOKEN
+        assert (await client.error()).code is ErrorCode.BAD_TOKEN  # v1's name for it
 
         status, body = await _scrape(server.metrics_address)
         missing, _ = await _scrape(server.metrics_address, "/other")
@@ -89,7 +89,7 @@ async def test_metrics_endpoint_counts_an_upload(
     assert _sample(body, "rup_uploads_completed_total") == 1
     assert _sample(body, "rup_bytes_received_total") == len(data)
     assert _sample(body, "rup_bytes_committed_total") == len(data)
-    assert 'rup_errors_sent_total{code="BAD_TOKEN"} 1.0' in body
+    assert 'rup_errors_sent_total{code="TOKEN_NOT_RESUMABLE"} 1.0' in body
     assert _sample(body, "rup_buffer_reserved_bytes") == 0
     assert _sample(body, "rup_buffer_held_bytes") == 0
     assert _sample(body, "rup_connections") == 1

@@ -9,7 +9,7 @@ import pytest
 from proxy.server.keys import key_from_text
 from proxy.server.tokens import BadTokenError, TokenCodec, UploadTicket
 
-SESSION_URI = "http://127.0.0.1:9/upload/storage/v1/b/bkt/o?uploadType=resumable&upload_id=s3cr3t"
+SESSION_REF = "s3cr3t-upload-id"
 
 
 class FakeClock:
@@ -25,7 +25,7 @@ def _ticket(codec: TokenCodec) -> UploadTicket:
         upload_id="u1",
         bucket="bkt",
         name="dir/object.bin",
-        session_uri=SESSION_URI,
+        session_ref=SESSION_REF,
         content_type="text/plain",
         metadata=(("k", "v"),),
         expected_size=1234,
@@ -41,11 +41,11 @@ def test_seal_then_open_round_trips_every_field() -> None:
     opened = codec.open(codec.seal(ticket))
 
     assert opened == ticket
-    assert opened.session_uri == SESSION_URI
+    assert opened.session_ref == SESSION_REF
     assert opened.expires_at == clock.now + 60.0
 
 
-def test_token_hides_the_session_uri() -> None:
+def test_token_hides_the_session_reference() -> None:
     codec = TokenCodec(os.urandom(32), lifetime=60.0)
     token = codec.seal(_ticket(codec))
 
@@ -98,6 +98,22 @@ def test_expired_token_is_refused_with_its_upload_named() -> None:
     token = codec.seal(_ticket(codec))
     clock.now += 60.0
 
-    with pytest.raises(BadTokenError, match="upload u1 has expired") as info:
+    with pytest.raises(BadTokenError, match="upload u1: its token has expired") as info:
         codec.open(token)
     assert "s3cr3t" not in str(info.value)
+
+
+def test_a_token_of_another_format_is_not_resumable_and_says_so() -> None:
+    codec = TokenCodec(os.urandom(32), lifetime=60.0)
+    token = bytearray(codec.seal(_ticket(codec)))
+    token[0] = 1  # the format that carried a session URL
+
+    with pytest.raises(BadTokenError, match="cannot resume that upload: its token has format 1"):
+        codec.open(bytes(token))
+
+
+def test_a_token_carries_no_url() -> None:
+    codec = TokenCodec(os.urandom(32), lifetime=60.0)
+    document = _ticket(codec).to_json()
+
+    assert not any("://" in str(value) for value in document.values())
