@@ -31,6 +31,7 @@ __all__ = [
     "frame",
     "merge_writes",
     "negotiated_pair",
+    "put_object_body",
     "request_seq",
     "transfer",
 ]
@@ -70,7 +71,7 @@ def bound_pair(max_frame_size: int = 64 * 1024) -> tuple[Connection, Connection]
     return client, server
 
 
-def request_seq(event: Event) -> int:
+def request_seq(event: object) -> int:
     seq = getattr(event, "seq", None)
     assert isinstance(seq, int)
     return seq
@@ -100,6 +101,20 @@ def frame(
 
 def body(frame_type: FrameType, **fields: object) -> bytes:
     return bytes(BODIES[frame_type].build(fields))
+
+
+def put_object_body(data: bytes) -> bytes:
+    """A PUT_OBJECT body built by hand (so no codec check stands in the way)."""
+    return body(
+        FrameType.PUT_OBJECT,
+        bucket="b",
+        name="o",
+        content_type="",
+        metadata=[],
+        if_generation_match=None,
+        crc32c=None,
+        data=data,
+    )
 
 
 @dataclass(frozen=True)

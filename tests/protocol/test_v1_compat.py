@@ -31,10 +31,10 @@ from protocol import (
 from protocol._spec import FrameType
 from tests.protocol.helpers import (
     ReceivedWrite,
-    body,
     drain,
     frame,
     merge_writes,
+    put_object_body,
     request_seq,
     transfer,
 )
@@ -149,17 +149,7 @@ def test_a_version_1_server_refuses_version_2_frames_as_unknown() -> None:
     client = Connection(Role.CLIENT, versions=V1)
     (hello,) = transfer(client, server, client.hello())
     transfer(server, client, server.welcome(hello))  # type: ignore[arg-type]
-    put = body(
-        FrameType.PUT_OBJECT,
-        bucket="b",
-        name="o",
-        content_type="",
-        metadata=[],
-        if_generation_match=None,
-        crc32c=None,
-        data=b"x",
-    )
-    server.receive_data(frame(FrameType.PUT_OBJECT, 2, put))
+    server.receive_data(frame(FrameType.PUT_OBJECT, 2, put_object_body(b"x")))
     with pytest.raises(RemoteProtocolError) as excinfo:
         server.next_event()
     assert excinfo.value.code is ErrorCode.UNKNOWN_FRAME_TYPE
