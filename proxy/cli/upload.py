@@ -8,19 +8,24 @@ Exit codes:
 2     usage error: bad arguments, unreadable file
 3     the proxy refused the credentials or the bucket/object
 4     a precondition failed (``--if-generation-match``)
-5     the proxy could not be reached, or kept failing, within the retry budget
+5     the proxy could not be reached, or kept failing, for --retry-deadline seconds
 6     the stored object does not match what was sent (size or CRC32C)
-130   interrupted (Ctrl-C)
+130   interrupted (Ctrl-C): the upload stays resumable
 ====  ==============================================================
 
 Errors are a single line on stderr. A progress bar shows on stderr when it is a terminal;
 ``--json`` prints one summary line on stdout instead, for success and for failure.
+
+A file upload keeps a resume record (:mod:`proxy.cli.upload_state`) until it completes, so
+rerunning the same command after Ctrl-C, a kill or exit 5 resumes it: only the bytes the
+proxy lacks are sent. A changed file, or ``--no-resume``, starts over.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -33,18 +38,20 @@ import trio
 
 from protocol import MIN_FRAME_SIZE, ErrorCode
 from proxy.cli.progress import UploadBar
+from proxy.cli.upload_state import FileIdentity, ResumeRecord, ResumeStore
 from proxy.client import (
     ChecksumMismatchError,
     ClientSettings,
     ProxyUnreachableError,
     RetryPolicy,
+    Upload,
     UploadError,
     UploadOptions,
     UploadProgress,
     UploadResult,
+    connect_upload,
     parse_gs_url,
     proxy_addresses,
-    upload_file,
     upload_stream,
 )
 
@@ -76,6 +83,8 @@ _DENIED_CODES: Final = frozenset(
     {ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN, ErrorCode.BAD_TOKEN}
 )
 _STDIN_READ_SIZE: Final = 1024 * 1024
+#: seconds between rewrites of a file upload's resume record
+_RECORD_INTERVAL: Final = 0.5
 
 
 def exit_code_for(error: UploadError) -> int:
@@ -136,6 +145,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="give up after this long without progress while the proxy is unreachable or"
         " failing (default %(default)g)",
     )
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start afresh even if an earlier run of this upload was interrupted (this run"
+        " is still recorded, so a rerun resumes it)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON summary line")
 
 
@@ -193,7 +208,79 @@ async def _upload(args: argparse.Namespace, bar: UploadBar | None) -> UploadResu
     )
     if args.source == "-":
         return await upload_stream(_stdin_chunks(), args.url, options)
-    return await upload_file(args.source, args.url, options)
+    store = ResumeStore.default()
+    if args.no_resume:
+        store.remove(args.source, args.url)  # forget the earlier run; this one is recorded
+    return await _upload_file_resumably(args.source, args.url, options, store)
+
+
+async def _upload_file_resumably(
+    source: str, url: str, options: UploadOptions, store: ResumeStore
+) -> UploadResult:
+    """Upload ``source``, resuming the upload an earlier run left behind, and keeping a
+    record of this one until it completes, so that a rerun after Ctrl-C or a kill resumes.
+
+    The record goes once the upload completes or fails for good; it stays when the upload may
+    still succeed (interrupted, killed, or the proxy unreachable).
+    """
+    identity = FileIdentity.of(source)
+    record = store.load(source, url)
+    token = None
+    if record is not None and record.identity != identity:
+        _notice(f"{source} changed since the interrupted upload: starting over")
+        store.remove(source, url)
+    elif record is not None:
+        token = record.token
+        _notice(
+            f"resuming the interrupted upload of {source}"
+            f" ({record.confirmed_bytes} of {identity.size} bytes were confirmed)"
+        )
+    options = dataclasses.replace(options, token=token, expected_size=identity.size)
+    try:
+        async with connect_upload(url, options) as upload:
+            await upload.send_file(source)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_keep_record, store, identity, url, upload)
+                result = await upload.complete()
+                nursery.cancel_scope.cancel()
+    except UploadError as exc:
+        if not exc.retryable:
+            store.remove(source, url)
+        raise
+    store.remove(source, url)
+    return result
+
+
+async def _keep_record(
+    store: ResumeStore, identity: FileIdentity, url: str, upload: Upload
+) -> None:
+    """Write the resume record now, then every :data:`_RECORD_INTERVAL` while it changes."""
+    written: ResumeRecord | None = None
+    while True:
+        token = upload.token
+        if token is not None:
+            record = ResumeRecord(
+                identity=identity, url=url, token=token, confirmed=tuple(upload.confirmed_ranges())
+            )
+            if record != written:
+                store.save(record)
+                written = record
+        await trio.sleep(_RECORD_INTERVAL)
+
+
+def _notice(message: str) -> None:
+    print(f"rup upload: {message}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace, bar: UploadBar | None) -> UploadResult:
+    try:
+        return trio.run(_upload, args, bar)
+    except BaseExceptionGroup as group:
+        # Ctrl-C inside a trio nursery arrives grouped; anything else in the group is real.
+        interrupts, others = group.split(KeyboardInterrupt)
+        if interrupts is not None and others is None:
+            raise KeyboardInterrupt from None
+        raise
 
 
 def _summary(result: UploadResult) -> dict[str, Any]:
@@ -247,12 +334,13 @@ def run(args: argparse.Namespace) -> int:
         return _fail(args, problem, EXIT_USAGE)
     try:
         if args.json or not sys.stderr.isatty():
-            result = trio.run(_upload, args, None)
+            result = _run(args, None)
         else:
             with UploadBar(args.url) as bar:
-                result = trio.run(_upload, args, bar)
+                result = _run(args, bar)
     except KeyboardInterrupt:
-        return _fail(args, "interrupted", EXIT_INTERRUPTED)
+        resumable = "" if args.source == "-" else "; rerun the same command to resume"
+        return _fail(args, f"interrupted{resumable}", EXIT_INTERRUPTED)
     except UploadError as exc:
         return _fail(args, exc.message, exit_code_for(exc))
     except (OSError, ssl.SSLError) as exc:

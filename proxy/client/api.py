@@ -2,10 +2,10 @@
 
 Each takes the destination (``gs://bucket/object``) and one
 :class:`~proxy.client.settings.UploadOptions`. Cancellation: cancelling any call here
-abandons the upload on this side; the proxy keeps it resumable until its idle timeout, then
-GCS keeps the session for a week. Leaving :func:`connect_upload`'s block with an exception
-(other than a cancellation) and without :meth:`~proxy.client.upload.Upload.complete` aborts
-the upload.
+abandons the upload on this side, and so does ``KeyboardInterrupt``: the proxy keeps it
+resumable (give :attr:`~proxy.client.upload.Upload.token` as ``UploadOptions.token`` to
+resume it) until its resume window ends. Leaving :func:`connect_upload`'s block with any
+other exception and without :meth:`~proxy.client.upload.Upload.complete` aborts the upload.
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ async def connect_upload(url: str, options: UploadOptions) -> AsyncIterator[Uplo
     """Open an upload of ``url`` (``gs://bucket/object``) and yield it once opened.
 
     Give the data with :meth:`Upload.send_file` or :meth:`Upload.write`, then call
-    :meth:`Upload.complete`. Leaving the block with an exception and without completing
-    aborts the upload.
+    :meth:`Upload.complete`. Leaving the block with an exception (but a cancellation or a
+    ``KeyboardInterrupt``) and without completing aborts the upload. With
+    ``options.token``, the upload of an earlier run is resumed: only what the proxy lacks is
+    sent.
     """
     bucket, name = parse_gs_url(url)
     addresses = proxy_addresses(options.proxy)
@@ -85,7 +87,11 @@ async def connect_upload(url: str, options: UploadOptions) -> AsyncIterator[Uplo
                         raise
                     except BaseException as exc:  # re-raised below, outside the nursery
                         body_error = exc
-                    if not transfer.lifecycle.over:
+                    # Ctrl-C leaves the upload resumable (rerun with its token); any other
+                    # exception means the caller gave up on it
+                    if not transfer.lifecycle.over and not _is_interrupt(body_error):
+                        # a block left because its scope was cancelled abandons, not aborts
+                        await trio.lowlevel.checkpoint_if_cancelled()
                         with (
                             trio.move_on_after(_ABORT_ON_EXIT_TIMEOUT, shield=True),
                             suppress(UploadError),
@@ -126,3 +132,11 @@ async def upload_stream(
         async for chunk in chunks:
             await upload.write(chunk)
         return await upload.complete()
+
+
+def _is_interrupt(error: BaseException | None) -> bool:
+    """Whether ``error`` is Ctrl-C (perhaps grouped by a nursery of the caller's)."""
+    if isinstance(error, BaseExceptionGroup):
+        interrupts, others = error.split(KeyboardInterrupt)
+        return interrupts is not None and others is None
+    return isinstance(error, KeyboardInterrupt)

@@ -96,10 +96,15 @@ class Ledger:
         self.extend(0, source.available)
 
     def extend(self, start: int, end: int) -> None:
-        """``[start, end)`` became readable from the source: it is to be sent."""
-        self._to_send.add(start, end)
-        self._to_send.remove(0, self._committed)
+        """``[start, end)`` became readable from the source: what the proxy lacks of it is to
+        be sent (a resumed upload's proxy may hold some already)."""
+        for gap_start, gap_end in self._received.missing(max(start, self._committed), end):
+            self._to_send.add(gap_start, gap_end)
         self.notify()
+
+    def received_ranges(self) -> list[ByteRange]:
+        """What the proxy has acknowledged holding, lowest first."""
+        return list(self._received)
 
     async def read(self, piece: ByteRange) -> tuple[bytes | memoryview, int | None]:
         assert self._source is not None

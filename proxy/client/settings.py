@@ -118,3 +118,6 @@ class UploadOptions:
     if_generation_match: int | None = None
     expected_size: int | None = None
     progress: Callable[[UploadProgress], None] | None = None
+    #: resume the upload this token belongs to (:attr:`Upload.token` of an earlier run); if
+    #: the proxy cannot resume it, a new upload is opened and every byte is sent
+    token: bytes | None = field(default=None, repr=False)

@@ -43,6 +43,7 @@ from proxy.client.errors import (
     ProxyUnreachableError,
     UploadError,
     UploadRejectedError,
+    condemns_upload,
     unexpected_reply,
 )
 from proxy.client.ledger import Ledger
@@ -82,7 +83,8 @@ class Transfer:
         self.lifecycle = Lifecycle()
         self._ledger = Ledger(options.settings.frame_size, self.report)
         self._opened = trio.Event()
-        self._token: bytes | None = None
+        #: given to resume an upload, else issued by the proxy at the open
+        self._token: bytes | None = options.token
         self._channels: set[Channel] = set()
         self._cancel_scope = trio.CancelScope()
         self.started = time.monotonic()
@@ -307,21 +309,29 @@ class Transfer:
         self._unavailable_since = None
 
     async def _bind(self, channel: Channel) -> None:
-        """Open the upload (first connection) or attach to it, and catch up with its state."""
+        """Open the upload (first connection) or attach to it, and catch up with its state.
+
+        The first connection of an upload given a token (a resume) attaches with it and asks
+        for Status; if the proxy no longer has that upload, it opens a new one instead:
+        nothing of this run's data was sent yet, so nothing is lost.
+        """
         if self.lifecycle.at(UploadState.NEW):
             self.move(UploadState.OPENING)
             try:
-                reply = await self._request_open(channel)
+                resumed = await self._request_resume(channel) if self._token else None
+                opened = resumed or await self._request_open(channel)
             except BaseException:
                 if self.lifecycle.at(UploadState.OPENING):
                     self.move(UploadState.NEW)  # another connection (or this one, again) opens
                 raise
-            self._token = reply.token
-            self._ledger.note_committed(reply.committed_offset)
+            self._token = opened.token
+            self._ledger.note_attached(opened.committed_offset, resumed=opened.resumed)
             self.move(UploadState.SENDING)
             self._opened.set()
             self._ledger.mark_progress()
             self._bound(channel)
+            if resumed is not None:
+                await self.catch_up(channel)
             self._ledger.notify()
             return
         await self._opened.wait()
@@ -363,6 +373,25 @@ class Transfer:
         self._ledger.restart()
         self.move(UploadState.NEW)
         self.report()
+
+    async def _request_resume(self, channel: Channel) -> UploadOpened | None:
+        """Attach with the token given to resume; None if the proxy cannot resume it."""
+        assert self._token is not None
+        reply = await channel.request(AttachUpload(token=self._token), blocking=True)
+        if isinstance(reply, UploadOpened):
+            _log.info("%s: resuming, %d bytes committed", self._description, reply.committed_offset)
+            return reply
+        if isinstance(reply, Error) and (reply.code in _NOT_RESUMABLE or condemns_upload(reply)):
+            self._ledger.count_error(reply.code)
+            _log.warning(
+                "%s: cannot resume the interrupted upload (%s: %s): starting a new one",
+                self._description,
+                reply.code.name,
+                reply.message,
+            )
+            self._token = None
+            return None
+        raise unexpected_reply(reply, "AttachUpload")
 
     async def _request_open(self, channel: Channel) -> UploadOpened:
         reply = await channel.request(self._open_request, blocking=True)

@@ -54,6 +54,16 @@ class Upload:
         return self._transfer.lifecycle.state
 
     @property
+    def token(self) -> bytes | None:
+        """The upload's token: give it as :attr:`UploadOptions.token` to resume this upload
+        from another process. A secret: keep it like a password, never log it."""
+        return self._transfer.token
+
+    def confirmed_ranges(self) -> list[tuple[int, int]]:
+        """The byte ranges the proxy has acknowledged holding, lowest first."""
+        return self._ledger.received_ranges()
+
+    @property
     def committed_offset(self) -> int:
         """Bytes the proxy reports durable in GCS."""
         return self._ledger.committed

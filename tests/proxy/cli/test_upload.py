@@ -31,6 +31,13 @@ from proxy.server.settings import ServerSettings
 TOKEN = "sesame"
 
 
+@pytest.fixture(autouse=True)
+def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Resume records go to the test's own state dir, never the user's."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return tmp_path / "state" / "rup"
+
+
 @pytest.fixture
 def proxy_address(gcs_server: GcsServer) -> Iterator[str]:
     """A proxy that wants bearer token TOKEN, served from a background thread."""

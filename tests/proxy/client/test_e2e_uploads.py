@@ -35,6 +35,7 @@ from proxy.client import (
     UploadOptions,
     UploadProgress,
     UploadRejectedError,
+    UploadState,
     connect_upload,
     upload_file,
     upload_stream,
@@ -379,3 +380,39 @@ async def test_empty_file_and_empty_stream(
     assert from_file.crc32c == from_stream.crc32c == 0
     assert await stored(storage_client, gcs_bucket, "empty-file") == b""
     assert await stored(storage_client, gcs_bucket, "empty-stream") == b""
+
+
+async def test_a_cancelled_upload_is_resumed_from_another_run_with_its_token(
+    proxy_server: ProxyServer,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # The first run is cancelled halfway (as Ctrl-C would stop it): nothing is aborted, and a
+    # second run given the token sends only what the proxy lacks.
+    path, data = payload(8 * MiB)
+    url = f"gs://{gcs_bucket}/resumed"
+    halfway = trio.Event()
+
+    def progress(snapshot: UploadProgress) -> None:
+        if snapshot.bytes_received >= 3 * MiB:
+            halfway.set()
+
+    options = UploadOptions(proxy=proxy_server.address, settings=client_settings(2))
+    with trio.CancelScope() as first_run:
+        async with connect_upload(url, dataclasses.replace(options, progress=progress)) as upload:
+            token = upload.token
+            await upload.send_file(path)
+            await halfway.wait()
+            first_run.cancel()
+    assert token is not None
+    assert upload.state is UploadState.DETACHED
+    held = sum(end - start for start, end in upload.confirmed_ranges())
+    assert held >= 3 * MiB
+
+    async with connect_upload(url, dataclasses.replace(options, token=token)) as resumed:
+        assert resumed.token == token  # the same upload, not a new one
+        await resumed.send_file(path)
+        result = await resumed.complete()
+    assert result.bytes_sent <= len(data) - held + 1 * MiB  # at most one window more
+    assert await stored(storage_client, gcs_bucket, "resumed") == data
