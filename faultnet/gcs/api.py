@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote
 
 from faultnet.gcs.errors import GcsApiError
 from faultnet.gcs.http11 import Body, HttpConnection, Request, Response
-from faultnet.gcs.model import ObjectInfo, Preconditions
+from faultnet.gcs.model import ComposeSource, ObjectInfo, Preconditions
 from faultnet.gcs.resumable import (
     UPLOAD_QUANTUM,
     ChunkOutcome,
@@ -176,6 +176,8 @@ class GcsApi:
                 )
             if rest[1] == "o" and len(rest) == 2:
                 return _pick(verb, {"GET": ("storage.objects.list", self._list_objects)})
+            if rest[1] == "o" and len(rest) >= 4 and rest[-1] == "compose" and verb == "POST":
+                return "storage.objects.compose", self._compose
             if rest[1] == "o":
                 return _pick(
                     verb,
@@ -351,6 +353,31 @@ class GcsApi:
         bucket, name = _object_of(exchange)
         self.store.delete_object(bucket, name, Preconditions.from_query(exchange.request.query))
         return _empty_reply(204)
+
+    def _compose(self, exchange: Exchange) -> Reply:
+        query = exchange.request.query
+        bucket, name = _object_of(exchange, suffix="compose")
+        document = _read_json(exchange)
+        listed = document.get("sourceObjects")
+        if not isinstance(listed, list):
+            raise GcsApiError(400, "sourceObjects is required", reason="required")
+        sources = [_compose_source(item) for item in listed]
+        destination = document.get("destination") or {}
+        if not isinstance(destination, dict):
+            raise GcsApiError(400, "destination must be an object")
+        delete_sources = document.get("deleteSourceObjects", False)
+        if not isinstance(delete_sources, bool):
+            raise GcsApiError(400, "deleteSourceObjects must be a boolean")
+        info = self.store.compose(
+            bucket,
+            name,
+            sources,
+            content_type=str(destination.get("contentType") or "application/octet-stream"),
+            metadata=_custom_metadata(destination),
+            preconditions=Preconditions.from_query(query),
+            delete_sources=delete_sources,
+        )
+        return _json_reply(200, info.resource(exchange.base_url))
 
     # -- uploads ------------------------------------------------------------------------
 
@@ -555,14 +582,42 @@ def _bucket_of(exchange: Exchange) -> str:
     return segments[4] if segments[0] in ("download", "upload") else segments[3]
 
 
-def _object_of(exchange: Exchange) -> tuple[str, str]:
+def _object_of(exchange: Exchange, *, suffix: str | None = None) -> tuple[str, str]:
+    """(bucket, object name) of an object's path, less a trailing ``/suffix`` if given."""
     segments = _segments(exchange)
     if segments[0] == "download":
         segments = segments[1:]
+    if suffix is not None and segments[-1] == suffix:
+        segments = segments[:-1]
     name = "/".join(segments[5:])
     if not name:
         raise GcsApiError(400, "object name is required")
     return segments[3], name
+
+
+def _compose_source(item: object) -> ComposeSource:
+    """One entry of a compose request's ``sourceObjects``."""
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise GcsApiError(400, "each source object needs a name", reason="required")
+    preconditions = item.get("objectPreconditions") or {}
+    if not isinstance(preconditions, dict):
+        raise GcsApiError(400, "objectPreconditions must be an object")
+    return ComposeSource(
+        item["name"],
+        _generation_field(item.get("generation"), "generation"),
+        _generation_field(preconditions.get("ifGenerationMatch"), "ifGenerationMatch"),
+    )
+
+
+def _generation_field(value: object, key: str) -> int | None:
+    """A generation given as a JSON number or a decimal string (JSON API int64s are both)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise GcsApiError(400, f"Invalid value for {key}: {value!r}")
 
 
 def _decode_page_token(token: str | None) -> str | None:

@@ -17,7 +17,7 @@ import threading
 
 import google_crc32c
 
-__all__ = ["RunningDigest", "encode_crc32c", "encode_md5"]
+__all__ = ["RunningDigest", "decode_crc32c", "encode_crc32c", "encode_md5"]
 
 _CRC_SLICE = 1 << 20
 
@@ -25,6 +25,11 @@ _CRC_SLICE = 1 << 20
 def encode_crc32c(value: int) -> str:
     """GCS's form of a CRC32C: base64 of the big-endian 32-bit value."""
     return base64.b64encode(value.to_bytes(4, "big")).decode()
+
+
+def decode_crc32c(encoded: str) -> int:
+    """The value of a CRC32C in GCS's form (see :func:`encode_crc32c`)."""
+    return int.from_bytes(base64.b64decode(encoded), "big")
 
 
 def encode_md5(digest: bytes) -> str:

@@ -43,13 +43,13 @@ import json
 import os
 import secrets
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from faultnet.gcs.model import BucketInfo, FinishedSession, ObjectInfo, SessionParams
-from faultnet.gcs.storage import Block, LoadedSession, LoadedState, SessionBytes
+from faultnet.gcs.storage import Block, LoadedSession, LoadedState, SessionBytes, StagedObject
 
 __all__ = ["CRASH_AT_ENV", "CRASH_STEPS", "DiskSessionBytes", "DiskStorage"]
 
@@ -111,6 +111,17 @@ class DiskSessionBytes:
 
     def discard(self) -> None:
         pass  # nothing is held in memory
+
+
+class _StagedFile:
+    """A fsynced file in ``tmp/``, waiting to be renamed into place."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
 
 
 class DiskStorage:
@@ -222,16 +233,25 @@ class DiskStorage:
 
     # -- objects ------------------------------------------------------------------------
 
+    def stage_object(self, blocks: Iterable[Block]) -> StagedObject:
+        staged = _StagedFile(self._temp_path())
+        try:
+            with _create(staged.path) as file:
+                for block in blocks:
+                    file.write(block)
+                file.flush()
+                os.fsync(file.fileno())
+        except BaseException:
+            staged.discard()
+            raise
+        return staged
+
     def write_object(
-        self, info: ObjectInfo, blocks: Sequence[Block], replaced: ObjectInfo | None
+        self, info: ObjectInfo, staged: StagedObject, replaced: ObjectInfo | None
     ) -> None:
-        temp = self._temp_path()
-        with _create(temp) as file:
-            for block in blocks:
-                file.write(block)
-            file.flush()
-            os.fsync(file.fileno())
-        _rename_durably(temp, self._data_path(info))
+        if not isinstance(staged, _StagedFile):
+            raise TypeError("staged by another storage")
+        _rename_durably(staged.path, self._data_path(info))
         self._publish(info, session=None, replaced=replaced)
 
     def _publish(
@@ -259,6 +279,13 @@ class DiskStorage:
                 return file.read()
         except FileNotFoundError:
             return None
+
+    def object_blocks(self, info: ObjectInfo) -> Iterator[Block] | None:
+        try:
+            file = open(self._data_path(info), "rb")  # noqa: SIM115 - closed by _read_blocks
+        except FileNotFoundError:
+            return None
+        return _read_blocks(file)
 
     def remove_object(self, info: ObjectInfo) -> None:
         # The metadata first: once it is gone the object is, whatever a kill leaves.
@@ -315,6 +342,13 @@ class DiskStorage:
             file.flush()
             os.fsync(file.fileno())
         _rename_durably(temp, path)
+
+
+def _read_blocks(file: io.BufferedReader) -> Iterator[Block]:
+    """The rest of ``file`` in blocks; an open file stays readable if it is unlinked."""
+    with file:
+        while block := file.read(_READ_BLOCK):
+            yield block
 
 
 def _create(path: Path) -> io.BufferedWriter:

@@ -6,10 +6,10 @@ keeps each request's body (or a copy of a small part of one) rather than one buf
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 from faultnet.gcs.model import BucketInfo, FinishedSession, ObjectInfo, SessionParams
-from faultnet.gcs.storage import Block, LoadedState, SessionBytes
+from faultnet.gcs.storage import Block, LoadedState, SessionBytes, StagedObject
 
 __all__ = ["MemorySessionBytes", "MemoryStorage"]
 
@@ -48,6 +48,14 @@ class MemorySessionBytes:
         self._segments = []
 
 
+class _StagedBlocks:
+    def __init__(self, blocks: Iterable[Block]) -> None:
+        self.blocks = tuple(blocks)
+
+    def discard(self) -> None:
+        self.blocks = ()
+
+
 class MemoryStorage:
     """Object generations as tuples of blocks, keyed by (bucket, name, generation)."""
 
@@ -63,10 +71,15 @@ class MemoryStorage:
     def remove_bucket(self, name: str) -> None:
         pass
 
+    def stage_object(self, blocks: Iterable[Block]) -> StagedObject:
+        return _StagedBlocks(blocks)
+
     def write_object(
-        self, info: ObjectInfo, blocks: Sequence[Block], replaced: ObjectInfo | None
+        self, info: ObjectInfo, staged: StagedObject, replaced: ObjectInfo | None
     ) -> None:
-        self._data[info.bucket, info.name, info.generation] = tuple(blocks)
+        if not isinstance(staged, _StagedBlocks):
+            raise TypeError("staged by another storage")
+        self._data[info.bucket, info.name, info.generation] = staged.blocks
         if replaced is not None:
             self.remove_object(replaced)
 
@@ -75,6 +88,10 @@ class MemoryStorage:
         if data is None:
             return None
         return data[0] if len(data) == 1 and isinstance(data[0], bytes) else b"".join(data)
+
+    def object_blocks(self, info: ObjectInfo) -> Iterator[Block] | None:
+        data = self._data.get((info.bucket, info.name, info.generation))
+        return None if data is None else iter(data)
 
     def remove_object(self, info: ObjectInfo) -> None:
         self._data.pop((info.bucket, info.name, info.generation), None)
@@ -89,7 +106,7 @@ class MemoryStorage:
         finished: FinishedSession,
         replaced: ObjectInfo | None,
     ) -> None:
-        self.write_object(finished.result, held.segments(), replaced)
+        self.write_object(finished.result, _StagedBlocks(held.segments()), replaced)
 
     def remove_session(self, upload_id: str) -> None:
         pass  # the session's bytes go with the session object

@@ -18,6 +18,7 @@ from faultnet.gcs.errors import GcsApiError
 
 __all__ = [
     "BucketInfo",
+    "ComposeSource",
     "FinishedSession",
     "ObjectInfo",
     "Preconditions",
@@ -111,6 +112,8 @@ class ObjectInfo:
     time_created: datetime
     metadata: Mapping[str, str] = field(default_factory=dict)
     metageneration: int = 1
+    #: how many uploaded objects a composite object is made of; None if not composite
+    component_count: int | None = None
 
     def resource(self, base_url: str) -> dict[str, Any]:
         """The JSON API representation; links point at ``base_url`` (as the client saw us)."""
@@ -141,6 +144,8 @@ class ObjectInfo:
             resource["md5Hash"] = self.md5_hash
         if self.metadata:
             resource["metadata"] = dict(self.metadata)
+        if self.component_count is not None:
+            resource["componentCount"] = self.component_count
         return resource
 
     def to_json(self) -> dict[str, Any]:
@@ -155,6 +160,7 @@ class ObjectInfo:
             "timeCreated": self.time_created.isoformat(),
             "metadata": dict(self.metadata),
             "metageneration": self.metageneration,
+            "componentCount": self.component_count,
         }
 
     @classmethod
@@ -170,6 +176,7 @@ class ObjectInfo:
             time_created=datetime.fromisoformat(data["timeCreated"]),
             metadata=dict(data.get("metadata", {})),
             metageneration=int(data.get("metageneration", 1)),
+            component_count=data.get("componentCount"),
         )
 
 
@@ -182,6 +189,15 @@ class SessionInfo:
     persisted_size: int
     total_size: int | None
     finalized: bool
+
+
+@dataclass(frozen=True)
+class ComposeSource:
+    """One source of a compose: a live object, optionally pinned to a generation."""
+
+    name: str
+    generation: int | None = None
+    if_generation_match: int | None = None
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ METHODS = frozenset(
         "storage.objects.insert",
         "storage.objects.get",
         "storage.objects.delete",
+        "storage.objects.compose",
     }
 )
 

@@ -13,13 +13,20 @@ their own beyond what a session's bytes need (the caller holds that session's lo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
 from faultnet.gcs.model import BucketInfo, FinishedSession, ObjectInfo, SessionParams
 
-__all__ = ["Block", "LoadedSession", "LoadedState", "SessionBytes", "Storage"]
+__all__ = [
+    "Block",
+    "LoadedSession",
+    "LoadedState",
+    "SessionBytes",
+    "StagedObject",
+    "Storage",
+]
 
 #: a piece of an object's or a session's bytes, owned by whoever holds it
 Block: TypeAlias = bytes | memoryview
@@ -42,6 +49,13 @@ class SessionBytes(Protocol):
 
     def discard(self) -> None:
         """Let go of bytes held in memory (the session is deleted or finalized)."""
+
+
+class StagedObject(Protocol):
+    """An object's bytes, stored but not yet published (see :meth:`Storage.stage_object`)."""
+
+    def discard(self) -> None:
+        """Drop the bytes: the object will not be published after all."""
 
 
 @dataclass(frozen=True)
@@ -73,13 +87,27 @@ class Storage(Protocol):
 
     def remove_bucket(self, name: str) -> None: ...
 
+    def stage_object(self, blocks: Iterable[Block]) -> StagedObject:
+        """Store ``blocks`` (taking ownership), unpublished: the slow half of a write.
+
+        The store calls this without its lock held, so a large write (a compose of
+        gigabytes) holds up nobody; :meth:`write_object` then publishes it quickly.
+        """
+
     def write_object(
-        self, info: ObjectInfo, blocks: Sequence[Block], replaced: ObjectInfo | None
+        self, info: ObjectInfo, staged: StagedObject, replaced: ObjectInfo | None
     ) -> None:
-        """Publish ``info`` with the bytes ``blocks``, atomically, in place of ``replaced``."""
+        """Publish ``staged`` as ``info``, atomically, in place of ``replaced``."""
 
     def read_object(self, info: ObjectInfo) -> bytes | None:
         """The bytes of ``info``'s generation, or None if that generation is gone."""
+
+    def object_blocks(self, info: ObjectInfo) -> Iterator[Block] | None:
+        """``info``'s bytes as they are held (no copy in memory), or None if gone.
+
+        Once this returns an iterator, it yields the whole generation even if the object
+        is replaced or deleted meanwhile.
+        """
 
     def remove_object(self, info: ObjectInfo) -> None: ...
 

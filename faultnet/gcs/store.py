@@ -15,23 +15,26 @@ outlives finalization, so a long-running endpoint does not grow with every uploa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import google_crc32c
 
-from faultnet.gcs.digest import RunningDigest, encode_crc32c, encode_md5
+from faultnet.gcs.digest import RunningDigest, decode_crc32c, encode_crc32c, encode_md5
 from faultnet.gcs.disk import DiskStorage
 from faultnet.gcs.errors import GcsApiError
 from faultnet.gcs.memory import MemoryStorage
 from faultnet.gcs.model import (
     BucketInfo,
+    ComposeSource,
     FinishedSession,
     ObjectInfo,
     Preconditions,
@@ -44,10 +47,13 @@ from faultnet.gcs.names import (
     check_custom_metadata,
     check_object_name,
 )
-from faultnet.gcs.storage import Block, SessionBytes, Storage
+from faultnet.gcs.storage import Block, SessionBytes, StagedObject, Storage
+from protocol import crc32c_combine
 
-__all__ = ["DEFAULT_SESSION_TTL", "Store", "UploadSession"]
+__all__ = ["DEFAULT_SESSION_TTL", "MAX_COMPOSE_SOURCES", "Store", "UploadSession"]
 
+#: GCS's limit on the sources of one compose request
+MAX_COMPOSE_SOURCES = 32
 #: how long a resumable session lives, counted from its start: GCS's one week
 DEFAULT_SESSION_TTL = 7 * 24 * 3600.0
 
@@ -302,35 +308,101 @@ class Store:
         crc32c = encode_crc32c(google_crc32c.value(content))
         md5 = encode_md5(hashlib.md5(content).digest()) if self.compute_md5 else None
         _check_hashes(crc32c, md5, expected_crc32c, expected_md5)
-        with self._lock:
-            replaced = self._live(bucket, name)
-            preconditions.check(0 if replaced is None else replaced.generation)
-            info = self._new_info(bucket, name, len(content), content_type, crc32c, md5, metadata)
-            self._storage.write_object(info, (content,), replaced)
-            self._objects[bucket][name] = info
-            return info
+        draft = _draft(bucket, name, len(content), content_type, crc32c, md5, metadata)
+        return self._publish(self._storage.stage_object((content,)), preconditions, draft)
 
-    def _new_info(
+    def _publish(
+        self, staged: StagedObject, preconditions: Preconditions, draft: ObjectInfo
+    ) -> ObjectInfo:
+        """Publish staged bytes as ``draft``'s next generation; drop them if that fails."""
+        try:
+            with self._lock:
+                replaced = self._live(draft.bucket, draft.name)
+                preconditions.check(0 if replaced is None else replaced.generation)
+                info = self._stamp(draft)
+                self._storage.write_object(info, staged, replaced)
+                self._objects[draft.bucket][draft.name] = info
+                return info
+        except BaseException:
+            staged.discard()
+            raise
+
+    def _stamp(self, draft: ObjectInfo) -> ObjectInfo:
+        """``draft`` as the next generation, created now. The caller holds the lock."""
+        return dataclasses.replace(
+            draft, generation=self._next_generation(), time_created=datetime.now(UTC)
+        )
+
+    def compose(
         self,
         bucket: str,
         name: str,
-        size: int,
-        content_type: str,
-        crc32c: str,
-        md5: str | None,
-        metadata: Mapping[str, str] | None,
+        sources: Sequence[ComposeSource],
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
+        preconditions: Preconditions = NO_PRECONDITIONS,
+        delete_sources: bool = False,
     ) -> ObjectInfo:
-        return ObjectInfo(
-            bucket=bucket,
-            name=name,
-            generation=self._next_generation(),
-            size=size,
-            content_type=content_type,
-            crc32c=crc32c,
-            md5_hash=md5,
-            time_created=datetime.now(UTC),
-            metadata=dict(metadata or {}),
+        """Make ``bucket/name`` the concatenation of ``sources`` (objects in ``bucket``).
+
+        As GCS: 1 to 32 sources (400 otherwise), 404 for a missing source or generation,
+        412 for a failed precondition; the result's CRC32C is combined from the sources'
+        (nothing is hashed again), and a composite object has no MD5. The bytes are
+        copied without the store's lock held (on disk; in memory they are shared).
+        """
+        _check_new_object(name, content_type, metadata or {})
+        if not sources:
+            raise GcsApiError(400, "At least one source object is required.", reason="required")
+        if len(sources) > MAX_COMPOSE_SOURCES:
+            raise GcsApiError(
+                400,
+                f"The number of source components provided ({len(sources)}) exceeds the "
+                f"maximum ({MAX_COMPOSE_SOURCES}).",
+            )
+        with self._lock:
+            parts = [self._compose_source(bucket, source) for source in sources]
+            preconditions.check(self._live_generation(bucket, name))
+        crc = 0
+        for part in parts:
+            crc = crc32c_combine(crc, decode_crc32c(part.crc32c), part.size)
+        blocks = []
+        for part in parts:
+            held = self._storage.object_blocks(part)
+            if held is None:  # deleted or replaced since it was looked up
+                raise GcsApiError(404, f"No such object: {bucket}/{part.name}", reason="notFound")
+            blocks.append(held)
+        size = sum(part.size for part in parts)
+        draft = _draft(bucket, name, size, content_type, encode_crc32c(crc), None, metadata)
+        components = sum(part.component_count or 1 for part in parts)
+        info = self._publish(
+            self._storage.stage_object(itertools.chain.from_iterable(blocks)),
+            preconditions,
+            dataclasses.replace(draft, component_count=components),
         )
+        if delete_sources:
+            self._delete_composed_sources(parts, keep=name)
+        return info
+
+    def _compose_source(self, bucket: str, source: ComposeSource) -> ObjectInfo:
+        check_object_name(source.name)
+        info = self._live(bucket, source.name)
+        if info is None or source.generation not in (None, info.generation):
+            shown = "" if source.generation is None else f" (generation {source.generation})"
+            raise GcsApiError(
+                404, f"No such object: {bucket}/{source.name}{shown}", reason="notFound"
+            )
+        Preconditions(source.if_generation_match).check(info.generation)
+        return info
+
+    def _delete_composed_sources(self, parts: Sequence[ObjectInfo], *, keep: str) -> None:
+        """Delete each source still at the generation composed (never the destination)."""
+        with self._lock:
+            for part in parts:
+                live = self._objects[part.bucket].get(part.name)
+                if part.name != keep and live is not None and live.generation == part.generation:
+                    self._storage.remove_object(live)
+                    del self._objects[part.bucket][part.name]
 
     def lookup(self, bucket: str, name: str, generation: int | None = None) -> ObjectInfo:
         with self._lock:
@@ -472,14 +544,16 @@ class Store:
             replaced = self._live(params.bucket, params.name)
             params.preconditions.check(0 if replaced is None else replaced.generation)
             session.append(tail, digest=False)
-            info = self._new_info(
-                params.bucket,
-                params.name,
-                session.persisted_size,
-                params.content_type,
-                crc32c,
-                md5,
-                params.metadata,
+            info = self._stamp(
+                _draft(
+                    params.bucket,
+                    params.name,
+                    session.persisted_size,
+                    params.content_type,
+                    crc32c,
+                    md5,
+                    params.metadata,
+                )
             )
             finished = FinishedSession(info, params.created)
             self._storage.publish_session(session.upload_id, session.held, finished, replaced)
@@ -490,6 +564,29 @@ class Store:
             self._finished[session.upload_id] = finished
         session.discard()
         return info
+
+
+def _draft(
+    bucket: str,
+    name: str,
+    size: int,
+    content_type: str,
+    crc32c: str,
+    md5: str | None,
+    metadata: Mapping[str, str] | None,
+) -> ObjectInfo:
+    """A new object's metadata, before :meth:`Store._stamp` gives it a generation."""
+    return ObjectInfo(
+        bucket=bucket,
+        name=name,
+        generation=0,
+        size=size,
+        content_type=content_type,
+        crc32c=crc32c,
+        md5_hash=md5,
+        time_created=datetime.fromtimestamp(0, UTC),
+        metadata=dict(metadata or {}),
+    )
 
 
 def _check_new_object(name: str, content_type: str, metadata: Mapping[str, str]) -> None:

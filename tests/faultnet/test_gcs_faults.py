@@ -101,7 +101,7 @@ def test_retry_test_api_round_trip(gcs_server: GcsServer) -> None:
     "instructions",
     [
         {INSERT: ["return-sometimes"]},
-        {"storage.objects.compose": ["return-503"]},
+        {"storage.objects.rewrite": ["return-503"]},
         {INSERT: "return-503"},
         {},
     ],

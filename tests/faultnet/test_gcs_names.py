@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -17,14 +16,6 @@ from faultnet.gcs import GcsServer
 LONGEST_NAME = "é" * 512  # 1,024 bytes of UTF-8
 ODD_BUT_VALID = ["a\x1b[31mred", "tab\there", "../../escape", "dir/./x", "a" * 300, LONGEST_NAME]
 REFUSED_NAMES = [".", "..", "é" * 512 + "x", "line\nfeed", "carriage\rreturn"]
-
-
-@pytest.fixture(params=["memory", "disk"])
-def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GcsServer]:
-    data_dir = tmp_path / "data" if request.param == "disk" else None
-    with GcsServer(data_dir=data_dir) as running:
-        running.store.create_bucket("bkt")
-        yield running
 
 
 def _media_upload(server: GcsServer, name: str, **headers: str) -> requests.Response:

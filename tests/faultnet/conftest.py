@@ -1,0 +1,19 @@
+"""Fixtures for the strict GCS endpoint's tests: one endpoint per store implementation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from faultnet.gcs import GcsServer
+
+
+@pytest.fixture(params=["memory", "disk"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GcsServer]:
+    """An endpoint with a bucket ``bkt``, in memory and (a second run) on disk."""
+    data_dir = tmp_path / "data" if request.param == "disk" else None
+    with GcsServer(data_dir=data_dir) as running:
+        running.store.create_bucket("bkt")
+        yield running
