@@ -22,8 +22,9 @@ makes), with rup's attribute names and units and ``up`` as the default direction
 - ``GET``, ``POST /toxics``, ``DELETE /toxics/{index or name}``, ``GET /stats``;
 - ``GET /proxies/{proxy}/stats`` gives any proxy's counters.
 
-Toxic changes apply to the connections accepted afterwards (Toxiproxy also changes
-connections already open).
+A toxic change made through Toxiproxy's routes reaches the connections already open, as
+Toxiproxy's does; one made through rup's ``/toxics`` applies to the connections accepted
+afterwards only, as a network that changes under new flows.
 """
 
 from __future__ import annotations
@@ -162,15 +163,17 @@ async def _route_toxiproxy(
             case "POST", ("proxies", name, "toxics"):
                 proxy = collection.get(name)
                 wanted = toxic_from_json(request.json())
-                return Response(200, toxic_to_json(proxy.add_toxic(wanted.toxic, wanted.name)))
+                added = proxy.add_toxic(wanted.toxic, wanted.name, live=True)
+                return Response(200, toxic_to_json(added))
             case "GET", ("proxies", name, "toxics", toxic):
                 return Response(200, toxic_to_json(collection.get(name).toxic(toxic)))
             case "POST" | "PATCH", ("proxies", name, "toxics", toxic):
                 proxy = collection.get(name)
                 updated = toxic_from_json(request.json(), existing=proxy.toxic(toxic))
-                return Response(200, toxic_to_json(proxy.replace_toxic(toxic, updated.toxic)))
+                replaced = proxy.replace_toxic(toxic, updated.toxic, live=True)
+                return Response(200, toxic_to_json(replaced))
             case "DELETE", ("proxies", name, "toxics", toxic):
-                collection.get(name).remove_toxic(toxic)
+                collection.get(name).remove_toxic(toxic, live=True)
                 return Response(204)
     except (ProxyNotFoundError, ToxicNotFoundError) as exc:
         raise HTTPError(404, str(exc)) from exc

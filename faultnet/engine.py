@@ -103,9 +103,12 @@ class Forward:
 
 @dataclass(frozen=True)
 class Freeze:
-    """Move nothing for ``seconds``; ``None`` means until the connection is closed."""
+    """Move nothing for ``seconds``; ``None`` means until the connection is closed, or
+    until the toxic that froze it (``by``, left out of comparisons) is taken away: see
+    :meth:`DirectionFaults.holds`."""
 
     seconds: float | None
+    by: object = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,8 @@ class Timer:
     seconds: float
     toxic: str
     reset: bool = False
+    #: the engine stage that armed it; a timer whose toxic was taken away never fires
+    by: object = field(default=None, compare=False)
 
 
 class TimerNotSupportedError(ValueError):
@@ -224,7 +229,7 @@ class _BandwidthStage(_Stage):
                 out.append(action)
                 continue
             if rate == 0:
-                out.append(Freeze(None))  # no bandwidth at all: nothing ever moves
+                out.append(Freeze(None, by=self))  # no bandwidth at all: nothing ever moves
                 out.append(action)
                 continue
             step = max(1, rate // _BANDWIDTH_SLICES_PER_SECOND)
@@ -304,7 +309,7 @@ class _StallStage(_PositionStage):
     def fire(self, before: View, after: View) -> list[Action]:
         assert isinstance(self.toxic, Stall)
         seconds = self.toxic.seconds or None  # 0 means forever
-        return [Forward(before), Freeze(seconds), Forward(after)]
+        return [Forward(before), Freeze(seconds, by=self), Forward(after)]
 
 
 class _ResetStage(_PositionStage):
@@ -348,7 +353,7 @@ class _LimitTimeStage(_Stage):
 
     def start(self) -> list[Timer]:
         assert isinstance(self.toxic, LimitTime)
-        return [Timer(self.toxic.ms / 1000, self.toxic.NAME)]
+        return [Timer(self.toxic.ms / 1000, self.toxic.NAME, by=self)]
 
 
 class _TimeoutStage(_Stage):
@@ -367,14 +372,14 @@ class _TimeoutStage(_Stage):
             if isinstance(action, Forward):
                 self.frozen = True
                 self.count()
-                out.append(Freeze(None))
+                out.append(Freeze(None, by=self))
                 break
             out.append(action)
         return out
 
     def start(self) -> list[Timer]:
         assert isinstance(self.toxic, Timeout)
-        return [Timer(self.toxic.ms / 1000, self.toxic.NAME)] if self.toxic.ms > 0 else []
+        return [Timer(self.toxic.ms / 1000, self.toxic.NAME, by=self)] if self.toxic.ms > 0 else []
 
 
 class _LossStage(_Stage):
@@ -516,25 +521,61 @@ class DirectionFaults:
     ) -> None:
         self.direction = direction
         self.toxics = tuple(t for t in toxics if t.direction is direction)
-        seed = rng.getrandbits(64)
+        self._seed = rng.getrandbits(64)
+        self._counters = counters
         self._timers: list[Timer] = []
+        self._added = 0
         # Each toxic gets its own random stream so adding one toxic does not reshuffle
         # the choices of the others.
-        self._stages: list[_Stage] = []
-        for i, toxic in enumerate(self.toxics):
-            stage = _stage(toxic, random.Random(f"{seed}:{i}"), counters)
-            if toxic.trigger_bytes:
-                stage = _TriggeredStage(stage, toxic.trigger_bytes, self._timers.extend)
-            else:
-                self._timers.extend(stage.start())
-            self._stages.append(stage)
-        self._counters = counters
+        self._stages = [
+            self._build(toxic, f"{self._seed}:{i}") for i, toxic in enumerate(self.toxics)
+        ]
         #: bytes fed so far
         self.position = 0
         #: bytes the caller reported as moved, see :meth:`forwarded`
         self.forwarded_bytes = 0
         #: the Reset or Close that ended this direction, if any
         self.ended: Reset | Close | None = None
+
+    def _build(self, toxic: Toxic, rng_key: str) -> _Stage:
+        stage = _stage(toxic, random.Random(rng_key), self._counters)
+        if toxic.trigger_bytes:
+            return _TriggeredStage(stage, toxic.trigger_bytes, self._timers.extend)
+        self._timers.extend(stage.start())
+        return stage
+
+    def change(self, toxics: Sequence[Toxic]) -> None:
+        """Take this direction's share of ``toxics``, the connection's new list of toxics.
+
+        A toxic that was there already keeps its state. A new one starts now, as if the
+        connection had just started: its positions count from here and its timers start
+        now. One that is gone stops acting, and its timers and endless freezes with it
+        (see :meth:`holds`). This is how Toxiproxy changes connections already open.
+        """
+        before = list(zip(self.toxics, self._stages, strict=True))
+        toxics_now: list[Toxic] = []
+        stages_now: list[_Stage] = []
+        for toxic in (t for t in toxics if t.direction is self.direction):
+            same = next((i for i, (old, _) in enumerate(before) if old == toxic), None)
+            if same is not None:
+                stage = before.pop(same)[1]
+            else:
+                self._added += 1
+                stage = self._build(toxic, f"{self._seed}:added:{self._added}")
+            toxics_now.append(toxic)
+            stages_now.append(stage)
+        self.toxics = tuple(toxics_now)
+        self._stages = stages_now
+        self._timers[:] = [timer for timer in self._timers if self.holds(timer.by)]
+
+    def holds(self, by: object) -> bool:
+        """Whether the stage behind a :class:`Freeze` or :class:`Timer` still acts here."""
+        if by is None:
+            return True
+        return any(
+            stage is by or (isinstance(stage, _TriggeredStage) and stage.inner is by)
+            for stage in self._stages
+        )
 
     @property
     def delays_from_arrival(self) -> bool:
@@ -548,8 +589,9 @@ class DirectionFaults:
         return timers
 
     def fire(self, timer: Timer) -> Reset | Close | None:
-        """A timer expired: how the connection ends, or ``None`` if it already has."""
-        if self.ended is not None:
+        """A timer expired: how the connection ends, or ``None`` if it already has (or the
+        toxic that armed the timer was taken away)."""
+        if self.ended is not None or not self.holds(timer.by):
             return None
         if self._counters is not None:
             self._counters.add_fault(timer.toxic)
@@ -601,11 +643,8 @@ class ConnectionFaults:
     ) -> None:
         rng = rng if rng is not None else random.Random(0)
         self.toxics = tuple(toxics)
-        timed = [t.NAME for t in self.toxics if t.needs_timer()]
-        if timed and not timers:
-            raise TimerNotSupportedError(
-                f"{', '.join(timed)} acts at a time, which only the TCP chaos proxy can do"
-            )
+        self._timers_supported = timers
+        self._check_timers(self.toxics)
         self.upstream = DirectionFaults(Direction.UPSTREAM, self.toxics, rng, counters)
         self.downstream = DirectionFaults(Direction.DOWNSTREAM, self.toxics, rng, counters)
         if counters is not None:
@@ -627,6 +666,20 @@ class ConnectionFaults:
             counters=counters,
             timers=timers,
         )
+
+    def _check_timers(self, toxics: Sequence[Toxic]) -> None:
+        timed = [t.NAME for t in toxics if t.needs_timer()]
+        if timed and not self._timers_supported:
+            raise TimerNotSupportedError(
+                f"{', '.join(timed)} acts at a time, which only the TCP chaos proxy can do"
+            )
+
+    def change(self, toxics: Sequence[Toxic]) -> None:
+        """Give the open connection a new list of toxics; see :meth:`DirectionFaults.change`."""
+        self._check_timers(toxics)
+        self.toxics = tuple(toxics)
+        self.upstream.change(self.toxics)
+        self.downstream.change(self.toxics)
 
     def direction(self, direction: Direction) -> DirectionFaults:
         return self.upstream if direction is Direction.UPSTREAM else self.downstream

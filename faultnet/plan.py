@@ -384,10 +384,26 @@ class FaultPlan:
 
         Deterministic: the same plan, seed and index always give the same answer.
         """
+        return tuple(self.toxics[i] for i in self.selected(index))
+
+    def selected(self, index: int) -> tuple[int, ...]:
+        """Which of the plan's toxics (by position) apply to connection number ``index``."""
         rng = self.rng(index, "select")
         # The draw comes first so a trigger never shifts the choices of other toxics.
-        drawn = [t for t in self.toxics if t.toxicity >= 1.0 or rng.random() < t.toxicity]
-        return tuple(t for t in drawn if index >= t.trigger_connections)
+        drawn = [
+            i for i, t in enumerate(self.toxics) if t.toxicity >= 1.0 or rng.random() < t.toxicity
+        ]
+        return tuple(i for i in drawn if index >= self.toxics[i].trigger_connections)
+
+    def joins(self, toxic: Toxic, index: int, key: str) -> bool:
+        """Whether ``toxic``, added while connection ``index`` is open, applies to it.
+
+        Drawn by toxicity from a source of its own, keyed by the toxic's ``key`` (its name),
+        so adding or removing one toxic never changes the draw of another.
+        """
+        if index < toxic.trigger_connections:
+            return False
+        return toxic.toxicity >= 1.0 or self.rng(index, f"join:{key}").random() < toxic.toxicity
 
     def rng(self, index: int, purpose: str) -> random.Random:
         """A random source for one connection and one purpose, derived from the seed."""

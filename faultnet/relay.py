@@ -21,7 +21,7 @@ import errno
 import math
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 import trio
@@ -38,6 +38,7 @@ from faultnet.engine import (
     Timeline,
     Timer,
 )
+from faultnet.plan import Toxic
 
 __all__ = ["READ_AHEAD_BYTES", "RELAY_CHUNK", "Relay"]
 
@@ -96,6 +97,21 @@ class Relay:
         self._scope = trio.CancelScope()
         self._timers: trio.Nursery | None = None
         self._reset = False
+        self._holds: set[trio.CancelScope] = set()
+
+    def change_toxics(self, toxics: Sequence[Toxic]) -> None:
+        """Give the open connection a new list of toxics, as Toxiproxy does.
+
+        Toxics that stay keep their state, new ones start now (their timers too), and one
+        taken away stops: an endless stall or ``timeout`` it caused lets data through again
+        (what arrived meanwhile stays dropped). A wait already under way runs its course.
+        """
+        self._faults.change(toxics)
+        if self._timers is not None:
+            self._arm(self._faults.upstream)
+            self._arm(self._faults.downstream)
+        for hold in self._holds:
+            hold.cancel()  # each looks again whether its freeze still holds
 
     async def run(self) -> None:
         """Relay until both directions have ended, or one of them ends the connection.
@@ -141,68 +157,23 @@ class Relay:
         faults: DirectionFaults,
     ) -> None:
         timeline = Timeline()
-        try:
+        arrivals = _Arrivals(source)
+        async with trio.open_nursery() as nursery:
             if faults.delays_from_arrival:
-                await self._pump_reading_ahead(source, sink, faults, timeline)
-            else:
-                while data := await source.receive_some(RELAY_CHUNK):
-                    arrival = trio.current_time()
-                    await self._move(
-                        data, arrival, sink, faults, timeline, _drain_by_reading(source)
-                    )
-            for action in faults.finish():
-                now = trio.current_time()
-                await self._perform(action, sink, faults, timeline, now, _drain_by_reading(source))
-            await sink.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            # One direction failing ends the connection; a reset stays a reset.
-            self._end_connection(reset=_is_reset(exc))
-
-    async def _pump_reading_ahead(
-        self,
-        source: trio.abc.ReceiveStream,
-        sink: trio.abc.SendStream,
-        faults: DirectionFaults,
-        timeline: Timeline,
-    ) -> None:
-        arrivals, waiting = trio.open_memory_channel[tuple[float, bytes | bytearray]](math.inf)
-        budget = _ByteBudget(READ_AHEAD_BYTES)
-
-        async def read_ahead() -> None:
-            async with arrivals:
-                try:
-                    while True:
-                        await budget.wait_for_room()
-                        data = await source.receive_some(RELAY_CHUNK)
-                        if not data:
-                            return
-                        budget.take(len(data))
-                        await arrivals.send((trio.current_time(), data))
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self._end_connection(reset=_is_reset(exc))
-
-        async def drain() -> None:
-            async for _ in waiting:
-                pass
-
-        async with trio.open_nursery() as nursery, waiting:
-            nursery.start_soon(read_ahead)
-            async for arrival, data in waiting:
-                budget.give_back(len(data))
-                await self._move(data, arrival, sink, faults, timeline, drain)
-
-    async def _move(
-        self,
-        data: bytes | bytearray,
-        arrival: float,
-        sink: trio.abc.SendStream,
-        faults: DirectionFaults,
-        timeline: Timeline,
-        drain: Callable[[], Awaitable[None]],
-    ) -> None:
-        for action in faults.feed(data):
-            await self._perform(action, sink, faults, timeline, arrival, drain)
-        self._arm(faults)
+                await nursery.start(arrivals.read_ahead, self._end_connection)
+            try:
+                while (item := await arrivals.next()) is not None:
+                    arrival, data = item
+                    for action in faults.feed(data):
+                        await self._perform(action, sink, faults, timeline, arrival, arrivals)
+                    self._arm(faults)
+                for action in faults.finish():
+                    now = trio.current_time()
+                    await self._perform(action, sink, faults, timeline, now, arrivals)
+                await sink.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                # One direction failing ends the connection; a reset stays a reset.
+                self._end_connection(reset=_is_reset(exc))
 
     async def _perform(
         self,
@@ -211,15 +182,14 @@ class Relay:
         faults: DirectionFaults,
         timeline: Timeline,
         arrival: float,
-        drain: Callable[[], Awaitable[None]],
+        arrivals: _Arrivals,
     ) -> None:
         match action:
             case Forward(data=data):
                 await sink.send_all(data)
                 faults.forwarded(len(data))
             case Freeze(seconds=None):
-                await drain()  # drop what arrives until the sender gives up
-                self._end_connection(reset=False)
+                await self._hold(action, faults, arrivals)
             case Delay() | Freeze():
                 now = trio.current_time()
                 await trio.sleep_until(timeline.deadline(action, now=now, arrival=arrival))
@@ -228,12 +198,79 @@ class Relay:
             case Close():
                 self._end_connection(reset=False)
 
+    async def _hold(self, freeze: Freeze, faults: DirectionFaults, arrivals: _Arrivals) -> None:
+        """Drop what arrives while an endless freeze holds.
 
-def _drain_by_reading(source: trio.abc.ReceiveStream) -> Callable[[], Awaitable[None]]:
-    """A drain for a direction that reads as it goes: read and drop until EOF."""
+        The sender ending ends the connection. The toxic behind the freeze being taken
+        away lets data through again: a read that the change interrupts loses nothing,
+        and bytes read once the toxic is gone go back to be relayed.
+        """
+        while faults.holds(freeze.by):
+            with trio.CancelScope() as scope:
+                self._holds.add(scope)
+                try:
+                    item = await arrivals.next()
+                finally:
+                    self._holds.discard(scope)
+            if scope.cancelled_caught:
+                continue  # the toxics changed: look again whether the freeze still holds
+            if item is None:
+                self._end_connection(reset=False)
+                return
+            if not faults.holds(freeze.by):
+                arrivals.push_back(item)
 
-    async def drain() -> None:
-        while await source.receive_some(RELAY_CHUNK):
-            pass
 
-    return drain
+class _Arrivals:
+    """Where one direction's bytes come from, each with its arrival time.
+
+    Straight from the socket, or, after :meth:`read_ahead` has started, from a bounded
+    buffer that a reader task fills while earlier bytes wait. :meth:`next` is safe to
+    cancel: nothing is lost. One item can be pushed back to come out next.
+    """
+
+    def __init__(self, source: trio.abc.ReceiveStream) -> None:
+        self._source = source
+        self._pushed_back: list[tuple[float, bytes | bytearray]] = []
+        self._waiting: trio.MemoryReceiveChannel[tuple[float, bytes | bytearray]] | None = None
+        self._budget = _ByteBudget(READ_AHEAD_BYTES)
+
+    async def next(self) -> tuple[float, bytes | bytearray] | None:
+        """The next bytes and when they arrived; ``None`` at the end."""
+        if self._pushed_back:
+            return self._pushed_back.pop()
+        if self._waiting is None:
+            data = await self._source.receive_some(RELAY_CHUNK)
+            return (trio.current_time(), data) if data else None
+        try:
+            arrival, data = await self._waiting.receive()
+        except trio.EndOfChannel:
+            return None
+        self._budget.give_back(len(data))
+        return arrival, data
+
+    def push_back(self, item: tuple[float, bytes | bytearray]) -> None:
+        self._pushed_back.append(item)
+
+    async def read_ahead(
+        self,
+        end_connection: Callable[..., None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Read into the buffer until the end, stamping each read with its arrival."""
+        arrivals, self._waiting = trio.open_memory_channel[tuple[float, bytes | bytearray]](
+            math.inf
+        )
+        task_status.started()
+        async with arrivals:
+            try:
+                while True:
+                    await self._budget.wait_for_room()
+                    data = await self._source.receive_some(RELAY_CHUNK)
+                    if not data:
+                        return
+                    self._budget.take(len(data))
+                    await arrivals.send((trio.current_time(), data))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                end_connection(reset=_is_reset(exc))

@@ -16,7 +16,8 @@ moved to another listen or upstream address, and deleted while the others run.
 
 The toxics can change while a proxy runs. A change applies to the connections accepted
 afterwards; connections already open keep the toxics they started with, as they would
-with a real network that changes under new flows only.
+with a real network that changes under new flows only, unless the change is made
+``live`` (as Toxiproxy's API makes them): then it reaches the open connections too.
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ class ChaosProxy:
         self._counters = FaultCounters()
         self._upstream_connect_failures = 0
         self._control_address = control_address
+        self._open: dict[int, _OpenConnection] = {}
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
         self._stopped.set()
@@ -228,8 +230,9 @@ class ChaosProxy:
                 return named
         raise ToxicNotFoundError(f"no toxic named {name!r}")
 
-    def add_toxic(self, toxic: Toxic, name: str | None = None) -> NamedToxic:
-        """Append ``toxic`` to the plan, for the connections accepted from now on.
+    def add_toxic(self, toxic: Toxic, name: str | None = None, *, live: bool = False) -> NamedToxic:
+        """Append ``toxic`` to the plan, for the connections accepted from now on, and with
+        ``live`` for those open now too (each draws it by its toxicity).
 
         Without a ``name`` it gets Toxiproxy's default (``latency_downstream``), made unique
         with a numeric suffix. An explicit name that is taken raises
@@ -248,32 +251,67 @@ class ChaosProxy:
             raise DuplicateToxicError(f"a toxic named {name!r} already exists")
         named = NamedToxic(name=name, toxic=toxic)
         self._toxics.append(named)
+        if live:
+            self._change_open_connections(
+                lambda index, toxics: [*toxics, named] if self._joins(named, index) else toxics
+            )
         return named
 
-    def replace_toxic(self, name: str, toxic: Toxic) -> NamedToxic:
-        """Change the toxic named ``name`` in place, for the connections accepted from now on."""
+    def replace_toxic(self, name: str, toxic: Toxic, *, live: bool = False) -> NamedToxic:
+        """Change the toxic named ``name`` in place, for the connections accepted from now on,
+        and with ``live`` for those open now too (it restarts there)."""
         position = self._toxics.index(self.toxic(name))
-        self._toxics[position] = NamedToxic(name=name, toxic=toxic)
-        return self._toxics[position]
+        named = self._toxics[position] = NamedToxic(name=name, toxic=toxic)
+        if live:
 
-    def remove_toxic(self, key: int | str) -> NamedToxic:
-        """Remove one toxic, by position in :meth:`toxics` or by name; return it."""
+            def replace(index: int, toxics: list[NamedToxic]) -> list[NamedToxic]:
+                others = [t for t in toxics if t.name != name]
+                if not self._joins(named, index):
+                    return others
+                if len(others) == len(toxics):
+                    return [*toxics, named]
+                return [named if t.name == name else t for t in toxics]
+
+            self._change_open_connections(replace)
+        return named
+
+    def remove_toxic(self, key: int | str, *, live: bool = False) -> NamedToxic:
+        """Remove one toxic, by position in :meth:`toxics` or by name; return it. With
+        ``live`` it also stops acting on the connections open now."""
         if isinstance(key, int):
             if not 0 <= key < len(self._toxics):
                 raise ToxicNotFoundError(f"no toxic at index {key}; there are {len(self._toxics)}")
-            return self._toxics.pop(key)
-        named = self.toxic(key)
+            named = self._toxics[key]
+        else:
+            named = self.toxic(key)
         self._toxics.remove(named)
+        if live:
+            self._change_open_connections(
+                lambda _, toxics: [t for t in toxics if t.name != named.name]
+            )
         return named
 
-    def reset(self) -> None:
-        """Remove every toxic and zero the counters.
+    def reset(self, *, live: bool = False) -> None:
+        """Remove every toxic and zero the counters; with ``live``, from the connections open
+        now too.
 
         Connection numbering carries on, so a connection's index stays its accept order.
         """
         self._toxics.clear()
         self._counters = FaultCounters()
         self._upstream_connect_failures = 0
+        if live:
+            self._change_open_connections(lambda _, toxics: [])
+
+    def _joins(self, named: NamedToxic, index: int) -> bool:
+        return self.plan.joins(named.toxic, index, named.name)
+
+    def _change_open_connections(
+        self, change: Callable[[int, list[NamedToxic]], list[NamedToxic]]
+    ) -> None:
+        for connection in self._open.values():
+            connection.toxics = change(connection.index, connection.toxics)
+            connection.relay.change_toxics([t.toxic for t in connection.toxics])
 
     @property
     def counters(self) -> FaultCounters:
@@ -344,7 +382,14 @@ class ChaosProxy:
     async def _relay(self, client: trio.SocketStream) -> None:
         index = self._next_index
         self._next_index += 1
-        faults = ConnectionFaults.for_connection(self.plan, index, self._counters, timers=True)
+        plan = self.plan
+        toxics = [self._toxics[i] for i in plan.selected(index)]
+        faults = ConnectionFaults(
+            [t.toxic for t in toxics],
+            rng=plan.rng(index, "faults"),
+            counters=self._counters,
+            timers=True,
+        )
         self._active += 1
         try:
             async with client:
@@ -362,9 +407,23 @@ class ChaosProxy:
                     return
                 async with server:
                     logger.debug("%s connection %d: toxics %s", self.name, index, faults.toxics)
-                    await Relay(client, server, faults).run()
+                    relay = Relay(client, server, faults)
+                    self._open[index] = _OpenConnection(index, relay, toxics)
+                    try:
+                        await relay.run()
+                    finally:
+                        del self._open[index]
         finally:
             self._active -= 1
+
+
+@dataclass
+class _OpenConnection:
+    """A relayed connection, and the toxics it has now (they change with live changes)."""
+
+    index: int
+    relay: Relay
+    toxics: list[NamedToxic]
 
 
 class ProxyCollection:
@@ -475,7 +534,7 @@ class ProxyCollection:
     async def reset(self) -> None:
         """Enable every proxy, remove every toxic, zero every counter; Toxiproxy's /reset."""
         for proxy in self._proxies.values():
-            proxy.reset()
+            proxy.reset(live=True)
             await proxy.start(self._nursery)
 
 

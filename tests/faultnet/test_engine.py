@@ -394,3 +394,64 @@ def test_latency_is_a_delay_from_arrival_and_bandwidth_is_not() -> None:
     assert isinstance(latency, Delay)
     assert isinstance(bandwidth, Delay)
     assert (latency.after_arrival, bandwidth.after_arrival) == (True, False)
+
+
+# -- toxics changed on an open connection ------------------------------------------------
+
+
+def test_a_toxic_kept_across_a_change_keeps_its_state() -> None:
+    faults = ConnectionFaults([LimitData(bytes=10)])
+    assert faults.upstream.feed(b"x" * 6) == [Forward(b"x" * 6)]
+
+    faults.change([LimitData(bytes=10), Latency(ms=5)])
+
+    assert shape(faults.upstream.feed(b"y" * 6)) == [Delay(0.005), 4, Close(10)]
+
+
+def test_a_toxic_added_to_an_open_connection_counts_from_then() -> None:
+    faults = ConnectionFaults()
+    faults.upstream.feed(b"x" * 100)
+
+    faults.change([LimitData(bytes=10), LimitData(direction=DOWN, bytes=1)])
+
+    assert shape(faults.upstream.feed(b"y" * 20)) == [10, Close(10)]
+    assert shape(faults.downstream.feed(b"z" * 5)) == [1, Close(1)]
+
+
+def test_a_toxic_taken_away_disarms_its_timer_and_lifts_its_freeze() -> None:
+    faults = ConnectionFaults([LimitTime(ms=100), Timeout(ms=0)], timers=True)
+    [timer] = faults.upstream.take_timers()
+    [freeze] = faults.upstream.feed(b"abc")
+    assert isinstance(freeze, Freeze)
+    assert faults.upstream.holds(freeze.by)
+
+    faults.change([])
+
+    assert not faults.upstream.holds(freeze.by)
+    assert faults.upstream.fire(timer) is None
+    assert faults.upstream.feed(b"def") == [Forward(b"def")]
+
+
+def test_a_timer_armed_by_a_toxic_added_later_fires() -> None:
+    faults = ConnectionFaults(timers=True)
+    faults.upstream.feed(b"abc")
+    faults.change([LimitTime(ms=250)])
+    [timer] = faults.upstream.take_timers()
+    assert timer == Timer(0.25, "limit_time")
+    assert faults.upstream.fire(timer) == Close(3)
+
+
+def test_a_change_is_refused_a_timed_toxic_where_timers_cannot_run() -> None:
+    with pytest.raises(TimerNotSupportedError):
+        ConnectionFaults().change([LimitTime(ms=1)])
+
+
+def test_a_toxic_joins_open_connections_by_its_own_draw() -> None:
+    plan = FaultPlan(seed=9)
+    half = Latency(ms=1, toxicity=0.5)
+    joined = [plan.joins(half, i, "slow") for i in range(200)]
+    assert joined == [plan.joins(half, i, "slow") for i in range(200)]
+    assert 60 < sum(joined) < 140
+    assert [plan.joins(half, i, "other") for i in range(200)] != joined
+    assert not plan.joins(Latency(ms=1, trigger_connections=5), 4, "slow")
+    assert plan.joins(Latency(ms=1, trigger_connections=5), 5, "slow")

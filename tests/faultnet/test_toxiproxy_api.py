@@ -18,8 +18,9 @@ from typing import Any, TypeVar
 import pytest
 import toxiproxy
 import trio
+import trio.testing
 
-from faultnet.plan import Bandwidth, Direction, LimitData, Slicer, Stall
+from faultnet.plan import Bandwidth, Direction, LimitData, LimitTime, Slicer, Stall, Timeout
 from faultnet.tcpproxy import (
     Address,
     ProxyCollection,
@@ -378,3 +379,111 @@ async def test_the_command_serves_toxiproxys_api_alone_with_a_config_file(
             process.send_signal(signal.SIGINT)
             await process.wait()
     assert process.returncode == 130
+
+
+# -- toxic changes reach open connections, as Toxiproxy's do -------------------------------
+
+
+async def test_the_python_client_changes_a_connection_already_open(
+    client: toxiproxy.Toxiproxy, echo_address: Address
+) -> None:
+    upstream = f"{echo_address[0]}:{echo_address[1]}"
+    proxy = await blocking(lambda: client.create(upstream=upstream, name="echo"))
+    async with await trio.open_tcp_stream(*parse_address(proxy.listen)) as stream:
+        await stream.send_all(b"hello")
+        assert await stream.receive_some() == b"hello"
+
+        await blocking(
+            lambda: proxy.add_toxic(type="limit_data", stream="downstream", attributes={"bytes": 3})
+        )
+        await stream.send_all(b"world!")
+        received = b""
+        with trio.fail_after(30), suppress(trio.BrokenResourceError):
+            while data := await stream.receive_some():
+                received += data
+
+    assert received == b"wor"  # counted from when the toxic came, not from the start
+
+
+class Recorder:
+    """An upstream that records what arrives and when (in trio time)."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[tuple[float, bytes]] = []
+        self.finished = trio.Event()
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            with suppress(trio.BrokenResourceError):
+                while data := await stream.receive_some():
+                    self.arrivals.append((trio.current_time(), data))
+            self.finished.set()
+
+
+async def start_recorder(nursery: trio.Nursery) -> tuple[Recorder, Address]:
+    recorder = Recorder()
+    listeners = await nursery.start(partial(trio.serve_tcp, recorder, 0, host="127.0.0.1"))
+    host, port = listeners[0].socket.getsockname()[:2]
+    return recorder, (host, port)
+
+
+async def test_a_timeout_taken_away_lets_an_open_connection_flow_again(
+    mock_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    recorder, upstream = await start_recorder(nursery)
+    async with open_proxy_collection([ProxySpec("p", ("127.0.0.1", 0), upstream)]) as collection:
+        proxy = collection.get("p")
+        async with await trio.open_tcp_stream(*proxy.address) as stream:
+            await stream.send_all(b"before ")
+            await trio.sleep(1)
+            proxy.add_toxic(Timeout(direction=Direction.UPSTREAM), "hold", live=True)
+            await stream.send_all(b"dropped ")
+            await trio.sleep(3600)  # nothing passes, and the connection stays open
+            proxy.remove_toxic("hold", live=True)
+            await stream.send_all(b"after")
+            await stream.send_eof()
+            await recorder.finished.wait()
+
+    assert b"".join(data for _, data in recorder.arrivals) == b"before after"
+    assert proxy.stats().faults == {"timeout": 1}
+
+
+async def test_limit_time_added_to_an_open_connection_counts_from_then(
+    mock_clock: trio.testing.MockClock, echo_address: Address
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    async with open_proxy_collection(
+        [ProxySpec("p", ("127.0.0.1", 0), echo_address)]
+    ) as collection:
+        proxy = collection.get("p")
+        async with await trio.open_tcp_stream(*proxy.address) as stream:
+            await trio.sleep(100)
+            start = trio.current_time()
+            proxy.add_toxic(LimitTime(ms=250), live=True)
+            proxy.add_toxic(LimitData(bytes=1))  # not live: the open connection never sees it
+            await stream.send_all(b"ping")
+            assert await stream.receive_some() == b"ping"
+            assert await stream.receive_some() == b""
+            assert trio.current_time() - start == pytest.approx(0.25)
+
+
+async def test_a_stall_taken_away_delivers_what_it_held_in_order(
+    mock_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    mock_clock.autojump_threshold = 0.01
+    recorder, upstream = await start_recorder(nursery)
+    spec = ProxySpec("p", ("127.0.0.1", 0), upstream, toxics=(Stall(after=4),))
+    async with open_proxy_collection([spec]) as collection:
+        proxy = collection.get("p")
+        async with await trio.open_tcp_stream(*proxy.address) as stream:
+            await stream.send_all(b"0123456789")  # one read: 4 pass, 6 are held
+            await trio.sleep(3600)
+            assert b"".join(data for _, data in recorder.arrivals) == b"0123"
+            proxy.remove_toxic("stall_upstream", live=True)
+            await trio.sleep(1)
+            await stream.send_all(b"abc")
+            await stream.send_eof()
+            await recorder.finished.wait()
+
+    assert b"".join(data for _, data in recorder.arrivals) == b"0123456789abc"
