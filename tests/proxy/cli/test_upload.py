@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import queue
 import socket
 import subprocess
 import sys
@@ -19,14 +18,11 @@ from pathlib import Path
 
 import google_crc32c
 import pytest
-import trio
 
 from faultnet.gcs import GcsServer
-from faultnet.gcs.clients import anonymous_client
 from proxy.cli.main import main
-from proxy.server import serve_in_background
-from proxy.server.backend import Backend, TargetKind
 from proxy.server.settings import ServerSettings
+from tests.proxy.cli.proxy_thread import proxy_in_thread, stored
 
 TOKEN = "sesame"
 
@@ -41,28 +37,9 @@ def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def proxy_address(gcs_server: GcsServer) -> Iterator[str]:
     """A proxy that wants bearer token TOKEN, served from a background thread."""
-    ready: queue.Queue[tuple[str, trio.lowlevel.TrioToken, trio.Event]] = queue.Queue()
-
-    async def serve() -> None:
-        backend = Backend(anonymous_client(gcs_server.url), TargetKind.EMBEDDED, gcs_server.url)
-        settings = ServerSettings(auth_tokens=(TOKEN,), shutdown_grace=0.5)
-        async with serve_in_background(settings, backend) as server:
-            stop = trio.Event()
-            host, port = server.address
-            ready.put((f"{host}:{port}", trio.lowlevel.current_trio_token(), stop))
-            await stop.wait()
-
-    thread = threading.Thread(target=trio.run, args=(serve,), daemon=True)
-    thread.start()
-    address, token, stop = ready.get(timeout=30)
-    yield address
-    trio.from_thread.run_sync(stop.set, trio_token=token)
-    thread.join(timeout=30)
-
-
-def stored(gcs_server: GcsServer, bucket: str, name: str) -> bytes:
-    data: bytes = anonymous_client(gcs_server.url).bucket(bucket).blob(name).download_as_bytes()
-    return data
+    settings = ServerSettings(auth_tokens=(TOKEN,), shutdown_grace=0.5)
+    with proxy_in_thread(gcs_server, settings) as proxy:
+        yield proxy.address
 
 
 @pytest.fixture

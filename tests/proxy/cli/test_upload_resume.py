@@ -10,30 +10,23 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import trio
 
 from faultnet.gcs import GcsServer
-from faultnet.gcs.clients import anonymous_client
 from faultnet.plan import FaultPlan
-from faultnet.tcpproxy import open_chaos_proxy
 from proxy.cli.main import main
 from proxy.cli.upload_state import FileIdentity, ResumeRecord, ResumeStore
-from proxy.server import ProxyServer, serve_in_background
-from proxy.server.backend import Backend, TargetKind
 from proxy.server.settings import ServerSettings
 from reliablewriter import RetryPolicy, WriterSettings
+from tests.proxy.cli.proxy_thread import ThreadedProxy, proxy_in_thread, stored
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -42,14 +35,16 @@ WINDOW = 4 * MiB
 SIZE = 16 * MiB
 
 
-@dataclass
 class SlowProxy:
-    address: str
-    server: ProxyServer
+    """A :class:`ThreadedProxy` whose metrics tell how many payload bytes it received."""
+
+    def __init__(self, proxy: ThreadedProxy) -> None:
+        self.address = proxy.address
+        self._server = proxy.server
 
     def received(self) -> int:
         """WriteAt payload bytes the proxy has received and verified, over all uploads."""
-        value = self.server.metrics.registry.get_sample_value("rup_bytes_received_total")
+        value = self._server.metrics.registry.get_sample_value("rup_bytes_received_total")
         return int(value or 0)
 
     def settled(self) -> int:
@@ -66,50 +61,26 @@ class SlowProxy:
 @pytest.fixture
 def slow_proxy(gcs_server: GcsServer) -> Iterator[SlowProxy]:
     """A proxy with a 4 MiB window behind a 2 MiB/s-per-connection link, in a thread."""
-    ready: queue.Queue[tuple[SlowProxy, trio.lowlevel.TrioToken, trio.Event]] = queue.Queue()
-
-    async def serve() -> None:
-        backend = Backend(anonymous_client(gcs_server.url), TargetKind.EMBEDDED, gcs_server.url)
-        settings = ServerSettings(
-            max_frame_size=256 * KiB,
-            upload_buffer_limit=WINDOW,
-            min_upload_window=1 * MiB,
-            shutdown_grace=0.5,
-            writer=WriterSettings(
-                min_chunk_size=256 * KiB,
-                max_chunk_size=1 * MiB,
-                buffer_limit=WINDOW,
-                retry=RetryPolicy(initial_delay=0.01, max_delay=0.2, deadline=30.0),
-            ),
-        )
-        plan = FaultPlan.parse("bandwidth:up(rate=2m)")
-        async with (
-            serve_in_background(settings, backend) as server,
-            open_chaos_proxy(server.address, plan) as link,
-        ):
-            stop = trio.Event()
-            host, port = link.address
-            slow = SlowProxy(address=f"{host}:{port}", server=server)
-            ready.put((slow, trio.lowlevel.current_trio_token(), stop))
-            await stop.wait()
-
-    thread = threading.Thread(target=trio.run, args=(serve,), daemon=True)
-    thread.start()
-    slow, token, stop = ready.get(timeout=30)
-    yield slow
-    trio.from_thread.run_sync(stop.set, trio_token=token)
-    thread.join(timeout=30)
+    settings = ServerSettings(
+        max_frame_size=256 * KiB,
+        upload_buffer_limit=WINDOW,
+        min_upload_window=1 * MiB,
+        shutdown_grace=0.5,
+        writer=WriterSettings(
+            min_chunk_size=256 * KiB,
+            max_chunk_size=1 * MiB,
+            buffer_limit=WINDOW,
+            retry=RetryPolicy(initial_delay=0.01, max_delay=0.2, deadline=30.0),
+        ),
+    )
+    with proxy_in_thread(gcs_server, settings, FaultPlan.parse("bandwidth:up(rate=2m)")) as proxy:
+        yield SlowProxy(proxy)
 
 
 @pytest.fixture
 def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     return tmp_path / "state" / "rup"
-
-
-def stored(gcs_server: GcsServer, bucket: str, name: str) -> bytes:
-    data: bytes = anonymous_client(gcs_server.url).bucket(bucket).blob(name).download_as_bytes()
-    return data
 
 
 @pytest.mark.parametrize(

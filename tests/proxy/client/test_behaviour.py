@@ -48,6 +48,7 @@ from protocol import (
     WriteAtStart,
 )
 from protocol.ranges import RangeSet
+from proxy.cli.progress import status_line
 from proxy.client import (
     ChecksumMismatchError,
     ClientSettings,
@@ -411,6 +412,29 @@ async def test_going_away_moves_to_a_new_connection(
     assert proxy.connections == 2
 
 
+async def test_going_away_reconnects_to_the_same_proxy_not_the_next_one(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # A going-away is a restart on its way: the same address will answer again. Only a proxy
+    # that cannot be reached sends the slots to the next address.
+    proxy, address = fake_proxy
+    proxy.going_away_at_write = 6
+    spare = FakeProxy()
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(trio.serve_tcp, spare.handle, 0, host="127.0.0.1")
+        listeners = await nursery.start(serve)
+        spare_address = ("127.0.0.1", listeners[0].socket.getsockname()[1])
+        path, data = payload_file(24 * FRAME)
+        options = UploadOptions(proxy=[address, spare_address], settings=settings(1))
+        result = await upload_file(path, "gs://bkt/o", options)
+        nursery.cancel_scope.cancel()
+    assert bytes(proxy.data) == data
+    assert result.reconnects == 1
+    assert proxy.connections == 2
+    assert spare.connections == 0
+
+
 async def test_a_window_smaller_than_a_frame_still_finishes(
     fake_proxy: tuple[FakeProxy, tuple[str, int]],
     payload_file: Callable[[int], tuple[Path, bytes]],
@@ -500,11 +524,16 @@ async def test_retries_stop_at_the_deadline_not_after_a_number_of_attempts(
     mock_clock.autojump_threshold = 0.02
     port = await unused_port()
     policy = RetryPolicy(deadline=30.0, initial_delay=0.5, max_delay=4.0)
+    seen: list[UploadProgress] = []
     started = trio.current_time()
     with pytest.raises(ProxyUnreachableError, match="s without progress") as caught:
         async with connect_upload(
             "gs://bkt/o",
-            UploadOptions(proxy=("127.0.0.1", port), settings=settings(2, retry=policy)),
+            UploadOptions(
+                proxy=("127.0.0.1", port),
+                settings=settings(2, retry=policy),
+                progress=seen.append,
+            ),
         ):
             pytest.fail("the upload cannot have opened")
     waited = trio.current_time() - started
@@ -512,6 +541,12 @@ async def test_retries_stop_at_the_deadline_not_after_a_number_of_attempts(
     assert "cannot connect to 127.0.0.1" in caught.value.message
     assert caught.value.code is None
     assert caught.value.retryable
+    # a display is told, about once a second, how long the proxy has been unavailable
+    waits = [snapshot.retrying_for for snapshot in seen if snapshot.retrying_for is not None]
+    assert len(waits) >= policy.deadline - 2
+    assert waits == sorted(waits)
+    assert waits[-1] >= policy.deadline - 1
+    assert status_line(seen[-1]) == f"proxy unavailable, retrying ({waits[-1]:.0f} s)"
 
 
 def test_backoff_is_exponential_capped_and_jittered() -> None:
