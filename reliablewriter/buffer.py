@@ -43,6 +43,7 @@ __all__ = [
     "KnownCrc",
     "ScatterBuffer",
     "as_byte_view",
+    "can_join",
 ]
 
 #: Bytes of memory one held view costs beyond its payload: the memoryview (184 B), its
@@ -245,7 +246,8 @@ def _held_parts(views: Sequence[memoryview]) -> _Piece | tuple[_Piece, ...]:
     return tuple(_detach(view) for view in views)
 
 
-def _joinable(left_size: int, right_size: int) -> bool:
+def can_join(left_size: int, right_size: int) -> bool:
+    """Whether touching pieces of these sizes are joined (by copying) into one."""
     return left_size + right_size <= JOIN_LIMIT and min(left_size, right_size) < SMALL_PIECE
 
 
@@ -270,6 +272,7 @@ class ScatterBuffer:
         self._held = 0
         self._pieces = 0
         self._max_fragments = max_fragments
+        self._end_limit: int | None = None
         # Cache of how far the bytes from ``base`` on are contiguous.
         self._contiguous_end = base
 
@@ -329,6 +332,9 @@ class ScatterBuffer:
             raise ValueError(f"offset must not be negative, got {offset}")
         start = offset
         end = offset + (len(views[0]) if len(views) == 1 else sum(len(view) for view in views))
+        if self._end_limit is not None and end > self._end_limit:
+            views = _slice_pieces(views, 0, max(self._end_limit - start, 0))
+            end, crc32c = max(self._end_limit, start), None
         if start < self._base:
             views = _slice_pieces(views, self._base - start, end - start)
             start, crc32c = self._base, None
@@ -353,6 +359,12 @@ class ScatterBuffer:
             self._held += added
             self._extend_contiguous()
         return added
+
+    def limit_end(self, end: int) -> None:
+        """Drop bytes at or past ``end`` from later inserts (the object ends there)."""
+        if end < self.end:
+            raise ValueError(f"bytes up to {self.end} are held already, past {end}")
+        self._end_limit = end
 
     def _gaps(self, start: int, end: int) -> list[tuple[int, int]]:
         """The parts of ``[start, end)`` not held, in order."""
@@ -379,13 +391,13 @@ class ScatterBuffer:
         """
         size = fragment.end - fragment.start
         if left is not None and not (
-            left.end == fragment.start and _joinable(left.end - left.start, size)
+            left.end == fragment.start and can_join(left.end - left.start, size)
         ):
             left = None
         if left is not None:
             size += left.end - left.start
         if right is not None and not (
-            right.start == fragment.end and _joinable(size, right.end - right.start)
+            right.start == fragment.end and can_join(size, right.end - right.start)
         ):
             right = None
         joined = [neighbour for neighbour in (left, right) if neighbour is not None]

@@ -1,15 +1,81 @@
-"""Whole-object checksums, extended once per byte, in object order, as data streams through."""
+"""Whole-object checksums, extended once per byte, in object order, as data streams through.
+
+Bytes whose CRC32C the caller already verified (a frame's, checked on arrival) are not
+read again: :func:`crc32c_combine` appends their CRC32C to the object's.
+"""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Final
 
 import google_crc32c
 
+from .buffer import KnownCrc
 from .settings import ChecksumMode
 
-__all__ = ["StreamChecksum", "crc32c_to_b64", "normalize_crc32c"]
+__all__ = ["StreamChecksum", "crc32c_combine", "crc32c_to_b64", "normalize_crc32c"]
+
+# CRC32C's (Castagnoli) polynomial, bit-reversed: bit 31 holds x^0, as CRC registers do.
+_POLY: Final = 0x82F63B78
+_ONE: Final = 1 << 31  # the polynomial 1 (x^0) in that order
+
+
+def _multiply(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC32C polynomial, both in reflected bit order."""
+    product = 0
+    bit = _ONE
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+    return product
+
+
+def _powers_of_x() -> tuple[int, ...]:
+    """x^(2^k) mod P for k = 0..63: each the square of the one before."""
+    powers = [_ONE >> 1]  # x^1
+    for _ in range(63):
+        powers.append(_multiply(powers[-1], powers[-1]))
+    return tuple(powers)
+
+
+_X_TO_2_TO_THE: Final = _powers_of_x()
+
+
+@lru_cache(maxsize=256)
+def _shift_for(length: int) -> int:
+    """x^(8 * length) mod P: what appending ``length`` zero bytes multiplies a CRC by.
+
+    Cached by length, since an upload's frames mostly share a few lengths.
+    """
+    shift = _ONE
+    k = 3  # 8 * length = length * 2^3
+    while length:
+        if length & 1:
+            shift = _multiply(_X_TO_2_TO_THE[k], shift)
+        length >>= 1
+        k += 1
+    return shift
+
+
+def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
+    """CRC32C of A + B from crc32c(A), crc32c(B) and len(B), without reading the bytes.
+
+    CRC32C is affine over GF(2): crc(A + B) = crc(A) * x^(8 len(B)) mod P xor crc(B)
+    (the pre- and post-inversions cancel), as in zlib's ``crc32_combine``.
+    """
+    if length_b < 0:
+        raise ValueError(f"length must not be negative, got {length_b}")
+    if not length_b:
+        return crc_a
+    return _multiply(_shift_for(length_b), crc_a) ^ crc_b
+
 
 # google-crc32c's C entry point parses its input with ``y#``, which takes only read-only
 # buffers without a release hook: ``bytes`` yes, ``memoryview`` and ``bytearray`` no. A
@@ -46,26 +112,41 @@ class StreamChecksum:
         self.mode = mode
         self.offset = start
         self.valid = start == 0
+        #: Bytes read to checksum them (bytes covered by a known CRC32C are not read).
+        self.bytes_read = 0
         self._crc: int | None = 0 if mode.crc32c else None
         self._md5 = hashlib.md5(usedforsecurity=False) if mode.md5 else None
 
-    def extend(self, start: int, views: list[memoryview]) -> None:
+    def extend(self, start: int, pieces: Sequence[memoryview | KnownCrc]) -> None:
         """Feed the bytes from ``start`` on; the part below :attr:`offset` is skipped.
 
-        ``start`` must not lie beyond :attr:`offset`: a gap would make the checksum wrong.
+        A :class:`~reliablewriter.buffer.KnownCrc` stands for bytes whose CRC32C the
+        caller verified: it is combined in, not read (only without MD5, which needs the
+        bytes), and cannot be skipped in part. ``start`` must not lie beyond
+        :attr:`offset`: a gap would make the checksum wrong.
         """
         if start > self.offset:
             raise ValueError(f"cannot checksum from {start}: bytes from {self.offset} unseen")
-        for view in views:
+        for piece in pieces:
             skip = self.offset - start
-            start += len(view)
-            if skip >= len(view):
+            length = piece.length if isinstance(piece, KnownCrc) else len(piece)
+            start += length
+            if skip >= length:
                 continue
-            piece = view[skip:] if skip > 0 else view
-            self._update(piece)
-            self.offset += len(piece)
+            if isinstance(piece, KnownCrc):
+                if self._md5 is not None:
+                    raise ValueError("a known CRC32C cannot stand in for bytes MD5 must read")
+                if skip > 0:
+                    raise ValueError("cannot skip part of the bytes one known CRC32C covers")
+                if self._crc is not None:
+                    self._crc = crc32c_combine(self._crc, piece.crc32c, length)
+            else:
+                self._update(piece[skip:] if skip > 0 else piece)
+            self.offset += length - skip
 
     def _update(self, view: memoryview) -> None:
+        if self._md5 is not None or self._crc is not None:
+            self.bytes_read += len(view)
         if self._md5 is not None:
             self._md5.update(view)
         if self._crc is None:

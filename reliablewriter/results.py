@@ -23,6 +23,8 @@ class WriterStats:
     #: Separate pieces (views) held, and the memory charged for them with the payload.
     fragments: int = 0
     buffered_cost: int = 0
+    #: Payload bytes read to checksum them; bytes whose CRC32C the caller gave are not.
+    bytes_checksummed: int = 0
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 
-from .buffer import ScatterBuffer, as_byte_view
+from .buffer import KnownCrc, ScatterBuffer, as_byte_view
 from .checksum import StreamChecksum, normalize_crc32c
 from .errors import (
     ChecksumMismatchError,
@@ -49,7 +49,7 @@ from .resumable import (
     SessionGone,
     plan_chunk,
 )
-from .settings import WriterSettings
+from .settings import ChecksumMode, WriterSettings
 from .staged import PendingWrite
 from .transport import ChunkBody, GcsTransport, SessionOptions, TransportFailure
 
@@ -167,6 +167,7 @@ class ReliableWriter:
             held_bytes=self._buffer.held_bytes,
             fragments=self._buffer.fragment_count,
             buffered_cost=self._buffer.cost,
+            bytes_checksummed=self._checksum.bytes_read,
         )
 
     def received_ranges(self) -> tuple[tuple[int, int], ...]:
@@ -185,7 +186,9 @@ class ReliableWriter:
 
     # --- writing --------------------------------------------------------------------
 
-    async def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    async def write_at(
+        self, offset: int, data: bytes | bytearray | memoryview, crc32c: int | None = None
+    ) -> None:
         """Hold ``data`` as the bytes at ``offset``; a view is kept, nothing is copied.
 
         Waits while the range reaches beyond :attr:`window_end`, taking the part within
@@ -193,6 +196,13 @@ class ReliableWriter:
         wins). The caller must not modify ``data`` until GCS has acknowledged it (see
         :meth:`wait_committed`). If cancelled while waiting, a prefix of ``data`` may
         have been taken; sending the whole write again is always safe.
+
+        ``crc32c`` is the caller's CRC32C of ``data``, already verified (a frame checked
+        on arrival): the object's CRC32C is then combined from it instead of reading the
+        bytes again. A wrong one cannot make a wrong object: GCS checks the final CRC32C
+        and refuses the upload. It is used only if ``data`` is taken whole and all new
+        (not split by the window, not overlapping held bytes), and only in
+        ``ChecksumMode.CRC32C``; otherwise the bytes are checksummed as before.
         """
         if offset < 0:
             raise ValueError(f"offset must not be negative, got {offset}")
@@ -203,8 +213,12 @@ class ReliableWriter:
             window_end = self.window_end
             if offset < window_end:
                 taken = min(len(view), window_end - offset)
-                self._accept(offset, [view[:taken]])
+                whole = taken == len(view)
+                self._accept(
+                    offset, [view[:taken] if not whole else view], crc32c if whole else None
+                )
                 view, offset = view[taken:], offset + taken
+                crc32c = None
             if not view:
                 return
             await self._wait_for_change()
@@ -290,6 +304,8 @@ class ReliableWriter:
                 missing=tuple(missing), name=self.name, offset=self._state.committed
             )
         self._total = total
+        # Bytes written past the total from now on can never be the object's: not held.
+        self._buffer.limit_end(total)
         if crc32c is not None:
             self._expected_crc32c = normalize_crc32c(crc32c)
         self._notify()
@@ -373,10 +389,10 @@ class ReliableWriter:
 
     # --- internals: shared state ----------------------------------------------------
 
-    def _accept(self, offset: int, views: list[memoryview]) -> int:
+    def _accept(self, offset: int, views: list[memoryview], crc32c: int | None = None) -> int:
         self._check_usable()
         try:
-            added = self._buffer.insert_views(offset, views)
+            added = self._buffer.insert_views(offset, views, crc32c)
         except TooFragmentedError as exc:
             self._notify()  # what came before the refused piece is held
             raise TooFragmentedError(
@@ -685,10 +701,12 @@ class ReliableWriter:
             stop=self._stop_sending,
             on_sent=self._count_sent,
         )
+        checksum_pieces = self._checksum_pieces(plan)
         try:
-            outcome = await self._in_thread(self._exchange, plan, body)
+            outcome = await self._in_thread(self._exchange, plan, body, checksum_pieces)
         finally:
             body.release()
+            checksum_pieces.clear()
         if isinstance(outcome, Persisted):
             self._chunks += 1
             self._acknowledge()
@@ -699,14 +717,33 @@ class ReliableWriter:
             self._chunks += 1
         return outcome
 
-    def _exchange(self, plan: ChunkPlan | None, body: ChunkBody | None) -> Outcome:
+    def _checksum_pieces(self, plan: ChunkPlan) -> list[memoryview | KnownCrc]:
+        """What the object's checksum still needs to cover ``plan``, taken on the trio side.
+
+        Whole fragments from the checksum's offset on, so it may run ahead of the chunk;
+        fragments whose CRC32C the caller gave come as :class:`KnownCrc` (CRC32C-only
+        mode: MD5 must read every byte).
+        """
+        mode = self._settings.checksum
+        start = self._checksum.offset
+        if mode is ChecksumMode.NONE or start >= plan.end:
+            return []
+        _, pieces = self._buffer.checksum_pieces(start, plan.end, use_known=not mode.md5)
+        return pieces
+
+    def _exchange(
+        self,
+        plan: ChunkPlan | None,
+        body: ChunkBody | None,
+        checksum_pieces: list[memoryview | KnownCrc] | None = None,
+    ) -> Outcome:
         """In a worker thread: send ``plan`` (or a status query) and interpret the answer."""
         if plan is None or body is None:
             response = self._transport.put(self.session_uri, _STATUS_QUERY, None)
             return self._state.receive(response, None)
         headers = {"Content-Range": plan.content_range()}
         try:
-            self._checksum.extend(plan.start, body.views)
+            self._checksum.extend(self._checksum.offset, checksum_pieces or [])
             if plan.final:
                 headers.update(self._final_hash_headers())
         except BaseException:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
+import google_crc32c
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reliablewriter import ChecksumMode
 from reliablewriter.buffer import ScatterBuffer
+from reliablewriter.checksum import StreamChecksum, crc32c_to_b64
 
 
 def joined(buffer: ScatterBuffer, start: int, end: int) -> bytes:
@@ -118,3 +123,53 @@ def test_matches_a_byte_by_byte_model(
         assert joined(buffer, base, contiguous) == bytes(model[p] for p in range(base, contiguous))
         covered = {p for start, end in buffer.ranges() for p in range(start, end)}
         assert covered == set(held)
+
+
+# Pieces of larger buffers, staged writes of several views, and known CRC32Cs: the
+# checksum pieces of the held head always add up to the head's CRC32C.
+SOURCE = bytes(range(256)) * 64
+
+shaped_writes = st.lists(
+    st.tuples(
+        st.integers(0, 3000),  # offset
+        st.integers(0, 2500),  # length
+        st.integers(0, len(SOURCE) - 2500),  # where in SOURCE the bytes come from
+        st.integers(1, 3),  # views it arrives in
+        st.booleans(),  # whether the caller gives its CRC32C
+    ),
+    max_size=25,
+)
+
+
+@settings(deadline=None, max_examples=200)
+@given(writes=shaped_writes, release_at=st.integers(0, 6000))
+def test_checksum_pieces_cover_the_head_whatever_shapes_the_writes_took(
+    writes: list[tuple[int, int, int, int, bool]], release_at: int
+) -> None:
+    model: dict[int, int] = {}
+    buffer = ScatterBuffer()
+    for offset, length, source_at, parts, known in writes:
+        data = memoryview(SOURCE)[source_at : source_at + length]
+        cuts = sorted({0, length, *(length * k // parts for k in range(1, parts))})
+        views = [data[a:b] for a, b in itertools.pairwise(cuts)]
+        crc = google_crc32c.value(bytes(data)) if known else None
+        buffer.insert_views(offset, views, crc)
+        for position in range(offset, offset + length):
+            model.setdefault(position, data[position - offset])
+    head = 0
+    while head in model:
+        head += 1
+    assert buffer.contiguous_end == head
+    assert buffer.held_bytes == len(model)
+    release = min(release_at, head)
+    buffer.release(release)
+    if release == head:
+        return
+    reached, pieces = buffer.checksum_pieces(release, head, use_known=True)
+    checksum = StreamChecksum(ChecksumMode.CRC32C)
+    checksum.extend(0, [memoryview(bytes(model[p] for p in range(release)))])
+    checksum.extend(release, pieces)
+    assert reached == head  # whole fragments: here, the whole head
+    expected = google_crc32c.value(bytes(model[p] for p in range(head)))
+    assert checksum.crc32c == crc32c_to_b64(expected)
+    assert b"".join(buffer.views(release, head)) == bytes(model[p] for p in range(release, head))

@@ -8,9 +8,17 @@ import os
 
 import google_crc32c
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reliablewriter import ChecksumMode
-from reliablewriter.checksum import StreamChecksum, crc32c_to_b64, normalize_crc32c
+from reliablewriter.buffer import KnownCrc
+from reliablewriter.checksum import (
+    StreamChecksum,
+    crc32c_combine,
+    crc32c_to_b64,
+    normalize_crc32c,
+)
 
 
 def test_mixed_buffers_and_overlapping_feeds_count_each_byte_once() -> None:
@@ -55,3 +63,56 @@ def test_crc32c_forms() -> None:
         normalize_crc32c(base64.b64encode(b"12345").decode())
     with pytest.raises(ValueError, match="32 bits"):
         normalize_crc32c(2**32)
+
+
+# Issue 13 #5: the object's CRC32C combined from CRC32Cs the caller already verified.
+
+
+@settings(deadline=None, max_examples=200)
+@given(
+    first=st.binary(max_size=300),
+    second=st.binary(max_size=300),
+    zeros=st.integers(0, 3 * 2**20),
+)
+def test_crc32c_combine_is_the_crc32c_of_the_concatenation(
+    first: bytes, second: bytes, zeros: int
+) -> None:
+    # A run of zeros as well, so lengths well past the examples' own sizes are covered.
+    second += bytes(zeros % 70_000)
+    combined = crc32c_combine(google_crc32c.value(first), google_crc32c.value(second), len(second))
+    assert combined == google_crc32c.value(first + second)
+
+
+def test_crc32c_combine_refuses_a_negative_length() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        crc32c_combine(1, 2, -1)
+
+
+def test_known_crcs_are_combined_and_never_read() -> None:
+    data = os.urandom(300_000)
+    parts = [data[:1000], data[1000:250_000], data[250_000:]]
+    checksum = StreamChecksum(ChecksumMode.CRC32C)
+    checksum.extend(
+        0,
+        [
+            KnownCrc(google_crc32c.value(parts[0]), len(parts[0])),
+            memoryview(parts[1]),  # one part without a known CRC32C: read
+            KnownCrc(google_crc32c.value(parts[2]), len(parts[2])),
+        ],
+    )
+    assert checksum.offset == len(data)
+    assert checksum.bytes_read == len(parts[1])
+    assert checksum.crc32c == crc32c_to_b64(google_crc32c.value(data))
+    # Pieces already covered are skipped whole, as views are.
+    checksum.extend(1000, [memoryview(parts[1]), KnownCrc(0, len(parts[2]))])
+    assert checksum.crc32c == crc32c_to_b64(google_crc32c.value(data))
+
+
+def test_a_known_crc_cannot_stand_in_for_bytes_md5_must_read() -> None:
+    checksum = StreamChecksum(ChecksumMode.BOTH)
+    with pytest.raises(ValueError, match="MD5 must read"):
+        checksum.extend(0, [KnownCrc(google_crc32c.value(b"abc"), 3)])
+    partial = StreamChecksum(ChecksumMode.CRC32C)
+    partial.extend(0, [memoryview(b"a")])
+    with pytest.raises(ValueError, match="cannot skip part"):
+        partial.extend(0, [KnownCrc(google_crc32c.value(b"abc"), 3)])
