@@ -14,7 +14,9 @@ Toxiproxy's API (its clients work unchanged; shapes in :mod:`faultnet.toxiproxy_
 - ``POST /reset``: enable every proxy, remove every toxic and zero the counters; 204;
 - ``GET /version``: ``{"version": ...}``.
 
-Errors answer ``{"error": message, "status": code}``, as Toxiproxy's do.
+Errors answer ``{"error": message, "status": code}``, as Toxiproxy's do. As Toxiproxy's,
+the API refuses browsers (a ``User-Agent`` starting ``Mozilla/``) with a 403, so that a
+web page cannot reconfigure the proxies behind a cross-site request.
 
 rup's routes, on the first proxy the process holds (the one ``rup faultproxy --listen``
 makes), with rup's attribute names and units and ``up`` as the default direction:
@@ -44,6 +46,7 @@ from faultnet.tcpproxy import (
     NamedToxic,
     ProxyCollection,
     ProxyExistsError,
+    ProxyLimitError,
     ProxyNotFoundError,
     ProxySpec,
     ToxicNotFoundError,
@@ -111,6 +114,10 @@ _ALLOWED_METHODS = {
 
 
 async def _route(collection: ProxyCollection, request: Request) -> Response:
+    if request.headers.get("user-agent", "").startswith("Mozilla/"):
+        # As Toxiproxy does: a web page must not reconfigure proxies through the browser
+        # (a cross-site form POST needs no preflight, and proxies listen where told).
+        raise _ToxiproxyError(403, "user agent not allowed: browsers may not use this API")
     segments = tuple(s for s in request.path.split("/") if s)
     if segments[:1] in (("toxics",), ("stats",)):
         response = _route_rup(collection, request.method, segments, request)
@@ -179,6 +186,8 @@ async def _route_toxiproxy(
         raise HTTPError(404, str(exc)) from exc
     except (ProxyExistsError, DuplicateToxicError) as exc:
         raise HTTPError(409, str(exc)) from exc
+    except ProxyLimitError as exc:
+        raise HTTPError(429, str(exc)) from exc
     except OSError as exc:
         raise HTTPError(409, f"cannot listen: {exc}") from exc
     except (ValueError, TypeError) as exc:
@@ -282,6 +291,8 @@ def _route_rup(
         raise HTTPError(404, str(exc)) from exc
     except DuplicateToxicError as exc:
         raise HTTPError(409, str(exc)) from exc
+    except ProxyLimitError as exc:
+        raise HTTPError(429, str(exc)) from exc
     except ValueError as exc:
         raise HTTPError(400, str(exc)) from exc
     return None

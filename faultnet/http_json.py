@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -71,6 +71,8 @@ class Request:
     method: str
     path: str
     body: bytes
+    #: header names in lower case; a repeated header keeps its last value
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     def json(self) -> Any:
         """The body as JSON; an :class:`HTTPError` 400 when it is not."""
@@ -184,6 +186,9 @@ async def _read_request(connection: h11.Connection, stream: trio.SocketStream) -
                 method=head.method.decode("ascii", "replace"),
                 path=unquote(target),
                 body=bytes(body),
+                headers={
+                    name.decode("latin-1"): value.decode("latin-1") for name, value in head.headers
+                },
             )
         elif isinstance(event, h11.ConnectionClosed):
             return None

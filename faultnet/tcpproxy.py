@@ -37,12 +37,15 @@ from faultnet.relay import Relay
 
 __all__ = [
     "DEFAULT_PROXY_NAME",
+    "MAX_PROXIES",
+    "MAX_TOXICS",
     "Address",
     "ChaosProxy",
     "DuplicateToxicError",
     "NamedToxic",
     "ProxyCollection",
     "ProxyExistsError",
+    "ProxyLimitError",
     "ProxyNotFoundError",
     "ProxySpec",
     "ProxyStats",
@@ -92,6 +95,16 @@ class ProxyNotFoundError(LookupError):
 
 class ProxyExistsError(ValueError):
     """A proxy with that name already exists."""
+
+
+class ProxyLimitError(Exception):
+    """A collection holds as many proxies, or a proxy as many toxics, as it may."""
+
+
+#: proxies one process may hold: each is a listening socket and its connections
+MAX_PROXIES = 256
+#: toxics one proxy may hold: each is a stage every byte of every connection goes through
+MAX_TOXICS = 64
 
 
 _STREAM_NAMES = {Direction.UPSTREAM: "upstream", Direction.DOWNSTREAM: "downstream"}
@@ -238,6 +251,8 @@ class ChaosProxy:
         with a numeric suffix. An explicit name that is taken raises
         :class:`DuplicateToxicError`.
         """
+        if len(self._toxics) >= MAX_TOXICS:
+            raise ProxyLimitError(f"proxy {self.name!r} already has {MAX_TOXICS} toxics")
         taken = {t.name for t in self._toxics}
         if name is None:
             base = name = _default_name(toxic)
@@ -467,6 +482,10 @@ class ProxyCollection:
             raise ProxyExistsError(f"a proxy named {spec.name!r} already exists")
         if not spec.name:
             raise ValueError("a proxy needs a name")
+        if len(self._proxies) >= MAX_PROXIES:
+            raise ProxyLimitError(f"this process already holds {MAX_PROXIES} proxies")
+        if len(spec.toxics) > MAX_TOXICS:
+            raise ProxyLimitError(f"a proxy may hold at most {MAX_TOXICS} toxics")
         proxy = ChaosProxy(
             spec.name,
             spec.upstream,

@@ -20,8 +20,19 @@ import toxiproxy
 import trio
 import trio.testing
 
-from faultnet.plan import Bandwidth, Direction, LimitData, LimitTime, Slicer, Stall, Timeout
+from faultnet.plan import (
+    Bandwidth,
+    Direction,
+    Latency,
+    LimitData,
+    LimitTime,
+    Slicer,
+    Stall,
+    Timeout,
+)
 from faultnet.tcpproxy import (
+    MAX_PROXIES,
+    MAX_TOXICS,
     Address,
     ProxyCollection,
     ProxySpec,
@@ -487,3 +498,37 @@ async def test_a_stall_taken_away_delivers_what_it_held_in_order(
             await recorder.finished.wait()
 
     assert b"".join(data for _, data in recorder.arrivals) == b"0123456789abc"
+
+
+async def test_browsers_are_refused(collection: ProxyCollection) -> None:
+    def from_a_browser() -> tuple[int, Any]:
+        connection = http.client.HTTPConnection(*_control_of(collection), timeout=10)
+        try:
+            body = json.dumps({"name": "evil", "upstream": "127.0.0.1:22"})
+            connection.request(
+                "POST", "/proxies", body=body, headers={"User-Agent": "Mozilla/5.0 (X11)"}
+            )
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    status, answer = await blocking(from_a_browser)
+
+    assert (status, answer["status"]) == (403, 403)
+    assert "browsers" in answer["error"]
+    assert collection.proxies() == ()
+
+
+async def test_proxies_and_toxics_are_limited(collection: ProxyCollection) -> None:
+    for i in range(MAX_PROXIES):
+        await collection.create(ProxySpec(f"p{i}", ("127.0.0.1", 0), ("127.0.0.1", 1), False))
+    body = {"name": "one_more", "upstream": "127.0.0.1:1", "enabled": False}
+    status, answer = await call(collection, "POST", "/proxies", body)
+    assert (status, answer["error"]) == (429, f"this process already holds {MAX_PROXIES} proxies")
+
+    proxy = collection.get("p0")
+    for i in range(MAX_TOXICS):
+        proxy.add_toxic(Latency(ms=i))
+    status, answer = await call(collection, "POST", "/proxies/p0/toxics", {"type": "latency"})
+    assert (status, answer["error"]) == (429, f"proxy 'p0' already has {MAX_TOXICS} toxics")
