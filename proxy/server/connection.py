@@ -134,15 +134,17 @@ class Outbox:
             await self._has_items.park()
 
 
-def _authenticated(presented: str, accepted: tuple[str, ...]) -> bool:
-    """Whether ``presented`` is one of ``accepted``, in time independent of where it differs."""
+def _authenticated(presented: str, accepted: tuple[str, ...]) -> int | None:
+    """Which of ``accepted`` ``presented`` is (its index), or ``None``; in time independent
+    of where it differs. With nothing to accept, everyone is index 0."""
     if not accepted:
-        return True
+        return 0
     presented_bytes = presented.encode("utf-8")
-    matched = False
-    for token in accepted:
+    matched: int | None = None
+    for index, token in enumerate(accepted):
         # No early exit: every configured token is compared every time.
-        matched |= hmac.compare_digest(presented_bytes, token.encode("utf-8"))
+        if hmac.compare_digest(presented_bytes, token.encode("utf-8")):
+            matched = index
     return matched
 
 
@@ -166,6 +168,8 @@ class ClientConnection:
         self._metrics = metrics
         self._stream = stream
         self.client = client
+        #: who the client is to budgets and limits: its address until a bearer token says
+        self.identity = client
         self._protocol = Connection(Role.SERVER, max_frame_size=self._settings.max_frame_size)
         self._outbox = Outbox(_OUTBOX_CAPACITY)
         self._sender_done = trio.Event()
@@ -322,12 +326,17 @@ class ClientConnection:
         if not isinstance(event, Hello):
             # The protocol state machine refuses anything but Hello first; be explicit anyway.
             raise RemoteProtocolError("the first frame must be Hello", ErrorCode.UNEXPECTED_FRAME)
-        if not _authenticated(event.auth, self._settings.auth_tokens):
+        matched = _authenticated(event.auth, self._settings.auth_tokens)
+        if matched is None:
             log_event(logger, logging.WARNING, "auth-refused", client=self.client)
             self._fail(
                 event.seq, ServerError(ErrorCode.UNAUTHENTICATED, "bearer token not accepted")
             )
             raise _HangUpError
+        if self._settings.auth_tokens:
+            # Clients are told apart by the bearer token they hold, not by address: clients
+            # behind one NAT are not one client, and one client on many addresses is.
+            self.identity = f"bearer-{matched + 1}"
         await self._reply(self._protocol.welcome(event, server_name=self._settings.server_name))
         log_event(
             logger, logging.DEBUG, "connection-ready", client=self.client, name=event.client_name
@@ -405,20 +414,21 @@ class ClientConnection:
             expected_size=event.expected_size,
             if_generation_match=event.if_generation_match,
         )
-        upload = await self._registry.open(request, self.client)
+        upload = await self._registry.open(request, self.identity)
         await self._bind(event.seq, upload, resumed=False)
 
     async def _attach(self, event: AttachUpload) -> None:
         self._refuse_new_work_when_leaving()
-        upload, resumed = await self._registry.attach(event.token, self.client)
+        upload, resumed = await self._registry.attach(event.token, self.identity)
         await self._bind(event.seq, upload, resumed=resumed)
 
     async def _bind(self, reply_to: int, upload: Upload, *, resumed: bool) -> None:
         self._unbind()
+        await upload.attach(self)
         self._upload = upload
-        upload.attach(self)
         committed = upload.committed_offset
-        await self._reply(UploadOpened(reply_to, upload.token, committed, resumed))
+        window_end = upload.window_end
+        await self._reply(UploadOpened(reply_to, upload.token, committed, resumed, window_end))
         self._outbox.offer_credit(Credit(0, committed, upload.window_end))
 
     def _unbind(self) -> None:

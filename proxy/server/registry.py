@@ -30,7 +30,7 @@ from google.api_core import exceptions as api_exceptions
 
 from protocol import ErrorCode
 from proxy.server.backend import Backend, SessionReferenceError
-from proxy.server.budget import BufferBudget
+from proxy.server.budget import BufferBudget, UploadWindow
 from proxy.server.dormant import DormantSessions
 from proxy.server.errors import ServerError, quote
 from proxy.server.logging import get_logger, log_event
@@ -48,7 +48,7 @@ logger = get_logger(__name__)
 class _Claim:
     """What a running upload holds here: its window and one of its client's upload slots."""
 
-    window: int
+    window: UploadWindow
     client: str
 
 
@@ -77,7 +77,9 @@ class UploadRegistry:
             else TokenCodec(settings.token_key, lifetime=settings.token_lifetime, clock=clock)
         )
         self._nursery = nursery
-        self._budget = BufferBudget(settings.total_buffer_limit, metrics)
+        self._budget = BufferBudget(
+            settings.total_buffer_limit, settings.client_buffer_limit, metrics
+        )
         self._uploads: dict[str, Upload] = {}
         self._opening: dict[str, trio.Event] = {}
         self._claims: dict[Upload, _Claim] = {}
@@ -107,7 +109,7 @@ class UploadRegistry:
     def give_back(self, upload: Upload) -> None:
         claim = self._claims.pop(upload, None)
         if claim is not None:
-            self._budget.release(claim.window)
+            claim.window.release()
             self._forget_client(claim.client)
 
     def upload_stopped(self, upload: Upload) -> None:
@@ -237,9 +239,12 @@ class UploadRegistry:
         self._per_client[client] += 1
         opened = self._opening[upload_id] = trio.Event()
         try:
-            window = await self._budget.acquire(
-                settings.upload_buffer_limit,
-                settings.min_upload_window,
+            window = await UploadWindow.acquire(
+                self._budget,
+                client,
+                settings.writer,
+                initial=settings.min_upload_window,
+                largest=settings.upload_buffer_limit,
                 patience=settings.budget_wait,
             )
         except BaseException:

@@ -35,9 +35,11 @@ class SettingsError(ValueError):
 class ServerSettings:
     """How a proxy server listens, authenticates, and limits its clients.
 
-    Buffers: every upload gets a window of at most ``upload_buffer_limit`` bytes ahead of its
-    committed offset, reserved from the shared ``total_buffer_limit`` when the upload opens.
-    When the shared budget cannot give ``min_upload_window``, a new upload waits up to
+    Buffers: every upload gets a window ahead of its committed offset, paid for (payload and
+    per-piece overhead) from the shared ``total_buffer_limit``, of which one client may hold
+    ``client_buffer_share``. It starts at ``min_upload_window`` and doubles, up to
+    ``upload_buffer_limit``, as the client fills it (see :mod:`proxy.server.budget`). When
+    the budget cannot pay for ``min_upload_window``, a new upload waits up to
     ``budget_wait`` for windows to come back, then is refused with a retryable TOO_BUSY.
     Existing uploads never need more than they hold, so no client can deadlock another.
     """
@@ -59,8 +61,19 @@ class ServerSettings:
     upload_buffer_limit: int = 32 * MiB
     min_upload_window: int = 1 * MiB
     total_buffer_limit: int = 1024 * MiB
+    #: uploads one client may hold open (counted per bearer token when auth is on, else per IP)
     max_uploads_per_client: int = 256
     max_connections_per_client: int = 256
+    #: the fraction of ``total_buffer_limit`` one client (bearer token, or IP without auth)
+    #: may hold, so that no client can take the budget the others need
+    client_buffer_share: float = 0.5
+    #: connections open at once, whoever they are from; more are refused at accept
+    max_connections: int = 1024
+    #: connections that have not completed their Hello yet; more are refused at accept
+    max_preauth_connections: int = 128
+    #: bytes a connection may send before its Hello is accepted (a Hello is far smaller);
+    #: so a crowd of half-sent Hellos costs at most this much each
+    preauth_read_limit: int = 8 * KiB
 
     #: a connection that completes no handshake (TLS and Hello) within this is dropped
     handshake_timeout: float = 10.0
@@ -68,8 +81,10 @@ class ServerSettings:
     idle_timeout: float = 120.0
     #: an upload with no connection and no activity for this long is released (GCS session kept)
     upload_idle_timeout: float = 300.0
-    #: a Complete still missing bytes after this long without any new byte fails with the gaps
-    complete_timeout: float = 120.0
+    #: how long a Complete waits for missing bytes still on their way (frames in flight on
+    #: other connections) before it is answered with the missing ranges (INCOMPLETE, or
+    #: MISSING_RANGES to a version-1 client); 0 answers at once
+    complete_timeout: float = 1.0
     #: how long a new upload waits for buffer budget to come back before TOO_BUSY
     budget_wait: float = 30.0
     #: how long a completed upload remembers its result, for repeated Complete requests
@@ -99,11 +114,23 @@ class ServerSettings:
             raise SettingsError("upload_buffer_limit must be at least min_upload_window")
         if self.total_buffer_limit < self.upload_buffer_limit:
             raise SettingsError("total_buffer_limit must be at least upload_buffer_limit")
+        if not 0 < self.client_buffer_share <= 1:
+            raise SettingsError("client_buffer_share must be above 0 and at most 1")
+        for name in ("max_connections", "max_preauth_connections", "preauth_read_limit"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1")
+        if self.complete_timeout < 0:
+            raise SettingsError("complete_timeout must not be negative")
         for name in ("handshake_timeout", "idle_timeout", "upload_idle_timeout", "resume_window"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
         if self.drain_timeout < 0:
             raise SettingsError("drain_timeout must not be negative")
+
+    @property
+    def client_buffer_limit(self) -> int:
+        """The most of the buffer budget one client may hold."""
+        return int(self.total_buffer_limit * self.client_buffer_share)
 
     def allows(self, bucket: str, name: str) -> bool:
         """Whether the allow-lists permit writing ``name`` into ``bucket``."""

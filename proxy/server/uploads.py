@@ -17,11 +17,12 @@ An upload ends in one of four ways:
   server shut down. The GCS session is left alone, so the upload stays resumable through
   its token, on this instance or any other sharing the token key.
 
-Credit: each upload gets a window (its buffer limit) carved from the server's shared
-:class:`~proxy.server.budget.BufferBudget` when it opens, and grants clients
-``[committed, committed + window)``. The window only ever moves forward, so a write within
-any credit once announced is within the current one, and every attached connection hears
-of each move (one Credit per chunk GCS acknowledges).
+Credit: each upload holds an :class:`~proxy.server.budget.UploadWindow` paid for from the
+server's shared budget, and grants clients ``[committed, committed + window)``. The window
+starts small and grows as data arrives; with no connection attached the upload gives it
+back, and takes it back when one attaches. Its end only ever moves forward, so a write
+within any credit once announced is within the current one, and every attached connection
+hears of each move (one Credit per chunk GCS acknowledges, and one per growth).
 """
 
 from __future__ import annotations
@@ -38,25 +39,26 @@ import trio
 from protocol import ErrorCode
 from protocol.ranges import RangeSet
 from proxy.server.backend import Backend
+from proxy.server.budget import UploadWindow, writer_settings_for
 from proxy.server.errors import ServerError
 from proxy.server.logging import get_logger, log_event
 from proxy.server.metrics import ServerMetrics
 from proxy.server.settings import ServerSettings
 from reliablewriter import (
-    CHUNK_QUANTUM,
     ChecksumMismatchError,
     NonRetryableHTTPError,
     ObjectInfo,
     PendingWrite,
     ReliableWriter,
     SessionLostError,
+    TooFragmentedError,
     WriterAbortedError,
     WriterClosedError,
     WriterError,
-    WriterSettings,
     WriterStats,
     open_writer,
 )
+from reliablewriter.buffer import FRAGMENT_OVERHEAD
 
 __all__ = [
     "UPLOAD_TRANSITIONS",
@@ -68,7 +70,6 @@ __all__ = [
     "UploadLifecycle",
     "UploadListener",
     "UploadState",
-    "writer_settings_for",
 ]
 
 logger = get_logger(__name__)
@@ -180,25 +181,6 @@ class UploadHost(Protocol):
         """The writer and tasks are gone: stop counting the upload, and give back."""
 
 
-#: chunks are at most this fraction of the window, so while one chunk is on its way to GCS
-#: the client can already send the bytes of the next ones
-_CHUNKS_PER_WINDOW = 4
-
-
-def writer_settings_for(template: WriterSettings, window: int) -> WriterSettings:
-    """``template`` with chunks that leave room in a window of ``window`` bytes.
-
-    A chunk as large as the window would stall the client for the whole time GCS takes
-    to acknowledge it: nothing new fits until the committed offset moves.
-    """
-    share = max(CHUNK_QUANTUM, window // _CHUNKS_PER_WINDOW // CHUNK_QUANTUM * CHUNK_QUANTUM)
-    max_chunk = min(template.max_chunk_size, share)
-    min_chunk = min(template.min_chunk_size, max_chunk)
-    return dataclasses.replace(
-        template, buffer_limit=window, max_chunk_size=max_chunk, min_chunk_size=min_chunk
-    )
-
-
 def error_from_writer(exc: WriterError) -> ServerError:
     """The client-facing form of a writer failure (its message holds no secrets)."""
     if isinstance(exc, NonRetryableHTTPError) and exc.status == 412:
@@ -209,6 +191,8 @@ def error_from_writer(exc: WriterError) -> ServerError:
         return ServerError(ErrorCode.CHECKSUM_MISMATCH, str(exc))
     if isinstance(exc, WriterAbortedError):
         return ServerError(ErrorCode.ABORTED, str(exc))
+    if isinstance(exc, TooFragmentedError):
+        return ServerError(ErrorCode.FRAGMENT_LIMIT, str(exc))
     if isinstance(exc, SessionLostError) and not exc.lost_range:
         # Gone while resuming (or with nothing of ours lost): aborted, expired or finished,
         # perhaps on another proxy. Its token can never write again.
@@ -229,6 +213,7 @@ class StagedWrite:
         self.offset = offset
         self.length = length
         self._received = 0
+        self._pieces = 0
         self._failure: ServerError | None = None
         self._pending: PendingWrite | _NullPending
         try:
@@ -242,6 +227,7 @@ class StagedWrite:
         if self._failure is not None:
             return
         self._received += len(data)
+        self._pieces += 1
         try:
             self._pending.feed(data)
         except WriterError as exc:
@@ -249,6 +235,11 @@ class StagedWrite:
 
     def commit(self) -> int:
         """Make the frame's bytes uploadable; returns the committed offset for the Ack."""
+        if self._failure is None:
+            refusal = self.upload.fragment_refusal(self.offset, self._pieces)
+            if refusal is not None:
+                self.discard()
+                self._failure = refusal
         if self._failure is None:
             try:
                 self._pending.commit()
@@ -308,12 +299,17 @@ class Upload:
     """One upload's state in this process. Created only by the registry, run by :meth:`run`."""
 
     def __init__(
-        self, host: UploadHost, upload_id: str, request: OpenRequest, client: str, window: int
+        self,
+        host: UploadHost,
+        upload_id: str,
+        request: OpenRequest,
+        client: str,
+        credit: UploadWindow,
     ) -> None:
         self.upload_id = upload_id
         self.request = request
         self.client = client
-        self.window = window
+        self._credit = credit
         #: the sealed token; set once the writer has a session
         self.token = b""
         self._host = host
@@ -348,8 +344,39 @@ class Upload:
         return self.writer.committed_offset
 
     @property
+    def window(self) -> int:
+        """The credit window's size now (it grows as data arrives)."""
+        return self._credit.size
+
+    @property
     def window_end(self) -> int:
-        return self.writer.window_end
+        """Where the credit ends: never lower than any end announced before."""
+        return self._credit.end(self.writer.committed_offset)
+
+    def fragment_refusal(self, offset: int, pieces: int) -> ServerError | None:
+        """FRAGMENT_LIMIT if holding ``pieces`` more separate pieces, for a write at
+        ``offset``, would take the buffer's overhead past what the window pays for.
+
+        A write that starts within the gap-free run from the committed offset is always
+        taken: it is what lets the writer send a chunk and free the buffer, so refusing it
+        would leave a fragmented upload stuck. Its pieces join the run (tiny ones are
+        joined by the buffer), so this cannot be used to pile up fragments.
+        """
+        writer = self.writer
+        overhead = writer.buffered_cost - writer.stats.held_bytes
+        allowance = self._credit.fragment_allowance
+        if overhead + pieces * FRAGMENT_OVERHEAD <= allowance:
+            return None
+        ranges = writer.received_ranges()
+        contiguous_end = ranges[0][1] if ranges and ranges[0][0] == 0 else 0
+        if offset <= contiguous_end:
+            return None
+        return ServerError(
+            ErrorCode.FRAGMENT_LIMIT,
+            f"upload {self.upload_id} holds {overhead // FRAGMENT_OVERHEAD} separate pieces,"
+            f" the most its {self._credit.size}-byte window allows; this write was dropped:"
+            f" send the lowest missing bytes first (from {contiguous_end}), then resend it",
+        )
 
     def received_ranges(self) -> tuple[tuple[int, int], ...]:
         return tuple(self.writer.received_ranges())
@@ -415,13 +442,26 @@ class Upload:
         """Wait until the upload's writer and tasks are gone (completed, failed, or released)."""
         await self._finished.wait()
 
-    def attach(self, listener: UploadListener) -> None:
+    async def attach(self, listener: UploadListener) -> None:
+        """Add ``listener``; the first one takes the window back (waiting up to
+        ``budget_wait`` for budget, then TOO_BUSY with ``listener`` not attached)."""
+        if not self._listeners and self._writer is not None and self.state is UploadState.ACTIVE:
+            await self._credit.take_back(
+                self._writer.committed_offset, patience=self._host.settings.budget_wait
+            )
         self._listeners.add(listener)
         self._touch()
 
     def detach(self, listener: UploadListener) -> None:
+        """Remove ``listener``; once none is left the window goes back to the budget, but
+        for what the buffer really holds."""
         self._listeners.discard(listener)
         self._touch()
+        self._give_back_window_if_alone()
+
+    def _give_back_window_if_alone(self) -> None:
+        if not self._listeners and self._writer is not None:
+            self._credit.give_back(self._writer.buffered_cost)
 
     def holds(self, start: int, end: int) -> bool:
         """Whether every byte of ``[start, end)`` is received or committed already."""
@@ -460,9 +500,17 @@ class Upload:
         return StagedWrite(self, offset, length)
 
     def note_received(self, nbytes: int) -> None:
+        """A write of ``nbytes`` was taken: the window may grow."""
         self._host.metrics.bytes_received.inc(nbytes)
         self._touch()
         self._activity.unpark_all()
+        if self._credit.grow_for(nbytes):
+            self._announce(self.writer.committed_offset)
+
+    def _announce(self, committed: int) -> None:
+        window_end = self.window_end
+        for listener in list(self._listeners):
+            listener.offer_credit(self, committed, window_end)
 
     async def complete(self, total_size: int, crc32c: int | None) -> ObjectInfo:
         """Finalize the object once every byte of ``[0, total_size)`` is in GCS.
@@ -546,7 +594,11 @@ class Upload:
             async with open_writer(
                 bucket,
                 request.name,
-                writer_settings_for(host.settings.writer, self.window),
+                writer_settings_for(
+                    host.settings.writer,
+                    host.settings.min_upload_window,
+                    host.settings.upload_buffer_limit,
+                ),
                 content_type=request.content_type,
                 metadata=dict(request.metadata),
                 if_generation_match=request.if_generation_match,
@@ -649,8 +701,8 @@ class Upload:
                 self._record_stats(writer.stats)
                 self._touch()
                 self._activity.unpark_all()
-                for listener in list(self._listeners):
-                    listener.offer_credit(self, announced, writer.window_end)
+                self._give_back_window_if_alone()  # what the buffer holds shrank
+                self._announce(announced)
         except WriterClosedError:
             return  # complete or closing: the offset will not move again
         except WriterError as exc:

@@ -149,8 +149,10 @@ class RawClient:
             while not isinstance(await self.receive(), ConnectionClosed):
                 pass
 
-    async def hello(self, auth: str = "") -> Welcome:
-        await self.send(Hello((PROTOCOL_VERSION,), 256 * KiB, auth=auth, client_name="test"))
+    async def hello(
+        self, auth: str = "", *, versions: tuple[int, ...] = (PROTOCOL_VERSION,)
+    ) -> Welcome:
+        await self.send(Hello(versions, 256 * KiB, auth=auth, client_name="test"))
         return await self.reply(Welcome)
 
     async def open(self, bucket: str, name: str, **options: Any) -> UploadOpened:
@@ -172,12 +174,18 @@ class RawClient:
 async def raw_client() -> AsyncIterator[Callable[..., Awaitable[RawClient]]]:
     clients: list[RawClient] = []
 
-    async def connect(server: ProxyServer, *, hello: bool = True, auth: str = "") -> RawClient:
+    async def connect(
+        server: ProxyServer,
+        *,
+        hello: bool = True,
+        auth: str = "",
+        versions: tuple[int, ...] = (PROTOCOL_VERSION,),
+    ) -> RawClient:
         host, port = server.address
         client = RawClient(await trio.open_tcp_stream(host, port))
         clients.append(client)
         if hello:
-            await client.hello(auth)
+            await client.hello(auth, versions=versions)
         return client
 
     yield connect

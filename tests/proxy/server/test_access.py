@@ -21,7 +21,8 @@ from protocol import (
     UploadOpened,
 )
 from proxy.server import ProxyServer
-from proxy.server.settings import MiB
+from proxy.server.budget import window_cost
+from proxy.server.settings import MiB, ServerSettings
 from tests.proxy.conftest import RawClient
 from tests.proxy.server.test_uploads import send_range
 
@@ -101,12 +102,17 @@ async def test_allow_lists_refuse_other_buckets_and_prefixes(
 
 
 async def test_exhausted_buffer_budget_answers_too_busy_and_recovers(
-    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+    start_proxy: StartProxy,
+    raw_client: Connect,
+    gcs_bucket: str,
+    proxy_settings: ServerSettings,
 ) -> None:
     async with start_proxy(
         upload_buffer_limit=2 * MiB,
         min_upload_window=1 * MiB,
-        total_buffer_limit=3 * MiB,
+        # three minimum windows and the overhead of their pieces, all for one client
+        total_buffer_limit=3 * window_cost(proxy_settings.writer, MiB),
+        client_buffer_share=1.0,
         budget_wait=0.2,
     ) as server:
         # A burst shares the pool: windows shrink to the minimum, then the pool is gone.
@@ -128,10 +134,16 @@ async def test_exhausted_buffer_budget_answers_too_busy_and_recovers(
 
 
 async def test_a_new_upload_waits_for_budget_to_come_back(
-    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+    start_proxy: StartProxy,
+    raw_client: Connect,
+    gcs_bucket: str,
+    proxy_settings: ServerSettings,
 ) -> None:
     async with start_proxy(
-        upload_buffer_limit=1 * MiB, min_upload_window=1 * MiB, total_buffer_limit=1 * MiB
+        upload_buffer_limit=1 * MiB,
+        min_upload_window=1 * MiB,
+        total_buffer_limit=window_cost(proxy_settings.writer, MiB),
+        client_buffer_share=1.0,
     ) as server:
         holder = await raw_client(server)
         await holder.open(gcs_bucket, "holder.bin")

@@ -9,10 +9,11 @@ from trio.testing import wait_all_tasks_blocked
 
 from protocol import Ack, Credit, Pong
 from protocol.ranges import RangeSet
-from proxy.server.budget import BufferBudget
+from proxy.server.budget import BufferBudget, UploadWindow, window_cost
 from proxy.server.connection import Outbox
 from proxy.server.metrics import ServerMetrics
 from proxy.server.settings import MiB
+from reliablewriter import WriterSettings
 
 QUANTUM = 256 * 1024
 
@@ -58,20 +59,56 @@ def test_missing_ranges_are_exactly_the_uncovered_bytes(
     assert all(start < end for start, end in gaps)
 
 
-def test_budget_shrinks_windows_then_refuses_and_recovers() -> None:
-    budget = BufferBudget(16 * MiB, ServerMetrics())
+def test_budget_gives_each_client_a_share_then_refuses_and_recovers() -> None:
+    budget = BufferBudget(16 * MiB, 8 * MiB, ServerMetrics())
 
-    windows = []
-    while (window := budget.reserve(8 * MiB, 1 * MiB)) is not None:
-        windows.append(window)
+    mine = [budget.reserve("greedy", MiB) for _ in range(8)]
+    assert all(reservation is not None for reservation in mine)
+    assert budget.reserve("greedy", 1) is None  # its share is spent...
+    other = budget.reserve("neighbour", 8 * MiB)  # ...while another client still gets its own
+    assert other is not None
+    assert budget.available == 0
+    assert budget.reserve("third", 1) is None
 
-    assert windows[0] == 4 * MiB  # a quarter of the pool, not all 8 MiB of it
-    assert windows == sorted(windows, reverse=True)
-    assert all(window % QUANTUM == 0 and window >= MiB for window in windows)
-    assert sum(windows) <= 16 * MiB
-    assert budget.available < MiB
-    budget.release(windows[0])
-    assert budget.reserve(8 * MiB, 1 * MiB) is not None
+    other.release()
+    other.release()  # idempotent
+    assert budget.available == 8 * MiB
+    assert budget.reserve("greedy", 1) is None
+    assert budget.reserve("third", MiB) is not None
+
+
+def test_a_window_starts_small_grows_as_data_arrives_and_is_paid_for() -> None:
+    template = WriterSettings(min_chunk_size=QUANTUM, max_chunk_size=MiB, buffer_limit=4 * MiB)
+    budget = BufferBudget(64 * MiB, 64 * MiB, ServerMetrics())
+    reservation = budget.reserve("c", 0)
+    assert reservation is not None
+    window = UploadWindow(reservation, template, initial=MiB, largest=4 * MiB)
+
+    assert window.size == MiB
+    assert budget.reserved == window_cost(template, MiB) > MiB  # the pieces' overhead too
+    assert not window.grow_for(MiB // 4)  # not half its size arrived yet
+    assert window.grow_for(MiB // 4)
+    assert window.size == 2 * MiB
+    assert budget.reserved == window_cost(template, 2 * MiB)
+    assert window.end(0) == 2 * MiB
+
+
+async def test_a_window_nobody_uses_goes_back_and_its_end_never_drops() -> None:
+    template = WriterSettings(min_chunk_size=QUANTUM, max_chunk_size=MiB, buffer_limit=4 * MiB)
+    budget = BufferBudget(64 * MiB, 64 * MiB, ServerMetrics())
+    reservation = budget.reserve("c", 0)
+    assert reservation is not None
+    window = UploadWindow(reservation, template, initial=MiB, largest=4 * MiB)
+    window.grow_for(MiB)
+    announced = window.end(0)
+
+    window.give_back(cost_now=1000)
+    assert budget.reserved == 1000
+    assert not window.grow_for(4 * MiB)  # nobody to grow for
+
+    await window.take_back(committed=QUANTUM, patience=0)
+    assert window.end(QUANTUM) >= announced
+    assert budget.reserved >= window_cost(template, announced - QUANTUM)
 
 
 async def test_outbox_keeps_replies_in_order_and_only_the_newest_credit() -> None:

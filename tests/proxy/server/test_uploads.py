@@ -125,9 +125,22 @@ async def test_a_frame_resent_after_completion_is_acknowledged_not_refused(
 
 
 async def test_out_of_order_ranges_over_two_connections(
-    proxy_server: ProxyServer, raw_client: Connect, gcs_bucket: str, storage_client: storage.Client
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str, storage_client: storage.Client
 ) -> None:
     data = _payload(3 * MiB + 7)
+    # A window that starts large enough for the whole object: a client writing out of
+    # order must stay inside the window it was granted, and this one starts with the tail.
+    async with start_proxy(min_upload_window=4 * MiB) as proxy_server:
+        await _out_of_order(proxy_server, raw_client, gcs_bucket, storage_client, data)
+
+
+async def _out_of_order(
+    proxy_server: ProxyServer,
+    raw_client: Connect,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    data: bytes,
+) -> None:
     first = await raw_client(proxy_server)
     opened = await first.open(gcs_bucket, "ooo.bin")
     second = await raw_client(proxy_server)
