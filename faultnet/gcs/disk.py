@@ -167,6 +167,11 @@ class DiskStorage:
         objects: list[ObjectInfo] = []
         made_by: dict[str, ObjectInfo] = {}  # session file stem -> object it published
         for bucket_dir in sorted((self.data_dir / "buckets").iterdir()):
+            if not (bucket_dir / _BUCKET_RECORD).exists():
+                # Killed between the directory and its record (creating or deleting the
+                # bucket): the bucket does not exist, and the directory is empty.
+                bucket_dir.rmdir()
+                continue
             record = _read_json(bucket_dir / _BUCKET_RECORD)
             buckets.append(
                 BucketInfo(record["name"], datetime.fromisoformat(record["timeCreated"]))

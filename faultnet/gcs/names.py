@@ -21,6 +21,8 @@ from faultnet.gcs.errors import GcsApiError
 __all__ = [
     "MAX_CONTENT_TYPE_BYTES",
     "MAX_CUSTOM_METADATA_BYTES",
+    "MAX_METADATA_KEY_BYTES",
+    "MAX_METADATA_VALUE_BYTES",
     "MAX_OBJECT_NAME_BYTES",
     "check_bucket_name",
     "check_content_type",

@@ -81,7 +81,7 @@ METHODS = frozenset(
     }
 )
 
-KIB = 1024
+_KIB = 1024
 
 
 @dataclass(frozen=True)
@@ -155,15 +155,15 @@ def parse_instruction(text: str) -> Instruction:
         if kind is ReturnStatus:
             return ReturnStatus(int(groups[0]))
         if kind is BrokenStream:
-            return BrokenStream(int(groups[0]) * KIB if groups else 4)
+            return BrokenStream(int(groups[0]) * _KIB if groups else 4)
         if kind is FailAfterBytes:
-            return FailAfterBytes(int(groups[0]), int(groups[1]) * KIB)
+            return FailAfterBytes(int(groups[0]), int(groups[1]) * _KIB)
         if kind is StallAfterBytes:
-            return StallAfterBytes(float(groups[0]), int(groups[1]) * KIB)
+            return StallAfterBytes(float(groups[0]), int(groups[1]) * _KIB)
         if kind is BrokenFinalResponse:
-            return BrokenFinalResponse(int(groups[0]) * (KIB if groups[1] == "K" else 1))
+            return BrokenFinalResponse(int(groups[0]) * (_KIB if groups[1] == "K" else 1))
         if kind is ShortRange:
-            return ShortRange(int(groups[0]) * KIB)
+            return ShortRange(int(groups[0]) * _KIB)
         return kind()
     raise ValueError(f"unknown fault instruction {text!r}; see faultnet.gcs.retry_test")
 

@@ -57,7 +57,7 @@ MAX_COMPOSE_SOURCES = 32
 #: how long a resumable session lives, counted from its start: GCS's one week
 DEFAULT_SESSION_TTL = 7 * 24 * 3600.0
 
-NO_PRECONDITIONS = Preconditions()
+_NO_PRECONDITIONS = Preconditions()
 
 
 class UploadSession:
@@ -298,7 +298,7 @@ class Store:
         *,
         content_type: str = "application/octet-stream",
         metadata: Mapping[str, str] | None = None,
-        preconditions: Preconditions = NO_PRECONDITIONS,
+        preconditions: Preconditions = _NO_PRECONDITIONS,
         expected_crc32c: str | None = None,
         expected_md5: str | None = None,
     ) -> ObjectInfo:
@@ -341,7 +341,7 @@ class Store:
         *,
         content_type: str = "application/octet-stream",
         metadata: Mapping[str, str] | None = None,
-        preconditions: Preconditions = NO_PRECONDITIONS,
+        preconditions: Preconditions = _NO_PRECONDITIONS,
         delete_sources: bool = False,
     ) -> ObjectInfo:
         """Make ``bucket/name`` the concatenation of ``sources`` (objects in ``bucket``).
@@ -427,7 +427,7 @@ class Store:
         self,
         bucket: str,
         name: str,
-        preconditions: Preconditions = NO_PRECONDITIONS,
+        preconditions: Preconditions = _NO_PRECONDITIONS,
     ) -> None:
         with self._lock:
             info = self._live(bucket, name)

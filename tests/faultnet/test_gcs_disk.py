@@ -102,3 +102,13 @@ def test_replace_and_delete_on_disk(tmp_path: Path) -> None:
         assert requests.delete(url, timeout=30).status_code == 204
         assert _object_files(tmp_path) == []
         assert requests.get(url, timeout=30).status_code == 404
+
+
+def test_a_bucket_directory_without_its_record_is_no_bucket(tmp_path: Path) -> None:
+    """What a kill between creating a bucket's directory and its record leaves behind."""
+    with GcsServer(data_dir=tmp_path) as server:
+        server.store.create_bucket("kept")
+    (tmp_path / "buckets" / ("f" * 32)).mkdir()
+    with GcsServer(data_dir=tmp_path) as server:
+        assert [bucket.name for bucket in server.store.list_buckets()] == ["kept"]
+    assert len(list((tmp_path / "buckets").iterdir())) == 1
