@@ -18,7 +18,8 @@ that keep memory honest when a caller writes many small pieces (issue 11, findin
 Every fragment costs memory beyond its payload (a memoryview, its entry, the sorted
 structure's slot); :data:`FRAGMENT_OVERHEAD` is that cost, measured, and
 :attr:`ScatterBuffer.cost` charges it per view held. ``max_fragments`` caps the views held:
-an insert whose next piece would exceed it raises :class:`~reliablewriter.TooFragmentedError`.
+an insert whose next piece would exceed it raises :class:`~reliablewriter.TooFragmentedError`,
+unless the piece extends the gap-free run from the base (what can be sent next).
 
 Fragments live in a sorted list of blocks of at most ``2 * _BLOCK`` entries (in the manner
 of sortedcontainers): an insert bisects twice and shifts at most one block, so inserts
@@ -355,6 +356,8 @@ class ScatterBuffer:
                 gap_left, gap_right = self._fragments.neighbours(gap_start)
                 self._add(_Fragment(gap_start, _held_parts(piece), None), gap_left, gap_right)
                 added += gap_end - gap_start
+                if gap_start <= self._contiguous_end:
+                    self._extend_contiguous()
         finally:
             self._held += added
             self._extend_contiguous()
@@ -387,7 +390,11 @@ class ScatterBuffer:
         joined with them where that is cheap.
 
         The cap is checked on the count after the joins: a piece that fills a hole between
-        small fragments lowers the count, and is never refused.
+        small fragments lowers the count, and is never refused. Nor is a piece that
+        starts within the gap-free run from :attr:`base`: it extends what can be sent,
+        and sending frees fragments, so a buffer at its cap can always make progress.
+        (Such pieces are at least SMALL_PIECE long or joined, so the run holds at most
+        about one per KiB beyond the cap.)
         """
         size = fragment.end - fragment.start
         if left is not None and not (
@@ -404,7 +411,7 @@ class ScatterBuffer:
         released = sum(neighbour.piece_count() for neighbour in joined)
         count = self._pieces - released + (1 if joined else fragment.piece_count())
         limit = self._max_fragments
-        if limit is not None and count > limit:
+        if limit is not None and count > limit and fragment.start > self._contiguous_end:
             raise TooFragmentedError(
                 fragments=self._pieces, adding=count - self._pieces, limit=limit
             )

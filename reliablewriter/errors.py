@@ -74,8 +74,9 @@ class SessionLostError(WriterError):
     (``restart_if_nothing_committed``), no byte was ever committed, and no object exists.
 
     ``lost_range`` is the half-open byte range that was acknowledged and released from
-    the buffer, to be resent by whoever still has it; ``None`` when unknown (a session
-    lost while being resumed). ``status`` is GCS's answer.
+    the buffer, to be resent by whoever still has it; ``None`` when no such range is
+    known (a session lost while being resumed, or before GCS acknowledged any byte).
+    ``status`` is GCS's answer.
     """
 
     def __init__(

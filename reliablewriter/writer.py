@@ -522,7 +522,10 @@ class ReliableWriter:
             if isinstance(outcome, Finished):
                 self._finish(outcome.resource)
             elif isinstance(outcome, SessionGone):
-                await self._replace_lost_session(outcome.status, lost_range=(0, self._buffer.base))
+                released = self._buffer.base
+                await self._replace_lost_session(
+                    outcome.status, lost_range=(0, released) if released else None
+                )
 
     async def _next_plan(self) -> ChunkPlan:
         settings = self._settings

@@ -241,6 +241,7 @@ async def test_a_lost_session_is_never_replaced_unless_allowed(
         with pytest.raises(SessionLostError, match="no new session is started") as lost:
             await writer.complete()
     assert lost.value.status == 410
+    assert lost.value.lost_range is None  # nothing acknowledged, so nothing to resend
     assert writer.stats.session_restarts == 0
     assert target.script_done()
     assert target.object_names() == []

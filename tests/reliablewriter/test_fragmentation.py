@@ -135,6 +135,25 @@ def test_the_cap_refuses_the_piece_beyond_it_and_a_write_filling_the_holes_is_ta
     assert b"".join(buffer.views(0, 21)) == b"eo" * 10 + b"e"
 
 
+def test_at_the_cap_a_write_extending_the_sendable_run_is_still_taken() -> None:
+    """Refusing the bytes at the head would leave a capped upload stuck for good: they are
+    what lets the writer send a chunk, and sending frees fragments."""
+    big = bytes(JOIN_LIMIT + 1)  # too big to join anything
+    buffer = ScatterBuffer(max_fragments=3)
+    for offset in (100 * KiB, 200 * KiB, 300 * KiB):
+        buffer.insert(offset, big)
+    with pytest.raises(TooFragmentedError):
+        buffer.insert(400 * KiB, big)
+    assert buffer.insert(0, big) == len(big)  # the head: taken beyond the cap
+    assert buffer.insert(len(big), big) == len(big)
+    assert buffer.fragment_count == 5
+    assert buffer.contiguous_end == 2 * len(big)
+    with pytest.raises(TooFragmentedError):
+        buffer.insert(400 * KiB, big)
+    buffer.release(2 * len(big))  # sent: the head's fragments are freed
+    assert buffer.fragment_count == 3
+
+
 async def test_a_fragmentation_attack_stays_bounded_and_is_refused_at_the_cap(
     target: Target, settings: WriterSettings
 ) -> None:
