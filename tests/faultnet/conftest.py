@@ -17,3 +17,11 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GcsServer
     with GcsServer(data_dir=data_dir) as running:
         running.store.create_bucket("bkt")
         yield running
+
+
+@pytest.fixture(params=["memory", "disk"])
+def gcs_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GcsServer]:
+    """The shared fixture's endpoint, here run on each store: they must behave the same."""
+    data_dir = tmp_path / "gcs-data" if request.param == "disk" else None
+    with GcsServer(data_dir=data_dir) as running:
+        yield running

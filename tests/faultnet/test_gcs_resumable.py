@@ -269,6 +269,7 @@ def test_put_without_content_range_uploads_everything(
     assert gcs_server.store.get_object(gcs_bucket, "obj")[0] == b"whole"
 
 
+@pytest.mark.parametrize("gcs_server", ["memory"], indirect=True)  # holds bodies
 def test_a_small_new_tail_does_not_keep_its_whole_request_buffer(
     gcs_server: GcsServer, gcs_bucket: str
 ) -> None:
@@ -294,6 +295,7 @@ class _RequestBuffer(bytearray):
     """A request body the test can hold a weak reference to."""
 
 
+@pytest.mark.parametrize("gcs_server", ["memory"], indirect=True)  # holds bodies
 def test_a_finished_session_leaves_only_its_result_behind(
     gcs_server: GcsServer, gcs_bucket: str
 ) -> None:
