@@ -239,15 +239,28 @@ async def _upload_file_resumably(
     try:
         async with connect_upload(url, options) as upload:
             await upload.send_file(source)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_keep_record, store, identity, url, upload)
-                result = await upload.complete()
-                nursery.cancel_scope.cancel()
+            result = await _complete_while_recording(upload, store, identity, url)
     except UploadError as exc:
         if not exc.retryable:
             store.remove(source, url)
         raise
     store.remove(source, url)
+    return result
+
+
+async def _complete_while_recording(
+    upload: Upload, store: ResumeStore, identity: FileIdentity, url: str
+) -> UploadResult:
+    failure: UploadError | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_keep_record, store, identity, url, upload)
+        try:
+            result = await upload.complete()
+        except UploadError as exc:  # raised below, outside the nursery, so not in a group
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
     return result
 
 

@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,3 +185,27 @@ def test_a_token_the_proxy_cannot_resume_or_no_resume_starts_afresh(
     assert json.loads(captured.out)["bytes_sent"] == len(data)
     assert stored(gcs_server, "cmd", "afresh.bin") == data
     assert not list(state_home.glob("upload-*.json"))
+
+
+def test_a_file_changed_during_the_upload_fails_in_one_line_and_forgets_the_record(
+    slow_proxy: SlowProxy, state_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "moving.bin"
+    path.write_bytes(os.urandom(SIZE))
+    before = slow_proxy.received()
+
+    def touch_once_under_way() -> None:
+        give_up = time.monotonic() + 30
+        while slow_proxy.received() - before < WINDOW and time.monotonic() < give_up:
+            time.sleep(0.01)
+        os.utime(path, ns=(0, 0))
+
+    toucher = threading.Thread(target=touch_once_under_way, daemon=True)
+    toucher.start()
+    code = main(["upload", str(path), "gs://cmd/moving.bin", "--proxy", slow_proxy.address])
+    toucher.join(timeout=30)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "the file changed while it was being uploaded" in err
+    assert not list(state_home.glob("upload-*.json"))  # it can never resume: forgotten
