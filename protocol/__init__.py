@@ -14,6 +14,10 @@ Nothing here does I/O. A server loop looks like::
 itself, uncopied); `Connection.last_sent_seq` is the seq that the reply will carry in
 `reply_to`. Received WriteAt payload arrives as WriteAtStart, WriteAtData (views into the
 received buffers) and WriteAtEnd once its CRC32C verified.
+
+Protocol versions 1 and 2 (`SUPPORTED_VERSIONS`) are negotiated by Hello and Welcome; a server
+builds its replies the same way for both, and `send()` fits them to the client's version (see
+`Connection.send`). `ERROR_SPECS` says what every `ErrorCode` means.
 """
 
 from ._crc import crc32c_combine

@@ -632,6 +632,12 @@ class Connection:
 
         For WriteAt the data is the last buffer, passed through without a copy. Raises
         LocalProtocolError (and changes nothing) if the event is invalid or illegal now.
+
+        On a server, a reply is first made what the protocol promises the client, whatever the
+        caller built: its Error `retryable` from ERROR_SPECS, codes and INCOMPLETE the client's
+        version lacks as their version-1 forms, at most MAX_LISTED_RANGES ranges, messages of at
+        most MAX_MESSAGE_SIZE bytes with control characters escaped, and committed_offset and
+        window_end never lower than this connection already sent for the bound upload.
         """
         if isinstance(event, WriteAt):
             return self._send_write_at(event)
@@ -712,6 +718,8 @@ class Connection:
     def _fit_reply(self, reply: Reply) -> Reply:
         """`reply` as the protocol promises the client it will be, whatever the caller built.
 
+        * An Error's `retryable` is its code's (ERROR_SPECS), unless the table leaves it to each
+          reply (GCS_ERROR, UNKNOWN_UPLOAD).
         * An Error code or Incomplete the client's version lacks becomes what that version has
           (`ErrorCode.for_version`, `Incomplete.as_error`); UploadOpened.window_end is left out
           for a version-1 client (which learns its window from the Credit that follows), and
@@ -734,9 +742,16 @@ class Connection:
             else:
                 return self._no_lower_window(reply)
         if isinstance(reply, Error):
+            # The table decides retryability, except where it leaves it to each reply.
+            spec = reply.code.spec
+            retryable = reply.retryable if spec.retryable_per_reply else spec.retryable
             code, message = reply.code.for_version(version), _fit_message(reply.message)
-            if code is not reply.code or message is not reply.message:
-                reply = replace(reply, code=code, message=message)
+            if (
+                code is not reply.code
+                or message is not reply.message
+                or (retryable is not reply.retryable)
+            ):
+                reply = replace(reply, code=code, retryable=retryable, message=message)
         elif isinstance(reply, GoingAway):
             message = _fit_message(reply.message)
             if message is not reply.message:
@@ -780,9 +795,11 @@ class Connection:
             )
 
     def _check_hello(self, hello: Hello) -> None:
-        if not set(hello.versions).intersection(SUPPORTED_VERSIONS):
+        if not set(hello.versions) <= set(self.versions):
+            # The server may pick any version offered: offer only what this end can speak.
             raise LocalProtocolError(
-                f"Hello offers {list(hello.versions)}, none of which this end speaks",
+                f"Hello offers {list(hello.versions)}, but this end speaks only"
+                f" {list(self.versions)}",
                 ErrorCode.UNSUPPORTED_VERSION,
             )
         if hello.max_frame_size > self._max_frame_size:

@@ -425,6 +425,15 @@ def test_s7_every_code_has_a_scope_and_a_retryability() -> None:
     assert ErrorCode.CHECKSUM_MISMATCH.scope is Scope.UPLOAD
 
 
+def test_s7_retryable_is_the_tables_except_where_it_is_per_reply() -> None:
+    for code, spec in ERROR_SPECS.items():
+        for claimed in (True, False):
+            client, server = bound()
+            (received,) = transfer(server, client, Error(0, code, claimed, "m"))
+            assert isinstance(received, Error)
+            assert received.retryable is (claimed if spec.retryable_per_reply else spec.retryable)
+
+
 def test_s7_a_code_newer_than_the_client_travels_as_its_version_1_code() -> None:
     for code, spec in ERROR_SPECS.items():
         client, server = bound(version=1)
