@@ -38,8 +38,10 @@ from protocol import (
     Reply,
     Request,
     Role,
+    Scope,
     Welcome,
     WriteAt,
+    error_spec,
 )
 from protocol._spec import MAGIC  # the protocol does not export it (yet)
 from protocol.ranges import ByteRange
@@ -408,8 +410,8 @@ class Channel:
         elif isinstance(event, Error):
             owner.ledger.count_error(event.code)
             owner.ledger.requeue([piece], cause=event.code.name.lower())
-            if event.code == ErrorCode.BAD_CRC:
-                return  # the header was intact: the connection goes on, the frame is resent
+            if event.retryable and error_spec(event.code).scope is Scope.FRAME:
+                return  # only this frame failed (BAD_CRC, TOO_BUSY...): it is resent here
             if owner.aborting and event.code == ErrorCode.ABORTED:
                 return
             if condemns_upload(event):

@@ -90,6 +90,9 @@ class FakeProxy:
         # -- scripted faults ---------------------------------------------------------------
         #: answer BAD_CRC (once each) to WriteAts at these offsets
         self.corrupt_at: set[int] = set()
+        #: answer TOO_BUSY (once each) to WriteAts at these offsets, as a version-1 proxy at
+        #: its fragment cap does (FRAGMENT_LIMIT in version 2): only that frame was dropped
+        self.busy_at: set[int] = set()
         #: drop the connection when the n-th WriteAt (1-based, all connections) begins
         self.cut_at_write: set[int] = set()
         #: send GoingAway after the n-th WriteAt and close soon after
@@ -229,6 +232,10 @@ class FakeProxy:
                     self.corrupt_at.discard(offset)
                     await send(Error(event.seq, ErrorCode.BAD_CRC, True, "payload crc mismatch"))
                     continue
+                if offset in self.busy_at:
+                    self.busy_at.discard(offset)
+                    await send(Error(event.seq, ErrorCode.TOO_BUSY, True, "too many fragments"))
+                    continue
                 self._store(offset, bytes(payload))
                 if not holding:
                     await ack(event.seq)
@@ -364,6 +371,24 @@ async def test_corrupt_frame_is_resent(
     assert result.resent_bytes_by_cause == {"bad_crc": 2 * FRAME}
     assert result.errors_by_code == {"BAD_CRC": 2}
     assert result.reconnects == 0  # a payload CRC error does not cost the connection
+
+
+async def test_a_frame_refused_as_busy_is_resent_on_the_same_connection(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # TOO_BUSY's scope is the frame (protocol's ERROR_SPECS): the frame is resent, and the
+    # connection, which the proxy keeps, is kept too.
+    proxy, address = fake_proxy
+    proxy.busy_at = {3 * FRAME, 7 * FRAME}
+    path, data = payload_file(12 * FRAME)
+    options = UploadOptions(proxy=address, settings=settings(2))
+    result = await upload_file(path, "gs://bkt/o", options)
+    assert bytes(proxy.data) == data
+    assert result.resent_bytes_by_cause == {"too_busy": 2 * FRAME}
+    assert result.errors_by_code == {"TOO_BUSY": 2}
+    assert result.reconnects == 0
+    assert proxy.connections == 2
 
 
 async def test_connection_cut_partway_through_a_frame_is_survived(
