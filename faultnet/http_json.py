@@ -25,6 +25,7 @@ import h11
 import trio
 
 __all__ = [
+    "MAX_CONNECTIONS",
     "MAX_REQUESTS_PER_CONNECTION",
     "MAX_REQUEST_BODY",
     "MAX_REQUEST_HEAD",
@@ -46,6 +47,8 @@ MAX_REQUEST_BODY = 64 * 1024
 REQUEST_TIMEOUT = 10.0
 #: requests served on one kept-alive connection before it is closed
 MAX_REQUESTS_PER_CONNECTION = 1000
+#: connections served at once; more are closed as soon as they are accepted
+MAX_CONNECTIONS = 64
 
 _RECEIVE_SIZE = 16 * 1024
 _SERVER_NAME = b"rup-faultproxy"
@@ -110,8 +113,19 @@ async def serve_json(
     Cancelling it closes the listeners and drops any request in progress unanswered.
     """
 
+    open_connections = 0
+
     async def connection(stream: trio.SocketStream) -> None:
-        await _serve_connection(stream, handler)
+        nonlocal open_connections
+        if open_connections >= MAX_CONNECTIONS:
+            # Answering would cost as much as serving: hang up at once instead.
+            await trio.aclose_forcefully(stream)
+            return
+        open_connections += 1
+        try:
+            await _serve_connection(stream, handler)
+        finally:
+            open_connections -= 1
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, connection, listeners)
@@ -171,6 +185,11 @@ async def _read_request(connection: h11.Connection, stream: trio.SocketStream) -
     while True:
         event = connection.next_event()
         if event is h11.NEED_DATA:
+            if connection.they_are_waiting_for_100_continue:
+                # curl asks before sending a body over 1 KiB; say yes rather than make it wait
+                await stream.send_all(
+                    connection.send(h11.InformationalResponse(status_code=100, headers=[]))
+                )
             connection.receive_data(await stream.receive_some(_RECEIVE_SIZE))
         elif isinstance(event, h11.Request):
             head = event

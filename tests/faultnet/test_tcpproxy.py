@@ -22,6 +22,7 @@ import trio
 import trio.testing
 
 from faultnet import tcpproxy_command as faultproxy_command
+from faultnet.http_json import MAX_CONNECTIONS
 from faultnet.plan import Bandwidth, Corrupt, Direction, FaultPlan, Latency, LimitData, Stall
 from faultnet.tcpproxy import (
     Address,
@@ -1007,3 +1008,43 @@ async def test_cli_relays_until_interrupted(echo_address: Address) -> None:
     assert final_stats["bytes"] == {"upstream": 24, "downstream": 24}
     assert final_stats["connections_accepted"] == 1
     assert process.returncode == 130
+
+
+async def test_control_api_says_continue_to_a_client_that_asks(proxy: ChaosProxy) -> None:
+    assert proxy.control_address is not None
+    body = json.dumps({"type": "latency", "name": "x" * 2000}).encode()
+    head = b"POST /toxics HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+    head += b"Content-Length: %d\r\n\r\n" % len(body)
+    async with await trio.open_tcp_stream(*proxy.control_address) as stream:
+        await stream.send_all(head)
+        with trio.fail_after(30):  # a deadline against a hang, not a timing assertion
+            assert await stream.receive_some() == b"HTTP/1.1 100 \r\n\r\n"
+        await stream.send_all(body)
+        await stream.send_eof()
+        answer = await receive_all(stream)
+    assert answer.startswith(b"HTTP/1.1 201 ")
+    assert [t.name for t in proxy.toxics()] == ["x" * 2000]
+
+
+async def test_control_api_hangs_up_on_connections_past_its_limit(proxy: ChaosProxy) -> None:
+    assert proxy.control_address is not None
+    idle = [await trio.open_tcp_stream(*proxy.control_address) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for stream in idle:  # one answered request each: the server holds them all now
+            await stream.send_all(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            with trio.fail_after(30):  # a deadline against a hang, not a timing assertion
+                while not answer.endswith(b"}\n"):
+                    answer += await stream.receive_some()
+        async with await trio.open_tcp_stream(*proxy.control_address) as extra:
+            with trio.fail_after(30), suppress(trio.BrokenResourceError):
+                assert await extra.receive_some() == b""
+    finally:
+        for stream in idle:
+            await stream.aclose()
+    with trio.fail_after(30):  # served again once they have left (the server sees it soon)
+        while True:
+            with suppress(ConnectionError, http.client.HTTPException):
+                assert (await control(proxy, "GET", "/toxics"))[0] == 200
+                break
+            await trio.sleep(0.05)
