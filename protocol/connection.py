@@ -657,14 +657,15 @@ class Connection:
         frame_type, body = encode_body(event, self.version or self._peer_version())
         if frame_type.is_request != (self.role is Role.CLIENT):
             raise LocalProtocolError(f"a {self.role.value} does not send {frame_type.name}")
-        if FIRST_VERSION[frame_type] > (self.version or PROTOCOL_VERSION):
+        if int(frame_type) not in self._frame_types:  # int: cheaper to hash than the enum
             raise LocalProtocolError(
                 f"{frame_type.name} needs protocol version {FIRST_VERSION[frame_type]};"
                 f" this connection speaks {self.version or 'none yet'}",
                 ErrorCode.UNKNOWN_FRAME_TYPE,
             )
         limit = MAX_CONTROL_BODY_SIZE
-        if isinstance(event, PutObject):
+        if frame_type is FrameType.PUT_OBJECT:
+            assert isinstance(event, PutObject)
             limit += self._max_frame_size
             if len(event.data) > self._max_frame_size:
                 raise LocalProtocolError(
