@@ -25,6 +25,7 @@ import trio
 from protocol import Connection, Error, ErrorCode, Role
 from proxy.server.backend import Backend
 from proxy.server.connection import DRAIN_TIMEOUT, ClientConnection
+from proxy.server.drain import drain_uploads
 from proxy.server.logging import get_logger, log_event, protect_third_party_loggers
 from proxy.server.metrics import ServerMetrics, serve_metrics
 from proxy.server.registry import UploadRegistry
@@ -170,9 +171,10 @@ async def serve(
     """Run a proxy until :meth:`ProxyServer.shutdown` is called or the caller cancels.
 
     Use as ``server = await nursery.start(serve, settings, backend)``. A shutdown is
-    graceful (GoingAway, then up to ``shutdown_grace`` for in-flight frames); cancellation
-    is abrupt. Either way unfinished uploads are released, not aborted: their GCS sessions
-    stay resumable through their tokens.
+    graceful (GoingAway, then up to ``shutdown_grace`` for in-flight frames, then up to
+    ``drain_timeout`` for chunks on their way to GCS); cancellation is abrupt. Either way
+    unfinished uploads are released, not aborted: their GCS sessions stay resumable through
+    their tokens.
     """
     protect_third_party_loggers()
     metrics = ServerMetrics()
@@ -186,7 +188,9 @@ async def serve(
                 serve_metrics, metrics, metrics_listen[0], metrics_listen[1]
             )
         await server.serve_connections(listeners, task_status=task_status)
-        # Connections are gone; release the uploads (their GCS sessions stay resumable).
+        # Connections are gone: let chunks on their way to GCS land, then release the
+        # uploads (their GCS sessions stay resumable).
+        await drain_uploads(registry.uploads(), settings.drain_timeout)
         server_nursery.cancel_scope.cancel()
     log_event(logger, logging.INFO, "stopped")
 

@@ -1,0 +1,208 @@
+"""Process faults, for real: the proxy is killed or stopped mid-upload and started again.
+
+Every test runs real processes: ``rup serve`` (restarted with the same arguments, as a
+supervisor would), ``rup upload`` (never restarted: it must ride the restart out),
+``rup faultproxy`` between them (bandwidth-limited, so a small object is still in flight
+when the signal comes), and for an external endpoint ``rup gcs-server --data-dir``. The
+object must then match the source byte for byte, and the logs must show that the upload
+really was resumed by the second proxy process (so the test cannot pass by finishing
+before the fault).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage  # type: ignore[import-untyped]
+from google.oauth2.credentials import Credentials
+
+from proxy.server.keys import generate_key_text
+from tests.proxy.server.processes import RupProcess, free_port, running
+
+pytestmark = pytest.mark.slow
+
+#: small, but at the faultproxy's rate it takes a few seconds: both faults land mid-upload
+_OBJECT_SIZE = 3 * 1024 * 1024
+#: per connection, client to proxy
+_RATE = "512k"
+_CONNECTIONS = 2
+#: how long after the upload opened the SIGKILL comes, and after it resumed the SIGTERM
+_FIRST_FAULT_AFTER = 0.7
+_SECOND_FAULT_AFTER = 0.5
+#: how long the proxy stays down ("a few seconds")
+_DOWN_FOR = 1.5
+_BUCKET = "restarts"
+
+
+def _embedded_reader(proxy: RupProcess, data_dir: Path) -> Callable[[], storage.Client]:
+    """How an operator reads objects back from the embedded endpoint (see the README)."""
+
+    def client() -> storage.Client:
+        url = proxy.wait_for(r"embedded GCS endpoint (\S+)").split()[-1]
+        secret = (data_dir / "keys" / "gcs-access-token").read_text().strip()
+        return storage.Client(
+            project="any",
+            credentials=Credentials(token=secret),  # type: ignore[no-untyped-call]
+            client_options={"api_endpoint": url},
+        )
+
+    return client
+
+
+def _anonymous_reader(url: str) -> Callable[[], storage.Client]:
+    def client() -> storage.Client:
+        return storage.Client(
+            project="any",
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            client_options={"api_endpoint": url},
+        )
+
+    return client
+
+
+def _kill_and_restart(proxy: RupProcess, signum: signal.Signals) -> None:
+    """Signal the proxy mid-upload, keep it down a few seconds, start it as it was."""
+    proxy.send_signal(signum)
+    code = proxy.wait(timeout=30)
+    run = proxy.stderr()
+    if signum is signal.SIGTERM:
+        assert code == 0, run
+        assert "drained" in run, run  # chunks on their way to GCS were let through
+    assert "upload-completed" not in run, "the fault came too late to test anything"
+    time.sleep(_DOWN_FOR)
+    proxy.start().listening_on()
+
+
+def _relay(name: str, upstream_port: int, directory: Path) -> tuple[RupProcess, str]:
+    """A bandwidth-limited faultproxy in front of ``upstream_port``, and its address.
+
+    Its port is chosen here, so the client can be started without waiting for it.
+    """
+    address = f"127.0.0.1:{free_port()}"
+    relay = RupProcess(
+        name,
+        ["faultproxy", "--listen", address, "--upstream", f"127.0.0.1:{upstream_port}",
+         "--plan", f"bandwidth:up(rate={_RATE})"],
+        directory,
+    )  # fmt: skip
+    return relay, address
+
+
+def _upload(source: Path, name: str, proxies: list[str], directory: Path) -> RupProcess:
+    return RupProcess(
+        "upload",
+        ["upload", str(source), f"gs://{_BUCKET}/{name}", "--proxy", ",".join(proxies),
+         "--connections", str(_CONNECTIONS), "--json"],
+        directory,
+    )  # fmt: skip
+
+
+def _external_endpoint(directory: Path) -> tuple[RupProcess, str]:
+    port = free_port()
+    endpoint = RupProcess(
+        "gcs", ["gcs-server", "--port", str(port), "--data-dir", str(directory / "gcs")], directory
+    )
+    return endpoint, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("gcs", ["data-dir", "external"])
+def test_an_upload_survives_a_proxy_killed_then_stopped(tmp_path: Path, gcs: str) -> None:
+    """SIGKILL mid-upload, then (once the upload resumed) SIGTERM: exit 0, byte for byte."""
+    source = tmp_path / "source.bin"
+    data = os.urandom(_OBJECT_SIZE)
+    source.write_bytes(data)
+    port = free_port()
+    serve_args = ["serve", "--listen", f"127.0.0.1:{port}", "--create-buckets"]
+    processes: list[RupProcess] = []
+    env: dict[str, str] = {}
+    if gcs == "external":
+        endpoint, url = _external_endpoint(tmp_path)
+        processes.append(endpoint.start())
+        serve_args += ["--gcs-endpoint", url]
+        env["RUP_TOKEN_KEY"] = generate_key_text()
+    else:
+        serve_args += ["--data-dir", str(tmp_path / "data")]
+    proxy = RupProcess("proxy", serve_args, tmp_path, env=env)
+    relay, relay_address = _relay("faultproxy", port, tmp_path)
+    upload = _upload(source, "restarted.bin", [relay_address], tmp_path)
+    processes += [proxy, relay, upload]
+    with running(*processes):
+        # All at once: the client retries until the proxy listens.
+        for process in (proxy, relay, upload):
+            process.start()
+        proxy.listening_on()
+        proxy.wait_for("upload-opened", stream="stderr")
+        time.sleep(_FIRST_FAULT_AFTER)
+        _kill_and_restart(proxy, signal.SIGKILL)
+        proxy.wait_for("upload-resumed", stream="stderr", timeout=60)
+        time.sleep(_SECOND_FAULT_AFTER)
+        _kill_and_restart(proxy, signal.SIGTERM)
+
+        assert upload.wait(timeout=120) == 0, upload.stdout() + upload.stderr()
+        assert "upload-resumed" in proxy.stderr(), proxy.stderr()
+        summary = json.loads(upload.stdout().strip().splitlines()[-1])
+        if gcs == "external":
+            reader = _anonymous_reader(url)
+        else:
+            reader = _embedded_reader(proxy, tmp_path / "data")
+        stored = reader().bucket(_BUCKET).blob("restarted.bin").download_as_bytes()
+    assert stored == data
+    # Resumed both times through its token (a proxy that could not open it would have
+    # made the client start over from byte 0).
+    assert summary["restarts"] == 0, summary
+
+
+def _the_one_that_opened_first(proxies: list[RupProcess]) -> tuple[RupProcess, RupProcess]:
+    """(the proxy the upload was opened on, the other one): the client picks either."""
+    for _ in range(600):
+        for index, proxy in enumerate(proxies):
+            if "upload-opened" in proxy.stderr():
+                return proxy, proxies[1 - index]
+        time.sleep(0.05)
+    raise AssertionError("no proxy opened the upload within 30 s")
+
+
+def test_an_upload_fails_over_to_another_proxy_sharing_the_key(tmp_path: Path) -> None:
+    """``--proxy A,B``: A is killed for good mid-upload; B resumes it from its token."""
+    source = tmp_path / "source.bin"
+    data = os.urandom(_OBJECT_SIZE)
+    source.write_bytes(data)
+    endpoint, url = _external_endpoint(tmp_path)
+    key = {"RUP_TOKEN_KEY": generate_key_text()}
+    processes = [endpoint]
+    proxies: list[RupProcess] = []
+    addresses: list[str] = []
+    for name in ("a", "b"):
+        port = free_port()
+        proxy = RupProcess(
+            f"proxy-{name}",
+            ["serve", "--listen", f"127.0.0.1:{port}", "--gcs-endpoint", url, "--create-buckets"],
+            tmp_path,
+            env=key,
+        )
+        relay, address = _relay(f"faultproxy-{name}", port, tmp_path)
+        proxies.append(proxy)
+        addresses.append(address)
+        processes += [proxy, relay]
+    upload = _upload(source, "failover.bin", addresses, tmp_path)
+    processes.append(upload)
+    with running(*processes):
+        for process in processes:
+            process.start()
+        first, second = _the_one_that_opened_first(proxies)
+        time.sleep(_FIRST_FAULT_AFTER)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        assert "upload-completed" not in first.stderr(), "the fault came too late"
+
+        assert upload.wait(timeout=120) == 0, upload.stdout() + upload.stderr()
+        assert "upload-resumed" in second.stderr(), second.stderr()
+        stored = _anonymous_reader(url)().bucket(_BUCKET).blob("failover.bin").download_as_bytes()
+    assert stored == data
