@@ -23,10 +23,12 @@ A :class:`Delay` says how long to wait; :class:`Timeline` says until when, so th
 I/O layer whose sleeps overshoot and whose writes take time still keeps a ``bandwidth``
 rate, and so that ``latency`` counts from when the bytes arrived (a pipe, not a queue).
 
-Positions are absolute per direction, counted from the first byte of the connection, so a
-toxic with ``after=N`` acts at exactly byte N: a chunk that crosses N is split so exactly N
-bytes go first. A trigger at the very end of a chunk acts right after it; one at 0 acts
-before the first byte. Nothing after a :class:`Reset` or :class:`Close` is emitted.
+Positions are counted per direction from where the toxic starts acting: the first byte of
+the connection, or its ``trigger_bytes``, or the moment it was added to an open connection
+(:meth:`ConnectionFaults.change`). So a toxic with ``after=N`` acts at exactly its byte N:
+a chunk that crosses N is split so exactly N bytes go first. A trigger at the very end of
+a chunk acts right after it; one at 0 acts before the first byte. Nothing after a
+:class:`Reset` or :class:`Close` is emitted.
 
 The caller reports the bytes it really moved with :meth:`DirectionFaults.forwarded`, which
 keeps the :class:`~faultnet.counters.FaultCounters` honest when an operation fails halfway.
