@@ -383,6 +383,49 @@ def test_s6_hello_then_ping_gets_the_same_answer_however_the_bytes_arrive(
     assert server.state is S.IDLE
 
 
+_REQUESTS: dict[FrameType, Request] = {
+    FrameType.HELLO: Hello(BOTH, MIN_FRAME_SIZE),
+    FrameType.OPEN_UPLOAD: OpenUpload("b", "o"),
+    FrameType.ATTACH_UPLOAD: AttachUpload(b"t"),
+    FrameType.COMPLETE: Complete(0),
+    FrameType.ABORT: Abort(),
+}
+
+
+def _reply(reply_type: FrameType, seq: int) -> Reply:
+    replies: dict[FrameType, Reply] = {
+        FrameType.WELCOME: Welcome(seq, 2, MIN_FRAME_SIZE),
+        FrameType.ERROR: Error(seq, ErrorCode.TOO_BUSY, True, "no"),
+        FrameType.UPLOAD_OPENED: UploadOpened(seq, b"t", 0, False, WINDOW),
+        FrameType.COMPLETED: Completed(seq, 1, 0, 0, None),
+        FrameType.INCOMPLETE: Incomplete(seq, 0, WINDOW, ((0, 1),)),
+        FrameType.ACK: Ack(seq, 0),
+    }
+    return replies[reply_type]
+
+
+@pytest.mark.parametrize(
+    ("request_type", "reply_type", "after"),
+    [(request, reply, after) for (request, reply), after in REPLY_TRANSITIONS.items()],
+)
+def test_s6_every_transition_of_the_table(
+    request_type: FrameType, reply_type: FrameType, after: ConnectionState
+) -> None:
+    if request_type is FrameType.HELLO:
+        client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    elif request_type in (FrameType.OPEN_UPLOAD, FrameType.ATTACH_UPLOAD):
+        client, server = pair()
+    else:
+        client, server = bound()
+    (request,) = transfer(client, server, _REQUESTS[request_type])
+    waiting = {FrameType.HELLO: S.NEGOTIATING, FrameType.COMPLETE: S.COMPLETING}.get(
+        request_type, S.ABORTING if request_type is FrameType.ABORT else S.BINDING
+    )
+    assert states(client, server) == (waiting, waiting)
+    transfer(server, client, _reply(reply_type, request_seq(request)))
+    assert states(client, server) == (after, after)
+
+
 def test_s6_a_request_illegal_in_the_state_is_unexpected_frame() -> None:
     _, server = pair()
     server.receive_data(frame(FrameType.COMPLETE, 2, bytes(9)))
