@@ -100,6 +100,9 @@ class Ledger:
         be sent (a resumed upload's proxy may hold some already)."""
         for gap_start, gap_end in self._received.missing(max(start, self._committed), end):
             self._to_send.add(gap_start, gap_end)
+        if self._source is not None and start < self._committed:
+            # a resumed stream is given its bytes from 0 again: those GCS holds are dropped
+            self._source.release(self._committed)
         self.notify()
 
     def received_ranges(self) -> list[ByteRange]:

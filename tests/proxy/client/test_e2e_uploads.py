@@ -32,6 +32,7 @@ from proxy.client import (
     ClientSettings,
     Connector,
     RetryPolicy,
+    Upload,
     UploadOptions,
     UploadProgress,
     UploadRejectedError,
@@ -382,29 +383,40 @@ async def test_empty_file_and_empty_stream(
     assert await stored(storage_client, gcs_bucket, "empty-stream") == b""
 
 
+@pytest.mark.parametrize("source", ["file", "stream"])
 async def test_a_cancelled_upload_is_resumed_from_another_run_with_its_token(
     proxy_server: ProxyServer,
     gcs_bucket: str,
     storage_client: storage.Client,
     payload: Callable[[int], tuple[Path, bytes]],
+    source: str,
 ) -> None:
     # The first run is cancelled halfway (as Ctrl-C would stop it): nothing is aborted, and a
-    # second run given the token sends only what the proxy lacks.
+    # second run given the token sends only what the proxy lacks. A stream is given again
+    # from its first byte; what GCS already holds of it is dropped, not sent.
     path, data = payload(8 * MiB)
-    url = f"gs://{gcs_bucket}/resumed"
+    url = f"gs://{gcs_bucket}/resumed-{source}"
     halfway = trio.Event()
 
     def progress(snapshot: UploadProgress) -> None:
         if snapshot.bytes_received >= 3 * MiB:
             halfway.set()
 
+    async def give_data(upload: Upload) -> None:
+        if source == "file":
+            await upload.send_file(path)
+        else:
+            for start in range(0, len(data), 256 * KiB):
+                await upload.write(data[start : start + 256 * KiB])
+
     options = UploadOptions(proxy=proxy_server.address, settings=client_settings(2))
     with trio.CancelScope() as first_run:
         async with connect_upload(url, dataclasses.replace(options, progress=progress)) as upload:
             token = upload.token
-            await upload.send_file(path)
-            await halfway.wait()
-            first_run.cancel()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(give_data, upload)
+                await halfway.wait()
+                first_run.cancel()
     assert token is not None
     assert upload.state is UploadState.DETACHED
     held = sum(end - start for start, end in upload.confirmed_ranges())
@@ -412,7 +424,7 @@ async def test_a_cancelled_upload_is_resumed_from_another_run_with_its_token(
 
     async with connect_upload(url, dataclasses.replace(options, token=token)) as resumed:
         assert resumed.token == token  # the same upload, not a new one
-        await resumed.send_file(path)
+        await give_data(resumed)
         result = await resumed.complete()
     assert result.bytes_sent <= len(data) - held + 1 * MiB  # at most one window more
-    assert await stored(storage_client, gcs_bucket, "resumed") == data
+    assert await stored(storage_client, gcs_bucket, f"resumed-{source}") == data
