@@ -74,9 +74,9 @@ EXIT_CODES: Final = {
     EXIT_USAGE: "usage error",
     EXIT_DENIED: "authentication or permission refused",
     EXIT_PRECONDITION: "precondition failed (--if-generation-match)",
-    EXIT_UNREACHABLE: "proxy unreachable or kept failing",
+    EXIT_UNREACHABLE: "proxy unreachable or kept failing for --retry-deadline (rerun resumes)",
     EXIT_MISMATCH: "stored object differs from what was sent",
-    EXIT_INTERRUPTED: "interrupted",
+    EXIT_INTERRUPTED: "interrupted (a file upload stays resumable: rerun the command)",
 }
 
 _DENIED_CODES: Final = frozenset(
