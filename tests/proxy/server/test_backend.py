@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import requests
+import trio
 
 from faultnet.gcs import GcsServer
 from faultnet.gcs.clients import anonymous_client
+from protocol import Error, ErrorCode, OpenUpload
+from proxy.server import serve_in_background
 from proxy.server.backend import (
     Backend,
     GcsTarget,
@@ -16,6 +20,10 @@ from proxy.server.backend import (
     TargetKind,
     open_backend,
 )
+from proxy.server.settings import ServerSettings
+from tests.proxy.conftest import RawClient
+
+Connect = Callable[..., Awaitable[RawClient]]
 
 
 @pytest.fixture
@@ -145,3 +153,18 @@ def test_an_open_embedded_endpoint_serves_anyone() -> None:
         backend.bucket("open").blob("in.txt").upload_from_string(b"readable")
         reader = anonymous_client(backend.url)
         assert reader.bucket("open").blob("in.txt").download_as_bytes() == b"readable"
+
+
+async def test_an_open_into_a_missing_bucket_is_refused_naming_the_bucket(
+    gcs_server: GcsServer, proxy_settings: ServerSettings, raw_client: Connect
+) -> None:
+    backend = Backend(anonymous_client(gcs_server.url), TargetKind.ENDPOINT, gcs_server.url)
+    async with serve_in_background(proxy_settings, backend) as server:
+        client = await raw_client(server)
+        await client.send(OpenUpload("no-such-bucket", "x.bin"))
+        refusal = await client.reply(Error)
+
+    assert refusal.code is ErrorCode.GCS_ERROR
+    assert not refusal.retryable
+    assert "no-such-bucket" in refusal.message
+    assert not await trio.to_thread.run_sync(backend.bucket("no-such-bucket").exists)

@@ -6,18 +6,35 @@ GCS says about them afterwards (a status query answers 404 once a session is can
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import requests
 import trio
 
 from faultnet.gcs import GcsServer
 from faultnet.gcs.clients import anonymous_client, start_resumable_upload
+from protocol import (
+    SUPPORTED_VERSIONS,
+    AttachUpload,
+    ErrorCode,
+    Hello,
+    Status,
+    StatusQuery,
+    Welcome,
+)
+from proxy.server import serve_in_background
 from proxy.server.backend import Backend, TargetKind
 from proxy.server.dormant import DormantSessions
-from proxy.server.settings import KiB
+from proxy.server.settings import KiB, ServerSettings
 from proxy.server.tokens import UploadTicket
 from reliablewriter import RetryPolicy, WriterSettings
+from tests.proxy.conftest import RawClient
+from tests.proxy.server.test_uploads import send_range
+
+Connect = Callable[..., Awaitable[RawClient]]
 
 _WINDOW = 0.4
 _WRITER = WriterSettings(
@@ -124,3 +141,44 @@ async def test_past_the_limit_the_oldest_session_is_cancelled_early(
             assert await trio.to_thread.run_sync(_status, uri) == 308
         nursery.cancel_scope.cancel()
 
+
+
+async def test_an_abandoned_upload_leaves_nothing_behind_on_disk(
+    proxy_settings: ServerSettings, raw_client: Connect, tmp_path: Path
+) -> None:
+    # A client sends some bytes and vanishes. The proxy lets the upload go when idle, keeps
+    # its session for the resume window, then cancels it: no partial file stays, and the
+    # token can no longer write.
+    settings = dataclasses.replace(
+        proxy_settings, upload_idle_timeout=0.3, resume_window=0.5, token_key=os.urandom(32)
+    )
+    data = os.urandom(768 * KiB)
+    sessions = tmp_path / "gcs" / "sessions"
+    with GcsServer(data_dir=tmp_path / "gcs") as gcs:
+        gcs.store.create_bucket("left")
+        backend = Backend(anonymous_client(gcs.url), TargetKind.EMBEDDED, gcs.url)
+        async with serve_in_background(settings, backend) as proxy:
+            client = await raw_client(proxy)
+            opened = await client.open("left", "abandoned.bin")
+            await send_range(client, data, 0, len(data))
+            for _ in range(200):  # some of it reached the session's partial file
+                await client.send(StatusQuery())
+                if (await client.reply(Status)).committed_offset > 0:
+                    break
+                await trio.sleep(0.05)
+            assert list(sessions.glob("*.part"))
+            await client.aclose()
+
+            for _ in range(200):
+                if not any(sessions.iterdir()):
+                    break
+                await trio.sleep(0.05)
+            assert not any(sessions.iterdir()), sorted(p.name for p in sessions.iterdir())
+
+            late = await raw_client(proxy, hello=False)
+            await late.send(Hello(SUPPORTED_VERSIONS, 256 * KiB, client_name="late"))
+            await late.reply(Welcome)
+            await late.send(AttachUpload(opened.token))
+            assert (await late.error()).code is ErrorCode.UPLOAD_FINISHED
+        blob = anonymous_client(gcs.url).bucket("left").blob("abandoned.bin")
+        assert not await trio.to_thread.run_sync(blob.exists)

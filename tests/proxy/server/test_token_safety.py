@@ -32,6 +32,7 @@ from protocol import (
     Error,
     ErrorCode,
     Hello,
+    OpenUpload,
     UploadOpened,
     Welcome,
 )
@@ -217,3 +218,37 @@ async def test_a_tampered_token_is_not_resumable_rather_than_an_auth_failure(
         "this proxy cannot resume that upload: it restarted with another key, "
         "or the token is damaged"
     )
+
+
+async def test_a_doomed_precondition_fails_at_the_open_before_any_byte(
+    proxy_server: ProxyServer, raw_client: Connect, gcs_bucket: str, storage_client: storage.Client
+) -> None:
+    blob = storage_client.bucket(gcs_bucket).blob("present.bin")
+    await trio.to_thread.run_sync(blob.upload_from_string, b"live")
+    client = await _connect(raw_client, proxy_server)
+    for wrong in (0, blob.generation + 1):
+        await client.send(OpenUpload(gcs_bucket, "present.bin", if_generation_match=wrong))
+        refusal = await client.reply(Error)  # no UploadOpened, so no credit for any byte
+        assert refusal.code is ErrorCode.PRECONDITION_FAILED, refusal
+        assert str(blob.generation) in refusal.message
+    opened = await client.open(gcs_bucket, "present.bin", if_generation_match=blob.generation)
+    assert opened.token
+
+
+async def test_the_token_pins_the_generation_it_may_replace(
+    proxy_server: ProxyServer, raw_client: Connect, gcs_bucket: str, storage_client: storage.Client
+) -> None:
+    # No precondition asked for: the upload may still only replace what was live when it
+    # opened (nothing). Another writer creating the object meanwhile wins; GCS refuses ours.
+    data = os.urandom(300 * KiB)
+    client = await _connect(raw_client, proxy_server)
+    await client.open(gcs_bucket, "raced.bin")
+    await send_range(client, data, 0, len(data))
+    other = storage_client.bucket(gcs_bucket).blob("raced.bin")
+    await trio.to_thread.run_sync(other.upload_from_string, b"the other writer")
+
+    await client.send(Complete(len(data)))
+    refusal = await client.reply(Error)
+
+    assert refusal.code is ErrorCode.PRECONDITION_FAILED, refusal
+    assert await trio.to_thread.run_sync(other.download_as_bytes) == b"the other writer"
