@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import (
+    LATEST_VERSION,
     MAX_CONTROL_BODY_SIZE,
     NEED_DATA,
     Ack,
@@ -198,7 +199,7 @@ def reencode(event: object) -> bytes:
     if isinstance(event, ReceivedWrite):
         return event.offset.to_bytes(8, "big") + event.data
     assert isinstance(event, Request | Reply), event
-    return encode_body(event)[1]
+    return encode_body(event, LATEST_VERSION)[1]
 
 
 @FUZZ
@@ -206,14 +207,16 @@ def reencode(event: object) -> bytes:
 def test_mutated_bodies_decode_exactly_or_not_at_all(
     event: Request | Reply, data: st.DataObject
 ) -> None:
-    frame_type, body = encode_body(event)
+    frame_type, body = encode_body(event, LATEST_VERSION)
     if not body:
         return
     mutated = bytearray(body)
     position = data.draw(st.integers(0, len(body) - 1))
     mutated[position] = data.draw(st.integers(0, 255).filter(lambda b: b != body[position]))
     try:
-        decoded: Request | Reply | RemoteProtocolError = decode_body(frame_type, 7, bytes(mutated))
+        decoded: Request | Reply | RemoteProtocolError = decode_body(
+            frame_type, 7, bytes(mutated), LATEST_VERSION
+        )
     except RemoteProtocolError as exc:
         decoded = exc
     if isinstance(decoded, RemoteProtocolError):
@@ -221,7 +224,7 @@ def test_mutated_bodies_decode_exactly_or_not_at_all(
         assert decoded.message.startswith((f"malformed {frame_type.name} body", "invalid "))
         assert decoded.seq == 7
     else:
-        assert encode_body(decoded)[1] == mutated
+        assert encode_body(decoded, LATEST_VERSION)[1] == mutated
 
 
 # -- re-chunking -------------------------------------------------------------------------------

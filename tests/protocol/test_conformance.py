@@ -589,6 +589,42 @@ def test_s8_window_end_never_decreases_on_a_connection() -> None:
     assert client.window == server.window == (100, 9000)
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    offers=st.lists(
+        st.tuples(
+            st.sampled_from(["credit", "status", "ack"]), st.integers(0, 1000), st.integers(0, 1000)
+        ),
+        max_size=12,
+    )
+)
+def test_s8_no_frame_lowers_the_window_on_a_connection(offers: list[tuple[str, int, int]]) -> None:
+    # However stale the values a server hands send(), the client never sees its window go down.
+    client, server = bound(window_end=0)
+    seen = [(0, 0)]
+    for kind, committed, extra in offers:
+        if kind == "credit":
+            replies = transfer(server, client, Credit(0, committed, committed + extra))
+        elif kind == "status":
+            (query,) = transfer(client, server, StatusQuery())
+            replies = transfer(
+                server, client, Status(request_seq(query), committed, (), committed + extra)
+            )
+        else:
+            (start, *_) = transfer(client, server, WriteAt(0, b"x"))
+            replies = transfer(server, client, Ack(request_seq(start), committed))
+        (reply,) = replies
+        if isinstance(reply, Ack):
+            seen.append((reply.committed_offset, seen[-1][1]))
+        else:
+            assert isinstance(reply, Credit | Status)
+            seen.append((reply.committed_offset, reply.window_end))
+    for before, after in itertools.pairwise(seen):
+        assert after[0] >= before[0]
+        assert after[1] >= before[1]
+    assert client.window == server.window
+
+
 def test_s8_a_new_binding_starts_its_own_window() -> None:
     client, server = bound(window_end=9000)
     (complete,) = transfer(client, server, Complete(0))

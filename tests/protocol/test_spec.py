@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import (
+    LATEST_VERSION,
     MAX_CONTROL_BODY_SIZE,
     Abort,
     Ack,
@@ -24,9 +25,12 @@ from protocol import (
     ErrorCode,
     GoingAway,
     Hello,
+    Incomplete,
+    LocalProtocolError,
     OpenUpload,
     Ping,
     Pong,
+    PutObject,
     Reply,
     Request,
     Role,
@@ -47,6 +51,7 @@ from protocol._spec import (
     MAGIC,
     OFFSET_STRUCT,
     FrameType,
+    body_layout,
     crc32c,
 )
 from tests.protocol.helpers import bound_pair, negotiated_pair
@@ -213,7 +218,14 @@ control_events = st.one_of(
     st.just(StatusQuery()),
     st.builds(Ping, u64),
     st.builds(Welcome, u64, st.integers(1, 255), st.integers(1024, 2**32 - 1), text),
-    st.builds(UploadOpened, u64, token, u64, st.booleans()),
+    st.builds(
+        UploadOpened,
+        u64,
+        token,
+        st.integers(0, 2**32),
+        st.booleans(),
+        st.integers(2**32, 2**64 - 1),
+    ),
     st.builds(Ack, u64, u64),
     st.builds(Credit, u64, st.integers(0, 2**32), st.integers(2**32, 2**64 - 1)),
     st.builds(Status, u64, st.integers(0, 2**32), ranges(), st.integers(2**32, 2**64 - 1)),
@@ -221,17 +233,50 @@ control_events = st.one_of(
     st.builds(Error, u64, st.sampled_from(ErrorCode), st.booleans(), text),
     st.builds(Pong, u64, u64),
     st.builds(GoingAway, st.just(0), text),
+    st.builds(
+        PutObject,
+        nonempty_text,
+        nonempty_text,
+        st.binary(max_size=64),
+        text,
+        st.dictionaries(nonempty_text, text, max_size=4).map(lambda d: tuple(d.items())),
+        st.none() | u64,
+        st.none() | u32,
+    ),
+    st.builds(Incomplete, u64, st.integers(0, 2**32), st.integers(2**32, 2**64 - 1), ranges()),
 )
+"""One of every control event, as version 2 lays them out (see `as_version_1`)."""
+
+
+def as_version_1(event: Request | Reply) -> Request | Reply | None:
+    """`event` as version 1 carries it, or None if version 1 has no such frame."""
+    if isinstance(event, PutObject | Incomplete):
+        return None
+    if isinstance(event, UploadOpened):
+        return replace(event, window_end=None)
+    return event
 
 
 @settings(max_examples=300, deadline=None)
 @given(event=control_events, seq=st.integers(1, 2**64 - 1))
 def test_control_events_round_trip(event: Request | Reply, seq: int) -> None:
-    frame_type, body = encode_body(event)
-    assert decode_body(frame_type, seq, body) == replace(event, seq=seq)
+    frame_type, body = encode_body(event, LATEST_VERSION)
+    assert decode_body(frame_type, seq, body, LATEST_VERSION) == replace(event, seq=seq)
     # The body is exactly what the construct spec builds and parses.
-    assert BODIES[frame_type].parse(body) is not None
+    assert body_layout(frame_type, LATEST_VERSION).parse(body) is not None
     assert len(body) <= MAX_CONTROL_BODY_SIZE
+    old = as_version_1(event)
+    if old is not None:
+        frame_type, body = encode_body(old, 1)
+        assert decode_body(frame_type, seq, body, 1) == replace(old, seq=seq)
+        assert BODIES[frame_type].parse(body) is not None
+
+
+def test_a_version_1_body_cannot_carry_a_version_2_field() -> None:
+    with pytest.raises(LocalProtocolError, match="UPLOAD_OPENED has no window_end in protocol"):
+        encode_body(UploadOpened(1, b"t", 0, False, 10), 1)
+    with pytest.raises(LocalProtocolError, match="UPLOAD_OPENED needs window_end in protocol"):
+        encode_body(UploadOpened(1, b"t", 0, False), 2)
 
 
 @settings(deadline=None)
