@@ -273,7 +273,12 @@ def _is_loopback(host: str) -> bool:
 
 
 def startup_warnings(
-    settings: ServerSettings, backend: Backend, key_source: KeySource, gcs_open: bool
+    settings: ServerSettings,
+    backend: Backend,
+    key_source: KeySource,
+    gcs_open: bool,
+    *,
+    in_memory: bool = False,
 ) -> list[tuple[str, str]]:
     """What a user would otherwise learn the hard way: ``(event, reason)`` pairs to log."""
     warnings: list[tuple[str, str]] = []
@@ -283,6 +288,14 @@ def startup_warnings(
                 "uploads-cannot-outlive-this-process",
                 "the token key is random: give --token-key/RUP_TOKEN_KEY or --data-dir so "
                 "that a restarted proxy can resume its uploads",
+            )
+        )
+    elif backend.kind is TargetKind.EMBEDDED and in_memory:
+        warnings.append(
+            (
+                "uploads-cannot-outlive-this-process",
+                "the embedded endpoint keeps its sessions and objects in memory: give "
+                "--data-dir so that they survive a restart",
             )
         )
     if not settings.auth_tokens and not _is_loopback(settings.host):
@@ -321,7 +334,11 @@ async def _serve_until_signalled(
 ) -> None:
     with open_backend(target) as backend:
         for event, reason in startup_warnings(
-            settings, backend, startup.key_source, startup.gcs_open
+            settings,
+            backend,
+            startup.key_source,
+            startup.gcs_open,
+            in_memory=target.data_dir is None,
         ):
             log_event(logger, logging.WARNING, event, reason=reason)
         async with trio.open_nursery() as nursery:

@@ -139,10 +139,16 @@ def test_an_external_endpoint_gets_the_bearer_from_the_environment(
 
 
 def _warnings(
-    settings: ServerSettings, kind: TargetKind, source: KeySource, gcs_open: bool
+    settings: ServerSettings,
+    kind: TargetKind,
+    source: KeySource,
+    gcs_open: bool,
+    *,
+    in_memory: bool = False,
 ) -> set[str]:
     backend = Backend(object(), kind, "http://127.0.0.1:1")
-    return {event for event, _ in startup_warnings(settings, backend, source, gcs_open)}
+    warnings = startup_warnings(settings, backend, source, gcs_open, in_memory=in_memory)
+    return {event for event, _ in warnings}
 
 
 def test_startup_warns_about_what_is_exposed_or_lost() -> None:
@@ -157,7 +163,13 @@ def test_startup_warns_about_what_is_exposed_or_lost() -> None:
         ) == {"no-auth-on-a-public-address"}
     guarded = ServerSettings(host="0.0.0.0", auth_tokens=("t",))
     assert not _warnings(guarded, TargetKind.ENDPOINT, KeySource.GIVEN, False)
-    assert _warnings(quiet, TargetKind.EMBEDDED, KeySource.GIVEN, True) == {"gcs-endpoint-open"}
+    # A given key cannot save sessions the in-memory endpoint forgets on exit.
+    assert _warnings(quiet, TargetKind.EMBEDDED, KeySource.GIVEN, False, in_memory=True) == {
+        "uploads-cannot-outlive-this-process"
+    }
+    assert not _warnings(quiet, TargetKind.EMBEDDED, KeySource.GIVEN, False)
+    assert not _warnings(quiet, TargetKind.ENDPOINT, KeySource.GIVEN, False)
+    assert "gcs-endpoint-open" in _warnings(quiet, TargetKind.EMBEDDED, KeySource.DATA_DIR, True)
 
 
 async def _read_line(stream: trio.abc.ReceiveStream) -> str:
