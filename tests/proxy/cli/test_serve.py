@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 import trio
 
 from faultnet.gcs import GcsServer
@@ -27,6 +28,7 @@ from proxy.server.backend import Backend, TargetKind
 from proxy.server.keys import key_from_text
 from proxy.server.settings import MiB, ServerSettings, SettingsError
 from tests.proxy.conftest import RawClient
+from tests.proxy.server.processes import RupProcess, running
 from tests.proxy.server.test_uploads import send_range
 
 
@@ -233,3 +235,47 @@ async def test_serve_uploads_then_stops_on_sigterm(gcs_bucket: str, gcs_server: 
     assert "upload-completed" in text
     assert "uploads-cannot-outlive-this-process" in text  # no key, no data dir
     assert "upload_id=" not in text.replace("upload_id=[redacted]", "")
+
+
+def test_the_embedded_endpoint_does_not_go_around_the_proxys_auth(tmp_path: Path) -> None:
+    # A local user finds the embedded endpoint's port and tries it directly: every request
+    # without the secret is refused, and the data dir is closed to other users.
+    data_dir = tmp_path / "data"
+    proxy = RupProcess(
+        "proxy",
+        ["serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), "--create-buckets"],
+        tmp_path,
+        env={"RUP_AUTH_TOKEN": "proxy-bearer-token"},
+    )
+    with running(proxy):
+        proxy.start()
+        url = proxy.wait_for(r"embedded GCS endpoint \S+").split()[-1]
+        attempts = [
+            requests.get(f"{url}/storage/v1/b", params={"project": "x"}, timeout=10),
+            requests.post(f"{url}/storage/v1/b", json={"name": "mine"}, timeout=10),
+            requests.post(
+                f"{url}/upload/storage/v1/b/mine/o",
+                params={"uploadType": "media", "name": "x"},
+                data=b"sneaked in",
+                timeout=10,
+            ),
+            requests.get(
+                f"{url}/storage/v1/b/mine/o",
+                headers={"Authorization": "Bearer proxy-bearer-token"},
+                timeout=10,
+            ),
+        ]
+        assert [response.status_code for response in attempts] == [401] * len(attempts)
+        secret = (data_dir / "keys" / "gcs-access-token").read_text().strip()
+        allowed = requests.get(
+            f"{url}/storage/v1/b",
+            params={"project": "x"},
+            headers={"Authorization": f"Bearer {secret}"},
+            timeout=10,
+        )
+        assert allowed.status_code == 200
+    for path in (data_dir, data_dir / "keys"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    for path in (data_dir / "keys").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert secret not in proxy.stdout(all_runs=True) + proxy.stderr(all_runs=True)
