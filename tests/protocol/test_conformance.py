@@ -957,3 +957,41 @@ def test_s6_the_same_bytes_get_the_same_answers_however_late_the_replies_are(
     replayed = _replay(conversation, _cuts(conversation.to_server, data), lags)
     assert replayed.events == conversation.events
     assert _without_seq(replayed.replies) == _without_seq(conversation.replies)
+
+
+# -- section 13: the walkthrough, as printed ------------------------------------------------------
+
+
+def test_s13_the_whole_upload_in_the_spec_runs_as_printed() -> None:
+    mib = 1024 * 1024
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    hello, ping = transfer(client, server, client.hello(auth="s3cret"), Ping(7))  # 1, 2
+    assert (request_seq(hello), request_seq(ping)) == (1, 2)
+    assert isinstance(hello, Hello)
+    replies = transfer(server, client, server.welcome(hello), Pong(2, 7))  # 3, 4
+    assert [(type(r), request_seq(r)) for r in replies] == [(Welcome, 1), (Pong, 2)]
+    assert states(client, server) == (S.IDLE, S.IDLE)
+    assert client.version == 2
+    (opened,) = transfer(client, server, OpenUpload("b", "o", expected_size=11))  # 5
+    assert request_seq(opened) == 3
+    transfer(server, client, UploadOpened(3, b"token", 0, False, 32 * mib))  # 6
+    assert client.window == (0, 32 * mib)
+    transfer(server, client, Credit(0, 0, 32 * mib))  # 7
+    good = client.send_bytes(WriteAt(0, b"hello "))  # 8
+    damaged = bytearray(client.send_bytes(WriteAt(6, b"world")))  # 9
+    damaged[-1] ^= 0x20
+    server.receive_data(good + bytes(damaged))
+    with pytest.raises(PayloadCrcError) as excinfo:
+        drain(server)
+    assert excinfo.value.seq == 5
+    replies = transfer(server, client, Ack(4, 0), Error.from_exception(excinfo.value))  # 10, 11
+    assert [request_seq(r) for r in replies] == [5, 6]
+    (resend,) = merge_writes(transfer(client, server, WriteAt(6, b"world")))  # 12
+    assert request_seq(resend) == 6
+    transfer(server, client, Ack(6, 0))  # 13
+    (complete,) = transfer(client, server, Complete(11, 0x1234))  # 14
+    assert request_seq(complete) == 7
+    (done,) = transfer(server, client, Completed(7, 1, 11, 0x1234, bytes(16)))  # 15
+    assert request_seq(done) == 8
+    assert states(client, server) == (S.IDLE, S.IDLE)
+    assert client.requests_in_flight == server.requests_in_flight == 0
