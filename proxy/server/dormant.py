@@ -123,6 +123,8 @@ class DormantSessions:
                 if_generation_match=ticket.if_generation_match,
                 session_uri=session_uri,
             ) as writer:
+                if writer.result is not None:
+                    return  # finished (here or elsewhere): nothing to cancel
                 if writer.committed_offset != record.committed:
                     # Someone (another proxy with the same key) is writing it.
                     self.remember(ticket, writer.committed_offset)

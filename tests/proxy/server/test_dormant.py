@@ -182,3 +182,26 @@ async def test_an_abandoned_upload_leaves_nothing_behind_on_disk(
             assert (await late.error()).code is ErrorCode.UPLOAD_FINISHED
         blob = anonymous_client(gcs.url).bucket("left").blob("abandoned.bin")
         assert not await trio.to_thread.run_sync(blob.exists)
+
+
+async def test_a_finished_session_is_let_be(gcs_server: GcsServer, gcs_bucket: str) -> None:
+    uri, ticket = _session(gcs_server, gcs_bucket, "finished.bin")
+    size = 256 * KiB
+    response = await trio.to_thread.run_sync(
+        lambda: requests.put(
+            uri,
+            data=os.urandom(size),
+            headers={"Content-Range": f"bytes 0-{size - 1}/{size}"},
+            timeout=10,
+        )
+    )
+    assert response.status_code == 200
+    dormant = DormantSessions(_backend(gcs_server), _WINDOW, _WRITER)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dormant.run)
+        dormant.remember(ticket, 0)
+        await trio.sleep(_WINDOW * 1.5)
+        assert len(dormant) == 0  # done with at the first look, not looked at again
+        nursery.cancel_scope.cancel()
+    blob = anonymous_client(gcs_server.url).bucket(gcs_bucket).blob("finished.bin")
+    assert await trio.to_thread.run_sync(blob.exists)
