@@ -18,6 +18,7 @@ import base64
 import hmac
 import logging
 from collections import deque
+from collections.abc import Callable
 
 import trio
 
@@ -37,6 +38,7 @@ from protocol import (
     Event,
     GoingAway,
     Hello,
+    Incomplete,
     OpenUpload,
     PayloadCrcError,
     Ping,
@@ -57,7 +59,7 @@ from proxy.server.logging import get_logger, log_event, redact
 from proxy.server.metrics import ServerMetrics
 from proxy.server.registry import UploadRegistry
 from proxy.server.settings import ServerSettings
-from proxy.server.uploads import OpenRequest, StagedWrite, Upload
+from proxy.server.uploads import MissingRangesError, OpenRequest, StagedWrite, Upload
 from reliablewriter import ObjectInfo
 
 __all__ = ["ClientConnection", "Outbox"]
@@ -162,6 +164,8 @@ class ClientConnection:
         metrics: ServerMetrics,
         stream: trio.abc.Stream,
         client: str,
+        *,
+        on_authenticated: Callable[[], None] = lambda: None,
     ) -> None:
         self._settings = settings
         self._registry = registry
@@ -170,6 +174,9 @@ class ClientConnection:
         self.client = client
         #: who the client is to budgets and limits: its address until a bearer token says
         self.identity = client
+        #: whether the client's Hello was accepted
+        self.authenticated = False
+        self._on_authenticated = on_authenticated
         self._protocol = Connection(Role.SERVER, max_frame_size=self._settings.max_frame_size)
         self._outbox = Outbox(_OUTBOX_CAPACITY)
         self._sender_done = trio.Event()
@@ -257,11 +264,7 @@ class ClientConnection:
     async def _receive(self, patience: float) -> bytes | None:
         """The next bytes from the client (b"" at EOF), or ``None`` if none came in time."""
         with trio.move_on_after(patience):
-            try:
-                size = self._protocol.receive_size(_RECEIVE_SIZE)
-                return bytes(await self._stream.receive_some(size))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return b""
+            return await self._receive_some(self._protocol.receive_size(_RECEIVE_SIZE))
         return None
 
     async def _next_event(self, *, patience: float) -> Event:
@@ -276,14 +279,51 @@ class ClientConnection:
                 raise TimeoutError
             self._protocol.receive_data(data)
 
+    async def _read_hello(self) -> Event | None:
+        """The first event, or ``None`` (and the client told why) if the handshake timed out.
+
+        One deadline covers TLS and Hello together, so a slow trickle cannot stretch it, and
+        at most ``preauth_read_limit`` bytes are read before the Hello is accepted, so a
+        crowd of half-sent Hellos costs little each (TLS records aside, which the TLS layer
+        bounds itself). Raises RemoteProtocolError (FRAME_TOO_LARGE) past that limit.
+        """
+        settings = self._settings
+        limit = settings.preauth_read_limit
+        tls_done = not isinstance(self._stream, trio.SSLStream)
+        received = 0
+        with trio.move_on_after(settings.handshake_timeout):
+            if isinstance(self._stream, trio.SSLStream):
+                await self._stream.do_handshake()
+                tls_done = True
+            while (event := self._protocol.next_event()) is NEED_DATA:
+                if received >= limit:
+                    raise RemoteProtocolError(
+                        f"no complete Hello in the first {limit} bytes", ErrorCode.FRAME_TOO_LARGE
+                    )
+                data = await self._receive_some(min(limit - received, _RECEIVE_SIZE))
+                received += len(data)
+                self._protocol.receive_data(data)
+            return event
+        if tls_done:
+            # HANDSHAKE_TIMEOUT; send() makes it IDLE_TIMEOUT for a version-1 peer.
+            message = f"no Hello within {settings.handshake_timeout:g} s"
+            self._outbox.put_nowait(Error(0, ErrorCode.HANDSHAKE_TIMEOUT, True, message))
+        log_event(logger, logging.INFO, "handshake-timeout", client=self.client)
+        return None
+
+    async def _receive_some(self, size: int) -> bytes:
+        """Up to ``size`` bytes from the client, b"" once it is gone."""
+        try:
+            return bytes(await self._stream.receive_some(size))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
     async def _receive_loop(self, nursery: trio.Nursery) -> None:
         settings = self._settings
         try:
-            # One deadline for TLS and Hello together, so a slow trickle cannot stretch it.
-            with trio.fail_after(settings.handshake_timeout):
-                if isinstance(self._stream, trio.SSLStream):
-                    await self._stream.do_handshake()
-                hello = await self._next_event(patience=settings.handshake_timeout)
+            hello = await self._read_hello()
+            if hello is None:
+                return
             await self._handshake(hello)
             while True:
                 try:
@@ -315,8 +355,6 @@ class ClientConnection:
                 logger, logging.INFO, "protocol-violation", client=self.client, error=exc.message
             )
             self._fail(exc.seq, exc)
-        except TimeoutError:
-            log_event(logger, logging.INFO, "handshake-timeout", client=self.client)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # TLS handshake failed or the client vanished mid-handshake
         finally:
@@ -328,11 +366,12 @@ class ClientConnection:
             raise RemoteProtocolError("the first frame must be Hello", ErrorCode.UNEXPECTED_FRAME)
         matched = _authenticated(event.auth, self._settings.auth_tokens)
         if matched is None:
-            log_event(logger, logging.WARNING, "auth-refused", client=self.client)
-            self._fail(
-                event.seq, ServerError(ErrorCode.UNAUTHENTICATED, "bearer token not accepted")
-            )
+            refusal = "bearer token not accepted" if event.auth else "no bearer token sent"
+            log_event(logger, logging.WARNING, "auth-refused", client=self.client, why=refusal)
+            self._fail(event.seq, ServerError(ErrorCode.UNAUTHENTICATED, refusal))
             raise _HangUpError
+        self.authenticated = True
+        self._on_authenticated()
         if self._settings.auth_tokens:
             # Clients are told apart by the bearer token they hold, not by address: clients
             # behind one NAT are not one client, and one client on many addresses is.
@@ -441,6 +480,11 @@ class ClientConnection:
     async def _complete(self, upload: Upload, event: Complete) -> None:
         try:
             info = await upload.complete(event.total_size, event.crc32c)
+        except MissingRangesError as exc:
+            # send() turns this into MISSING_RANGES for a version-1 client.
+            self._outbox.put_nowait(
+                Incomplete(event.seq, upload.committed_offset, upload.window_end, exc.missing)
+            )
         except ServerError as exc:
             self._fail(event.seq, exc)
         else:

@@ -2,7 +2,8 @@
 
 Whatever goes wrong while serving a request (a bad token, a full budget, a failed writer)
 becomes a :class:`ServerError` at one boundary, with ``raise ... from`` the cause; the
-connection turns it into an ``Error`` frame (:meth:`ServerError.to_frame`). What a code
+connection turns it into an ``Error`` frame (the protocol's ``send()`` picks the code a
+version-1 peer knows). What a code
 means (its scope, and whether trying again can help) is decided by ``protocol.ERROR_SPECS``,
 not here: only the codes whose row says ``retryable_per_reply`` take a ``retryable`` from
 the raise site. Messages never carry secrets, and every value they quote is bounded and
@@ -11,7 +12,8 @@ escaped by :func:`quote`, so an Error frame always encodes.
 
 from __future__ import annotations
 
-from protocol import Error, ErrorCode
+from protocol import ErrorCode
+from proxy.server.logging import printable
 
 __all__ = ["MAX_MESSAGE_CHARS", "MAX_QUOTED_CHARS", "ServerError", "quote"]
 
@@ -24,17 +26,12 @@ MAX_MESSAGE_CHARS = 2000
 
 def quote(value: object, *, limit: int = MAX_QUOTED_CHARS) -> str:
     """``value`` as text fit for a message: every non-printable character escaped
-    (``\\x1b``, ``\\n``), and cut after about ``limit`` characters, saying so."""
+    (:func:`~proxy.server.logging.printable`), and cut after ``limit`` characters, saying so."""
     text = str(value)
-    pieces: list[str] = []
-    length = 0
-    for char in text:
-        piece = char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
-        length += len(piece)
-        if length > limit:
-            return "".join(pieces) + f"...({len(text)} chars)"
-        pieces.append(piece)
-    return "".join(pieces)
+    shown = printable(text[:limit])
+    if len(text) <= limit and len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}...({len(text)} chars)"
 
 
 class ServerError(Exception):
@@ -49,6 +46,7 @@ class ServerError(Exception):
         spec = code.spec
         if retryable is not None and not spec.retryable_per_reply and retryable != spec.retryable:
             raise ValueError(f"{code.name} is never {'' if retryable else 'not '}retryable")
+        message = printable(message)
         if len(message) > MAX_MESSAGE_CHARS:
             message = message[: MAX_MESSAGE_CHARS - 20] + "...(message cut)"
         super().__init__(message)
@@ -58,8 +56,3 @@ class ServerError(Exception):
 
     def __repr__(self) -> str:
         return f"ServerError({self.code.name}, {self.message!r}, retryable={self.retryable})"
-
-    def to_frame(self, reply_to: int, version: int | None = None) -> Error:
-        """The Error frame that tells the client, in a code its protocol version knows."""
-        code = self.code if version is None else self.code.for_version(version)
-        return Error(reply_to, code, self.retryable, self.message)

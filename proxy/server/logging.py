@@ -22,6 +22,7 @@ __all__ = [
     "configure_logging",
     "get_logger",
     "log_event",
+    "printable",
     "protect_third_party_loggers",
     "redact",
 ]
@@ -34,7 +35,8 @@ _SECRET_PATTERNS = (
     re.compile(r"(upload_id=)[^&\s'\"]+"),
     # whole session URIs when they appear without a query we recognise
     re.compile(r"(https?://\S*/upload/\S*?)(\?\S*)"),
-    re.compile(r"(?i)(bearer\s+)\S+"),
+    # (the words "bearer token" are our own messages', not a secret)
+    re.compile(r"(?i)(bearer\s+)(?!token\b)\S+"),
     re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)[^'\",\s]+"),
 )
 
@@ -46,10 +48,21 @@ def redact(text: str) -> str:
     return text
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\x1b``, ``\\n``, ``\\u2028``),
+    so a name a client chose cannot forge log lines or drive a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+
+
 def _render_value(value: object) -> str:
     text = redact(str(value))
-    if not text or any(char in text for char in ' "=\n'):
-        return json.dumps(text)
+    if not text or not text.isprintable() or any(char in text for char in ' "='):
+        return json.dumps(text)  # quoted, and every control character escaped
     return text
 
 
@@ -63,7 +76,7 @@ class RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, object] = getattr(record, "rup_fields", {})
         # log_event records carry the bare event name; anything else is a plain message
-        message = redact(getattr(record, "rup_event", None) or record.getMessage())
+        message = printable(redact(getattr(record, "rup_event", None) or record.getMessage()))
         if record.exc_info:
             fields = {**fields, "exc": redact(self.formatException(record.exc_info))}
         if self._json_lines:

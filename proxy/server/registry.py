@@ -28,7 +28,7 @@ import requests
 import trio
 from google.api_core import exceptions as api_exceptions
 
-from protocol import ErrorCode
+from protocol import MAX_TOKEN_SIZE, ErrorCode
 from proxy.server.backend import Backend, SessionReferenceError
 from proxy.server.budget import BufferBudget, UploadWindow
 from proxy.server.dormant import DormantSessions
@@ -42,6 +42,10 @@ from proxy.server.uploads import OpenRequest, Upload, UploadState
 __all__ = ["UploadRegistry"]
 
 logger = get_logger(__name__)
+
+#: room kept in the token-size check for the GCS session reference, which is not known
+#: until the session exists (GCS's upload ids are about 150 characters)
+_SESSION_REF_ALLOWANCE = 512
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,7 @@ class UploadRegistry:
                 ErrorCode.FORBIDDEN,
                 f"writing {request.bucket}/{request.name} is not allowed by this proxy",
             )
+        self._refuse_token_too_large(request)
         pinned = dataclasses.replace(
             request, if_generation_match=await self._generation_to_replace(request)
         )
@@ -168,6 +173,9 @@ class UploadRegistry:
             if_generation_match=pinned.if_generation_match,
         )
         upload.token = self.codec.seal(ticket)
+        if len(upload.token) > MAX_TOKEN_SIZE:  # the probe's allowance was not enough: a bug
+            await upload.abort()
+            raise ServerError(ErrorCode.INTERNAL, f"upload {upload_id}'s token is too large")
         self._metrics.uploads_started.inc()
         log_event(
             logger,
@@ -321,6 +329,28 @@ class UploadRegistry:
                 f"{quote(request.bucket)}/{quote(request.name)} is {live}",
             )
         return live
+
+    def _refuse_token_too_large(self, request: OpenRequest) -> None:
+        """INVALID_REQUEST, before anything is created, if the token for ``request`` would
+        exceed MAX_TOKEN_SIZE (the most a client may send back in AttachUpload; the
+        UPLOAD_OPENED that carries it then fits a control frame too)."""
+        probe = self.codec.issue(
+            upload_id=secrets.token_urlsafe(12),
+            bucket=request.bucket,
+            name=request.name,
+            session_ref="x" * _SESSION_REF_ALLOWANCE,
+            content_type=request.content_type,
+            metadata=request.metadata,
+            expected_size=request.expected_size,
+            if_generation_match=2**63 - 1,
+        )
+        size = len(self.codec.seal(probe))
+        if size > MAX_TOKEN_SIZE:
+            raise ServerError(
+                ErrorCode.INVALID_REQUEST,
+                f"the upload token for this open would be about {size} bytes, above the"
+                f" {MAX_TOKEN_SIZE} allowed: use a shorter name, content type or metadata",
+            )
 
     async def _retire(self, upload: Upload) -> None:
         """Keep a finished upload's outcome visible for a while, then forget it."""

@@ -57,6 +57,8 @@ class ProxyServer:
         self.metrics_address: tuple[str, int] | None = None
         self._connections: set[ClientConnection] = set()
         self._per_client: TallyCounter[str] = TallyCounter()
+        #: connections whose Hello has not been accepted yet
+        self._unauthenticated = 0
         self._shutdown_requested = trio.Event()
         self._all_closed = trio.Event()
 
@@ -71,18 +73,41 @@ class ProxyServer:
         """
         self._shutdown_requested.set()
 
+    def _refusal(self, client: str) -> str | None:
+        """Why a new connection from ``client`` cannot be taken now, or ``None``."""
+        settings = self.settings
+        if len(self._connections) >= settings.max_connections:
+            return "the proxy has as many connections as it takes"
+        if self._unauthenticated >= settings.max_preauth_connections:
+            return "the proxy has as many connections waiting for their Hello as it takes"
+        if self._per_client[client] >= settings.max_connections_per_client:
+            return "too many connections from this client"
+        return None
+
+    def _authenticated(self) -> None:
+        self._unauthenticated -= 1
+
     async def _handle(self, stream: trio.SocketStream) -> None:
         client = _peer_host(stream)
-        if self._per_client[client] >= self.settings.max_connections_per_client:
-            log_event(logger, logging.WARNING, "connection-refused", client=client)
-            await _refuse(stream, "too many connections from this client")
+        refusal = self._refusal(client)
+        if refusal is not None:
+            log_event(logger, logging.WARNING, "connection-refused", client=client, why=refusal)
+            await _refuse(stream, refusal)
             return
         wrapped: trio.abc.Stream = stream
         if self.settings.tls is not None:
             wrapped = trio.SSLStream(stream, self.settings.tls, server_side=True)
-        connection = ClientConnection(self.settings, self.registry, self.metrics, wrapped, client)
+        connection = ClientConnection(
+            self.settings,
+            self.registry,
+            self.metrics,
+            wrapped,
+            client,
+            on_authenticated=self._authenticated,
+        )
         self._connections.add(connection)
         self._per_client[client] += 1
+        self._unauthenticated += 1
         self.metrics.connections.inc()
         if self._shutdown_requested.is_set():
             connection.going_away()
@@ -92,6 +117,8 @@ class ProxyServer:
             # One broken connection must never take the server down with it.
             log_event(logger, logging.ERROR, "connection-crashed", exc=True, client=client)
         finally:
+            if not connection.authenticated:
+                self._unauthenticated -= 1
             self.metrics.connections.dec()
             self._connections.discard(connection)
             self._per_client[client] -= 1
@@ -155,9 +182,9 @@ async def _refuse(stream: trio.SocketStream, message: str) -> None:
     protocol = Connection(Role.SERVER)
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         with trio.move_on_after(DRAIN_TIMEOUT):
-            await stream.send_all(
-                b"".join(protocol.send(Error(0, ErrorCode.TOO_BUSY, True, message)))
-            )
+            # TOO_MANY_CONNECTIONS; send() makes it TOO_BUSY, all a Hello-less peer may know.
+            refusal = Error(0, ErrorCode.TOO_MANY_CONNECTIONS, True, message)
+            await stream.send_all(b"".join(protocol.send(refusal)))
     await trio.aclose_forcefully(stream)
 
 

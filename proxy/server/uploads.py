@@ -36,8 +36,8 @@ from typing import Final, Protocol
 
 import trio
 
-from protocol import ErrorCode
-from protocol.ranges import RangeSet
+from protocol import MAX_LISTED_RANGES, ErrorCode
+from protocol.ranges import RangeSet, format_ranges
 from proxy.server.backend import Backend
 from proxy.server.budget import UploadWindow, writer_settings_for
 from proxy.server.errors import ServerError
@@ -63,6 +63,7 @@ from reliablewriter.buffer import FRAGMENT_OVERHEAD
 __all__ = [
     "UPLOAD_TRANSITIONS",
     "IllegalTransitionError",
+    "MissingRangesError",
     "OpenRequest",
     "StagedWrite",
     "Upload",
@@ -198,6 +199,19 @@ def error_from_writer(exc: WriterError) -> ServerError:
         # perhaps on another proxy. Its token can never write again.
         return ServerError(ErrorCode.UPLOAD_FINISHED, str(exc))
     return ServerError(ErrorCode.GCS_ERROR, str(exc), retryable=False)
+
+
+class MissingRangesError(ServerError):
+    """A Complete while bytes below its total_size are missing: the upload is fine, and the
+    client sends them and completes again. Answered with INCOMPLETE, which lists them
+    (version 1 gets MISSING_RANGES, with the first few in the message)."""
+
+    def __init__(self, upload_id: str, missing: list[tuple[int, int]]) -> None:
+        super().__init__(
+            ErrorCode.MISSING_RANGES,
+            f"upload {upload_id}: missing bytes {format_ranges(missing)}",
+        )
+        self.missing = tuple(missing[:MAX_LISTED_RANGES])
 
 
 class StagedWrite:
@@ -486,8 +500,10 @@ class Upload:
         end = offset + length
         expected = self.request.expected_size
         if expected is not None and end > expected:
+            # Inside the window, perhaps, but never part of the object: the request is wrong,
+            # not the client's credit accounting (the connection goes on).
             raise ServerError(
-                ErrorCode.OUTSIDE_CREDIT,
+                ErrorCode.SIZE_MISMATCH,
                 f"write [{offset}, {end}) goes past the declared size {expected}",
             )
         window_end = self.window_end
@@ -637,20 +653,18 @@ class Upload:
         self._last_activity = trio.current_time()
 
     async def _await_all_received(self, total_size: int) -> None:
-        """Wait until ``[0, total_size)`` is all received; fail if it stops arriving."""
-        patience = self._host.settings.complete_timeout
+        """Wait until ``[0, total_size)`` is all received, at most ``complete_timeout`` (for
+        frames still on their way on other connections); then raise
+        :class:`MissingRangesError`, which is answered at once (INCOMPLETE)."""
+        deadline = trio.current_time() + self._host.settings.complete_timeout
         while gaps := self.missing(total_size):
-            with trio.move_on_after(patience) as waiting:
+            with trio.move_on_at(deadline) as waiting:
                 await self._activity.park()
             failure = self.failure()
             if failure is not None:
                 raise failure
-            if waiting.cancelled_caught:
-                raise ServerError(
-                    ErrorCode.MISSING_RANGES,
-                    f"upload {self.upload_id}: nothing arrived for {patience:g} s; "
-                    f"missing bytes {_describe_ranges(gaps)}",
-                )
+            if waiting.cancelled_caught and (gaps := self.missing(total_size)):
+                raise MissingRangesError(self.upload_id, gaps)
 
     async def _finish(self, completion: _Completion) -> None:
         try:
@@ -760,12 +774,6 @@ class Upload:
             self._lifecycle.move_to(UploadState.RELEASED)
         self._activity.unpark_all()
         self._finished.set()
-
-
-def _describe_ranges(ranges: list[tuple[int, int]], limit: int = 8) -> str:
-    shown = ", ".join(f"[{start}, {end})" for start, end in ranges[:limit])
-    more = f" and {len(ranges) - limit} more" if len(ranges) > limit else ""
-    return shown + more
 
 
 class _StatsCursor:

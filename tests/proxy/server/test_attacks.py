@@ -8,12 +8,14 @@ and honest clients beside it are served.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Awaitable, Callable
 
 import google_crc32c
 import pytest
 import trio
+import trio.testing
 from google.cloud import storage  # type: ignore[import-untyped]
 
 from protocol import (
@@ -21,19 +23,24 @@ from protocol import (
     Ack,
     Complete,
     Completed,
+    Connection,
     Credit,
     Error,
     ErrorCode,
+    Hello,
     OpenUpload,
     Ping,
     Pong,
     Reply,
+    Role,
     Status,
     StatusQuery,
     WriteAt,
 )
+from protocol._spec import HEADER_SIZE
 from proxy.server import ProxyServer
 from proxy.server.budget import window_cost
+from proxy.server.logging import RedactingFormatter
 from proxy.server.settings import MiB, ServerSettings
 from tests.proxy.conftest import RawClient
 from tests.proxy.server.test_uploads import send_range
@@ -166,3 +173,155 @@ async def test_a_budget_squatter_cannot_lock_out_other_clients(
                 await send_range(honest, data, 0, len(data))
                 await honest.send(Complete(len(data), google_crc32c.value(data)))
                 assert (await honest.reply(Completed)).size == len(data)
+
+
+async def _open_socket(server: ProxyServer) -> trio.SocketStream:
+    return await trio.open_tcp_stream(*server.address)
+
+
+async def _closed_after(stream: trio.SocketStream) -> bytes:
+    """Everything the server sends until it closes (within 10 s); then ``stream`` is closed."""
+    received = b""
+    with trio.fail_after(10):
+        while True:
+            try:
+                chunk = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                chunk = b""
+            if not chunk:
+                await stream.aclose()
+                return received
+            received += chunk
+
+
+def _partial_hello(payload: int = 60 * 1024) -> bytes:
+    """A Hello's header announcing ``payload`` bytes, and none of them: a slowloris."""
+    frame = Connection(Role.CLIENT).send_bytes(Hello((1, 2), 256 * 1024, auth="x" * payload))
+    return frame[:HEADER_SIZE]
+
+
+async def test_a_preauth_flood_is_capped_and_each_connection_costs_little(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+) -> None:
+    async with start_proxy(
+        max_preauth_connections=20, preauth_read_limit=4096, handshake_timeout=3.0
+    ) as server:
+        honest = await raw_client(server)  # connected and through its Hello before the flood
+        flood = [await _open_socket(server) for _ in range(20)]
+        for stream in flood:
+            await stream.send_all(_partial_hello())
+        await trio.testing.wait_all_tasks_blocked()
+
+        # The 21st waiting connection is refused at once, before it can cost anything.
+        late = await _open_socket(server)
+        refusal = Connection(Role.CLIENT)
+        refusal.receive_data(await _closed_after(late))
+        error = refusal.next_event()
+        assert isinstance(error, Error)
+        assert error.code is ErrorCode.TOO_BUSY  # TOO_MANY_CONNECTIONS, as version 1 says it
+
+        # A Hello may not take more than the pre-auth limit: 60 KiB of it is refused.
+        await flood[0].aclose()  # makes room for one more
+        await trio.testing.wait_all_tasks_blocked()
+        greedy = await _open_socket(server)
+        whole = Connection(Role.CLIENT).send_bytes(Hello((1,), 256 * 1024, auth="y" * 60_000))
+        await greedy.send_all(whole[:8192])
+        told = Connection(Role.CLIENT)
+        told.receive_data(await _closed_after(greedy))
+        error = told.next_event()
+        assert isinstance(error, Error)
+        assert error.code is ErrorCode.FRAME_TOO_LARGE
+
+        # The connection that got in first is still served.
+        await honest.open(gcs_bucket, "during-the-flood.bin")
+        data = os.urandom(300_000)
+        await send_range(honest, data, 0, len(data))
+        await honest.send(Complete(len(data), google_crc32c.value(data)))
+        assert (await honest.reply(Completed)).size == len(data)
+        for stream in flood[1:]:
+            await stream.aclose()
+
+
+async def test_total_connections_are_capped(start_proxy: StartProxy, raw_client: Connect) -> None:
+    async with start_proxy(max_connections=3) as server:
+        for _ in range(3):
+            await raw_client(server)
+        fourth = await raw_client(server, hello=False)
+        error = await fourth.error()
+        assert error.code is ErrorCode.TOO_BUSY
+        assert "as many connections" in error.message
+        await fourth.closed()
+
+
+async def test_uploads_are_counted_per_bearer_token_not_per_address(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+) -> None:
+    async with start_proxy(
+        auth_tokens=("alice-secret", "bob-secret"), max_uploads_per_client=1
+    ) as server:
+        alice = await raw_client(server, auth="alice-secret")
+        await alice.open(gcs_bucket, "alice.bin")
+        alice_again = await raw_client(server, auth="alice-secret")
+        await alice_again.send(OpenUpload(gcs_bucket, "alice-2.bin"))
+        assert (await alice_again.error()).code is ErrorCode.TOO_BUSY
+        # Bob shares alice's address (loopback), not her count.
+        bob = await raw_client(server, auth="bob-secret")
+        assert (await bob.open(gcs_bucket, "bob.bin")).token
+
+
+@pytest.mark.parametrize(
+    ("presented", "message"),
+    [("", "no bearer token sent"), ("not-the-secret", "bearer token not accepted")],
+)
+async def test_an_unauthenticated_client_is_told_which_way_it_failed(
+    start_proxy: StartProxy, raw_client: Connect, presented: str, message: str
+) -> None:
+    async with start_proxy(auth_tokens=("the-secret",)) as server:
+        client = await raw_client(server, hello=False)
+        await client.send(Hello((1,), 256 * 1024, auth=presented))
+        error = await client.error()
+        assert error.code is ErrorCode.UNAUTHENTICATED
+        assert error.message == message
+        await client.closed()
+
+
+async def test_control_characters_in_names_are_escaped_in_the_logs(
+    proxy_server: ProxyServer,
+    raw_client: Connect,
+    gcs_bucket: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    client = await raw_client(proxy_server)
+    await client.open(gcs_bucket, "evil\x1b[31mred\x07\u2028name.bin")
+    formatter = RedactingFormatter()
+    lines = [formatter.format(record) for record in caplog.records] + [
+        record.getMessage() for record in caplog.records
+    ]
+    opened = [line for line in lines if "upload-opened" in line]
+    assert opened
+    for line in lines:
+        assert line.isprintable() or "\n" in line, repr(line)
+        assert "\x1b" not in line
+        assert "\x07" not in line
+    assert any("1b[31mred" in line for line in opened), opened  # escaped, not dropped
+
+
+async def test_a_slowloris_is_told_and_logged_in_one_line(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with start_proxy(handshake_timeout=0.2) as server:
+        streams = [await _open_socket(server) for _ in range(5)]
+        for stream in streams:
+            await stream.send_all(b"\xabRU")
+        for stream in streams:
+            told = Connection(Role.CLIENT)
+            told.receive_data(await _closed_after(stream))
+            error = told.next_event()
+            assert isinstance(error, Error)
+            assert error.code is ErrorCode.IDLE_TIMEOUT  # HANDSHAKE_TIMEOUT, as version 1 says it
+    timeouts = [r for r in caplog.records if "handshake-timeout" in r.getMessage()]
+    assert len(timeouts) == 5
+    assert all(r.levelno == logging.INFO and not r.exc_info for r in timeouts)
+    assert not [r for r in caplog.records if "crash" in r.getMessage()]

@@ -240,4 +240,9 @@ async def test_silent_client_is_dropped_after_the_handshake_timeout(
         client = await raw_client(server, hello=False)
         await client.send_raw(b"\xabRU")  # a slowloris: three bytes, then nothing
         with trio.fail_after(10):
+            # Told why (HANDSHAKE_TIMEOUT, which a peer that sent no Hello hears as version
+            # 1's IDLE_TIMEOUT), then closed; logged as one info line, not a crash.
+            error = await client.error()
+            assert error.code is ErrorCode.IDLE_TIMEOUT
+            assert error.reply_to == 0
             assert isinstance(await client.receive(), ConnectionClosed)
