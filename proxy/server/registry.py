@@ -108,6 +108,7 @@ class UploadRegistry:
 
     def upload_running(self, upload: Upload) -> None:
         self._uploads[upload.upload_id] = upload
+        self._dormant.forget(upload.upload_id)  # its session is in use again
         self._metrics.active_uploads.inc()
 
     def give_back(self, upload: Upload) -> None:
@@ -291,6 +292,8 @@ class UploadRegistry:
         await self._retire(upload)
 
     def _keep_session_for_a_while(self, upload: Upload) -> None:
+        if self._uploads.get(upload.upload_id) is not upload:
+            return  # attached again while it was being let go: the session is in use
         try:
             ticket = self.codec.open(upload.token)
         except BadTokenError:
