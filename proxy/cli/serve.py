@@ -141,6 +141,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-connections-per-client", type=int, default=defaults.max_connections_per_client
     )
+    parser.add_argument(
+        "--max-connections", type=int, default=defaults.max_connections,
+        help="connections open at once, from anyone",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-preauth-connections", type=int, default=defaults.max_preauth_connections,
+        help="connections that have not completed their Hello yet",
+    )  # fmt: skip
+    parser.add_argument(
+        "--preauth-read-bytes", type=int, default=defaults.preauth_read_limit, metavar="BYTES",
+        help="bytes a connection may send before its Hello is accepted",
+    )  # fmt: skip
+    parser.add_argument(
+        "--client-buffer-share", type=float, default=defaults.client_buffer_share,
+        metavar="FRACTION", help="the part of --total-buffer-mib one client may hold",
+    )  # fmt: skip
+    parser.add_argument(
+        "--min-window-mib", type=_mebibytes, default=defaults.min_upload_window, metavar="MIB",
+        help="a new upload's window, which grows to --upload-buffer-mib as data arrives",
+    )  # fmt: skip
+    parser.add_argument(
+        "--complete-timeout", type=float, default=defaults.complete_timeout, metavar="SECONDS",
+        help="how long a Complete waits for missing bytes before listing them",
+    )  # fmt: skip
     parser.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout)
     parser.add_argument("--upload-idle-timeout", type=float, default=defaults.upload_idle_timeout)
     parser.add_argument("--handshake-timeout", type=float, default=defaults.handshake_timeout)
@@ -216,6 +240,12 @@ def settings_from_args(args: argparse.Namespace, token_key: bytes | None = None)
         total_buffer_limit=args.total_buffer_mib,
         max_uploads_per_client=args.max_uploads_per_client,
         max_connections_per_client=args.max_connections_per_client,
+        max_connections=args.max_connections,
+        max_preauth_connections=args.max_preauth_connections,
+        preauth_read_limit=args.preauth_read_bytes,
+        client_buffer_share=args.client_buffer_share,
+        min_upload_window=args.min_window_mib,
+        complete_timeout=args.complete_timeout,
         idle_timeout=args.idle_timeout,
         upload_idle_timeout=args.upload_idle_timeout,
         handshake_timeout=args.handshake_timeout,
