@@ -20,7 +20,7 @@ from .errors import (
     WriterError,
 )
 from .results import ObjectInfo, WriterStats
-from .settings import CHUNK_QUANTUM, ChecksumMode, RetryPolicy, WriterSettings
+from .settings import CHUNK_QUANTUM, ChecksumMode, KiB, MiB, RetryPolicy, WriterSettings
 from .staged import PendingWrite
 from .writer import ReliableWriter, open_writer
 
@@ -31,6 +31,8 @@ __all__ = [
     "ChecksumMismatchError",
     "ChecksumMode",
     "IncompleteObjectError",
+    "KiB",
+    "MiB",
     "NonRetryableHTTPError",
     "ObjectInfo",
     "PendingWrite",

@@ -8,10 +8,13 @@ from dataclasses import dataclass, field
 
 from .buffer import FRAGMENT_OVERHEAD
 
-__all__ = ["CHUNK_QUANTUM", "ChecksumMode", "RetryPolicy", "WriterSettings"]
+__all__ = ["CHUNK_QUANTUM", "ChecksumMode", "KiB", "MiB", "RetryPolicy", "WriterSettings"]
 
+#: byte units: the one home for the layers that may import reliablewriter (server, chaos)
+KiB = 1024
+MiB = 1024 * KiB
 #: GCS requires every non-final chunk of a resumable upload to be a multiple of this.
-CHUNK_QUANTUM = 256 * 1024
+CHUNK_QUANTUM = 256 * KiB
 
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
