@@ -300,23 +300,26 @@ class UploadRegistry:
             return  # expired: nobody can resume it; the endpoint expires the session
         self._dormant.remember(ticket, upload.committed_offset)
 
-    async def _generation_to_replace(self, request: OpenRequest) -> int:
+    async def _generation_to_replace(self, request: OpenRequest) -> int | None:
         """The generation a new upload of ``request`` may replace: 0 when there is none.
 
         One metadata request; a precondition the client gave that the live object already
-        contradicts fails here, before any byte is sent.
+        contradicts fails here, before any byte is sent. Credentials that may create
+        objects but not read them (403) get no pin: the client's precondition, if any, is
+        then checked by GCS alone.
         """
         try:
             live = await trio.to_thread.run_sync(
                 self._backend.live_generation, request.bucket, request.name
             )
         except api_exceptions.GoogleAPICallError as exc:
-            code = ErrorCode.FORBIDDEN if exc.code in (401, 403) else ErrorCode.GCS_ERROR
-            retryable = None if code is ErrorCode.FORBIDDEN else _retryable_status(exc.code)
+            if exc.code in (401, 403):
+                log_event(logger, logging.WARNING, "generation-not-readable", status=exc.code)
+                return request.if_generation_match
             raise ServerError(
-                code,
+                ErrorCode.GCS_ERROR,
                 f"could not look up {quote(request.name)}: HTTP {exc.code}",
-                retryable=retryable,
+                retryable=_retryable_status(exc.code),
             ) from None
         except requests.RequestException as exc:
             raise ServerError(

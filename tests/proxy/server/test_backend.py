@@ -11,7 +11,7 @@ import trio
 
 from faultnet.gcs import GcsServer
 from faultnet.gcs.clients import anonymous_client
-from protocol import Error, ErrorCode, OpenUpload
+from protocol import Complete, Completed, Error, ErrorCode, OpenUpload
 from proxy.server import serve_in_background
 from proxy.server.backend import (
     Backend,
@@ -168,3 +168,21 @@ async def test_an_open_into_a_missing_bucket_is_refused_naming_the_bucket(
     assert not refusal.retryable
     assert "no-such-bucket" in refusal.message
     assert not await trio.to_thread.run_sync(backend.bucket("no-such-bucket").exists)
+
+
+async def test_credentials_that_cannot_read_objects_still_upload(
+    gcs_server: GcsServer, proxy_settings: ServerSettings, raw_client: Connect, gcs_bucket: str
+) -> None:
+    # A create-only role answers the generation lookup with 403: the open goes on unpinned.
+    http = requests.Session()
+    http.headers["x-retry-test-id"] = gcs_server.create_retry_test(
+        {"storage.objects.get": ["return-403"]}
+    )
+    backend = Backend(anonymous_client(gcs_server.url, http=http), TargetKind.ENDPOINT, "x")
+    data = b"written by a role that cannot read"
+    async with serve_in_background(proxy_settings, backend) as server:
+        client = await raw_client(server)
+        await client.open(gcs_bucket, "write-only.bin")
+        await client.write(0, data)
+        await client.send(Complete(len(data)))
+        assert (await client.reply(Completed)).size == len(data)
