@@ -28,7 +28,7 @@ from typing import Any, Final
 from bench._rup_process import rup_process
 from proxy.chaos.report import ChaosReport, Verdict
 from proxy.chaos.run import ChaosSettings, run_chaos
-from proxy.chaos.workload import MiB
+from reliablewriter import MiB
 
 __all__ = ["main", "run"]
 

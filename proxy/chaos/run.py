@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import itertools
 import math
 import os
 import shlex
@@ -24,15 +23,14 @@ from typing import Any, Final
 
 import trio
 from google.cloud import storage  # type: ignore[import-untyped]
-from prometheus_client import Counter
 
 from faultnet.counters import FaultCounters, FaultCountersDict
 from faultnet.gcs import GcsServer
 from faultnet.gcs.clients import anonymous_client
-from faultnet.plan import FaultPlan
-from faultnet.stream import open_tcp_stream
 from faultnet.tcpproxy import open_chaos_proxy
 from protocol import ErrorCode
+from proxy.chaos.connectors import faulty_connector, plain_connector
+from proxy.chaos.metrics import counts_by_label
 from proxy.chaos.report import ChaosReport, UploadOutcome, Verdict
 from proxy.chaos.routing import RetryTestClient, UploadRouter
 from proxy.chaos.verify import delete_object, put_previous, verify_object, verify_untouched
@@ -40,8 +38,6 @@ from proxy.chaos.workload import (
     FAULT_MIXES,
     ChunkGeometry,
     ClientLeg,
-    KiB,
-    MiB,
     Precondition,
     UploadSpec,
     plan_uploads,
@@ -58,7 +54,7 @@ from proxy.client import RetryPolicy as ClientRetryPolicy
 from proxy.server import ProxyServer, serve_in_background
 from proxy.server.backend import Backend, TargetKind, pooled_session
 from proxy.server.settings import ServerSettings
-from reliablewriter import RetryPolicy, WriterSettings
+from reliablewriter import KiB, MiB, RetryPolicy, WriterSettings
 
 __all__ = [
     "ChaosSettings",
@@ -190,15 +186,6 @@ def _rss() -> int:
         return 0
 
 
-def _by_label(counter: Counter) -> dict[str, int]:
-    return {
-        next(iter(sample.labels.values()), ""): int(sample.value)
-        for metric in counter.collect()
-        for sample in metric.samples
-        if sample.name.endswith("_total")
-    }
-
-
 def _live_tasks() -> set[trio.lowlevel.Task]:
     """Every task of this trio run."""
     found: set[trio.lowlevel.Task] = set()
@@ -292,7 +279,7 @@ class _Run:
                 # resumable. The run has failed anyway; only a clean run must leave nothing.
                 if all(o.verdict is not Verdict.HUNG for o in self.outcomes):
                     leaks += await lingering_in_proxy(server, patience=_SETTLE_DEADLINE)
-                retries = _by_label(server.metrics.retries)
+                retries = counts_by_label(server.metrics.retries.collect())
                 # Only the shutdown itself runs under this deadline.
                 shutdown_scope.deadline = trio.current_time() + _SHUTDOWN_DEADLINE
         if shutdown_scope.cancelled_caught:
@@ -433,11 +420,11 @@ class _Run:
     ) -> UploadResult:
         """Send the upload over its client leg; a chaos proxy lives as long as the upload."""
         if spec.client_leg is ClientLeg.FAULTY_STREAM:
-            connector = _faulty_connector(address, spec.client_plan, self.client_counters)
+            connector = faulty_connector(address, spec.client_plan, self.client_counters)
             return await self._send(spec, address, connector, if_generation_match)
         async with open_chaos_proxy(address, spec.client_plan) as chaos:
             try:
-                connector = _plain_connector(chaos.address)
+                connector = plain_connector(chaos.address)
                 return await self._send(spec, address, connector, if_generation_match)
             finally:
                 self.chaos_proxy_counts.append(chaos.counters.as_dict())
@@ -462,28 +449,6 @@ class _Run:
             for block in spec.source.blocks(_WRITE_SIZE):
                 await upload.write(block)
             return await upload.complete()
-
-
-def _faulty_connector(
-    address: tuple[str, int], plan: FaultPlan, counters: FaultCounters
-) -> Connector:
-    """Connections wrapped in ``plan``'s faults, numbered 0, 1, ... within the upload."""
-    host, port = address
-    indexes = itertools.count()
-
-    async def connect(_host: str, _port: int) -> trio.abc.Stream:
-        return await open_tcp_stream(host, port, plan=plan, counters=counters, index=next(indexes))
-
-    return connect
-
-
-def _plain_connector(address: tuple[str, int]) -> Connector:
-    host, port = address
-
-    async def connect(_host: str, _port: int) -> trio.abc.Stream:
-        return await trio.open_tcp_stream(host, port)
-
-    return connect
 
 
 def _merged(*counts: FaultCountersDict) -> dict[str, Any]:

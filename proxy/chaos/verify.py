@@ -1,4 +1,4 @@
-"""The chaos run's judge: what GCS holds after an upload, against what it should hold.
+"""The judge of ``rup chaos`` and ``rup demo``: what GCS holds, against what it should hold.
 
 Blocking (google-cloud-storage over HTTP, no faults): call from a worker thread. Every check
 returns the empty string when GCS holds what it should, and otherwise one sentence saying
@@ -14,7 +14,7 @@ import google_crc32c
 from google.api_core import exceptions as api_exceptions
 from google.cloud import storage  # type: ignore[import-untyped]
 
-from proxy.chaos.workload import ObjectSource, SourceReader
+from proxy.chaos.source import ObjectSource, SourceReader
 
 __all__ = ["SourceComparator", "delete_object", "put_previous", "verify_object", "verify_untouched"]
 
@@ -69,11 +69,12 @@ def verify_object(
     *,
     generation: int | None = None,
     reported_crc32c: int | None = None,
+    reported_size: int | None = None,
 ) -> str:
     """'' when ``name`` holds exactly ``source``: size, CRC32C, and every byte.
 
-    ``generation`` and ``reported_crc32c`` are what the client was told; they must match
-    what GCS holds too.
+    ``generation``, ``reported_crc32c`` and ``reported_size`` are what the client was told;
+    they must match what GCS holds too.
     """
     blob = bucket.get_blob(name)
     if blob is None:
@@ -87,6 +88,8 @@ def verify_object(
         return (
             f"the client was told crc32c {reported_crc32c:08x}, the source has {expected_crc:08x}"
         )
+    if reported_size is not None and reported_size != source.size:
+        return f"the client was told {reported_size} bytes, the source has {source.size}"
     if generation is not None and blob.generation != generation:
         return f"the client was told generation {generation}, GCS holds {blob.generation}"
     return _compare_download(blob, source)

@@ -5,9 +5,8 @@ stream (``seed`` and upload index), so an upload gets the same size, data, fault
 scripted GCS faults whether it runs alone (``rup chaos --only 17``) or among thousands, in
 any order, at any concurrency. That is what makes a failing seed replayable.
 
-Object data is never stored: :class:`ObjectSource` regenerates any byte range of an
-object from the seed, so the verifier can compare a download byte for byte against what
-was sent without keeping a copy.
+Object data is never stored: each upload's :class:`~proxy.chaos.source.ObjectSource` is
+keyed by the seed and index, and regenerates any byte range on demand.
 """
 
 from __future__ import annotations
@@ -16,11 +15,8 @@ import dataclasses
 import enum
 import math
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
-
-import google_crc32c
 
 from faultnet.plan import (
     Corrupt,
@@ -33,6 +29,8 @@ from faultnet.plan import (
     Stall,
     Toxic,
 )
+from proxy.chaos.source import ObjectSource
+from reliablewriter import CHUNK_QUANTUM, KiB, MiB
 
 __all__ = [
     "FAULT_MIXES",
@@ -40,24 +38,12 @@ __all__ = [
     "ChunkGeometry",
     "ClientLeg",
     "FaultMix",
-    "KiB",
-    "MiB",
-    "ObjectSource",
     "Precondition",
-    "SourceReader",
     "UploadSpec",
     "boundary_sizes",
     "plan_uploads",
 ]
 
-KiB: Final = 1024
-MiB: Final = 1024 * KiB
-
-#: bytes per generated block; a block is a rotation of one random buffer per object
-_BLOCK: Final = 1 * MiB
-#: distinct rotations, so no two blocks of an object are equal (a duplicated block shows)
-_ROTATIONS: Final = 4096
-_ROTATION_STEP: Final = 997  # prime to _ROTATIONS: every block index below it rotates apart
 #: size of the object that ifGenerationMatch uploads find already in place
 _PREVIOUS_SIZE: Final = 3000
 
@@ -66,7 +52,7 @@ _PREVIOUS_SIZE: Final = 3000
 class ChunkGeometry:
     """The sizes the proxy cuts data by; sizes just around them are the interesting ones."""
 
-    quantum: int = 256 * KiB
+    quantum: int = CHUNK_QUANTUM
     min_chunk: int = 1 * MiB
     max_chunk: int = 4 * MiB
     frame: int = 256 * KiB
@@ -220,58 +206,6 @@ class UploadSpec:
     instructions: tuple[str, ...]
     source: ObjectSource
     previous: ObjectSource | None
-
-
-@dataclass(frozen=True)
-class ObjectSource:
-    """The deterministic bytes of one object: any range can be regenerated on demand."""
-
-    key: str
-    size: int
-
-    def _base(self) -> bytes:
-        return random.Random(self.key).randbytes(min(_BLOCK, self.size) + _ROTATIONS)
-
-    def blocks(self, block_size: int = _BLOCK) -> Iterator[bytes]:
-        """The whole object, in order, in pieces of at most ``block_size`` bytes."""
-        base = self._base()
-        for offset in range(0, self.size, block_size):
-            yield self._range(base, offset, min(block_size, self.size - offset))
-
-    def reader(self) -> SourceReader:
-        """Random access to the object's bytes (holds one generated buffer, about 1 MiB)."""
-        return SourceReader(self, self._base())
-
-    def _range(self, base: bytes, offset: int, length: int) -> bytes:
-        pieces = []
-        while length > 0:
-            block, within = divmod(offset, _BLOCK)
-            shift = (block * _ROTATION_STEP) % _ROTATIONS
-            block_length = min(_BLOCK, self.size - block * _BLOCK)
-            take = min(length, block_length - within)
-            pieces.append(base[shift + within : shift + within + take])
-            offset += take
-            length -= take
-        return b"".join(pieces)
-
-    def crc32c(self) -> int:
-        crc = 0
-        for block in self.blocks():
-            crc = google_crc32c.extend(crc, block)
-        return crc
-
-
-class SourceReader:
-    """Reads ranges of one :class:`ObjectSource` without regenerating its buffer each time."""
-
-    def __init__(self, source: ObjectSource, base: bytes) -> None:
-        self._source = source
-        self._base = base
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Bytes ``[offset, offset + length)``, clipped to the end of the object."""
-        length = max(0, min(length, self._source.size - offset))
-        return self._source._range(self._base, offset, length)
 
 
 def _log_uniform_size(rng: random.Random, max_size: int) -> int:

@@ -44,10 +44,10 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from proxy.chaos.demo import parse_size
 from proxy.chaos.report import ChaosReport, UploadOutcome, Verdict
 from proxy.chaos.run import ChaosSettings, run_chaos
 from proxy.chaos.workload import FAULT_MIXES
+from proxy.cli.sizes import parse_size
 
 __all__ = [
     "HELP",

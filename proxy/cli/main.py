@@ -1,9 +1,10 @@
 """The ``rup`` command line: one entry point, one module per subcommand.
 
-Each subcommand lives in the package that owns its behaviour and exposes three names:
-``HELP`` (one line), ``configure(parser)`` (adds its arguments) and ``run(args) -> int``
-(the exit code). Only the chosen command's module is imported, so ``rup faultproxy`` starts
-fast and does not depend on the proxy or the GCS client being importable.
+Each subcommand module follows the contract in :mod:`proxy.cli`'s docstring: ``HELP`` (one
+line), ``configure(parser)`` (adds its arguments) and ``run(args) -> int`` (the exit code).
+rup's own commands live in :mod:`proxy.cli`; faultnet's two live in faultnet. Only the
+chosen command's module is imported, so ``rup faultproxy`` starts fast and does not depend
+on the proxy or the GCS client being importable.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ __all__ = ["COMMANDS", "main"]
 
 #: subcommand name -> (module that implements it, one-line summary for ``rup --help``)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("proxy.chaos.demo", "upload a generated object through faults, and verify it"),
+    "demo": ("proxy.cli.demo", "upload a generated object through faults, and verify it"),
     "serve": ("proxy.cli.serve", "run the proxy server"),
     "keygen": ("proxy.cli.keygen", "print a new upload-token key for RUP_TOKEN_KEY"),
     "upload": ("proxy.cli.upload", "upload a file or stdin through a proxy"),

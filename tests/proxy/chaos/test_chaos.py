@@ -19,14 +19,13 @@ from faultnet.gcs import GcsServer
 from faultnet.gcs.clients import anonymous_client
 from proxy.chaos.report import Verdict
 from proxy.chaos.run import ChaosSettings, lingering_in_proxy, run_chaos
+from proxy.chaos.source import ObjectSource
 from proxy.chaos.verify import SourceComparator, verify_object, verify_untouched
 from proxy.chaos.workload import (
     FAULT_MIXES,
     RUP_ONLY_INSTRUCTIONS,
     ChunkGeometry,
     ClientLeg,
-    MiB,
-    ObjectSource,
     Precondition,
     UploadSpec,
     boundary_sizes,
@@ -35,6 +34,7 @@ from proxy.chaos.workload import (
 from proxy.cli.chaos import configure, settings_from
 from proxy.cli.main import main
 from proxy.server import ProxyServer
+from reliablewriter import MiB
 from tests.proxy.conftest import RawClient
 
 pytestmark = pytest.mark.slow

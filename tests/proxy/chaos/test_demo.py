@@ -7,10 +7,10 @@ import json
 import pytest
 
 from faultnet.plan import FaultPlan
-from proxy.chaos.demo import parse_size, run_demo
+from proxy.chaos.demo import run_demo
 from proxy.cli.main import main
-
-MiB = 1024 * 1024
+from proxy.cli.sizes import parse_size
+from reliablewriter import MiB
 
 
 def test_demo_verifies_the_object_despite_faults_on_both_legs() -> None:

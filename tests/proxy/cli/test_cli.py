@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import sys
 import types
 from collections.abc import Callable
@@ -72,3 +74,23 @@ def test_a_real_error_beside_ctrl_c_is_not_swallowed(
     with pytest.raises(BaseExceptionGroup) as group:
         cli.main(["fake"])
     assert group.group_contains(ValueError)
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_every_command_follows_the_contract_and_describes_itself_in_its_help(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = importlib.import_module(cli.COMMANDS[name][0])
+    assert isinstance(module.HELP, str)
+    assert module.HELP.strip()
+    assert "\n" not in module.HELP
+    assert list(inspect.signature(module.configure).parameters) == ["parser"]
+    assert list(inspect.signature(module.run).parameters) == ["args"]
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([name, "--help"])
+
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: rup {name}")
+    assert " ".join(module.HELP.split()) in " ".join(out.split())
