@@ -18,6 +18,8 @@ from typing import Any, Final
 from rich.console import Console
 from rich.table import Table
 
+from reliablewriter import MiB
+
 __all__ = [
     "ChaosReport",
     "UploadOutcome",
@@ -25,9 +27,8 @@ __all__ = [
     "percentile",
 ]
 
-_MiB: Final = 1024 * 1024
 #: smaller uploads are too short for their throughput to mean anything
-_THROUGHPUT_MIN_SIZE: Final = 1 * _MiB
+_THROUGHPUT_MIN_SIZE: Final = 1 * MiB
 
 
 class Verdict(enum.Enum):
@@ -166,7 +167,7 @@ class ChaosReport:
     def throughput_percentiles(self) -> dict[str, float]:
         """MiB/s per upload, over verified uploads of at least 1 MiB."""
         rates = [
-            o.size / o.elapsed / _MiB
+            o.size / o.elapsed / MiB
             for o in self.outcomes
             if o.verdict is Verdict.VERIFIED and o.size >= _THROUGHPUT_MIN_SIZE and o.elapsed > 0
         ]
@@ -229,11 +230,11 @@ class ChaosReport:
         summary.add_row(
             "verified share", f"{self.verified_share:.1%} of uploads expected to succeed"
         )
-        summary.add_row("bytes verified", f"{self.bytes_verified / _MiB:.1f} MiB")
+        summary.add_row("bytes verified", f"{self.bytes_verified / MiB:.1f} MiB")
         summary.add_row(
             "bytes moved",
-            f"{self.client_faults.get('bytes_up', 0) / _MiB:.1f} MiB client -> proxy,"
-            f" {self.gcs_faults.get('bytes_up', 0) / _MiB:.1f} MiB proxy -> GCS",
+            f"{self.client_faults.get('bytes_up', 0) / MiB:.1f} MiB client -> proxy,"
+            f" {self.gcs_faults.get('bytes_up', 0) / MiB:.1f} MiB proxy -> GCS",
         )
         lat, thr = self.latency_percentiles(), self.throughput_percentiles()
         summary.add_row(
@@ -246,7 +247,7 @@ class ChaosReport:
         )
         summary.add_row(
             "process RSS",
-            f"{self.rss_start / _MiB:.0f} MiB at start, {self.rss_end / _MiB:.0f} at end",
+            f"{self.rss_start / MiB:.0f} MiB at start, {self.rss_end / MiB:.0f} at end",
         )
         console.print(summary)
 
