@@ -16,9 +16,11 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage  # type: ignore[import-untyped]
 from google.oauth2.credentials import Credentials
@@ -67,8 +69,13 @@ def _anonymous_reader(url: str) -> Callable[[], storage.Client]:
     return client
 
 
-def _kill_and_restart(proxy: RupProcess, signum: signal.Signals) -> None:
-    """Signal the proxy mid-upload, keep it down a few seconds, start it as it was."""
+def _kill_and_restart(
+    proxy: RupProcess, signum: signal.Signals, *, then: Callable[[], None] | None = None
+) -> None:
+    """Signal the proxy mid-upload, keep it down a few seconds, start it as it was.
+
+    ``then`` runs while the proxy is down.
+    """
     proxy.send_signal(signum)
     code = proxy.wait(timeout=30)
     run = proxy.stderr()
@@ -76,23 +83,38 @@ def _kill_and_restart(proxy: RupProcess, signum: signal.Signals) -> None:
         assert code == 0, run
         assert "drained" in run, run  # chunks on their way to GCS were let through
     assert "upload-completed" not in run, "the fault came too late to test anything"
+    if then is not None:
+        then()
     time.sleep(_DOWN_FOR)
     proxy.start().listening_on()
 
 
-def _relay(name: str, upstream_port: int, directory: Path) -> tuple[RupProcess, str]:
-    """A bandwidth-limited faultproxy in front of ``upstream_port``, and its address.
+@dataclass(frozen=True)
+class _Relay:
+    """A bandwidth-limited faultproxy in front of a proxy, at an address chosen here (so
+    the client can be started without waiting for it), with its control API."""
 
-    Its port is chosen here, so the client can be started without waiting for it.
-    """
+    process: RupProcess
+    address: str
+    control: str
+
+    def unthrottle(self) -> None:
+        """Drop the bandwidth limit for the connections accepted from now on: once the
+        faults are done, the rest of the upload need not crawl."""
+        response = requests.delete(f"http://{self.control}/toxics/0", timeout=10)
+        assert response.ok, response.text
+
+
+def _relay(name: str, upstream_port: int, directory: Path) -> _Relay:
     address = f"127.0.0.1:{free_port()}"
-    relay = RupProcess(
+    control = f"127.0.0.1:{free_port()}"
+    process = RupProcess(
         name,
         ["faultproxy", "--listen", address, "--upstream", f"127.0.0.1:{upstream_port}",
-         "--plan", f"bandwidth:up(rate={_RATE})"],
+         "--plan", f"bandwidth:up(rate={_RATE})", "--control", control],
         directory,
     )  # fmt: skip
-    return relay, address
+    return _Relay(process, address, control)
 
 
 def _upload(source: Path, name: str, proxies: list[str], directory: Path) -> RupProcess:
@@ -130,12 +152,12 @@ def test_an_upload_survives_a_proxy_killed_then_stopped(tmp_path: Path, gcs: str
     else:
         serve_args += ["--data-dir", str(tmp_path / "data")]
     proxy = RupProcess("proxy", serve_args, tmp_path, env=env)
-    relay, relay_address = _relay("faultproxy", port, tmp_path)
-    upload = _upload(source, "restarted.bin", [relay_address], tmp_path)
-    processes += [proxy, relay, upload]
+    relay = _relay("faultproxy", port, tmp_path)
+    upload = _upload(source, "restarted.bin", [relay.address], tmp_path)
+    processes += [proxy, relay.process, upload]
     with running(*processes):
         # All at once: the client retries until the proxy listens.
-        for process in (proxy, relay, upload):
+        for process in (proxy, relay.process, upload):
             process.start()
         proxy.listening_on()
         proxy.wait_for("upload-opened", stream="stderr")
@@ -143,7 +165,7 @@ def test_an_upload_survives_a_proxy_killed_then_stopped(tmp_path: Path, gcs: str
         _kill_and_restart(proxy, signal.SIGKILL)
         proxy.wait_for("upload-resumed", stream="stderr", timeout=60)
         time.sleep(_SECOND_FAULT_AFTER)
-        _kill_and_restart(proxy, signal.SIGTERM)
+        _kill_and_restart(proxy, signal.SIGTERM, then=relay.unthrottle)
 
         assert upload.wait(timeout=120) == 0, upload.stdout() + upload.stderr()
         assert "upload-resumed" in proxy.stderr(), proxy.stderr()
@@ -178,6 +200,7 @@ def test_an_upload_fails_over_to_another_proxy_sharing_the_key(tmp_path: Path) -
     key = {"RUP_TOKEN_KEY": generate_key_text()}
     processes = [endpoint]
     proxies: list[RupProcess] = []
+    relays: list[_Relay] = []
     addresses: list[str] = []
     for name in ("a", "b"):
         port = free_port()
@@ -187,10 +210,11 @@ def test_an_upload_fails_over_to_another_proxy_sharing_the_key(tmp_path: Path) -
             tmp_path,
             env=key,
         )
-        relay, address = _relay(f"faultproxy-{name}", port, tmp_path)
+        relay = _relay(f"faultproxy-{name}", port, tmp_path)
         proxies.append(proxy)
-        addresses.append(address)
-        processes += [proxy, relay]
+        relays.append(relay)
+        addresses.append(relay.address)
+        processes += [proxy, relay.process]
     upload = _upload(source, "failover.bin", addresses, tmp_path)
     processes.append(upload)
     with running(*processes):
@@ -201,6 +225,8 @@ def test_an_upload_fails_over_to_another_proxy_sharing_the_key(tmp_path: Path) -
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         assert "upload-completed" not in first.stderr(), "the fault came too late"
+        for relay in relays:
+            relay.unthrottle()
 
         assert upload.wait(timeout=120) == 0, upload.stdout() + upload.stderr()
         assert "upload-resumed" in second.stderr(), second.stderr()
