@@ -165,7 +165,7 @@ class ClientConnection:
         stream: trio.abc.Stream,
         client: str,
         *,
-        on_authenticated: Callable[[], None] = lambda: None,
+        on_authenticated: Callable[[ClientConnection], None] = lambda connection: None,
     ) -> None:
         self._settings = settings
         self._registry = registry
@@ -176,6 +176,8 @@ class ClientConnection:
         self.identity = client
         #: whether the client's Hello was accepted
         self.authenticated = False
+        self._hello_wait = trio.CancelScope()
+        self._dropped_before_hello = False
         self._on_authenticated = on_authenticated
         self._protocol = Connection(Role.SERVER, max_frame_size=self._settings.max_frame_size)
         self._outbox = Outbox(_OUTBOX_CAPACITY)
@@ -206,6 +208,13 @@ class ClientConnection:
             self._unbind()
             await trio.aclose_forcefully(self._stream)
             log_event(logger, logging.DEBUG, "connection-closed", client=self.client)
+
+    def drop_before_hello(self) -> None:
+        """End the wait for this client's Hello now (others are waiting for theirs): it is
+        told TOO_MANY_CONNECTIONS, and may connect again. Does nothing after the Hello."""
+        if not self.authenticated:
+            self._dropped_before_hello = True
+            self._hello_wait.cancel()
 
     def going_away(self) -> None:
         """Tell the client the server is shutting down; requests in flight still finish."""
@@ -291,7 +300,8 @@ class ClientConnection:
         limit = settings.preauth_read_limit
         tls_done = not isinstance(self._stream, trio.SSLStream)
         received = 0
-        with trio.move_on_after(settings.handshake_timeout):
+        self._hello_wait.deadline = trio.current_time() + settings.handshake_timeout
+        with self._hello_wait:
             if isinstance(self._stream, trio.SSLStream):
                 await self._stream.do_handshake()
                 tls_done = True
@@ -304,11 +314,20 @@ class ClientConnection:
                 received += len(data)
                 self._protocol.receive_data(data)
             return event
-        if tls_done:
+        if self._dropped_before_hello:
+            # TOO_MANY_CONNECTIONS; send() makes it TOO_BUSY for a version-1 peer.
+            code, message = ErrorCode.TOO_MANY_CONNECTIONS, "too many connections wait for a Hello"
+            event_name = "dropped-before-hello"
+        else:
             # HANDSHAKE_TIMEOUT; send() makes it IDLE_TIMEOUT for a version-1 peer.
-            message = f"no Hello within {settings.handshake_timeout:g} s"
-            self._outbox.put_nowait(Error(0, ErrorCode.HANDSHAKE_TIMEOUT, True, message))
-        log_event(logger, logging.INFO, "handshake-timeout", client=self.client)
+            code, message = (
+                ErrorCode.HANDSHAKE_TIMEOUT,
+                f"no Hello within {settings.handshake_timeout:g} s",
+            )
+            event_name = "handshake-timeout"
+        if tls_done:
+            self._outbox.put_nowait(Error(0, code, True, message))
+        log_event(logger, logging.INFO, event_name, client=self.client)
         return None
 
     async def _receive_some(self, size: int) -> bytes:
@@ -371,7 +390,7 @@ class ClientConnection:
             self._fail(event.seq, ServerError(ErrorCode.UNAUTHENTICATED, refusal))
             raise _HangUpError
         self.authenticated = True
-        self._on_authenticated()
+        self._on_authenticated(self)
         if self._settings.auth_tokens:
             # Clients are told apart by the bearer token they hold, not by address: clients
             # behind one NAT are not one client, and one client on many addresses is.

@@ -57,8 +57,8 @@ class ProxyServer:
         self.metrics_address: tuple[str, int] | None = None
         self._connections: set[ClientConnection] = set()
         self._per_client: TallyCounter[str] = TallyCounter()
-        #: connections whose Hello has not been accepted yet
-        self._unauthenticated = 0
+        #: connections whose Hello has not been accepted yet, oldest first
+        self._waiting_for_hello: dict[ClientConnection, None] = {}
         self._shutdown_requested = trio.Event()
         self._all_closed = trio.Event()
 
@@ -78,14 +78,21 @@ class ProxyServer:
         settings = self.settings
         if len(self._connections) >= settings.max_connections:
             return "the proxy has as many connections as it takes"
-        if self._unauthenticated >= settings.max_preauth_connections:
-            return "the proxy has as many connections waiting for their Hello as it takes"
         if self._per_client[client] >= settings.max_connections_per_client:
             return "too many connections from this client"
         return None
 
-    def _authenticated(self) -> None:
-        self._unauthenticated -= 1
+    def _authenticated(self, connection: ClientConnection) -> None:
+        self._waiting_for_hello.pop(connection, None)
+
+    def _make_room_for_hello(self) -> None:
+        """At ``max_preauth_connections``, drop the connection that has waited longest for
+        its Hello: a crowd of half-sent Hellos costs a bounded amount, and cannot keep an
+        honest client (whose Hello follows its connect at once) from getting in."""
+        while len(self._waiting_for_hello) >= self.settings.max_preauth_connections:
+            oldest = next(iter(self._waiting_for_hello))
+            del self._waiting_for_hello[oldest]
+            oldest.drop_before_hello()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         client = _peer_host(stream)
@@ -107,7 +114,8 @@ class ProxyServer:
         )
         self._connections.add(connection)
         self._per_client[client] += 1
-        self._unauthenticated += 1
+        self._make_room_for_hello()
+        self._waiting_for_hello[connection] = None
         self.metrics.connections.inc()
         if self._shutdown_requested.is_set():
             connection.going_away()
@@ -117,8 +125,7 @@ class ProxyServer:
             # One broken connection must never take the server down with it.
             log_event(logger, logging.ERROR, "connection-crashed", exc=True, client=client)
         finally:
-            if not connection.authenticated:
-                self._unauthenticated -= 1
+            self._waiting_for_hello.pop(connection, None)
             self.metrics.connections.dec()
             self._connections.discard(connection)
             self._per_client[client] -= 1

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import google_crc32c
 import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 
+from faultnet.gcs import GcsServer
 from protocol import (
     PROTOCOL_VERSION,
     Complete,
@@ -37,8 +39,11 @@ from protocol import (
 from protocol._codec import decode_body
 from protocol._spec import HEADER_SIZE, HEADER_STRUCT, FrameType
 from proxy.server import ProxyServer
+from proxy.server.keys import generate_key_text
 from proxy.server.settings import MiB
 from tests.proxy.conftest import RawClient
+from tests.proxy.server.processes import RupProcess, free_port, running
+from tests.proxy.server.test_attacks import answer, fragment
 from tests.proxy.server.test_uploads import send_range
 
 Connect = Callable[..., Awaitable[RawClient]]
@@ -132,35 +137,182 @@ async def _assert_refused(client: RawClient, code: ErrorCode) -> None:
     await client.closed()
 
 
+#: the proxy's limits in the test below (rup serve flags), and what the proof allows on top
+_TOTAL_BUFFER_MIB = 64
+_PREAUTH_CONNECTIONS = 128
+_PREAUTH_READ = 8192
+_SLACK = 64 * MiB
+#: one-byte writes the fragmenter sprays (on main, 100,000 of them cost 40 MiB of RSS)
+_FRAGMENTS = 8_000
+
+
+def _rss(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory (or, with ``VmHWM``, its peak since the last reset)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def _reset_peak_rss(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return False
+    return True
+
+
+async def _connect(address: tuple[str, int], auth: str) -> RawClient:
+    """A connection through its Hello; like any client, it tries again if it was dropped
+    to make room (a flood may fill the proxy's waiting room between connect and Hello)."""
+    for _ in range(20):
+        client = RawClient(await trio.open_tcp_stream(*address))
+        await client.send(Hello((1, 2), 256 * 1024, auth=auth))
+        reply = await answer(client)
+        if isinstance(reply, Welcome):
+            return client
+        assert isinstance(reply, Error), reply
+        assert reply.code in (ErrorCode.TOO_BUSY, ErrorCode.TOO_MANY_CONNECTIONS), reply
+        await client.aclose()
+    raise AssertionError("never got in")
+
+
 async def test_garbage_is_refused_while_eight_uploads_finish(
-    proxy_server: ProxyServer, raw_client: Connect, gcs_bucket: str, storage_client: storage.Client
+    gcs_server: GcsServer, gcs_bucket: str, storage_client: storage.Client, tmp_path: Path
 ) -> None:
+    """Eight honest uploads finish byte for byte while, at the same time, a vandal sends
+    garbage, a fragmenter sprays tiny out-of-order writes, a squatter opens uploads (held
+    and abandoned) to take the budget, and a flood of connections hold half-sent Hellos;
+    the proxy (a real ``rup serve`` process) stays within its limits plus 64 MiB of RSS."""
+    port = free_port()
+    proxy = RupProcess(
+        "proxy",
+        ["serve", "--listen", f"127.0.0.1:{port}", "--gcs-endpoint", gcs_server.url,
+         "--auth-token", "honest", "--auth-token", "squatter", "--auth-token", "fragmenter",
+         "--auth-token", "vandal", "--total-buffer-mib", str(_TOTAL_BUFFER_MIB),
+         "--upload-buffer-mib", "8", "--min-window-mib", "1", "--handshake-timeout", "20",
+         "--max-preauth-connections", str(_PREAUTH_CONNECTIONS),
+         "--preauth-read-bytes", str(_PREAUTH_READ), "--budget-wait", "0.5"],
+        tmp_path,
+        env={"RUP_TOKEN_KEY": generate_key_text()},
+    )  # fmt: skip
     objects = {f"neighbour-{index}.bin": os.urandom(MiB + index * 1000) for index in range(8)}
     results: dict[str, int] = {}
+    refused: dict[str, set[ErrorCode]] = {}
+    attacks_done = trio.Event()
+    flooded, squatting, fragmenting = trio.Event(), trio.Event(), trio.Event()
+    with running(proxy.start()):
+        address = await trio.to_thread.run_sync(proxy.listening_on)
+        warm = await _connect(address, "honest")  # the code paths of an upload, loaded once
+        await warm.open(gcs_bucket, "warm-up.bin")
+        await warm.write(0, b"warm")
+        await warm.send(Complete(4))
+        await warm.reply(Completed)
+        await warm.aclose()
+        baseline = _rss(proxy.pid)
+        peak_tracked = _reset_peak_rss(proxy.pid)
+        samples = [baseline]
+        honest = [await _connect(address, "honest") for _ in objects]  # in before the flood
 
-    async def upload(name: str, data: bytes) -> None:
-        client = await raw_client(proxy_server)
-        await client.open(gcs_bucket, name)
-        await send_range(client, data, 0, len(data))
-        await client.send(Complete(len(data), google_crc32c.value(data)))
-        results[name] = (await client.reply(Completed)).crc32c
+        async def upload(client: RawClient, name: str, data: bytes) -> None:
+            await client.open(gcs_bucket, name)
+            await send_range(client, data, 0, len(data))
+            await client.send(Complete(len(data), google_crc32c.value(data)))
+            results[name] = (await client.reply(Completed)).crc32c
+            await client.aclose()
 
-    async def vandal() -> None:
-        client = await raw_client(proxy_server)
-        await client.send_raw(os.urandom(4096))
-        error = await client.error()
-        assert error.code in (ErrorCode.MALFORMED_FRAME, ErrorCode.CORRUPT_HEADER), error
-        await client.closed()
+        async def vandal() -> None:
+            client = await _connect(address, "vandal")
+            await client.send_raw(os.urandom(4096))
+            error = await client.error()
+            assert error.code in (ErrorCode.MALFORMED_FRAME, ErrorCode.CORRUPT_HEADER), error
+            await client.closed()
+            await client.aclose()
 
-    async with trio.open_nursery() as nursery:
-        for name, data in objects.items():
-            nursery.start_soon(upload, name, data)
-        nursery.start_soon(vandal)
+        async def fragmenter() -> None:
+            data = os.urandom(MiB)
+            client = await _connect(address, "fragmenter")
+            await client.open(gcs_bucket, "fragments.bin")
+            fragmenting.set()
+            refused["fragmenter"] = set(await fragment(client, data, _FRAGMENTS, batch=64))
+            await client.aclose()
+
+        async def squatter() -> None:
+            for index in range(60):  # opened and abandoned at once: nothing stays reserved
+                client = await _connect(address, "squatter")
+                await client.open(gcs_bucket, f"abandoned-{index}.bin")
+                await client.aclose()
+            held: list[RawClient] = []
+            codes: set[ErrorCode] = set()
+            for index in range(60):  # opened and held, no data sent, until the share is spent
+                client = await _connect(address, "squatter")
+                held.append(client)
+                await client.send(OpenUpload(gcs_bucket, f"squat-{index}.bin"))
+                reply = await answer(client)
+                if isinstance(reply, Error):
+                    codes.add(reply.code)
+                    break
+            refused["squatter"] = codes
+            squatting.set()
+            await attacks_done.wait()
+            for client in held:
+                await client.aclose()
+
+        async def flood() -> None:
+            streams = []
+            half_hello = _half_hello(_PREAUTH_READ - 1024)
+            for _ in range(2 * _PREAUTH_CONNECTIONS):
+                stream = await trio.open_tcp_stream(*address)
+                streams.append(stream)
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(half_hello)
+            flooded.set()
+            await attacks_done.wait()
+            for stream in streams:
+                await stream.aclose()
+
+        async def sample_memory() -> None:
+            while not attacks_done.is_set():
+                samples.append(_rss(proxy.pid))
+                await trio.sleep(0.02)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as attackers:
+                attackers.start_soon(sample_memory)
+                attackers.start_soon(flood)
+                attackers.start_soon(squatter)
+                attackers.start_soon(fragmenter)
+                attackers.start_soon(vandal)
+                # The honest uploads start once every attack is under way.
+                for started in (flooded, squatting, fragmenting):
+                    await started.wait()
+                async with trio.open_nursery() as neighbours:
+                    for client, (name, data) in zip(honest, objects.items(), strict=True):
+                        neighbours.start_soon(upload, client, name, data)
+                samples.append(_rss(proxy.pid))
+                attacks_done.set()
+        peak = max(max(samples), _rss(proxy.pid, "VmHWM") if peak_tracked else 0)
 
     for name, data in objects.items():
         assert results[name] == google_crc32c.value(data)
         blob = storage_client.bucket(gcs_bucket).blob(name)
         assert await trio.to_thread.run_sync(blob.download_as_bytes) == data
+    assert refused["fragmenter"] == {ErrorCode.FRAGMENT_LIMIT}
+    assert refused["squatter"] == {ErrorCode.TOO_BUSY}
+    limits = _TOTAL_BUFFER_MIB * MiB + _PREAUTH_CONNECTIONS * _PREAUTH_READ
+    print(
+        f"proxy RSS: baseline {baseline / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB"
+        f" (+{(peak - baseline) / MiB:.1f} MiB; limits {limits / MiB:.1f} MiB + slack 64 MiB)"
+    )
+    assert peak - baseline <= limits + _SLACK
+
+
+def _half_hello(sent: int) -> bytes:
+    """The first ``sent`` bytes of a Hello announcing 60 KiB: held, never finished."""
+    frame = Connection(Role.CLIENT).send_bytes(Hello((1, 2), 256 * 1024, auth="h" * 60_000))
+    return frame[:sent]
 
 
 async def test_garbage_before_hello_is_refused(
