@@ -23,6 +23,7 @@ from collections.abc import Callable
 import trio
 
 from protocol import (
+    MAX_LISTED_RANGES,
     NEED_DATA,
     Abort,
     Ack,
@@ -432,10 +433,11 @@ class ClientConnection:
             failure = upload.failure()
             if failure is not None:
                 raise failure
+            # The lowest ranges only, so the reply always fits a control frame; a client
+            # resends what it does not see listed, which is safe.
+            received = upload.received_ranges()[:MAX_LISTED_RANGES]
             await self._reply(
-                Status(
-                    event.seq, upload.committed_offset, upload.received_ranges(), upload.window_end
-                )
+                Status(event.seq, upload.committed_offset, received, upload.window_end)
             )
         elif isinstance(event, Ping):
             await self._reply(Pong(event.seq, event.nonce))

@@ -69,7 +69,8 @@ class ServerSettings:
     client_buffer_share: float = 0.5
     #: connections open at once, whoever they are from; more are refused at accept
     max_connections: int = 1024
-    #: connections that have not completed their Hello yet; more are refused at accept
+    #: connections that have not completed their Hello yet; at the cap, the one that has
+    #: waited longest is dropped (TOO_MANY_CONNECTIONS) to make room for a new one
     max_preauth_connections: int = 128
     #: bytes a connection may send before its Hello is accepted (a Hello is far smaller);
     #: so a crowd of half-sent Hellos costs at most this much each

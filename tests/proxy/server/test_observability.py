@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable
 
 import google_crc32c
@@ -93,6 +94,22 @@ async def test_metrics_endpoint_counts_an_upload(
     assert _sample(body, "rup_buffer_reserved_bytes") == 0
     assert _sample(body, "rup_buffer_held_bytes") == 0
     assert _sample(body, "rup_connections") == 1
+
+
+async def test_the_metrics_endpoint_stops_with_the_server(
+    proxy_settings: ServerSettings, proxy_backend: Backend
+) -> None:
+    async with serve_in_background(
+        proxy_settings, proxy_backend, metrics_listen=("127.0.0.1", 0)
+    ) as server:
+        assert server.metrics_address is not None
+        address = server.metrics_address
+        status, _ = await _scrape(address)
+        assert status.endswith("200 OK")
+
+    with pytest.raises(OSError, match="connect"):
+        await trio.open_tcp_stream(*address)
+    assert not [thread for thread in threading.enumerate() if thread.name == "rup-metrics"]
 
 
 async def test_logs_of_a_full_upload_hold_no_secrets(
