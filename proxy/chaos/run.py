@@ -33,7 +33,7 @@ from proxy.chaos.connectors import faulty_connector, plain_connector
 from proxy.chaos.metrics import counts_by_label
 from proxy.chaos.report import ChaosReport, UploadOutcome, Verdict
 from proxy.chaos.routing import RetryTestClient, UploadRouter
-from proxy.chaos.verify import delete_object, put_previous, verify_object, verify_untouched
+from proxy.chaos.verify import Failed, Stored, delete_object, judge_upload, put_previous
 from proxy.chaos.workload import (
     FAULT_MIXES,
     ChunkGeometry,
@@ -362,58 +362,12 @@ class _Run:
                     cause="deadline",
                     problem=f"no result within the {self.settings.deadline:.0f} s deadline",
                 )
+            ending = _ending(result, error)
             return await trio.to_thread.run_sync(
-                self._verdict, spec, base, result, error, previous_generation
+                judge_upload, self.judge, spec, base, ending, previous_generation
             )
         finally:
             await trio.to_thread.run_sync(delete_object, self.judge, spec.name)
-
-    def _verdict(
-        self,
-        spec: UploadSpec,
-        base: UploadOutcome,
-        result: UploadResult | None,
-        error: UploadError | None,
-        previous_generation: int | None,
-    ) -> UploadOutcome:
-        """Blocking: what GCS holds now, against what this upload's ending promises."""
-        if result is not None:
-            if spec.precondition is Precondition.STALE:
-                return dataclasses.replace(
-                    base,
-                    verdict=Verdict.WRONGLY_ACCEPTED,
-                    problem=f"ifGenerationMatch named a stale generation, yet generation"
-                    f" {result.generation} was written",
-                )
-            problem = verify_object(
-                self.judge,
-                spec.name,
-                spec.source,
-                generation=result.generation,
-                reported_crc32c=result.crc32c,
-            )
-            if problem:
-                return dataclasses.replace(base, verdict=Verdict.CORRUPT, problem=problem)
-            return base
-        assert error is not None
-        cause = error.code.name if error.code is not None else type(error).__name__
-        problem = verify_untouched(self.judge, spec.name, spec.previous, previous_generation)
-        if problem:
-            return dataclasses.replace(
-                base,
-                verdict=Verdict.LEFT_BEHIND,
-                cause=cause,
-                problem=f"{problem}; the client was told: {error.message}",
-            )
-        refused = (
-            spec.precondition is Precondition.STALE and error.code is ErrorCode.PRECONDITION_FAILED
-        )
-        return dataclasses.replace(
-            base,
-            verdict=Verdict.REFUSED if refused else Verdict.FAILED_CLEANLY,
-            cause=cause,
-            problem="" if refused else error.message,
-        )
 
     async def _upload(
         self, spec: UploadSpec, address: tuple[str, int], if_generation_match: int | None
@@ -449,6 +403,18 @@ class _Run:
             for block in spec.source.blocks(_WRITE_SIZE):
                 await upload.write(block)
             return await upload.complete()
+
+
+def _ending(result: UploadResult | None, error: UploadError | None) -> Stored | Failed:
+    """What the client library told the caller."""
+    if result is not None:
+        return Stored(result.generation, result.crc32c)
+    assert error is not None
+    return Failed(
+        cause=error.code.name if error.code is not None else type(error).__name__,
+        message=error.message,
+        precondition_failed=error.code is ErrorCode.PRECONDITION_FAILED,
+    )
 
 
 def _merged(*counts: FaultCountersDict) -> dict[str, Any]:

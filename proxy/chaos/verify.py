@@ -2,21 +2,36 @@
 
 Blocking (google-cloud-storage over HTTP, no faults): call from a worker thread. Every check
 returns the empty string when GCS holds what it should, and otherwise one sentence saying
-what differs, which is what the report prints.
+what differs, which is what the report prints. :func:`judge_upload` turns how an upload
+ended (:class:`Stored` or :class:`Failed`, whether the client ran in the run's process or
+as ``rup upload``) and what GCS holds into the upload's verdict.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
+from dataclasses import dataclass
 
 import google_crc32c
 from google.api_core import exceptions as api_exceptions
 from google.cloud import storage  # type: ignore[import-untyped]
 
+from proxy.chaos.report import UploadOutcome, Verdict
 from proxy.chaos.source import ObjectSource, SourceReader
+from proxy.chaos.workload import Precondition, UploadSpec
 
-__all__ = ["SourceComparator", "delete_object", "put_previous", "verify_object", "verify_untouched"]
+__all__ = [
+    "Failed",
+    "SourceComparator",
+    "Stored",
+    "delete_object",
+    "judge_upload",
+    "put_previous",
+    "verify_object",
+    "verify_untouched",
+]
 
 
 class SourceComparator:
@@ -129,3 +144,67 @@ def delete_object(bucket: storage.Bucket, name: str) -> None:
     """Remove ``name`` if it exists, so a long run does not fill the endpoint's memory."""
     with contextlib.suppress(api_exceptions.NotFound):
         bucket.blob(name).delete()
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The client was told its upload is stored: as which generation, with which CRC32C."""
+
+    generation: int
+    crc32c: int
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The client was told its upload failed."""
+
+    #: the proxy's error code, or the exception type, or how the command ended
+    cause: str
+    message: str
+    #: the proxy refused the upload's ifGenerationMatch
+    precondition_failed: bool = False
+
+
+def judge_upload(
+    bucket: storage.Bucket,
+    spec: UploadSpec,
+    base: UploadOutcome,
+    ending: Stored | Failed,
+    previous_generation: int | None,
+) -> UploadOutcome:
+    """``base`` with the verdict: what GCS holds now, against what ``ending`` promises."""
+    if isinstance(ending, Stored):
+        if spec.precondition is Precondition.STALE:
+            return dataclasses.replace(
+                base,
+                verdict=Verdict.WRONGLY_ACCEPTED,
+                problem=f"ifGenerationMatch named a stale generation, yet generation"
+                f" {ending.generation} was written",
+            )
+        problem = verify_object(
+            bucket,
+            spec.name,
+            spec.source,
+            generation=ending.generation,
+            reported_crc32c=ending.crc32c,
+            reported_size=ending.size,
+        )
+        if problem:
+            return dataclasses.replace(base, verdict=Verdict.CORRUPT, problem=problem)
+        return base
+    problem = verify_untouched(bucket, spec.name, spec.previous, previous_generation)
+    if problem:
+        return dataclasses.replace(
+            base,
+            verdict=Verdict.LEFT_BEHIND,
+            cause=ending.cause,
+            problem=f"{problem}; the client was told: {ending.message}",
+        )
+    refused = spec.precondition is Precondition.STALE and ending.precondition_failed
+    return dataclasses.replace(
+        base,
+        verdict=Verdict.REFUSED if refused else Verdict.FAILED_CLEANLY,
+        cause=ending.cause,
+        problem="" if refused else ending.message,
+    )
