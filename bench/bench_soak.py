@@ -27,7 +27,8 @@ from typing import Any, Final
 
 from bench._rup_process import rup_process
 from proxy.chaos.report import ChaosReport, Verdict
-from proxy.chaos.run import ChaosSettings, run_chaos
+from proxy.chaos.run import run_chaos
+from proxy.chaos.settings import ChaosSettings
 from reliablewriter import MiB
 
 __all__ = ["main", "run"]

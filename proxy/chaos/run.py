@@ -9,17 +9,12 @@ command line around it is :mod:`proxy.cli.chaos`.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
-import math
-import os
-import shlex
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import trio
 from google.cloud import storage  # type: ignore[import-untyped]
@@ -30,34 +25,28 @@ from faultnet.gcs.clients import anonymous_client
 from faultnet.tcpproxy import open_chaos_proxy
 from protocol import ErrorCode
 from proxy.chaos.connectors import faulty_connector, plain_connector
-from proxy.chaos.metrics import counts_by_label
+from proxy.chaos.metrics import counts_by_label, merged_fault_counts, process_rss
 from proxy.chaos.report import ChaosReport, UploadOutcome, Verdict
 from proxy.chaos.routing import RetryTestClient, UploadRouter
+from proxy.chaos.settings import ORPHAN_TIMEOUT, ChaosSettings
 from proxy.chaos.verify import Failed, Stored, delete_object, judge_upload, put_previous
 from proxy.chaos.workload import (
-    FAULT_MIXES,
-    ChunkGeometry,
     ClientLeg,
-    Precondition,
     UploadSpec,
-    plan_uploads,
+    if_generation_match,
 )
 from proxy.client import (
-    ClientSettings,
     Connector,
     UploadError,
     UploadOptions,
     UploadResult,
     connect_upload,
 )
-from proxy.client import RetryPolicy as ClientRetryPolicy
 from proxy.server import ProxyServer, serve_in_background
 from proxy.server.backend import Backend, TargetKind, pooled_session
-from proxy.server.settings import ServerSettings
-from reliablewriter import KiB, MiB, RetryPolicy, WriterSettings
+from reliablewriter import KiB
 
 __all__ = [
-    "ChaosSettings",
     "Saboteur",
     "lingering_in_proxy",
     "run_chaos",
@@ -67,123 +56,12 @@ _BUCKET: Final = "rup-chaos"
 #: how long the proxy gets to stop once every upload has ended, before it counts as a leak
 _SHUTDOWN_DEADLINE: Final = 15.0
 _WRITE_SIZE: Final = 256 * KiB
-#: how long the proxy keeps an upload that has no connection and sees no activity
-_ORPHAN_TIMEOUT: Final = 8.0
 #: how long the proxy gets to let go of everything once every upload has ended
-_SETTLE_DEADLINE: Final = _ORPHAN_TIMEOUT + 5.0
+_SETTLE_DEADLINE: Final = ORPHAN_TIMEOUT + 5.0
 
 #: called (in a worker thread) after an upload and before it is judged: tests use it to
 #: tamper with GCS and prove that the judge notices
 Saboteur = Callable[[storage.Bucket, UploadSpec], None]
-
-
-@dataclass(frozen=True)
-class ChaosSettings:
-    """One chaos run; the defaults are ``rup chaos`` with no options."""
-
-    uploads: int = 200
-    seed: int = 1
-    max_size: int = 64 * MiB
-    connections: int = 4
-    concurrency: int = 8
-    faults: str = "moderate"
-    intensity: float = 1.0
-    #: seconds an upload may take before it counts as hung
-    deadline: float = 120.0
-    #: share of uploads that use ifGenerationMatch
-    precondition_share: float = 0.1
-    gcs_endpoint: str | None = None
-    #: script only the GCS faults storage-testbench knows too (it refuses rup's own)
-    portable_faults: bool = False
-    #: upload indexes to run (replaying a failure); empty runs them all
-    only: tuple[int, ...] = ()
-    geometry: ChunkGeometry = dataclasses.field(default_factory=ChunkGeometry)
-
-    def __post_init__(self) -> None:
-        if self.faults not in FAULT_MIXES:
-            raise ValueError(f"unknown fault mix {self.faults!r}; known: {', '.join(FAULT_MIXES)}")
-        if self.uploads < 1 or self.connections < 1 or self.concurrency < 1:
-            raise ValueError("--uploads, --connections and --concurrency must be at least 1")
-        if not self.intensity >= 0 or not math.isfinite(self.intensity):
-            raise ValueError(f"--intensity must be a finite number >= 0, got {self.intensity}")
-        if self.deadline <= 0:
-            raise ValueError("--deadline must be positive")
-        if self.max_size < 0:
-            raise ValueError("--max-size must not be negative")
-        if not 0 <= self.precondition_share <= 1:
-            raise ValueError("--generation-match must be a share within 0..1")
-
-    def replay_command(self, only: tuple[int, ...] = ()) -> str:
-        """The ``rup chaos`` command that reruns this run, or just the uploads in ``only``."""
-        words = [
-            "rup", "chaos",
-            "--uploads", str(self.uploads),
-            "--seed", str(self.seed),
-            "--max-size", str(self.max_size),
-            "--connections", str(self.connections),
-            "--concurrency", str(self.concurrency),
-            "--faults", self.faults,
-            "--intensity", repr(self.intensity),
-            "--deadline", repr(self.deadline),
-            "--generation-match", repr(self.precondition_share),
-        ]  # fmt: skip
-        if self.gcs_endpoint is not None:
-            words += ["--gcs-endpoint", self.gcs_endpoint]
-        if self.portable_faults:
-            words.append("--portable-faults")
-        if only or self.only:
-            words += ["--only", ",".join(map(str, only or self.only))]
-        return shlex.join(words)
-
-    def server_settings(self) -> ServerSettings:
-        g = self.geometry
-        return ServerSettings(
-            max_frame_size=g.frame,
-            upload_buffer_limit=g.window,
-            min_upload_window=g.min_chunk,
-            total_buffer_limit=max(64 * MiB, 2 * self.concurrency * g.window),
-            handshake_timeout=10.0,
-            idle_timeout=60.0,
-            # An upload whose UploadOpened reply a fault swallowed is an orphan: its client
-            # opened another. This is how long the proxy keeps orphans before releasing them.
-            upload_idle_timeout=_ORPHAN_TIMEOUT,
-            complete_timeout=60.0,
-            # finished uploads are judged at once; nobody asks the proxy again
-            result_retention=1.0,
-            shutdown_grace=2.0,
-            writer=WriterSettings(
-                min_chunk_size=g.min_chunk,
-                max_chunk_size=g.max_chunk,
-                buffer_limit=g.window,
-                retry=RetryPolicy(
-                    max_attempts=12, deadline=60.0, initial_delay=0.02, max_delay=1.0
-                ),
-                connect_timeout=5.0,
-                # a stalled GCS connection must be noticed well within the upload's deadline
-                progress_timeout=3.0,
-            ),
-        )
-
-    def client_settings(self, connections: int) -> ClientSettings:
-        return ClientSettings(
-            connections=connections,
-            frame_size=self.geometry.frame,
-            connect_timeout=5.0,
-            # a stalled client connection must be noticed well within the upload's deadline
-            reply_timeout=4.0,
-            complete_timeout=self.deadline,
-            stream_buffer=2 * self.geometry.window,
-            retry=ClientRetryPolicy(deadline=20.0, initial_delay=0.02, max_delay=0.5),
-        )
-
-
-def _rss() -> int:
-    """This process's resident set size, in bytes (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _live_tasks() -> set[trio.lowlevel.Task]:
@@ -218,18 +96,6 @@ async def lingering_in_proxy(server: ProxyServer, *, patience: float) -> list[st
     if active_uploads():
         found.append(f"{active_uploads():.0f} uploads still active in the proxy")
     return found
-
-
-def _if_generation_match(precondition: Precondition, previous_generation: int | None) -> int | None:
-    if precondition is Precondition.ABSENT:
-        return 0
-    if previous_generation is None:
-        return None
-    if precondition is Precondition.CURRENT:
-        return previous_generation
-    if precondition is Precondition.STALE:
-        return max(1, previous_generation - 1)
-    return None
 
 
 class _Run:
@@ -270,7 +136,7 @@ class _Run:
         limiter = trio.Semaphore(self.settings.concurrency)
         with trio.CancelScope() as shutdown_scope:
             async with serve_in_background(self.settings.server_settings(), self.backend) as server:
-                self.rss_samples.append((0, _rss()))
+                self.rss_samples.append((0, process_rss()))
                 async with trio.open_nursery() as nursery:
                     for spec in self.specs:
                         await limiter.acquire()
@@ -309,7 +175,7 @@ class _Run:
         if self.on_outcome is not None:
             self.on_outcome(outcome)
         if len(self.outcomes) % self._sample_every == 0:
-            self.rss_samples.append((len(self.outcomes), _rss()))
+            self.rss_samples.append((len(self.outcomes), process_rss()))
 
     async def _judged_upload(self, spec: UploadSpec, address: tuple[str, int]) -> UploadOutcome:
         previous_generation = None
@@ -328,7 +194,7 @@ class _Run:
             with trio.move_on_after(self.settings.deadline) as deadline_scope:
                 try:
                     result = await self._upload(
-                        spec, address, _if_generation_match(spec.precondition, previous_generation)
+                        spec, address, if_generation_match(spec.precondition, previous_generation)
                     )
                 except UploadError as exc:
                     error = exc
@@ -417,19 +283,6 @@ def _ending(result: UploadResult | None, error: UploadError | None) -> Stored | 
     )
 
 
-def _merged(*counts: FaultCountersDict) -> dict[str, Any]:
-    """The sum of several counters' snapshots, in the same shape."""
-    faults: collections.Counter[str] = collections.Counter()
-    for count in counts:
-        faults.update(count["faults"])
-    return {
-        "connections": sum(count["connections"] for count in counts),
-        "bytes_up": sum(count["bytes_up"] for count in counts),
-        "bytes_down": sum(count["bytes_down"] for count in counts),
-        "faults": dict(sorted(faults.items())),
-    }
-
-
 @contextlib.contextmanager
 def _gcs_endpoint(external: str | None) -> Iterator[tuple[str, TargetKind]]:
     if external is not None:
@@ -450,24 +303,10 @@ def run_chaos(
     ``on_outcome`` is called with each upload's verdict as it is reached, in the order
     uploads finish (from the trio thread; keep it quick).
     """
-    mix = FAULT_MIXES[settings.faults]
-    if settings.portable_faults:
-        mix = mix.portable()
-    specs = plan_uploads(
-        uploads=settings.uploads,
-        seed=settings.seed,
-        max_size=settings.max_size,
-        connections=settings.connections,
-        mix=mix,
-        intensity=settings.intensity,
-        geometry=settings.geometry,
-        precondition_share=settings.precondition_share,
-    )
-    if settings.only:
-        specs = [spec for spec in specs if spec.index in settings.only]
+    specs = settings.uploads_to_run()
     client_counters, gcs_counters = FaultCounters(), FaultCounters()
     started = time.monotonic()
-    rss_start = _rss()
+    rss_start = process_rss()
     with _gcs_endpoint(settings.gcs_endpoint) as (url, kind):
         judge_client = anonymous_client(url, http=pooled_session())
         judge = judge_client.bucket(_BUCKET)
@@ -498,12 +337,12 @@ def run_chaos(
         },
         outcomes=outcomes,
         elapsed=time.monotonic() - started,
-        client_faults=_merged(client_counters.as_dict(), *run_state.chaos_proxy_counts),
+        client_faults=merged_fault_counts(client_counters.as_dict(), *run_state.chaos_proxy_counts),
         gcs_faults=dict(gcs_counters.as_dict()),
         proxy_retries_by_cause=retries,
         leaks=tuple(leaks),
         rss_start=rss_start,
-        rss_end=_rss(),
+        rss_end=process_rss(),
         rss_samples=tuple(run_state.rss_samples),
         replay=settings.replay_command(broken),
     )

@@ -41,6 +41,7 @@ __all__ = [
     "Precondition",
     "UploadSpec",
     "boundary_sizes",
+    "if_generation_match",
     "plan_uploads",
 ]
 
@@ -107,6 +108,19 @@ class Precondition(enum.Enum):
     @property
     def needs_previous(self) -> bool:
         return self in (Precondition.CURRENT, Precondition.STALE)
+
+
+def if_generation_match(precondition: Precondition, previous_generation: int | None) -> int | None:
+    """The ``ifGenerationMatch`` an upload sends, given the generation it found in place."""
+    if precondition is Precondition.ABSENT:
+        return 0
+    if previous_generation is None:
+        return None
+    if precondition is Precondition.CURRENT:
+        return previous_generation
+    if precondition is Precondition.STALE:
+        return max(1, previous_generation - 1)
+    return None
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ from rich.progress import (
 )
 
 from proxy.chaos.report import ChaosReport, UploadOutcome, Verdict
-from proxy.chaos.run import ChaosSettings, run_chaos
+from proxy.chaos.run import run_chaos
+from proxy.chaos.settings import ChaosSettings
 from proxy.chaos.workload import FAULT_MIXES
 from proxy.cli.sizes import parse_size
 

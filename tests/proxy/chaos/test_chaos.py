@@ -18,7 +18,8 @@ from google.cloud import storage  # type: ignore[import-untyped]
 from faultnet.gcs import GcsServer
 from faultnet.gcs.clients import anonymous_client
 from proxy.chaos.report import Verdict
-from proxy.chaos.run import ChaosSettings, lingering_in_proxy, run_chaos
+from proxy.chaos.run import lingering_in_proxy, run_chaos
+from proxy.chaos.settings import ChaosSettings
 from proxy.chaos.source import ObjectSource
 from proxy.chaos.verify import SourceComparator, verify_object, verify_untouched
 from proxy.chaos.workload import (
