@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import enum
 import math
+import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -68,8 +69,22 @@ class UploadOutcome:
     resent_bytes_by_cause: Mapping[str, int] = field(default_factory=dict)
     errors_by_code: Mapping[str, int] = field(default_factory=dict)
     scripted_faults: tuple[str, ...] = ()
+    #: how often the client process was stopped by a process fault and run again
+    client_restarts: int = 0
+    #: of those reruns, how many said they resumed the interrupted upload (the others had
+    #: been stopped before they kept a resume record, and started over)
+    client_resumes: int = 0
     #: for unexpected exceptions: the traceback, for whoever replays the upload
     detail: str = ""
+
+    @classmethod
+    def crashed(cls, index: int, name: str, size: int, exc: Exception) -> UploadOutcome:
+        """An upload whose client or judge raised what nothing expected: a bug to replay."""
+        return cls(
+            index, name, size, Verdict.CRASHED, cause=type(exc).__name__,
+            problem=f"unexpected exception: {exc!r}",
+            detail="".join(traceback.format_exception(exc)),
+        )  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -113,6 +128,10 @@ class ChaosReport:
     #: (uploads finished, process RSS in bytes), sampled through the run
     rss_samples: tuple[tuple[int, int], ...] = ()
     replay: str = ""
+    #: process faults carried out, by kind (``proxy SIGKILL``, ``client SIGINT``, ...)
+    process_faults: Mapping[str, int] = field(default_factory=dict)
+    #: where the processes of a process-fault run left their output
+    logs: str = ""
 
     @property
     def broken(self) -> list[UploadOutcome]:
@@ -152,6 +171,10 @@ class ChaosReport:
     def client_retries(self) -> dict[str, int]:
         """Client reconnects, plus bytes it resent by cause, and proxy errors it saw."""
         retries = {"reconnects": sum(o.reconnects for o in self.outcomes)}
+        restarts = sum(o.client_restarts for o in self.outcomes)
+        if restarts:
+            retries["process restarts"] = restarts
+            retries["process restarts that resumed"] = sum(o.client_resumes for o in self.outcomes)
         for code, count in _tally(o.errors_by_code for o in self.outcomes).items():
             retries[f"error {code}"] = count
         return retries
@@ -193,6 +216,7 @@ class ChaosReport:
                 "client_leg": dict(self.client_faults),
                 "gcs_leg": dict(self.gcs_faults),
                 "gcs_scripted": self.scripted_faults(),
+                **({"processes": dict(self.process_faults)} if self.process_faults else {}),
             },
             "retries": {
                 "client": self.client_retries(),
@@ -215,6 +239,7 @@ class ChaosReport:
             "leaks": list(self.leaks),
             "broken": [o.as_dict() for o in self.broken],
             "replay": self.replay,
+            **({"logs": self.logs} if self.logs else {}),
             "outcomes": [o.as_dict() for o in self.outcomes],
         }
 
@@ -259,6 +284,7 @@ class ChaosReport:
             ("fault, client leg", self.client_faults.get("faults", {})),
             ("fault, GCS leg", self.gcs_faults.get("faults", {})),
             ("fault, GCS scripted", self.scripted_faults()),
+            ("fault, process", self.process_faults),
             ("retry, client", self.client_retries()),
             ("resent KiB, client", {k: v // 1024 for k, v in self.resent_bytes_by_cause().items()}),
             ("retry, proxy -> GCS", self.proxy_retries_by_cause),
@@ -280,3 +306,5 @@ class ChaosReport:
             console.print("[green]PASSED: every upload kept the promise[/green]")
         else:
             console.print(f"[red]FAILED[/red]; replay with: {self.replay}")
+            if self.logs:
+                console.print(f"the processes' output is in {self.logs}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from typing import Final
 
@@ -26,9 +25,10 @@ from faultnet.tcpproxy import open_chaos_proxy
 from protocol import ErrorCode
 from proxy.chaos.connectors import faulty_connector, plain_connector
 from proxy.chaos.metrics import counts_by_label, merged_fault_counts, process_rss
+from proxy.chaos.process_run import run_with_process_faults
 from proxy.chaos.report import ChaosReport, UploadOutcome, Verdict
 from proxy.chaos.routing import RetryTestClient, UploadRouter
-from proxy.chaos.settings import ORPHAN_TIMEOUT, ChaosSettings
+from proxy.chaos.settings import BUCKET, ORPHAN_TIMEOUT, ChaosSettings
 from proxy.chaos.verify import Failed, Stored, delete_object, judge_upload, put_previous
 from proxy.chaos.workload import (
     ClientLeg,
@@ -52,7 +52,6 @@ __all__ = [
     "run_chaos",
 ]
 
-_BUCKET: Final = "rup-chaos"
 #: how long the proxy gets to stop once every upload has ended, before it counts as a leak
 _SHUTDOWN_DEADLINE: Final = 15.0
 _WRITE_SIZE: Final = 256 * KiB
@@ -164,11 +163,7 @@ class _Run:
         except Exception as exc:
             # Record, don't propagate: one broken upload must not hide the others' verdicts.
             # Clients must fail with UploadError; anything else is a bug worth a replay.
-            outcome = UploadOutcome(
-                spec.index, spec.name, spec.size, Verdict.CRASHED, cause=type(exc).__name__,
-                problem=f"unexpected exception: {exc!r}",
-                detail="".join(traceback.format_exception(exc)),
-            )  # fmt: skip
+            outcome = UploadOutcome.crashed(spec.index, spec.name, spec.size, exc)
         finally:
             limiter.release()
         self.outcomes.append(outcome)
@@ -257,7 +252,7 @@ class _Run:
         if_generation_match: int | None,
     ) -> UploadResult:
         async with connect_upload(
-            f"gs://{_BUCKET}/{spec.name}",
+            f"gs://{BUCKET}/{spec.name}",
             UploadOptions(
                 proxy=address,
                 settings=self.settings.client_settings(spec.connections),
@@ -301,15 +296,21 @@ def run_chaos(
     """Run every upload of ``settings`` and judge each; blocking (it runs its own trio loop).
 
     ``on_outcome`` is called with each upload's verdict as it is reached, in the order
-    uploads finish (from the trio thread; keep it quick).
+    uploads finish (from the trio thread; keep it quick). With ``settings.process_faults``
+    the run is :func:`~proxy.chaos.process_run.run_with_process_faults` (no ``saboteur``:
+    its clients are processes).
     """
+    if settings.process_faults:
+        if saboteur is not None:
+            raise ValueError("a process-fault run takes no saboteur")
+        return run_with_process_faults(settings, on_outcome=on_outcome)
     specs = settings.uploads_to_run()
     client_counters, gcs_counters = FaultCounters(), FaultCounters()
     started = time.monotonic()
     rss_start = process_rss()
     with _gcs_endpoint(settings.gcs_endpoint) as (url, kind):
         judge_client = anonymous_client(url, http=pooled_session())
-        judge = judge_client.bucket(_BUCKET)
+        judge = judge_client.bucket(BUCKET)
         if not judge.exists():
             judge.create()
         router = UploadRouter(gcs_counters)
@@ -331,10 +332,7 @@ def run_chaos(
     outcomes = tuple(sorted(run_state.outcomes, key=lambda outcome: outcome.index))
     broken = tuple(o.index for o in outcomes if not o.verdict.keeps_promise)
     return ChaosReport(
-        settings={
-            **{k: v for k, v in dataclasses.asdict(settings).items() if k != "geometry"},
-            "geometry": dataclasses.asdict(settings.geometry),
-        },
+        settings=settings.as_dict(),
         outcomes=outcomes,
         elapsed=time.monotonic() - started,
         client_faults=merged_fault_counts(client_counters.as_dict(), *run_state.chaos_proxy_counts),

@@ -21,12 +21,16 @@ from proxy.client import RetryPolicy as ClientRetryPolicy
 from proxy.server.settings import ServerSettings
 from reliablewriter import MiB, RetryPolicy, WriterSettings
 
-__all__ = ["ORPHAN_TIMEOUT", "ChaosSettings"]
+__all__ = ["BUCKET", "ORPHAN_TIMEOUT", "ChaosSettings"]
 
+#: where every chaos upload goes
+BUCKET: Final = "rup-chaos"
 #: how long the proxy keeps an upload that has no connection and sees no activity
 ORPHAN_TIMEOUT: Final = 8.0
 #: the longest --max-down: a client must outlast it, and uploads have deadlines
 _MAX_DOWN_LIMIT: Final = 60.0
+#: how long a rerun ``rup upload`` may take to start and re-attach
+_CLIENT_START_ALLOWANCE: Final = 10.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,13 @@ class ChaosSettings:
             words += ["--only", ",".join(map(str, only or self.only))]
         return shlex.join(words)
 
+    def as_dict(self) -> dict[str, object]:
+        """The settings as the JSON report shows them."""
+        return {
+            **{k: v for k, v in dataclasses.asdict(self).items() if k != "geometry"},
+            "geometry": dataclasses.asdict(self.geometry),
+        }
+
     def uploads_to_run(self) -> list[UploadSpec]:
         """The run's uploads (only those of ``only``, when given)."""
         mix = FAULT_MIXES[self.faults]
@@ -150,6 +161,41 @@ class ChaosSettings:
                 progress_timeout=3.0,
             ),
         )
+
+    @property
+    def resume_window(self) -> float:
+        """How long the proxy keeps an unattached upload's GCS session: longer than a
+        killed client stays down, so its rerun can resume."""
+        return ORPHAN_TIMEOUT + self.max_down + _CLIENT_START_ALLOWANCE
+
+    @property
+    def session_ttl(self) -> float:
+        """How long the GCS endpoint of a process-fault run keeps a resumable session.
+
+        Longer than any upload may take (past its deadline it is judged hung), and it is
+        the only thing that can clear a session whose token never reached a client (the
+        proxy killed between opening the session and replying): a run waits for it before
+        it calls what is left on disk a leak.
+        """
+        return self.deadline + _CLIENT_START_ALLOWANCE
+
+    def serve_arguments(self) -> list[str]:
+        """The ``rup serve`` options of a process-fault run's proxy: what the command line
+        can say of :meth:`server_settings` (its writer keeps ``rup serve``'s defaults)."""
+        g = self.geometry
+        total = max(64 * MiB, 2 * self.concurrency * g.window)
+        return [
+            "--max-frame-mib", f"{g.frame / MiB:g}",
+            "--upload-buffer-mib", f"{g.window / MiB:g}",
+            "--min-window-mib", f"{g.min_chunk / MiB:g}",
+            "--total-buffer-mib", f"{total / MiB:g}",
+            "--handshake-timeout", "10",
+            "--idle-timeout", "60",
+            "--upload-idle-timeout", f"{ORPHAN_TIMEOUT:g}",
+            "--complete-timeout", "60",
+            "--drain-timeout", "5",
+            "--resume-window", f"{self.resume_window:g}",
+        ]  # fmt: skip
 
     def client_settings(self, connections: int) -> ClientSettings:
         return ClientSettings(

@@ -41,6 +41,7 @@ __all__ = [
     "Precondition",
     "UploadSpec",
     "boundary_sizes",
+    "gcs_leg_plan",
     "if_generation_match",
     "plan_uploads",
 ]
@@ -277,6 +278,21 @@ def _gcs_toxics(
         for name, toxicity in mix.gcs.items()
         if _scaled(toxicity, intensity) > 0
     )
+
+
+#: GCS-leg faults a proxy run as a process cannot ride out in a run's time: it keeps
+#: ``rup serve``'s writer settings, whose progress timeout is a minute
+_SLOW_TO_NOTICE: Final = frozenset({"stall"})
+
+
+def gcs_leg_plan(mix: FaultMix, intensity: float, max_size: int, seed: int) -> FaultPlan:
+    """One plan for every proxy -> GCS connection of a run whose proxy is a process (and so
+    cannot route each upload's requests through that upload's own plan)."""
+    rng = random.Random(f"rup-chaos:{seed}:gcs-leg")
+    quick = dataclasses.replace(
+        mix, gcs={name: p for name, p in mix.gcs.items() if name not in _SLOW_TO_NOTICE}
+    )
+    return FaultPlan(_gcs_toxics(quick, intensity, max_size, rng), seed=rng.getrandbits(32))
 
 
 def _precondition(rng: random.Random, share: float) -> Precondition:

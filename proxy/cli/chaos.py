@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Final
 
@@ -124,6 +125,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="script only the GCS faults storage-testbench knows too (use with it)",
     )  # fmt: skip
     parser.add_argument(
+        "--process-faults", action="store_true",
+        help="run the proxy, the GCS endpoint (on disk) and every client as processes, and"
+        " kill or restart them at seeded moments; clients are rerun to resume",
+    )  # fmt: skip
+    parser.add_argument(
+        "--process-fault-interval", type=float, default=defaults.process_fault_interval,
+        metavar="SECONDS", help="with --process-faults: mean time between process faults",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-down", type=float, default=defaults.max_down, metavar="SECONDS",
+        help="with --process-faults: the longest a killed process stays down (0..60)",
+    )  # fmt: skip
+    parser.add_argument(
         "--only", type=_indexes, default=(), metavar="I,J,...", help="run only these uploads"
     )
     parser.add_argument(
@@ -172,6 +186,9 @@ def settings_from(args: argparse.Namespace) -> ChaosSettings:
         gcs_endpoint=args.gcs_endpoint,
         portable_faults=args.portable_faults,
         only=args.only,
+        process_faults=args.process_faults,
+        process_fault_interval=args.process_fault_interval,
+        max_down=args.max_down,
     )
 
 
@@ -181,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"rup chaos: {exc}", file=sys.stderr)
         return 2
+    # The chaos proxies warn of each upstream that refused: in a chaos run that is the
+    # point (a proxy or endpoint down), and the report counts what it did to the uploads.
+    logging.getLogger("faultnet").addHandler(logging.NullHandler())
+    logging.getLogger("faultnet").propagate = False
     if args.json or not sys.stderr.isatty():
         report = run_chaos(settings)
     else:

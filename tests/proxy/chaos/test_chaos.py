@@ -221,6 +221,7 @@ def test_bad_arguments_exit_2(arguments: list[str]) -> None:
             portable_faults=True,
             only=(2, 5),
         ),
+        ChaosSettings(process_faults=True, process_fault_interval=0.5, max_down=1.25),
     ],
 )
 def test_the_replay_command_asks_for_exactly_the_same_run(settings: ChaosSettings) -> None:
