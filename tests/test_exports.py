@@ -15,6 +15,8 @@ import types
 
 import pytest
 
+#: the type of ``from __future__ import annotations``'s binding
+_FUTURE_FEATURE = type(__future__.annotations)
 #: the product packages (bench and tests are programs, not libraries)
 ROOTS = ("protocol", "reliablewriter", "faultnet", "proxy")
 
@@ -57,7 +59,7 @@ def _public_names(module: types.ModuleType) -> set[str]:
         name
         for name, value in vars(module).items()
         if not name.startswith("_")
-        and not isinstance(value, types.ModuleType | __future__._Feature)
+        and not isinstance(value, types.ModuleType | _FUTURE_FEATURE)
     }
 
 
