@@ -182,7 +182,8 @@ class UploadWindow:
         self._announced_end = 0
         self._arrived = 0
         self._given_back = False
-        reservation.resize(max(reservation.amount, window_cost(template, initial)))
+        self._costs: dict[int, int] = {}
+        reservation.resize(max(reservation.amount, self._cost(initial)))
 
     @classmethod
     async def acquire(
@@ -204,6 +205,13 @@ class UploadWindow:
     def size(self) -> int:
         return self._size
 
+    def _cost(self, size: int) -> int:
+        """:func:`window_cost` of ``size``, worked out once per size (asked for every write)."""
+        cost = self._costs.get(size)
+        if cost is None:
+            cost = self._costs[size] = window_cost(self._template, size)
+        return cost
+
     @property
     def reserved(self) -> int:
         return self._reservation.amount
@@ -211,7 +219,7 @@ class UploadWindow:
     @property
     def fragment_allowance(self) -> int:
         """The memory the window's pieces may cost beyond its payload."""
-        return window_cost(self._template, self._size) - self._size
+        return self._cost(self._size) - self._size
 
     def end(self, committed: int) -> int:
         """Where the credit ends for a committed offset of ``committed``: never lower than
@@ -231,7 +239,7 @@ class UploadWindow:
         if self._arrived < self._size // 2:
             return False
         grown = min(self._largest, self._size * 2)
-        if not self._reservation.resize(window_cost(self._template, grown)):
+        if not self._reservation.resize(self._cost(grown)):
             return False
         self._size = grown
         self._arrived = 0
@@ -249,7 +257,7 @@ class UploadWindow:
             return
         owed = max(self._initial, self._announced_end - committed)
         size = min(self._largest, -(-owed // CHUNK_QUANTUM) * CHUNK_QUANTUM)
-        cost = max(self._reservation.amount, window_cost(self._template, size))
+        cost = max(self._reservation.amount, self._cost(size))
         await self._reservation.resize_waiting(cost, patience=patience)
         self._size = size
         self._given_back = False

@@ -337,6 +337,7 @@ class Upload:
         self._nursery: trio.Nursery | None = None
         self._finished = trio.Event()
         self._stats_seen = _StatsCursor()
+        self._contiguous_cache: tuple[tuple[int, int], int] = ((-1, -1), 0)
 
     def __repr__(self) -> str:
         return f"<Upload {self.upload_id} {self.request.bucket}/{self.request.name} {self.state}>"
@@ -381,8 +382,7 @@ class Upload:
         allowance = self._credit.fragment_allowance
         if overhead + pieces * FRAGMENT_OVERHEAD <= allowance:
             return None
-        ranges = writer.received_ranges()
-        contiguous_end = ranges[0][1] if ranges and ranges[0][0] == 0 else 0
+        contiguous_end = self._contiguous_end(writer)
         if offset <= contiguous_end:
             return None
         return ServerError(
@@ -391,6 +391,17 @@ class Upload:
             f" the most its {self._credit.size}-byte window allows; this write was dropped:"
             f" send the lowest missing bytes first (from {contiguous_end}), then resend it",
         )
+
+    def _contiguous_end(self, writer: ReliableWriter) -> int:
+        """Where the gap-free run of bytes from 0 ends. Remembered while the buffer is
+        unchanged, so a client whose writes keep being refused costs O(1) each, not a walk
+        over every range held."""
+        key = (writer.committed_offset, writer.buffered_cost)
+        if self._contiguous_cache[0] != key:
+            ranges = writer.received_ranges()
+            end = ranges[0][1] if ranges and ranges[0][0] == 0 else 0
+            self._contiguous_cache = (key, end)
+        return self._contiguous_cache[1]
 
     def received_ranges(self) -> tuple[tuple[int, int], ...]:
         return tuple(self.writer.received_ranges())
