@@ -30,10 +30,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import requests
 import trio
+from google.api_core import exceptions as api_exceptions
 
 from faultnet.counters import FaultCountersDict
 from faultnet.gcs.clients import anonymous_client
@@ -44,7 +45,7 @@ from proxy.chaos.process_faults import (
     ProcessFaultSchedule,
     ProcessSaboteur,
 )
-from proxy.chaos.processes import Supervised, free_port, supervised
+from proxy.chaos.processes import ProcessExitedError, Supervised, free_port, supervised
 from proxy.chaos.report import ChaosReport, UploadOutcome, Verdict
 from proxy.chaos.settings import BUCKET, ChaosSettings
 from proxy.chaos.source import ObjectSource
@@ -70,6 +71,11 @@ _SHUTDOWN_PATIENCE: Final = 20.0
 #: slack on top of the resume window for the proxy and the endpoint to let go of everything
 _SETTLE_SLACK: Final = 10.0
 _POLL: Final = 0.2
+#: the judge's calls to an endpoint that may be down: attempts, and the pause between them
+#: (together well past the longest --max-down plus a restart)
+_JUDGE_ATTEMPTS: Final = 150
+_JUDGE_RETRY_DELAY: Final = 0.5
+_T = TypeVar("_T")
 #: what a rerun ``rup upload`` says when it picks up its interrupted upload
 _RESUMED: Final = "resuming the interrupted upload"
 
@@ -129,6 +135,13 @@ class _ProcessRun:
     # -- the run ----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """The whole run; a server that cannot start ends it, as a leak (see the logs)."""
+        try:
+            await self._run()
+        except (ProcessExitedError, trio.TooSlowError) as exc:
+            self.leaks.append(f"the run could not start its servers: {exc}")
+
+    async def _run(self) -> None:
         mix = FAULT_MIXES[self.settings.faults]
         plan = gcs_leg_plan(
             mix, self.settings.intensity, self.settings.max_size, self.settings.seed
@@ -149,12 +162,16 @@ class _ProcessRun:
                 )  # fmt: skip
                 async with supervised(self.proxy):
                     await self.proxy.start()
-                    await trio.to_thread.run_sync(self._create_bucket)
+                    await _against_gcs(self._create_bucket)
                     await self._uploads_under_process_faults(self.proxy)
                     await self._settle(self.proxy)
                     await self._stop(self.proxy)
                 self.gcs_leg_counts = gcs_leg.counters.as_dict()
             await self._stop(self.gcs)
+
+    def fault_counts(self) -> dict[str, int]:
+        """The process faults carried out, by kind."""
+        return {} if self.saboteur is None else dict(self.saboteur.counts)
 
     def _create_bucket(self) -> None:
         if not self.judge.exists():
@@ -207,7 +224,7 @@ class _ProcessRun:
         try:
             previous_generation = None
             if spec.previous is not None:
-                previous_generation = await trio.to_thread.run_sync(
+                previous_generation = await _against_gcs(
                     put_previous, self.judge, spec.name, spec.previous
                 )
             runs = _ClientRuns()
@@ -221,16 +238,14 @@ class _ProcessRun:
                     base, verdict=Verdict.HUNG, cause="deadline",
                     problem=f"no result within the {self.settings.deadline:.0f} s deadline",
                 )  # fmt: skip
-            outcome = await trio.to_thread.run_sync(
+            outcome = await _against_gcs(
                 judge_upload, self.judge, spec, base, ending, previous_generation
             )
             if runs.restarts and _refused_for_its_own_object(spec, ending):
                 # A run stopped after its upload completed, before it could say so: the
                 # rerun's ifGenerationMatch no longer names the live generation, and is
                 # refused. No byte was lost if GCS holds exactly the source.
-                problem = await trio.to_thread.run_sync(
-                    verify_object, self.judge, spec.name, spec.source
-                )
+                problem = await _against_gcs(verify_object, self.judge, spec.name, spec.source)
                 if not problem:
                     outcome = replace(base, cause="stored by a run stopped before it said so")
             if outcome.verdict is Verdict.VERIFIED and _files_under(state):
@@ -243,7 +258,7 @@ class _ProcessRun:
         finally:
             source.unlink(missing_ok=True)
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(delete_object, self.judge, spec.name)
+                await _against_gcs(delete_object, self.judge, spec.name)
 
     async def _through_client_leg(
         self,
@@ -338,7 +353,7 @@ class _ProcessRun:
         parts = sorted(self.gcs_data.glob("sessions/*.part"))
         if parts:
             held.append(f"{len(parts)} partial session files left in the endpoint's data dir")
-        objects = await trio.to_thread.run_sync(self._objects_left)
+        objects = await _against_gcs(self._objects_left)
         if objects:
             held.append(f"{objects} objects left in the bucket")
         return held
@@ -357,6 +372,17 @@ class _ProcessRun:
             self.leaks.append(f"the {process.name} did not stop within {_SHUTDOWN_PATIENCE:.0f} s")
         elif code != 0:
             self.leaks.append(f"the {process.name} exited {code} on SIGTERM, not 0")
+
+
+async def _against_gcs(function: Callable[..., _T], *args: Any) -> _T:
+    """Blocking ``function(*args)`` in a worker thread, run again while the endpoint is
+    down (a process fault may have struck it; the judge waits that out, bounded)."""
+    for _ in range(_JUDGE_ATTEMPTS - 1):
+        try:
+            return await trio.to_thread.run_sync(function, *args)
+        except (requests.ConnectionError, api_exceptions.ServerError, api_exceptions.RetryError):
+            await trio.sleep(_JUDGE_RETRY_DELAY)
+    return await trio.to_thread.run_sync(function, *args)
 
 
 def _write_source(source: ObjectSource, path: Path) -> None:
@@ -435,7 +461,6 @@ def run_with_process_faults(
     trio.run(run_state.run)
     outcomes = tuple(sorted(run_state.outcomes, key=lambda outcome: outcome.index))
     broken = tuple(o.index for o in outcomes if not o.verdict.keeps_promise)
-    assert run_state.saboteur is not None
     report = ChaosReport(
         settings=settings.as_dict(),
         outcomes=outcomes,
@@ -447,7 +472,7 @@ def run_with_process_faults(
         rss_start=rss_start,
         rss_end=process_rss(),
         replay=settings.replay_command(broken),
-        process_faults={k: v for k, v in run_state.saboteur.counts.items() if v},
+        process_faults={k: v for k, v in run_state.fault_counts().items() if v},
         logs=str(directory),
     )
     if report.passed:
