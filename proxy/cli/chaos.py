@@ -22,6 +22,15 @@ proxy stopped) fails the run: exit status 1, with the command that replays the f
 uploads. With ``--strict`` a clean failure of an upload that should have succeeded fails
 the run too. Exit status 2 means bad arguments.
 
+With ``--process-faults`` the GCS endpoint (``rup gcs-server --data-dir``), the proxy
+(``rup serve``) and every client (``rup upload``) run as processes of their own, and on top
+of the network faults the run kills (SIGKILL) or stops (SIGTERM) the servers at seeded
+moments, keeps them down up to ``--max-down`` seconds and starts them again with the same
+arguments, and kills (SIGKILL) or interrupts (SIGINT) clients, which are rerun to resume
+(:mod:`proxy.chaos.process_run`). The report counts each kind of process fault; a run also
+fails if anything is left in the proxy, in the endpoint's data dir (partial session files
+wait out the endpoint's session TTL first), in the bucket, or in a completed client's state.
+
 Everything an upload meets is derived from ``--seed`` and its index (see
 :mod:`proxy.chaos.workload`), so ``--seed S --only 17`` reruns upload 17 with the same size,
 data and faults (their timing, and so the outcome of a race, may still differ). This module
