@@ -5,7 +5,9 @@ The strict GCS endpoint runs as ``rup gcs-server --data-dir``, the proxy as ``ru
 a state dir of its own, each a child process (:mod:`proxy.chaos.processes`). Network faults
 stay on both legs: each upload's client connections pass through a chaos proxy with that
 upload's plan, and the proxy's connections to GCS through one with the run's GCS-leg plan
-(:func:`~proxy.chaos.workload.gcs_leg_plan`). On top of those, a
+(:func:`~proxy.chaos.workload.gcs_leg_plan`). The GCS-side scripted faults of the
+in-process run are left out: they need the proxy's requests tagged per upload, which only a
+proxy in this process can do. On top of those, a
 :class:`~proxy.chaos.process_faults.ProcessSaboteur` kills (SIGKILL) or stops (SIGTERM) the
 proxy and the endpoint at seeded moments and starts them again with the same arguments, and
 kills (SIGKILL) or interrupts (SIGINT) clients, which are then run again, unchanged, to

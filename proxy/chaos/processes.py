@@ -67,8 +67,6 @@ class Supervised:
         self._process: trio.Process | None = None
         self._stdout_from = 0
         self._stderr_from = 0
-        #: how many times it was started
-        self.starts = 0
 
     @property
     def running(self) -> bool:
@@ -91,7 +89,6 @@ class Supervised:
                 stderr=err,
                 env=self._env,
             )
-        self.starts += 1
         if self.port is not None:
             with trio.fail_after(ready_timeout):
                 await self._until_listening(self.port)
