@@ -70,8 +70,6 @@ __all__ = ["run_with_process_faults"]
 _EXIT_PRECONDITION: Final = 4
 #: how long the servers get to stop on SIGTERM at the end of the run
 _SHUTDOWN_PATIENCE: Final = 20.0
-#: slack on top of the resume window for the proxy and the endpoint to let go of everything
-_SETTLE_SLACK: Final = 10.0
 _POLL: Final = 0.2
 #: the judge's calls to an endpoint that may be down: attempts, and the pause between them
 #: (together well past the longest --max-down plus a restart)
@@ -330,10 +328,7 @@ class _ProcessRun:
         for process in (proxy, self.gcs):
             if not process.running:
                 self.leaks.append(f"the {process.name} exited by itself ({process.returncode})")
-        # An unattached upload keeps its session for the resume window; a session no proxy
-        # knows of any more lasts until the endpoint's TTL.
-        patience = max(self.settings.resume_window, self.settings.session_ttl) + _SETTLE_SLACK
-        with trio.move_on_after(patience):
+        with trio.move_on_after(self.settings.settle_time):
             while await self._still_held():  # noqa: ASYNC110 - nothing to wait on but time
                 await trio.sleep(_POLL)
         self.leaks += await self._still_held()

@@ -31,6 +31,8 @@ ORPHAN_TIMEOUT: Final = 8.0
 _MAX_DOWN_LIMIT: Final = 60.0
 #: how long a rerun ``rup upload`` may take to start and re-attach
 _CLIENT_START_ALLOWANCE: Final = 10.0
+#: on top of every documented delay, for processes on a busy machine
+_SETTLE_SLACK: Final = 10.0
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,15 @@ class ChaosSettings:
         it calls what is left on disk a leak.
         """
         return self.deadline + _CLIENT_START_ALLOWANCE
+
+    @property
+    def settle_time(self) -> float:
+        """How long a process-fault run may take to let go of everything after its last
+        upload: an unattached upload keeps its session for the resume window, and a session
+        no proxy knows of any more lasts until the endpoint's TTL, which it checks every
+        quarter of the TTL (at most every minute)."""
+        ttl_swept = self.session_ttl + min(self.session_ttl / 4, 60.0)
+        return max(self.resume_window, ttl_swept) + _SETTLE_SLACK
 
     def serve_arguments(self) -> list[str]:
         """The ``rup serve`` options of a process-fault run's proxy: what the command line
