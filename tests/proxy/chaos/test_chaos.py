@@ -24,7 +24,7 @@ from proxy.chaos.source import ObjectSource
 from proxy.chaos.verify import SourceComparator, verify_object, verify_untouched
 from proxy.chaos.workload import (
     FAULT_MIXES,
-    RUP_ONLY_INSTRUCTIONS,
+    NON_PORTABLE_INSTRUCTIONS,
     ChunkGeometry,
     ClientLeg,
     Precondition,
@@ -289,13 +289,13 @@ def test_each_precondition_kind_appears_and_only_replacements_have_a_previous_ob
         assert not spec.instructions
 
 
-def test_portable_mixes_script_only_what_storage_testbench_knows() -> None:
+def test_portable_mixes_script_only_what_storage_testbench_can_serve() -> None:
     harsh = FAULT_MIXES["harsh"]
     portable = harsh.portable().instructions
 
-    assert set(harsh.instructions) >= RUP_ONLY_INSTRUCTIONS
-    assert not RUP_ONLY_INSTRUCTIONS & set(portable)
-    assert set(portable) == set(harsh.instructions) - RUP_ONLY_INSTRUCTIONS
+    assert set(harsh.instructions) >= NON_PORTABLE_INSTRUCTIONS
+    assert not NON_PORTABLE_INSTRUCTIONS & set(portable)
+    assert set(portable) == set(harsh.instructions) - NON_PORTABLE_INSTRUCTIONS
 
 
 def test_object_sources_regenerate_any_range_and_never_repeat_a_block() -> None:
