@@ -19,6 +19,7 @@ from .errors import (
     WriterClosedError,
     WriterError,
 )
+from .one_request import ObjectRequest, upload_in_one_request
 from .results import ObjectInfo, WriterStats
 from .settings import CHUNK_QUANTUM, ChecksumMode, KiB, MiB, RetryPolicy, WriterSettings
 from .staged import PendingWrite
@@ -35,6 +36,7 @@ __all__ = [
     "MiB",
     "NonRetryableHTTPError",
     "ObjectInfo",
+    "ObjectRequest",
     "PendingWrite",
     "ReliableWriter",
     "RetriesExhaustedError",
@@ -52,4 +54,5 @@ __all__ = [
     "cancel_session",
     "open_blocking_writer",
     "open_writer",
+    "upload_in_one_request",
 ]

@@ -26,12 +26,16 @@ import requests
 from google.api_core import exceptions as api_exceptions
 from google.cloud import storage  # type: ignore[import-untyped]
 
-from .resumable import HttpResponse
+from .resumable import HttpResponse, error_reason
 
 __all__ = [
     "ChunkBody",
     "GcsTransport",
+    "NoAnswer",
+    "Refused",
     "SessionOptions",
+    "StoreOutcome",
+    "Stored",
     "TransportFailure",
     "UploadInterrupted",
     "delete_session",
@@ -119,6 +123,31 @@ class SessionOptions:
     expected_size: int | None
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A one-request upload was answered with the object GCS stored."""
+
+    resource: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A one-request upload was answered with an error status."""
+
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class NoAnswer:
+    """No whole answer came back; ``cause`` names why (for counters and errors)."""
+
+    cause: str
+
+
+StoreOutcome = Stored | Refused | NoAnswer
+
+
 def _scrub(exc: BaseException | None) -> None:
     """Drop the frames' locals along an exception chain, so no payload view stays pinned."""
     seen: set[int] = set()
@@ -164,6 +193,15 @@ def _cause_of(exc: BaseException) -> str:
         return "connection"
     if isinstance(exc, ValueError) and not isinstance(exc, requests.RequestException):
         return "closed-connection"
+    return type(exc).__name__
+
+
+def _reason_of(exc: api_exceptions.GoogleAPICallError) -> str:
+    """GCS's explanation from the error's response body; the exception's own message
+    starts with the request URL, which is kept out of errors."""
+    response = exc.response
+    if isinstance(response, requests.Response):
+        return error_reason(HttpResponse(response.status_code, {}, response.content))
     return type(exc).__name__
 
 
@@ -261,6 +299,46 @@ class GcsTransport:
             if body is not None:
                 body.release()
         raise failure
+
+    def store_whole_object(
+        self,
+        data: bytes | memoryview,
+        content_type: str | None,
+        metadata: Mapping[str, str] | None,
+        if_generation_match: int | None,
+        crc32c: str,
+    ) -> StoreOutcome:
+        """Store ``data`` as the whole object with one multipart upload, its CRC32C
+        (base64) sent for GCS to verify. Never raises for what the network or GCS did.
+
+        google-cloud-storage's own retries are off: :mod:`reliablewriter.one_request`
+        decides, because a retry after a lost answer must read the object back first.
+        """
+        blob = self._blob
+        blob.metadata = dict(metadata) if metadata else None
+        outcome: StoreOutcome
+        try:
+            blob.upload_from_string(
+                bytes(data),  # the library wants bytes; a small object's copy is cheap
+                content_type=content_type or "application/octet-stream",
+                if_generation_match=if_generation_match,
+                checksum="crc32c",
+                crc32c_checksum_value=crc32c,
+                timeout=self._timeout,
+                retry=None,
+            )
+        except api_exceptions.GoogleAPICallError as exc:
+            status = int(exc.code) if exc.code is not None else 0
+            outcome = Refused(status, _reason_of(exc)) if status else NoAnswer("bad-response")
+            _scrub(exc)
+            return outcome
+        except _NETWORK_ERRORS as exc:
+            outcome = NoAnswer(_cause_of(exc))
+            _scrub(exc)
+            return outcome
+        # The JSON resource GCS returned; google-cloud-storage keeps it as ``_properties``.
+        resource: Mapping[str, Any] = blob._properties
+        return Stored(dict(resource))
 
     def get_object(self) -> Mapping[str, Any] | None:
         """The live object's metadata, or None if there is none (or it cannot be read).
