@@ -45,6 +45,7 @@ from protocol import (
     Ping,
     Pong,
     ProtocolError,
+    PutObject,
     RemoteProtocolError,
     Reply,
     Role,
@@ -70,6 +71,10 @@ logger = get_logger(__name__)
 #: most bytes asked of the socket per receive; a receive never reaches past the end of the
 #: WriteAt payload being read, so payload views are whole receive buffers (no copy to checksum)
 _RECEIVE_SIZE = 256 * 1024
+
+#: PUT_OBJECT requests one connection may have in flight; each holds its object's bytes
+#: (paid from the budget) until GCS answers, and more would only queue behind them
+_PUT_OBJECTS_IN_FLIGHT = 16
 #: replies a connection may have queued before its receive loop waits for the client to read
 _OUTBOX_CAPACITY = 64
 #: how long a connection that is being closed gets to deliver its last frames
@@ -188,6 +193,7 @@ class ClientConnection:
         #: requests answered by tasks of their own (Complete); an idle client waiting on
         #: one of them is not idle
         self._outstanding = 0
+        self._puts_in_flight = 0
         self._going_away = False
 
     # --- lifecycle --------------------------------------------------------------------
@@ -421,6 +427,18 @@ class ClientConnection:
         elif isinstance(event, Complete):
             self._outstanding += 1
             nursery.start_soon(self._complete, self._bound(), event)
+        elif isinstance(event, PutObject):
+            self._refuse_new_work_when_leaving()
+            if self._puts_in_flight >= _PUT_OBJECTS_IN_FLIGHT:
+                raise ServerError(
+                    ErrorCode.TOO_BUSY,
+                    f"{_PUT_OBJECTS_IN_FLIGHT} PUT_OBJECT requests are in flight on this"
+                    " connection already: wait for a reply, or use another connection",
+                    retryable=True,
+                )
+            self._outstanding += 1
+            self._puts_in_flight += 1
+            nursery.start_soon(self._put_object, event)
         elif isinstance(event, Abort):
             upload = self._bound()
             try:
@@ -497,6 +515,20 @@ class ClientConnection:
             self._upload.detach(self)
             self._upload = None
         self._outbox.forget_credit()
+
+    async def _put_object(self, event: PutObject) -> None:
+        """Pipelined: replies may overtake each other, and the connection's state does not
+        change (it stays unbound)."""
+        try:
+            info = await self._registry.whole_objects.store(event, self.identity)
+        except ServerError as exc:
+            self._fail(event.seq, exc)
+        else:
+            # Without waiting for room: at most _PUT_OBJECTS_IN_FLIGHT such replies queue.
+            self._outbox.put_nowait(_completed(event.seq, info))
+        finally:
+            self._outstanding -= 1
+            self._puts_in_flight -= 1
 
     async def _complete(self, upload: Upload, event: Complete) -> None:
         try:

@@ -38,6 +38,7 @@ from proxy.server.metrics import ServerMetrics
 from proxy.server.settings import ServerSettings
 from proxy.server.tokens import BadTokenError, TokenCodec, UploadTicket
 from proxy.server.uploads import OpenRequest, Upload, UploadState
+from proxy.server.whole_objects import WholeObjects
 
 __all__ = ["UploadRegistry"]
 
@@ -90,6 +91,8 @@ class UploadRegistry:
         self._per_client: TallyCounter[str] = TallyCounter()
         self._dormant = DormantSessions(backend, settings.resume_window, settings.writer)
         nursery.start_soon(self._dormant.run)
+        #: PUT_OBJECT requests: stored in one GCS request each, paid from the same budget
+        self.whole_objects = WholeObjects(settings, backend, self._budget, metrics)
         metrics.buffer_held.set_function(self.held_bytes)
 
     # --- what uploads use (UploadHost) ------------------------------------------------

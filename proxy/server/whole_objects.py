@@ -1,0 +1,114 @@
+"""Whole small objects in one request (``PUT_OBJECT``): one exchange with the client, one with GCS.
+
+A small object through the resumable path costs an open, a session initiation, a write, a
+final PUT and a complete. ``PUT_OBJECT`` carries the whole object in one frame, and the proxy
+stores it with one multipart request (:mod:`reliablewriter.one_request`): no session, no
+token, nothing left to attach to or to expire.
+
+It is refused as an open would be (allow-lists, names GCS refuses, a precondition that does
+not hold, a missing bucket), and its bytes are paid for from the client's share of the
+buffer budget while GCS is asked, so that many pipelined ``PUT_OBJECT`` frames cost what
+they hold and no more. Cancelled midway (a shutdown), the object is stored whole or not at
+all, and the client, which got no ``COMPLETED``, resends or reads the object to find out.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from protocol import ErrorCode, PutObject
+from proxy.server.backend import Backend
+from proxy.server.budget import BufferBudget
+from proxy.server.errors import ServerError, quote
+from proxy.server.logging import get_logger, log_event
+from proxy.server.metrics import ServerMetrics
+from proxy.server.settings import ServerSettings
+from proxy.server.uploads import error_from_writer
+from reliablewriter import (
+    NonRetryableHTTPError,
+    ObjectInfo,
+    ObjectRequest,
+    WriterError,
+    upload_in_one_request,
+)
+from reliablewriter.buffer import FRAGMENT_OVERHEAD
+
+__all__ = ["WholeObjects"]
+
+logger = get_logger(__name__)
+
+
+class WholeObjects:
+    """Stores ``PUT_OBJECT`` requests for every connection of one server."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        backend: Backend,
+        budget: BufferBudget,
+        metrics: ServerMetrics,
+    ) -> None:
+        self._settings = settings
+        self._backend = backend
+        self._budget = budget
+        self._metrics = metrics
+
+    async def store(self, event: PutObject, client: str) -> ObjectInfo:
+        """Store ``event``'s object for ``client``; raises :class:`ServerError` with the
+        code the client is told."""
+        settings = self._settings
+        if not settings.allows(event.bucket, event.name):
+            raise ServerError(
+                ErrorCode.FORBIDDEN,
+                f"writing {quote(event.bucket)}/{quote(event.name)} is not allowed by this proxy",
+            )
+        # Paid like a window: the bytes, plus one piece's overhead.
+        reservation = await self._budget.acquire(
+            client, len(event.data) + FRAGMENT_OVERHEAD, patience=settings.budget_wait
+        )
+        self._metrics.uploads_started.inc()
+        try:
+            bucket = await trio.to_thread.run_sync(self._backend.bucket, event.bucket)
+            info = await upload_in_one_request(
+                bucket,
+                ObjectRequest(
+                    event.name,
+                    event.data,
+                    content_type=event.content_type,
+                    metadata=dict(event.metadata),
+                    if_generation_match=event.if_generation_match,
+                    crc32c=event.crc32c,
+                ),
+                policy=settings.writer.retry,
+                connect_timeout=settings.writer.connect_timeout,
+                read_timeout=settings.writer.progress_timeout,
+            )
+        except WriterError as exc:
+            error = _refusal(exc)
+            self._metrics.uploads_failed.labels(reason=error.code.name.lower()).inc()
+            log_event(
+                logger, logging.INFO, "put-object-failed",
+                bucket=event.bucket, object=event.name, client=client, code=error.code.name,
+            )  # fmt: skip
+            raise error from exc
+        finally:
+            reservation.release()
+        self._metrics.bytes_received.inc(len(event.data))
+        self._metrics.bytes_committed.inc(len(event.data))
+        self._metrics.uploads_completed.inc()
+        log_event(
+            logger, logging.INFO, "put-object-stored",
+            bucket=event.bucket, object=event.name, client=client, size=info.size,
+            generation=info.generation,
+        )  # fmt: skip
+        return info
+
+
+def _refusal(exc: WriterError) -> ServerError:
+    """What the client is told. A 400 here can only be about what it asked for (a name,
+    metadata or content type GCS refuses): INVALID_REQUEST, as for an open."""
+    if isinstance(exc, NonRetryableHTTPError) and exc.status == 400:
+        return ServerError(ErrorCode.INVALID_REQUEST, str(exc))
+    return error_from_writer(exc)
