@@ -31,7 +31,6 @@ from protocol import (
     ErrorCode,
     Event,
     GoingAway,
-    Hello,
     LocalProtocolError,
     Pong,
     RemoteProtocolError,
@@ -116,6 +115,8 @@ class Channel:
         self._conn = Connection(Role.CLIENT, max_frame_size=owner.settings.frame_size)
         #: payload bytes per WriteAt, as agreed in the Welcome
         self.max_data = owner.settings.frame_size
+        #: the protocol version the Welcome agreed (1 until then)
+        self.version = PROTOCOL_VERSION
         self._send_lock = trio.Lock()
         self._waiters: dict[int, _Waiter] = {}
         self._frames: dict[int, ByteRange] = {}
@@ -192,17 +193,14 @@ class Channel:
 
     async def _handshake(self) -> None:
         settings = self._owner.settings
-        hello = Hello(
-            versions=(PROTOCOL_VERSION,),
-            max_frame_size=settings.frame_size,
-            auth=self._owner.auth,
-            client_name=CLIENT_NAME,
-        )
+        # every version the codec speaks: a version-1 proxy picks 1, and all works as before
+        hello = self._conn.hello(auth=self._owner.auth, client_name=CLIENT_NAME)
         with trio.fail_after(settings.connect_timeout):
             reply = await self.request(hello, blocking=True)
         if not isinstance(reply, Welcome):
             raise unexpected_reply(reply, "Hello")
         self.max_data = reply.max_frame_size
+        self.version = reply.version
         self._owner.ledger.note_frame_size(reply.max_frame_size)
 
     # -- requests -------------------------------------------------------------------------

@@ -143,12 +143,15 @@ class Ledger:
         self._window_end = max(self._window_end, window_end)
         self.notify()
 
-    def note_attached(self, committed: int, *, resumed: bool) -> None:
-        """An Open or Attach was answered with ``committed``."""
+    def note_attached(self, committed: int, *, resumed: bool, window_end: int | None) -> None:
+        """An Open or Attach was answered with ``committed`` (and, in version 2, the window)."""
         if resumed:
             # a different proxy instance: its credit starts afresh from what GCS holds
             self._window_end = committed
         self.note_committed(committed)
+        if window_end is not None:
+            self._window_end = max(self._window_end, window_end)
+            self.notify()
 
     def note_received(self, piece: ByteRange, committed: int) -> None:
         if not self._received.contains(*piece):
@@ -196,6 +199,23 @@ class Ledger:
     def _count_resent(self, cause: str, length: int) -> None:
         self.resent_bytes_by_cause[cause] = self.resent_bytes_by_cause.get(cause, 0) + length
 
+    def forget(self, missing: Iterable[ByteRange], in_flight: RangeSet) -> None:
+        """The proxy reports ``missing`` (an ``Incomplete``) although it acknowledged some of
+        it (it restarted): send those bytes again, but those a connection is sending now."""
+        for start, end in missing:
+            start = max(start, self._committed)
+            if start >= end:
+                continue
+            lost = RangeSet([(start, end)])
+            for held_start, held_end in in_flight:
+                lost.remove(held_start, held_end)
+            for lost_start, lost_end in lost:
+                self._received.remove(lost_start, lost_end)
+                for gap_start, gap_end in self._to_send.missing(lost_start, lost_end):
+                    self._to_send.add(gap_start, gap_end)
+                    self._count_resent("proxy_lost", gap_end - gap_start)
+        self.notify()
+
     def restart(self) -> None:
         """Start again from byte 0 under a new upload: the proxy holds nothing of it.
 
@@ -230,7 +250,8 @@ class Ledger:
     def resync(self, status: Status, acked_meanwhile: RangeSet, in_flight: RangeSet) -> None:
         """Make the to-send set exactly what the proxy lacks and no connection is sending."""
         self.note_committed(status.committed_offset)
-        self._window_end = max(self._committed, status.window_end)
+        # a Status from a slower connection may be older than a Credit already seen
+        self._window_end = max(self._window_end, self._committed, status.window_end)
         received = RangeSet(status.received)
         received.add(0, self._committed)
         for start, end in acked_meanwhile:

@@ -31,6 +31,7 @@ from protocol import (
     AttachUpload,
     Error,
     ErrorCode,
+    Incomplete,
     OpenUpload,
     Status,
     StatusQuery,
@@ -179,6 +180,16 @@ class Transfer:
                 in_flight.add(start, end)
         self._ledger.resync(status, acked_meanwhile, in_flight)
 
+    def resend_missing(self, incomplete: Incomplete) -> None:
+        """A Complete was answered ``Incomplete``: send the listed ranges again."""
+        self._ledger.count_error(ErrorCode.MISSING_RANGES)
+        self._ledger.note_credit(incomplete.committed_offset, incomplete.window_end)
+        in_flight = RangeSet()
+        for other in self._channels:
+            for start, end in other.in_flight():
+                in_flight.add(start, end)
+        self._ledger.forget(incomplete.missing, in_flight)
+
     def report(self) -> None:
         progress = self._options.progress
         if progress is None:
@@ -325,7 +336,9 @@ class Transfer:
                     self.move(UploadState.NEW)  # another connection (or this one, again) opens
                 raise
             self._token = opened.token
-            self._ledger.note_attached(opened.committed_offset, resumed=opened.resumed)
+            self._ledger.note_attached(
+                opened.committed_offset, resumed=opened.resumed, window_end=opened.window_end
+            )
             self.move(UploadState.SENDING)
             self._opened.set()
             self._ledger.mark_progress()
@@ -345,7 +358,9 @@ class Transfer:
             return
         if not isinstance(attached, UploadOpened):
             raise unexpected_reply(attached, "AttachUpload")
-        self._ledger.note_attached(attached.committed_offset, resumed=attached.resumed)
+        self._ledger.note_attached(
+            attached.committed_offset, resumed=attached.resumed, window_end=attached.window_end
+        )
         self._bound(channel)
         await self.catch_up(channel)
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Final
 
 import trio
 
-from protocol import Abort, Complete, Completed, Error, ErrorCode
+from protocol import Abort, Complete, Completed, Error, ErrorCode, Incomplete
+from protocol.ranges import format_ranges
 from proxy.client.errors import (
     ChecksumMismatchError,
     ConnectionLostError,
@@ -39,6 +41,14 @@ from proxy.client.sources import FileSource, StreamSource
 from proxy.client.transfer import Transfer
 
 __all__ = ["Upload"]
+
+#: a Complete answered "bytes missing" this many times, each after resending them, means the
+#: proxy keeps losing what it acknowledged: give up rather than loop
+_MAX_INCOMPLETE_REPLIES: Final = 16
+
+
+def _is_missing_ranges(reply: Incomplete | Error) -> bool:
+    return isinstance(reply, Incomplete) or reply.code == ErrorCode.MISSING_RANGES
 
 
 class Upload:
@@ -137,6 +147,7 @@ class Upload:
         policy = settings.retry
         last_problem = ""
         attempt = 0
+        incomplete_replies = 0
         while True:
             if attempt:
                 idle = trio.current_time() - self._ledger.last_progress
@@ -150,11 +161,19 @@ class Upload:
                 reply = await channel.request(
                     Complete(total_size=total, crc32c=crc32c), blocking=True, patient=True
                 )
-                if isinstance(reply, Error) and reply.code == ErrorCode.MISSING_RANGES:
-                    # the proxy lost bytes it had acknowledged (a restart): catch up, resend
-                    self._ledger.count_error(reply.code)
-                    last_problem = reply.message
-                    await transfer.catch_up(channel)
+                if isinstance(reply, Incomplete | Error) and _is_missing_ranges(reply):
+                    # the proxy lost bytes it had acknowledged (a restart): resend them, then
+                    # complete again; bounded, as every retry here, by the policy's deadline
+                    incomplete_replies += 1
+                    if incomplete_replies > _MAX_INCOMPLETE_REPLIES:
+                        break
+                    if isinstance(reply, Incomplete):  # version 2: the list is in the reply
+                        last_problem = f"bytes still missing: {format_ranges(reply.missing)}"
+                        transfer.resend_missing(reply)
+                    else:  # version 1: the list is only in the text; ask for Status
+                        self._ledger.count_error(reply.code)
+                        last_problem = reply.message
+                        await transfer.catch_up(channel)
                     continue
             except ConnectionLostError as exc:
                 last_problem = exc.reason
@@ -170,7 +189,8 @@ class Upload:
         failure = UploadError(
             None,
             f"{self._description}: the proxy did not finalize the object within"
-            f" {policy.deadline:g} s of the last progress ({attempt} attempts); last:"
+            f" {policy.deadline:g} s of the last progress ({attempt} attempts, {incomplete_replies}"
+            f" answered with missing bytes); last:"
             f" {last_problem}",
             retryable=True,
         )

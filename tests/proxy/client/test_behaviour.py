@@ -25,6 +25,7 @@ import trio
 
 from protocol import (
     NEED_DATA,
+    SUPPORTED_VERSIONS,
     Abort,
     Ack,
     AttachUpload,
@@ -37,6 +38,7 @@ from protocol import (
     ErrorCode,
     GoingAway,
     Hello,
+    Incomplete,
     OpenUpload,
     Reply,
     Role,
@@ -75,6 +77,13 @@ class FakeProxy:
     def __init__(self, *, window: int = 1 * MiB, auth: str = "") -> None:
         self.window = window
         self.auth = auth
+        #: the protocol versions this proxy speaks: (1,) is a proxy from before version 2
+        self.versions: tuple[int, ...] = SUPPORTED_VERSIONS
+        #: the versions each connection agreed, in the order they said Hello
+        self.agreed: list[int] = []
+        #: on connections after the first, report a window that lags behind the real one (a
+        #: slow connection's stale credit)
+        self.stale_window_on_later_connections = False
         self.data = bytearray()
         self.received = RangeSet()
         self.committed = 0
@@ -157,7 +166,8 @@ class FakeProxy:
             nursery.cancel_scope.cancel()
 
     async def _serve_requests(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
-        conn = Connection(Role.SERVER, max_frame_size=FRAME)
+        conn = Connection(Role.SERVER, max_frame_size=FRAME, versions=self.versions)
+        stale = self.stale_window_on_later_connections and self.connections > 1
         send_lock = trio.Lock()
         in_flight = 0
         held: list[int] = []  # the first Ack, held back until a second frame arrives
@@ -171,10 +181,18 @@ class FakeProxy:
             async with send_lock:
                 await stream.send_all(b"".join(b"".join(conn.send(r)) for r in replies))
 
+        def window_end() -> int:
+            # lagging by half a window, as a credit held up on a slower connection is
+            return (
+                max(self.committed, self.window_end - self.window // 2)
+                if stale
+                else self.window_end
+            )
+
         async def ack(*seqs: int) -> None:
             await send(
                 *(Ack(seq, self.committed) for seq in seqs),
-                Credit(0, self.committed, self.window_end),
+                Credit(0, self.committed, window_end()),
             )
 
         async def release_held() -> None:
@@ -196,7 +214,9 @@ class FakeProxy:
                 if event.auth != self.auth:
                     await send(Error(event.seq, ErrorCode.UNAUTHENTICATED, False, "bad token"))
                     return
-                await send(conn.welcome(event))
+                welcome = conn.welcome(event)
+                self.agreed.append(welcome.version)
+                await send(welcome)
             elif isinstance(event, OpenUpload):
                 self.opened = event
                 await send(
@@ -210,8 +230,8 @@ class FakeProxy:
                 if self.hold_first_attached_status and attach_index > 1:
                     await self._first_status_arrived.wait()
                 await send(
-                    UploadOpened(event.seq, self.token, self.committed, self.resumed),
-                    Credit(0, self.committed, self.window_end),
+                    UploadOpened(event.seq, self.token, self.committed, self.resumed, window_end()),
+                    Credit(0, self.committed, window_end()),
                 )
             elif isinstance(event, WriteAtStart):
                 self.writes += 1
@@ -256,16 +276,15 @@ class FakeProxy:
                     self._first_status_arrived.set()
                     await trio.sleep_forever()
                 self.status_answered.set()
-                await send(Status(event.seq, self.committed, tuple(self.received), self.window_end))
+                await send(Status(event.seq, self.committed, tuple(self.received), window_end()))
             elif isinstance(event, Complete):
                 if self.lose_at_complete is not None:
                     self.received.remove(*self.lose_at_complete)
                     self.lose_at_complete = None
                 if not self.received.contains(0, event.total_size):
-                    missing = self.received.missing(0, event.total_size)
-                    await send(
-                        Error(event.seq, ErrorCode.MISSING_RANGES, True, f"missing {missing}")
-                    )
+                    missing = tuple(self.received.missing(0, event.total_size))
+                    # a version-1 client gets Error(MISSING_RANGES) instead (send() sees to it)
+                    await send(Incomplete(event.seq, self.committed, self.window_end, missing))
                     continue
                 real = google_crc32c.value(bytes(self.data[: event.total_size]))
                 crc = real if self.lie_crc32c is None else self.lie_crc32c
@@ -669,11 +688,16 @@ def test_blocking_stream_upload(
     assert result.size == len(data)
 
 
+@pytest.mark.parametrize("proxy_versions", [(1,), (1, 2)], ids=["v1-proxy", "v2-proxy"])
 async def test_complete_answered_with_missing_ranges_resends_them(
     fake_proxy: tuple[FakeProxy, tuple[str, int]],
     payload_file: Callable[[int], tuple[Path, bytes]],
+    proxy_versions: tuple[int, ...],
 ) -> None:
+    """Version 2 answers Incomplete with the list, version 1 Error(MISSING_RANGES): either
+    way the lost bytes, and only they, are sent again and the Complete repeated."""
     proxy, address = fake_proxy
+    proxy.versions = proxy_versions
     proxy.commit_limit = 4 * FRAME
     proxy.lose_at_complete = (5 * FRAME, 7 * FRAME)
     path, data = payload_file(10 * FRAME)
@@ -683,6 +707,26 @@ async def test_complete_answered_with_missing_ranges_resends_them(
     assert bytes(proxy.data) == data
     assert result.errors_by_code == {"MISSING_RANGES": 1}
     assert result.resent_bytes_by_cause == {"proxy_lost": 2 * FRAME}
+    assert set(proxy.agreed) == {max(proxy_versions)}
+
+
+async def test_a_stale_window_on_a_slower_connection_does_not_stall_the_upload(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    """Every connection but the first reports a window lagging behind the first's: the client
+    keeps the largest window seen on any connection and never writes outside the real one."""
+    proxy, address = fake_proxy
+    proxy.window = 2 * FRAME
+    proxy.stale_window_on_later_connections = True
+    path, data = payload_file(12 * FRAME)
+    with trio.fail_after(20):
+        result = await upload_file(
+            path, "gs://bkt/o", UploadOptions(proxy=address, settings=settings(4))
+        )
+    assert bytes(proxy.data) == data
+    assert result.size == len(data)
+    assert proxy.credit_violations == []
 
 
 class StallsOnceArmed(trio.abc.Stream):
