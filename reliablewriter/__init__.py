@@ -5,6 +5,7 @@ See ``docs/reliablewriter.md`` for the design and :func:`open_writer` to start.
 
 from .blocking import BlockingWriter, open_blocking_writer
 from .cancel import CancelResult, cancel_session
+from .composite import CompositeSettings, CompositeWriter, open_composite_writer
 from .errors import (
     ChecksumMismatchError,
     IncompleteObjectError,
@@ -31,6 +32,8 @@ __all__ = [
     "CancelResult",
     "ChecksumMismatchError",
     "ChecksumMode",
+    "CompositeSettings",
+    "CompositeWriter",
     "IncompleteObjectError",
     "KiB",
     "MiB",
@@ -52,6 +55,7 @@ __all__ = [
     "WriterSettings",
     "WriterStats",
     "cancel_session",
+    "open_composite_writer",
     "open_blocking_writer",
     "open_writer",
     "upload_in_one_request",

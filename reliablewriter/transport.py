@@ -40,6 +40,7 @@ __all__ = [
     "UploadInterrupted",
     "delete_session",
     "http_session",
+    "object_outcome",
     "request_timeout",
 ]
 
@@ -316,9 +317,9 @@ class GcsTransport:
         """
         blob = self._blob
         blob.metadata = dict(metadata) if metadata else None
-        outcome: StoreOutcome
-        try:
-            blob.upload_from_string(
+        return object_outcome(
+            blob,
+            lambda: blob.upload_from_string(
                 bytes(data),  # the library wants bytes; a small object's copy is cheap
                 content_type=content_type or "application/octet-stream",
                 if_generation_match=if_generation_match,
@@ -326,19 +327,8 @@ class GcsTransport:
                 crc32c_checksum_value=crc32c,
                 timeout=self._timeout,
                 retry=None,
-            )
-        except api_exceptions.GoogleAPICallError as exc:
-            status = int(exc.code) if exc.code is not None else 0
-            outcome = Refused(status, _reason_of(exc)) if status else NoAnswer("bad-response")
-            _scrub(exc)
-            return outcome
-        except _NETWORK_ERRORS as exc:
-            outcome = NoAnswer(_cause_of(exc))
-            _scrub(exc)
-            return outcome
-        # The JSON resource GCS returned; google-cloud-storage keeps it as ``_properties``.
-        resource: Mapping[str, Any] = blob._properties
-        return Stored(dict(resource))
+            ),
+        )
 
     def get_object(self) -> Mapping[str, Any] | None:
         """The live object's metadata, or None if there is none (or it cannot be read).
@@ -377,6 +367,26 @@ class GcsTransport:
     def delete(self, uri: str) -> HttpResponse:
         """Cancel the session at ``uri`` (GCS answers 499 when it did)."""
         return delete_session(self.http, uri, self._timeout)
+
+
+def object_outcome(blob: storage.Blob, request: Callable[[], object]) -> StoreOutcome:
+    """Run ``request``, a google-cloud-storage call that makes ``blob`` (an upload, a
+    compose), and say what came of it. Never raises for what the network or GCS did."""
+    outcome: StoreOutcome
+    try:
+        request()
+    except api_exceptions.GoogleAPICallError as exc:
+        status = int(exc.code) if exc.code is not None else 0
+        outcome = Refused(status, _reason_of(exc)) if status else NoAnswer("bad-response")
+        _scrub(exc)
+        return outcome
+    except _NETWORK_ERRORS as exc:
+        outcome = NoAnswer(_cause_of(exc))
+        _scrub(exc)
+        return outcome
+    # The JSON resource GCS returned; google-cloud-storage keeps it as ``_properties``.
+    resource: Mapping[str, Any] = blob._properties
+    return Stored(dict(resource))
 
 
 def http_session(client: storage.Client) -> requests.Session:

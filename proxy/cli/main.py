@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gcs-server": ("faultnet.gcs.command", "run the strict GCS endpoint with scripted faults"),
     "faultproxy": ("faultnet.tcpproxy_command", "run the TCP chaos proxy"),
     "chaos": ("proxy.cli.chaos", "run many uploads under faults and verify every byte"),
+    "sweep": ("proxy.cli.sweep", "delete interrupted composite uploads' temporary objects"),
 }
 
 

@@ -1,0 +1,288 @@
+"""Compose: many objects made one, server-side, retried without ever making a wrong object.
+
+GCS's ``compose`` concatenates up to 32 source objects into a destination. It carries no
+payload, so retrying it is cheap; what makes it safe is the destination precondition
+(``ifGenerationMatch``, 0 for "must not exist yet"): a compose that GCS applied but whose
+answer was lost is refused (412) when sent again, so the object is made once. Such a
+refusal, like any attempt without a clear answer, is settled by **reading the destination
+back**: an object of the expected size and CRC32C (and not the generation the precondition
+names) is ours, and counts as success.
+
+:func:`compose_tree` plans the composes for any number of sources, in groups of at most
+:data:`MAX_COMPOSE_SOURCES` (gVisor's ParallelWriter and gsutil do the same), as data;
+:func:`compose_object` performs one, under a :class:`~reliablewriter.RetryPolicy`;
+:func:`delete_objects` removes temporaries. Blocking HTTP runs in worker threads, through
+the storage client's own ``requests`` session, so faultnet's adapters apply.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from google.api_core import exceptions as api_exceptions
+from google.cloud import storage  # type: ignore[import-untyped]
+
+from .errors import (
+    NonRetryableHTTPError,
+    RetriesExhaustedError,
+    UnexpectedResponseError,
+)
+from .results import ObjectInfo
+from .settings import RetryPolicy
+from .transport import (
+    _NETWORK_ERRORS,
+    GcsTransport,
+    NoAnswer,
+    Refused,
+    Stored,
+    StoreOutcome,
+    TransportFailure,
+    _cause_of,
+    _scrub,
+    object_outcome,
+    request_timeout,
+)
+
+__all__ = [
+    "MAX_COMPOSE_SOURCES",
+    "ComposeStep",
+    "compose_object",
+    "compose_tree",
+    "delete_objects",
+]
+
+logger = logging.getLogger(__name__)
+
+#: GCS's limit on the sources of one compose request
+MAX_COMPOSE_SOURCES = 32
+
+
+@dataclass(frozen=True)
+class ComposeStep:
+    """One compose request: ``sources`` (object names, in order) into ``destination``."""
+
+    destination: str
+    sources: tuple[str, ...]
+    final: bool = False
+
+
+def compose_tree(
+    sources: Sequence[str],
+    destination: str,
+    intermediate: Callable[[int, int], str],
+    *,
+    fan_in: int = MAX_COMPOSE_SOURCES,
+) -> list[ComposeStep]:
+    """The composes that make ``destination`` from ``sources``, in an order that works.
+
+    Up to ``fan_in`` sources take one compose. Beyond that, each level composes groups of
+    ``fan_in`` into intermediates named ``intermediate(level, index)`` (a group of one is
+    carried up as it is), until one compose into ``destination`` remains: the final step.
+    Steps of one level do not depend on each other.
+    """
+    if not sources:
+        raise ValueError("compose needs at least one source")
+    if fan_in < 2:
+        raise ValueError(f"fan_in must be at least 2, got {fan_in}")
+    steps: list[ComposeStep] = []
+    names = list(sources)
+    level = 0
+    while len(names) > fan_in:
+        next_names: list[str] = []
+        for index, start in enumerate(range(0, len(names), fan_in)):
+            group = tuple(names[start : start + fan_in])
+            if len(group) == 1:
+                next_names.append(group[0])
+                continue
+            made = intermediate(level, index)
+            steps.append(ComposeStep(made, group))
+            next_names.append(made)
+        names = next_names
+        level += 1
+    steps.append(ComposeStep(destination, tuple(names), final=True))
+    return steps
+
+
+@dataclass(frozen=True)
+class _Expected:
+    """What the composed object must be: anything else is not ours."""
+
+    size: int
+    crc32c: str
+    #: the destination precondition; generation G (if not 0) is the object being replaced
+    if_generation_match: int | None
+
+    def is_ours(self, resource: Mapping[str, Any]) -> bool:
+        info = ObjectInfo.from_resource(resource)
+        replaced = bool(self.if_generation_match) and info.generation == self.if_generation_match
+        return not replaced and info.size == self.size and info.crc32c == self.crc32c
+
+
+def _compose_once(
+    bucket: storage.Bucket,
+    step: ComposeStep,
+    *,
+    content_type: str | None,
+    metadata: Mapping[str, str] | None,
+    if_generation_match: int | None,
+    timeout: tuple[float, float],
+) -> StoreOutcome:
+    """Send one compose request (in a worker thread); never raises for the network or GCS."""
+    blob = bucket.blob(step.destination)
+    blob.content_type = content_type or "application/octet-stream"
+    blob.metadata = dict(metadata) if metadata else None
+    return object_outcome(
+        blob,
+        lambda: blob.compose(
+            [bucket.blob(name) for name in step.sources],
+            if_generation_match=if_generation_match,
+            timeout=timeout,
+            retry=None,
+        ),
+    )
+
+
+async def compose_object(
+    bucket: storage.Bucket,
+    step: ComposeStep,
+    *,
+    size: int,
+    crc32c: str,
+    policy: RetryPolicy,
+    if_generation_match: int | None = None,
+    content_type: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    connect_timeout: float = 30.0,
+    read_timeout: float = 60.0,
+) -> ObjectInfo:
+    """Perform ``step``, expecting an object of ``size`` bytes with CRC32C ``crc32c``
+    (GCS's base64 form).
+
+    Retries 408/429/5xx and lost answers under ``policy``; after each, and after a 412
+    that may be our own earlier attempt's doing, the destination is read back first.
+    Raises :class:`~reliablewriter.NonRetryableHTTPError` for a refusal (404: a source is
+    missing; 412: the precondition does not hold), :class:`UnexpectedResponseError` if GCS
+    made an object that is not the expected one, :class:`RetriesExhaustedError` once the
+    policy gives up. Cancelled midway, the destination exists whole or not at all.
+    """
+    expected = _Expected(size, crc32c, if_generation_match)
+    timeout = request_timeout(connect_timeout, read_timeout)
+    reader = GcsTransport(
+        bucket.blob(step.destination), connect_timeout=connect_timeout, read_timeout=read_timeout
+    )
+    started = trio.current_time()
+    attempts = 0
+    maybe_applied = False
+    while True:
+        outcome = await trio.to_thread.run_sync(
+            lambda: _compose_once(
+                bucket,
+                step,
+                content_type=content_type,
+                metadata=metadata,
+                if_generation_match=if_generation_match,
+                timeout=timeout,
+            )
+        )
+        if isinstance(outcome, Stored):
+            return _accept(outcome.resource, expected, step.destination)
+        unclear = isinstance(outcome, NoAnswer) or policy.is_retryable_status(outcome.status)
+        our_own_412 = maybe_applied and isinstance(outcome, Refused) and outcome.status == 412
+        if isinstance(outcome, Refused) and not unclear and not our_own_412:
+            raise _refusal(outcome, step.destination)
+        maybe_applied = True
+        # Settle what the attempt did before anything is sent again.
+        while True:
+            try:
+                found = await trio.to_thread.run_sync(reader.lookup_object)
+            except TransportFailure as exc:
+                attempts += 1
+                _give_up_if(policy, attempts, started, exc.cause, step.destination)
+                await trio.sleep(policy.next_delay(attempts))
+                continue
+            break
+        if not isinstance(found, int) and expected.is_ours(found):
+            logger.info("compose of %r settled by reading it back", step.destination)
+            return ObjectInfo.from_resource(found)
+        if isinstance(outcome, Refused) and not unclear:
+            raise _refusal(outcome, step.destination)  # a 412 that is not our own doing
+        attempts += 1
+        cause = outcome.cause if isinstance(outcome, NoAnswer) else f"http-{outcome.status}"
+        _give_up_if(policy, attempts, started, cause, step.destination)
+        await trio.sleep(policy.next_delay(attempts))
+
+
+def _give_up_if(policy: RetryPolicy, attempts: int, started: float, cause: str, name: str) -> None:
+    if policy.gives_up(attempts, trio.current_time() - started):
+        raise RetriesExhaustedError(
+            "the compose kept failing", attempts=attempts, cause=cause, name=name
+        )
+
+
+def _accept(resource: Mapping[str, Any], expected: _Expected, name: str) -> ObjectInfo:
+    info = ObjectInfo.from_resource(resource)
+    if not expected.is_ours(resource):
+        raise UnexpectedResponseError(
+            f"the composed object holds {info.size} bytes with crc32c {info.crc32c}, "
+            f"not {expected.size} bytes with crc32c {expected.crc32c}",
+            name=name,
+        )
+    return info
+
+
+def _refusal(refused: Refused, name: str) -> NonRetryableHTTPError:
+    message = (
+        "a source of the compose is missing"
+        if refused.status == 404
+        else ("GCS refused the compose")
+    )
+    return NonRetryableHTTPError(message, status=refused.status, reason=refused.reason, name=name)
+
+
+def _delete_once(bucket: storage.Bucket, name: str, timeout: tuple[float, float]) -> str | None:
+    """Delete one object (in a worker thread): None when gone (or never there), else a cause."""
+    try:
+        bucket.delete_blob(name, timeout=timeout, retry=None)
+    except api_exceptions.NotFound:
+        return None
+    except api_exceptions.GoogleAPICallError as exc:
+        cause = f"http-{exc.code}"
+        _scrub(exc)
+        return cause
+    except _NETWORK_ERRORS as exc:
+        cause = _cause_of(exc)
+        _scrub(exc)
+        return cause
+    return None
+
+
+async def delete_objects(
+    bucket: storage.Bucket,
+    names: Sequence[str],
+    *,
+    policy: RetryPolicy,
+    connect_timeout: float = 30.0,
+    read_timeout: float = 60.0,
+) -> list[str]:
+    """Delete ``names`` (a missing one counts as deleted); return those left behind.
+
+    Each is retried under ``policy``; what is left is for a sweep (``rup sweep``) to find.
+    Cancellation midway leaves the rest in place, which a sweep removes as well.
+    """
+    timeout = request_timeout(connect_timeout, read_timeout)
+    left: list[str] = []
+    for name in names:
+        started = trio.current_time()
+        attempts = 0
+        while cause := await trio.to_thread.run_sync(_delete_once, bucket, name, timeout):
+            attempts += 1
+            if policy.gives_up(attempts, trio.current_time() - started):
+                logger.warning("left temporary object %r behind (%s)", name, cause)
+                left.append(name)
+                break
+            await trio.sleep(policy.next_delay(attempts))
+    return left
