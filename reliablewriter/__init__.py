@@ -55,8 +55,8 @@ __all__ = [
     "WriterSettings",
     "WriterStats",
     "cancel_session",
-    "open_composite_writer",
     "open_blocking_writer",
+    "open_composite_writer",
     "open_writer",
     "upload_in_one_request",
 ]
