@@ -33,19 +33,22 @@ class RetryPolicy:
 
     Both limits count from the last *progress* (GCS acknowledging more bytes), not from when
     the current chunk started: a long upload over a flaky link keeps going as long as it
-    keeps moving. ``max_attempts`` counts failed attempts since that progress; ``deadline``
-    is in seconds.
+    keeps moving. ``deadline`` is in seconds: 120 by default, google-cloud-storage's own
+    retry deadline, and long enough to outlast a GCS endpoint's restart. ``max_attempts``
+    (None by default: time alone decides) counts failed attempts since that progress; a
+    count limit gives up sooner on fast failures, such as a refused connection during the
+    seconds an endpoint is down, which is rarely what an upload wants.
     """
 
-    max_attempts: int = 10
-    deadline: float = 300.0
+    max_attempts: int | None = None
+    deadline: float = 120.0
     initial_delay: float = 0.25
     max_delay: float = 16.0
     multiplier: float = 2.0
     retryable_statuses: frozenset[int] = field(default=_RETRYABLE_STATUSES)
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
+        if self.max_attempts is not None and self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         if self.deadline <= 0 or self.initial_delay < 0 or self.max_delay < self.initial_delay:
             raise ValueError("need deadline > 0 and 0 <= initial_delay <= max_delay")
@@ -68,7 +71,8 @@ class RetryPolicy:
 
     def gives_up(self, attempts: int, seconds_since_progress: float) -> bool:
         """Whether to stop after ``attempts`` failures and this long without progress."""
-        return attempts >= self.max_attempts or seconds_since_progress >= self.deadline
+        counted_out = self.max_attempts is not None and attempts >= self.max_attempts
+        return counted_out or seconds_since_progress >= self.deadline
 
 
 class ChecksumMode(enum.Enum):

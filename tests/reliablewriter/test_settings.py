@@ -35,6 +35,12 @@ def test_gives_up_by_attempts_or_by_time_since_progress() -> None:
     assert policy.gives_up(1, 10.0)
 
 
+def test_by_default_time_alone_decides_as_google_cloud_storage_does() -> None:
+    policy = RetryPolicy()
+    assert not policy.gives_up(10_000, 119.9)  # a refused connection fails fast, many times
+    assert policy.gives_up(1, 120.0)
+
+
 def test_policy_and_settings_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         RetryPolicy().max_attempts = 1  # type: ignore[misc]
