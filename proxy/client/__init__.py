@@ -7,7 +7,9 @@ program that uploads does not load the server, google-cloud-storage or cryptogra
 Modules, one job each: ``api`` (entry points), ``upload`` (the caller's handle),
 ``lifecycle`` (the state table), ``transfer`` (connection slots), ``channel`` (one
 connection), ``ledger`` (byte bookkeeping), ``sources`` (file and stream data),
-``settings`` (policy and options), ``results``, ``names`` and ``errors``.
+``settings`` (policy and options), ``results``, ``names`` and ``errors``; ``pool`` (negotiated
+connections kept across uploads) and ``many`` (one-request uploads of small objects and
+:func:`upload_many`).
 """
 
 from proxy.client.api import connect_upload, upload_file, upload_stream
@@ -18,7 +20,9 @@ from proxy.client.errors import (
     UploadRejectedError,
 )
 from proxy.client.lifecycle import UploadState
+from proxy.client.many import Outcome, put_file, upload_many
 from proxy.client.names import ProxyTarget, parse_gs_url, parse_proxy_address, proxy_addresses
+from proxy.client.pool import ConnectionPool, open_connection_pool
 from proxy.client.results import UploadProgress, UploadResult
 from proxy.client.settings import ClientSettings, Connector, RetryPolicy, UploadOptions
 from proxy.client.upload import Upload
@@ -26,7 +30,9 @@ from proxy.client.upload import Upload
 __all__ = [
     "ChecksumMismatchError",
     "ClientSettings",
+    "ConnectionPool",
     "Connector",
+    "Outcome",
     "ProxyTarget",
     "ProxyUnreachableError",
     "RetryPolicy",
@@ -38,9 +44,12 @@ __all__ = [
     "UploadResult",
     "UploadState",
     "connect_upload",
+    "open_connection_pool",
     "parse_gs_url",
     "parse_proxy_address",
     "proxy_addresses",
+    "put_file",
     "upload_file",
+    "upload_many",
     "upload_stream",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import ssl
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
@@ -22,7 +21,7 @@ from protocol import OpenUpload
 from proxy.client.errors import UploadError
 from proxy.client.names import parse_gs_url, proxy_addresses
 from proxy.client.results import UploadResult
-from proxy.client.settings import Connector, UploadOptions
+from proxy.client.settings import UploadOptions, default_connector
 from proxy.client.transfer import Transfer
 from proxy.client.upload import Upload
 
@@ -30,22 +29,6 @@ __all__ = ["connect_upload", "upload_file", "upload_stream"]
 
 #: how long leaving the block waits for the proxy to confirm an Abort
 _ABORT_ON_EXIT_TIMEOUT = 5.0
-
-
-def _default_connector(tls: ssl.SSLContext | None) -> Connector:
-    async def connect(host: str, port: int) -> trio.abc.Stream:
-        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-        if tls is None:
-            return stream
-        ssl_stream = trio.SSLStream(stream, tls, server_hostname=host)
-        try:
-            await ssl_stream.do_handshake()
-        except BaseException:  # refused, broken or cancelled: the socket must not leak
-            await trio.aclose_forcefully(stream)
-            raise
-        return ssl_stream
-
-    return connect
 
 
 @asynccontextmanager
@@ -71,7 +54,7 @@ async def connect_upload(url: str, options: UploadOptions) -> AsyncIterator[Uplo
         ),
         options=options,
         addresses=addresses,
-        connector=options.connector or _default_connector(options.tls),
+        connector=options.connector or default_connector(options.tls),
     )
     upload = Upload(transfer)
     body_error: BaseException | None = None

@@ -11,7 +11,7 @@ slot that owned it reconnects. It never reaches a caller.
 
 from __future__ import annotations
 
-from protocol import Error, ErrorCode, Event, error_spec
+from protocol import Completed, Error, ErrorCode, Event, error_spec
 
 __all__ = [
     "ChecksumMismatchError",
@@ -22,6 +22,7 @@ __all__ = [
     "condemns_upload",
     "rejection",
     "unexpected_reply",
+    "verify_stored",
 ]
 
 
@@ -92,3 +93,12 @@ def unexpected_reply(reply: Event, request: str) -> UploadError | ConnectionLost
             return rejection(reply)
         return ConnectionLostError(f"proxy said: {reply.message}", code=reply.code)
     return ConnectionLostError(f"proxy answered {request} with {type(reply).__name__}")
+
+
+def verify_stored(description: str, reply: Completed, size: int, crc32c: int) -> None:
+    """Raise :class:`ChecksumMismatchError` unless GCS stored ``size`` bytes with ``crc32c``."""
+    if reply.size != size or reply.crc32c != crc32c:
+        raise ChecksumMismatchError(
+            f"{description}: GCS stored {reply.size} bytes with crc32c {reply.crc32c:08x},"
+            f" but {size} bytes with crc32c {crc32c:08x} were sent"
+        )

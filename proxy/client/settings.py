@@ -25,7 +25,15 @@ from proxy.client.names import ProxyTarget
 if TYPE_CHECKING:
     from proxy.client.results import UploadProgress
 
-__all__ = ["ClientSettings", "Connector", "KiB", "MiB", "RetryPolicy", "UploadOptions"]
+__all__ = [
+    "ClientSettings",
+    "Connector",
+    "KiB",
+    "MiB",
+    "RetryPolicy",
+    "UploadOptions",
+    "default_connector",
+]
 
 KiB: Final = 1024
 MiB: Final = 1024 * KiB
@@ -33,6 +41,24 @@ MiB: Final = 1024 * KiB
 #: Opens one byte stream to the proxy at ``(host, port)``: lets callers add TLS, faults or
 #: another transport. The default opens TCP (and TLS when :attr:`UploadOptions.tls` is set).
 Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+
+def default_connector(tls: ssl.SSLContext | None) -> Connector:
+    """Plain TCP, or TLS over it when ``tls`` is given (the server's name is checked)."""
+
+    async def connect(host: str, port: int) -> trio.abc.Stream:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        if tls is None:
+            return stream
+        ssl_stream = trio.SSLStream(stream, tls, server_hostname=host)
+        try:
+            await ssl_stream.do_handshake()
+        except BaseException:  # refused, broken or cancelled: the socket must not leak
+            await trio.aclose_forcefully(stream)
+            raise
+        return ssl_stream
+
+    return connect
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from proxy.client.errors import (
     UploadError,
     rejection,
     unexpected_reply,
+    verify_stored,
 )
 from proxy.client.lifecycle import UploadState
 from proxy.client.results import UploadResult
@@ -199,13 +200,11 @@ class Upload:
 
     def _finish(self, reply: Completed, total: int, crc32c: int) -> UploadResult:
         transfer = self._transfer
-        if reply.size != total or reply.crc32c != crc32c:
-            error = ChecksumMismatchError(
-                f"{self._description}: GCS stored {reply.size} bytes with crc32c"
-                f" {reply.crc32c:08x}, but {total} bytes with crc32c {crc32c:08x} were sent"
-            )
+        try:
+            verify_stored(self._description, reply, total, crc32c)
+        except ChecksumMismatchError as error:
             transfer.fail(error)
-            raise error
+            raise
         transfer.move(UploadState.COMPLETED)
         request = transfer.open_request
         ledger = self._ledger
