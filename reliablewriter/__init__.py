@@ -3,6 +3,7 @@
 See ``docs/reliablewriter.md`` for the design and :func:`open_writer` to start.
 """
 
+from .aio import AsyncWriter, open_async_writer
 from .blocking import BlockingWriter, open_blocking_writer
 from .cancel import CancelResult, cancel_session
 from .composite import CompositeSettings, CompositeWriter, open_composite_writer
@@ -20,6 +21,8 @@ from .errors import (
     WriterClosedError,
     WriterError,
 )
+from .fileobj import BlobFile, open_blob
+from .handle import ResumeHandle
 from .one_request import ObjectRequest, upload_in_one_request
 from .results import ObjectInfo, WriterStats
 from .settings import CHUNK_QUANTUM, ChecksumMode, KiB, MiB, RetryPolicy, WriterSettings
@@ -28,6 +31,8 @@ from .writer import ReliableWriter, open_writer
 
 __all__ = [
     "CHUNK_QUANTUM",
+    "AsyncWriter",
+    "BlobFile",
     "BlockingWriter",
     "CancelResult",
     "ChecksumMismatchError",
@@ -42,6 +47,7 @@ __all__ = [
     "ObjectRequest",
     "PendingWrite",
     "ReliableWriter",
+    "ResumeHandle",
     "RetriesExhaustedError",
     "RetryPolicy",
     "ServerRegressionError",
@@ -55,6 +61,8 @@ __all__ = [
     "WriterSettings",
     "WriterStats",
     "cancel_session",
+    "open_async_writer",
+    "open_blob",
     "open_blocking_writer",
     "open_composite_writer",
     "open_writer",

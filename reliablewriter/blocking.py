@@ -1,9 +1,9 @@
 """A blocking, file-like facade over :class:`~reliablewriter.ReliableWriter`.
 
 For code that is not async: a dedicated thread runs a trio event loop that owns the
-writer, and each call hops over with :func:`trio.from_thread.run`. Writes are still zero
-copy, so a mutable buffer handed to :meth:`BlockingWriter.write` must not change until
-the upload is closed (``bytes`` are always safe).
+writer, and each call hops over with :func:`trio.from_thread.run`. Writes have file
+semantics: ``bytes`` are held without copying, and a mutable buffer (a reused
+``bytearray``) is copied once, so the caller may reuse it as soon as ``write`` returns.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Self, TypeVar
 import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 
-from .buffer import as_byte_view
+from .buffer import stable_view
 from .errors import WriterClosedError
 from .results import ObjectInfo, WriterStats
 from .settings import WriterSettings
@@ -104,8 +104,12 @@ class BlockingWriter:
         return self.position
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        """Append ``data``; blocks while the buffer is full. Returns the byte count."""
-        view = as_byte_view(data)
+        """Append ``data``; blocks while the buffer is full. Returns the byte count.
+
+        ``bytes`` are held as they are; anything mutable is copied first (see
+        :func:`~reliablewriter.buffer.stable_view`).
+        """
+        view = stable_view(data)
         self._call(self.writer.write_at, self.position, view)
         self.position += len(view)
         return len(view)
