@@ -48,6 +48,7 @@ from .transport import (
 )
 
 __all__ = [
+    "MAX_COMPONENT_COUNT",
     "MAX_COMPOSE_SOURCES",
     "ComposeStep",
     "compose_object",
@@ -59,6 +60,9 @@ logger = logging.getLogger(__name__)
 
 #: GCS's limit on the sources of one compose request
 MAX_COMPOSE_SOURCES = 32
+#: GCS's limit on the components of one composite object (composites of composites count
+#: their components)
+MAX_COMPONENT_COUNT = 1024
 
 
 @dataclass(frozen=True)

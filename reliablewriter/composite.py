@@ -35,7 +35,7 @@ import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 
 from .checksum import crc32c_combine, crc32c_to_b64, normalize_crc32c
-from .compose import compose_object, compose_tree, delete_objects
+from .compose import MAX_COMPONENT_COUNT, compose_object, compose_tree, delete_objects
 from .errors import (
     ChecksumMismatchError,
     IncompleteObjectError,
@@ -201,6 +201,11 @@ class CompositeWriter:
         size = self._settings.segment_size
         while view:
             index, local = divmod(offset, size)
+            if index >= MAX_COMPONENT_COUNT:
+                raise ValueError(
+                    f"byte {offset} would make segment {index}: GCS composes at most "
+                    f"{MAX_COMPONENT_COUNT} components; use a larger segment_size"
+                )
             piece = view[: size - local]
             segment = await self._open_segment(index)
             writer = segment.writer
@@ -256,6 +261,9 @@ class CompositeWriter:
                 segment.name,
                 self._settings.writer,
                 if_generation_match=0,  # a temporary is new; a retried finalization stays safe
+                # Its session is this writer's own, never resumed: if GCS loses it before a
+                # byte is committed, a new one from byte 0 cannot lose or repeat anything.
+                restart_if_nothing_committed=True,
             ) as writer:
                 segment.writer = writer
                 task_status.started()

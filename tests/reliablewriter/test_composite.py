@@ -32,7 +32,7 @@ from reliablewriter.composite import (
     temporary_name,
 )
 
-from .conftest import KiB, Target, payload
+from .conftest import KiB, MiB, Target, payload
 
 SEGMENT = 256 * KiB
 
@@ -192,15 +192,36 @@ async def test_a_segment_whose_chunk_fails_is_retried(
     assert _temporaries(target) == []
 
 
+async def test_a_segment_session_lost_before_its_first_byte_is_restarted(
+    target: Target, settings: WriterSettings
+) -> None:
+    target.script("return-410-after-0K")
+    data = payload(2 * SEGMENT + 9)
+    info = await _upload(target, "restarted", data, _composite(settings, parallel=1))
+    assert target.script_done()
+    assert (target.read("restarted"), info.size) == (data, len(data))
+    assert _temporaries(target) == []
+
+
+async def test_more_than_1024_components_is_refused_before_anything_is_sent(
+    target: Target, settings: WriterSettings
+) -> None:
+    async with open_composite_writer(target.bucket, "huge", _composite(settings)) as writer:
+        with pytest.raises(ValueError, match="1024 components"):
+            await writer.write_at(1024 * SEGMENT, b"x")
+    assert target.object_names() == []
+
+
 async def test_a_segment_session_lost_fails_clearly_and_leaves_nothing(
     target: Target, settings: WriterSettings
 ) -> None:
     # The session is lost after its first chunk was committed: its bytes are gone from
     # the writer, so the segment cannot be rebuilt here. A clear error, never a wrong object.
-    target.script("return-410-after-256K")
-    data = payload(2 * SEGMENT + SEGMENT // 2)
+    target.script("return-410-after-768K")
+    data = payload(2 * MiB + 5)
+    composite = CompositeSettings(segment_size=1 * MiB, parallel_segments=1, writer=settings)
     with pytest.raises(SessionLostError):
-        await _upload(target, "lost", data, _composite(settings, parallel=1))
+        await _upload(target, "lost", data, composite)
     assert "lost" not in target.object_names()
     assert _temporaries(target) == []
 
