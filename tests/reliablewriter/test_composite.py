@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import random
+from collections.abc import Callable
 from typing import Any
 
 import google_crc32c
@@ -189,6 +190,20 @@ async def test_a_segment_whose_chunk_fails_is_retried(
         await writer.complete(len(data), _crc(data))
     assert target.script_done()
     assert target.read("flaky") == data
+    assert _temporaries(target) == []
+
+
+async def test_connections_reset_under_every_segment_still_make_the_object(
+    faulty_target: Callable[[str], Target], settings: WriterSettings
+) -> None:
+    """Network faults on the GCS leg (faultnet's HTTP transport): every connection,
+    segments' and composes' alike, is reset once 300 KiB have gone up it, so a connection
+    carries at most one whole chunk and the next is cut partway and sent again."""
+    target = faulty_target("reset_peer:up(after=300k)")  # every connection, in turn
+    data = payload(4 * SEGMENT + 3)
+    info = await _upload(target, "reset", data, _composite(settings, parallel=3))
+    assert target.counters.faults_applied("reset_peer") >= 1, target.counters
+    assert (target.read("reset"), info.size) == (data, len(data))
     assert _temporaries(target) == []
 
 
