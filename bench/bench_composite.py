@@ -8,6 +8,9 @@ sessions (segments) at once and composes them, so it may use K links.
 
 One object (256 MiB; 64 MiB with ``--quick``) is uploaded from this process:
 
+* ``direct_grm_gcs_leg`` / ``direct_grm_client_leg``: google-resumable-media's
+  ``ResumableUpload``, one stream, through the GCS leg's link and through the client leg's
+  (20 MB/s, 10 ms: a user uploading straight from where they are);
 * ``single``: one :class:`~reliablewriter.ReliableWriter` session;
 * ``composite_kK``: :func:`~reliablewriter.open_composite_writer` with K = 2, 4, 8
   parallel segments (the object cut into 8 segments), fed by K tasks as K client
@@ -17,7 +20,8 @@ One object (256 MiB; 64 MiB with ``--quick``) is uploaded from this process:
 
 Both use 8 MiB chunks (at 50 MB/s a chunk takes 168 ms against a 10 ms round trip, so
 stop-and-wait costs about 6%). Reported: MB/s, the share of the aggregate link limit
-(K links for composite), this process's CPU seconds per GiB, its peak RSS, and the ratio of
+(K links for composite), this process's CPU seconds per GiB, its peak RSS so far (a
+high-water mark: it never goes down between runs), and the ratio of
 each composite run to the single session, measured in one run. The GCS endpoint and the
 fault proxy run in processes of their own; on a 2-core machine shared with other work the
 fault proxy's CPU, not the modelled link, may be what caps K=8.
@@ -42,7 +46,7 @@ import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 
 from bench._rup_process import rup_process
-from bench.bench_writer import PATTERN, gcs_endpoint
+from bench.bench_writer import PATTERN, anchor_throughput, gcs_endpoint
 from faultnet.gcs.clients import anonymous_client
 from faultnet.profiles import PROFILES, Leg
 from reliablewriter import CompositeSettings, WriterSettings, open_composite_writer, open_writer
@@ -62,12 +66,12 @@ PROFILE = "wan"
 
 
 @contextmanager
-def wan_gcs(url: str) -> Iterator[str]:
-    """The endpoint at ``url`` behind a fault proxy playing the profile's GCS leg."""
+def behind_profile(url: str, leg: Leg) -> Iterator[str]:
+    """The endpoint at ``url`` behind a fault proxy playing ``leg`` of the profile."""
     upstream = url.removeprefix("http://").rstrip("/")
     with rup_process(
         "faultproxy", "--listen", "127.0.0.1:0", "--upstream", upstream,
-        "--profile", PROFILE, "--leg", Leg.GCS.value,
+        "--profile", PROFILE, "--leg", leg.value,
     ) as (_, line):  # fmt: skip
         # "listening on HOST:PORT, relaying to HOST:PORT"
         yield "http://" + line.split()[2].rstrip(",")
@@ -149,8 +153,21 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
     """Upload once per mode, in one run; also writes :data:`RESULTS`."""
     size = size or ((64 if quick else 256) * MiB)
     runs: dict[str, dict[str, Any]] = {}
-    with gcs_endpoint() as url, wan_gcs(url) as through_wan:
-        bucket = anonymous_client(through_wan).bucket("bench")
+    with (
+        gcs_endpoint() as url,
+        behind_profile(url, Leg.GCS) as gcs_leg,
+        behind_profile(url, Leg.CLIENT) as client_leg,
+    ):
+        # References: google-resumable-media's single stream, over each leg's link.
+        for leg, through in ((Leg.GCS, gcs_leg), (Leg.CLIENT, client_leg)):
+            rate = anchor_throughput(through, size, CHUNK)
+            link = PROFILES[PROFILE].link(leg).rate
+            assert link is not None
+            runs[f"direct_grm_{leg.value}_leg"] = {
+                "mb_per_s": round(rate / 1e6, 1),
+                "share_of_link_limit": round(rate / link, 3),
+            }
+        bucket = anonymous_client(gcs_leg).bucket("bench")
         runs["single"] = _measure(bucket, "single", size, None)
         for parallel in PARALLEL:
             runs[f"composite_k{parallel}"] = _measure(bucket, f"k{parallel}", size, parallel)
@@ -167,8 +184,11 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
         "ratio_to_single": {
             name: round(values["mb_per_s"] / single, 2)
             for name, values in runs.items()
-            if name != "single"
+            if name.startswith("composite")
         },
+        "ratio_k4_to_direct_grm_gcs_leg": round(
+            runs["composite_k4"]["mb_per_s"] / runs["direct_grm_gcs_leg"]["mb_per_s"], 2
+        ),
         "target_ratio_k4": TARGET_RATIO,
         "meets_target": runs["composite_k4"]["mb_per_s"] / single >= TARGET_RATIO,
         "objects_left_behind": leftovers,
