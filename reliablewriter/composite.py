@@ -210,7 +210,8 @@ class CompositeWriter:
             segment = await self._open_segment(index)
             writer = segment.writer
             assert writer is not None
-            if not segment.done.is_set():  # else a resend of bytes already in GCS
+            # A complete segment's bytes are all in GCS: what comes again is a resend.
+            if writer.result is None and not segment.done.is_set():
                 await writer.write_at(local, piece)
                 if segment.size is None and writer.received_ranges() == ((0, size),):
                     self._size_segment(segment, size)
