@@ -1,4 +1,5 @@
-"""A rich progress bar for uploads: bytes, rate, retries and live connections.
+"""Rich progress bars for uploads: one upload's (bytes, rate, retries and live connections), and
+one line for many files (:class:`FilesBar`: files done, bytes, rate, failures).
 
 While no connection to the proxy is up, the bar says so and counts the seconds:
 ``proxy unavailable, retrying (12 s)``; the client retries until its deadline.
@@ -11,6 +12,7 @@ updates costs little.
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -25,33 +27,33 @@ from rich.progress import (
 
 from proxy.client import UploadProgress
 
-__all__ = ["UploadBar", "status_line"]
+__all__ = ["FilesBar", "UploadBar", "status_line"]
 
 
-class UploadBar:
-    """Shows one upload's progress on ``console`` (stderr by default) while in its ``with``."""
+def _byte_progress(first: TextColumn, *more: TextColumn, console: Console | None) -> Progress:
+    """A rich Progress with ``first``, a bar, bytes, rate and time left, then ``more``."""
+    return Progress(
+        first,
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        *more,
+        console=console or Console(stderr=True),
+        transient=False,
+    )
 
-    def __init__(self, description: str, *, console: Console | None = None) -> None:
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[connections]} conn  {task.fields[retries]} retries"),
-            TextColumn("[yellow]{task.fields[status]}"),
-            console=console or Console(stderr=True),
-            transient=False,
-        )
-        self._description = description
+
+class _LiveBar:
+    """A progress display shown while in its ``with`` (subclasses add their one task)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
         self._task: TaskID | None = None
 
-    def __enter__(self) -> UploadBar:
+    def _start(self, description: str, total: int | None, **fields: Any) -> None:
         self._progress.start()
-        self._task = self._progress.add_task(
-            self._description, total=None, connections=0, retries=0, status=""
-        )
-        return self
+        self._task = self._progress.add_task(description, total=total, **fields)
 
     def __exit__(
         self,
@@ -60,6 +62,25 @@ class UploadBar:
         traceback: TracebackType | None,
     ) -> None:
         self._progress.stop()
+
+
+class UploadBar(_LiveBar):
+    """Shows one upload's progress on ``console`` (stderr by default) while in its ``with``."""
+
+    def __init__(self, description: str, *, console: Console | None = None) -> None:
+        super().__init__(
+            _byte_progress(
+                TextColumn("[bold]{task.description}"),
+                TextColumn("{task.fields[connections]} conn  {task.fields[retries]} retries"),
+                TextColumn("[yellow]{task.fields[status]}"),
+                console=console,
+            )
+        )
+        self._description = description
+
+    def __enter__(self) -> UploadBar:
+        self._start(self._description, None, connections=0, retries=0, status="")
+        return self
 
     def update(self, progress: UploadProgress) -> None:
         if self._task is None:
@@ -79,3 +100,36 @@ def status_line(progress: UploadProgress) -> str:
     if progress.retrying_for is None:
         return ""
     return f"proxy unavailable, retrying ({progress.retrying_for:.0f} s)"
+
+
+class FilesBar(_LiveBar):
+    """One overall line for many files while in its ``with``; :meth:`note` prints a line
+    (a failure, say) above it."""
+
+    def __init__(self, files: int, total_bytes: int, *, console: Console | None = None) -> None:
+        super().__init__(
+            _byte_progress(
+                TextColumn("[bold]{task.fields[files]}"),
+                TextColumn("[red]{task.fields[failed]}"),
+                console=console,
+            )
+        )
+        self._files = files
+        self._total_bytes = total_bytes
+
+    def __enter__(self) -> FilesBar:
+        self._start("", self._total_bytes, files=f"0/{self._files} files", failed="")
+        return self
+
+    def update(self, *, done: int, failed: int, bytes_done: int) -> None:
+        if self._task is None:
+            return
+        self._progress.update(
+            self._task,
+            completed=bytes_done,
+            files=f"{done}/{self._files} files",
+            failed=f"{failed} failed" if failed else "",
+        )
+
+    def note(self, line: str) -> None:
+        self._progress.console.print(line, markup=False, highlight=False)

@@ -1,20 +1,29 @@
-"""``rup upload``: upload a file, or stdin, through a rup proxy.
+"""``rup upload``: upload files, directories (``-r``) or stdin through a rup proxy.
+
+``rup upload FILE gs://BUCKET/OBJECT`` stores one object; ``rup upload SOURCE...
+gs://BUCKET/PREFIX/`` stores each file under its relative path (:mod:`proxy.cli.upload_plan`),
+``--jobs`` at a time: small files as one request each on shared connections, large ones over
+their own ``--connections``.
 
 Exit codes:
 
 ====  ==============================================================
-0     the object was stored and its size and CRC32C verified
+0     every object was stored and its size and CRC32C verified
 1     the upload failed for another reason (the message says why)
 2     usage error: bad arguments, unreadable file
 3     the proxy refused the credentials or the bucket/object
-4     a precondition failed (``--if-generation-match``)
+4     a precondition failed (``--if-generation-match``, ``--no-clobber``)
 5     the proxy could not be reached, or kept failing, for --retry-deadline seconds
 6     the stored object does not match what was sent (size or CRC32C)
+7     several objects: some were stored, some failed (one line on stderr for each)
 130   interrupted (Ctrl-C): the upload stays resumable
 ====  ==============================================================
 
-Errors are a single line on stderr. A progress bar shows on stderr when it is a terminal;
-``--json`` prints one summary line on stdout instead, for success and for failure.
+With several objects, an exit code of 1 to 6 means every one of them failed, and it is the
+code of the first failure. Errors are single lines on stderr. A progress bar shows on stderr
+when it is a terminal (one overall line for several files: files done, bytes, rate);
+``--json`` prints one line per object on stdout instead, and with several objects a summary
+line after them.
 
 A file upload keeps a resume record (:mod:`proxy.cli.upload_state`) until it completes, so
 rerunning the same command after Ctrl-C, a kill or exit 5 resumes it: only the bytes the
@@ -31,13 +40,15 @@ import logging
 import os
 import ssl
 import sys
-from collections.abc import AsyncIterator
-from typing import Any, Final
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final, TypeVar
 
 import trio
 
 from protocol import MIN_FRAME_SIZE, ErrorCode
-from proxy.cli.progress import UploadBar
+from proxy.cli.progress import FilesBar, UploadBar
+from proxy.cli.upload_plan import DEFAULT_CONTENT_TYPE, content_type_for, plan_uploads
 from proxy.cli.upload_state import FileIdentity, ResumeRecord, ResumeStore
 from proxy.client import (
     ChecksumMismatchError,
@@ -50,14 +61,18 @@ from proxy.client import (
     UploadProgress,
     UploadResult,
     connect_upload,
-    parse_gs_url,
     proxy_addresses,
+    upload_many,
     upload_stream,
 )
+from proxy.client.many import Outcome, Source
 
 __all__ = ["EXIT_CODES", "HELP", "configure", "exit_code_for", "run"]
 
-HELP: Final = "upload a file or stdin to gs://BUCKET/OBJECT through a rup proxy"
+HELP: Final = (
+    "upload files, directories (-r) or stdin to gs://BUCKET/OBJECT or gs://BUCKET/PREFIX/"
+    " through a rup proxy"
+)
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -66,18 +81,22 @@ EXIT_DENIED: Final = 3
 EXIT_PRECONDITION: Final = 4
 EXIT_UNREACHABLE: Final = 5
 EXIT_MISMATCH: Final = 6
+EXIT_PARTIAL: Final = 7
 EXIT_INTERRUPTED: Final = 130
 
 EXIT_CODES: Final = {
-    EXIT_OK: "the object was stored and verified",
+    EXIT_OK: "every object was stored and verified",
     EXIT_FAILED: "the upload failed",
     EXIT_USAGE: "usage error",
     EXIT_DENIED: "authentication or permission refused",
-    EXIT_PRECONDITION: "precondition failed (--if-generation-match)",
+    EXIT_PRECONDITION: "precondition failed (--if-generation-match, --no-clobber)",
     EXIT_UNREACHABLE: "proxy unreachable or kept failing for --retry-deadline (rerun resumes)",
     EXIT_MISMATCH: "stored object differs from what was sent",
+    EXIT_PARTIAL: "some objects were stored, others failed (one line each on stderr)",
     EXIT_INTERRUPTED: "interrupted (a file upload stays resumable: rerun the command)",
 }
+
+_T = TypeVar("_T")
 
 _DENIED_CODES: Final = frozenset(
     {ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN, ErrorCode.BAD_TOKEN}
@@ -105,8 +124,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "exit codes:\n" + "\n".join(
         f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES.items()
     )
-    parser.add_argument("source", metavar="FILE|-", help="file to upload, or - for stdin")
-    parser.add_argument("url", metavar="gs://BUCKET/OBJECT", help="where to store it")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="SOURCE... DEST",
+        help="files, directories (with -r) or - for stdin, then gs://BUCKET/OBJECT for one"
+        " object or gs://BUCKET/PREFIX/ (ending in /) to store each under its relative path",
+    )
+    parser.add_argument(
+        "-r", "--recursive", action="store_true", help="upload the files under directories"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=8,
+        metavar="N",
+        help="files uploaded at once (default 8); each large file still gets --connections",
+    )
     parser.add_argument(
         "--proxy",
         metavar="HOST:PORT[,HOST:PORT...]",
@@ -123,12 +157,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tls", action="store_true", help="use TLS with the system's CAs")
     parser.add_argument("--tls-ca", metavar="FILE", help="use TLS, trusting this CA bundle")
-    parser.add_argument("--content-type", default="application/octet-stream")
+    parser.add_argument(
+        "--content-type",
+        metavar="TYPE",
+        help="the objects' content type (default: guessed from each file's name)",
+    )
+    parser.add_argument(
+        "--metadata",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="custom metadata for every object (repeatable)",
+    )
     parser.add_argument(
         "--if-generation-match",
         type=int,
         metavar="GEN",
         help="only store if the object's generation is GEN (0: only if it does not exist)",
+    )
+    parser.add_argument(
+        "--no-clobber",
+        action="store_true",
+        help="never replace an existing object (--if-generation-match 0)",
     )
     parser.add_argument(
         "--frame-size",
@@ -151,25 +201,46 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="start afresh even if an earlier run of this upload was interrupted (this run"
         " is still recorded, so a rerun resumes it)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON summary line")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON line per object (and a summary line for several)",
+    )
 
 
 def _usage(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, if anything; fills in ``args.plan``, ``args.source``
+    and ``args.url`` (the single object's, else the destination) and ``args.metadata_map``."""
     if not args.proxy:
         return "--proxy HOST:PORT is required (or set RUP_PROXY)"
+    if len(args.paths) < 2:
+        return "give a source (a file, a directory with -r, or -) and a gs:// destination"
     try:
         proxy_addresses(args.proxy)
-        parse_gs_url(args.url)
+        args.plan = plan_uploads(args.paths[:-1], args.paths[-1], recursive=args.recursive)
     except ValueError as exc:
         return str(exc)
+    args.source, args.url = args.plan.pairs[0] if args.plan.single else ("", args.paths[-1])
     if args.connections < 1:
         return f"--connections must be at least 1, got {args.connections}"
+    if args.jobs < 1:
+        return f"--jobs must be at least 1, got {args.jobs}"
     if args.frame_size < MIN_FRAME_SIZE:
         return f"--frame-size must be at least {MIN_FRAME_SIZE}, got {args.frame_size}"
     if not args.retry_deadline >= 0:
         return f"--retry-deadline must not be negative, got {args.retry_deadline}"
-    if args.source != "-" and not os.path.isfile(args.source):
-        return f"cannot read {args.source!r}: not a file"
+    if args.no_clobber:
+        if args.if_generation_match not in (None, 0):
+            return "--no-clobber is --if-generation-match 0: give one or the other"
+        args.if_generation_match = 0
+    args.metadata_map = {}
+    for item in args.metadata:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            return f"--metadata wants KEY=VALUE, got {item!r}"
+        if key in args.metadata_map:
+            return f"--metadata {key} is given twice"
+        args.metadata_map[key] = value
     return None
 
 
@@ -188,12 +259,9 @@ async def _stdin_chunks() -> AsyncIterator[bytes]:
             yield bytes(chunk)
 
 
-async def _upload(args: argparse.Namespace, bar: UploadBar | None) -> UploadResult:
-    def progress(snapshot: UploadProgress) -> None:
-        if bar is not None:
-            bar.update(snapshot)
-
-    options = UploadOptions(
+def _options(args: argparse.Namespace) -> UploadOptions:
+    """The options every object of this command shares (content type: see _content_type)."""
+    return UploadOptions(
         proxy=args.proxy,
         auth=args.auth_token,
         tls=_tls_context(args),
@@ -202,9 +270,25 @@ async def _upload(args: argparse.Namespace, bar: UploadBar | None) -> UploadResu
             frame_size=args.frame_size,
             retry=RetryPolicy(deadline=args.retry_deadline),
         ),
-        content_type=args.content_type,
+        content_type=args.content_type or DEFAULT_CONTENT_TYPE,
+        metadata=args.metadata_map,
         if_generation_match=args.if_generation_match,
-        progress=progress,
+    )
+
+
+def _content_type(args: argparse.Namespace, source: str) -> str:
+    if args.content_type:
+        return str(args.content_type)
+    return DEFAULT_CONTENT_TYPE if source == "-" else content_type_for(source)
+
+
+async def _upload(args: argparse.Namespace, bar: UploadBar | None) -> UploadResult:
+    def progress(snapshot: UploadProgress) -> None:
+        if bar is not None:
+            bar.update(snapshot)
+
+    options = dataclasses.replace(
+        _options(args), content_type=_content_type(args, args.source), progress=progress
     )
     if args.source == "-":
         return await upload_stream(_stdin_chunks(), args.url, options)
@@ -285,9 +369,141 @@ def _notice(message: str) -> None:
     print(f"rup upload: {message}", file=sys.stderr)
 
 
-def _run(args: argparse.Namespace, bar: UploadBar | None) -> UploadResult:
+class _ManyFiles:
+    """What a many-file run shows as objects end: the overall bar, a line per failure on
+    stderr, with ``--json`` a line per object on stdout; then the summary and exit code."""
+
+    def __init__(self, args: argparse.Namespace, bar: FilesBar | None) -> None:
+        self._args = args
+        self._bar = bar
+        self._pairs: tuple[tuple[str, str], ...] = args.plan.pairs
+        self._started = time.monotonic()
+        #: bytes the proxy holds of each unfinished object, by URL (large files report)
+        self._in_progress: dict[str, int] = {}
+        self._stored_bytes = 0
+        self._done = 0
+        self.failures: list[UploadError] = []
+
+    def progress_for(self, url: str) -> Callable[[UploadProgress], None]:
+        def progress(snapshot: UploadProgress) -> None:
+            self._in_progress[url] = snapshot.bytes_received
+            self._show()
+
+        return progress
+
+    def done(self, index: int, outcome: Outcome) -> None:
+        source, url = self._pairs[index]
+        self._in_progress.pop(url, None)
+        self._done += 1
+        if isinstance(outcome, UploadResult):
+            self._stored_bytes += outcome.size
+            line: dict[str, Any] = {**_summary(outcome), "source": source}
+        else:
+            self.failures.append(outcome)
+            self._note(f"rup upload: failed {url}: {outcome.message}")
+            line = {
+                "ok": False,
+                "url": url,
+                "source": source,
+                "error": outcome.message,
+                "exit_code": exit_code_for(outcome),
+            }
+        if self._args.json:
+            print(json.dumps(line), flush=True)
+        self._show()
+
+    def _note(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.note(line)
+        else:
+            print(line, file=sys.stderr)
+
+    def _show(self) -> None:
+        if self._bar is not None:
+            self._bar.update(
+                done=self._done,
+                failed=len(self.failures),
+                bytes_done=self._stored_bytes + sum(self._in_progress.values()),
+            )
+
+    def exit_code(self) -> int:
+        if not self.failures:
+            return EXIT_OK
+        if len(self.failures) == len(self._pairs):
+            return exit_code_for(self.failures[0])  # all failed: as one upload would say
+        return EXIT_PARTIAL
+
+    def finish(self) -> int:
+        """Print the summary; the exit code."""
+        code = self.exit_code()
+        elapsed = time.monotonic() - self._started
+        stored = len(self._pairs) - len(self.failures)
+        rate = self._stored_bytes / elapsed / 2**20 if elapsed > 0 else 0.0
+        if self._args.json:
+            summary = {
+                "ok": code == EXIT_OK,
+                "summary": True,
+                "objects": len(self._pairs),
+                "stored": stored,
+                "failed": len(self.failures),
+                "bytes": self._stored_bytes,
+                "elapsed_s": round(elapsed, 3),
+                "exit_code": code,
+            }
+            print(json.dumps(summary))
+        else:
+            failed = f"; {len(self.failures)} failed" if self.failures else ""
+            print(
+                f"stored {stored} of {len(self._pairs)} objects ({self._stored_bytes} bytes,"
+                f" crc32c verified, {rate:.1f} MiB/s){failed}",
+                file=sys.stderr,
+            )
+        return code
+
+
+async def _upload_files(args: argparse.Namespace, report: _ManyFiles) -> None:
+    """Every file of the plan, ``--jobs`` at a time; large ones keep resume records."""
+    options = _options(args)
+    store = ResumeStore.default()
+
+    def options_for(source: Source, url: str) -> UploadOptions:
+        return dataclasses.replace(
+            options,
+            content_type=_content_type(args, os.fspath(source)),
+            progress=report.progress_for(url),
+        )
+
+    async def upload_large(source: Source, url: str, options: UploadOptions) -> UploadResult:
+        if args.no_resume:
+            store.remove(os.fspath(source), url)
+        return await _upload_file_resumably(os.fspath(source), url, options, store)
+
+    await upload_many(
+        args.plan.pairs,
+        options,
+        concurrency=args.jobs,
+        options_for=options_for,
+        on_done=report.done,
+        upload_large=upload_large,
+    )
+
+
+def _run_many(args: argparse.Namespace) -> int:
+    pairs = args.plan.pairs
+    if args.json or not sys.stderr.isatty():
+        report = _ManyFiles(args, None)
+        _run(_upload_files, args, report)
+        return report.finish()
+    total = sum(os.path.getsize(source) for source, _ in pairs)
+    with FilesBar(len(pairs), total) as bar:
+        report = _ManyFiles(args, bar)
+        _run(_upload_files, args, report)
+    return report.finish()
+
+
+def _run(function: Callable[..., Awaitable[_T]], *arguments: object) -> _T:
     try:
-        return trio.run(_upload, args, bar)
+        return trio.run(function, *arguments)
     except BaseExceptionGroup as group:
         # Ctrl-C inside a trio nursery arrives grouped; anything else in the group is real.
         interrupts, others = group.split(KeyboardInterrupt)
@@ -346,11 +562,13 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         return _fail(args, problem, EXIT_USAGE)
     try:
+        if not args.plan.single:
+            return _run_many(args)
         if args.json or not sys.stderr.isatty():
-            result = _run(args, None)
+            result = _run(_upload, args, None)
         else:
             with UploadBar(args.url) as bar:
-                result = _run(args, bar)
+                result = _run(_upload, args, bar)
     except KeyboardInterrupt:
         resumable = "" if args.source == "-" else "; rerun the same command to resume"
         return _fail(args, f"interrupted{resumable}", EXIT_INTERRUPTED)

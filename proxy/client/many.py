@@ -70,7 +70,7 @@ async def put_file(
     pool's own options give the proxy and the connection settings.
     """
     size = os.stat(path).st_size
-    version, max_data = await _negotiated(pool)
+    version, max_data = await _negotiated(pool, f"upload of {url}")
     if version < 2 or size > min(max_data, _MAX_ONE_REQUEST):
         if size <= options.settings.frame_size:  # one frame's worth: one connection is enough
             options = dataclasses.replace(
@@ -83,10 +83,24 @@ async def put_file(
     return await _put(pool, data, url, options)
 
 
-async def _negotiated(pool: ConnectionPool) -> tuple[int, int]:
-    """The version and frame size the pool's connections agree (opening one if needed)."""
-    async with pool.connection() as channel:
-        return channel.version, channel.max_data
+async def _negotiated(pool: ConnectionPool, description: str) -> tuple[int, int]:
+    """The version and frame size the pool's connections agree (opening one if needed, and
+    trying again under the pool's retry policy)."""
+    policy = pool.options.settings.retry
+    since = trio.current_time()
+    attempt = 0
+    while True:
+        try:
+            async with pool.connection() as channel:
+                return channel.version, channel.max_data
+        except ConnectionLostError as exc:
+            attempt += 1
+            if policy.expired(trio.current_time() - since):
+                raise ProxyUnreachableError(
+                    f"{description}: no connection to the proxy within {policy.deadline:g} s"
+                    f" ({attempt} attempts); last: {exc.reason}"
+                ) from exc
+        await trio.sleep(policy.delay(attempt, pool.rng))
 
 
 def _read_whole(path: Source) -> bytes:

@@ -23,10 +23,9 @@ from typing import Final
 
 import trio
 
-from protocol import error_spec
 from protocol.ranges import ByteRange
 from proxy.client.channel import Channel
-from proxy.client.errors import ConnectionLostError, UploadError, UploadRejectedError
+from proxy.client.errors import ConnectionLostError, UploadError
 from proxy.client.ledger import Ledger
 from proxy.client.names import proxy_addresses
 from proxy.client.settings import UploadOptions, default_connector
@@ -57,10 +56,11 @@ class _PoolOwner:
         self.description: Final = description
         self.auth: Final = options.auth
         self.aborting: Final = False
+        self.refusal: UploadError | None = None
 
     def fail(self, error: UploadError) -> None:
-        """A refusal at the Hello (or an unsolicited error): the channel that met it reports it
-        in its failure, and :meth:`ConnectionPool.connection` raises it."""
+        """The proxy refused a Hello for good (credentials): every connection would be."""
+        self.refusal = error
 
     async def next_piece(self, channel: Channel) -> ByteRange | None:
         return None  # never bound, so never sending WriteAt
@@ -123,8 +123,8 @@ class ConnectionPool:
         unless it broke, the proxy is going away, or the block raised.
 
         Raises :class:`ConnectionLostError` if a new connection cannot be opened (the caller
-        retries under its policy), :class:`UploadRejectedError` if the proxy refused the
-        Hello for good (credentials).
+        retries under its policy), :class:`UploadError` if the proxy refused the Hello for
+        good (credentials).
         """
         channel = await self._take()
         healthy = False
@@ -192,10 +192,8 @@ class ConnectionPool:
         failure = channel.failure
         if failure is not None:
             self._move_on_from(address_index)
-            if failure.code is not None and not error_spec(failure.code).retryable:
-                raise UploadRejectedError(
-                    failure.code, f"proxy refused the connection: {failure.code.name}: {failure}"
-                )
+            if self._owner.refusal is not None:
+                raise self._owner.refusal
             raise failure
         self.connections_opened += 1
         self.version = channel.version

@@ -18,7 +18,10 @@ from proxy.server import ProxyServer, serve_in_background
 from proxy.server.backend import Backend, TargetKind
 from proxy.server.settings import ServerSettings
 
-__all__ = ["ThreadedProxy", "proxy_in_thread", "stored"]
+__all__ = ["AUTH_TOKEN", "ThreadedProxy", "proxy_in_thread", "stored"]
+
+#: the bearer token the upload tests' proxy wants (conftest's ``proxy_address``)
+AUTH_TOKEN = "sesame"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import google_crc32c
@@ -21,25 +20,9 @@ import pytest
 
 from faultnet.gcs import GcsServer
 from proxy.cli.main import main
-from proxy.server.settings import ServerSettings
-from tests.proxy.cli.proxy_thread import proxy_in_thread, stored
+from tests.proxy.cli.proxy_thread import AUTH_TOKEN, stored
 
-TOKEN = "sesame"
-
-
-@pytest.fixture(autouse=True)
-def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Resume records go to the test's own state dir, never the user's."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    return tmp_path / "state" / "rup"
-
-
-@pytest.fixture
-def proxy_address(gcs_server: GcsServer) -> Iterator[str]:
-    """A proxy that wants bearer token TOKEN, served from a background thread."""
-    settings = ServerSettings(auth_tokens=(TOKEN,), shutdown_grace=0.5)
-    with proxy_in_thread(gcs_server, settings) as proxy:
-        yield proxy.address
+TOKEN = AUTH_TOKEN
 
 
 @pytest.fixture

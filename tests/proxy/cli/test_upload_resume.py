@@ -179,7 +179,8 @@ def test_a_token_the_proxy_cannot_resume_or_no_resume_starts_afresh(
         assert "cannot resume" not in captured.err
     else:
         assert "resuming the interrupted upload" in captured.err
-        assert "cannot resume the interrupted upload (BAD_TOKEN" in captured.err
+        # version 2 names it TOKEN_NOT_RESUMABLE (version 1: BAD_TOKEN)
+        assert "cannot resume the interrupted upload (TOKEN_NOT_RESUMABLE" in captured.err
         assert "starting a new one" in captured.err
         assert "not a real token" not in captured.err  # the token is a secret
     assert json.loads(captured.out)["bytes_sent"] == len(data)
