@@ -153,13 +153,16 @@ def test_leaving_by_an_exception_keeps_the_session_for_a_resume_handle(
     data = payload(MiB)
     handles: list[ResumeHandle] = []
 
+    async def serve_until_stopped() -> None:
+        async with open_async_writer(target.bucket, "obj", settings) as writer:
+            await writer.write(data[: 600 * KiB])
+            await writer.wait_committed(512 * KiB)
+            handles.append(writer.resume_handle)
+            raise RuntimeError("the service stops")
+
     async def main() -> None:
         with pytest.raises(RuntimeError, match="the service stops"):
-            async with open_async_writer(target.bucket, "obj", settings) as writer:
-                await writer.write(data[: 600 * KiB])
-                await writer.wait_committed(512 * KiB)
-                raise RuntimeError("the service stops")
-        handles.append(writer.resume_handle)
+            await serve_until_stopped()
 
     asyncio.run(main())
     handle = ResumeHandle.from_json(handles[0].to_json())
