@@ -17,6 +17,7 @@ the storage client's own ``requests`` session, so faultnet's adapters apply.
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ import trio
 from google.api_core import exceptions as api_exceptions
 from google.cloud import storage  # type: ignore[import-untyped]
 
+from .checksum import crc32c_combine, crc32c_to_b64
 from .errors import (
+    ChecksumMismatchError,
     NonRetryableHTTPError,
     RetriesExhaustedError,
     UnexpectedResponseError,
@@ -50,8 +53,10 @@ from .transport import (
 __all__ = [
     "MAX_COMPONENT_COUNT",
     "MAX_COMPOSE_SOURCES",
+    "ComposeOptions",
     "ComposeStep",
     "compose_object",
+    "compose_parts",
     "compose_tree",
     "delete_objects",
 ]
@@ -245,6 +250,83 @@ def _refusal(refused: Refused, name: str) -> NonRetryableHTTPError:
         else ("GCS refused the compose")
     )
     return NonRetryableHTTPError(message, status=refused.status, reason=refused.reason, name=name)
+
+
+@dataclass(frozen=True)
+class ComposeOptions:
+    """How :func:`compose_parts` composes: names for intermediates, retries, and what the
+    final object carries (its precondition, content type and metadata)."""
+
+    intermediate: Callable[[int, int], str]
+    policy: RetryPolicy
+    if_generation_match: int | None = None
+    content_type: str | None = None
+    metadata: Mapping[str, str] | None = None
+    connect_timeout: float = 30.0
+    read_timeout: float = 60.0
+
+
+def _crc_value(info: ObjectInfo) -> int:
+    """An object's CRC32C as a number (GCS reports one for every object)."""
+    if info.crc32c is None:
+        raise UnexpectedResponseError("GCS reported no CRC32C for a part", name=info.name)
+    return int.from_bytes(base64.b64decode(info.crc32c), "big")
+
+
+async def compose_parts(
+    bucket: storage.Bucket,
+    name: str,
+    parts: Sequence[ObjectInfo],
+    options: ComposeOptions,
+    *,
+    expected_crc32c: str | None = None,
+    made: list[str] | None = None,
+) -> ObjectInfo:
+    """Compose ``parts`` (objects GCS reported, in order) into ``name``.
+
+    The object's CRC32C is combined from the parts' own, so no byte is read again; it is
+    checked against ``expected_crc32c`` (GCS's base64 form) before anything is composed
+    (:class:`ChecksumMismatchError`), and every compose's result against what it must be.
+    Intermediates of a tree are appended to ``made`` as they are started, for the caller
+    to delete.
+    """
+    sizes_and_crcs = {part.name: (part.size, _crc_value(part)) for part in parts}
+    crc = 0
+    for part in parts:
+        crc = crc32c_combine(crc, sizes_and_crcs[part.name][1], part.size)
+    if expected_crc32c is not None and expected_crc32c != crc32c_to_b64(crc):
+        raise ChecksumMismatchError(
+            "the parts' CRC32C is not the caller's; nothing was composed",
+            expected=expected_crc32c,
+            actual=crc32c_to_b64(crc),
+            name=name,
+        )
+    result: ObjectInfo | None = None
+    for step in compose_tree([part.name for part in parts], name, options.intermediate):
+        step_size, step_crc = 0, 0
+        for source in step.sources:
+            part_size, part_crc = sizes_and_crcs[source]
+            step_crc = crc32c_combine(step_crc, part_crc, part_size)
+            step_size += part_size
+        if not step.final and made is not None:
+            made.append(step.destination)
+        result = await compose_object(
+            bucket,
+            step,
+            size=step_size,
+            crc32c=crc32c_to_b64(step_crc),
+            policy=options.policy,
+            # An intermediate is new: pinned to 0, a retry after a lost answer is safe too.
+            if_generation_match=options.if_generation_match if step.final else 0,
+            content_type=options.content_type if step.final else None,
+            metadata=options.metadata if step.final else None,
+            connect_timeout=options.connect_timeout,
+            read_timeout=options.read_timeout,
+        )
+        sizes_and_crcs[step.destination] = (step_size, step_crc)
+    # compose_object checked every step's size and CRC32C; the last one is the object.
+    assert result is not None
+    return result
 
 
 def _delete_once(bucket: storage.Bucket, name: str, timeout: tuple[float, float]) -> str | None:

@@ -24,32 +24,36 @@ deletes the temporaries; a process that dies leaves them for ``rup sweep``
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
+from google.api_core import exceptions as api_exceptions
 from google.cloud import storage  # type: ignore[import-untyped]
 
-from .checksum import crc32c_combine, crc32c_to_b64, normalize_crc32c
-from .compose import MAX_COMPONENT_COUNT, compose_object, compose_tree, delete_objects
+from .checksum import normalize_crc32c
+from .compose import MAX_COMPONENT_COUNT, ComposeOptions, compose_parts, delete_objects
 from .errors import (
-    ChecksumMismatchError,
     IncompleteObjectError,
+    NonRetryableHTTPError,
+    RetriesExhaustedError,
     WriterAbortedError,
     WriterError,
 )
 from .results import ObjectInfo
 from .settings import CHUNK_QUANTUM, MiB, WriterSettings
+from .transport import _NETWORK_ERRORS
 from .writer import ReliableWriter, open_writer
 
 __all__ = [
     "DEFAULT_TEMP_PREFIX",
     "CompositeSettings",
     "CompositeWriter",
+    "complete_from_temporaries",
     "open_composite_writer",
     "temporary_name",
 ]
@@ -329,64 +333,30 @@ class CompositeWriter:
         for segment in segments:
             await segment.done.wait()
             self._check_usable()
-        crc = 0
-        for segment in segments:
-            assert segment.info is not None
-            crc = crc32c_combine(crc, _crc_value(segment.info.crc32c), segment.info.size)
-        combined = crc32c_to_b64(crc)
-        if expected is not None and expected != combined:
-            raise ChecksumMismatchError(
-                "the segments' CRC32C is not the caller's; nothing was composed",
-                expected=expected,
-                actual=combined,
-                name=self._name,
-            )
-        info = await self._compose([s.name for s in segments])
+        info = await compose_parts(
+            self._bucket,
+            self._name,
+            [segment.info for segment in segments if segment.info is not None],
+            self._compose_options(),
+            expected_crc32c=expected,
+            made=self._intermediates,
+        )
         self._result = info
         with trio.CancelScope(shield=True):
             await self._clean_up()
         return info
 
-    async def _compose(self, sources: list[str]) -> ObjectInfo:
+    def _compose_options(self) -> ComposeOptions:
         writer = self._settings.writer
-        steps = compose_tree(
-            sources,
-            self._name,
-            lambda level, index: temporary_name(
-                self._settings.temp_prefix, self._upload_id, f"c{level}.{index}"
-            ),
+        return ComposeOptions(
+            intermediate=partial(_intermediate_name, self._settings.temp_prefix, self._upload_id),
+            policy=writer.retry,
+            if_generation_match=self._if_generation_match,
+            content_type=self._content_type,
+            metadata=self._metadata,
+            connect_timeout=writer.connect_timeout,
+            read_timeout=writer.progress_timeout,
         )
-        # Each object's size and CRC32C, so every compose's result can be checked.
-        made = {
-            segment.name: (segment.info.size, _crc_value(segment.info.crc32c))
-            for segment in self._segments.values()
-            if segment.info is not None
-        }
-        result: ObjectInfo | None = None
-        for step in steps:
-            step_size, step_crc = 0, 0
-            for source in step.sources:
-                part_size, part_crc = made[source]
-                step_crc = crc32c_combine(step_crc, part_crc, part_size)
-                step_size += part_size
-            if not step.final:
-                self._intermediates.append(step.destination)
-            result = await compose_object(
-                self._bucket,
-                step,
-                size=step_size,
-                crc32c=crc32c_to_b64(step_crc),
-                policy=writer.retry,
-                if_generation_match=self._if_generation_match if step.final else 0,
-                content_type=self._content_type if step.final else None,
-                metadata=self._metadata if step.final else None,
-                connect_timeout=writer.connect_timeout,
-                read_timeout=writer.progress_timeout,
-            )
-            made[step.destination] = (step_size, step_crc)
-        # compose_object checked every step's size and CRC32C; the last one is the object.
-        assert result is not None
-        return result
 
     async def abort(self) -> None:
         """Stop every segment, cancel their sessions and delete the temporaries.
@@ -434,10 +404,8 @@ class CompositeWriter:
         await self._changed.wait()
 
 
-def _crc_value(value: str | None) -> int:
-    """A CRC32C from GCS's base64 form."""
-    assert value is not None, "GCS reports a CRC32C for every object"
-    return int.from_bytes(base64.b64decode(value), "big")
+def _intermediate_name(prefix: str, upload_id: str, level: int, index: int) -> str:
+    return temporary_name(prefix, upload_id, f"c{level}.{index}")
 
 
 def _gaps(held: tuple[tuple[int, int], ...], total: int) -> list[tuple[int, int]]:
@@ -496,3 +464,111 @@ async def open_composite_writer(
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+def _list_parts(bucket: storage.Bucket, prefix: str, timeout: float) -> list[ObjectInfo]:
+    """Every object under ``prefix`` (blocking; GCS lists are strongly consistent)."""
+    return [
+        ObjectInfo.from_resource(blob._properties)
+        for blob in bucket.list_blobs(prefix=prefix, timeout=timeout, retry=None)
+    ]
+
+
+async def complete_from_temporaries(
+    bucket: storage.Bucket,
+    name: str,
+    settings: CompositeSettings,
+    *,
+    upload_id: str,
+    total_size: int,
+    crc32c: int | str | None = None,
+    if_generation_match: int | None = None,
+    content_type: str = "application/octet-stream",
+    metadata: Mapping[str, str] | None = None,
+) -> ObjectInfo:
+    """Complete a composite upload from what GCS holds, whoever uploaded its segments.
+
+    GCS is the only shared state: each segment is found by its deterministic name
+    (:func:`temporary_name`) in one listing, and must hold exactly its share of
+    ``total_size`` bytes. Any that is missing or of another size raises
+    :class:`~reliablewriter.IncompleteObjectError` naming its byte ranges, which the caller
+    sends again (as its own segment objects) before completing again; nothing is deleted
+    then. Otherwise the segments are composed as by :meth:`CompositeWriter.complete` (the
+    CRC32C combined and checked against ``crc32c``) and every temporary of the upload is
+    deleted, after success or after any other failure.
+    """
+    writer = settings.writer
+    prefix = temporary_name(settings.temp_prefix, upload_id, "")
+    found = {info.name: info for info in await _retrying_listing(bucket, prefix, settings)}
+    count = max(1, -(-total_size // settings.segment_size))
+    parts: list[ObjectInfo] = []
+    missing: list[tuple[int, int]] = []
+    for index in range(count):
+        start = index * settings.segment_size
+        end = min(total_size, start + settings.segment_size)
+        info = found.get(temporary_name(settings.temp_prefix, upload_id, index))
+        if info is None or info.size != end - start:
+            missing.append((start, end))
+        else:
+            parts.append(info)
+    if missing:
+        raise IncompleteObjectError(missing=tuple(missing), name=name)
+    options = ComposeOptions(
+        intermediate=partial(_intermediate_name, settings.temp_prefix, upload_id),
+        policy=writer.retry,
+        if_generation_match=if_generation_match,
+        content_type=content_type,
+        metadata=metadata,
+        connect_timeout=writer.connect_timeout,
+        read_timeout=writer.progress_timeout,
+    )
+    made: list[str] = []
+    try:
+        return await compose_parts(
+            bucket,
+            name,
+            parts,
+            options,
+            expected_crc32c=normalize_crc32c(crc32c) if crc32c is not None else None,
+            made=made,
+        )
+    finally:
+        with trio.CancelScope(shield=True):
+            await delete_objects(
+                bucket,
+                [*found, *made],
+                policy=writer.retry,
+                connect_timeout=writer.connect_timeout,
+                read_timeout=writer.progress_timeout,
+            )
+
+
+async def _retrying_listing(
+    bucket: storage.Bucket, prefix: str, settings: CompositeSettings
+) -> list[ObjectInfo]:
+    policy = settings.writer.retry
+    started = trio.current_time()
+    attempts = 0
+    while True:
+        try:
+            return await trio.to_thread.run_sync(
+                _list_parts, bucket, prefix, settings.writer.progress_timeout
+            )
+        except (api_exceptions.GoogleAPICallError, *_NETWORK_ERRORS) as exc:
+            status = getattr(exc, "code", None)
+            if isinstance(status, int) and not policy.is_retryable_status(status):
+                raise NonRetryableHTTPError(
+                    "cannot list the upload's segments",
+                    status=status,
+                    reason="refused the listing",
+                    name=prefix,
+                ) from None
+            attempts += 1
+            if policy.gives_up(attempts, trio.current_time() - started):
+                raise RetriesExhaustedError(
+                    "listing the upload's segments kept failing",
+                    attempts=attempts,
+                    cause=type(exc).__name__,
+                    name=prefix,
+                ) from None
+        await trio.sleep(policy.next_delay(attempts))
