@@ -20,6 +20,10 @@ rules); if it fails, the composite fails with its error. Every way out that does
 complete (an error, :meth:`CompositeWriter.abort`, leaving the block, cancellation)
 deletes the temporaries; a process that dies leaves them for ``rup sweep``
 (:func:`reliablewriter.sweep.sweep_temporaries`).
+
+:func:`complete_from_temporaries` completes an upload whose segments were uploaded by
+anyone (other processes, other proxy instances): GCS, where every segment has a
+deterministic name, is the only state it needs.
 """
 
 from __future__ import annotations
@@ -347,15 +351,12 @@ class CompositeWriter:
         return info
 
     def _compose_options(self) -> ComposeOptions:
-        writer = self._settings.writer
-        return ComposeOptions(
-            intermediate=partial(_intermediate_name, self._settings.temp_prefix, self._upload_id),
-            policy=writer.retry,
+        return _compose_options(
+            self._settings,
+            self._upload_id,
             if_generation_match=self._if_generation_match,
             content_type=self._content_type,
             metadata=self._metadata,
-            connect_timeout=writer.connect_timeout,
-            read_timeout=writer.progress_timeout,
         )
 
     async def abort(self) -> None:
@@ -406,6 +407,28 @@ class CompositeWriter:
 
 def _intermediate_name(prefix: str, upload_id: str, level: int, index: int) -> str:
     return temporary_name(prefix, upload_id, f"c{level}.{index}")
+
+
+def _compose_options(
+    settings: CompositeSettings,
+    upload_id: str,
+    *,
+    if_generation_match: int | None,
+    content_type: str,
+    metadata: Mapping[str, str] | None,
+) -> ComposeOptions:
+    """How an upload's segments are composed: intermediates in its own namespace, the
+    segment writers' retry policy and timeouts, and what the final object carries."""
+    writer = settings.writer
+    return ComposeOptions(
+        intermediate=partial(_intermediate_name, settings.temp_prefix, upload_id),
+        policy=writer.retry,
+        if_generation_match=if_generation_match,
+        content_type=content_type,
+        metadata=metadata,
+        connect_timeout=writer.connect_timeout,
+        read_timeout=writer.progress_timeout,
+    )
 
 
 def _gaps(held: tuple[tuple[int, int], ...], total: int) -> list[tuple[int, int]]:
@@ -513,14 +536,12 @@ async def complete_from_temporaries(
             parts.append(info)
     if missing:
         raise IncompleteObjectError(missing=tuple(missing), name=name)
-    options = ComposeOptions(
-        intermediate=partial(_intermediate_name, settings.temp_prefix, upload_id),
-        policy=writer.retry,
+    options = _compose_options(
+        settings,
+        upload_id,
         if_generation_match=if_generation_match,
         content_type=content_type,
         metadata=metadata,
-        connect_timeout=writer.connect_timeout,
-        read_timeout=writer.progress_timeout,
     )
     made: list[str] = []
     try:
