@@ -53,6 +53,8 @@ UploadLarge = Callable[[Source, str, UploadOptions], Awaitable[UploadResult]]
 
 #: the largest object read whole into memory to be sent as one PutObject
 _MAX_ONE_REQUEST: Final = 64 * 1024 * 1024
+#: files up to this size are read in the event loop's thread (from the page cache, a few µs)
+_READ_IN_LOOP: Final = 64 * 1024
 
 
 async def put_file(
@@ -77,7 +79,10 @@ async def put_file(
                 options, settings=dataclasses.replace(options.settings, connections=1)
             )
         return await upload_large(path, url, options)
-    data = await trio.to_thread.run_sync(_read_whole, path)
+    if size <= _READ_IN_LOOP:  # a thread would cost more than the read itself
+        data = _read_whole(path)
+    else:
+        data = await trio.to_thread.run_sync(_read_whole, path)
     if len(data) != size:
         raise UploadError(None, f"{os.fspath(path)} changed while it was read")
     return await _put(pool, data, url, options)
