@@ -1,9 +1,12 @@
-"""Fixtures shared by every test directory: a running strict GCS endpoint and clients for it."""
+"""Fixtures shared by every test directory: a running strict GCS endpoint and clients for it.
+
+The endpoint is the one the faultnet pytest plugin (``faultnet.pytest_plugin``) gives every
+suite that installs rup; rup's tests use it under the name they have always used.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
@@ -15,10 +18,9 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture
-def gcs_server() -> Iterator[GcsServer]:
+def gcs_server(gcs_endpoint: GcsServer) -> GcsServer:
     """A fresh in-memory endpoint per test (it starts in about a millisecond)."""
-    with GcsServer() as server:
-        yield server
+    return gcs_endpoint
 
 
 @pytest.fixture
