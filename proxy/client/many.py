@@ -74,9 +74,11 @@ async def put_file(
     size = os.stat(path).st_size
     version, max_data = await _negotiated(pool, f"upload of {url}")
     if version < 2 or size > min(max_data, _MAX_ONE_REQUEST):
-        if size <= options.settings.frame_size:  # one frame's worth: one connection is enough
+        # never more connections than frames: each would cost a handshake and an attach
+        frames = max(1, -(-size // options.settings.frame_size))
+        if frames < options.settings.connections:
             options = dataclasses.replace(
-                options, settings=dataclasses.replace(options.settings, connections=1)
+                options, settings=dataclasses.replace(options.settings, connections=frames)
             )
         return await upload_large(path, url, options)
     if size <= _READ_IN_LOOP:  # a thread would cost more than the read itself

@@ -171,6 +171,8 @@ async def test_a_version_1_proxy_gets_open_write_complete(
         (outcome,) = await upload_many([(path, "gs://bkt/o")], options)
         nursery.cancel_scope.cancel()
     assert isinstance(outcome, UploadResult), outcome
+    assert outcome.connections == 1  # one frame's worth: no more connections than frames
+    assert proxy.connections == 2  # the one that learnt the version, and the upload's
     assert proxy.opened is not None
     assert proxy.opened.name == "o"
     assert bytes(proxy.data) == data
