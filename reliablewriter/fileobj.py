@@ -35,6 +35,7 @@ from google.api_core import retry as api_retry
 from google.cloud import storage  # type: ignore[import-untyped]
 
 from .blocking import BlockingWriter
+from .buffer import stable_view
 from .errors import WriterClosedError
 from .handle import ResumeHandle
 from .results import ObjectInfo, WriterStats
@@ -42,6 +43,8 @@ from .settings import CHUNK_QUANTUM, ChecksumMode, MiB, RetryPolicy, WriterSetti
 
 __all__ = ["BlobFile", "open_blob"]
 
+#: Writes shorter than this are gathered and handed to the writer's thread together.
+BATCH = 1024 * 1024
 #: BlobWriter's default chunk size (google.cloud.storage.fileio.DEFAULT_CHUNK_SIZE).
 DEFAULT_CHUNK_SIZE = 40 * MiB
 
@@ -68,6 +71,10 @@ class BlobFile(io.BufferedIOBase):
         self._bucket_name = bucket_name
         self._on_error = on_error
         self._handle: ResumeHandle | None = None
+        # Small writes wait here (held or copied as write() promises) and go over to the
+        # writer's thread together: one hop per BATCH bytes instead of one per write.
+        self._pending: list[memoryview] = []
+        self._pending_bytes = 0
 
     # --- io.BufferedIOBase ------------------------------------------------------------
 
@@ -83,25 +90,44 @@ class BlobFile(io.BufferedIOBase):
     def tell(self) -> int:
         """Bytes written so far (on a resumed upload: from the committed offset)."""
         self._check_open()
-        return self._writer.position
+        return self._writer.position + self._pending_bytes
 
     def write(self, data: Any) -> int:
-        """Append ``data`` (bytes-like); ``bytes`` are held, mutable buffers copied once."""
+        """Append ``data`` (bytes-like); ``bytes`` are held, mutable buffers copied once.
+
+        Writes shorter than :data:`BATCH` are gathered and handed over together once they
+        add up to it (or on flush/close); nothing is joined or copied for that.
+        """
         self._check_open()
-        return self._writer.write(data)
+        view = stable_view(data)
+        if len(view) >= BATCH and not self._pending:
+            return self._writer.write(view)
+        self._pending.append(view)
+        self._pending_bytes += len(view)
+        if self._pending_bytes >= BATCH:
+            self._hand_over()
+        return len(view)
+
+    def _hand_over(self) -> None:
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        if pending:
+            self._writer.write_many(pending)
 
     def writelines(self, lines: Iterable[Any]) -> None:
         for line in lines:
             self.write(line)
 
     def flush(self) -> None:
+        """Hand gathered small writes to the writer (GCS still takes whole chunks only)."""
         self._check_open()
+        self._hand_over()
 
     def close(self) -> None:
         """Finalize the object (idempotent). If that fails, the session stays resumable."""
         if self.closed:
             return
         try:
+            self._hand_over()
             self._writer.close()
         finally:
             super().close()
@@ -110,6 +136,7 @@ class BlobFile(io.BufferedIOBase):
         """Cancel the session: nothing is stored. The file is closed."""
         if self.closed:
             return
+        self._pending, self._pending_bytes = [], 0
         try:
             self._writer.abort()
         finally:
@@ -119,8 +146,9 @@ class BlobFile(io.BufferedIOBase):
         """Stop without finalizing or cancelling; returns the :attr:`resume_handle`."""
         if not self.closed:
             try:
-                self._writer.detach()
+                self._hand_over()
             finally:
+                self._writer.detach()
                 super().close()
             # The worker has stopped, so the committed offset is final.
             writer = self._writer.writer
