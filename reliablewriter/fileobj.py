@@ -33,6 +33,10 @@ from typing import Any, Literal
 
 from google.api_core import retry as api_retry
 from google.cloud import storage  # type: ignore[import-untyped]
+from google.cloud.storage.retry import (  # type: ignore[import-untyped]
+    DEFAULT_RETRY,
+    ConditionalRetryPolicy,
+)
 
 from .blocking import BlockingWriter
 from .buffer import stable_view
@@ -220,7 +224,7 @@ def open_blob(
     chunk_size: int | None = None,
     content_type: str | None = None,
     if_generation_match: int | None = None,
-    retry: RetryPolicy | api_retry.Retry | None = api_retry.Retry(),  # noqa: B008 (immutable)
+    retry: RetryPolicy | api_retry.Retry | ConditionalRetryPolicy | None = DEFAULT_RETRY,
     checksum: str | None = "crc32c",
     on_error: OnError = "abort",
     resume: ResumeHandle | None = None,
@@ -230,9 +234,10 @@ def open_blob(
 
     ``chunk_size`` (a multiple of 256 KiB; default ``blob.chunk_size`` or BlobWriter's
     40 MiB) is every chunk's size but the last; the writer holds at most two chunks.
-    ``content_type`` defaults to the blob's. ``retry``: a :class:`RetryPolicy`, or
-    google-api-core's ``Retry`` (its timeout becomes the deadline without progress), or
-    None for no retries. ``checksum``: "crc32c" (default, also "auto"), "md5", or None;
+    ``content_type`` defaults to the blob's. ``retry``: a :class:`RetryPolicy`,
+    google-api-core's ``Retry`` or storage's ``ConditionalRetryPolicy`` (the timeout
+    becomes the deadline without progress), or None for no retries. ``checksum``:
+    "crc32c" (default, also "auto"), "md5", or None;
     GCS verifies it at finalization. ``settings`` replaces everything chunk- and
     retry-shaped at once. ``resume`` continues an upload from a :class:`ResumeHandle`:
     :meth:`BlobFile.tell` starts at GCS's committed offset, and the caller writes from
@@ -263,7 +268,9 @@ def open_blob(
 
 
 def _settings_like_blob_writer(
-    chunk_size: int, retry: RetryPolicy | api_retry.Retry | None, checksum: ChecksumMode
+    chunk_size: int,
+    retry: RetryPolicy | api_retry.Retry | ConditionalRetryPolicy | None,
+    checksum: ChecksumMode,
 ) -> WriterSettings:
     if chunk_size <= 0 or chunk_size % CHUNK_QUANTUM:
         raise ValueError(f"chunk_size must be a positive multiple of {CHUNK_QUANTUM}")
@@ -272,7 +279,10 @@ def _settings_like_blob_writer(
     elif isinstance(retry, RetryPolicy):
         policy = retry
     else:
-        timeout = retry.timeout
+        # A ConditionalRetryPolicy wraps a Retry: the writer's retries are always safe
+        # (each request says where its bytes go), so the condition does not apply.
+        inner = getattr(retry, "retry_policy", retry)
+        timeout = getattr(inner, "timeout", None)
         policy = RetryPolicy() if timeout is None else RetryPolicy(deadline=float(timeout))
     return WriterSettings(
         min_chunk_size=chunk_size,
