@@ -26,10 +26,12 @@ from protocol import Connection, Error, ErrorCode, Role
 from proxy.server.backend import Backend
 from proxy.server.connection import DRAIN_TIMEOUT, ClientConnection
 from proxy.server.drain import drain_uploads
+from proxy.server.health import Health
 from proxy.server.logging import get_logger, log_event, protect_third_party_loggers
-from proxy.server.metrics import ServerMetrics, serve_metrics
+from proxy.server.metrics import ServerMetrics, observe_gcs_requests, serve_metrics
 from proxy.server.registry import UploadRegistry
 from proxy.server.settings import ServerSettings
+from reliablewriter.transport import http_session
 
 __all__ = ["ProxyServer", "serve", "serve_in_background"]
 
@@ -61,6 +63,11 @@ class ProxyServer:
         self._waiting_for_hello: dict[ClientConnection, None] = {}
         self._shutdown_requested = trio.Event()
         self._all_closed = trio.Event()
+
+    @property
+    def draining(self) -> bool:
+        """Whether a shutdown has begun (no new connections are taken from then on)."""
+        return self._shutdown_requested.is_set()
 
     @property
     def connection_count(self) -> int:
@@ -212,14 +219,16 @@ async def serve(
     """
     protect_third_party_loggers()
     metrics = ServerMetrics()
+    observe_gcs_requests(http_session(backend.client), metrics)
     listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
     host, port = listeners[0].socket.getsockname()[:2]
     async with trio.open_nursery() as server_nursery:
         registry = UploadRegistry(settings, backend, metrics, server_nursery)
         server = ProxyServer(settings, backend, metrics, registry, (str(host), int(port)))
         if metrics_listen is not None:
+            health = Health(lambda: server.draining, backend.url)
             server.metrics_address = await server_nursery.start(
-                serve_metrics, metrics, metrics_listen[0], metrics_listen[1]
+                serve_metrics, metrics, metrics_listen[0], metrics_listen[1], health.probes()
             )
         await server.serve_connections(listeners, task_status=task_status)
         # Connections are gone: let chunks on their way to GCS land, then release the

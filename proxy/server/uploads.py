@@ -702,6 +702,7 @@ class Upload:
             # opens its next upload right away finds the budget as it left it.
             self._host.give_back(self)
             self._host.metrics.uploads_completed.inc()
+            self._stats_seen.completed(self._host.metrics)
             log_event(
                 logger,
                 logging.INFO,
@@ -793,8 +794,14 @@ class _StatsCursor:
     def __init__(self) -> None:
         self._committed = 0
         self._retries: TallyCounter[str] = TallyCounter()
+        self._opened = trio.current_time()  # the upload's open or takeover, on this instance
+
+    def completed(self, metrics: ServerMetrics) -> None:
+        metrics.upload_duration.observe(trio.current_time() - self._opened)
 
     def publish(self, stats: WriterStats, metrics: ServerMetrics) -> None:
+        if stats.bytes_acked > 0 and self._committed == 0:
+            metrics.first_commit.observe(trio.current_time() - self._opened)
         if stats.bytes_acked > self._committed:
             metrics.bytes_committed.inc(stats.bytes_acked - self._committed)
             self._committed = stats.bytes_acked

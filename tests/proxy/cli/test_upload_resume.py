@@ -45,7 +45,7 @@ class SlowProxy:
 
     def received(self) -> int:
         """WriteAt payload bytes the proxy has received and verified, over all uploads."""
-        value = self._server.metrics.registry.get_sample_value("rup_bytes_received_total")
+        value = self._server.metrics.registry.get_sample_value("rup_received_bytes_total")
         return int(value or 0)
 
     def settled(self) -> int:

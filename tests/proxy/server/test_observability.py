@@ -88,8 +88,8 @@ async def test_metrics_endpoint_counts_an_upload(
     assert "404" in missing
     assert _sample(body, "rup_uploads_started_total") == 1
     assert _sample(body, "rup_uploads_completed_total") == 1
-    assert _sample(body, "rup_bytes_received_total") == len(data)
-    assert _sample(body, "rup_bytes_committed_total") == len(data)
+    assert _sample(body, "rup_received_bytes_total") == len(data)
+    assert _sample(body, "rup_committed_bytes_total") == len(data)
     assert 'rup_errors_sent_total{code="TOKEN_NOT_RESUMABLE"} 1.0' in body
     assert _sample(body, "rup_buffer_reserved_bytes") == 0
     assert _sample(body, "rup_buffer_held_bytes") == 0
@@ -214,7 +214,7 @@ async def test_gcs_faults_are_retried_and_counted_by_cause(
     retries = [line for line in body.splitlines() if line.startswith("rup_gcs_retries_total{")]
     assert retries, body
     assert sum(float(line.rsplit(" ", 1)[1]) for line in retries) >= 1
-    assert _sample(body, "rup_bytes_committed_total") == len(data)
+    assert _sample(body, "rup_committed_bytes_total") == len(data)
     stored = await trio.to_thread.run_sync(
         anonymous_client(gcs_server.url).bucket(gcs_bucket).blob("retried.bin").download_as_bytes
     )
