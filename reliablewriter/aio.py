@@ -122,12 +122,7 @@ class AsyncWriter:
     @property
     def resume_handle(self) -> ResumeHandle:
         """How another process continues this upload (see :class:`ResumeHandle`)."""
-        return ResumeHandle(
-            bucket=self._host.bucket_name,
-            name=self.name,
-            committed_offset=self.committed_offset,
-            session_uri=self.session_uri,
-        )
+        return ResumeHandle.of(self._host.bucket_name, self._writer)
 
     # --- calls ------------------------------------------------------------------------
 

@@ -155,13 +155,7 @@ class BlobFile(io.BufferedIOBase):
                 self._writer.detach()
                 super().close()
             # The worker has stopped, so the committed offset is final.
-            writer = self._writer.writer
-            self._handle = ResumeHandle(
-                bucket=self._bucket_name,
-                name=writer.name,
-                committed_offset=writer.committed_offset,
-                session_uri=writer.session_uri,
-            )
+            self._handle = ResumeHandle.of(self._bucket_name, self._writer.writer)
         return self.resume_handle
 
     def __del__(self) -> None:
@@ -187,13 +181,7 @@ class BlobFile(io.BufferedIOBase):
             return self._handle
         if self.closed:
             raise WriterClosedError("the upload is finished or aborted")
-        writer = self._writer.writer
-        return ResumeHandle(
-            bucket=self._bucket_name,
-            name=writer.name,
-            committed_offset=writer.committed_offset,
-            session_uri=writer.session_uri,
-        )
+        return ResumeHandle.of(self._bucket_name, self._writer.writer)
 
     def __enter__(self) -> BlobFile:
         self._check_open()

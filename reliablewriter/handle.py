@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .writer import ReliableWriter
 
 __all__ = ["ResumeHandle"]
 
@@ -28,6 +32,16 @@ class ResumeHandle:
     name: str
     committed_offset: int
     session_uri: str = field(repr=False)
+
+    @classmethod
+    def of(cls, bucket: str, writer: ReliableWriter) -> ResumeHandle:
+        """The handle of ``writer``'s session now (raises if it has no session yet)."""
+        return cls(
+            bucket=bucket,
+            name=writer.name,
+            committed_offset=writer.committed_offset,
+            session_uri=writer.session_uri,
+        )
 
     def to_json(self) -> str:
         """The handle as JSON text, for another process (see :meth:`from_json`)."""

@@ -20,12 +20,16 @@ from faultnet.gcs.errors import GcsApiError
 from reliablewriter import (
     BlobFile,
     NonRetryableHTTPError,
+    ResumeHandle,
     RetriesExhaustedError,
     RetryPolicy,
+    WriterSettings,
     open_blob,
+    open_blocking_writer,
 )
+from reliablewriter.buffer import stable_view
 
-from .conftest import KiB, Target, payload
+from .conftest import KiB, MiB, Target, payload
 
 Faulty = Callable[[str], Target]
 
@@ -233,3 +237,43 @@ def test_keep_on_error_then_resume_in_another_process(target: Target, tmp_path: 
     assert int(resumed.stdout) == handle.committed_offset
     assert handle.session_uri not in resumed.stderr
     assert target.read("obj") == data
+
+
+def test_the_blocking_writer_takes_a_reused_bytearray(
+    target: Target, settings: WriterSettings
+) -> None:
+    """Issue 16's finding: 24 writes of one reused 1 MiB bytearray through
+    open_blocking_writer ended in a CRC32C refusal; now each write is copied once."""
+    source = payload(24 * MiB)
+    piece = bytearray(MiB)
+    with open_blocking_writer(target.bucket, "obj", settings) as writer:
+        for start in range(0, len(source), MiB):
+            piece[:] = source[start : start + MiB]
+            writer.write(piece)
+    assert target.read("obj") == source
+
+
+def test_bytes_are_held_and_mutable_buffers_copied() -> None:
+    data = b"immutable"
+    assert stable_view(data).obj is data
+    assert stable_view(memoryview(data)[2:]).obj is data
+    mutable = bytearray(b"mutable")
+    view = stable_view(mutable)
+    mutable[:] = b"changed"
+    assert bytes(view) == b"mutable"
+    assert bytes(stable_view(memoryview(mutable).toreadonly())) == b"changed"
+    assert stable_view(memoryview(mutable).toreadonly()).obj is not mutable
+
+
+def test_a_resume_handle_is_checked_when_read() -> None:
+    handle = ResumeHandle("bkt", "obj", 5, "http://secret/upload?upload_id=x")
+    assert ResumeHandle.from_json(handle.to_json()) == handle
+    assert "secret" not in repr(handle)
+    for broken in (
+        "{}",
+        "[]",
+        "not json",
+        '{"bucket": "b", "name": "o", "committed_offset": -1, "session_uri": "u"}',
+    ):
+        with pytest.raises(ValueError, match="resume handle"):
+            ResumeHandle.from_json(broken)
