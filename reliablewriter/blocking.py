@@ -123,13 +123,24 @@ class BlockingWriter:
         return self._call(self._write_views, views)
 
     async def _write_views(self, views: list[memoryview]) -> int:
-        written = 0
+        writer = self.writer
+        total = sum(len(view) for view in views)
+        if total <= writer.window_end - writer.committed_offset:
+            # Within one window: one staged write, so the pieces are one fragment and one
+            # wake-up of the worker instead of one each.
+            end = self.position + total
+            await writer.wait_for_window(end)
+            staged = writer.begin_write(self.position, total)
+            for view in views:
+                staged.feed(view)
+            staged.commit()
+            self.position = end
+            return total
         for view in views:
-            await self.writer.write_at(self.position, view)
+            await writer.write_at(self.position, view)
             # Moved per piece, so a failure midway leaves position after what was taken.
             self.position += len(view)
-            written += len(view)
-        return written
+        return total
 
     def close(self, crc32c: int | str | None = None) -> ObjectInfo:
         """Finalize the object at the current position; idempotent.
