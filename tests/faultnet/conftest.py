@@ -25,3 +25,9 @@ def gcs_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GcsSe
     data_dir = tmp_path / "gcs-data" if request.param == "disk" else None
     with GcsServer(data_dir=data_dir) as running:
         yield running
+
+
+@pytest.fixture
+def gcs_endpoint(gcs_server: GcsServer) -> GcsServer:
+    """This directory's endpoint, for the plugin's fixtures (``gcs_bucket``, ``gcs_client``)."""
+    return gcs_server
