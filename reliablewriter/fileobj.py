@@ -26,6 +26,7 @@ file dropped unclosed is kept, not finalized.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Iterable
 from types import TracebackType
@@ -160,8 +161,10 @@ class BlobFile(io.BufferedIOBase):
 
     def __del__(self) -> None:
         # io's finalizer would close(), finalizing a partial object: keep it resumable.
+        # A finalizer must not raise (at interpreter exit the writer's run may be gone).
         if not self.closed:
-            self.keep()
+            with contextlib.suppress(Exception):
+                self.keep()
 
     # --- what the upload became -------------------------------------------------------
 

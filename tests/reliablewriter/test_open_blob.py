@@ -7,6 +7,7 @@ each says which. They run against the strict endpoint, not a mock.
 
 from __future__ import annotations
 
+import gc
 import io
 import subprocess
 import sys
@@ -277,3 +278,14 @@ def test_a_resume_handle_is_checked_when_read() -> None:
     ):
         with pytest.raises(ValueError, match="resume handle"):
             ResumeHandle.from_json(broken)
+
+
+def test_a_file_dropped_unclosed_is_kept_not_finalized(target: Target) -> None:
+    # io's finalizer would close() and so store a partial object; BlobFile keeps it.
+    f = open_blob(_blob(target), "wb", chunk_size=CHUNK)
+    f.write(payload(CHUNK + 10))
+    session_id = f.resume_handle.session_uri.rsplit("upload_id=", 1)[1]
+    del f
+    gc.collect()
+    assert target.object_names() == []
+    target.strict.store.session(session_id)  # still there: raises GcsApiError if not
