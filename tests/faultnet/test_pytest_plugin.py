@@ -4,10 +4,15 @@ point alone (no ``-p``, no conftest import of rup)."""
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
+import socket
 import textwrap
+import threading
 
 import pytest
+
+from faultnet.threaded_proxy import chaos_proxy_in_thread
 
 pytest_plugins = ["pytester"]
 
@@ -132,3 +137,15 @@ def test_a_wrong_store_name_is_an_error(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=60)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*gcs_endpoint takes memory or disk, not 'tape'*"])
+
+
+def test_a_threaded_chaos_proxy_on_a_taken_port_fails_at_start() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        address = taken.getsockname()[:2]
+        with (
+            pytest.raises(OSError, match="in use") as refused,
+            chaos_proxy_in_thread(("127.0.0.1", 9), listen=address),
+        ):
+            pass
+    assert refused.value.errno == errno.EADDRINUSE
+    assert not [t for t in threading.enumerate() if t.name == "chaos-proxy"]
