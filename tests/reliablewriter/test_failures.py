@@ -286,6 +286,7 @@ async def test_a_stored_final_chunk_is_found_after_every_answer_is_lost(
     # until the writer gives up: the object exists, so giving up would leave it behind
     # unreported. The writer looks the object up once and returns it.
     attempts = settings.retry.max_attempts
+    assert attempts is not None  # the fixture's policy counts attempts
     data = payload(MiB + 3)
     async with open_writer(target.bucket, "obj", settings) as writer:
         target.script("return-broken-stream-final-chunk-after-4B", *["return-503"] * (attempts - 1))
@@ -388,6 +389,7 @@ async def test_retries_stop_after_max_attempts_without_progress(
     target: Target, settings: WriterSettings
 ) -> None:
     attempts = settings.retry.max_attempts
+    assert attempts is not None  # the fixture's policy counts attempts
     async with open_writer(target.bucket, "obj", settings) as writer:
         target.script(*["return-503"] * attempts)
         await writer.write_at(0, payload(MiB))
