@@ -19,7 +19,7 @@ from typing import Final
 
 import trio
 
-from faultnet import tcpproxy
+from faultnet import cli_support
 from faultnet.control import proxy_specs_from_json
 from faultnet.plan import FaultPlan, PlanSyntaxError
 from faultnet.profiles import PROFILES, Leg
@@ -60,12 +60,7 @@ _PROFILE_HELP = "network profile for the proxy: " + "; ".join(
 )
 
 
-def parse_address(text: str) -> Address:
-    """Read ``HOST:PORT`` (``[V6ADDR]:PORT`` for IPv6); an ``argparse`` type."""
-    try:
-        return tcpproxy.parse_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+parse_address = cli_support.parse_address
 
 
 def parse_plan(text: str) -> FaultPlan:
@@ -84,10 +79,7 @@ def _parse_upstream(text: str) -> Address:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "exit codes:\n" + "\n".join(
-        f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES.items()
-    )
+    parser.epilog = cli_support.exit_codes_epilog(EXIT_CODES)
     parser.add_argument(
         "--listen",
         type=parse_address,
@@ -100,7 +92,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="the server every connection is relayed to; goes with --listen",
     )
-    parser.add_argument("--plan", type=parse_plan, default=FaultPlan.NONE, help=_PLAN_HELP)
+    parser.add_argument(
+        "--plan", type=parse_plan, default=FaultPlan.NONE, metavar="PLAN", help=_PLAN_HELP
+    )
     parser.add_argument("--profile", choices=sorted(PROFILES), help=_PROFILE_HELP)
     parser.add_argument(
         "--leg",
@@ -157,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         trio.run(_serve, specs, args.control)
     except OSError as exc:
         # The listeners could not be bound; everything later is handled per connection.
-        return _fail(f"cannot listen: {exc}", 1)
+        return _fail(f"cannot listen: {cli_support.os_reason(exc)}", 1)
     return 0
 
 

@@ -14,23 +14,47 @@ import sys
 import threading
 from types import FrameType
 
+from faultnet.cli_support import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    exit_codes_epilog,
+    listen_failure,
+    os_reason,
+    port_number,
+)
 from faultnet.gcs.resumable import UPLOAD_QUANTUM
 from faultnet.gcs.server import GcsServer
 from faultnet.gcs.store import DEFAULT_SESSION_TTL
 
-__all__ = ["ACCESS_TOKEN_ENV", "HELP", "configure", "read_access_token", "run"]
+__all__ = ["ACCESS_TOKEN_ENV", "EXIT_CODES", "HELP", "configure", "read_access_token", "run"]
 
 ACCESS_TOKEN_ENV = "RUP_GCS_ACCESS_TOKEN"
 
 HELP = "run a strict GCS JSON API endpoint with scripted faults (storage-testbench's API)"
 
+EXIT_CODES = {
+    EXIT_OK: "stopped cleanly (SIGTERM or Ctrl-C)",
+    EXIT_FAILED: "could not listen (address in use, permission) or failed while running",
+    EXIT_USAGE: "bad arguments, or a file they name missing or unusable (data dir, token file)",
+    EXIT_INTERRUPTED: "interrupted",
+}
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free)")
+    parser.epilog = "The URL is printed on the first line of stdout.\n\n" + exit_codes_epilog(
+        EXIT_CODES
+    )
+    parser.add_argument("--host", default="127.0.0.1", metavar="HOST", help="address to listen on")
+    parser.add_argument(
+        "--port", type=port_number, default=0, metavar="PORT",
+        help="port to listen on (0: any free one)",
+    )  # fmt: skip
     parser.add_argument(
         "--data-dir",
         default=None,
+        metavar="DATA_DIR",
         help="keep buckets, objects and upload sessions under this directory (default: memory)",
     )
     parser.add_argument(
@@ -89,6 +113,17 @@ def read_access_token(path: str | None) -> str | None:
     return os.environ.get(ACCESS_TOKEN_ENV) or None
 
 
+def _fail(message: str, code: int = EXIT_FAILED) -> int:
+    print(f"rup gcs-server: {message}", file=sys.stderr)
+    return code
+
+
+def _start_failure(args: argparse.Namespace, exc: OSError) -> str:
+    if exc.filename is None:
+        return listen_failure((args.host, args.port), exc)
+    return os_reason(exc)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         server = GcsServer(
@@ -100,9 +135,10 @@ def run(args: argparse.Namespace) -> int:
             access_token=read_access_token(args.access_token_file),
             session_ttl=args.session_ttl,
         )
-    except (OSError, ValueError) as exc:
-        print(f"rup gcs-server: {exc}", file=sys.stderr)
-        return 2
+    except OSError as exc:
+        return _fail(os_reason(exc), EXIT_USAGE)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     done = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -114,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
             print(server.url, flush=True)
             print(f"rup gcs-server: serving {server.url}", file=sys.stderr, flush=True)
             done.wait()
+    except OSError as exc:
+        return _fail(_start_failure(args, exc))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
+    return EXIT_OK

@@ -54,6 +54,13 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from faultnet.cli_support import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    exit_codes_epilog,
+)
 from proxy.chaos.report import ChaosReport, UploadOutcome, Verdict
 from proxy.chaos.run import run_chaos
 from proxy.chaos.settings import ChaosSettings
@@ -61,6 +68,7 @@ from proxy.chaos.workload import FAULT_MIXES
 from proxy.cli.sizes import parse_size
 
 __all__ = [
+    "EXIT_CODES",
     "HELP",
     "ChaosSettings",
     "configure",
@@ -70,6 +78,14 @@ __all__ = [
 ]
 
 HELP: Final = "run many uploads under faults on every leg, and verify every byte"
+
+EXIT_CODES: Final = {
+    EXIT_OK: "every upload kept its promise (verified, or failed cleanly without --strict)",
+    EXIT_FAILED: "a promise was broken (or, with --strict, an upload failed); the replay "
+    "command is printed",
+    EXIT_USAGE: "usage error",
+    EXIT_INTERRUPTED: "interrupted",
+}
 
 
 # -- the command ---------------------------------------------------------------------------
@@ -86,17 +102,17 @@ def _indexes(text: str) -> tuple[int, ...]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     defaults = ChaosSettings()
+    parser.epilog = exit_codes_epilog(EXIT_CODES)
     parser.add_argument(
-        "--uploads", type=int, default=defaults.uploads, metavar="N",
-        help=f"how many uploads (default {defaults.uploads})",
-    )  # fmt: skip
+        "--uploads", type=int, default=defaults.uploads, metavar="N", help="how many uploads"
+    )
     parser.add_argument(
-        "--seed", type=int, default=defaults.seed,
+        "--seed", type=int, default=defaults.seed, metavar="SEED",
         help="decides every size, byte and fault; the same seed replays the same run",
     )  # fmt: skip
     parser.add_argument(
         "--max-size", default="64M", metavar="SIZE",
-        help="largest object, e.g. 64M (default); sizes run from 0 B to it",
+        help="largest object (64M: 64 MiB); sizes run from 0 B to it",
     )  # fmt: skip
     parser.add_argument(
         "--connections",
@@ -111,7 +127,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--faults", default=defaults.faults, choices=list(FAULT_MIXES),
-        help=f"the fault mix (default {defaults.faults}; harsh adds faults no upload survives)",
+        help="the fault mix (harsh adds faults no upload survives)",
     )  # fmt: skip
     parser.add_argument(
         "--intensity", type=float, default=defaults.intensity, metavar="X",
@@ -206,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         settings = settings_from(args)
     except ValueError as exc:
         print(f"rup chaos: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     # The chaos proxies warn of each upstream that refused: in a chaos run that is the
     # point (a proxy or endpoint down), and the report counts what it did to the uploads.
     logging.getLogger("faultnet").addHandler(logging.NullHandler())
@@ -221,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         report.render(Console())
     if not report.passed:
         print(f"rup chaos: FAILED; replay with: {report.replay}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     if args.strict and report.verified_share < 1.0:
         failed = tuple(o.index for o in report.outcomes if o.verdict is Verdict.FAILED_CLEANLY)
         print(
@@ -229,5 +245,5 @@ def run(args: argparse.Namespace) -> int:
             f" {settings.replay_command(failed)}",
             file=sys.stderr,
         )
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK

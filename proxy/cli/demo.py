@@ -1,8 +1,7 @@
 """``rup demo``: upload a generated object through an in-process proxy under faults.
 
-The command line only: :func:`proxy.chaos.demo.run_demo` does the work. Exit 0 when the
-object was verified, 1 when the upload failed or the object did not verify, 2 on bad
-arguments.
+The command line only: :func:`proxy.chaos.demo.run_demo` does the work; exit codes in
+:data:`EXIT_CODES`.
 """
 
 from __future__ import annotations
@@ -14,26 +13,39 @@ import json
 import sys
 from typing import Final
 
+from faultnet.cli_support import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    exit_codes_epilog,
+)
 from faultnet.plan import FaultPlan, PlanSyntaxError
 from proxy.chaos.demo import DEFAULT_CLIENT_FAULTS, DEFAULT_GCS_FAULTS, demo_object_url, run_demo
 from proxy.cli.progress import UploadBar
 from proxy.cli.sizes import parse_size
 from proxy.client import UploadError
 
-__all__ = ["HELP", "configure", "run"]
+__all__ = ["EXIT_CODES", "HELP", "configure", "run"]
 
 HELP: Final = "upload a generated object through an in-process proxy under faults, and verify it"
 
+EXIT_CODES: Final = {
+    EXIT_OK: "the object was verified",
+    EXIT_FAILED: "the upload failed or the object did not verify",
+    EXIT_USAGE: "usage error",
+    EXIT_INTERRUPTED: "interrupted",
+}
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = (
-        "exit codes:\n  0    the object was verified\n  1    the upload failed or the object"
-        " did not verify\n  2    usage error"
-    )
-    parser.add_argument("--size", default="256M", help="object size, e.g. 64M or 1G (default 256M)")
+    parser.epilog = exit_codes_epilog(EXIT_CODES)
     parser.add_argument(
-        "--connections", type=int, default=4, metavar="N", help="client connections (default 4)"
+        "--size", default="256M", metavar="SIZE",
+        help="object size in bytes, or with a binary unit: 64M (MiB), 1G (GiB)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--connections", type=int, default=4, metavar="N", help="client connections"
     )
     parser.add_argument(
         "--client-faults",
@@ -48,7 +60,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"fault plan for proxy -> GCS (default: {DEFAULT_GCS_FAULTS!r})",
     )
     parser.add_argument("--no-faults", action="store_true", help="run with both plans empty")
-    parser.add_argument("--seed", type=int, default=1, help="seed for the data and both plans")
+    parser.add_argument(
+        "--seed", type=int, default=1, metavar="SEED", help="seed for the data and both plans"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
 
 

@@ -13,26 +13,41 @@ outlive the process, which is said at startup. The embedded endpoint requires a 
 secret (kept in ``D/keys/gcs-access-token`` with ``--data-dir``, else one per process)
 unless ``--gcs-open`` asks for it to be open, e.g. to read objects back with another tool.
 
-Exit codes: 0 after a clean shutdown, 2 for bad arguments, 1 if the server failed.
+Every failure is one line on stderr (``rup serve: ...``) and an exit code from
+:data:`EXIT_CODES`; a TLS failure says which file, or what in it, was refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
+import errno
 import functools
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import signal
 import ssl
 import sys
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
+from faultnet.cli_support import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    exit_codes_epilog,
+    listen_failure,
+    os_reason,
+    parse_address,
+)
 from proxy.server import ProxyServer, serve
 from proxy.server.backend import Backend, GcsTarget, TargetKind, open_backend
 from proxy.server.keys import (
@@ -43,13 +58,41 @@ from proxy.server.keys import (
     private_directory,
 )
 from proxy.server.logging import configure_logging, get_logger, log_event
+from proxy.server.metrics import MetricsListenError
 from proxy.server.settings import MiB, ServerSettings, SettingsError
 
-__all__ = ["HELP", "configure", "run"]
+__all__ = [
+    "EXIT_CODES",
+    "HELP",
+    "METRICS_PORT",
+    "PROXY_PORT",
+    "TOKEN_KEY_ENV",
+    "configure",
+    "run",
+    "tls_context",
+]
 
 HELP = "run the proxy: accept uploads and stream them into GCS"
 
+#: where clients connect by default (``rup upload --proxy`` and the deploy/ files use it)
+PROXY_PORT = 7400
+#: the port the deploy/ files give ``--metrics`` (``/metrics``, ``/healthz``, ``/readyz``)
+METRICS_PORT = 9400
+#: the environment variable that carries the upload-token key (a Secret in Kubernetes)
+TOKEN_KEY_ENV = "RUP_TOKEN_KEY"
+
+EXIT_CODES = {
+    EXIT_OK: "shut down cleanly (SIGTERM or Ctrl-C)",
+    EXIT_FAILED: "could not listen (address in use, permission), the embedded endpoint's "
+    "data dir unusable, or the server failed while running",
+    EXIT_USAGE: "bad arguments, or a file they name missing or unusable (TLS certificate or "
+    "key, token key)",
+    EXIT_INTERRUPTED: "interrupted twice, shutdown cut short",
+}
+
 logger = get_logger(__name__)
+
+_E = TypeVar("_E", bound=BaseException)
 
 #: under --data-dir: secrets the proxy keeps (a directory the GCS store does not own)
 KEYS_DIRECTORY = "keys"
@@ -65,11 +108,9 @@ class KeySource(enum.Enum):
     EPHEMERAL = "random, for this process only"
 
 
-def _host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+def _in_mib(size: int) -> str:
+    """A byte count as the text of a ``--...-mib`` option (its default, shown in --help)."""
+    return f"{size / MiB:g}"
 
 
 def _mebibytes(text: str) -> int:
@@ -87,31 +128,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "tokens), RUP_TOKEN_KEY (from 'rup keygen') and RUP_GCS_ACCESS_TOKEN. With neither "
         "--gcs-endpoint nor credentials, the embedded strict GCS endpoint is started (in "
         "memory, or under --data-dir), requiring a bearer secret unless --gcs-open. "
-        "Exit codes: 0 clean shutdown, 1 server failure, 2 bad arguments."
+        "The metrics listener also answers /healthz (alive) and /readyz (taking connections "
+        "and the GCS endpoint reachable; 503 from SIGTERM on, while draining).\n\n"
+        + exit_codes_epilog(EXIT_CODES)
     )
     parser.add_argument(
-        "--listen", type=_host_port, default=("127.0.0.1", 7400), metavar="HOST:PORT"
-    )
+        "--listen", type=parse_address, default=f"127.0.0.1:{PROXY_PORT}", metavar="HOST:PORT",
+        help="where clients connect (port 0: any free one, printed at startup)",
+    )  # fmt: skip
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--gcs-endpoint", metavar="URL", help="a GCS JSON API endpoint")
     target.add_argument(
-        "--data-dir", type=Path, metavar="DIR", help="embedded endpoint, stored under DIR"
+        "--data-dir", type=Path, metavar="DATA_DIR", help="embedded endpoint, stored under DATA_DIR"
     )
     target.add_argument(
         "--embedded", action="store_true", help="embedded endpoint in memory, even with credentials"
     )
-    parser.add_argument("--project", help="GCS project (real GCS only)")
+    parser.add_argument("--project", metavar="PROJECT", help="GCS project (real GCS only)")
     parser.add_argument(
-        "--auth-token", action="append", default=[], metavar="TOKEN",
+        "--auth-token", action="append", default=[], metavar="AUTH_TOKEN",
         help="accept this bearer token (repeatable; default: $RUP_AUTH_TOKEN, else no auth)",
     )  # fmt: skip
     parser.add_argument(
-        "--token-key", metavar="KEY",
+        "--token-key", metavar="TOKEN_KEY",
         help="upload-token key from 'rup keygen', or a passphrase of 16+ characters "
         "(default: $RUP_TOKEN_KEY, else the one kept in --data-dir, else random)",
     )  # fmt: skip
     parser.add_argument(
-        "--gcs-listen", type=_host_port, metavar="HOST:PORT",
+        "--gcs-listen", type=parse_address, metavar="HOST:PORT",
         help="where the embedded GCS endpoint listens (default: 127.0.0.1, any free port)",
     )  # fmt: skip
     parser.add_argument(
@@ -123,30 +167,46 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="create a missing bucket on first use "
         "(default: only for the embedded endpoint in memory)",
     )  # fmt: skip
-    parser.add_argument("--tls-cert", type=Path, metavar="PEM")
-    parser.add_argument("--tls-key", type=Path, metavar="PEM")
-    parser.add_argument("--metrics", type=_host_port, metavar="HOST:PORT", help="serve /metrics")
     parser.add_argument(
-        "--max-frame-mib", type=_mebibytes, default=defaults.max_frame_size, metavar="MIB"
-    )
+        "--tls-cert", type=Path, metavar="CERT_PEM",
+        help="serve TLS with this certificate chain (PEM); goes with --tls-key",
+    )  # fmt: skip
     parser.add_argument(
-        "--upload-buffer-mib", type=_mebibytes, default=defaults.upload_buffer_limit, metavar="MIB"
-    )
+        "--tls-key", type=Path, metavar="KEY_PEM",
+        help="the private key of --tls-cert (PEM, unencrypted)",
+    )  # fmt: skip
     parser.add_argument(
-        "--total-buffer-mib", type=_mebibytes, default=defaults.total_buffer_limit, metavar="MIB"
-    )
+        "--metrics", type=parse_address, metavar="HOST:PORT",
+        help="serve /metrics, /healthz and /readyz here "
+        f"(default: not served; deploy/ uses 0.0.0.0:{METRICS_PORT})",
+    )  # fmt: skip
     parser.add_argument(
-        "--max-uploads-per-client", type=int, default=defaults.max_uploads_per_client
-    )
+        "--max-frame-mib", type=_mebibytes, default=_in_mib(defaults.max_frame_size),
+        metavar="MIB", help="largest frame a client may send, in MiB",
+    )  # fmt: skip
     parser.add_argument(
-        "--max-connections-per-client", type=int, default=defaults.max_connections_per_client
-    )
+        "--upload-buffer-mib", type=_mebibytes, default=_in_mib(defaults.upload_buffer_limit),
+        metavar="MIB", help="most bytes one upload may hold before GCS acknowledges them, in MiB",
+    )  # fmt: skip
     parser.add_argument(
-        "--max-connections", type=int, default=defaults.max_connections,
+        "--total-buffer-mib", type=_mebibytes, default=_in_mib(defaults.total_buffer_limit),
+        metavar="MIB", help="most bytes all uploads together may hold, in MiB",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-uploads-per-client", type=int, default=defaults.max_uploads_per_client,
+        metavar="N", help="uploads one client (bearer token, or address) may have open",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-connections-per-client", type=int, default=defaults.max_connections_per_client,
+        metavar="N", help="connections one client address may have open",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-connections", type=int, default=defaults.max_connections, metavar="N",
         help="connections open at once, from anyone",
     )  # fmt: skip
     parser.add_argument(
         "--max-preauth-connections", type=int, default=defaults.max_preauth_connections,
+        metavar="N",
         help="connections that have not completed their Hello yet",
     )  # fmt: skip
     parser.add_argument(
@@ -158,16 +218,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="FRACTION", help="the part of --total-buffer-mib one client may hold",
     )  # fmt: skip
     parser.add_argument(
-        "--min-window-mib", type=_mebibytes, default=defaults.min_upload_window, metavar="MIB",
+        "--min-window-mib", type=_mebibytes, default=_in_mib(defaults.min_upload_window),
+        metavar="MIB",
         help="a new upload's window, which grows to --upload-buffer-mib as data arrives",
     )  # fmt: skip
     parser.add_argument(
         "--complete-timeout", type=float, default=defaults.complete_timeout, metavar="SECONDS",
         help="how long a Complete waits for missing bytes before listing them",
     )  # fmt: skip
-    parser.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout)
-    parser.add_argument("--upload-idle-timeout", type=float, default=defaults.upload_idle_timeout)
-    parser.add_argument("--handshake-timeout", type=float, default=defaults.handshake_timeout)
+    parser.add_argument(
+        "--idle-timeout", type=float, default=defaults.idle_timeout, metavar="SECONDS",
+        help="close a connection that sent nothing for this long",
+    )  # fmt: skip
+    parser.add_argument(
+        "--upload-idle-timeout", type=float, default=defaults.upload_idle_timeout,
+        metavar="SECONDS", help="release an upload nobody wrote to for this long",
+    )  # fmt: skip
+    parser.add_argument(
+        "--handshake-timeout", type=float, default=defaults.handshake_timeout, metavar="SECONDS",
+        help="close a connection whose Hello has not arrived within this long",
+    )  # fmt: skip
     parser.add_argument(
         "--budget-wait", type=float, default=defaults.budget_wait, metavar="SECONDS",
         help="how long a new upload waits for buffer budget before TOO_BUSY",
@@ -189,7 +259,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="object names must start with one of these (repeatable)",
     )  # fmt: skip
     parser.add_argument("--json-logs", action="store_true", help="log JSON lines")
-    parser.add_argument("--verbose", "-v", action="store_true")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log debug lines too")
 
 
 def token_key_from_args(args: argparse.Namespace) -> tuple[bytes, KeySource]:
@@ -226,8 +296,7 @@ def settings_from_args(args: argparse.Namespace, token_key: bytes | None = None)
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise SettingsError("--tls-cert and --tls-key go together")
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls.load_cert_chain(args.tls_cert, args.tls_key)
+        tls = tls_context(args.tls_cert, args.tls_key)
     host, port = args.listen
     return ServerSettings(
         host=host,
@@ -255,6 +324,34 @@ def settings_from_args(args: argparse.Namespace, token_key: bytes | None = None)
         allowed_buckets=tuple(args.allow_bucket),
         allowed_prefixes=tuple(args.allow_prefix),
     )
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server TLS context from ``cert`` and ``key``; :class:`SettingsError` saying which
+    file is missing, unreadable or refused, and why."""
+    for option, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not path.is_file():
+            why = "no such file" if not path.exists() else "not a file"
+            raise SettingsError(f"{option} {path}: {why}")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except PermissionError:
+        raise SettingsError(f"--tls-cert {cert} or --tls-key {key}: permission denied") from None
+    except ssl.SSLError as exc:
+        raise SettingsError(_tls_refusal(cert, key, exc)) from None
+    return context
+
+
+def _tls_refusal(cert: Path, key: Path, exc: ssl.SSLError) -> str:
+    """Which of the two files OpenSSL refused, as far as can be told without it."""
+    if b"-----BEGIN CERTIFICATE-----" not in cert.read_bytes():
+        return f"--tls-cert {cert}: no PEM certificate in it"
+    if not re.search(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----", key.read_bytes()):
+        return f"--tls-key {key}: no PEM private key in it"
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return f"--tls-key {key}: not the private key of the certificate in {cert}"
+    return f"--tls-cert {cert} / --tls-key {key}: refused by OpenSSL ({exc.reason or exc})"
 
 
 def target_from_args(args: argparse.Namespace) -> tuple[GcsTarget, str]:
@@ -362,7 +459,11 @@ async def _serve_until_signalled(
     metrics_listen: tuple[str, int] | None,
     startup: _Startup,
 ) -> None:
-    with open_backend(target) as backend:
+    with contextlib.ExitStack() as stack:
+        try:
+            backend = stack.enter_context(open_backend(target))
+        except OSError as exc:
+            raise _StartError(_embedded_endpoint_failure(target, exc)) from None
         for event, reason in startup_warnings(
             settings,
             backend,
@@ -372,9 +473,17 @@ async def _serve_until_signalled(
         ):
             log_event(logger, logging.WARNING, event, reason=reason)
         async with trio.open_nursery() as nursery:
-            server: ProxyServer = await nursery.start(
-                functools.partial(serve, settings, backend, metrics_listen=metrics_listen)
-            )
+            try:
+                server: ProxyServer = await nursery.start(
+                    functools.partial(serve, settings, backend, metrics_listen=metrics_listen)
+                )
+            except* OSError as group:
+                failure = _first_exception(group)
+                if isinstance(failure, MetricsListenError) and metrics_listen is not None:
+                    line = "--metrics: " + listen_failure(metrics_listen, failure)
+                else:
+                    line = listen_failure((settings.host, settings.port), failure)
+                raise _StartError(line) from None
             host, port = server.address
             # Scripts (and the tests) read this line to learn the port when --listen used 0.
             print(f"rup serve: listening on {host}:{port} (gcs: {backend.url})", flush=True)
@@ -401,13 +510,45 @@ def run(args: argparse.Namespace) -> int:
         token_key, key_source = token_key_from_args(args)
         settings = settings_from_args(args, token_key)
         target, gcs_access = target_from_args(args)
-    except (SettingsError, KeyMaterialError, OSError, ssl.SSLError) as exc:
-        print(f"rup serve: {exc}", file=sys.stderr)
-        return 2
+    except (SettingsError, KeyMaterialError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        return _fail(os_reason(exc), EXIT_USAGE)
     startup = _Startup(key_source, gcs_access, args.gcs_open)
     try:
         trio.run(_serve_until_signalled, settings, target, args.metrics, startup)
-    except OSError as exc:
-        print(f"rup serve: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except _StartError as exc:
+        return _fail(str(exc))
+    except BaseExceptionGroup as group:
+        # trio groups what its nurseries raise; a failed start is one line, the rest is real
+        started, others = group.split(_StartError)
+        if started is None or others is not None:
+            raise
+        return _fail(str(_first_exception(started)))
+    return EXIT_OK
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> int:
+    print(f"rup serve: {message}", file=sys.stderr)
+    return code
+
+
+def _first_exception(group: BaseExceptionGroup[_E]) -> _E:
+    """The first exception of a (possibly nested) group."""
+    found: BaseException = group
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found  # type: ignore[return-value]
+
+
+class _StartError(Exception):
+    """``rup serve`` could not start; the message is the line to print."""
+
+
+def _embedded_endpoint_failure(target: GcsTarget, exc: OSError) -> str:
+    if exc.filename is None and exc.errno in _LISTEN_ERRNOS:
+        return "embedded GCS endpoint: " + listen_failure(target.listen, exc)
+    return f"embedded GCS endpoint: cannot use the data dir: {os_reason(exc)}"
+
+
+_LISTEN_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL, errno.EPERM})

@@ -53,7 +53,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="remove an upload's temporaries once its newest is this old (e.g. 24h)",
     )  # fmt: skip
     parser.add_argument("--gcs-endpoint", metavar="URL", help="a GCS JSON API endpoint")
-    parser.add_argument("--project", help="GCS project (real GCS only)")
+    parser.add_argument("--project", metavar="PROJECT", help="GCS project (real GCS only)")
     parser.add_argument("--dry-run", action="store_true", help="list, do not delete")
 
 

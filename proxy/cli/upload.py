@@ -152,6 +152,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--auth-token",
+        metavar="AUTH_TOKEN",
         default=os.environ.get("RUP_AUTH_TOKEN", ""),
         help="bearer token the proxy expects (default: $RUP_AUTH_TOKEN)",
     )

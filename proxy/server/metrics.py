@@ -21,7 +21,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -43,6 +42,7 @@ from prometheus_client import (
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from protocol import ErrorCode
+from proxy.version import version
 from reliablewriter import WriterError
 
 if TYPE_CHECKING:
@@ -53,8 +53,8 @@ __all__ = [
     "GCS_METHODS",
     "GCS_OUTCOMES",
     "METRICS_PATH",
+    "MetricsListenError",
     "ServerMetrics",
-    "build_version",
     "gcs_outcome",
     "observe_gcs_requests",
     "serve_metrics",
@@ -92,13 +92,6 @@ _UPLOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-def build_version() -> str:
-    """The installed distribution's version (``0+unknown`` when run from a bare tree)."""
-    try:
-        return metadata.version("reliable-upload-proxy")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
-
 
 class ServerMetrics:
     """The proxy's metrics, in a registry of their own."""
@@ -111,7 +104,7 @@ class ServerMetrics:
         build_info = Gauge(
             "rup_build_info", "The running rup's version (always 1)", ["version"], registry=r
         )
-        build_info.labels(version=build_version()).set(1)
+        build_info.labels(version=version()).set(1)
         self.uploads_started = Counter(
             "rup_uploads_started", "Uploads opened (not counting attaches)", registry=r
         )
@@ -239,6 +232,11 @@ def observe_gcs_requests(session: requests.Session, metrics: ServerMetrics) -> N
             session.adapters[prefix] = _TimedAdapter(adapter, metrics.gcs_requests)
 
 
+class MetricsListenError(OSError):
+    """The metrics listener could not be opened (its ``errno`` says why): not the proxy's
+    own listener, which a caller may want to tell apart in its message."""
+
+
 class _MetricsServerV6(ThreadingWSGIServer):
     address_family = socket.AF_INET6
 
@@ -295,7 +293,10 @@ async def serve_metrics(
     """
     server_class = _MetricsServerV6 if ":" in host else ThreadingWSGIServer
     app = _routes(make_wsgi_app(metrics.registry), probes or {})
-    httpd: WSGIServer = make_server(host, port, app, server_class, _QuietHandler)
+    try:
+        httpd: WSGIServer = make_server(host, port, app, server_class, _QuietHandler)
+    except OSError as exc:
+        raise MetricsListenError(exc.errno, exc.strerror) from exc
     thread = threading.Thread(
         target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="rup-metrics", daemon=True
     )

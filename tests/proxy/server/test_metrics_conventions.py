@@ -15,8 +15,9 @@ from protocol import Complete, Completed, ErrorCode
 from proxy.server import ProxyServer, serve_in_background
 from proxy.server.backend import Backend
 from proxy.server.health import Health
-from proxy.server.metrics import GCS_METHODS, GCS_OUTCOMES, build_version
+from proxy.server.metrics import GCS_METHODS, GCS_OUTCOMES
 from proxy.server.settings import MiB, ServerSettings
+from proxy.version import version
 from tests.proxy.conftest import RawClient
 from tests.proxy.server.test_observability import _scrape
 from tests.proxy.server.test_uploads import send_range
@@ -74,7 +75,7 @@ async def test_metric_names_follow_the_prometheus_naming_guide(
     # process metrics and build info
     assert after["process_resident_memory_bytes"].samples[0].value > 0
     (info,) = after["rup_build_info"].samples
-    assert info.labels == {"version": build_version()}
+    assert info.labels == {"version": version()}
     assert info.value == 1
     # histograms, observed by the upload
     durations = {s.name: s.value for s in after["rup_upload_duration_seconds"].samples}
