@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 
 import pytest
 
 from proxy.cli.demo import describe_plan
 from proxy.cli.sizes import format_rate, format_size, parse_size
+from tests.proxy.cli.commands import run_rup
 
 
 @pytest.mark.parametrize(
@@ -47,13 +47,7 @@ def test_a_plan_is_described_in_words_with_human_sizes() -> None:
 
 
 def _demo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "demo", "--size", "8M", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_rup("demo", "--size", "8M", *args, timeout=120)
 
 
 def test_demo_explains_each_fault_kind_what_caught_it_and_its_cost() -> None:

@@ -19,6 +19,7 @@ import trio
 
 from faultnet.gcs import GcsServer
 from protocol import GoingAway
+from tests.proxy.cli.commands import run_rup
 from tests.proxy.cli.test_serve import _read_all, _read_line
 from tests.proxy.conftest import RawClient
 from tests.proxy.server.test_observability import _scrape
@@ -33,16 +34,6 @@ def taken_port() -> Iterator[int]:
         yield int(listener.getsockname()[1])
 
 
-def _rup(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def _one_line(result: subprocess.CompletedProcess[str], command: str) -> str:
     """The single ``rup COMMAND: ...`` line on stderr (log lines may come before it)."""
     assert "Traceback" not in result.stderr, result.stderr
@@ -55,7 +46,7 @@ IN_USE = "address already in use"
 
 
 def test_serve_on_a_port_in_use(taken_port: int) -> None:
-    result = _rup("serve", "--listen", f"127.0.0.1:{taken_port}")
+    result = run_rup("serve", "--listen", f"127.0.0.1:{taken_port}")
     assert result.returncode == 1
     assert _one_line(result, "serve").startswith(
         f"rup serve: cannot listen on 127.0.0.1:{taken_port}: {IN_USE}"
@@ -63,7 +54,7 @@ def test_serve_on_a_port_in_use(taken_port: int) -> None:
 
 
 def test_serve_metrics_on_a_port_in_use(taken_port: int) -> None:
-    result = _rup("serve", "--listen", "127.0.0.1:0", "--metrics", f"127.0.0.1:{taken_port}")
+    result = run_rup("serve", "--listen", "127.0.0.1:0", "--metrics", f"127.0.0.1:{taken_port}")
     assert result.returncode == 1
     assert _one_line(result, "serve").startswith(
         f"rup serve: --metrics: cannot listen on 127.0.0.1:{taken_port}: {IN_USE}"
@@ -71,7 +62,7 @@ def test_serve_metrics_on_a_port_in_use(taken_port: int) -> None:
 
 
 def test_serve_embedded_endpoint_on_a_port_in_use(taken_port: int) -> None:
-    result = _rup(
+    result = run_rup(
         "serve", "--listen", "127.0.0.1:0", "--embedded", "--gcs-listen", f"127.0.0.1:{taken_port}"
     )
     assert result.returncode == 1
@@ -90,7 +81,7 @@ def test_serve_embedded_endpoint_on_a_port_in_use(taken_port: int) -> None:
     ],
 )
 def test_ports_out_of_range_are_usage_errors(command: str, args: list[str], message: str) -> None:
-    result = _rup(command, *args)
+    result = run_rup(command, *args)
     assert result.returncode == 2
     (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
     assert line.startswith(f"rup {command}: error: argument ")
@@ -98,7 +89,7 @@ def test_ports_out_of_range_are_usage_errors(command: str, args: list[str], mess
 
 
 def test_gcs_server_on_a_port_in_use(taken_port: int) -> None:
-    result = _rup("gcs-server", "--port", str(taken_port))
+    result = run_rup("gcs-server", "--port", str(taken_port))
     assert result.returncode == 1
     assert _one_line(result, "gcs-server") == (
         f"rup gcs-server: cannot listen on 127.0.0.1:{taken_port}: {IN_USE} "
@@ -107,18 +98,20 @@ def test_gcs_server_on_a_port_in_use(taken_port: int) -> None:
 
 
 def test_faultproxy_on_a_port_in_use(taken_port: int) -> None:
-    result = _rup("faultproxy", "--listen", f"127.0.0.1:{taken_port}", "--upstream", "127.0.0.1:1")
+    result = run_rup(
+        "faultproxy", "--listen", f"127.0.0.1:{taken_port}", "--upstream", "127.0.0.1:1"
+    )
     assert result.returncode == 1
     assert _one_line(result, "faultproxy").startswith(f"rup faultproxy: cannot listen: {IN_USE}")
 
 
 def test_missing_files_say_no_such_file(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.pem"
-    result = _rup("serve", "--tls-cert", str(missing), "--tls-key", str(missing))
+    result = run_rup("serve", "--tls-cert", str(missing), "--tls-key", str(missing))
     assert result.returncode == 2
     assert _one_line(result, "serve") == f"rup serve: --tls-cert {missing}: no such file"
 
-    result = _rup("gcs-server", "--access-token-file", str(missing))
+    result = run_rup("gcs-server", "--access-token-file", str(missing))
     assert result.returncode == 2
     assert _one_line(result, "gcs-server") == (
         f"rup gcs-server: no such file or directory: {missing}"
@@ -162,17 +155,17 @@ def test_tls_failures_say_which_file(tmp_path: Path) -> None:
     not_pem = tmp_path / "notes.txt"
     not_pem.write_text("hello\n")
 
-    result = _rup("serve", "--tls-cert", str(not_pem), "--tls-key", str(key_a))
+    result = run_rup("serve", "--tls-cert", str(not_pem), "--tls-key", str(key_a))
     assert result.returncode == 2
     assert (
         _one_line(result, "serve") == f"rup serve: --tls-cert {not_pem}: no PEM certificate in it"
     )
 
-    result = _rup("serve", "--tls-cert", str(cert_a), "--tls-key", str(not_pem))
+    result = run_rup("serve", "--tls-cert", str(cert_a), "--tls-key", str(not_pem))
     assert result.returncode == 2
     assert _one_line(result, "serve") == f"rup serve: --tls-key {not_pem}: no PEM private key in it"
 
-    result = _rup("serve", "--tls-cert", str(cert_a), "--tls-key", str(key_b))
+    result = run_rup("serve", "--tls-cert", str(cert_a), "--tls-key", str(key_b))
     assert result.returncode == 2
     assert _one_line(result, "serve") == (
         f"rup serve: --tls-key {key_b}: not the private key of the certificate in {cert_a}"

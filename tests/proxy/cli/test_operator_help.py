@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 
 import pytest
 
 from proxy.cli import main as cli
 from proxy.version import version
+from tests.proxy.cli.commands import run_rup
 
 #: options whose default is worth stating but need not be a literal (a flag, a repeatable)
-_NO_DEFAULT_NEEDED = (argparse._StoreTrueAction, argparse._AppendAction)  # noqa: SLF001
+_NO_DEFAULT_NEEDED = (argparse._StoreTrueAction, argparse._AppendAction)
 
 
 def _options(name: str) -> list[argparse.Action]:
     parser, _ = cli.command_parser(name)
-    return [a for a in parser._actions if a.option_strings and a.dest != "help"]  # noqa: SLF001
+    return [a for a in parser._actions if a.option_strings and a.dest != "help"]
 
 
 @pytest.mark.parametrize("name", list(cli.COMMANDS))
@@ -26,7 +25,7 @@ def test_every_option_of_every_command_has_help_and_its_default(name: str) -> No
     rendered = parser.format_help()
     for action in _options(name):
         flag = action.option_strings[-1]
-        assert action.help and action.help.strip(), f"rup {name} {flag}: no help text"
+        assert (action.help or "").strip(), f"rup {name} {flag}: no help text"
         takes_value = action.nargs != 0
         if takes_value and action.choices is None:
             assert action.metavar, f"rup {name} {flag}: no metavar"
@@ -38,7 +37,7 @@ def test_every_option_of_every_command_has_help_and_its_default(name: str) -> No
             and action.default not in (None, [], ())
             and not isinstance(action, _NO_DEFAULT_NEEDED)
         ):
-            help_text = parser._get_formatter()._expand_help(action)  # noqa: SLF001
+            help_text = parser._get_formatter()._expand_help(action)
             assert "default" in help_text, f"rup {name} {flag}: default not shown"
     assert "exit codes" in rendered.lower(), f"rup {name} --help lists no exit codes"
 
@@ -67,25 +66,15 @@ def test_placeholders_are_the_same_everywhere() -> None:
     assert "TOKEN" not in {m for ms in metavars.values() for m in ms}
 
 
-def _rup(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_version() -> None:
-    result = _rup("--version")
+    result = run_rup("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"rup {version()}"
     assert version() != "0+unknown"  # the test tree is installed
 
 
 def test_rup_help_lists_every_commands_exit_codes() -> None:
-    result = _rup("--help")
+    result = run_rup("--help")
     assert result.returncode == 0
     out = result.stdout
     assert "exit codes" in out
