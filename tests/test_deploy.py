@@ -19,7 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import main as cli
-from proxy.cli.serve import METRICS_PORT, PROXY_PORT, TOKEN_KEY_ENV, KeySource, token_key_from_args
+from proxy.cli.ports import METRICS_PORT, PROXY_PORT
+from proxy.cli.serve import TOKEN_KEY_ENV, KeySource, token_key_from_args
 from proxy.server.health import HEALTHZ_PATH, READYZ_PATH
 from proxy.server.metrics import METRICS_PATH, ServerMetrics
 from proxy.server.settings import ServerSettings

@@ -6,7 +6,7 @@ Nothing imports this package (an import contract checks it); the ``rup`` script 
 The command contract
 --------------------
 Every command is one module, registered by name in :data:`proxy.cli.main.COMMANDS`,
-that defines exactly these three names and nothing else the dispatcher relies on:
+that defines these names (``EXIT_CODES`` optional) and nothing else the dispatcher relies on:
 
 ``HELP: str``
     One line saying what the command does; the command's ``--help`` description.
@@ -18,6 +18,8 @@ that defines exactly these three names and nothing else the dispatcher relies on
     could not catch, others as the command's epilog documents. It prints its own errors
     as one line (``rup NAME: ...``) rather than raising; Ctrl-C (bare, or grouped by a trio
     nursery) is turned into exit 130 by the dispatcher.
+``EXIT_CODES: dict[int, str]``
+    Code -> meaning, shown in the command's ``--help`` epilog and gathered by ``rup --help``.
 
 A command module is thin: it turns arguments into a call of the room that does the work
 (:mod:`proxy.server`, :mod:`proxy.client`, :mod:`proxy.chaos`) and the result into output
@@ -33,8 +35,11 @@ same contract but live in faultnet (:mod:`faultnet.gcs.command`,
 name; a wrapper here would only re-export their three names.
 
 Besides the command modules, ``progress`` (the upload progress bar), ``sizes``
-(``256M``-style sizes) and ``upload_state`` (``rup upload``'s resume records) serve the
-commands.
+(``256M``-style sizes read, IEC sizes and rates written), ``ports`` (the default ports,
+written once) and ``upload_state`` (``rup upload``'s resume records) serve the commands.
+What every command shares (``HOST:PORT`` arguments, one-line failures, the exit codes 0, 1,
+2 and 130, the help formatter that shows defaults) is :mod:`faultnet.cli_support`, so that
+faultnet's two commands use it too.
 """
 
 __all__: list[str] = []

@@ -48,6 +48,7 @@ from faultnet.cli_support import (
     os_reason,
     parse_address,
 )
+from proxy.cli.ports import METRICS_PORT, PROXY_PORT
 from proxy.server import ProxyServer, serve
 from proxy.server.backend import Backend, GcsTarget, TargetKind, open_backend
 from proxy.server.keys import (
@@ -64,8 +65,6 @@ from proxy.server.settings import MiB, ServerSettings, SettingsError
 __all__ = [
     "EXIT_CODES",
     "HELP",
-    "METRICS_PORT",
-    "PROXY_PORT",
     "TOKEN_KEY_ENV",
     "configure",
     "run",
@@ -74,10 +73,6 @@ __all__ = [
 
 HELP = "run the proxy: accept uploads and stream them into GCS"
 
-#: where clients connect by default (``rup upload --proxy`` and the deploy/ files use it)
-PROXY_PORT = 7400
-#: the port the deploy/ files give ``--metrics`` (``/metrics``, ``/healthz``, ``/readyz``)
-METRICS_PORT = 9400
 #: the environment variable that carries the upload-token key (a Secret in Kubernetes)
 TOKEN_KEY_ENV = "RUP_TOKEN_KEY"
 
