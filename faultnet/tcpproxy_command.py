@@ -151,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
         trio.run(_serve, specs, args.control)
     except OSError as exc:
         # The listeners could not be bound; everything later is handled per connection.
+        addresses = [spec.listen for spec in specs] + ([args.control] if args.control else [])
+        if len(addresses) == 1:
+            return _fail(cli_support.listen_failure(addresses[0], exc), 1)
         return _fail(f"cannot listen: {cli_support.os_reason(exc)}", 1)
     return 0
 

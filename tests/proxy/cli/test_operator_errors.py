@@ -102,7 +102,14 @@ def test_faultproxy_on_a_port_in_use(taken_port: int) -> None:
         "faultproxy", "--listen", f"127.0.0.1:{taken_port}", "--upstream", "127.0.0.1:1"
     )
     assert result.returncode == 1
-    assert _one_line(result, "faultproxy").startswith(f"rup faultproxy: cannot listen: {IN_USE}")
+    assert _one_line(result, "faultproxy").startswith(
+        f"rup faultproxy: cannot listen on 127.0.0.1:{taken_port}: {IN_USE}"
+    )
+    result = run_rup("faultproxy", "--control", f"127.0.0.1:{taken_port}")
+    assert result.returncode == 1
+    assert _one_line(result, "faultproxy").startswith(
+        f"rup faultproxy: cannot listen on 127.0.0.1:{taken_port}: {IN_USE}"
+    )
 
 
 def test_missing_files_say_no_such_file(tmp_path: Path) -> None:
