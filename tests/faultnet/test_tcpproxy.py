@@ -940,7 +940,7 @@ def test_cli_reports_a_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
         assert faultproxy_command.run(args) == 1
 
     [error] = capsys.readouterr().err.splitlines()
-    assert error.startswith("rup faultproxy: cannot listen: ")
+    assert error.startswith("rup faultproxy: cannot listen on ")
     assert "in use" in error
 
 
