@@ -85,34 +85,6 @@ class DemoReport:
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "throughput_mib_s": round(self.throughput / MiB, 2)}
 
-    def as_text(self) -> str:
-        def listing(counts: dict[str, int] | dict[str, float], unit: str = "") -> str:
-            items = [f"{name} {value}{unit}" for name, value in counts.items() if value]
-            return ", ".join(items) or "none"
-
-        resent = {cause: round(count / MiB, 1) for cause, count in self.client_resent_bytes.items()}
-        verdict = (
-            "VERIFIED: size and crc32c match GCS, and the downloaded copy matches byte for byte"
-            if self.verified
-            else f"NOT VERIFIED: {self.problem}"
-        )
-        return "\n".join(
-            [
-                f"rup demo: {self.size / MiB:.0f} MiB over {self.connections} connections",
-                f"  client -> proxy faults: {self.client_plan}",
-                f"  proxy -> GCS faults:    {self.gcs_plan}",
-                f"uploaded in {self.elapsed:.1f} s: {self.throughput / MiB:.1f} MiB/s",
-                f"client: {self.client_reconnects} reconnects; resent MiB by cause:"
-                f" {listing(resent)}; proxy errors: {listing(self.client_errors)}",
-                f"proxy -> GCS retries by cause: {listing(self.proxy_gcs_retries)}",
-                f"faults injected, client leg: {listing(self.client_faults['faults'])}"
-                f" over {self.client_faults['connections']} connections",
-                f"faults injected, GCS leg:    {listing(self.gcs_faults['faults'])}"
-                f" over {self.gcs_faults['connections']} connections",
-                verdict,
-            ]
-        )
-
 
 def demo_object_url(size: int, seed: int) -> str:
     """The ``gs://`` URL the demo uploads to."""

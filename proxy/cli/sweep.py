@@ -21,9 +21,17 @@ import re
 import sys
 from typing import Final
 
-__all__ = ["HELP", "configure", "parse_age", "run"]
+from faultnet.cli_support import EXIT_FAILED, EXIT_OK, EXIT_USAGE, exit_codes_epilog
+
+__all__ = ["EXIT_CODES", "HELP", "configure", "parse_age", "run"]
 
 HELP: Final = "delete interrupted composite uploads' temporary objects (older than an age)"
+
+EXIT_CODES: Final = {
+    EXIT_OK: "done, whether or not anything was removed",
+    EXIT_FAILED: "GCS refused or failed",
+    EXIT_USAGE: "bad arguments",
+}
 
 _AGE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
 _UNIT_SECONDS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -41,8 +49,7 @@ def parse_age(text: str) -> datetime.timedelta:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Without --gcs-endpoint, real GCS with Application Default Credentials. A bearer for "
-        "the endpoint may come from RUP_GCS_ACCESS_TOKEN. Exit codes: 0 done, 1 GCS failed, "
-        "2 bad arguments."
+        "the endpoint may come from RUP_GCS_ACCESS_TOKEN.\n\n" + exit_codes_epilog(EXIT_CODES)
     )
     parser.add_argument(
         "location", metavar="gs://BUCKET[/PREFIX]",

@@ -32,9 +32,7 @@ def test_demo_verifies_the_object_despite_faults_on_both_legs() -> None:
     assert report.client_reconnects >= report.client_faults["faults"]["reset_peer"]
     assert report.client_errors.get("BAD_CRC", 0) + report.client_reconnects >= 2
     assert sum(report.proxy_gcs_retries.values()) >= 1
-    text = report.as_text()
-    assert "VERIFIED" in text
-    assert "MiB/s" in text
+    assert report.verified
 
 
 def test_the_default_plans_put_faults_on_both_legs(capsys: pytest.CaptureFixture[str]) -> None:
