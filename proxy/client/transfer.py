@@ -349,7 +349,11 @@ class Transfer:
             return
         await self._opened.wait()
         token = self._token
-        assert token is not None
+        if token is None:
+            # The upload started again (_start_again) while this waited: an already-set
+            # Event's wait still yields, so the new upload may not be open yet. Bind anew.
+            await self._bind(channel)
+            return
         attached = await channel.request(AttachUpload(token=token), blocking=True)
         if isinstance(attached, Error) and attached.code in _NOT_RESUMABLE:
             if token is self._token:  # the first connection to hear it: start again

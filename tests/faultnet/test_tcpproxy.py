@@ -948,7 +948,10 @@ def test_cli_reports_a_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
     ("arguments", "message"),
     [
         (["--listen", "nowhere", "--upstream", "127.0.0.1:1"], "--listen: expected HOST:PORT"),
-        (["--listen", "127.0.0.1:70000", "--upstream", "127.0.0.1:1"], "port 70000 is out of range"),
+        (
+            ["--listen", "127.0.0.1:70000", "--upstream", "127.0.0.1:1"],
+            "port 70000 is out of range",
+        ),
         (["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:x"], "--upstream: expected"),
         (["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:0"], "needs a real port"),
         (["--listen", ":80", "--upstream", "127.0.0.1:1"], "expected HOST:PORT"),
