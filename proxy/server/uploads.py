@@ -230,6 +230,9 @@ class StagedWrite:
         self._pieces = 0
         self._failure: ServerError | None = None
         self._pending: PendingWrite | _NullPending
+        if length == 0:
+            self._pending = _NullPending()  # nothing to hold, wherever it points
+            return
         try:
             self._pending = upload.writer.begin_write(offset, length)
         except WriterError as exc:
@@ -503,6 +506,11 @@ class Upload:
         failure = self.failure()
         if failure is not None:
             raise failure
+        if length == 0:
+            # Carries no byte, so it is never outside the window: the spec answers it with
+            # an Ack of the committed offset, wherever it points.
+            self._touch()
+            return StagedWrite(self, offset, 0)
         if self.state is UploadState.COMPLETED and self.holds(offset, offset + length):
             self._touch()
             return StagedWrite(self, offset, length)
