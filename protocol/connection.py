@@ -207,6 +207,8 @@ class Connection:
         self._remaining = 0
         self._expected_crc = 0
         self._crc = 0
+        self._prefix_crc = 0
+        self._data_length = 0
 
     def __repr__(self) -> str:
         return (
@@ -344,13 +346,15 @@ class Connection:
             if self._remaining:
                 return self._need_data()  # next_event() found the buffer empty
             self._reading = _Reading.HEADER
-            if self._crc != self._expected_crc:
+            # _crc covers the data alone; the header's covers the offset and the data.
+            payload_crc = crc32c_combine(self._prefix_crc, self._crc, self._data_length)
+            if payload_crc != self._expected_crc:
                 raise PayloadCrcError(
                     f"WRITE_AT seq {self._frame_seq}: payload CRC32C mismatch"
-                    f" ({self._crc:08x} computed, {self._expected_crc:08x} in header)",
+                    f" ({payload_crc:08x} computed, {self._expected_crc:08x} in header)",
                     seq=self._frame_seq,
                 )
-            return WriteAtEnd(self._frame_seq)
+            return WriteAtEnd(self._frame_seq, self._crc)
 
         if reading is _Reading.HEADER:
             if len(self._buffer) < HEADER_SIZE:
@@ -363,8 +367,9 @@ class Connection:
                 return self._need_data()
             prefix = self._buffer.take(WRITE_AT_PREFIX_SIZE)
             (offset,) = OFFSET_STRUCT.unpack(prefix)
-            self._crc = _crc_value(prefix)
-            self._remaining = self._payload_size - WRITE_AT_PREFIX_SIZE
+            self._prefix_crc = _crc_value(prefix)
+            self._crc = 0  # the data's own CRC32C, extended as its pieces are taken
+            self._remaining = self._data_length = self._payload_size - WRITE_AT_PREFIX_SIZE
             self._reading = _Reading.WRITE_AT_DATA
             return WriteAtStart(self._frame_seq, offset, self._remaining)
 

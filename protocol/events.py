@@ -230,9 +230,16 @@ class WriteAtData(Event):
 
 @dataclass(frozen=True, slots=True)
 class WriteAtEnd(Event):
-    """The `WriteAt` with this seq ended and its payload CRC32C matched."""
+    """The `WriteAt` with this seq ended and its payload CRC32C matched.
+
+    `data_crc32c` is the CRC32C of the frame's data alone (without its offset), worked out
+    while checking the payload's, so a receiver can build an object's CRC32C from its frames
+    without reading a byte again. It is not part of the event's equality: the end of a frame
+    is that frame's end.
+    """
 
     seq: int
+    data_crc32c: int | None = field(default=None, compare=False)
 
 
 # -- replies -------------------------------------------------------------------------------------

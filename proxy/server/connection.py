@@ -418,7 +418,9 @@ class ClientConnection:
         elif isinstance(event, WriteAtEnd):
             staged, self._staged = self._staged, None
             if staged is not None:
-                committed = staged.commit()
+                # The frame's data CRC32C, checked on arrival: the writer builds the object's
+                # from it instead of reading the bytes again.
+                committed = staged.commit(event.data_crc32c)
                 await self._reply(Ack(event.seq, committed))
         elif isinstance(event, OpenUpload):
             await self._open(event)

@@ -250,8 +250,11 @@ class StagedWrite:
         except WriterError as exc:
             self._fail(exc)
 
-    def commit(self) -> int:
-        """Make the frame's bytes uploadable; returns the committed offset for the Ack."""
+    def commit(self, crc32c: int | None = None) -> int:
+        """Make the frame's bytes uploadable; returns the committed offset for the Ack.
+
+        ``crc32c`` is the frame data's verified CRC32C, if known (see
+        :meth:`reliablewriter.PendingWrite.commit`)."""
         if self._failure is None:
             refusal = self.upload.fragment_refusal(self.offset, self._pieces)
             if refusal is not None:
@@ -259,7 +262,7 @@ class StagedWrite:
                 self._failure = refusal
         if self._failure is None:
             try:
-                self._pending.commit()
+                self._pending.commit(crc32c)
             except WriterError as exc:
                 self._fail(exc)
         if self._failure is not None:
@@ -296,7 +299,7 @@ class _NullPending:
     def feed(self, data: memoryview) -> None:
         pass
 
-    def commit(self) -> None:
+    def commit(self, crc32c: int | None = None) -> None:
         pass
 
     def discard(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import google_crc32c
 import pytest
 
 from protocol import (
@@ -127,6 +128,8 @@ def test_write_at_data_is_passed_through_and_delivered_as_views() -> None:
     assert first.data.obj is chunks[1]
     assert second.data.obj is chunks[2]
     assert end == WriteAtEnd(3)
+    # The data's own CRC32C comes with the end, worked out while checking the payload's.
+    assert end.data_crc32c == google_crc32c.value(payload)
 
 
 def test_receiving_what_receive_size_asks_for_keeps_each_payload_buffer_whole() -> None:
