@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     show_progress = not args.json and sys.stderr.isatty()
     try:
         with (
-            UploadBar(demo_object_url(size, args.seed))
+            UploadBar(demo_object_url(size, args.seed), total=size)
             if show_progress
             else contextlib.nullcontext() as bar
         ):

@@ -19,15 +19,26 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
+from rich.text import Text
 
+from proxy.cli.sizes import format_rate
 from proxy.client import UploadProgress
 
 __all__ = ["FilesBar", "UploadBar", "status_line"]
+
+
+class _RateColumn(ProgressColumn):
+    """The transfer rate in IEC units (rich's own column counts in decimal MB/s)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else format_rate(speed), style="progress.data.speed")
 
 
 def _byte_progress(first: TextColumn, *more: TextColumn, console: Console | None) -> Progress:
@@ -36,7 +47,7 @@ def _byte_progress(first: TextColumn, *more: TextColumn, console: Console | None
         first,
         BarColumn(),
         DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
+        _RateColumn(),
         TimeRemainingColumn(),
         *more,
         console=console or Console(stderr=True),
@@ -65,21 +76,28 @@ class _LiveBar:
 
 
 class UploadBar(_LiveBar):
-    """Shows one upload's progress on ``console`` (stderr by default) while in its ``with``."""
+    """Shows one upload's progress on ``console`` (stderr by default) while in its ``with``.
 
-    def __init__(self, description: str, *, console: Console | None = None) -> None:
+    ``total`` (a file's size) is shown from the start; a stream's is learnt at its end. The
+    count beside the connections is of reconnects, the word errors use too.
+    """
+
+    def __init__(
+        self, description: str, *, total: int | None = None, console: Console | None = None
+    ) -> None:
         super().__init__(
             _byte_progress(
                 TextColumn("[bold]{task.description}"),
-                TextColumn("{task.fields[connections]} conn  {task.fields[retries]} retries"),
+                TextColumn("{task.fields[connections]} conn  {task.fields[reconnects]} reconnects"),
                 TextColumn("[yellow]{task.fields[status]}"),
                 console=console,
             )
         )
         self._description = description
+        self._total = total
 
     def __enter__(self) -> UploadBar:
-        self._start(self._description, None, connections=0, retries=0, status="")
+        self._start(self._description, self._total, connections=0, reconnects=0, status="")
         return self
 
     def update(self, progress: UploadProgress) -> None:
@@ -87,10 +105,10 @@ class UploadBar(_LiveBar):
             return
         self._progress.update(
             self._task,
-            total=progress.total,
+            total=progress.total if progress.total is not None else self._total,
             completed=progress.bytes_received,
             connections=progress.connections,
-            retries=progress.reconnects,
+            reconnects=progress.reconnects,
             status=status_line(progress),
         )
 

@@ -557,6 +557,16 @@ def _show_client_notices() -> None:
         logger.propagate = False
 
 
+def _known_size(source: str) -> int | None:
+    """A file's size, for the bar to show from the start; None for stdin or the unreadable."""
+    if source == "-":
+        return None
+    try:
+        return os.stat(source).st_size
+    except OSError:
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     _show_client_notices()
     problem = _usage(args)
@@ -568,7 +578,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json or not sys.stderr.isatty():
             result = _run(_upload, args, None)
         else:
-            with UploadBar(args.url) as bar:
+            with UploadBar(args.url, total=_known_size(args.source)) as bar:
                 result = _run(_upload, args, bar)
     except KeyboardInterrupt:
         resumable = "" if args.source == "-" else "; rerun the same command to resume"
