@@ -21,7 +21,7 @@ builds its replies the same way for both, and `send()` fits them to the client's
 """
 
 from ._crc import crc32c_combine
-from ._spec import FrameType
+from ._spec import MAGIC, FrameType
 from ._state import ConnectionState
 from .connection import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -86,6 +86,7 @@ __all__ = [
     "FRAMING_VERSION",
     "HARD_MAX_FRAME_SIZE",
     "LATEST_VERSION",
+    "MAGIC",
     "MAX_CONTROL_BODY_SIZE",
     "MAX_LISTED_RANGES",
     "MAX_MESSAGE_SIZE",

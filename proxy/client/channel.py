@@ -21,6 +21,7 @@ from typing import Final, Protocol, TypeVar
 import trio
 
 from protocol import (
+    MAGIC,
     NEED_DATA,
     PROTOCOL_VERSION,
     Ack,
@@ -42,7 +43,6 @@ from protocol import (
     WriteAt,
     error_spec,
 )
-from protocol._spec import MAGIC  # the protocol does not export it (yet)
 from protocol.ranges import ByteRange
 from proxy.client.errors import (
     ConnectionLostError,
