@@ -21,7 +21,6 @@ import base64
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 from google.api_core import exceptions as api_exceptions
@@ -31,19 +30,16 @@ from .checksum import crc32c_combine, crc32c_to_b64
 from .errors import (
     ChecksumMismatchError,
     NonRetryableHTTPError,
-    RetriesExhaustedError,
     UnexpectedResponseError,
 )
 from .results import ObjectInfo
 from .settings import RetryPolicy
+from .settled import ExpectedObject, SettledRequest, settle
 from .transport import (
     _NETWORK_ERRORS,
     GcsTransport,
-    NoAnswer,
     Refused,
-    Stored,
     StoreOutcome,
-    TransportFailure,
     _cause_of,
     _scrub,
     object_outcome,
@@ -116,21 +112,6 @@ def compose_tree(
     return steps
 
 
-@dataclass(frozen=True)
-class _Expected:
-    """What the composed object must be: anything else is not ours."""
-
-    size: int
-    crc32c: str
-    #: the destination precondition; generation G (if not 0) is the object being replaced
-    if_generation_match: int | None
-
-    def is_ours(self, resource: Mapping[str, Any]) -> bool:
-        info = ObjectInfo.from_resource(resource)
-        replaced = bool(self.if_generation_match) and info.generation == self.if_generation_match
-        return not replaced and info.size == self.size and info.crc32c == self.crc32c
-
-
 def _compose_once(
     bucket: storage.Bucket,
     step: ComposeStep,
@@ -178,69 +159,29 @@ async def compose_object(
     made an object that is not the expected one, :class:`RetriesExhaustedError` once the
     policy gives up. Cancelled midway, the destination exists whole or not at all.
     """
-    expected = _Expected(size, crc32c, if_generation_match)
     timeout = request_timeout(connect_timeout, read_timeout)
     reader = GcsTransport(
         bucket.blob(step.destination), connect_timeout=connect_timeout, read_timeout=read_timeout
     )
-    started = trio.current_time()
-    attempts = 0
-    maybe_applied = False
-    while True:
-        outcome = await trio.to_thread.run_sync(
-            lambda: _compose_once(
-                bucket,
-                step,
-                content_type=content_type,
-                metadata=metadata,
-                if_generation_match=if_generation_match,
-                timeout=timeout,
-            )
-        )
-        if isinstance(outcome, Stored):
-            return _accept(outcome.resource, expected, step.destination)
-        unclear = isinstance(outcome, NoAnswer) or policy.is_retryable_status(outcome.status)
-        our_own_412 = maybe_applied and isinstance(outcome, Refused) and outcome.status == 412
-        if isinstance(outcome, Refused) and not unclear and not our_own_412:
-            raise _refusal(outcome, step.destination)
-        maybe_applied = True
-        # Settle what the attempt did before anything is sent again.
-        while True:
-            try:
-                found = await trio.to_thread.run_sync(reader.lookup_object)
-            except TransportFailure as exc:
-                attempts += 1
-                _give_up_if(policy, attempts, started, exc.cause, step.destination)
-                await trio.sleep(policy.next_delay(attempts))
-                continue
-            break
-        if not isinstance(found, int) and expected.is_ours(found):
-            logger.info("compose of %r settled by reading it back", step.destination)
-            return ObjectInfo.from_resource(found)
-        if isinstance(outcome, Refused) and not unclear:
-            raise _refusal(outcome, step.destination)  # a 412 that is not our own doing
-        attempts += 1
-        cause = outcome.cause if isinstance(outcome, NoAnswer) else f"http-{outcome.status}"
-        _give_up_if(policy, attempts, started, cause, step.destination)
-        await trio.sleep(policy.next_delay(attempts))
-
-
-def _give_up_if(policy: RetryPolicy, attempts: int, started: float, cause: str, name: str) -> None:
-    if policy.gives_up(attempts, trio.current_time() - started):
-        raise RetriesExhaustedError(
-            "the compose kept failing", attempts=attempts, cause=cause, name=name
-        )
-
-
-def _accept(resource: Mapping[str, Any], expected: _Expected, name: str) -> ObjectInfo:
-    info = ObjectInfo.from_resource(resource)
-    if not expected.is_ours(resource):
-        raise UnexpectedResponseError(
-            f"the composed object holds {info.size} bytes with crc32c {info.crc32c}, "
-            f"not {expected.size} bytes with crc32c {expected.crc32c}",
-            name=name,
-        )
-    return info
+    decisions = SettledRequest(
+        ExpectedObject(step.destination, size, crc32c, if_generation_match),
+        policy,
+        now=trio.current_time(),
+        action="the compose",
+        refusal=lambda refused: _refusal(refused, step.destination),
+    )
+    return await settle(
+        decisions,
+        lambda: _compose_once(
+            bucket,
+            step,
+            content_type=content_type,
+            metadata=metadata,
+            if_generation_match=if_generation_match,
+            timeout=timeout,
+        ),
+        reader.lookup_object,
+    )
 
 
 def _refusal(refused: Refused, name: str) -> NonRetryableHTTPError:

@@ -23,13 +23,8 @@ from reliablewriter import (
     RetryPolicy,
 )
 from reliablewriter.checksum import crc32c_to_b64
-from reliablewriter.one_request import (
-    ObjectRequest,
-    OneRequestUpload,
-    ReadBack,
-    Send,
-    upload_in_one_request,
-)
+from reliablewriter.one_request import ObjectRequest, settled_upload, upload_in_one_request
+from reliablewriter.settled import ReadBack, Send, SettledRequest
 from reliablewriter.transport import NoAnswer, Refused, Stored
 
 from .conftest import KiB, Target, payload
@@ -160,8 +155,8 @@ async def test_retries_end_under_the_policy(faulty_target: Faulty) -> None:
 # -- the decisions alone (sans-IO) ----------------------------------------------------------
 
 
-def _machine(data: bytes = b"abc", **options: Any) -> OneRequestUpload:
-    return OneRequestUpload(ObjectRequest("o", data, **options), POLICY, now=0.0)
+def _machine(data: bytes = b"abc", **options: Any) -> SettledRequest:
+    return settled_upload(ObjectRequest("o", data, **options), POLICY, now=0.0)
 
 
 def _resource(data: bytes, generation: int = 7) -> Mapping[str, Any]:
@@ -173,13 +168,13 @@ def _resource(data: bytes, generation: int = 7) -> Mapping[str, Any]:
 def test_a_412_after_an_unclear_attempt_reads_back_before_it_is_believed() -> None:
     upload = _machine(if_generation_match=0)
     assert upload.next_step() == Send(0.0)
-    upload.stored_outcome(NoAnswer("timeout"), now=1.0)
+    upload.sent(NoAnswer("timeout"), now=1.0)
     assert isinstance(upload.next_step(), ReadBack)
-    upload.read_back_outcome(404, now=1.5)  # not there (yet): send again
+    upload.read_back(404, now=1.5)  # not there (yet): send again
     assert isinstance(upload.next_step(), Send)
-    upload.stored_outcome(Refused(412, "conditionNotMet"), now=2.0)  # the first one landed late
+    upload.sent(Refused(412, "conditionNotMet"), now=2.0)  # the first one landed late
     assert upload.next_step() == ReadBack(0.0)
-    upload.read_back_outcome(_resource(b"abc"), now=2.1)
+    upload.read_back(_resource(b"abc"), now=2.1)
     assert upload.result is not None
     assert upload.result.generation == 7
     assert upload.next_step() is None
@@ -187,7 +182,7 @@ def test_a_412_after_an_unclear_attempt_reads_back_before_it_is_believed() -> No
 
 def test_a_412_on_the_first_attempt_is_final() -> None:
     upload = _machine(if_generation_match=0)
-    upload.stored_outcome(Refused(412, "conditionNotMet"), now=0.0)
+    upload.sent(Refused(412, "conditionNotMet"), now=0.0)
     assert isinstance(upload.error, NonRetryableHTTPError)
     assert upload.error.status == 412
     assert upload.next_step() is None
@@ -195,22 +190,22 @@ def test_a_412_on_the_first_attempt_is_final() -> None:
 
 def test_the_generation_a_precondition_names_is_never_taken_for_ours() -> None:
     upload = _machine(if_generation_match=7)
-    upload.stored_outcome(NoAnswer("connection"), now=0.0)
-    upload.read_back_outcome(_resource(b"abc", generation=7), now=0.1)  # same bytes, old object
+    upload.sent(NoAnswer("connection"), now=0.0)
+    upload.read_back(_resource(b"abc", generation=7), now=0.1)  # same bytes, old object
     assert upload.result is None
     assert isinstance(upload.next_step(), Send)
 
 
 def test_an_object_of_other_bytes_is_not_ours() -> None:
     upload = _machine()
-    upload.stored_outcome(Refused(503, "backendError"), now=0.0)
-    upload.read_back_outcome(_resource(b"xyz"), now=0.1)
+    upload.sent(Refused(503, "backendError"), now=0.0)
+    upload.read_back(_resource(b"xyz"), now=0.1)
     assert upload.result is None
     assert isinstance(upload.next_step(), Send)
 
 
 def test_a_stored_answer_describing_other_bytes_is_an_error() -> None:
     upload = _machine()
-    upload.stored_outcome(Stored(_resource(b"xyz")), now=0.0)
+    upload.sent(Stored(_resource(b"xyz")), now=0.0)
     assert upload.error is not None
     assert upload.result is None
