@@ -71,6 +71,8 @@ __all__ = [
     "UploadLifecycle",
     "UploadListener",
     "UploadState",
+    "error_from_refused_start",
+    "error_from_writer",
 ]
 
 logger = get_logger(__name__)
@@ -199,6 +201,16 @@ def error_from_writer(exc: WriterError) -> ServerError:
         # perhaps on another proxy. Its token can never write again.
         return ServerError(ErrorCode.UPLOAD_FINISHED, str(exc))
     return ServerError(ErrorCode.GCS_ERROR, str(exc), retryable=False)
+
+
+def error_from_refused_start(exc: WriterError) -> ServerError:
+    """The client-facing form of a failure to start writing an object (a session's start,
+    a one-request upload). A 400 there can only be about what the client asked for (a
+    name, metadata or content type GCS refuses): INVALID_REQUEST, which a version-1 client
+    hears as GCS_ERROR."""
+    if isinstance(exc, NonRetryableHTTPError) and exc.status == 400:
+        return ServerError(ErrorCode.INVALID_REQUEST, str(exc))
+    return error_from_writer(exc)
 
 
 class MissingRangesError(ServerError):
@@ -658,7 +670,7 @@ class Upload:
                 self._record_stats(writer.stats)
         except WriterError as exc:
             if not started:
-                raise error_from_writer(exc) from exc
+                raise error_from_refused_start(exc) from exc
             self._writer_failed(exc)
         except Exception as exc:
             if not started:

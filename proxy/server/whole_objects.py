@@ -25,9 +25,8 @@ from proxy.server.errors import ServerError, quote
 from proxy.server.logging import get_logger, log_event
 from proxy.server.metrics import ServerMetrics
 from proxy.server.settings import ServerSettings
-from proxy.server.uploads import error_from_writer
+from proxy.server.uploads import error_from_refused_start
 from reliablewriter import (
-    NonRetryableHTTPError,
     ObjectInfo,
     ObjectRequest,
     WriterError,
@@ -86,7 +85,7 @@ class WholeObjects:
                 read_timeout=settings.writer.progress_timeout,
             )
         except WriterError as exc:
-            error = _refusal(exc)
+            error = error_from_refused_start(exc)
             self._metrics.uploads_failed.labels(reason=error.code.name.lower()).inc()
             log_event(
                 logger, logging.INFO, "put-object-failed",
@@ -105,10 +104,3 @@ class WholeObjects:
         )  # fmt: skip
         return info
 
-
-def _refusal(exc: WriterError) -> ServerError:
-    """What the client is told. A 400 here can only be about what it asked for (a name,
-    metadata or content type GCS refuses): INVALID_REQUEST, as for an open."""
-    if isinstance(exc, NonRetryableHTTPError) and exc.status == 400:
-        return ServerError(ErrorCode.INVALID_REQUEST, str(exc))
-    return error_from_writer(exc)

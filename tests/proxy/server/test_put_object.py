@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import google_crc32c
 import trio
 
-from protocol import Completed, ErrorCode, Ping, Pong, PutObject
+from protocol import Completed, ErrorCode, OpenUpload, Ping, Pong, PutObject
 from proxy.server import ProxyServer
 from proxy.server.settings import KiB
 from tests.proxy.conftest import RawClient
@@ -102,6 +102,18 @@ async def test_a_name_gcs_refuses_is_an_invalid_request(
     assert (await client.error()).code is ErrorCode.INVALID_REQUEST
     await client.send(Ping(1))
     assert (await client.reply(Pong)).nonce == 1
+
+
+async def test_an_open_of_a_name_gcs_refuses_is_an_invalid_request_as_a_put_object_is(
+    proxy_server: ProxyServer, raw_client: Connect, gcs_bucket: str
+) -> None:
+    for versions, code in ((V2, ErrorCode.INVALID_REQUEST), ((1,), ErrorCode.GCS_ERROR)):
+        client = await raw_client(proxy_server, versions=versions)
+        await client.send(OpenUpload(gcs_bucket, ".."))
+        with trio.fail_after(10):
+            error = await client.error()
+        assert error.code is code
+        assert not error.retryable
 
 
 async def test_an_object_outside_the_allow_list_is_forbidden(
