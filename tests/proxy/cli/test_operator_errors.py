@@ -10,7 +10,6 @@ import datetime
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +18,7 @@ import trio
 
 from faultnet.gcs import GcsServer
 from protocol import GoingAway
-from tests.proxy.cli.commands import run_rup
-from tests.proxy.cli.test_serve import _read_all, _read_line
+from tests.proxy.cli.commands import read_line, run_rup, rup_process
 from tests.proxy.conftest import RawClient
 from tests.proxy.server.test_observability import _scrape
 
@@ -180,48 +178,30 @@ def test_tls_failures_say_which_file(tmp_path: Path) -> None:
 
 
 async def test_readyz_turns_503_when_sigterm_starts_the_drain(gcs_server: GcsServer) -> None:
-    process = await trio.lowlevel.open_process(
-        [
-            sys.executable, "-m", "proxy.cli", "serve", "--listen", "127.0.0.1:0",
-            "--metrics", "127.0.0.1:0", "--gcs-endpoint", gcs_server.url,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    logs = bytearray()
-    try:
-        assert process.stdout is not None
-        assert process.stderr is not None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read_all, process.stderr, logs)
-            listening = await _read_line(process.stdout)
-            host, _, port = listening.split("listening on ", 1)[1].split()[0].rpartition(":")
-            metrics_line = await _read_line(process.stdout)
-            assert "metrics on http://" in metrics_line, metrics_line
-            mhost, _, mport = metrics_line.split("http://", 1)[1].split("/")[0].rpartition(":")
-            metrics = (mhost, int(mport))
+    async with rup_process(
+        "serve", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+        "--gcs-endpoint", gcs_server.url,
+    ) as (process, logs):  # fmt: skip
+        listening = await read_line(process)
+        host, _, port = listening.split("listening on ", 1)[1].split()[0].rpartition(":")
+        metrics_line = await read_line(process)
+        assert "metrics on http://" in metrics_line, metrics_line
+        mhost, _, mport = metrics_line.split("http://", 1)[1].split("/")[0].rpartition(":")
+        metrics = (mhost, int(mport))
 
-            assert await _scrape(metrics, "/healthz") == ("HTTP/1.0 200 OK", "alive\n")
-            assert await _scrape(metrics, "/readyz") == ("HTTP/1.0 200 OK", "ready\n")
+        assert await _scrape(metrics, "/healthz") == ("HTTP/1.0 200 OK", "alive\n")
+        assert await _scrape(metrics, "/readyz") == ("HTTP/1.0 200 OK", "ready\n")
 
-            # A client holding its connection keeps the server draining until it leaves.
-            client = RawClient(await trio.open_tcp_stream(host, int(port)))
-            await client.hello()
-            process.send_signal(signal.SIGTERM)
-            assert isinstance(await client.reply(GoingAway), GoingAway)
-            status, body = await _scrape(metrics, "/readyz")
-            assert status == "HTTP/1.0 503 Service Unavailable"
-            assert body.startswith("draining")
-            assert await _scrape(metrics, "/healthz") == ("HTTP/1.0 200 OK", "alive\n")
-            await client.aclose()
-            with trio.fail_after(30):
-                code = await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-        for pipe in (process.stdout, process.stderr):
-            if pipe is not None:
-                await pipe.aclose()
+        # A client holding its connection keeps the server draining until it leaves.
+        client = RawClient(await trio.open_tcp_stream(host, int(port)))
+        await client.hello()
+        process.send_signal(signal.SIGTERM)
+        assert isinstance(await client.reply(GoingAway), GoingAway)
+        status, body = await _scrape(metrics, "/readyz")
+        assert status == "HTTP/1.0 503 Service Unavailable"
+        assert body.startswith("draining")
+        assert await _scrape(metrics, "/healthz") == ("HTTP/1.0 200 OK", "alive\n")
+        await client.aclose()
+        with trio.fail_after(30):
+            code = await process.wait()
     assert code == 0, logs.decode()

@@ -6,8 +6,6 @@ import argparse
 import os
 import signal
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,7 @@ from proxy.cli.serve import (
 from proxy.server.backend import Backend, TargetKind
 from proxy.server.keys import key_from_text
 from proxy.server.settings import MiB, ServerSettings, SettingsError
+from tests.proxy.cli.commands import read_line, rup_process
 from tests.proxy.conftest import RawClient
 from tests.proxy.server.processes import RupProcess, running
 from tests.proxy.server.test_uploads import send_range
@@ -174,61 +173,28 @@ def test_startup_warns_about_what_is_exposed_or_lost() -> None:
     assert "gcs-endpoint-open" in _warnings(quiet, TargetKind.EMBEDDED, KeySource.DATA_DIR, True)
 
 
-async def _read_line(stream: trio.abc.ReceiveStream) -> str:
-    line = b""
-    with trio.fail_after(30):
-        while not line.endswith(b"\n"):
-            chunk = await stream.receive_some(1)
-            if not chunk:
-                break
-            line += chunk
-    return line.decode()
-
-
-async def _read_all(stream: trio.abc.ReceiveStream, into: bytearray) -> None:
-    while chunk := await stream.receive_some(65536):
-        into += chunk
-
-
 @pytest.mark.slow
 async def test_serve_uploads_then_stops_on_sigterm(gcs_bucket: str, gcs_server: GcsServer) -> None:
-    command = [sys.executable, "-m", "proxy.cli", "serve", "--listen", "127.0.0.1:0"]
-    process = await trio.lowlevel.open_process(
-        [*command, "--gcs-endpoint", gcs_server.url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    logs = bytearray()
-    try:
-        assert process.stdout is not None
-        assert process.stderr is not None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read_all, process.stderr, logs)
-            line = await _read_line(process.stdout)
-            assert "listening on" in line, line
-            host, _, port = line.split("listening on ", 1)[1].split()[0].rpartition(":")
+    async with rup_process(
+        "serve", "--listen", "127.0.0.1:0", "--gcs-endpoint", gcs_server.url
+    ) as (process, logs):
+        line = await read_line(process)
+        assert "listening on" in line, line
+        host, _, port = line.split("listening on ", 1)[1].split()[0].rpartition(":")
 
-            client = RawClient(await trio.open_tcp_stream(host, int(port)))
-            await client.hello()
-            await client.open(gcs_bucket, "served.bin")
-            data = os.urandom(MiB)
-            await send_range(client, data, 0, len(data))
-            await client.send(Complete(len(data)))
-            assert (await client.reply(Completed)).size == len(data)
+        client = RawClient(await trio.open_tcp_stream(host, int(port)))
+        await client.hello()
+        await client.open(gcs_bucket, "served.bin")
+        data = os.urandom(MiB)
+        await send_range(client, data, 0, len(data))
+        await client.send(Complete(len(data)))
+        assert (await client.reply(Completed)).size == len(data)
 
-            process.send_signal(signal.SIGTERM)
-            assert isinstance(await client.reply(GoingAway), GoingAway)
-            await client.aclose()
-            with trio.fail_after(30):
-                code = await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-        for pipe in (process.stdout, process.stderr):
-            if pipe is not None:
-                await pipe.aclose()
+        process.send_signal(signal.SIGTERM)
+        assert isinstance(await client.reply(GoingAway), GoingAway)
+        await client.aclose()
+        with trio.fail_after(30):
+            code = await process.wait()
 
     text = logs.decode()
     assert code == 0, text
