@@ -145,6 +145,14 @@ class Backend:
                     self._known_buckets.add(name)
         return bucket
 
+    def ready_bucket(self, name: str) -> storage.Bucket | None:
+        """The bucket handle for ``name`` if getting it needs no request (no creation
+        asked, or the bucket already seen); else None: call :meth:`bucket` in a thread.
+        Non-blocking, so a small object's hot path skips a thread hop."""
+        if self.create_buckets and name not in self._known_buckets:
+            return None
+        return self.client.bucket(name)
+
     def live_generation(self, bucket: str, name: str) -> int:
         """The generation of the live ``bucket/name``, or 0 if there is none (one request).
 

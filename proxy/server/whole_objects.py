@@ -69,7 +69,9 @@ class WholeObjects:
         )
         self._metrics.uploads_started.inc()
         try:
-            bucket = await trio.to_thread.run_sync(self._backend.bucket, event.bucket)
+            bucket = self._backend.ready_bucket(event.bucket)
+            if bucket is None:  # the bucket may have to be created first: that blocks
+                bucket = await trio.to_thread.run_sync(self._backend.bucket, event.bucket)
             info = await upload_in_one_request(
                 bucket,
                 ObjectRequest(
@@ -103,4 +105,3 @@ class WholeObjects:
             generation=info.generation,
         )  # fmt: skip
         return info
-
