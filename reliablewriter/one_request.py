@@ -7,8 +7,8 @@ GCS verifies) and ``ifGenerationMatch`` travel with the bytes.
 
 A multipart upload has no session to ask what was stored, so a lost answer is settled by
 reading the object back before anything is sent again (:mod:`reliablewriter.settled`, which
-compose shares). Cancelled midway, the object is stored whole or not at all: a multipart
-upload is stored whole or not at all.
+compose shares). Cancelled midway, the object is stored whole or not at all, as a multipart
+upload always is.
 """
 
 from __future__ import annotations
