@@ -7,7 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-__all__ = ["rup_process"]
+__all__ = ["rup_process", "serve_address"]
 
 
 @contextlib.contextmanager
@@ -35,3 +35,10 @@ def rup_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def serve_address(line: str) -> tuple[str, int]:
+    """Where ``rup serve`` listens, from its first line (``rup serve: listening on HOST:PORT
+    (gcs: URL)``)."""
+    host, _, port = line.split("listening on ", 1)[1].split()[0].rpartition(":")
+    return host, int(port)
