@@ -15,6 +15,7 @@ through google-cloud-storage (``Blob.create_resumable_upload_session``).
 
 from __future__ import annotations
 
+import json
 import threading
 import traceback
 import urllib.parse
@@ -41,6 +42,7 @@ __all__ = [
     "delete_session",
     "http_session",
     "object_outcome",
+    "post_whole_object",
     "request_timeout",
 ]
 
@@ -301,35 +303,6 @@ class GcsTransport:
                 body.release()
         raise failure
 
-    def store_whole_object(
-        self,
-        data: bytes | memoryview,
-        content_type: str | None,
-        metadata: Mapping[str, str] | None,
-        if_generation_match: int | None,
-        crc32c: str,
-    ) -> StoreOutcome:
-        """Store ``data`` as the whole object with one multipart upload, its CRC32C
-        (base64) sent for GCS to verify. Never raises for what the network or GCS did.
-
-        google-cloud-storage's own retries are off: :mod:`reliablewriter.one_request`
-        decides, because a retry after a lost answer must read the object back first.
-        """
-        blob = self._blob
-        blob.metadata = dict(metadata) if metadata else None
-        return object_outcome(
-            blob,
-            lambda: blob.upload_from_string(
-                bytes(data),  # the library wants bytes; a small object's copy is cheap
-                content_type=content_type or "application/octet-stream",
-                if_generation_match=if_generation_match,
-                checksum="crc32c",
-                crc32c_checksum_value=crc32c,
-                timeout=self._timeout,
-                retry=None,
-            ),
-        )
-
     def get_object(self) -> Mapping[str, Any] | None:
         """The live object's metadata, or None if there is none (or it cannot be read).
 
@@ -387,6 +360,45 @@ def object_outcome(blob: storage.Blob, request: Callable[[], object]) -> StoreOu
     # The JSON resource GCS returned; google-cloud-storage keeps it as ``_properties``.
     resource: Mapping[str, Any] = blob._properties
     return Stored(dict(resource))
+
+
+def post_whole_object(
+    http: requests.Session,
+    url: str,
+    body: bytes,
+    content_type: str,
+    timeout: tuple[float, float],
+) -> StoreOutcome:
+    """POST ``body``, a whole object's upload (multipart: its resource, then its bytes),
+    to ``url`` over ``http``, and say what came of it. Never raises for what the network
+    or GCS did.
+
+    One request, sent as it is: no retries here (:mod:`reliablewriter.settled` decides,
+    since a retry after a lost answer must read the object back first), and none of
+    google-cloud-storage's per-request machinery, which costs a small object more CPU than
+    the request itself.
+    """
+    outcome: StoreOutcome
+    try:
+        with http.request(
+            "POST", url, data=body, headers={"content-type": content_type}, timeout=timeout
+        ) as response:
+            answer = _response(response)
+    except TransportFailure as exc:
+        return NoAnswer(exc.cause)
+    except _NETWORK_ERRORS as exc:
+        outcome = NoAnswer(_cause_of(exc))
+        _scrub(exc)
+        return outcome
+    if not 200 <= answer.status < 300:
+        return Refused(answer.status, error_reason(answer))
+    try:
+        resource = json.loads(answer.body)
+    except ValueError:
+        resource = None
+    if not isinstance(resource, dict):
+        return NoAnswer("bad-response")  # a success whose object cannot be read: look it up
+    return Stored(resource)
 
 
 def http_session(client: storage.Client) -> requests.Session:
