@@ -15,8 +15,8 @@ itself, uncopied); `Connection.last_sent_seq` is the seq that the reply will car
 `reply_to`. Received WriteAt payload arrives as WriteAtStart, WriteAtData (views into the
 received buffers) and WriteAtEnd once its CRC32C verified.
 
-Protocol versions 1 and 2 (`SUPPORTED_VERSIONS`) are negotiated by Hello and Welcome; a server
-builds its replies the same way for both, and `send()` fits them to the client's version (see
+Protocol versions 1, 2 and 3 (`SUPPORTED_VERSIONS`) are negotiated by Hello and Welcome; a server
+builds its replies the same way for all, and `send()` fits them to the client's version (see
 `Connection.send`). `ERROR_SPECS` says what every `ErrorCode` means.
 """
 
@@ -34,6 +34,7 @@ from .connection import (
     MAX_TOKEN_SIZE,
     MIN_FRAME_SIZE,
     PROTOCOL_VERSION,
+    SEGMENT_QUANTUM,
     SUPPORTED_VERSIONS,
     Connection,
     Role,
@@ -56,14 +57,18 @@ from .events import (
     AttachUpload,
     Complete,
     Completed,
+    Compose,
+    CompositeOpened,
     ConnectionClosed,
     Credit,
+    Discard,
     Error,
     Event,
     GoingAway,
     Hello,
     Incomplete,
     NeedData,
+    OpenSegment,
     OpenUpload,
     Ping,
     Pong,
@@ -94,16 +99,20 @@ __all__ = [
     "MIN_FRAME_SIZE",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "SEGMENT_QUANTUM",
     "SUPPORTED_VERSIONS",
     "Abort",
     "Ack",
     "AttachUpload",
     "Complete",
     "Completed",
+    "Compose",
+    "CompositeOpened",
     "Connection",
     "ConnectionClosed",
     "ConnectionState",
     "Credit",
+    "Discard",
     "Error",
     "ErrorCode",
     "ErrorSpec",
@@ -114,6 +123,7 @@ __all__ = [
     "Incomplete",
     "LocalProtocolError",
     "NeedData",
+    "OpenSegment",
     "OpenUpload",
     "PayloadCrcError",
     "Ping",

@@ -21,11 +21,15 @@ from .events import (
     AttachUpload,
     Complete,
     Completed,
+    Compose,
+    CompositeOpened,
     Credit,
+    Discard,
     Error,
     GoingAway,
     Hello,
     Incomplete,
+    OpenSegment,
     OpenUpload,
     Ping,
     Pong,
@@ -45,6 +49,7 @@ __all__ = [
     "MAX_CONTROL_BODY_SIZE",
     "MAX_LISTED_RANGES",
     "MIN_FRAME_SIZE",
+    "SEGMENT_QUANTUM",
     "decode_body",
     "encode_body",
     "frame_type_of",
@@ -56,6 +61,9 @@ MIN_FRAME_SIZE: Final = 1024
 MAX_CONTROL_BODY_SIZE: Final = 64 * 1024
 """The largest body of any frame but WriteAt and PutObject, whatever max_frame_size was agreed
 (a PutObject may carry max_frame_size data bytes on top)."""
+
+SEGMENT_QUANTUM: Final = 256 * 1024
+"""A composite upload's segment_size is a multiple of this (GCS's resumable chunk unit)."""
 
 MAX_LISTED_RANGES: Final = 1024
 """The most byte ranges a Status or Incomplete lists (16 KiB of body): the lowest ones."""
@@ -70,6 +78,9 @@ EVENT_TYPES: Final[dict[FrameType, type[Request | Reply]]] = {
     FrameType.STATUS_QUERY: StatusQuery,
     FrameType.PING: Ping,
     FrameType.PUT_OBJECT: PutObject,
+    FrameType.OPEN_SEGMENT: OpenSegment,
+    FrameType.COMPOSE: Compose,
+    FrameType.DISCARD: Discard,
     FrameType.WELCOME: Welcome,
     FrameType.UPLOAD_OPENED: UploadOpened,
     FrameType.ACK: Ack,
@@ -80,6 +91,7 @@ EVENT_TYPES: Final[dict[FrameType, type[Request | Reply]]] = {
     FrameType.PONG: Pong,
     FrameType.GOING_AWAY: GoingAway,
     FrameType.INCOMPLETE: Incomplete,
+    FrameType.COMPOSITE_OPENED: CompositeOpened,
 }
 
 _FRAME_TYPES: Final = {event_type: frame_type for frame_type, event_type in EVENT_TYPES.items()}
@@ -91,6 +103,10 @@ _FIELDS: Final = {
 # Event fields that only later versions' bodies have. They are None exactly when the
 # negotiated version's body lacks them: version 1's UploadOpened has no window_end.
 _ADDED_LATER: Final = {FrameType.UPLOAD_OPENED: ("window_end",)}
+# Wishes that only later versions can express, and that an older version's server fulfils
+# anyway: they are left out of an older body whatever their value (a version-2 server never
+# makes a composite upload, so it never needs to be asked for a single session).
+_WISHES_ADDED_LATER: Final = {FrameType.OPEN_UPLOAD: ("single_session",)}
 
 
 def _has_field(body: Construct, name: str) -> bool:
@@ -169,9 +185,21 @@ def _problem(event: Request | Reply) -> str | None:
             keys = [key for key, _ in metadata]
             if "" in keys or len(set(keys)) != len(keys):
                 return "metadata keys must be non-empty and unique"
-        case AttachUpload(token=token):
+        case (
+            AttachUpload(token=token)
+            | OpenSegment(token=token)
+            | Compose(token=token)
+            | Discard(token=token)
+        ):
             if not token:
                 return "upload token must not be empty"
+        case CompositeOpened(token=token, segment_size=size, parallel_segments=parallel):
+            if not token:
+                return "upload token must not be empty"
+            if size <= 0 or size % SEGMENT_QUANTUM:
+                return f"segment_size must be a positive multiple of {SEGMENT_QUANTUM}"
+            if parallel < 1:
+                return "parallel_segments must be at least 1"
         case UploadOpened(token=token, committed_offset=committed, window_end=window_end):
             if not token:
                 return "upload token must not be empty"
@@ -221,6 +249,9 @@ def encode_body(event: Request | Reply, version: int = 1) -> tuple[FrameType, by
             return frame_type, layout.pack(*[getattr(event, name) for name in _FIELDS[frame_type]])
         body = body_layout(frame_type, version)
         values = _to_construct(frame_type, event)
+        for name in _WISHES_ADDED_LATER.get(frame_type, ()):
+            if not _has_field(body, name):
+                del values[name]
         for name in _ADDED_LATER.get(frame_type, ()):
             if not _has_field(body, name):
                 if values.pop(name) is not None:

@@ -72,6 +72,9 @@ class FrameType(enum.IntEnum):
     STATUS_QUERY = 0x07
     PING = 0x08
     PUT_OBJECT = 0x09
+    OPEN_SEGMENT = 0x0A
+    COMPOSE = 0x0B
+    DISCARD = 0x0C
 
     WELCOME = 0x81
     UPLOAD_OPENED = 0x82
@@ -83,6 +86,7 @@ class FrameType(enum.IntEnum):
     PONG = 0x88
     GOING_AWAY = 0x89
     INCOMPLETE = 0x8A
+    COMPOSITE_OPENED = 0x8B
 
     @property
     def is_request(self) -> bool:
@@ -184,6 +188,14 @@ BODIES: Final[dict[FrameType, Construct]] = {
         "crc32c" / _optional(Int32ub),
         "data" / GreedyBytes,
     ),
+    # Version 3: composite uploads, one temporary object per segment, composed at the end.
+    FrameType.OPEN_SEGMENT: Struct("index" / Int32ub, "token" / GreedyBytes),
+    FrameType.COMPOSE: Struct(
+        "total_size" / Int64ub,
+        "crc32c" / _optional(Int32ub),
+        "token" / GreedyBytes,
+    ),
+    FrameType.DISCARD: Struct("token" / GreedyBytes),
     FrameType.WELCOME: Struct(
         _REPLY_TO,
         "version" / Int8ub,
@@ -230,6 +242,13 @@ BODIES: Final[dict[FrameType, Construct]] = {
         "window_end" / Int64ub,
         "missing" / _RANGES,
     ),
+    # Version 3: OPEN_UPLOAD made a composite upload; the connection stays unbound.
+    FrameType.COMPOSITE_OPENED: Struct(
+        _REPLY_TO,
+        "segment_size" / Int64ub,
+        "parallel_segments" / Int16ub,
+        "token" / GreedyBytes,
+    ),
 }
 """Each frame type's body as version 1 defines it (or as the version that added it does)."""
 
@@ -244,12 +263,31 @@ BODY_CHANGES: Final[dict[int, dict[FrameType, Construct]]] = {
             "token" / GreedyBytes,
         ),
     },
+    3: {
+        # The client may ask for one resumable session whatever the object's size.
+        FrameType.OPEN_UPLOAD: Struct(
+            "bucket" / _text(),
+            "name" / _text(),
+            "content_type" / _text(),
+            "metadata" / _METADATA,
+            "expected_size" / _optional(Int64ub),
+            "if_generation_match" / _optional(Int64ub),
+            "single_session" / _Bool(),
+        ),
+    },
 }
 """The bodies a later protocol version lays out differently: version -> frame type -> body."""
 
+_ADDED_IN: Final = {
+    FrameType.PUT_OBJECT: 2,
+    FrameType.INCOMPLETE: 2,
+    FrameType.OPEN_SEGMENT: 3,
+    FrameType.COMPOSE: 3,
+    FrameType.DISCARD: 3,
+    FrameType.COMPOSITE_OPENED: 3,
+}
 FIRST_VERSION: Final[dict[FrameType, int]] = {
-    frame_type: 2 if frame_type in (FrameType.PUT_OBJECT, FrameType.INCOMPLETE) else 1
-    for frame_type in FrameType
+    frame_type: _ADDED_IN.get(frame_type, 1) for frame_type in FrameType
 }
 """The protocol version that introduced each frame type; an older peer does not know it."""
 

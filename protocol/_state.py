@@ -3,14 +3,14 @@
 Both ends run the same machine over the same frames: the client feeds it the requests it sends
 and the replies it receives, the server the requests it receives and the replies it sends.
 
-Requests are either *blocking* (Hello, OpenUpload, AttachUpload, Complete, Abort: the client
-sends nothing but Ping until the reply arrives) or *pipelined* (WriteAt, StatusQuery, Ping,
-PutObject: any number may be in flight). Only blocking requests and their replies change the
-state, and while one is in flight the only other request is Ping, which is legal both in the
-waiting state and in every state its reply can lead to (but ERROR, where the connection ends).
-So the two ends never disagree about the state, however requests and replies cross on the wire,
-and a server decides every request the same way whether or not it has sent the blocking reply
-yet: the answer never depends on how the bytes were split into segments.
+Requests are either *blocking* (Hello, OpenUpload, AttachUpload, OpenSegment, Complete, Abort: the
+client sends nothing but Ping until the reply arrives) or *pipelined* (WriteAt, StatusQuery, Ping,
+PutObject, Compose, Discard: any number may be in flight). Only blocking requests and their replies
+change the state, and while one is in flight the only other request is Ping, which is legal both in
+the waiting state and in every state its reply can lead to (but ERROR, where the connection ends).
+So the two ends never disagree about the state, however requests and replies cross on the wire, and
+a server decides every request the same way whether or not it has sent the blocking reply yet: the
+answer never depends on how the bytes were split into segments.
 
 Every table here is the same for all protocol versions; a frame type a version does not know
 (`_spec.FIRST_VERSION`) is refused before these tables are consulted.
@@ -60,7 +60,17 @@ _T = FrameType
 ALLOWED_REQUESTS: Final[dict[ConnectionState, frozenset[FrameType]]] = {
     _S.AWAIT_HELLO: frozenset({_T.HELLO}),
     _S.NEGOTIATING: frozenset({_T.PING}),
-    _S.IDLE: frozenset({_T.OPEN_UPLOAD, _T.ATTACH_UPLOAD, _T.PUT_OBJECT, _T.PING}),
+    _S.IDLE: frozenset(
+        {
+            _T.OPEN_UPLOAD,
+            _T.ATTACH_UPLOAD,
+            _T.OPEN_SEGMENT,
+            _T.PUT_OBJECT,
+            _T.COMPOSE,
+            _T.DISCARD,
+            _T.PING,
+        }
+    ),
     _S.BINDING: frozenset({_T.PING}),
     _S.BOUND: frozenset({_T.WRITE_AT, _T.COMPLETE, _T.ABORT, _T.STATUS_QUERY, _T.PING}),
     _S.COMPLETING: frozenset({_T.PING}),
@@ -73,6 +83,7 @@ REQUEST_TRANSITIONS: Final[dict[FrameType, ConnectionState]] = {
     _T.HELLO: _S.NEGOTIATING,
     _T.OPEN_UPLOAD: _S.BINDING,
     _T.ATTACH_UPLOAD: _S.BINDING,
+    _T.OPEN_SEGMENT: _S.BINDING,
     _T.COMPLETE: _S.COMPLETING,
     _T.ABORT: _S.ABORTING,
 }
@@ -80,14 +91,17 @@ REQUEST_TRANSITIONS: Final[dict[FrameType, ConnectionState]] = {
 
 ALLOWED_REPLIES: Final[dict[FrameType, frozenset[FrameType]]] = {
     _T.HELLO: frozenset({_T.WELCOME, _T.ERROR}),
-    _T.OPEN_UPLOAD: frozenset({_T.UPLOAD_OPENED, _T.ERROR}),
+    _T.OPEN_UPLOAD: frozenset({_T.UPLOAD_OPENED, _T.COMPOSITE_OPENED, _T.ERROR}),
     _T.ATTACH_UPLOAD: frozenset({_T.UPLOAD_OPENED, _T.ERROR}),
+    _T.OPEN_SEGMENT: frozenset({_T.UPLOAD_OPENED, _T.ERROR}),
     _T.WRITE_AT: frozenset({_T.ACK, _T.ERROR}),
     _T.COMPLETE: frozenset({_T.COMPLETED, _T.INCOMPLETE, _T.ERROR}),
     _T.ABORT: frozenset({_T.ACK, _T.ERROR}),
     _T.STATUS_QUERY: frozenset({_T.STATUS, _T.ERROR}),
     _T.PING: frozenset({_T.PONG, _T.ERROR}),
     _T.PUT_OBJECT: frozenset({_T.COMPLETED, _T.ERROR}),
+    _T.COMPOSE: frozenset({_T.COMPLETED, _T.INCOMPLETE, _T.ERROR}),
+    _T.DISCARD: frozenset({_T.ACK, _T.ERROR}),
 }
 """For each request, the replies that may answer it (each request gets exactly one)."""
 
@@ -96,6 +110,10 @@ REPLY_TRANSITIONS: Final[dict[tuple[FrameType, FrameType], ConnectionState]] = {
     (_T.HELLO, _T.ERROR): _S.ERROR,  # every refused Hello ends the connection
     (_T.OPEN_UPLOAD, _T.UPLOAD_OPENED): _S.BOUND,
     (_T.OPEN_UPLOAD, _T.ERROR): _S.IDLE,
+    # A composite upload binds nothing: its segments are bound one by one (OPEN_SEGMENT).
+    (_T.OPEN_UPLOAD, _T.COMPOSITE_OPENED): _S.IDLE,
+    (_T.OPEN_SEGMENT, _T.UPLOAD_OPENED): _S.BOUND,
+    (_T.OPEN_SEGMENT, _T.ERROR): _S.IDLE,
     (_T.ATTACH_UPLOAD, _T.UPLOAD_OPENED): _S.BOUND,
     (_T.ATTACH_UPLOAD, _T.ERROR): _S.IDLE,
     (_T.COMPLETE, _T.COMPLETED): _S.IDLE,

@@ -20,6 +20,7 @@ from ._codec import (
     MAX_CONTROL_BODY_SIZE,
     MAX_LISTED_RANGES,
     MIN_FRAME_SIZE,
+    SEGMENT_QUANTUM,
     decode_body,
     encode_body,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "MAX_TOKEN_SIZE",
     "MIN_FRAME_SIZE",
     "PROTOCOL_VERSION",
+    "SEGMENT_QUANTUM",
     "SUPPORTED_VERSIONS",
     "Connection",
     "Role",
@@ -94,10 +96,12 @@ __all__ = [
 PROTOCOL_VERSION: Final = 1
 """Version 1, the original protocol (named so before version 2 existed; callers that offer only
 it keep speaking version 1 unchanged)."""
-LATEST_VERSION: Final = 2
-"""Version 2 (planned as "1.1"): version 1 plus UPLOAD_OPENED.window_end, INCOMPLETE,
-PUT_OBJECT and error codes 27-30 and 37-38. Nothing version 1 has changes meaning."""
-SUPPORTED_VERSIONS: Final = (PROTOCOL_VERSION, LATEST_VERSION)
+LATEST_VERSION: Final = 3
+"""Version 3: version 2 plus composite uploads (OPEN_UPLOAD.single_session, COMPOSITE_OPENED,
+OPEN_SEGMENT, COMPOSE, DISCARD). Version 2 (planned as "1.1") added UPLOAD_OPENED.window_end,
+INCOMPLETE, PUT_OBJECT and error codes 27-30 and 37-38. No version changes the meaning of
+anything an earlier one has."""
+SUPPORTED_VERSIONS: Final = (PROTOCOL_VERSION, 2, LATEST_VERSION)
 DEFAULT_MAX_FRAME_SIZE: Final = 1024 * 1024
 HARD_MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
 MAX_TOKEN_SIZE: Final = 8 * 1024

@@ -25,14 +25,18 @@ __all__ = [
     "AttachUpload",
     "Complete",
     "Completed",
+    "Compose",
+    "CompositeOpened",
     "ConnectionClosed",
     "Credit",
+    "Discard",
     "Error",
     "Event",
     "GoingAway",
     "Hello",
     "Incomplete",
     "NeedData",
+    "OpenSegment",
     "OpenUpload",
     "Ping",
     "Pong",
@@ -121,6 +125,9 @@ class OpenUpload(Request):
     metadata: tuple[tuple[str, str], ...] = ()
     expected_size: int | None = None
     if_generation_match: int | None = None
+    single_session: bool = False
+    """Version 3: never make this a composite upload (answer UploadOpened, not
+    CompositeOpened). Older versions have no composite uploads, so they leave it out."""
 
     def __post_init__(self) -> None:
         _normalise_metadata(self)
@@ -203,6 +210,44 @@ class PutObject(Request):
 
     def __post_init__(self) -> None:
         _normalise_metadata(self)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSegment(Request):
+    """Version 3: bind this connection to segment `index` of the composite upload `token`
+    names (the token from `CompositeOpened`).
+
+    A segment is an upload of its own: bytes [index * segment_size, ...) of the object, written
+    at offsets counted from the segment's first byte, completed with `Complete` (its size and
+    CRC32C) and answered by `UploadOpened` with the segment's own token, which `AttachUpload`
+    resumes. Opening a segment that is already being written here binds to it.
+    """
+
+    index: int
+    token: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Compose(Request):
+    """Version 3: finish the composite upload `token` names, from the segments stored in GCS.
+
+    Pipelined and unbound, like `PutObject`. Answered by `Completed` (the object; composite, so
+    it has no MD5), by `Incomplete` listing the byte ranges of segments not stored (send them,
+    then Compose again), or by `Error`. Idempotent while the server can tell the object is this
+    upload's.
+    """
+
+    total_size: int
+    crc32c: int | None = None
+    token: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Discard(Request):
+    """Version 3: abort the composite upload `token` names and delete its segments; answered by
+    `Ack`. The token can never write again."""
+
+    token: bytes = field(repr=False)
 
 
 # -- streamed receive side of WriteAt ------------------------------------------------------------
@@ -352,6 +397,17 @@ class Incomplete(Reply):
 
 
 _RANGES_IN_TEXT: Final = 8
+
+
+@dataclass(frozen=True, slots=True)
+class CompositeOpened(Reply):
+    """Version 3: answers an `OpenUpload` the server made composite. The connection stays
+    unbound: write each segment through `OpenSegment` (at most `parallel_segments` at once is
+    what the server serves best), then `Compose`. `token` names the whole upload."""
+
+    token: bytes = field(repr=False)
+    segment_size: int
+    parallel_segments: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,9 +31,12 @@ from protocol import (
     AttachUpload,
     Complete,
     Completed,
+    Compose,
+    CompositeOpened,
     Connection,
     ConnectionState,
     Credit,
+    Discard,
     Error,
     ErrorCode,
     Event,
@@ -41,6 +44,7 @@ from protocol import (
     Hello,
     Incomplete,
     LocalProtocolError,
+    OpenSegment,
     OpenUpload,
     PayloadCrcError,
     Ping,
@@ -73,7 +77,7 @@ from tests.protocol.helpers import (
 )
 
 S = ConnectionState
-V1, BOTH = (1,), (1, 2)
+V1, BOTH, V3 = (1,), (1, 2), (1, 2, 3)
 WINDOW = 1 << 20
 
 
@@ -89,7 +93,7 @@ def pair(
 
 
 def bound(version: int = LATEST_VERSION, window_end: int = WINDOW) -> tuple[Connection, Connection]:
-    client, server = pair(BOTH if version == 2 else V1)
+    client, server = pair(tuple(range(1, version + 1)))
     (request,) = transfer(client, server, OpenUpload("bucket", "object"))
     transfer(server, client, UploadOpened(request_seq(request), b"tok", 0, False, window_end))
     return client, server
@@ -161,7 +165,7 @@ def test_s2_version_2_frame_types_do_not_exist_on_a_version_1_connection() -> No
 def test_s2_upload_opened_is_laid_out_by_the_negotiated_version() -> None:
     sizes = {}
     for version in (1, 2):
-        client, server = pair(BOTH if version == 2 else V1)
+        client, server = pair(tuple(range(1, version + 1)))
         (request,) = transfer(client, server, OpenUpload("b", "o"))
         wire = server.send_bytes(UploadOpened(request_seq(request), b"tok", 7, False, 99))
         sizes[version] = len(wire) - HEADER_SIZE
@@ -225,14 +229,17 @@ def test_s4_each_request_gets_only_the_replies_of_its_table_row(request_type: Fr
 
 _DOCUMENTED_REPLIES = {  # section 4's table, as written there
     FrameType.HELLO: {FrameType.WELCOME, FrameType.ERROR},
-    FrameType.OPEN_UPLOAD: {FrameType.UPLOAD_OPENED, FrameType.ERROR},
+    FrameType.OPEN_UPLOAD: {FrameType.UPLOAD_OPENED, FrameType.COMPOSITE_OPENED, FrameType.ERROR},
     FrameType.ATTACH_UPLOAD: {FrameType.UPLOAD_OPENED, FrameType.ERROR},
+    FrameType.OPEN_SEGMENT: {FrameType.UPLOAD_OPENED, FrameType.ERROR},
     FrameType.WRITE_AT: {FrameType.ACK, FrameType.ERROR},
     FrameType.COMPLETE: {FrameType.COMPLETED, FrameType.INCOMPLETE, FrameType.ERROR},
     FrameType.ABORT: {FrameType.ACK, FrameType.ERROR},
     FrameType.STATUS_QUERY: {FrameType.STATUS, FrameType.ERROR},
     FrameType.PING: {FrameType.PONG, FrameType.ERROR},
     FrameType.PUT_OBJECT: {FrameType.COMPLETED, FrameType.ERROR},
+    FrameType.COMPOSE: {FrameType.COMPLETED, FrameType.INCOMPLETE, FrameType.ERROR},
+    FrameType.DISCARD: {FrameType.ACK, FrameType.ERROR},
 }
 
 
@@ -387,6 +394,7 @@ _REQUESTS: dict[FrameType, Request] = {
     FrameType.HELLO: Hello(BOTH, MIN_FRAME_SIZE),
     FrameType.OPEN_UPLOAD: OpenUpload("b", "o"),
     FrameType.ATTACH_UPLOAD: AttachUpload(b"t"),
+    FrameType.OPEN_SEGMENT: OpenSegment(0, b"t"),
     FrameType.COMPLETE: Complete(0),
     FrameType.ABORT: Abort(),
 }
@@ -400,6 +408,7 @@ def _reply(reply_type: FrameType, seq: int) -> Reply:
         FrameType.COMPLETED: Completed(seq, 1, 0, 0, None),
         FrameType.INCOMPLETE: Incomplete(seq, 0, WINDOW, ((0, 1),)),
         FrameType.ACK: Ack(seq, 0),
+        FrameType.COMPOSITE_OPENED: CompositeOpened(seq, b"t", 64 * WINDOW, 4),
     }
     return replies[reply_type]
 
@@ -413,8 +422,8 @@ def test_s6_every_transition_of_the_table(
 ) -> None:
     if request_type is FrameType.HELLO:
         client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
-    elif request_type in (FrameType.OPEN_UPLOAD, FrameType.ATTACH_UPLOAD):
-        client, server = pair()
+    elif request_type in (FrameType.OPEN_UPLOAD, FrameType.ATTACH_UPLOAD, FrameType.OPEN_SEGMENT):
+        client, server = pair(V3, V3)
     else:
         client, server = bound()
     (request,) = transfer(client, server, _REQUESTS[request_type])
@@ -964,7 +973,8 @@ def test_s6_the_same_bytes_get_the_same_answers_however_late_the_replies_are(
 
 def test_s13_the_whole_upload_in_the_spec_runs_as_printed() -> None:
     mib = 1024 * 1024
-    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    # The walkthrough is a version-2 conversation (a version-3 one reads the same).
+    client, server = Connection(Role.CLIENT, versions=BOTH), Connection(Role.SERVER)
     hello, ping = transfer(client, server, client.hello(auth="s3cret"), Ping(7))  # 1, 2
     assert (request_seq(hello), request_seq(ping)) == (1, 2)
     assert isinstance(hello, Hello)
@@ -995,3 +1005,66 @@ def test_s13_the_whole_upload_in_the_spec_runs_as_printed() -> None:
     assert request_seq(done) == 8
     assert states(client, server) == (S.IDLE, S.IDLE)
     assert client.requests_in_flight == server.requests_in_flight == 0
+
+
+# -- section 14: composite uploads (version 3) -----------------------------------------------------
+
+
+def test_s14_a_composite_open_binds_nothing_and_segments_bind_one_by_one() -> None:
+    client, server = pair(V3, V3)
+    (opened,) = transfer(client, server, OpenUpload("b", "o", expected_size=200 << 20))
+    transfer(server, client, CompositeOpened(request_seq(opened), b"T", 64 << 20, 4))
+    assert states(client, server) == (S.IDLE, S.IDLE)
+    assert client.window is None
+    (segment,) = transfer(client, server, OpenSegment(3, b"T"))
+    assert segment == OpenSegment(3, b"T", seq=3)
+    assert states(client, server) == (S.BINDING, S.BINDING)
+    transfer(server, client, UploadOpened(request_seq(segment), b"T3", 0, False, WINDOW))
+    assert states(client, server) == (S.BOUND, S.BOUND)
+    assert client.window == (0, WINDOW)
+    (done,) = transfer(client, server, Complete(8 << 20, 0x1234))
+    transfer(server, client, Completed(request_seq(done), 7, 8 << 20, 0x1234, None))
+    # COMPOSE and DISCARD are pipelined in IDLE, like PUT_OBJECT; INCOMPLETE changes nothing.
+    compose, discard = transfer(client, server, Compose(200 << 20, 9, b"T"), Discard(b"T"))
+    transfer(server, client, Incomplete(request_seq(compose), 0, 0, ((64 << 20, 128 << 20),)))
+    transfer(server, client, Ack(request_seq(discard), 0))
+    assert states(client, server) == (S.IDLE, S.IDLE)
+
+
+def test_s14_version_3_frames_are_unknown_to_a_version_2_peer() -> None:
+    client, server = pair(BOTH, V3)
+    assert client.version == server.version == 2
+    with pytest.raises(LocalProtocolError, match="OPEN_SEGMENT needs protocol version 3"):
+        client.send(OpenSegment(0, b"T"))
+    server.receive_data(
+        frame(FrameType.COMPOSE, 2, body(FrameType.COMPOSE, total_size=1, crc32c=None, token=b"T"))
+    )
+    assert refused(server).code is ErrorCode.UNKNOWN_FRAME_TYPE
+
+
+def test_s14_single_session_is_on_the_wire_only_in_version_3() -> None:
+    wish = OpenUpload("b", "o", expected_size=1, single_session=True)
+    plain = OpenUpload("b", "o", expected_size=1)
+    assert (
+        pair(BOTH, V3)[0].send_bytes(wish)[HEADER_SIZE:]
+        == (pair(BOTH, V3)[0].send_bytes(plain)[HEADER_SIZE:])
+    )
+    three, server = pair(V3, V3)
+    (received,) = transfer(three, server, wish)
+    assert isinstance(received, OpenUpload)
+    assert received.single_session is True
+
+
+@pytest.mark.parametrize(("segment_size", "parallel"), [(0, 4), (100_000, 4), (1 << 20, 0)])
+def test_s14_composite_opened_value_rules(segment_size: int, parallel: int) -> None:
+    client, server = pair(V3, V3)
+    (opened,) = transfer(client, server, OpenUpload("b", "o", expected_size=1 << 30))
+    reply = body(
+        FrameType.COMPOSITE_OPENED,
+        reply_to=request_seq(opened),
+        segment_size=segment_size,
+        parallel_segments=parallel,
+        token=b"T",
+    )
+    client.receive_data(frame(FrameType.COMPOSITE_OPENED, 2, reply))
+    assert refused(client).code is ErrorCode.MALFORMED_FRAME

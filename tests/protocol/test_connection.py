@@ -225,12 +225,12 @@ def test_frames_above_the_agreed_size_are_refused_both_ways() -> None:
 
 def test_unknown_versions_only_get_a_clear_error() -> None:
     client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
-    server.receive_data(frame(FrameType.HELLO, 1, _hello_body(versions=[3, 7])))
+    server.receive_data(frame(FrameType.HELLO, 1, _hello_body(versions=[4, 7])))
     with pytest.raises(RemoteProtocolError) as excinfo:
         server.next_event()
     assert excinfo.value.code is ErrorCode.UNSUPPORTED_VERSION
     assert str(excinfo.value) == (
-        "client offers protocol versions [3, 7]; this server supports [1, 2]"
+        "client offers protocol versions [4, 7]; this server supports [1, 2, 3]"
     )
     # The server can still say why before it closes, and the client hears it.
     assert server.state is S.ERROR
@@ -254,8 +254,8 @@ def test_welcome_must_pick_what_was_offered() -> None:
     with pytest.raises(RemoteProtocolError, match="above the 1048576") as excinfo:
         client.next_event()
     assert excinfo.value.code is ErrorCode.FRAME_TOO_LARGE
-    with pytest.raises(LocalProtocolError, match="version 3"):
-        server.send(Welcome(1, 3, DEFAULT_MAX_FRAME_SIZE))
+    with pytest.raises(LocalProtocolError, match="version 4"):
+        server.send(Welcome(1, 4, DEFAULT_MAX_FRAME_SIZE))
 
 
 @pytest.mark.parametrize("state", [s for s in S if s is not S.ERROR])

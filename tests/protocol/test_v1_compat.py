@@ -100,7 +100,7 @@ def test_a_version_1_only_client_speaks_exactly_as_before() -> None:
 
 
 def test_a_version_2_client_is_welcomed_at_version_1_by_a_version_1_server() -> None:
-    client = Connection(Role.CLIENT, max_frame_size=64 * 1024)
+    client = Connection(Role.CLIENT, max_frame_size=64 * 1024, versions=(1, 2))
     hello = client.hello(client_name=HELLO_OFFERING_1_AND_2.client_name)
     assert hello.versions == (1, 2)
     assert client.send_bytes(hello).hex() == RECORDED["hello_offering_1_and_2"]
