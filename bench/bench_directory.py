@@ -37,8 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from bench._rup_process import rup_process, serve_address
-from bench.bench_small_objects import RequestCountingRelay
+from bench.bench_small_objects import counted_proxy
 from faultnet.gcs.clients import anonymous_client
 from proxy.server.backend import pooled_session
 
@@ -138,30 +137,18 @@ def run(quick: bool, count: int | None = None) -> dict[str, Any]:
     total = sum(sizes)
     seconds: dict[str, float] = {}
     requests: dict[str, int] = {}
-    with (
-        tempfile.TemporaryDirectory(prefix="rup-bench-directory-") as directory,
-        rup_process("gcs-server", "--port", "0") as (_, gcs_url),
-    ):
+    with tempfile.TemporaryDirectory(prefix="rup-bench-directory-") as directory:
         top = Path(directory) / "tree"
         expected = _write_tree(top, sizes)
-        anonymous_client(gcs_url).bucket(BUCKET).create()
-        host, _, port = gcs_url.removeprefix("http://").rstrip("/").rpartition(":")
-        relay = RequestCountingRelay((host, int(port)))
-        serve = ["serve", "--listen", "127.0.0.1:0", "--gcs-endpoint", relay.url]
-        try:
-            with rup_process(*serve) as (_, line):
-                before = relay.requests
-                seconds["direct"] = _direct(relay.url, top, sorted(expected), "direct")
-                requests["direct"] = relay.requests - before
-                before = relay.requests
-                seconds["rup"] = _through_rup(
-                    serve_address(line), top, "rup", Path(directory) / "state"
-                )
-                requests["rup"] = relay.requests - before
-        finally:
-            relay.close()
-        for prefix in ("direct", "rup"):
-            _verify(gcs_url, prefix, expected)
+        with counted_proxy(BUCKET) as (gcs_url, relay, address):
+            before = relay.requests
+            seconds["direct"] = _direct(relay.url, top, sorted(expected), "direct")
+            requests["direct"] = relay.requests - before
+            before = relay.requests
+            seconds["rup"] = _through_rup(address, top, "rup", Path(directory) / "state")
+            requests["rup"] = relay.requests - before
+            for prefix in ("direct", "rup"):
+                _verify(gcs_url, prefix, expected)
     result: dict[str, Any] = {
         "benchmark": "directory",
         "files": count,

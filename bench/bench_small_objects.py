@@ -27,17 +27,18 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
 import trio
 
-from bench._rup_process import rup_process
+from bench._rup_process import rup_process, serve_address
 from faultnet.gcs.clients import anonymous_client
 from proxy.client import UploadOptions, UploadResult, upload_many
 from proxy.server.backend import pooled_session
 
-__all__ = ["main", "run"]
+__all__ = ["RequestCountingRelay", "counted_proxy", "main", "run"]
 
 KiB: Final = 1024
 OBJECT_SIZE: Final = 4 * KiB
@@ -103,6 +104,23 @@ class RequestCountingRelay:
         self._listener.close()
 
 
+@contextlib.contextmanager
+def counted_proxy(bucket: str) -> Iterator[tuple[str, RequestCountingRelay, tuple[str, int]]]:
+    """A GCS endpoint (``rup gcs-server``) holding ``bucket``, a :class:`RequestCountingRelay`
+    in front of it, and ``rup serve`` storing through the relay: yields the endpoint's URL,
+    the relay and the proxy's address."""
+    with rup_process("gcs-server", "--port", "0") as (_, gcs_url):
+        anonymous_client(gcs_url).bucket(bucket).create()
+        host, _, port = gcs_url.removeprefix("http://").rstrip("/").rpartition(":")
+        relay = RequestCountingRelay((host, int(port)))
+        try:
+            serve = ["serve", "--listen", "127.0.0.1:0", "--gcs-endpoint", relay.url]
+            with rup_process(*serve) as (_, line):
+                yield gcs_url, relay, serve_address(line)
+        finally:
+            relay.close()
+
+
 def _write_files(directory: Path, count: int) -> list[Path]:
     paths = []
     for index in range(count):
@@ -142,12 +160,6 @@ def _through_proxy(
     return elapsed
 
 
-def _address(line: str) -> tuple[str, int]:
-    # "rup serve: listening on HOST:PORT (gcs: URL)"
-    host, _, port = line.split("listening on ", 1)[1].split()[0].rpartition(":")
-    return host, int(port)
-
-
 def run(quick: bool, count: int | None = None) -> dict[str, Any]:
     """Upload ``count`` small objects each way; also writes :data:`RESULTS`."""
     count = count or (QUICK_COUNT if quick else FULL_COUNT)
@@ -155,28 +167,19 @@ def run(quick: bool, count: int | None = None) -> dict[str, Any]:
     requests: dict[str, int] = {}
     with (
         tempfile.TemporaryDirectory() as directory,
-        rup_process("gcs-server", "--port", "0") as (_, gcs_url),
+        counted_proxy(BUCKET) as (_, relay, address),
     ):
         paths = _write_files(Path(directory), count)
-        anonymous_client(gcs_url).bucket(BUCKET).create()
-        host, _, port = gcs_url.removeprefix("http://").rstrip("/").rpartition(":")
-        relay = RequestCountingRelay((host, int(port)))
-        serve = ["serve", "--listen", "127.0.0.1:0", "--gcs-endpoint", relay.url]
-        try:
-            with rup_process(*serve) as (_, line):
-                address = _address(line)
-                for concurrency in (1, CONCURRENCY):
-                    # interleaved, so machine noise hits both ways alike
-                    before = relay.requests
-                    name = f"direct_x{concurrency}"
-                    seconds[name] = _direct(relay.url, paths, concurrency, name)
-                    requests[name] = relay.requests - before
-                    before = relay.requests
-                    name = f"proxy_x{concurrency}"
-                    seconds[name] = _through_proxy(address, paths, concurrency, name)
-                    requests[name] = relay.requests - before
-        finally:
-            relay.close()
+        for concurrency in (1, CONCURRENCY):
+            # interleaved, so machine noise hits both ways alike
+            before = relay.requests
+            name = f"direct_x{concurrency}"
+            seconds[name] = _direct(relay.url, paths, concurrency, name)
+            requests[name] = relay.requests - before
+            before = relay.requests
+            name = f"proxy_x{concurrency}"
+            seconds[name] = _through_proxy(address, paths, concurrency, name)
+            requests[name] = relay.requests - before
     per_second = {name: count / value for name, value in seconds.items()}
     result: dict[str, Any] = {
         "benchmark": "small_objects",
