@@ -3,7 +3,9 @@
 ``rup upload FILE gs://BUCKET/OBJECT`` stores one object; ``rup upload SOURCE...
 gs://BUCKET/PREFIX/`` stores each file under its relative path (:mod:`proxy.cli.upload_plan`),
 ``--jobs`` at a time: small files as one request each on shared connections, large ones over
-their own ``--connections``.
+their own ``--connections`` (a file shorter than :data:`_BYTES_PER_CONNECTION` per connection
+gets fewer: the other files keep connections busy, and each connection costs a handshake and
+an attach at both ends).
 
 Exit codes:
 
@@ -42,12 +44,11 @@ import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 
 from protocol import MIN_FRAME_SIZE, ErrorCode
-from proxy.cli.progress import FilesBar, UploadBar
 from proxy.cli.upload_plan import DEFAULT_CONTENT_TYPE, content_type_for, plan_uploads
 from proxy.cli.upload_state import FileIdentity, ResumeRecord, ResumeStore
 from proxy.client import (
@@ -66,6 +67,11 @@ from proxy.client import (
     upload_stream,
 )
 from proxy.client.many import Outcome, Source
+
+if TYPE_CHECKING:
+    # imported where a bar is shown: rich is a tenth of a second of start-up, and scripts
+    # and --json never show a bar
+    from proxy.cli.progress import FilesBar, UploadBar
 
 __all__ = ["EXIT_CODES", "HELP", "configure", "exit_code_for", "run"]
 
@@ -104,6 +110,9 @@ _DENIED_CODES: Final = frozenset(
 _STDIN_READ_SIZE: Final = 1024 * 1024
 #: seconds between rewrites of a file upload's resume record
 _RECORD_INTERVAL: Final = 0.5
+#: with several files, a file gets one of its ``--connections`` per this many bytes: below
+#: that a connection's handshake and attach cost more than its share of the file gains
+_BYTES_PER_CONNECTION: Final = 8 * 1024 * 1024
 
 
 def exit_code_for(error: UploadError) -> int:
@@ -139,7 +148,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=8,
         metavar="N",
-        help="files uploaded at once (default 8); each large file still gets --connections",
+        help="files uploaded at once (default 8); a large file still gets --connections",
     )
     parser.add_argument(
         "--proxy",
@@ -148,7 +157,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="the rup proxy, or several to fail over between (default: $RUP_PROXY)",
     )
     parser.add_argument(
-        "--connections", type=int, default=4, metavar="N", help="TCP connections (default 4)"
+        "--connections",
+        type=int,
+        default=4,
+        metavar="N",
+        help="TCP connections for a file (default 4); with several files, at most one per"
+        f" {_BYTES_PER_CONNECTION // 2**20} MiB of the file",
     )
     parser.add_argument(
         "--auth-token",
@@ -468,11 +482,13 @@ async def _upload_files(args: argparse.Namespace, report: _ManyFiles) -> None:
     store = ResumeStore.default()
 
     def options_for(source: Source, url: str) -> UploadOptions:
-        return dataclasses.replace(
+        own = dataclasses.replace(
             options,
             content_type=_content_type(args, os.fspath(source)),
             progress=report.progress_for(url),
         )
+        size = _known_size(os.fspath(source))  # unreadable: put_file says so, as the outcome
+        return own if size is None else _spread(own, size)
 
     async def upload_large(source: Source, url: str, options: UploadOptions) -> UploadResult:
         if args.no_resume:
@@ -489,12 +505,24 @@ async def _upload_files(args: argparse.Namespace, report: _ManyFiles) -> None:
     )
 
 
+def _spread(options: UploadOptions, size: int) -> UploadOptions:
+    """``options`` with no more connections than ``size`` has shares of
+    :data:`_BYTES_PER_CONNECTION` (and at least one)."""
+    connections = max(1, min(options.settings.connections, -(-size // _BYTES_PER_CONNECTION)))
+    if connections == options.settings.connections:
+        return options
+    settings = dataclasses.replace(options.settings, connections=connections)
+    return dataclasses.replace(options, settings=settings)
+
+
 def _run_many(args: argparse.Namespace) -> int:
     pairs = args.plan.pairs
     if args.json or not sys.stderr.isatty():
         report = _ManyFiles(args, None)
         _run(_upload_files, args, report)
         return report.finish()
+    from proxy.cli.progress import FilesBar
+
     total = sum(os.path.getsize(source) for source, _ in pairs)
     with FilesBar(len(pairs), total) as bar:
         report = _ManyFiles(args, bar)
@@ -578,6 +606,8 @@ def run(args: argparse.Namespace) -> int:
         if args.json or not sys.stderr.isatty():
             result = _run(_upload, args, None)
         else:
+            from proxy.cli.progress import UploadBar
+
             with UploadBar(args.url, total=_known_size(args.source)) as bar:
                 result = _run(_upload, args, bar)
     except KeyboardInterrupt:
