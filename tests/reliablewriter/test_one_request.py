@@ -15,6 +15,7 @@ import google_crc32c
 import pytest
 import requests
 import requests.adapters
+import trio
 
 from reliablewriter import (
     ChecksumMismatchError,
@@ -131,6 +132,23 @@ async def test_a_response_reset_on_the_wire_is_settled_by_reading_back(
     info = await store(target, data)
     assert target.counters.faults_applied("reset_peer") == 2
     assert info.size == len(data)
+    assert target.read("small.bin") == data
+
+
+async def test_a_cancelled_upload_waits_for_the_request_it_sent(faulty_target: Faulty) -> None:
+    # Every response comes 0.5 s late; the caller gives up after 0.1 s, with the request
+    # sent and the object stored. The answer is still waited for and returned, so the
+    # caller knows the object exists instead of being left to guess.
+    target = faulty_target("latency:down(ms=500)")
+    data = payload(4 * KiB)
+    started = trio.current_time()
+    with trio.move_on_after(0.1) as scope:
+        info = await store(target, data)
+    assert scope.cancel_called
+    assert trio.current_time() - started >= 0.5
+    assert target.counters.faults_applied("latency") >= 1
+    assert info.size == len(data)
+    assert info.generation == target.bucket.get_blob("small.bin").generation
     assert target.read("small.bin") == data
 
 
