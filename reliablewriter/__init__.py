@@ -6,7 +6,14 @@ See ``docs/reliablewriter.md`` for the design and :func:`open_writer` to start.
 from .aio import AsyncWriter, open_async_writer
 from .blocking import BlockingWriter, open_blocking_writer
 from .cancel import CancelResult, cancel_session
-from .composite import CompositeSettings, CompositeWriter, open_composite_writer
+from .composite import (
+    DEFAULT_TEMP_PREFIX,
+    CompositeSettings,
+    CompositeWriter,
+    complete_from_temporaries,
+    open_composite_writer,
+    temporary_name,
+)
 from .errors import (
     ChecksumMismatchError,
     IncompleteObjectError,
@@ -37,6 +44,7 @@ __all__ = [
     "CancelResult",
     "ChecksumMismatchError",
     "ChecksumMode",
+    "DEFAULT_TEMP_PREFIX",
     "CompositeSettings",
     "CompositeWriter",
     "IncompleteObjectError",
@@ -64,7 +72,9 @@ __all__ = [
     "open_async_writer",
     "open_blob",
     "open_blocking_writer",
+    "complete_from_temporaries",
     "open_composite_writer",
     "open_writer",
+    "temporary_name",
     "upload_in_one_request",
 ]

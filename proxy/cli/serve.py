@@ -60,7 +60,13 @@ from proxy.server.keys import (
 )
 from proxy.server.logging import configure_logging, get_logger, log_event
 from proxy.server.metrics import MetricsListenError
-from proxy.server.settings import MiB, ServerSettings, SettingsError
+from proxy.server.settings import (
+    CompositeMode,
+    CompositePolicy,
+    MiB,
+    ServerSettings,
+    SettingsError,
+)
 
 __all__ = [
     "EXIT_CODES",
@@ -233,6 +239,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--handshake-timeout", type=float, default=defaults.handshake_timeout, metavar="SECONDS",
         help="close a connection whose Hello has not arrived within this long",
     )  # fmt: skip
+    composite = defaults.composite
+    parser.add_argument(
+        "--composite", choices=[mode.value for mode in CompositeMode],
+        default=composite.mode.value,
+        help="which uploads of version-3 clients are cut into segments stored in parallel and"
+        " composed at the end: always, never, or auto (from --composite-threshold-mib on)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--composite-threshold-mib", type=_mebibytes, default=_in_mib(composite.threshold),
+        metavar="MIB", help="with --composite auto, the declared size from which an upload is"
+        " composite, in MiB",
+    )  # fmt: skip
+    parser.add_argument(
+        "--segment-size-mib", type=_mebibytes, default=_in_mib(composite.segment_size),
+        metavar="MIB", help="a composite upload's segment size, in MiB (a multiple of 0.25)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--parallel-segments", type=int, default=composite.parallel_segments, metavar="N",
+        help="segments of one composite upload a client is told to send at once",
+    )  # fmt: skip
+    parser.add_argument(
+        "--temp-prefix", default=composite.temp_prefix, metavar="PREFIX",
+        help="where segments live until they are composed (no client may write there)",
+    )  # fmt: skip
     parser.add_argument(
         "--budget-wait", type=float, default=defaults.budget_wait, metavar="SECONDS",
         help="how long a new upload waits for buffer budget before TOO_BUSY",
@@ -318,6 +348,13 @@ def settings_from_args(args: argparse.Namespace, token_key: bytes | None = None)
         resume_window=args.resume_window,
         allowed_buckets=tuple(args.allow_bucket),
         allowed_prefixes=tuple(args.allow_prefix),
+        composite=CompositePolicy(
+            mode=CompositeMode(args.composite),
+            threshold=args.composite_threshold_mib,
+            segment_size=args.segment_size_mib,
+            parallel_segments=args.parallel_segments,
+            temp_prefix=args.temp_prefix,
+        ),
     )
 
 

@@ -30,16 +30,20 @@ from protocol import (
     AttachUpload,
     Complete,
     Completed,
+    Compose,
+    CompositeOpened,
     Connection,
     ConnectionClosed,
     ConnectionState,
     Credit,
+    Discard,
     Error,
     ErrorCode,
     Event,
     GoingAway,
     Hello,
     Incomplete,
+    OpenSegment,
     OpenUpload,
     PayloadCrcError,
     Ping,
@@ -76,6 +80,11 @@ _RECEIVE_SIZE = 1024 * 1024
 #: PUT_OBJECT requests one connection may have in flight; each holds its object's bytes
 #: (paid from the budget) until GCS answers, and more would only queue behind them
 _PUT_OBJECTS_IN_FLIGHT = 16
+#: COMPOSE and DISCARD requests one connection may have in flight (each lists and deletes
+#: objects in GCS; a client needs one per upload)
+_COMPOSITE_REQUESTS_IN_FLIGHT = 4
+#: the protocol version that has composite uploads (docs/protocol.md section 14)
+_COMPOSITE_VERSION = 3
 #: replies a connection may have queued before its receive loop waits for the client to read
 _OUTBOX_CAPACITY = 64
 #: how long a connection that is being closed gets to deliver its last frames
@@ -195,6 +204,7 @@ class ClientConnection:
         #: one of them is not idle
         self._outstanding = 0
         self._puts_in_flight = 0
+        self._composite_requests_in_flight = 0
         self._going_away = False
 
     # --- lifecycle --------------------------------------------------------------------
@@ -427,6 +437,22 @@ class ClientConnection:
             await self._open(event)
         elif isinstance(event, AttachUpload):
             await self._attach(event)
+        elif isinstance(event, OpenSegment):
+            self._refuse_new_work_when_leaving()
+            upload = await self._registry.open_segment(event.token, event.index, self.identity)
+            await self._bind(event.seq, upload, resumed=False)
+        elif isinstance(event, Compose | Discard):
+            self._refuse_new_work_when_leaving()
+            if self._composite_requests_in_flight >= _COMPOSITE_REQUESTS_IN_FLIGHT:
+                raise ServerError(
+                    ErrorCode.TOO_BUSY,
+                    f"{_COMPOSITE_REQUESTS_IN_FLIGHT} COMPOSE or DISCARD requests are in flight"
+                    " on this connection already: wait for a reply",
+                    retryable=True,
+                )
+            self._outstanding += 1
+            self._composite_requests_in_flight += 1
+            nursery.start_soon(self._finish_composite, event)
         elif isinstance(event, Complete):
             self._outstanding += 1
             nursery.start_soon(self._complete, self._bound(), event)
@@ -495,6 +521,18 @@ class ClientConnection:
             expected_size=event.expected_size,
             if_generation_match=event.if_generation_match,
         )
+        composite = self._settings.composite
+        speaks_composite = (self._protocol.version or 1) >= _COMPOSITE_VERSION
+        if speaks_composite and composite.applies_to(
+            event.expected_size, single_session=event.single_session
+        ):
+            token = await self._registry.open_composite(request, self.identity)
+            await self._reply(
+                CompositeOpened(
+                    event.seq, token, composite.segment_size, composite.parallel_segments
+                )
+            )
+            return
         upload = await self._registry.open(request, self.identity)
         await self._bind(event.seq, upload, resumed=False)
 
@@ -532,6 +570,27 @@ class ClientConnection:
         finally:
             self._outstanding -= 1
             self._puts_in_flight -= 1
+
+    async def _finish_composite(self, event: Compose | Discard) -> None:
+        """Pipelined, like PUT_OBJECT: the connection stays unbound."""
+        try:
+            if isinstance(event, Discard):
+                await self._registry.discard_composite(event.token)
+                self._outbox.put_nowait(Ack(event.seq, 0))
+                return
+            ticket = self._registry.composite_ticket(event.token)
+            info = await self._registry.composites.compose(ticket, event.total_size, event.crc32c)
+        except MissingRangesError as exc:
+            # Segments, not bytes, are missing: what lies below the first is all stored.
+            stored = exc.missing[0][0]
+            self._outbox.put_nowait(Incomplete(event.seq, stored, stored, exc.missing))
+        except ServerError as exc:
+            self._fail(event.seq, exc)
+        else:
+            self._outbox.put_nowait(_completed(event.seq, info))
+        finally:
+            self._outstanding -= 1
+            self._composite_requests_in_flight -= 1
 
     async def _complete(self, upload: Upload, event: Complete) -> None:
         try:

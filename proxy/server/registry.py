@@ -31,6 +31,7 @@ from google.api_core import exceptions as api_exceptions
 from protocol import MAX_TOKEN_SIZE, ErrorCode
 from proxy.server.backend import Backend, SessionReferenceError
 from proxy.server.budget import BufferBudget, UploadWindow
+from proxy.server.composites import CompositeUploads
 from proxy.server.dormant import DormantSessions
 from proxy.server.errors import ServerError, quote
 from proxy.server.logging import get_logger, log_event
@@ -93,6 +94,9 @@ class UploadRegistry:
         nursery.start_soon(self._dormant.run)
         #: PUT_OBJECT requests: stored in one GCS request each, paid from the same budget
         self.whole_objects = WholeObjects(settings, backend, self._budget, metrics)
+        #: what composite uploads need beyond their segments (which are uploads here)
+        self.composites = CompositeUploads(settings, backend)
+        nursery.start_soon(self.composites.sweep_periodically)
         metrics.buffer_held.set_function(self.held_bytes)
 
     # --- what uploads use (UploadHost) ------------------------------------------------
@@ -150,16 +154,24 @@ class UploadRegistry:
         If cancelled partway, nothing is registered and nothing stays reserved; a GCS
         session may have been created, and is left to expire unused.
         """
-        if not self._settings.allows(request.bucket, request.name):
-            raise ServerError(
-                ErrorCode.FORBIDDEN,
-                f"writing {request.bucket}/{request.name} is not allowed by this proxy",
-            )
+        self._check_allowed(request.bucket, request.name)
         self._refuse_token_too_large(request)
+        return await self._open_session(request, client, secrets.token_urlsafe(12))
+
+    async def _open_session(
+        self,
+        request: OpenRequest,
+        client: str,
+        upload_id: str,
+        *,
+        destination: str | None = None,
+    ) -> Upload:
+        """Open ``request`` (already allowed) as ``upload_id``: pin the generation it may
+        replace, start its session and seal its token; ``destination`` is the object a
+        composite upload's segment is for."""
         pinned = dataclasses.replace(
             request, if_generation_match=await self._generation_to_replace(request)
         )
-        upload_id = secrets.token_urlsafe(12)
         upload = await self._start(upload_id, pinned, client, session_uri=None)
         try:
             reference = self._backend.session_reference(request.bucket, upload.session_uri())
@@ -175,6 +187,7 @@ class UploadRegistry:
             metadata=request.metadata,
             expected_size=request.expected_size,
             if_generation_match=pinned.if_generation_match,
+            destination=destination,
         )
         upload.token = self.codec.seal(ticket)
         if len(upload.token) > MAX_TOKEN_SIZE:  # the probe's allowance was not enough: a bug
@@ -200,11 +213,16 @@ class UploadRegistry:
         the client must resend everything from the committed offset). If cancelled
         partway, the upload is not taken over here and stays resumable from its token.
         """
+        ticket = self._ticket(token)
+        if ticket.is_composite:
+            raise ServerError(
+                ErrorCode.INVALID_REQUEST,
+                "that is a composite upload's token: open its segments (OPEN_SEGMENT), then"
+                " COMPOSE or DISCARD it",
+            )
         try:
-            ticket = self.codec.open(token)
             session_uri = self._backend.session_uri(ticket.bucket, ticket.session_ref)
-        except (BadTokenError, SessionReferenceError) as exc:
-            # Not an authentication failure: a restart with another key looks the same.
+        except SessionReferenceError as exc:
             raise ServerError(ErrorCode.TOKEN_NOT_RESUMABLE, _not_resumable(exc)) from exc
         while ticket.upload_id in self._opening:
             await self._opening[ticket.upload_id].wait()
@@ -215,11 +233,7 @@ class UploadRegistry:
                 raise failure
             if failure is None:
                 return upload, False
-        if not self._settings.allows(ticket.bucket, ticket.name):
-            raise ServerError(
-                ErrorCode.FORBIDDEN,
-                f"writing {ticket.bucket}/{ticket.name} is not allowed by this proxy",
-            )
+        self._check_allowed(ticket.bucket, ticket.object_name)
         self._dormant.forget(ticket.upload_id)
         # A session GCS no longer knows fails the start with UPLOAD_FINISHED: the writer
         # never replaces it, since it may have been aborted or completed elsewhere.
@@ -237,6 +251,90 @@ class UploadRegistry:
             client=client,
         )
         return upload, True
+
+    # --- composite uploads (docs/protocol.md section 14) -------------------------------
+
+    async def open_composite(self, request: OpenRequest, client: str) -> bytes:
+        """A new composite upload's token. Nothing starts in GCS: each segment opens its own
+        session when its first connection asks for it (:meth:`open_segment`)."""
+        self._check_allowed(request.bucket, request.name)
+        self._refuse_token_too_large(request)
+        pinned = await self._generation_to_replace(request)
+        upload_id = secrets.token_urlsafe(12)
+        policy = self._settings.composite
+        ticket = self.codec.issue(
+            upload_id=upload_id,
+            bucket=request.bucket,
+            name=request.name,
+            session_ref="",
+            content_type=request.content_type,
+            metadata=request.metadata,
+            expected_size=request.expected_size,
+            if_generation_match=pinned,
+            segment_size=policy.segment_size,
+        )
+        self._metrics.uploads_started.inc()
+        log_event(
+            logger,
+            logging.INFO,
+            "composite-opened",
+            upload=upload_id,
+            bucket=request.bucket,
+            object=request.name,
+            client=client,
+            segment_size=policy.segment_size,
+        )
+        return self.codec.seal(ticket)
+
+    def composite_ticket(self, token: bytes) -> UploadTicket:
+        """The ticket of the composite upload ``token`` names, if this proxy may write it."""
+        ticket = self._ticket(token)
+        if not ticket.is_composite:
+            raise ServerError(ErrorCode.INVALID_REQUEST, "that token names no composite upload")
+        self._check_allowed(ticket.bucket, ticket.name)
+        return ticket
+
+    async def open_segment(self, token: bytes, index: int, client: str) -> Upload:
+        """Segment ``index`` of the composite upload ``token`` names: the one this process
+        is writing, or a new upload of its temporary object (started from byte 0).
+
+        If cancelled partway, nothing is registered (a GCS session may have been created,
+        and is left to expire unused).
+        """
+        ticket = self.composite_ticket(token)
+        segment_id = f"{ticket.upload_id}.{index}"
+        request = self.composites.segment_request(ticket, index)
+        while segment_id in self._opening:
+            await self._opening[segment_id].wait()
+        live = self._uploads.get(segment_id)
+        if live is not None and live.failure() is None and live.state is UploadState.ACTIVE:
+            return live
+        await self.composites.check_writable(ticket)
+        if live is not None and live.failure() is None:
+            return live  # stored, and the upload still open: the client sees it whole
+        return await self._open_session(request, client, segment_id, destination=ticket.name)
+
+    async def discard_composite(self, token: bytes) -> None:
+        """Abort a composite upload everywhere (a marker in GCS) and its segments here."""
+        ticket = self.composite_ticket(token)
+        await self.composites.discard(ticket)
+        prefix = f"{ticket.upload_id}."
+        for upload in list(self._uploads.values()):
+            if upload.upload_id.startswith(prefix) and upload.state in _STILL_WRITING:
+                await upload.abort()
+
+    def _ticket(self, token: bytes) -> UploadTicket:
+        try:
+            return self.codec.open(token)
+        except BadTokenError as exc:
+            # Not an authentication failure: a restart with another key looks the same.
+            raise ServerError(ErrorCode.TOKEN_NOT_RESUMABLE, _not_resumable(exc)) from exc
+
+    def _check_allowed(self, bucket: str, name: str) -> None:
+        if not self._settings.allows(bucket, name):
+            raise ServerError(
+                ErrorCode.FORBIDDEN, f"writing {bucket}/{name} is not allowed by this proxy"
+            )
 
     async def _start(
         self, upload_id: str, request: OpenRequest, client: str, *, session_uri: str | None
@@ -367,6 +465,10 @@ class UploadRegistry:
             await trio.sleep(self._settings.result_retention)
         if self._uploads.get(upload.upload_id) is upload:
             del self._uploads[upload.upload_id]
+
+
+#: the states in which an upload may still write to GCS (so a discard must abort it)
+_STILL_WRITING = frozenset({UploadState.ACTIVE, UploadState.RELEASED})
 
 
 def _retryable_status(status: int | None) -> bool:

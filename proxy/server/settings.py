@@ -7,13 +7,17 @@ excluded from its ``repr`` so that printing the settings never leaks them.
 
 from __future__ import annotations
 
+import enum
 import os
 import ssl
 from dataclasses import dataclass, field
 
-from reliablewriter import WriterSettings
+from protocol import SEGMENT_QUANTUM
+from reliablewriter import DEFAULT_TEMP_PREFIX, WriterSettings
 
 __all__ = [
+    "CompositeMode",
+    "CompositePolicy",
     "KiB",
     "MiB",
     "ServerSettings",
@@ -29,6 +33,56 @@ _GCS_CHUNK_ALIGNMENT = 256 * KiB
 
 class SettingsError(ValueError):
     """A combination of settings that cannot work."""
+
+
+class CompositeMode(enum.Enum):
+    """When an upload is made composite (``rup serve --composite``)."""
+
+    ALWAYS = "always"
+    """Every upload of known size whose client speaks version 3 and did not ask otherwise."""
+    AUTO = "auto"
+    """Those of them whose declared size reaches the threshold."""
+    NEVER = "never"
+    """None: one resumable session per upload."""
+
+
+@dataclass(frozen=True)
+class CompositePolicy:
+    """Which uploads are composite, and how they are cut (docs/protocol.md section 14).
+
+    Segments are ``segment_size`` bytes (a multiple of 256 KiB), stored as temporary objects
+    under ``temp_prefix``; ``parallel_segments`` is what the server tells clients it serves
+    best at once. A client sees its uploads made composite only if it speaks version 3.
+    """
+
+    mode: CompositeMode = CompositeMode.AUTO
+    #: like gcloud's parallel composite upload threshold
+    threshold: int = 150 * MiB
+    segment_size: int = 64 * MiB
+    parallel_segments: int = 4
+    temp_prefix: str = DEFAULT_TEMP_PREFIX
+
+    def __post_init__(self) -> None:
+        if self.segment_size <= 0 or self.segment_size % SEGMENT_QUANTUM:
+            raise SettingsError(
+                f"segment size must be a positive multiple of {SEGMENT_QUANTUM // KiB} KiB"
+            )
+        if not 1 <= self.parallel_segments <= 0xFFFF:
+            raise SettingsError("parallel segments must be between 1 and 65535")
+        if self.threshold < 0:
+            raise SettingsError("the composite threshold must not be negative")
+        if not self.temp_prefix.endswith("/") or self.temp_prefix.startswith("/"):
+            raise SettingsError("the temporary prefix must end with '/' and not start with one")
+
+    def applies_to(self, expected_size: int | None, *, single_session: bool) -> bool:
+        """Whether an upload of ``expected_size`` bytes is made composite."""
+        if single_session or expected_size is None or self.mode is CompositeMode.NEVER:
+            return False
+        return self.mode is CompositeMode.ALWAYS or expected_size >= self.threshold
+
+    def reserves(self, name: str) -> bool:
+        """Whether ``name`` lies in the temporary namespace, which no client may write."""
+        return name.startswith(self.temp_prefix)
 
 
 @dataclass(frozen=True)
@@ -103,6 +157,9 @@ class ServerSettings:
     #: when not empty, object names must start with one of these
     allowed_prefixes: tuple[str, ...] = ()
 
+    #: which uploads are composite (segments composed at the end), and how they are cut
+    composite: CompositePolicy = field(default_factory=CompositePolicy)
+
     #: template for each upload's writer; the server sets its buffer limit per upload
     writer: WriterSettings = field(default_factory=WriterSettings)
 
@@ -134,7 +191,10 @@ class ServerSettings:
         return int(self.total_buffer_limit * self.client_buffer_share)
 
     def allows(self, bucket: str, name: str) -> bool:
-        """Whether the allow-lists permit writing ``name`` into ``bucket``."""
+        """Whether the allow-lists permit writing ``name`` into ``bucket``; never a name in
+        the temporary namespace of composite uploads, which only the server writes."""
         if self.allowed_buckets and bucket not in self.allowed_buckets:
+            return False
+        if self.composite.reserves(name):
             return False
         return not self.allowed_prefixes or name.startswith(self.allowed_prefixes)

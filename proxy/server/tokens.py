@@ -61,6 +61,10 @@ class UploadTicket:
     session's ``upload_id``) is the secret that lets any process resume it, and ``repr``
     hides it. ``if_generation_match`` is the generation the upload may replace (0: only
     create), pinned when it opened, whether or not the client asked for a precondition.
+
+    A composite upload's ticket has a ``segment_size`` and no session (``session_ref`` is
+    empty): its segments are uploads of their own, whose tickets name their temporary object
+    and, as ``destination``, the object the upload is for (what the allow-list checks).
     """
 
     upload_id: str
@@ -73,6 +77,18 @@ class UploadTicket:
     if_generation_match: int | None = None
     created_at: float = 0.0
     expires_at: float = 0.0
+    segment_size: int = 0
+    destination: str | None = None
+
+    @property
+    def is_composite(self) -> bool:
+        """Whether this is a composite upload's ticket (its segments have tickets of their own)."""
+        return self.segment_size > 0
+
+    @property
+    def object_name(self) -> str:
+        """The object the client is uploading: the allow-lists are checked against it."""
+        return self.destination if self.destination is not None else self.name
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -86,6 +102,8 @@ class UploadTicket:
             "g": self.if_generation_match,
             "c": self.created_at,
             "e": self.expires_at,
+            "k": self.segment_size,
+            "d": self.destination,
         }
 
     @classmethod
@@ -102,6 +120,8 @@ class UploadTicket:
             if_generation_match=None if doc["g"] is None else int(doc["g"]),
             created_at=float(doc["c"]),
             expires_at=float(doc["e"]),
+            segment_size=int(doc.get("k") or 0),
+            destination=None if doc.get("d") is None else str(doc["d"]),
         )
 
 
@@ -126,6 +146,8 @@ class TokenCodec:
         metadata: tuple[tuple[str, str], ...],
         expected_size: int | None,
         if_generation_match: int | None,
+        segment_size: int = 0,
+        destination: str | None = None,
     ) -> UploadTicket:
         """A ticket for a freshly opened upload, stamped with its creation and expiry times."""
         now = self._clock()
@@ -140,6 +162,8 @@ class TokenCodec:
             if_generation_match=if_generation_match,
             created_at=now,
             expires_at=now + self._lifetime,
+            segment_size=segment_size,
+            destination=destination,
         )
 
     def seal(self, ticket: UploadTicket) -> bytes:
