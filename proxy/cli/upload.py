@@ -27,9 +27,9 @@ when it is a terminal (one overall line for several files: files done, bytes, ra
 ``--json`` prints one line per object on stdout instead, and with several objects a summary
 line after them.
 
-A file upload keeps a resume record (:mod:`proxy.cli.upload_state`) until it completes, so
-rerunning the same command after Ctrl-C, a kill or exit 5 resumes it: only the bytes the
-proxy lacks are sent. A changed file, or ``--no-resume``, starts over.
+A file upload keeps a resume record (:mod:`proxy.cli.upload_state`) from half a second in
+until it completes, so rerunning the same command after Ctrl-C, a kill or exit 5 resumes it:
+only the bytes the proxy lacks are sent. A changed file, or ``--no-resume``, starts over.
 """
 
 from __future__ import annotations
@@ -366,9 +366,12 @@ async def _complete_while_recording(
 async def _keep_record(
     store: ResumeStore, identity: FileIdentity, url: str, upload: Upload
 ) -> None:
-    """Write the resume record now, then every :data:`_RECORD_INTERVAL` while it changes."""
+    """Write the resume record every :data:`_RECORD_INTERVAL` while it changes, the first
+    time one interval in: an upload done sooner never writes one (a directory's many files
+    would each cost a write and an unlink, to save less than an interval's work)."""
     written: ResumeRecord | None = None
     while True:
+        await trio.sleep(_RECORD_INTERVAL)
         token = upload.token
         if token is not None:
             record = ResumeRecord(
@@ -377,7 +380,6 @@ async def _keep_record(
             if record != written:
                 store.save(record)
                 written = record
-        await trio.sleep(_RECORD_INTERVAL)
 
 
 def _notice(message: str) -> None:
