@@ -9,10 +9,11 @@ Modules, one job each: ``api`` (entry points), ``upload`` (the caller's handle),
 connection), ``ledger`` (byte bookkeeping), ``sources`` (file and stream data),
 ``settings`` (policy and options), ``results``, ``names`` and ``errors``; ``pool`` (negotiated
 connections kept across uploads) and ``many`` (one-request uploads of small objects and
-:func:`upload_many`).
+:func:`upload_many`); ``composite`` (an upload the proxy stores as segments, then composes).
 """
 
 from proxy.client.api import connect_upload, upload_file, upload_stream
+from proxy.client.composite import CompositeUpload
 from proxy.client.errors import (
     ChecksumMismatchError,
     ProxyUnreachableError,
@@ -30,6 +31,7 @@ from proxy.client.upload import Upload
 __all__ = [
     "ChecksumMismatchError",
     "ClientSettings",
+    "CompositeUpload",
     "ConnectionPool",
     "Connector",
     "Outcome",

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager, suppress
 import trio
 
 from protocol import OpenUpload
+from proxy.client.composite import CompositeUpload
 from proxy.client.errors import UploadError
 from proxy.client.names import parse_gs_url, proxy_addresses
 from proxy.client.results import UploadResult
@@ -36,13 +37,17 @@ async def connect_upload(url: str, options: UploadOptions) -> AsyncIterator[Uplo
     """Open an upload of ``url`` (``gs://bucket/object``) and yield it once opened.
 
     Give the data with :meth:`Upload.send_file` or :meth:`Upload.write`, then call
-    :meth:`Upload.complete`. Leaving the block with an exception (but a cancellation or a
+    :meth:`Upload.complete`. If the proxy makes the upload composite (protocol version 3: a
+    large ``expected_size``, unless ``options.single_session``), the handle is a
+    :class:`~proxy.client.composite.CompositeUpload`: the same methods, its segments stored in
+    parallel and composed. Leaving the block with an exception (but a cancellation or a
     ``KeyboardInterrupt``) and without completing aborts the upload. With
     ``options.token``, the upload of an earlier run is resumed: only what the proxy lacks is
     sent.
     """
     bucket, name = parse_gs_url(url)
     addresses = proxy_addresses(options.proxy)
+    connector = options.connector or default_connector(options.tls)
     transfer = Transfer(
         open_request=OpenUpload(
             bucket=bucket,
@@ -51,12 +56,12 @@ async def connect_upload(url: str, options: UploadOptions) -> AsyncIterator[Uplo
             metadata=tuple(options.metadata.items()),
             expected_size=options.expected_size,
             if_generation_match=options.if_generation_match,
+            single_session=options.single_session,
         ),
         options=options,
         addresses=addresses,
-        connector=options.connector or default_connector(options.tls),
+        connector=connector,
     )
-    upload = Upload(transfer)
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
@@ -64,6 +69,17 @@ async def connect_upload(url: str, options: UploadOptions) -> AsyncIterator[Uplo
             try:
                 await transfer.wait_opened()
                 if transfer.lifecycle.failure is None:
+                    upload = (
+                        Upload(transfer)
+                        if transfer.composite is None
+                        else CompositeUpload(
+                            transfer,
+                            options=options,
+                            addresses=addresses,
+                            connector=connector,
+                            nursery=nursery,
+                        )
+                    )
                     try:
                         yield upload
                     except trio.Cancelled:

@@ -44,6 +44,14 @@ class UploadResult:
     errors_by_code: Mapping[str, int]
     #: times the upload started again from byte 0 because the proxy could not resume it
     restarts: int = 0
+    #: the segments the object was composed from (a composite upload, protocol section 14;
+    #: GCS gives such an object no MD5), or 0 for an upload through one session
+    segments: int = 0
+
+    @property
+    def composite(self) -> bool:
+        """Whether the object was composed from segments (and so has no MD5)."""
+        return self.segments > 0
 
     @property
     def throughput(self) -> float:

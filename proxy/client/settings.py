@@ -144,6 +144,10 @@ class UploadOptions:
     if_generation_match: int | None = None
     expected_size: int | None = None
     progress: Callable[[UploadProgress], None] | None = None
+    #: ask the proxy for one resumable session whatever the size (protocol version 3): never
+    #: a composite upload, so the object gets an MD5; a proxy may otherwise store a large
+    #: upload as segments uploaded in parallel and composed (protocol section 14)
+    single_session: bool = False
     #: resume the upload this token belongs to (:attr:`Upload.token` of an earlier run); if
     #: the proxy cannot resume it, a new upload is opened and every byte is sent
     token: bytes | None = field(default=None, repr=False)

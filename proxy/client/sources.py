@@ -66,10 +66,14 @@ class FileSource:
     pieces do not tile the file (the upload resumed bytes sent by someone else), the file is
     read again to checksum it. A file whose size or modification time changed during the
     upload fails it: the bytes sent may come from different versions of the file.
+
+    A source may be a slice of the file: ``size`` bytes from ``base`` on (a segment of a
+    composite upload), and its offsets count from ``base``.
     """
 
-    def __init__(self, fd: int, size: int, frame_size: int) -> None:
+    def __init__(self, fd: int, size: int, frame_size: int, *, base: int = 0) -> None:
         self._fd = fd
+        self._base = base
         self.size = size
         self.total: int | None = size
         self._frame_size = frame_size
@@ -123,10 +127,11 @@ class FileSource:
         """In a worker thread: each piece read into a bytes object of its own, with its CRC."""
         batch = []
         for start, end in pieces:
-            data = os.pread(self._fd, end - start, start)
+            data = os.pread(self._fd, end - start, self._base + start)
             if len(data) != end - start:
                 raise UploadError(
-                    None, f"file shrank while uploading: short read at offset {start}"
+                    None,
+                    f"file shrank while uploading: short read at offset {self._base + start}",
                 )
             batch.append((data, google_crc32c.value(data)))
         return batch
@@ -159,9 +164,10 @@ class FileSource:
         def checksum() -> int:
             crc, offset = 0, 0
             while offset < self.size:
-                block = os.pread(self._fd, min(8 * MiB, self.size - offset), offset)
+                at = self._base + offset
+                block = os.pread(self._fd, min(8 * MiB, self.size - offset), at)
                 if not block:
-                    raise UploadError(None, f"file shrank while uploading: EOF at offset {offset}")
+                    raise UploadError(None, f"file shrank while uploading: EOF at offset {at}")
                 crc = google_crc32c.extend(crc, block)
                 offset += len(block)
             return crc

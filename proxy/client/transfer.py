@@ -23,15 +23,17 @@ import logging
 import random
 import ssl
 import time
-from typing import Final
+from typing import Final, NoReturn
 
 import trio
 
 from protocol import (
     AttachUpload,
+    CompositeOpened,
     Error,
     ErrorCode,
     Incomplete,
+    OpenSegment,
     OpenUpload,
     Status,
     StatusQuery,
@@ -68,18 +70,28 @@ class Transfer:
     def __init__(
         self,
         *,
-        open_request: OpenUpload,
+        open_request: OpenUpload | OpenSegment,
         options: UploadOptions,
         addresses: list[tuple[str, int]],
         connector: Connector,
+        destination: tuple[str, str] | None = None,
+        description: str | None = None,
     ) -> None:
+        """``open_request`` opens the upload: an ``OpenUpload``, or an ``OpenSegment`` for one
+        segment of a composite upload, which then needs its ``destination`` (the object's
+        bucket and name) and ``description``."""
         self._options = options
         self._open_request = open_request
+        if destination is None:
+            assert isinstance(open_request, OpenUpload)
+            destination = (open_request.bucket, open_request.name)
+        #: the object's bucket and name
+        self.destination = destination
         self._addresses = addresses
         #: index into _addresses of the proxy every slot connects to: moves on when one fails
         self._current = 0
         self._connector = connector
-        self._description = f"upload of gs://{open_request.bucket}/{open_request.name}"
+        self._description = description or f"upload of gs://{destination[0]}/{destination[1]}"
         self.rng = random.Random()
         self.lifecycle = Lifecycle()
         self._ledger = Ledger(options.settings.frame_size, self.report)
@@ -91,6 +103,9 @@ class Transfer:
         self.started = time.monotonic()
         #: when the last bound connection was lost (None while one is bound)
         self._unavailable_since: float | None = None
+        #: the proxy's answer to the open when it made the upload composite (section 14):
+        #: the segments then go over connections of their own and these slots end
+        self.composite: CompositeOpened | None = None
 
     # -- what a Channel sees (ChannelOwner) ------------------------------------------------
 
@@ -134,7 +149,7 @@ class Transfer:
     # -- what the Upload sees --------------------------------------------------------------
 
     @property
-    def open_request(self) -> OpenUpload:
+    def open_request(self) -> OpenUpload | OpenSegment:
         return self._open_request
 
     @property
@@ -248,7 +263,7 @@ class Transfer:
         policy = self.settings.retry
         failures = 0
         last_reason = ""
-        while not self.lifecycle.over:
+        while not self.lifecycle.over and not self._handed_to_segments():
             if failures:
                 idle = trio.current_time() - self._ledger.last_progress
                 if policy.expired(idle):
@@ -282,6 +297,8 @@ class Transfer:
                 continue
             channel = Channel(self, stream, peer=f"{host}:{port}")
             await channel.run(self._bind)
+            if self._handed_to_segments():
+                return  # not a lost connection: the segments have connections of their own
             bound = self._drop(channel)
             assert channel.failure is not None
             last_reason = channel.failure.reason
@@ -293,6 +310,10 @@ class Transfer:
                 self._ledger.note_reconnect()
                 failures = 1 if channel.acked_any else failures + 1
             self.report()
+
+    def _handed_to_segments(self) -> bool:
+        """Whether the upload is composite, so its segments have connections of their own."""
+        return self.composite is not None
 
     def _move_on_from(self, address_index: int) -> None:
         """The proxy at ``address_index`` failed: the slots go to the next one (if any)."""
@@ -336,6 +357,8 @@ class Transfer:
                     self.move(UploadState.NEW)  # another connection (or this one, again) opens
                 raise
             self._token = opened.token
+            if isinstance(opened, CompositeOpened):
+                self._open_composite(opened)
             self._ledger.note_attached(
                 opened.committed_offset, resumed=opened.resumed, window_end=opened.window_end
             )
@@ -348,6 +371,8 @@ class Transfer:
             self._ledger.notify()
             return
         await self._opened.wait()
+        if self.composite is not None:
+            raise ConnectionLostError("the upload is composite: this connection is not needed")
         token = self._token
         if token is None:
             # The upload started again (_start_again) while this waited: an already-set
@@ -412,11 +437,25 @@ class Transfer:
             return None
         raise unexpected_reply(reply, "AttachUpload")
 
-    async def _request_open(self, channel: Channel) -> UploadOpened:
-        reply = await channel.request(self._open_request, blocking=True)
-        if not isinstance(reply, UploadOpened):
-            raise unexpected_reply(reply, "OpenUpload")
-        return reply
+    def _open_composite(self, opened: CompositeOpened) -> NoReturn:
+        """The proxy made the upload composite: it is open, and every slot ends (this one by
+        raising, which closes its idle connection)."""
+        self.composite = opened
+        self.move(UploadState.SENDING)
+        self._opened.set()
+        self._ledger.mark_progress()
+        self._ledger.notify()
+        raise ConnectionLostError("the upload is composite: this connection is not needed")
+
+    async def _request_open(self, channel: Channel) -> UploadOpened | CompositeOpened:
+        request = self._open_request
+        reply = await channel.request(request, blocking=True)
+        # only an OpenUpload may be made composite; a segment is an ordinary upload
+        if isinstance(reply, UploadOpened) or (
+            isinstance(reply, CompositeOpened) and isinstance(request, OpenUpload)
+        ):
+            return reply
+        raise unexpected_reply(reply, type(request).__name__)
 
 
 def _tls_refusal(exc: BaseException) -> str | None:

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
-from protocol import Abort, Complete, Completed, Error, ErrorCode, Incomplete
+from protocol import Abort, Complete, Completed, Error, ErrorCode, Incomplete, Reply
 from protocol.ranges import format_ranges
 from proxy.client.errors import (
     ChecksumMismatchError,
@@ -41,11 +41,21 @@ from proxy.client.results import UploadResult
 from proxy.client.sources import FileSource, StreamSource
 from proxy.client.transfer import Transfer
 
-__all__ = ["Upload"]
+__all__ = ["Upload", "UploadCounts"]
 
 #: a Complete answered "bytes missing" this many times, each after resending them, means the
 #: proxy keeps losing what it acknowledged: give up rather than loop
 _MAX_INCOMPLETE_REPLIES: Final = 16
+
+
+class UploadCounts(Protocol):
+    """What an upload counts for its result (a :class:`~proxy.client.ledger.Ledger` does)."""
+
+    bytes_sent: int
+    reconnects: int
+    restarts: int
+    resent_bytes_by_cause: dict[str, int]
+    errors_by_code: dict[str, int]
 
 
 def _is_missing_ranges(reply: Incomplete | Error) -> bool:
@@ -198,7 +208,18 @@ class Upload:
         transfer.fail(failure)
         raise failure
 
-    def _finish(self, reply: Completed, total: int, crc32c: int) -> UploadResult:
+    def _finish(
+        self,
+        reply: Completed,
+        total: int,
+        crc32c: int,
+        *,
+        counts: UploadCounts | None = None,
+        connections: int | None = None,
+        segments: int = 0,
+    ) -> UploadResult:
+        """The result, once ``reply`` shows GCS stored ``total`` bytes with ``crc32c``;
+        ``counts`` and ``connections`` are the ledger's and the settings' unless given."""
         transfer = self._transfer
         try:
             verify_stored(self._description, reply, total, crc32c)
@@ -206,22 +227,23 @@ class Upload:
             transfer.fail(error)
             raise
         transfer.move(UploadState.COMPLETED)
-        request = transfer.open_request
-        ledger = self._ledger
+        bucket, name = transfer.destination
+        counts = counts or self._ledger
         return UploadResult(
-            bucket=request.bucket,
-            name=request.name,
+            bucket=bucket,
+            name=name,
             size=reply.size,
             generation=reply.generation,
             crc32c=reply.crc32c,
             md5=reply.md5,
             elapsed=time.monotonic() - transfer.started,
-            connections=transfer.settings.connections,
-            bytes_sent=ledger.bytes_sent,
-            reconnects=ledger.reconnects,
-            resent_bytes_by_cause=dict(ledger.resent_bytes_by_cause),
-            errors_by_code=dict(ledger.errors_by_code),
-            restarts=ledger.restarts,
+            connections=connections or transfer.settings.connections,
+            bytes_sent=counts.bytes_sent,
+            reconnects=counts.reconnects,
+            resent_bytes_by_cause=dict(counts.resent_bytes_by_cause),
+            errors_by_code=dict(counts.errors_by_code),
+            restarts=counts.restarts,
+            segments=segments,
         )
 
     async def abort(self) -> None:
@@ -244,8 +266,7 @@ class Upload:
             return  # already aborting, aborted or left: nothing more to ask the proxy
         transfer.move(UploadState.ABORTING)
         try:
-            channel = await transfer.any_channel()
-            reply = await channel.request(Abort(), blocking=True)
+            reply = await self._request_abort()
         except ConnectionLostError as exc:
             raise UploadError(
                 None, f"{self._description}: abort not confirmed: {exc.reason}"
@@ -255,3 +276,8 @@ class Upload:
                 transfer.move(UploadState.ABORTED)
         if isinstance(reply, Error) and reply.code != ErrorCode.ABORTED:
             raise rejection(reply)
+
+    async def _request_abort(self) -> Reply:
+        """Ask the proxy to abort; ConnectionLostError if the request or its reply was lost."""
+        channel = await self._transfer.any_channel()
+        return await channel.request(Abort(), blocking=True)
