@@ -211,6 +211,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         " failing (default %(default)g)",
     )
     parser.add_argument(
+        "--single-session",
+        action="store_true",
+        help="one resumable session even for a large file: the proxy does not store it as"
+        " segments composed at the end, so the object gets an MD5 (slower past one GCS stream)",
+    )
+    parser.add_argument(
         "--no-resume",
         action="store_true",
         help="start afresh even if an earlier run of this upload was interrupted (this run"
@@ -288,6 +294,7 @@ def _options(args: argparse.Namespace) -> UploadOptions:
         content_type=args.content_type or DEFAULT_CONTENT_TYPE,
         metadata=args.metadata_map,
         if_generation_match=args.if_generation_match,
+        single_session=args.single_session,
     )
 
 
@@ -558,6 +565,7 @@ def _summary(result: UploadResult) -> dict[str, Any]:
         "reconnects": result.reconnects,
         "resent_bytes": dict(result.resent_bytes_by_cause),
         "restarts": result.restarts,
+        "segments": result.segments,
         "errors": dict(result.errors_by_code),
     }
 
