@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
-__all__ = ["rup_process", "serve_address"]
+__all__ = ["process_cpu_seconds", "rup_process", "serve_address"]
 
 
 @contextlib.contextmanager
@@ -42,3 +44,10 @@ def serve_address(line: str) -> tuple[str, int]:
     (gcs: URL)``)."""
     host, _, port = line.split("listening on ", 1)[1].split()[0].rpartition(":")
     return host, int(port)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time process ``pid`` has used so far, all threads included
+    (Linux: ``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -30,7 +30,7 @@ import requests
 import trio
 from google.resumable_media.requests import ResumableUpload
 
-from bench._rup_process import rup_process
+from bench._rup_process import process_cpu_seconds, rup_process
 from faultnet.gcs.clients import anonymous_client
 from proxy.client import ClientSettings, UploadOptions, upload_file
 
@@ -81,12 +81,6 @@ def _peak_rss(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User plus system CPU time the process has used so far, all threads included."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _write_payload(path: Path, size: int) -> None:
@@ -169,12 +163,12 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
                 key = f"proxy_{connections}_connections"
                 name = f"{key}-{round_}.bin"
                 with _proxy(gcs_url) as (address, pid):
-                    idle_cpu = _cpu_seconds(pid)
+                    idle_cpu = process_cpu_seconds(pid)
                     runs.setdefault(key, []).append(
                         _through_proxy(address, payload, name, connections)
                     )
                     peaks[key] = max(peaks.get(key, 0), _peak_rss(pid))
-                    cpu.setdefault(key, []).append(_cpu_seconds(pid) - idle_cpu)
+                    cpu.setdefault(key, []).append(process_cpu_seconds(pid) - idle_cpu)
                 bucket.blob(name).delete()
         seconds = {name: min(values) for name, values in runs.items()}
         small = Path(tmp) / "small.bin"
