@@ -89,6 +89,11 @@ def crc32c_to_b64(value: int) -> str:
     return base64.b64encode(value.to_bytes(4, "big")).decode("ascii")
 
 
+def crc32c_from_b64(value: str) -> int:
+    """GCS's base64 form of a CRC32C as its value."""
+    return int.from_bytes(base64.b64decode(value), "big")
+
+
 def normalize_crc32c(value: int | str) -> str:
     """Accept a CRC32C as an ``int`` or as GCS's base64 string; return the string."""
     if isinstance(value, int):

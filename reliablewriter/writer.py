@@ -23,7 +23,7 @@ import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 
 from .buffer import KnownCrc, ScatterBuffer, as_byte_view
-from .checksum import StreamChecksum, normalize_crc32c
+from .checksum import StreamChecksum, crc32c_from_b64, normalize_crc32c
 from .errors import (
     ChecksumMismatchError,
     IncompleteObjectError,
@@ -37,6 +37,7 @@ from .errors import (
     WriterClosedError,
     WriterError,
 )
+from .one_request import ObjectRequest, upload_in_one_request
 from .results import ObjectInfo, WriterStats
 from .resumable import (
     ChunkPlan,
@@ -79,8 +80,17 @@ class ReliableWriter:
         session_uri: str | None,
         progress: Callable[[WriterStats], None] | None,
         restart_if_nothing_committed: bool = False,
+        defer_session: bool = False,
     ) -> None:
         self._blob = blob
+        # A session is started only when a chunk is due before the object is complete; an
+        # object whose expected size is below the smallest chunk never needs one.
+        self._deferred = (
+            defer_session
+            and session_uri is None
+            and options.expected_size is not None
+            and options.expected_size < settings.min_chunk_size
+        )
         self._restart_if_nothing_committed = restart_if_nothing_committed
         self._settings = settings
         self._options = options
@@ -502,6 +512,12 @@ class ReliableWriter:
     async def _upload(self) -> None:
         while self._result is None:
             plan = await self._next_plan()
+            if self._deferred:
+                # The first chunk due is the whole object: one request, no session.
+                assert plan.final, "a deferred object is one chunk"
+                self._deferred = False
+                self._finish(await self._store_whole(plan))
+                return
             try:
                 outcome = await self._retrying(
                     partial(self._send_chunk, plan), then=self._query_status
@@ -720,6 +736,41 @@ class ReliableWriter:
             self._chunks += 1
         return outcome
 
+    async def _store_whole(self, plan: ChunkPlan) -> Mapping[str, Any]:
+        """The whole object in one multipart request (:mod:`reliablewriter.one_request`):
+        its CRC32C (built from what the buffer knows, checked against the caller's) is sent
+        for GCS to verify, and a lost answer is settled by reading the object back."""
+        self._state.sending(plan)
+        self._checksum.extend(self._checksum.offset, self._checksum_pieces(plan))
+        self._final_hash_headers()  # raises if the bytes are not the caller's
+        crc32c = self._checksum.crc32c or self._expected_crc32c
+        data = b"".join(self._buffer.views(plan.start, plan.end))
+        options = self._options
+        request = ObjectRequest(
+            name=self.name,
+            data=data,
+            content_type=options.content_type,
+            metadata=options.metadata,
+            if_generation_match=options.if_generation_match,
+            crc32c=None if crc32c is None else crc32c_from_b64(crc32c),
+        )
+        info = await upload_in_one_request(
+            self._blob.bucket,
+            request,
+            policy=self._settings.retry,
+            connect_timeout=self._settings.connect_timeout,
+            read_timeout=self._settings.progress_timeout,
+        )
+        self._count_sent(len(data))
+        self._chunks += 1
+        return info.resource
+
+    @property
+    def has_session(self) -> bool:
+        """Whether a GCS session exists (or will: False only while a small object waits to
+        be stored in one request, or once it was)."""
+        return not self._deferred and self._session_uri is not None
+
     def _checksum_pieces(self, plan: ChunkPlan) -> list[memoryview | KnownCrc]:
         """What the object's checksum still needs to cover ``plan``, taken on the trio side.
 
@@ -839,6 +890,7 @@ async def open_writer(
     session_uri: str | None = None,
     restart_if_nothing_committed: bool = False,
     check_generation_first: bool = False,
+    defer_session: bool = False,
     progress: Callable[[WriterStats], None] | None = None,
 ) -> AsyncIterator[ReliableWriter]:
     """Open (or, with ``session_uri``, resume) an upload of ``bucket/name``.
@@ -860,6 +912,12 @@ async def open_writer(
     ``check_generation_first=True`` adds one metadata request before any byte is sent
     (:meth:`ReliableWriter.check_precondition`), so a doomed upload is refused (412) from
     the ``async with`` line even where the server checks only at finalization.
+
+    ``defer_session=True`` starts no session for an object whose ``expected_size`` is below
+    ``settings.min_chunk_size``: no chunk can be due before :meth:`~ReliableWriter.complete`,
+    which then stores it in one multipart request (:attr:`ReliableWriter.has_session` stays
+    False). Such an upload cannot be resumed elsewhere; nothing of it is durable before it
+    is complete.
 
     ``progress`` is called (on the trio thread, so it must not block
     or raise) each time GCS acknowledges more bytes and when the object is complete.
@@ -885,11 +943,13 @@ async def open_writer(
         session_uri=session_uri,
         progress=progress,
         restart_if_nothing_committed=restart_if_nothing_committed,
+        defer_session=defer_session,
     )
     # Outside the nursery, so that a refusal surfaces as itself, not in an ExceptionGroup.
     if check_generation_first and session_uri is None:
         await writer.check_precondition()  # before a session is even started
-    await writer._open_session()
+    if not writer._deferred:
+        await writer._open_session()
     if check_generation_first and session_uri is not None and writer.result is None:
         # After the status query: a session that already finished made the object itself.
         await writer.check_precondition()

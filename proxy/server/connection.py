@@ -471,7 +471,7 @@ class ClientConnection:
         elif isinstance(event, Abort):
             upload = self._bound()
             try:
-                await upload.abort()
+                await self._registry.abort(upload)
             finally:
                 self._unbind()  # whatever the answer, an Abort leaves the connection unbound
             await self._reply(Ack(event.seq, 0))

@@ -17,6 +17,7 @@ its session for ``resume_window``, then it is cancelled (:mod:`proxy.server.dorm
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -173,8 +174,10 @@ class UploadRegistry:
             request, if_generation_match=await self._generation_to_replace(request)
         )
         upload = await self._start(upload_id, pinned, client, session_uri=None)
+        reference = ""  # a small object stored by one request at COMPLETE has no session
         try:
-            reference = self._backend.session_reference(request.bucket, upload.session_uri())
+            if upload.writer.has_session:
+                reference = self._backend.session_reference(request.bucket, upload.session_uri())
         except SessionReferenceError as exc:
             await upload.abort()
             raise ServerError(ErrorCode.GCS_ERROR, str(exc), retryable=False) from exc
@@ -221,7 +224,12 @@ class UploadRegistry:
                 " COMPOSE or DISCARD it",
             )
         try:
-            session_uri = self._backend.session_uri(ticket.bucket, ticket.session_ref)
+            # No session: a small object whose bytes all go in one request at COMPLETE.
+            session_uri = (
+                self._backend.session_uri(ticket.bucket, ticket.session_ref)
+                if ticket.session_ref
+                else None
+            )
         except SessionReferenceError as exc:
             raise ServerError(ErrorCode.TOKEN_NOT_RESUMABLE, _not_resumable(exc)) from exc
         while ticket.upload_id in self._opening:
@@ -234,6 +242,10 @@ class UploadRegistry:
             if failure is None:
                 return upload, False
         self._check_allowed(ticket.bucket, ticket.object_name)
+        if session_uri is None:
+            # Nothing of it was durable, so it starts again from byte 0 (resumed), unless
+            # it was aborted (a marker in GCS) or completed (the object changed) meanwhile.
+            await self.composites.check_writable(ticket)
         self._dormant.forget(ticket.upload_id)
         # A session GCS no longer knows fails the start with UPLOAD_FINISHED: the writer
         # never replaces it, since it may have been aborted or completed elsewhere.
@@ -313,6 +325,16 @@ class UploadRegistry:
         if live is not None and live.failure() is None:
             return live  # stored, and the upload still open: the client sees it whole
         return await self._open_session(request, client, segment_id, destination=ticket.name)
+
+    async def abort(self, upload: Upload) -> None:
+        """Abort ``upload``; one without a GCS session (a small object that would have
+        been stored at COMPLETE) leaves a marker in GCS, so its token never writes again
+        on any instance."""
+        await upload.abort()
+        with contextlib.suppress(BadTokenError):
+            ticket = self.codec.open(upload.token)
+            if not ticket.session_ref and not ticket.is_composite:
+                await self.composites.discard(ticket)
 
     async def discard_composite(self, token: bytes) -> None:
         """Abort a composite upload everywhere (a marker in GCS) and its segments here."""
@@ -399,7 +421,8 @@ class UploadRegistry:
             ticket = self.codec.open(upload.token)
         except BadTokenError:
             return  # expired: nobody can resume it; the endpoint expires the session
-        self._dormant.remember(ticket, upload.committed_offset)
+        if ticket.session_ref:  # a small object waiting for COMPLETE has no session to keep
+            self._dormant.remember(ticket, upload.committed_offset)
 
     async def _generation_to_replace(self, request: OpenRequest) -> int | None:
         """The generation a new upload of ``request`` may replace: 0 when there is none.

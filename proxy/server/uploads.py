@@ -657,6 +657,11 @@ class Upload:
                 # Only the process that opened the session knows nothing was committed;
                 # a token's session that is gone is never replaced (see registry.attach).
                 restart_if_nothing_committed=session_uri is None,
+                # An object smaller than the first chunk is stored by one request at
+                # COMPLETE, with no session at all (its token then resumes nothing: none
+                # of its bytes is durable before the object is). Only with a pinned
+                # generation, which is what makes a replay of its token harmless.
+                defer_session=request.if_generation_match is not None,
             ) as writer:
                 self._writer = writer
                 async with trio.open_nursery() as nursery:

@@ -1,0 +1,120 @@
+"""Small objects through OPEN_UPLOAD, WRITE_AT and COMPLETE: one GCS request, no session.
+
+An upload whose declared size is below its first chunk can have no chunk due before COMPLETE,
+so the proxy starts no resumable session for it and stores it with one multipart request at
+COMPLETE. Its token then resumes nothing (no byte of it is durable before the object is):
+another instance starts it again from byte 0, unless it was aborted or completed meanwhile.
+Version-1 clients get this too; it changes nothing on the wire.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+
+import google_crc32c
+import trio
+
+from faultnet.gcs import GcsServer
+from protocol import (
+    Abort,
+    Ack,
+    AttachUpload,
+    Complete,
+    Completed,
+    Error,
+    ErrorCode,
+    OpenUpload,
+    UploadOpened,
+)
+from proxy.server import ProxyServer
+from proxy.server.settings import KiB
+from tests.proxy.conftest import RawClient
+
+Connect = Callable[..., Awaitable[RawClient]]
+StartProxy = Callable[..., contextlib.AbstractAsyncContextManager[ProxyServer]]
+
+SMALL = 100 * KiB  # below the first chunk (256 KiB with the test settings' 1 MiB window)
+
+
+async def wait_for_credit(client: RawClient, end: int) -> None:
+    with trio.fail_after(10):
+        while client.credit is None or client.credit.window_end < end:
+            await client.receive()
+
+
+async def test_a_small_upload_opens_no_session_and_is_stored_at_complete(
+    proxy_server: ProxyServer, raw_client: Connect, gcs_bucket: str, gcs_server: GcsServer
+) -> None:
+    data = os.urandom(SMALL)
+    client = await raw_client(proxy_server)  # version 1: nothing on the wire changes
+    await client.open(gcs_bucket, "small.bin", expected_size=len(data))
+    await wait_for_credit(client, len(data))
+    await client.write(0, data)
+    assert gcs_server.store.sessions() == []
+    await client.send(Complete(len(data), google_crc32c.value(data)))
+    with trio.fail_after(10):
+        completed = await client.reply(Completed)
+    assert (completed.size, completed.crc32c) == (len(data), google_crc32c.value(data))
+    assert completed.md5 is not None  # one request, not a compose: GCS gives an MD5
+    stored = proxy_server.backend.client.bucket(gcs_bucket).blob("small.bin")
+    assert stored.download_as_bytes() == data
+    assert gcs_server.store.sessions() == []
+
+
+async def test_another_instance_starts_it_again_from_byte_zero(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+) -> None:
+    key = os.urandom(32)
+    data = os.urandom(SMALL)
+    async with start_proxy(token_key=key) as one, start_proxy(token_key=key) as two:
+        first = await raw_client(one, versions=(1, 2))
+        opened = await first.open(gcs_bucket, "moved.bin", expected_size=len(data))
+        await first.write(0, data[: len(data) // 2])
+        await first.aclose()  # the client moves to another instance (as after a crash)
+        second = await raw_client(two, versions=(1, 2))
+        await second.send(AttachUpload(opened.token))
+        attached = await second.reply(UploadOpened)
+        assert (attached.resumed, attached.committed_offset) == (True, 0)
+        await wait_for_credit(second, len(data))
+        await second.write(0, data)
+        await second.send(Complete(len(data), google_crc32c.value(data)))
+        with trio.fail_after(10):
+            await second.reply(Completed)
+        stored = two.backend.client.bucket(gcs_bucket).blob("moved.bin").download_as_bytes()
+        assert stored == data
+        generation = two.backend.client.bucket(gcs_bucket).get_blob("moved.bin").generation
+        # Completed: the token never writes again. A third instance refuses it at once;
+        # the first, which still holds its copy, is refused by GCS at COMPLETE.
+        async with start_proxy(token_key=key) as three:
+            late = await raw_client(three, versions=(1, 2))
+            await late.send(AttachUpload(opened.token))
+            assert (await late.reply(Error)).code is ErrorCode.UPLOAD_FINISHED
+        stale = await raw_client(one, versions=(1, 2))
+        await stale.send(AttachUpload(opened.token))
+        await stale.reply(UploadOpened)
+        await wait_for_credit(stale, len(data))
+        await stale.write(0, os.urandom(len(data)))
+        await stale.send(Complete(len(data)))
+        with trio.fail_after(10):
+            assert (await stale.reply(Error)).code is ErrorCode.PRECONDITION_FAILED
+        blob = two.backend.client.bucket(gcs_bucket).get_blob("moved.bin")
+        assert blob.generation == generation
+
+
+async def test_an_aborted_small_upload_is_never_written_from_its_token(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+) -> None:
+    key = os.urandom(32)
+    async with start_proxy(token_key=key) as one, start_proxy(token_key=key) as two:
+        client = await raw_client(one, versions=(1, 2))
+        await client.send(OpenUpload(gcs_bucket, "aborted.bin", expected_size=SMALL))
+        opened = await client.reply(UploadOpened)
+        await client.send(Abort())
+        await client.reply(Ack)
+        other = await raw_client(two, versions=(1, 2))
+        await other.send(AttachUpload(opened.token))
+        refused = await other.reply(Error)
+        assert refused.code is ErrorCode.ABORTED
+        assert two.backend.client.bucket(gcs_bucket).get_blob("aborted.bin") is None
