@@ -252,8 +252,9 @@ class CompositeUpload(Upload):
             stream.append(data if whole else bytes(view[first - offset : last - offset]))
             if stream.written == segment.size:
                 stream.finish()
-            if segment.transfer is not None and stream.available > before:
-                segment.transfer.ledger.extend(before, stream.available)
+            ledger = segment.transfer.ledger if segment.transfer is not None else None
+            if ledger is not None and ledger.source is stream and stream.available > before:
+                ledger.extend(before, stream.available)  # else set_source will take it all
         self._written = end
         self._ledger.notify()
 
@@ -355,11 +356,14 @@ class CompositeUpload(Upload):
                     transfer.fail(error)
                     raise error
                 last_problem = error.reason
+        if incomplete_replies > _MAX_COMPOSE_ROUNDS:
+            why = f"it still missed segments after they were stored {_MAX_COMPOSE_ROUNDS} times"
+        else:
+            why = f"not within {policy.deadline:g} s of the last progress ({attempt} attempts)"
         failure = UploadError(
             None,
-            f"{self._description}: the proxy did not compose the object within"
-            f" {policy.deadline:g} s of the last progress ({attempt} attempts,"
-            f" {incomplete_replies} answered with missing segments); last: {last_problem}",
+            f"{self._description}: the proxy did not compose the object: {why}; last:"
+            f" {last_problem}",
             retryable=True,
         )
         transfer.fail(failure)
@@ -469,6 +473,7 @@ class CompositeUpload(Upload):
             if source is not None and segment.stream is None:
                 source.close()  # a stream's segment is kept: it may have to be sent again
             self._ledger.notify()
+            self._report()
         failure = failure or transfer.lifecycle.failure
         if failure is not None and not segment.stored:
             raise failure

@@ -1,0 +1,291 @@
+"""Composite uploads (protocol section 14) end to end: the client library, the real proxy made
+to store every upload of known size as 256 KiB segments, and the strict GCS endpoint.
+
+Every test checks the object GCS ends up with, byte for byte, and that the temporary namespace
+(``.rup/tmp/``) is empty afterwards. Faults are real: a connection reset by faultnet partway
+through a segment, a temporary object deleted in GCS underneath the upload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import google_crc32c
+import pytest
+import trio
+from google.cloud import storage  # type: ignore[import-untyped]
+
+from faultnet.counters import FaultCounters
+from faultnet.plan import FaultPlan
+from faultnet.stream import open_tcp_stream
+from protocol import ErrorCode
+from proxy.client import (
+    ClientSettings,
+    CompositeUpload,
+    Connector,
+    RetryPolicy,
+    UploadOptions,
+    UploadProgress,
+    UploadState,
+    connect_upload,
+    upload_file,
+)
+from proxy.server import ProxyServer
+from proxy.server.settings import CompositeMode, CompositePolicy
+from tests.proxy.client.test_behaviour import FakeProxy
+
+KiB = 1024
+MiB = 1024 * KiB
+SEGMENT = 256 * KiB
+TEMP_PREFIX = ".rup/tmp/"
+
+StartProxy = Callable[..., contextlib.AbstractAsyncContextManager[ProxyServer]]
+
+SETTINGS = ClientSettings(
+    connections=3,
+    frame_size=64 * KiB,
+    reply_timeout=20.0,
+    retry=RetryPolicy(deadline=10.0, initial_delay=0.01, max_delay=0.2),
+)
+
+
+@pytest.fixture
+async def composite_proxy(start_proxy: StartProxy) -> AsyncIterator[ProxyServer]:
+    policy = CompositePolicy(mode=CompositeMode.ALWAYS, segment_size=SEGMENT, parallel_segments=4)
+    async with start_proxy(composite=policy) as server:
+        yield server
+
+
+@pytest.fixture
+def payload(tmp_path: Path) -> Callable[[int], tuple[Path, bytes]]:
+    def make(size: int) -> tuple[Path, bytes]:
+        data = os.urandom(size)
+        path = tmp_path / f"payload-{size}.bin"
+        path.write_bytes(data)
+        return path, data
+
+    return make
+
+
+async def stored(client: storage.Client, bucket: str, name: str) -> storage.Blob:
+    """The object's metadata and bytes (``blob._payload``-free: downloaded afresh)."""
+    blob = await trio.to_thread.run_sync(client.bucket(bucket).get_blob, name)
+    assert blob is not None, f"gs://{bucket}/{name} was not stored"
+    return blob
+
+
+async def temporaries(client: storage.Client, bucket: str) -> list[str]:
+    def names() -> list[str]:
+        return [blob.name for blob in client.list_blobs(bucket, prefix=TEMP_PREFIX)]
+
+    return await trio.to_thread.run_sync(names)
+
+
+async def check_object(
+    client: storage.Client, bucket: str, name: str, data: bytes, *, composite: bool
+) -> None:
+    blob = await stored(client, bucket, name)
+    assert await trio.to_thread.run_sync(blob.download_as_bytes) == data
+    assert (blob.md5_hash is None) is composite
+    assert (blob.component_count is not None and blob.component_count > 1) is composite
+    assert await temporaries(client, bucket) == []
+
+
+def connector_with(plan_for: Callable[[int], FaultPlan], counters: FaultCounters) -> Connector:
+    """Connections numbered from 0 in the order the client opens them, each given its plan."""
+    indexes = itertools.count()
+
+    async def connect(host: str, port: int) -> trio.abc.Stream:
+        index = next(indexes)
+        return await open_tcp_stream(
+            host, port, plan=plan_for(index), index=index, counters=counters
+        )
+
+    return connect
+
+
+async def test_a_file_is_stored_as_segments_in_parallel_and_composed(
+    composite_proxy: ProxyServer,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    path, data = payload(2 * MiB + 12345)  # 9 segments, the last one short
+    snapshots: list[UploadProgress] = []
+    options = UploadOptions(
+        proxy=composite_proxy.address, settings=SETTINGS, progress=snapshots.append
+    )
+    result = await upload_file(path, f"gs://{gcs_bucket}/composed", options)
+    assert result.composite
+    assert result.segments == 9
+    assert result.md5 is None
+    assert (result.size, result.crc32c) == (len(data), google_crc32c.value(data))
+    assert result.connections == 3  # min(connections, parallel_segments)
+    assert result.bytes_sent == len(data)  # every byte once
+    assert result.reconnects == 0
+    # the progress counts the whole object, over every segment
+    assert snapshots[-1].total == len(data)
+    assert snapshots[-1].bytes_sent == len(data)
+    assert max(s.connections for s in snapshots) == 3
+    assert [s.bytes_sent for s in snapshots] == sorted(s.bytes_sent for s in snapshots)
+    await check_object(storage_client, gcs_bucket, "composed", data, composite=True)
+
+
+async def test_a_stream_of_declared_size_is_cut_into_segments_as_it_is_written(
+    composite_proxy: ProxyServer, gcs_bucket: str, storage_client: storage.Client
+) -> None:
+    data = os.urandom(5 * SEGMENT + 1000)
+    options = UploadOptions(
+        proxy=composite_proxy.address,
+        # a buffer smaller than a segment: the writer waits for segments to commit
+        settings=dataclasses.replace(SETTINGS, stream_buffer=128 * KiB),
+        expected_size=len(data),
+    )
+    async with connect_upload(f"gs://{gcs_bucket}/stream", options) as upload:
+        assert isinstance(upload, CompositeUpload)
+        for start in range(0, len(data), 100_000):  # chunks that straddle segments
+            await upload.write(data[start : start + 100_000])
+        result = await upload.complete()
+    assert result.segments == 6
+    assert result.bytes_sent == len(data)
+    await check_object(storage_client, gcs_bucket, "stream", data, composite=True)
+
+
+async def test_a_connection_reset_partway_through_a_segment_is_resumed_with_its_token(
+    composite_proxy: ProxyServer,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # Connections 0-2 are the open's slots (one opens, the others close once it is
+    # composite); 3-5 are the first segments'. Connection 4 is reset 100 KiB into its
+    # segment, in the middle of a frame.
+    path, data = payload(2 * MiB)
+    counters = FaultCounters()
+    reset = FaultPlan.parse("seed=1; reset_peer:up(after=100k)")
+    faulted = SETTINGS.connections + 1
+    connector = connector_with(lambda index: reset if index == faulted else FaultPlan(), counters)
+    options = UploadOptions(proxy=composite_proxy.address, settings=SETTINGS, connector=connector)
+    result = await upload_file(path, f"gs://{gcs_bucket}/reset", options)
+    assert counters.as_dict()["faults"] == {"reset_peer": 1}
+    assert result.reconnects == 1
+    assert result.resent_bytes_by_cause.get("connection_lost", 0) > 0
+    assert result.bytes_sent < len(data) + SEGMENT  # the segment went on, not from its start
+    await check_object(storage_client, gcs_bucket, "reset", data, composite=True)
+
+
+@pytest.mark.parametrize(
+    "compose_on",
+    [
+        "another proxy",
+        pytest.param(
+            "the same proxy",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="server: OPEN_SEGMENT binds to the segment's remembered, completed"
+                " upload although its temporary object is gone, so it is never stored again",
+            ),
+        ),
+    ],
+)
+async def test_a_segment_deleted_before_compose_is_stored_again(
+    start_proxy: StartProxy,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+    compose_on: str,
+) -> None:
+    # Once every segment is in GCS (the next connection is Compose's), segment 0 is deleted
+    # underneath: Compose answers Incomplete, and the client stores it again. From then on the
+    # connections go to the proxy named (two proxies share a key, as behind a load balancer).
+    path, data = payload(4 * SEGMENT)
+    deleted: list[str] = []
+    policy = CompositePolicy(mode=CompositeMode.ALWAYS, segment_size=SEGMENT)
+    async with start_proxy(composite=policy) as first, start_proxy(composite=policy) as second:
+        later = second if compose_on == "another proxy" else first
+
+        async def connect(host: str, port: int) -> trio.abc.Stream:
+            names = await temporaries(storage_client, gcs_bucket)
+            segments = [name for name in names if name.rsplit("/", 1)[-1].isdigit()]
+            if not deleted and len(segments) == 4:
+                first_segment = next(name for name in segments if name.endswith("/0"))
+                bucket = storage_client.bucket(gcs_bucket)
+                await trio.to_thread.run_sync(bucket.delete_blob, first_segment)
+                deleted.append(first_segment)
+            proxy = later if deleted else first
+            return await trio.open_tcp_stream(*proxy.address)
+
+        options = UploadOptions(proxy=first.address, settings=SETTINGS, connector=connect)
+        result = await upload_file(path, f"gs://{gcs_bucket}/restored", options)
+    assert len(deleted) == 1
+    assert result.errors_by_code.get(ErrorCode.MISSING_RANGES.name) == 1
+    assert result.resent_bytes_by_cause.get("proxy_lost") == SEGMENT
+    assert result.bytes_sent == len(data) + SEGMENT
+    await check_object(storage_client, gcs_bucket, "restored", data, composite=True)
+
+
+async def test_abort_discards_the_segments_and_stores_nothing(
+    composite_proxy: ProxyServer, gcs_bucket: str, storage_client: storage.Client
+) -> None:
+    one_segment_in_gcs = trio.Event()
+
+    def progress(snapshot: UploadProgress) -> None:
+        if snapshot.committed >= SEGMENT:
+            one_segment_in_gcs.set()
+
+    options = UploadOptions(
+        proxy=composite_proxy.address,
+        settings=SETTINGS,
+        expected_size=8 * SEGMENT,
+        progress=progress,
+    )
+    async with connect_upload(f"gs://{gcs_bucket}/discarded", options) as upload:
+        for _ in range(3 * SEGMENT // (64 * KiB)):
+            await upload.write(os.urandom(64 * KiB))  # segments are being stored meanwhile
+        with trio.fail_after(10):
+            await one_segment_in_gcs.wait()
+        await upload.abort()
+    assert upload.state is UploadState.ABORTED
+    blob = storage_client.bucket(gcs_bucket).blob("discarded")
+    assert not await trio.to_thread.run_sync(blob.exists)
+    # the segments are gone; only the marker that refuses the token stays, for its lifetime
+    assert [n for n in await temporaries(storage_client, gcs_bucket) if n[-1].isdigit()] == []
+
+
+async def test_single_session_gives_an_ordinary_upload_with_an_md5(
+    composite_proxy: ProxyServer,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    path, data = payload(1 * MiB + 5)
+    options = UploadOptions(proxy=composite_proxy.address, settings=SETTINGS, single_session=True)
+    result = await upload_file(path, f"gs://{gcs_bucket}/single", options)
+    assert not result.composite
+    assert result.segments == 0
+    assert result.md5 is not None
+    await check_object(storage_client, gcs_bucket, "single", data, composite=False)
+
+
+async def test_a_version_2_proxy_gets_an_ordinary_upload(
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # A proxy from before composite uploads: OpenUpload goes without single_session, the
+    # reply is UploadOpened, and nothing else changes.
+    proxy = FakeProxy()
+    proxy.versions = (1, 2)
+    path, data = payload(1 * MiB)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, proxy.handle, 0)
+        port = listeners[0].socket.getsockname()[1]
+        options = UploadOptions(proxy=("127.0.0.1", port), settings=SETTINGS)
+        result = await upload_file(path, "gs://bkt/old-proxy", options)
+        nursery.cancel_scope.cancel()
+    assert set(proxy.agreed) == {2}
+    assert result.segments == 0
+    assert bytes(proxy.data) == data
