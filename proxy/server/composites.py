@@ -56,8 +56,6 @@ _T = TypeVar("_T")
 _DISCARDED = "discarded"
 #: GCS requests of the housekeeping and the checks here get this long each
 _REQUEST_TIMEOUT = 60.0
-#: how often the server sweeps the buckets it has stored segments in
-_SWEEP_INTERVAL = 3600.0
 
 
 def segment_count(ticket: UploadTicket) -> int:
@@ -79,17 +77,10 @@ class _Outcome:
 class CompositeUploads:
     """Segment requests, composing, discarding and sweeping for composite uploads."""
 
-    def __init__(
-        self,
-        settings: ServerSettings,
-        backend: Backend,
-        *,
-        sweep_interval: float = _SWEEP_INTERVAL,
-    ) -> None:
+    def __init__(self, settings: ServerSettings, backend: Backend) -> None:
         self._settings = settings
         self._backend = backend
         self._policy = settings.composite
-        self._sweep_interval = sweep_interval
         self._outcomes: dict[str, _Outcome] = {}
         self._locks: dict[str, trio.Lock] = {}
         #: buckets this process stored segments in: the ones its sweep looks at
@@ -187,7 +178,7 @@ class CompositeUploads:
         """Forever: delete the temporaries of uploads idle for longer than the token
         lifetime, in every bucket this process has stored segments in. Cancel to stop."""
         while True:
-            await trio.sleep(self._sweep_interval)
+            await trio.sleep(self._policy.sweep_interval)
             for bucket in sorted(self._buckets):
                 try:
                     swept = await trio.to_thread.run_sync(self._sweep, bucket)

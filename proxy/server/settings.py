@@ -61,8 +61,13 @@ class CompositePolicy:
     segment_size: int = 64 * MiB
     parallel_segments: int = 4
     temp_prefix: str = DEFAULT_TEMP_PREFIX
+    #: how often the server sweeps the buckets it stored segments in for the temporaries
+    #: of uploads idle for longer than the token lifetime
+    sweep_interval: float = 3600.0
 
     def __post_init__(self) -> None:
+        if self.sweep_interval <= 0:
+            raise SettingsError("the sweep interval must be positive")
         if self.segment_size <= 0 or self.segment_size % SEGMENT_QUANTUM:
             raise SettingsError(
                 f"segment size must be a positive multiple of {SEGMENT_QUANTUM // KiB} KiB"
