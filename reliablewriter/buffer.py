@@ -362,7 +362,11 @@ class ScatterBuffer:
             self._add(_Fragment(start, _held_parts(views), crc32c), left, right)
             self._held += end - start
             if start <= self._contiguous_end:
-                self._extend_contiguous()
+                # The run now reaches ``end``; only a fragment touching it takes it further
+                # (most writes extend the run, and nothing lies beyond them yet).
+                self._contiguous_end = max(self._contiguous_end, end)
+                if right is not None and right.start == end:
+                    self._extend_contiguous()
             return end - start
         added = 0
         try:
@@ -422,14 +426,17 @@ class ScatterBuffer:
             right.start == fragment.end and can_join(size, right.end - right.start)
         ):
             right = None
+        if left is None and right is None:
+            # The common case (pieces too large to join): the fragment goes in as it is.
+            count = self._pieces + fragment.piece_count()
+            self._check_cap(count, fragment.start)
+            self._fragments.add(fragment)
+            self._pieces = count
+            return
         joined = [neighbour for neighbour in (left, right) if neighbour is not None]
         released = sum(neighbour.piece_count() for neighbour in joined)
         count = self._pieces - released + (1 if joined else fragment.piece_count())
-        limit = self._max_fragments
-        if limit is not None and count > limit and fragment.start > self._contiguous_end:
-            raise TooFragmentedError(
-                fragments=self._pieces, adding=count - self._pieces, limit=limit
-            )
+        self._check_cap(count, fragment.start)
         for neighbour in joined:
             self._fragments.remove(neighbour)
         if left is not None:
@@ -438,6 +445,14 @@ class ScatterBuffer:
             fragment = _join(fragment, right)
         self._fragments.add(fragment)
         self._pieces = count
+
+    def _check_cap(self, count: int, start: int) -> None:
+        """Refuse a piece at ``start`` that would leave ``count`` views held, past the cap."""
+        limit = self._max_fragments
+        if limit is not None and count > limit and start > self._contiguous_end:
+            raise TooFragmentedError(
+                fragments=self._pieces, adding=count - self._pieces, limit=limit
+            )
 
     def _extend_contiguous(self) -> None:
         for fragment in self._fragments.iter_from(self._contiguous_end):

@@ -21,7 +21,7 @@ import traceback
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import requests
 from google.api_core import exceptions as api_exceptions
@@ -30,6 +30,7 @@ from google.cloud import storage  # type: ignore[import-untyped]
 from .resumable import HttpResponse, error_reason
 
 __all__ = [
+    "COALESCE_FRACTION",
     "ChunkBody",
     "GcsTransport",
     "NoAnswer",
@@ -70,13 +71,38 @@ class TransportFailure(Exception):  # noqa: N818 - named for what the network di
         self.cause = cause
 
 
+#: A view at most this fraction of a slice is copied into the sending thread's scratch buffer
+#: with its neighbours, so small writes leave in slice-sized sends: each send costs a syscall
+#: and a pass through http.client whatever its size (64 KiB writes were 128 sends per 8 MiB
+#: chunk). Larger views go out as they are, uncopied.
+COALESCE_FRACTION: Final = 4
+
+_scratch = threading.local()
+
+
+def _scratch_buffer(size: int) -> memoryview:
+    """This thread's reusable ``size``-byte buffer for coalescing small views.
+
+    One per sending thread, reused from chunk to chunk: a fresh buffer per chunk would cost
+    a page fault per 4 KiB, about what the copy saves. Only the thread that fills it sends
+    from it, one piece at a time, so no piece is overwritten before it is sent.
+    """
+    buffer: bytearray | None = getattr(_scratch, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _scratch.buffer = bytearray(size)
+    return memoryview(buffer)[:size]
+
+
 class ChunkBody:
     """A request body made of memoryviews, sent without joining them.
 
     It has a length, so requests sends ``Content-Length`` instead of chunked encoding,
     and it iterates in slices of at most ``slice_size`` bytes, so that each socket send
-    is bounded by the socket timeout and a stop request is noticed between slices. It can
-    be iterated again (an auth refresh resends the request).
+    is bounded by the socket timeout and a stop request is noticed between slices. Runs of
+    small views (at most ``slice_size / COALESCE_FRACTION`` each) are copied into one
+    slice-sized scratch buffer per sending thread and sent together; larger views are
+    sent from where they are. It can be iterated again (an auth refresh resends the
+    request); each piece it yields is valid until the next is asked for.
     """
 
     def __init__(
@@ -97,14 +123,38 @@ class ChunkBody:
         return self._length
 
     def __iter__(self) -> Iterator[memoryview]:
+        slice_size = self._slice_size
+        small = slice_size // COALESCE_FRACTION
+        scratch = memoryview(b"")  # taken from the thread only once a small view comes
+        filled = 0
         for view in self._views:
-            for begin in range(0, len(view), self._slice_size):
-                if self._stop.is_set():
-                    raise UploadInterrupted
-                piece = view[begin : begin + self._slice_size]
-                yield piece
-                # The consumer asks for the next piece only once this one is sent.
-                self._on_sent(len(piece))
+            if len(view) > small:
+                if filled:
+                    yield from self._piece(scratch[:filled])
+                    filled = 0
+                for begin in range(0, len(view), slice_size):
+                    yield from self._piece(view[begin : begin + slice_size])
+                continue
+            if not scratch:
+                scratch = _scratch_buffer(slice_size)
+            taken = 0
+            while taken < len(view):
+                count = min(len(view) - taken, slice_size - filled)
+                scratch[filled : filled + count] = view[taken : taken + count]
+                filled += count
+                taken += count
+                if filled == slice_size:
+                    yield from self._piece(scratch)
+                    filled = 0
+        if filled:
+            yield from self._piece(scratch[:filled])
+
+    def _piece(self, piece: memoryview) -> Iterator[memoryview]:
+        if self._stop.is_set():
+            raise UploadInterrupted
+        yield piece
+        # The consumer asks for the next piece only once this one is sent.
+        self._on_sent(len(piece))
 
     @property
     def views(self) -> list[memoryview]:

@@ -125,6 +125,40 @@ def test_matches_a_byte_by_byte_model(
         assert covered == set(held)
 
 
+# Pieces too large to join (3 KiB units): each write is held as fragments of its own, so
+# the run from the base grows only through fragments that touch it.
+UNIT = 3 * 1024
+unit_writes = st.lists(
+    st.tuples(st.integers(0, 30), st.integers(1, 6), st.integers(0, 255)), max_size=30
+)
+
+
+@settings(deadline=None, max_examples=200)
+@given(writes=unit_writes, release_unit=st.integers(0, 36))
+def test_the_run_from_the_base_follows_fragments_too_large_to_join(
+    writes: list[tuple[int, int, int]], release_unit: int
+) -> None:
+    model: dict[int, int] = {}  # unit -> the value of the write that won it
+    buffer = ScatterBuffer()
+    base = 0
+    for index, (unit, units, value) in enumerate(writes):
+        buffer.insert(unit * UNIT, bytes([value]) * (units * UNIT))
+        for position in range(max(unit, base), unit + units):
+            model.setdefault(position, value)
+        if index == len(writes) // 2 and base < release_unit <= buffer.contiguous_end // UNIT:
+            buffer.release(release_unit * UNIT)
+            for position in range(base, release_unit):
+                del model[position]
+            base = release_unit
+        contiguous = base
+        while contiguous in model:
+            contiguous += 1
+        assert buffer.contiguous_end == contiguous * UNIT
+        assert joined(buffer, base * UNIT, contiguous * UNIT) == b"".join(
+            bytes([model[position]]) * UNIT for position in range(base, contiguous)
+        )
+
+
 # Pieces of larger buffers, staged writes of several views, and known CRC32Cs: the
 # checksum pieces of the held head always add up to the head's CRC32C.
 SOURCE = bytes(range(256)) * 64
