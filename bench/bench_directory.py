@@ -11,13 +11,15 @@ own. The directory is uploaded two ways, ``16`` files at a time both:
   library's multipart limit) is one multipart request, a larger one a resumable upload;
 * rup: ``rup upload -r DIR gs://BUCKET/PREFIX/ --jobs 16``, run as a command in a process
   of its own, as a user runs it (its start-up is timed too): a file that fits one frame is
-  one ``PUT_OBJECT`` on a pooled connection, a larger one a resumable upload over its own
-  connections.
+  one ``PUT_OBJECT`` on a pooled connection (1 MiB by default), a larger one a resumable
+  upload over a connection of its own (one per 8 MiB of the file, up to ``--connections``).
 
-Afterwards both prefixes are listed and every object must be there with its file's size.
-The ratio (rup files per second / direct files per second) is the claim; target (issue
-13): at least 1.0x. Both ways reach GCS through a relay here that counts HTTP requests, so
-the run also reports GCS requests per object.
+After each upload its prefix is listed and every object must be there with its file's size.
+Each way runs twice, each round on a fresh endpoint and proxy, the second round in the other
+order; the ratio of the best times (rup files per second / direct files per second) is the
+claim, each round's ratio is reported beside it. Target (issue 13): at least 1.0x. Both
+ways reach GCS through a relay here that counts HTTP requests, so the run also reports GCS
+requests per object.
 
 Run ``python -m bench.bench_directory --quick`` for a 200-file run.
 """
@@ -52,6 +54,9 @@ QUICK_COUNT: Final = 200
 CONCURRENCY: Final = 16
 SUBDIRECTORIES: Final = 20
 SEED: Final = 13
+#: each way runs this often, alternating which goes first; the best of each is the claim,
+#: since other work on a shared machine only ever slows a run down
+ROUNDS: Final = 2
 BUCKET: Final = "bench-directory"
 #: what a rup upload of the whole directory may take before the run counts as failed
 UPLOAD_TIMEOUT: Final = 1200.0
@@ -130,25 +135,37 @@ def _verify(gcs_url: str, prefix: str, expected: dict[str, int]) -> None:
         )
 
 
+def _round(top: Path, expected: dict[str, int], order: tuple[str, ...]) -> dict[str, Any]:
+    """Both ways, in ``order``, on a fresh endpoint and proxy: seconds and GCS requests."""
+    seconds: dict[str, float] = {}
+    requests: dict[str, int] = {}
+    with counted_proxy(BUCKET) as (gcs_url, relay, address):
+        for way in order:
+            before = relay.requests
+            if way == "direct":
+                seconds[way] = _direct(relay.url, top, sorted(expected), way)
+            else:
+                seconds[way] = _through_rup(address, top, way, top.parent / "state")
+            requests[way] = relay.requests - before
+            _verify(gcs_url, way, expected)
+    return {"seconds": seconds, "requests": requests}
+
+
 def run(quick: bool, count: int | None = None) -> dict[str, Any]:
-    """Upload a directory of ``count`` files each way; also writes :data:`RESULTS`."""
+    """Upload a directory of ``count`` files each way, :data:`ROUNDS` times, the order
+    alternating; the best of each way makes the claim. Also writes :data:`RESULTS`."""
     count = count or (QUICK_COUNT if quick else FULL_COUNT)
     sizes = file_sizes(count)
     total = sum(sizes)
-    seconds: dict[str, float] = {}
-    requests: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="rup-bench-directory-") as directory:
         top = Path(directory) / "tree"
         expected = _write_tree(top, sizes)
-        with counted_proxy(BUCKET) as (gcs_url, relay, address):
-            before = relay.requests
-            seconds["direct"] = _direct(relay.url, top, sorted(expected), "direct")
-            requests["direct"] = relay.requests - before
-            before = relay.requests
-            seconds["rup"] = _through_rup(address, top, "rup", Path(directory) / "state")
-            requests["rup"] = relay.requests - before
-            for prefix in ("direct", "rup"):
-                _verify(gcs_url, prefix, expected)
+        rounds = [
+            _round(top, expected, ("direct", "rup") if index % 2 == 0 else ("rup", "direct"))
+            for index in range(ROUNDS)
+        ]
+    seconds = {way: min(done["seconds"][way] for done in rounds) for way in ("direct", "rup")}
+    requests = rounds[0]["requests"]
     result: dict[str, Any] = {
         "benchmark": "directory",
         "files": count,
@@ -163,6 +180,9 @@ def run(quick: bool, count: int | None = None) -> dict[str, Any]:
             name: round(value / count, 3) for name, value in requests.items()
         },
         "ratio_to_direct": round(seconds["direct"] / seconds["rup"], 3),
+        "ratio_each_round": [
+            round(done["seconds"]["direct"] / done["seconds"]["rup"], 3) for done in rounds
+        ],
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
@@ -188,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  {result['mib_per_second'][name]:6.1f} MiB/s  GCS requests per object"
             f" {result['gcs_requests_per_object'][name]:.2f}"
         )
-    print(f"  rup / direct: {result['ratio_to_direct']:.3f}x")
+    each = ", ".join(f"{ratio:.3f}x" for ratio in result["ratio_each_round"])
+    print(f"  rup / direct, best of each: {result['ratio_to_direct']:.3f}x (each round: {each})")
     print(f"  written to {RESULTS}")
     return 0
 
