@@ -106,6 +106,18 @@ class CompositeUploads:
             if_generation_match=None,
         )
 
+    async def segment_stored(self, ticket: UploadTicket, index: int) -> bool:
+        """Whether segment ``index``'s temporary object is in GCS with exactly its size (one
+        metadata request): one this process stored may have been deleted since."""
+        request = self.segment_request(ticket, index)
+
+        def look() -> bool:
+            bucket = self._backend.bucket(ticket.bucket)
+            blob = bucket.get_blob(request.name, retry=None, timeout=_REQUEST_TIMEOUT)
+            return blob is not None and blob.size == request.expected_size
+
+        return await _in_thread(look, ticket)
+
     async def check_writable(self, ticket: UploadTicket) -> None:
         """ABORTED once the upload was discarded, UPLOAD_FINISHED once the object is no
         longer the one it may replace (composed, or written by anyone else): either way

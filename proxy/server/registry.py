@@ -322,8 +322,17 @@ class UploadRegistry:
         if live is not None and live.failure() is None and live.state is UploadState.ACTIVE:
             return live
         await self.composites.check_writable(ticket)
-        if live is not None and live.failure() is None:
-            return live  # stored, and the upload still open: the client sees it whole
+        # Stored, and the upload still open: the client sees it whole, unless its temporary
+        # object is gone (deleted underneath): then it is stored again.
+        if (
+            live is not None
+            and live.failure() is None
+            and (
+                live.state is not UploadState.COMPLETED
+                or await self.composites.segment_stored(ticket, index)
+            )
+        ):
+            return live
         return await self._open_session(request, client, segment_id, destination=ticket.name)
 
     async def abort(self, upload: Upload) -> None:
