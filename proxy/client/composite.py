@@ -155,15 +155,7 @@ class CompositeUpload(Upload):
         assert opened is not None
         assert isinstance(request, OpenUpload)
         size = request.expected_size
-        if size is None or opened.segment_size < 1 or opened.parallel_segments < 1:
-            failure = UploadError(
-                None,
-                f"{self._description}: the proxy made the upload composite with segments of"
-                f" {opened.segment_size} bytes, {opened.parallel_segments} at once, for an"
-                f" object of {'unknown' if size is None else size} bytes",
-            )
-            transfer.fail(failure)
-            raise failure
+        assert size is not None  # the transfer checked the reply (Transfer._open_composite)
         self._opened: CompositeOpened = opened
         self._size = size
         self._options = options

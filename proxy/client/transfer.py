@@ -440,6 +440,16 @@ class Transfer:
     def _open_composite(self, opened: CompositeOpened) -> NoReturn:
         """The proxy made the upload composite: it is open, and every slot ends (this one by
         raising, which closes its idle connection)."""
+        request = self._open_request
+        assert isinstance(request, OpenUpload)  # only an OpenUpload is answered so
+        size = request.expected_size
+        if size is None or opened.segment_size < 1 or opened.parallel_segments < 1:
+            raise UploadError(
+                None,
+                f"{self._description}: the proxy made an upload of"
+                f" {'unknown size' if size is None else f'{size} bytes'} composite, with"
+                f" segments of {opened.segment_size} bytes, {opened.parallel_segments} at once",
+            )
         self.composite = opened
         self.move(UploadState.SENDING)
         self._opened.set()

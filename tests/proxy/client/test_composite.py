@@ -183,14 +183,7 @@ async def test_a_connection_reset_partway_through_a_segment_is_resumed_with_its_
     "compose_on",
     [
         "another proxy",
-        pytest.param(
-            "the same proxy",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="server: OPEN_SEGMENT binds to the segment's remembered, completed"
-                " upload although its temporary object is gone, so it is never stored again",
-            ),
-        ),
+        "the same proxy",
     ],
 )
 async def test_a_segment_deleted_before_compose_is_stored_again(
@@ -289,3 +282,55 @@ async def test_a_version_2_proxy_gets_an_ordinary_upload(
     assert set(proxy.agreed) == {2}
     assert result.segments == 0
     assert bytes(proxy.data) == data
+
+
+async def test_an_empty_file_is_one_empty_segment(
+    composite_proxy: ProxyServer,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    path, _ = payload(0)
+    options = UploadOptions(proxy=composite_proxy.address, settings=SETTINGS)
+    result = await upload_file(path, f"gs://{gcs_bucket}/empty", options)
+    assert (result.size, result.crc32c, result.segments) == (0, 0, 1)
+    blob = await stored(storage_client, gcs_bucket, "empty")
+    assert await trio.to_thread.run_sync(blob.download_as_bytes) == b""
+    assert await temporaries(storage_client, gcs_bucket) == []
+
+
+async def test_a_composite_upload_given_as_a_token_to_resume_is_started_again(
+    composite_proxy: ProxyServer,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # A composite upload's token cannot be attached to (the protocol has no way to learn its
+    # segments from it): a rerun given it opens a new upload and sends every byte, and the
+    # first run's segments are left to the proxy's sweep.
+    path, data = payload(6 * SEGMENT)
+    url = f"gs://{gcs_bucket}/rerun"
+    options = UploadOptions(
+        proxy=composite_proxy.address, settings=SETTINGS, expected_size=len(data)
+    )
+    left: list[str] = []
+    with trio.CancelScope() as first_run:
+        async with connect_upload(url, options) as upload:
+            await upload.send_file(path)
+            for _ in range(500):  # until a segment is stored: at most 5 s
+                left = await temporaries(storage_client, gcs_bucket)
+                if left:
+                    break
+                await trio.sleep(0.01)
+            first_run.cancel()
+    assert upload.state is UploadState.DETACHED
+    assert left
+    result = await upload_file(path, url, dataclasses.replace(options, token=upload.token))
+    assert result.bytes_sent == len(data)
+    assert result.errors_by_code == {ErrorCode.INVALID_REQUEST.name: 1}
+    blob = await stored(storage_client, gcs_bucket, "rerun")
+    assert await trio.to_thread.run_sync(blob.download_as_bytes) == data
+    first_upload = {name.rsplit("/", 1)[0] for name in left}
+    assert {n.rsplit("/", 1)[0] for n in await temporaries(storage_client, gcs_bucket)} <= (
+        first_upload
+    )
