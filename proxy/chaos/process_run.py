@@ -17,7 +17,10 @@ Every upload is judged as in the in-process run: the object verified byte for by
 clean failure that left GCS as it was. After the last upload the run also checks that
 nothing is left: no upload or connection in the proxy, no partial session file in the
 endpoint's data dir, no object in the bucket, no resume record of a completed upload, and
-that both servers stop cleanly on SIGTERM.
+that both servers stop cleanly on SIGTERM. Composite uploads' segments may be left in the
+temporary namespace only when a process fault struck (a killed client's rerun starts a new
+upload, a killed proxy leaves what it was writing; the proxy's sweep removes them after
+the token lifetime): the report counts them.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from proxy.chaos.verify import (
     Stored,
     delete_object,
     judge_upload,
+    left_temporaries,
     put_previous,
     verify_object,
 )
@@ -131,6 +135,8 @@ class _ProcessRun:
         self.gcs_leg_counts: FaultCountersDict | None = None
         self.proxy_retries: collections.Counter[str] = collections.Counter()
         self.leaks: list[str] = []
+        self.discarded_markers = 0
+        self.temporaries_left = 0
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -284,6 +290,8 @@ class _ProcessRun:
                 ]  # fmt: skip
                 if generation is not None:
                     arguments += ["--if-generation-match", str(generation)]
+                if not spec.composite:
+                    arguments.append("--single-session")
                 client = Supervised(
                     f"upload-{spec.index:05d}",
                     arguments,
@@ -333,6 +341,15 @@ class _ProcessRun:
                 await trio.sleep(_POLL)
         self.leaks += await self._still_held()
         await self._read_retries()
+        segments_left, markers = await _against_gcs(
+            left_temporaries, self.judge, self.settings.composite_policy().temp_prefix
+        )
+        self.discarded_markers = len(markers)
+        if segments_left and not self.fault_counts():
+            self.leaks.append(f"{len(segments_left)} temporary objects of composite uploads left")
+        else:
+            # A process killed midway leaves segments to the proxy's sweep, by design.
+            self.temporaries_left = len(segments_left)
 
     async def _still_held(self) -> list[str]:
         held = []
@@ -356,7 +373,9 @@ class _ProcessRun:
         return held
 
     def _objects_left(self) -> int:
-        return sum(1 for _ in self.judge.list_blobs())
+        """Objects outside the temporary namespace (judged once the run settled)."""
+        temporary = self.settings.composite_policy().temp_prefix
+        return sum(1 for blob in self.judge.list_blobs() if not blob.name.startswith(temporary))
 
     async def _stop(self, process: Supervised) -> None:
         """SIGTERM, as an operator's stop: it must exit 0 in time."""
@@ -435,6 +454,7 @@ def _base_outcome(spec: UploadSpec, elapsed: float, runs: _ClientRuns) -> Upload
         reconnects=int(summary.get("reconnects", 0)),
         resent_bytes_by_cause=dict(summary.get("resent_bytes", {})),
         errors_by_code=dict(summary.get("errors", {})),
+        segments=int(summary.get("segments", 0)),
         client_restarts=runs.restarts,
         client_resumes=runs.resumes,
     )  # fmt: skip
@@ -471,6 +491,8 @@ def run_with_process_faults(
         replay=settings.replay_command(broken),
         process_faults={k: v for k, v in run_state.fault_counts().items() if v},
         logs=str(directory),
+        discarded_markers=run_state.discarded_markers,
+        temporaries_left=run_state.temporaries_left,
     )
     if report.passed:
         shutil.rmtree(directory, ignore_errors=True)

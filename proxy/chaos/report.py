@@ -69,6 +69,8 @@ class UploadOutcome:
     resent_bytes_by_cause: Mapping[str, int] = field(default_factory=dict)
     errors_by_code: Mapping[str, int] = field(default_factory=dict)
     scripted_faults: tuple[str, ...] = ()
+    #: the segments a composite object was composed from (0: one resumable session)
+    segments: int = 0
     #: how often the client process was stopped by a process fault and run again
     client_restarts: int = 0
     #: of those reruns, how many said they resumed the interrupted upload (the others had
@@ -132,6 +134,12 @@ class ChaosReport:
     process_faults: Mapping[str, int] = field(default_factory=dict)
     #: where the processes of a process-fault run left their output
     logs: str = ""
+    #: markers of discarded composite uploads left in the temporary namespace (kept for the
+    #: token lifetime by design, so not a leak)
+    discarded_markers: int = 0
+    #: segments left in the temporary namespace where the run allows them (by design, after
+    #: a process fault: the proxy's sweep removes them after the token lifetime)
+    temporaries_left: int = 0
 
     @property
     def broken(self) -> list[UploadOutcome]:
@@ -196,6 +204,16 @@ class ChaosReport:
         ]
         return {f"p{p}": round(percentile(rates, p / 100), 2) for p in (50, 90, 99)}
 
+    def composite(self) -> dict[str, int]:
+        """Composite uploads: verified ones, and the segments they were composed from."""
+        composed = [o for o in self.outcomes if o.segments > 0]
+        return {
+            "verified": sum(o.verdict is Verdict.VERIFIED for o in composed),
+            "segments": sum(o.segments for o in composed),
+            "discarded_markers": self.discarded_markers,
+            "temporaries_left": self.temporaries_left,
+        }
+
     @property
     def bytes_verified(self) -> int:
         return sum(o.size for o in self.outcomes if o.verdict is Verdict.VERIFIED)
@@ -229,6 +247,7 @@ class ChaosReport:
                 "client_leg_up": self.client_faults.get("bytes_up", 0),
                 "gcs_leg_up": self.gcs_faults.get("bytes_up", 0),
             },
+            "composite": self.composite(),
             "time_to_complete_s": finite(self.latency_percentiles()),
             "throughput_mib_s": finite(self.throughput_percentiles()),
             "rss": {
@@ -256,6 +275,13 @@ class ChaosReport:
             "verified share", f"{self.verified_share:.1%} of uploads expected to succeed"
         )
         summary.add_row("bytes verified", f"{self.bytes_verified / MiB:.1f} MiB")
+        composite = self.composite()
+        summary.add_row(
+            "composite",
+            f"{composite['verified']} verified uploads of {composite['segments']} segments;"
+            f" {composite['discarded_markers']} discarded markers,"
+            f" {composite['temporaries_left']} segments left for the sweep",
+        )
         summary.add_row(
             "bytes moved",
             f"{self.client_faults.get('bytes_up', 0) / MiB:.1f} MiB client -> proxy,"

@@ -10,6 +10,10 @@ from then on sends every request of that session through the upload's own
 :class:`~faultnet.transport.FaultyHTTPAdapter`. Requests of unknown uploads, and every other
 request, go through a plain pooled adapter.
 
+The segments of composite uploads are temporary objects named by the proxy, which says
+nothing of the upload they belong to: sessions of names under a registered temporary prefix
+(:meth:`UploadRouter.route_temporaries`) share one fault plan, and carry no retry test.
+
 It also speaks the retry-test API (``POST /retry_test``), which the strict endpoint shares
 with storage-testbench, so the same run works against either.
 """
@@ -60,8 +64,16 @@ class UploadRouter(requests.Session):
         self._by_name: dict[str, _Route] = {}
         self._by_upload_id: dict[str, _Route] = {}
         self._names_by_upload_id: dict[str, str] = {}
+        #: the temporary prefix of composite uploads' segments, and the route they share
+        self._temporaries: tuple[str, _Route] | None = None
         # get_adapter() only sees the URL; send() decides the route and passes it on here.
         self._current = threading.local()
+
+    def route_temporaries(self, prefix: str, plan: FaultPlan) -> None:
+        """From now on, sessions of objects under ``prefix`` that no upload registered (the
+        segments of composite uploads) suffer ``plan``, all of them together."""
+        with self._lock:
+            self._temporaries = (prefix, _Route(FaultyHTTPAdapter(plan, self._counters), None))
 
     def register(self, name: str, plan: FaultPlan, retry_test_id: str | None) -> None:
         """From now on, requests for object ``name`` suffer ``plan`` and carry the test id."""
@@ -82,8 +94,11 @@ class UploadRouter(requests.Session):
     def close(self) -> None:
         with self._lock:
             names = list(self._by_name)
+            temporaries, self._temporaries = self._temporaries, None
         for name in names:
             self.release(name)
+        if temporaries is not None:
+            temporaries[1].adapter.close()
         super().close()
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
@@ -99,7 +114,7 @@ class UploadRouter(requests.Session):
             upload_id = _query(response.headers["Location"]).get("upload_id")
             if upload_id is not None:
                 with self._lock:
-                    if self._by_name.get(name) is route and route is not None:
+                    if route is not None and route in (self._by_name.get(name), self._shared()):
                         self._by_upload_id[upload_id] = route
                         self._names_by_upload_id[upload_id] = name
         return response
@@ -118,7 +133,16 @@ class UploadRouter(requests.Session):
             if query.get("uploadType") != "resumable" or request.method != "POST":
                 return None, None
             name = query.get("name") or _name_in_body(request.body)
-            return (self._by_name.get(name), name) if name is not None else (None, None)
+            if name is None:
+                return None, None
+            route = self._by_name.get(name)
+            if route is None and self._temporaries is not None:
+                prefix, shared = self._temporaries
+                route = shared if name.startswith(prefix) else None
+            return route, name
+
+    def _shared(self) -> _Route | None:
+        return None if self._temporaries is None else self._temporaries[1]
 
 
 def _query(url: str) -> dict[str, str]:

@@ -21,6 +21,7 @@ from google.cloud import storage  # type: ignore[import-untyped]
 from faultnet.counters import FaultCounters, FaultCountersDict
 from faultnet.gcs import GcsServer
 from faultnet.gcs.clients import anonymous_client
+from faultnet.plan import FaultPlan
 from faultnet.tcpproxy import open_chaos_proxy
 from protocol import ErrorCode
 from proxy.chaos.connectors import faulty_connector, plain_connector
@@ -29,10 +30,19 @@ from proxy.chaos.process_run import run_with_process_faults
 from proxy.chaos.report import ChaosReport, UploadOutcome, Verdict
 from proxy.chaos.routing import RetryTestClient, UploadRouter
 from proxy.chaos.settings import BUCKET, ORPHAN_TIMEOUT, ChaosSettings
-from proxy.chaos.verify import Failed, Stored, delete_object, judge_upload, put_previous
+from proxy.chaos.verify import (
+    Failed,
+    Stored,
+    delete_object,
+    judge_upload,
+    left_temporaries,
+    put_previous,
+)
 from proxy.chaos.workload import (
+    FAULT_MIXES,
     ClientLeg,
     UploadSpec,
+    gcs_leg_plan,
     if_generation_match,
 )
 from proxy.client import (
@@ -212,6 +222,7 @@ class _Run:
                 reconnects=result.reconnects,
                 resent_bytes_by_cause=dict(result.resent_bytes_by_cause),
                 errors_by_code=dict(result.errors_by_code),
+                segments=result.segments,
             )
         if self.saboteur is not None:
             await trio.to_thread.run_sync(self.saboteur, self.judge, spec)
@@ -259,6 +270,7 @@ class _Run:
                 connector=connector,
                 if_generation_match=if_generation_match,
                 expected_size=spec.size,
+                single_session=not spec.composite,
             ),
         ) as upload:
             for block in spec.source.blocks(_WRITE_SIZE):
@@ -314,6 +326,8 @@ def run_chaos(
         if not judge.exists():
             judge.create()
         router = UploadRouter(gcs_counters)
+        composite = settings.composite_policy()
+        router.route_temporaries(composite.temp_prefix, _segments_plan(settings))
         try:
             run_state = _Run(
                 settings,
@@ -329,6 +343,10 @@ def run_chaos(
             retries, leaks = trio.run(run_state.run)
         finally:
             router.close()
+        # Every upload ended and the proxy stopped: nothing may be left but markers.
+        segments_left, markers = left_temporaries(judge, composite.temp_prefix)
+        if segments_left:
+            leaks.append(_temporaries_leaked(segments_left))
     outcomes = tuple(sorted(run_state.outcomes, key=lambda outcome: outcome.index))
     broken = tuple(o.index for o in outcomes if not o.verdict.keeps_promise)
     return ChaosReport(
@@ -343,4 +361,16 @@ def run_chaos(
         rss_end=process_rss(),
         rss_samples=tuple(run_state.rss_samples),
         replay=settings.replay_command(broken),
+        discarded_markers=len(markers),
     )
+
+
+def _segments_plan(settings: ChaosSettings) -> FaultPlan:
+    """The GCS-leg faults every composite upload's segments share (see routing)."""
+    mix = FAULT_MIXES[settings.faults]
+    return gcs_leg_plan(mix, settings.intensity, settings.geometry.segment, settings.seed)
+
+
+def _temporaries_leaked(names: list[str]) -> str:
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return f"{len(names)} temporary objects of composite uploads left behind: {shown}"

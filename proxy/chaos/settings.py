@@ -18,7 +18,7 @@ from typing import Final
 from proxy.chaos.workload import FAULT_MIXES, ChunkGeometry, UploadSpec, plan_uploads
 from proxy.client import ClientSettings
 from proxy.client import RetryPolicy as ClientRetryPolicy
-from proxy.server.settings import ServerSettings
+from proxy.server.settings import CompositeMode, CompositePolicy, ServerSettings
 from reliablewriter import MiB, RetryPolicy, WriterSettings
 
 __all__ = ["BUCKET", "ORPHAN_TIMEOUT", "ChaosSettings"]
@@ -62,6 +62,9 @@ class ChaosSettings:
     process_fault_interval: float = 4.0
     #: with process_faults: the longest a killed process stays down, in seconds
     max_down: float = 10.0
+    #: share of uploads stored as composite uploads (``--composite``: all of them); the
+    #: proxy makes every upload composite unless its client asks for one session
+    composite_share: float = 0.25
 
     def __post_init__(self) -> None:
         if self.faults not in FAULT_MIXES:
@@ -80,6 +83,8 @@ class ChaosSettings:
             raise ValueError("--process-fault-interval must be positive")
         if not 0 <= self.max_down <= _MAX_DOWN_LIMIT:
             raise ValueError(f"--max-down must be within 0..{_MAX_DOWN_LIMIT:.0f} seconds")
+        if not 0 <= self.composite_share <= 1:
+            raise ValueError("--composite-share must be a share within 0..1")
         if self.process_faults and self.gcs_endpoint is not None:
             raise ValueError("--process-faults runs its own GCS endpoint: drop --gcs-endpoint")
 
@@ -96,6 +101,7 @@ class ChaosSettings:
             "--intensity", repr(self.intensity),
             "--deadline", repr(self.deadline),
             "--generation-match", repr(self.precondition_share),
+            "--composite-share", repr(self.composite_share),
         ]  # fmt: skip
         if self.gcs_endpoint is not None:
             words += ["--gcs-endpoint", self.gcs_endpoint]
@@ -132,6 +138,7 @@ class ChaosSettings:
             intensity=self.intensity,
             geometry=self.geometry,
             precondition_share=self.precondition_share,
+            composite_share=self.composite_share,
         )
         return [spec for spec in specs if not self.only or spec.index in self.only]
 
@@ -151,6 +158,7 @@ class ChaosSettings:
             # finished uploads are judged at once; nobody asks the proxy again
             result_retention=1.0,
             shutdown_grace=2.0,
+            composite=self.composite_policy(),
             writer=WriterSettings(
                 min_chunk_size=g.min_chunk,
                 max_chunk_size=g.max_chunk,
@@ -163,6 +171,11 @@ class ChaosSettings:
                 progress_timeout=3.0,
             ),
         )
+
+    def composite_policy(self) -> CompositePolicy:
+        """Every upload of known size is composite, unless its client asks for one session
+        (which the run's other uploads do); segments are :attr:`ChunkGeometry.segment`."""
+        return CompositePolicy(mode=CompositeMode.ALWAYS, segment_size=self.geometry.segment)
 
     @property
     def resume_window(self) -> float:
@@ -206,6 +219,8 @@ class ChaosSettings:
             "--complete-timeout", "60",
             "--drain-timeout", "5",
             "--resume-window", f"{self.resume_window:g}",
+            "--composite", self.composite_policy().mode.value,
+            "--segment-size-mib", f"{self.composite_policy().segment_size / MiB:g}",
         ]  # fmt: skip
 
     def client_settings(self, connections: int) -> ClientSettings:

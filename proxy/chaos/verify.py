@@ -28,6 +28,7 @@ __all__ = [
     "Stored",
     "delete_object",
     "judge_upload",
+    "left_temporaries",
     "put_previous",
     "verify_object",
     "verify_untouched",
@@ -146,6 +147,23 @@ def delete_object(bucket: storage.Bucket, name: str) -> None:
     """Remove ``name`` if it exists, so a long run does not fill the endpoint's memory."""
     with contextlib.suppress(api_exceptions.NotFound):
         bucket.blob(name).delete()
+
+
+#: the last part of a discarded composite upload's marker (proxy.server.composites), which
+#: stays for the token lifetime by design
+_DISCARDED_MARKER = "discarded"
+
+
+def left_temporaries(bucket: storage.Bucket, prefix: str) -> tuple[list[str], list[str]]:
+    """What composite uploads left under their temporary ``prefix``: segments and
+    intermediate composes (which nothing may leave once its upload ended), then the markers
+    of discarded uploads (kept for the token lifetime, then swept). Called once the run's
+    proxies are gone, it deletes the markers, which no proxy will consult any more."""
+    names = sorted(blob.name for blob in bucket.list_blobs(prefix=prefix))
+    markers = [name for name in names if name.rsplit("/", 1)[-1] == _DISCARDED_MARKER]
+    for marker in markers:
+        delete_object(bucket, marker)
+    return [name for name in names if name not in markers], markers
 
 
 @dataclass(frozen=True)

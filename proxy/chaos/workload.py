@@ -59,6 +59,9 @@ class ChunkGeometry:
     max_chunk: int = 4 * MiB
     frame: int = 256 * KiB
     window: int = 8 * MiB
+    #: a composite upload's segment (protocol section 14): small, so that most uploads of a
+    #: run's sizes are cut into several
+    segment: int = 1 * MiB
 
 
 def boundary_sizes(geometry: ChunkGeometry, max_size: int) -> list[int]:
@@ -72,6 +75,8 @@ def boundary_sizes(geometry: ChunkGeometry, max_size: int) -> list[int]:
             2 * geometry.min_chunk,
             geometry.max_chunk,
             geometry.window,
+            geometry.segment,
+            2 * geometry.segment,
         }
     )
     sizes = [0, 1]
@@ -225,6 +230,9 @@ class UploadSpec:
     instructions: tuple[str, ...]
     source: ObjectSource
     previous: ObjectSource | None
+    #: stored as segments composed at the end (protocol section 14); otherwise the client
+    #: asks for one resumable session
+    composite: bool = False
 
 
 def _log_uniform_size(rng: random.Random, max_size: int) -> int:
@@ -315,8 +323,13 @@ def plan_uploads(
     intensity: float,
     geometry: ChunkGeometry,
     precondition_share: float = 0.1,
+    composite_share: float = 0.0,
 ) -> list[UploadSpec]:
-    """The run's uploads: boundary sizes first, then log-uniform sizes; all from ``seed``."""
+    """The run's uploads: boundary sizes first, then log-uniform sizes; all from ``seed``.
+
+    About ``composite_share`` of them are composite: of those without scripted GCS faults,
+    since a segment's requests cannot be told apart by upload (see :mod:`proxy.chaos.routing`
+    for the GCS-leg faults segments do meet)."""
     boundaries = boundary_sizes(geometry, max_size)
     specs = []
     for index in range(uploads):
@@ -333,6 +346,9 @@ def plan_uploads(
         instructions: tuple[str, ...] = ()
         if mix.instructions and fault_rng.random() < _scaled(mix.scripted, intensity):
             instructions = tuple(fault_rng.choices(mix.instructions, k=fault_rng.randint(1, 2)))
+        # Drawn last from its stream, so the draws before it stay what they were; an upload
+        # with scripted GCS faults keeps one session, where they can reach it.
+        composite = rng.random() < composite_share and not instructions
         key = f"{seed}:{index}"
         specs.append(
             UploadSpec(
@@ -356,6 +372,7 @@ def plan_uploads(
                     if precondition.needs_previous
                     else None
                 ),
+                composite=composite,
             )
         )
     return specs

@@ -142,6 +142,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="share of uploads that use ifGenerationMatch (0..1)",
     )  # fmt: skip
     parser.add_argument(
+        "--composite-share", type=float, default=defaults.composite_share, metavar="SHARE",
+        help="share of uploads the proxy stores as segments composed at the end (0..1); the"
+        " others ask for one session",
+    )  # fmt: skip
+    parser.add_argument(
+        "--composite", action="store_true",
+        help="store every upload as a composite upload (--composite-share 1), except those"
+        " with scripted GCS faults, which need one session",
+    )  # fmt: skip
+    parser.add_argument(
         "--gcs-endpoint", metavar="URL",
         help="an external GCS endpoint (e.g. storage-testbench) instead of the embedded one",
     )  # fmt: skip
@@ -214,6 +224,7 @@ def settings_from(args: argparse.Namespace) -> ChaosSettings:
         process_faults=args.process_faults,
         process_fault_interval=args.process_fault_interval,
         max_down=args.max_down,
+        composite_share=1.0 if args.composite else args.composite_share,
     )
 
 
