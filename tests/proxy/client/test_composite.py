@@ -31,6 +31,7 @@ from proxy.client import (
     RetryPolicy,
     UploadOptions,
     UploadProgress,
+    UploadResult,
     UploadState,
     connect_upload,
     upload_file,
@@ -334,3 +335,49 @@ async def test_a_composite_upload_given_as_a_token_to_resume_is_started_again(
     assert {n.rsplit("/", 1)[0] for n in await temporaries(storage_client, gcs_bucket)} <= (
         first_upload
     )
+
+
+async def test_segments_move_to_another_proxy_when_theirs_is_killed(
+    start_proxy: StartProxy,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # Two proxies share a key (the settings are shared). The first dies abruptly with
+    # segments half written: their connections fail over to the second, attach with each
+    # segment's own token and go on from what GCS holds; the second composes.
+    path, data = payload(6 * MiB)
+    policy = CompositePolicy(mode=CompositeMode.ALWAYS, segment_size=1 * MiB)
+    halfway, finished = trio.Event(), trio.Event()
+    results: list[UploadResult] = []
+
+    def progress(snapshot: UploadProgress) -> None:
+        if snapshot.bytes_received >= 2 * MiB + 512 * KiB:
+            halfway.set()
+
+    async with start_proxy(host="127.0.0.2", composite=policy) as second:
+        port = second.address[1]
+        options = UploadOptions(
+            proxy=f"127.0.0.1:{port},127.0.0.2:{port}", settings=SETTINGS, progress=progress
+        )
+
+        async def upload() -> None:
+            results.append(await upload_file(path, f"gs://{gcs_bucket}/moved", options))
+            finished.set()
+
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as first_life:
+                async with start_proxy(host="127.0.0.1", port=port, composite=policy):
+                    nursery.start_soon(upload)
+                    await halfway.wait()
+                    first_life.cancel()  # abrupt: its connections die with it
+            with trio.fail_after(30):
+                await finished.wait()
+        resumed = second.metrics.registry.get_sample_value("rup_uploads_resumed_total")
+
+    (result,) = results
+    assert result.segments == 6
+    assert result.reconnects >= 1
+    assert (resumed or 0) >= 1  # segments went on from what GCS held...
+    assert result.restarts == 0  # ...and none started again from its first byte
+    await check_object(storage_client, gcs_bucket, "moved", data, composite=True)
