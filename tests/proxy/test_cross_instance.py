@@ -17,12 +17,13 @@ are already in GCS, and checks that the upload completes through the two others.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,12 @@ SEGMENT_MIB = 1
 #: 32 segments: four rounds of eight, enough for every instance to get several
 OBJECT_SIZE = 32 * SEGMENT_MIB * MiB
 TEMP_PREFIX = ".rup/tmp/"
-BUCKET = "cross-instance"
+SEGMENTS = OBJECT_SIZE // (SEGMENT_MIB * MiB)
+#: every upload composite, in segments of 1 MiB, as many at once as the client has connections
+SERVE_ARGS = [
+    "--no-create-buckets", "--composite", "always", "--segment-size-mib", str(SEGMENT_MIB),
+    "--parallel-segments", str(CONNECTIONS), "--json-logs",
+]  # fmt: skip
 
 Address = tuple[str, int]
 
@@ -123,49 +129,73 @@ async def _pump(
 
 
 @dataclass
+class Instances:
+    """The endpoint and the instances, started once for the module: their start-up (mostly
+    imports, four processes on shared cores) costs more than an upload here."""
+
+    endpoint_url: str
+    endpoint: RupProcess
+    instances: list[RupProcess]
+
+
+@pytest.fixture(scope="module")
+def instances(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instances]:
+    directory = tmp_path_factory.mktemp("cross-instance")
+    gcs_port = free_port()
+    endpoint_url = f"http://127.0.0.1:{gcs_port}"
+    endpoint = RupProcess("gcs", ["gcs-server", "--port", str(gcs_port)], directory)
+    key = {"RUP_TOKEN_KEY": generate_key_text()}
+    proxies = [
+        RupProcess(
+            f"proxy-{index}",
+            ["serve", "--listen", "127.0.0.1:0", "--gcs-endpoint", endpoint_url, *SERVE_ARGS],
+            directory,
+            env=key,
+        )
+        for index in range(INSTANCES)
+    ]
+    with running(endpoint, *proxies):
+        # All at once: their start-ups overlap.
+        for process in (endpoint, *proxies):
+            process.start()
+        endpoint.wait_for(r"http://127\.0\.0\.1:\d+")
+        yield Instances(endpoint_url, endpoint, proxies)
+
+
+@dataclass
 class Cluster:
-    """The endpoint, the instances (index ``i`` is the balancer's upstream ``i``) and
-    the balancer in front of them."""
+    """A test's view: the instances (index ``i`` is the balancer's upstream ``i``), the
+    balancer in front of them, and a bucket of the test's own."""
 
     endpoint_url: str
     instances: list[RupProcess]
     balancer: RoundRobinBalancer
     address: Address
+    bucket: str
 
     def reader(self) -> storage.Client:
         return anonymous_client(self.endpoint_url)
 
 
+_buckets = itertools.count()
+
+
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    gcs_port = free_port()
-    endpoint_url = f"http://127.0.0.1:{gcs_port}"
-    endpoint = RupProcess("gcs", ["gcs-server", "--port", str(gcs_port)], tmp_path)
-    key = {"RUP_TOKEN_KEY": generate_key_text()}
-    instances = [
-        RupProcess(
-            f"proxy-{index}",
-            ["serve", "--listen", "127.0.0.1:0", "--gcs-endpoint", endpoint_url,
-             "--no-create-buckets", "--composite", "always",
-             "--segment-size-mib", str(SEGMENT_MIB), "--parallel-segments", str(CONNECTIONS),
-             "--json-logs"],
-            tmp_path,
-            env=key,
-        )  # fmt: skip
-        for index in range(INSTANCES)
-    ]
-    with running(endpoint, *instances):
-        # All at once: their start-ups (imports, mostly) overlap.
-        for process in (endpoint, *instances):
-            process.start()
-        await in_thread(lambda: endpoint.wait_for(r"http://127\.0\.0\.1:\d+"))
-        await in_thread(lambda: anonymous_client(endpoint_url).create_bucket(BUCKET))
-        upstreams = [await in_thread(instance.listening_on) for instance in instances]
-        balancer = RoundRobinBalancer(upstreams)
-        async with trio.open_nursery() as nursery:
-            address = await nursery.start(balancer.serve)
-            yield Cluster(endpoint_url, instances, balancer, address)
-            nursery.cancel_scope.cancel()
+async def cluster(instances: Instances) -> AsyncIterator[Cluster]:
+    """Every instance running (one a test killed is started again, on a new port), and a
+    balancer in front of them."""
+    for instance in instances.instances:
+        if instance.popen is None or instance.popen.poll() is not None:
+            instance.start()
+    bucket = f"cross-instance-{next(_buckets)}"
+    reader = anonymous_client(instances.endpoint_url)
+    await in_thread(lambda: reader.create_bucket(bucket))
+    upstreams = [await in_thread(instance.listening_on) for instance in instances.instances]
+    balancer = RoundRobinBalancer(upstreams)
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(balancer.serve)
+        yield Cluster(instances.endpoint_url, instances.instances, balancer, address, bucket)
+        nursery.cancel_scope.cancel()
 
 
 async def in_thread(work: Callable[[], Any]) -> Any:
@@ -200,28 +230,40 @@ def events(instance: RupProcess, name: str) -> list[dict[str, str]]:
     return found
 
 
-def segments(instance: RupProcess, name: str) -> set[str]:
-    """The temporary objects (segments) named in the instance's ``name`` events."""
+def segments(instance: RupProcess, name: str, cluster: Cluster) -> set[str]:
+    """The temporary objects (segments) of the test's bucket named in the instance's
+    ``name`` events."""
     return {
         event["object"]
         for event in events(instance, name)
-        if event.get("object", "").startswith(TEMP_PREFIX)
+        if event.get("bucket") == cluster.bucket and event["object"].startswith(TEMP_PREFIX)
     }
+
+
+def composed(instance: RupProcess, cluster: Cluster) -> int:
+    """How many composite uploads of the test's bucket the instance composed."""
+    uploads = {
+        name.rsplit("/", 2)[-2]
+        for each in cluster.instances
+        for name in segments(each, "upload-opened", cluster)
+    }
+    return sum(event["upload"] in uploads for event in events(instance, "composite-completed"))
 
 
 def temporaries(cluster: Cluster) -> list[str]:
     reader = cluster.reader()
-    return [blob.name for blob in reader.list_blobs(BUCKET, prefix=TEMP_PREFIX)]
+    return [blob.name for blob in reader.list_blobs(cluster.bucket, prefix=TEMP_PREFIX)]
 
 
 def check_object(cluster: Cluster, name: str, data: bytes, result: UploadResult) -> None:
     """The object is the source byte for byte, composed, and nothing temporary is left."""
     assert result.composite
-    assert result.segments == OBJECT_SIZE // (SEGMENT_MIB * MiB)
+    assert result.segments == SEGMENTS
     assert (result.size, result.crc32c, result.md5) == (len(data), google_crc32c.value(data), None)
-    blob = cluster.reader().bucket(BUCKET).get_blob(name)
+    blob = cluster.reader().bucket(cluster.bucket).get_blob(name)
     assert blob is not None
-    assert blob.component_count is not None and blob.component_count > 1
+    assert blob.component_count is not None
+    assert blob.component_count > 1
     assert blob.md5_hash is None
     assert blob.download_as_bytes() == data
     assert temporaries(cluster) == []
@@ -232,17 +274,16 @@ async def test_one_upload_is_stored_by_three_instances_behind_a_balancer(
 ) -> None:
     path, data = source
     with trio.fail_after(25):
-        result = await upload_file(path, f"gs://{BUCKET}/spread.bin", options(cluster))
+        result = await upload_file(path, f"gs://{cluster.bucket}/spread.bin", options(cluster))
     await in_thread(lambda: check_object(cluster, "spread.bin", data, result))
     assert result.reconnects == 0
-    stored_by = [segments(instance, "upload-completed") for instance in cluster.instances]
+    stored_by = [segments(each, "upload-completed", cluster) for each in cluster.instances]
     # Every instance stored some of the segments, and each segment was stored once.
     assert all(stored_by), [len(stored) for stored in stored_by]
-    assert sum(len(stored) for stored in stored_by) == result.segments
-    assert len(set().union(*stored_by)) == result.segments
-    # One of them composed the object from what the others stored.
-    composed = [len(events(instance, "composite-completed")) for instance in cluster.instances]
-    assert sorted(composed) == [0, 0, 1]
+    assert sum(len(stored) for stored in stored_by) == SEGMENTS
+    assert len(set().union(*stored_by)) == SEGMENTS
+    # One of them composed the object from what they all stored.
+    assert sorted(composed(each, cluster) for each in cluster.instances) == [0, 0, 1]
     assert all(cluster.balancer.connections[i] for i in range(INSTANCES))
     assert not cluster.balancer.refused
 
@@ -255,21 +296,23 @@ async def test_an_instance_killed_mid_segment_leaves_the_upload_to_the_others(
     outcome: list[UploadResult] = []
 
     async def upload() -> None:
-        outcome.append(await upload_file(path, f"gs://{BUCKET}/survivor.bin", options(cluster)))
+        url = f"gs://{cluster.bucket}/survivor.bin"
+        outcome.append(await upload_file(path, url, options(cluster)))
         finished.set()
 
     async def kill_one_mid_segment() -> tuple[int, set[str], list[str]]:
-        """Once GCS holds a segment, SIGKILL an instance writing one that is not stored yet:
-        (which, the segments it was writing, what GCS held then)."""
+        """Once GCS holds a segment, SIGKILL an instance writing one it has not stored (it
+        logs a segment stored before the client hears of it): (which, the segments it was
+        writing, what GCS held then)."""
         while True:
             stored = await in_thread(lambda: temporaries(cluster))
             for index, instance in enumerate(cluster.instances):
-                writing = segments(instance, "upload-opened") - segments(
-                    instance, "upload-completed"
+                writing = segments(instance, "upload-opened", cluster) - segments(
+                    instance, "upload-completed", cluster
                 )
                 if stored and writing and not finished.is_set():
                     instance.send_signal(signal.SIGKILL)
-                    await in_thread(lambda: instance.wait(timeout=10))
+                    await in_thread(functools.partial(instance.wait, timeout=10))
                     return index, writing, stored
             await trio.sleep(0.02)
 
@@ -277,16 +320,18 @@ async def test_an_instance_killed_mid_segment_leaves_the_upload_to_the_others(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(upload)
             victim, writing, stored_then = await kill_one_mid_segment()
-            # the kill came mid-upload: some segments stored, not all, nothing composed
+            # mid-upload: some segments were stored, not all, and nothing was composed
             assert not finished.is_set()
-            assert 0 < len(stored_then) < OBJECT_SIZE // (SEGMENT_MIB * MiB)
+            assert 0 < len(stored_then) < SEGMENTS
     (result,) = outcome
     await in_thread(lambda: check_object(cluster, "survivor.bin", data, result))
-    # The client lost the dead instance's connections and carried on through the others.
+    # The client lost the dead instance's connections and carried on through the others;
+    # the balancer found it refusing and passed over it.
     assert result.reconnects >= 1
     assert cluster.balancer.refused[victim] >= 1
-    survivors = [instance for index, instance in enumerate(cluster.instances) if index != victim]
-    stored_after = set().union(*(segments(instance, "upload-completed") for instance in survivors))
-    # The segments the dead instance was writing were stored by the others.
+    survivors = [each for index, each in enumerate(cluster.instances) if index != victim]
+    stored_after = set().union(*(segments(each, "upload-completed", cluster) for each in survivors))
+    # What the dead instance was writing, the others stored (resumed with the segment's
+    # token, or opened again), and one of them composed the object.
     assert writing <= stored_after
-    assert sum(len(events(instance, "composite-completed")) for instance in survivors) == 1
+    assert sum(composed(each, cluster) for each in survivors) == 1
