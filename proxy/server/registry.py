@@ -384,7 +384,7 @@ class UploadRegistry:
                 self._budget,
                 client,
                 settings.writer,
-                initial=settings.min_upload_window,
+                initial=request.first_window or settings.min_upload_window,
                 largest=settings.upload_buffer_limit,
                 patience=settings.budget_wait,
             )

@@ -148,6 +148,9 @@ class OpenRequest:
     metadata: tuple[tuple[str, str], ...] = ()
     expected_size: int | None = None
     if_generation_match: int | None = None
+    #: the window to start with (None: the server's smallest, which then grows); a larger
+    #: one makes larger chunks from the start (a composite upload's segments)
+    first_window: int | None = None
 
 
 class UploadListener(Protocol):
@@ -646,7 +649,7 @@ class Upload:
                 request.name,
                 writer_settings_for(
                     host.settings.writer,
-                    host.settings.min_upload_window,
+                    request.first_window or host.settings.min_upload_window,
                     host.settings.upload_buffer_limit,
                 ),
                 content_type=request.content_type,
