@@ -305,6 +305,7 @@ async def test_an_instance_killed_mid_segment_leaves_the_upload_to_the_others(
         logs a segment stored before the client hears of it): (which, the segments it was
         writing, what GCS held then)."""
         while True:
+            assert not finished.is_set(), "the upload finished before an instance could be killed"
             stored = await in_thread(lambda: temporaries(cluster))
             for index, instance in enumerate(cluster.instances):
                 writing = segments(instance, "upload-opened", cluster) - segments(
