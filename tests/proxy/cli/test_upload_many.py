@@ -144,3 +144,25 @@ def test_the_plan_names_objects_by_relative_path(tree: dict[str, bytes], tmp_pat
     assert one.pairs == ((str(site / "old.txt"), "gs://bkt/p/old.txt"),)
     with pytest.raises(PlanError):
         plan_uploads(["-"], "gs://bkt/p/", recursive=False)
+
+
+def test_with_several_files_a_file_gets_one_connection_per_8_mib(
+    proxy_address: str, gcs_server: GcsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sizes = {"two.bin": 2 * MiB + 3, "eight.bin": 8 * MiB + 1}
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(os.urandom(size))
+    base = ["--proxy", proxy_address, "--auth-token", TOKEN, "--frame-size", str(256 * KiB)]
+    base += ["--connections", "4", "--json"]
+    argv = ["upload", *(str(tmp_path / name) for name in sizes), "gs://cmd/spread/", *base]
+    assert main(argv) == 0
+    *objects, _ = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {line["url"]: line["connections"] for line in objects} == {
+        "gs://cmd/spread/two.bin": 1,
+        "gs://cmd/spread/eight.bin": 2,
+    }
+    # alone, a file has nothing else to keep connections busy: it gets all it is given
+    assert main(["upload", str(tmp_path / "two.bin"), "gs://cmd/spread/alone.bin", *base]) == 0
+    assert json.loads(capsys.readouterr().out)["connections"] == 4
+    for name, size in sizes.items():
+        assert len(stored(gcs_server, "cmd", f"spread/{name}")) == size
