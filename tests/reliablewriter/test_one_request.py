@@ -7,6 +7,8 @@ once" are measured, not assumed.
 
 from __future__ import annotations
 
+import socket
+import threading
 import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,7 +28,7 @@ from reliablewriter import (
 from reliablewriter.checksum import crc32c_to_b64
 from reliablewriter.one_request import ObjectRequest, settled_upload, upload_in_one_request
 from reliablewriter.settled import ReadBack, Send, SettledRequest
-from reliablewriter.transport import NoAnswer, Refused, Stored
+from reliablewriter.transport import NoAnswer, Refused, Stored, post_whole_object
 
 from .conftest import KiB, Target, payload
 
@@ -180,6 +182,64 @@ async def test_retries_end_under_the_policy(faulty_target: Faulty) -> None:
         await store(target, payload(KiB))
     assert exhausted.value.attempts == POLICY.max_attempts
     assert target.object_names() == []
+
+
+# -- what one POST came to, from answers written on a raw socket --------------------------
+
+
+def _answer_once(answer: bytes) -> tuple[str, threading.Thread]:
+    """A one-shot HTTP server on loopback: reads one request whole, writes ``answer``, closes.
+    Returns its URL and its thread."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10.0)
+
+    def serve() -> None:
+        with listener, listener.accept()[0] as conn:
+            conn.settimeout(10.0)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += conn.recv(65536)
+            head, _, body = received.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    host, port = listener.getsockname()[:2]
+    return f"http://{host}:{port}/upload", thread
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [
+        (
+            b'HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\n{"size": "3"}\n',
+            Stored({"size": "3"}),
+        ),
+        (  # a success whose object cannot be read: settled by reading it back
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+            NoAnswer("bad-response"),
+        ),
+        (  # no length and not chunked: cut, whatever it claims
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{}",
+            NoAnswer("truncated-response"),
+        ),
+        (
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 37\r\n\r\n"
+            b'{"error":{"message":"no, not today"}}',
+            Refused(403, "no, not today"),
+        ),
+    ],
+)
+def test_what_one_post_came_to(answer: bytes, outcome: object) -> None:
+    url, server = _answer_once(answer)
+    with requests.Session() as http:
+        http.trust_env = False
+        got = post_whole_object(http, url, b"body", "multipart/related", (5.0, 5.0))
+    server.join(timeout=10)
+    assert got == outcome
 
 
 # -- the decisions alone (sans-IO) ----------------------------------------------------------
