@@ -277,6 +277,7 @@ async def test_one_upload_is_stored_by_three_instances_behind_a_balancer(
         result = await upload_file(path, f"gs://{cluster.bucket}/spread.bin", options(cluster))
     await in_thread(lambda: check_object(cluster, "spread.bin", data, result))
     assert result.reconnects == 0
+    assert result.connections == CONNECTIONS  # eight segments at a time
     stored_by = [segments(each, "upload-completed", cluster) for each in cluster.instances]
     # Every instance stored some of the segments, and each segment was stored once.
     assert all(stored_by), [len(stored) for stored in stored_by]
