@@ -327,9 +327,9 @@ def plan_uploads(
 ) -> list[UploadSpec]:
     """The run's uploads: boundary sizes first, then log-uniform sizes; all from ``seed``.
 
-    About ``composite_share`` of them are composite: of those without scripted GCS faults,
-    since a segment's requests cannot be told apart by upload (see :mod:`proxy.chaos.routing`
-    for the GCS-leg faults segments do meet)."""
+    A ``composite_share`` of them are composite. They get no scripted GCS faults: a
+    segment's requests cannot be told apart by upload (see :mod:`proxy.chaos.routing` for
+    the GCS-leg faults segments do meet)."""
     boundaries = boundary_sizes(geometry, max_size)
     specs = []
     for index in range(uploads):
@@ -346,9 +346,10 @@ def plan_uploads(
         instructions: tuple[str, ...] = ()
         if mix.instructions and fault_rng.random() < _scaled(mix.scripted, intensity):
             instructions = tuple(fault_rng.choices(mix.instructions, k=fault_rng.randint(1, 2)))
-        # Drawn last from its stream, so the draws before it stay what they were; an upload
-        # with scripted GCS faults keeps one session, where they can reach it.
-        composite = rng.random() < composite_share and not instructions
+        # Drawn last from its stream, so the draws before it stay what they were.
+        composite = rng.random() < composite_share
+        if composite:
+            instructions = ()  # drawn all the same, so the faults after them stay the same
         key = f"{seed}:{index}"
         specs.append(
             UploadSpec(

@@ -148,8 +148,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--composite", action="store_true",
-        help="store every upload as a composite upload (--composite-share 1), except those"
-        " with scripted GCS faults, which need one session",
+        help="store every upload as a composite upload (--composite-share 1); composite"
+        " uploads get no scripted GCS faults (their segments' requests name no upload)",
     )  # fmt: skip
     parser.add_argument(
         "--gcs-endpoint", metavar="URL",

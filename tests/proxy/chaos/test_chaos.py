@@ -149,7 +149,8 @@ def test_a_lying_server_fails_an_upload_cleanly_which_only_strict_runs_refuse(
 ) -> None:
     # seed 38's upload 11 (2 MiB) meets return-range-regression once a chunk is acknowledged
     replay = ["chaos", "--uploads", "30", "--seed", "38", "--max-size", "3M", "--faults",
-              "harsh", "--connections", "3", "--only", "11", "--json"]  # fmt: skip
+              "harsh", "--connections", "3", "--only", "11", "--composite-share", "0",
+              "--json"]  # fmt: skip
 
     assert main(replay) == 0
     outcome = json.loads(capsys.readouterr().out)["outcomes"][0]
@@ -176,7 +177,9 @@ async def test_what_the_proxy_still_holds_after_a_run_is_a_leak(
 def test_an_object_finalized_before_its_session_expired_is_not_reported_as_failed() -> None:
     # seed 1's upload 140 (1.5 MiB): the reply to its final chunk is cut after 4 bytes, then
     # the session answers 410. GCS holds the object; the client must be told so.
-    settings = ChaosSettings(uploads=150, seed=1, max_size=16 * MiB, faults="harsh", only=(140,))
+    settings = ChaosSettings(
+        uploads=150, seed=1, max_size=16 * MiB, faults="harsh", only=(140,), composite_share=0
+    )
 
     report = run_chaos(settings)
 
