@@ -24,6 +24,7 @@ the segments' workers stopped and the ``Discard`` unconfirmed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -60,8 +61,22 @@ from proxy.client.upload import Upload
 
 __all__ = ["CompositeUpload"]
 
+_log: Final = logging.getLogger("rup.client")
+
 #: the cause under which a segment stored again (a proxy lost it) is counted as resent
 _LOST_SEGMENT: Final = "proxy_lost"
+#: uploads of one segment, each from its first byte, before its failure fails the upload
+_SEGMENT_ATTEMPTS: Final = 3
+#: failures that end the composite upload itself: opening its segment again cannot help
+_FINAL_FOR_THE_UPLOAD: Final = frozenset(
+    {
+        ErrorCode.ABORTED,
+        ErrorCode.UNAUTHENTICATED,
+        ErrorCode.FORBIDDEN,
+        ErrorCode.PRECONDITION_FAILED,
+        ErrorCode.INVALID_REQUEST,
+    }
+)
 #: a Compose answered "segments missing" this many times, each after storing them again,
 #: means the proxies keep losing what they stored: give up rather than loop
 _MAX_COMPOSE_ROUNDS: Final = 8
@@ -107,6 +122,9 @@ class _Totals:
     resent_bytes_by_cause: dict[str, int] = field(default_factory=dict)
     errors_by_code: dict[str, int] = field(default_factory=dict)
 
+    def count_resent(self, cause: str, length: int) -> None:
+        _add_counts(self.resent_bytes_by_cause, {cause: length})
+
     def add(self, ledger: Ledger) -> None:
         self.bytes_sent += ledger.bytes_sent
         self.reconnects += ledger.reconnects
@@ -125,6 +143,18 @@ class _Totals:
         for ledger in ledgers:
             totals.add(ledger)
         return totals
+
+
+def _segment_may_succeed_again(failure: UploadError) -> bool:
+    """Whether a new upload of a segment may succeed where ``failure`` ended one: the proxy
+    refused that upload (not the composite one), and the client had nothing against it."""
+    return failure.code is not None and failure.code not in _FINAL_FOR_THE_UPLOAD
+
+
+def _finished_unseen(failure: UploadError, ledger: Ledger, segment: _Segment) -> bool:
+    """Whether ``failure`` may be a segment's own Complete, unseen: the proxy says the segment
+    upload is finished once every byte of it was acknowledged (so a Complete may have gone)."""
+    return failure.code is ErrorCode.UPLOAD_FINISHED and ledger.holds(segment.size)
 
 
 def _add_counts(into: dict[str, int], counts: dict[str, int]) -> None:
@@ -429,13 +459,35 @@ class CompositeUpload(Upload):
         while True:
             segment = self._next_segment()
             if segment is not None:
-                await self._store(segment)
+                await self._store_with_retries(segment)
             elif all(s.stored or s.transfer is not None for s in self._segments):
                 # no checkpoint from this look to the count going down: a segment marked to
                 # be stored again from now on gets a worker of its own
                 return
             else:
                 await self._transfer.wait_changed()
+
+    async def _store_with_retries(self, segment: _Segment) -> None:
+        """Store ``segment``, opening it anew when one upload of it fails in a way another may
+        not (GCS lost its session, say); UploadError once that is no use."""
+        attempt = 1
+        while True:
+            try:
+                # no checkpoint between one attempt's end and the next one's start, so no
+                # other worker takes the segment meanwhile
+                await self._store(segment)
+            except UploadError as error:
+                if attempt >= _SEGMENT_ATTEMPTS or not _segment_may_succeed_again(error):
+                    raise
+                attempt += 1
+                _log.warning(
+                    "%s: segment %d failed (%s), storing it again from its first byte",
+                    self._description,
+                    segment.index,
+                    error.message,
+                )
+                continue
+            return
 
     async def _store(self, segment: _Segment) -> None:
         """Store ``segment`` as an upload of its own; UploadError if it cannot be."""
@@ -459,14 +511,25 @@ class CompositeUpload(Upload):
                     failure = exc
                 finally:
                     transfer.stop()
+            failure = failure or transfer.lifecycle.failure
+            if failure is not None and _finished_unseen(failure, transfer.ledger, segment):
+                # The Complete went, its reply was lost with the connection, and the proxy
+                # attached to next knows the segment only as finished. Compose checks every
+                # segment's size and the CRC32C this makes part of the object's, and answers
+                # Incomplete if the segment is not stored after all.
+                assert source is not None
+                segment.stored_crc32c = await source.crc32c()
         finally:
             segment.transfer = None
             self._totals.add(transfer.ledger)
+            if failure is not None and not segment.stored and failure.code is not None:
+                # what the proxy had of this attempt is lost: the next one sends it again
+                self._totals.restarts += 1
+                self._totals.count_resent(failure.code.name.lower(), transfer.ledger.received_total)
             if source is not None and segment.stream is None:
                 source.close()  # a stream's segment is kept: it may have to be sent again
             self._ledger.notify()
             self._report()
-        failure = failure or transfer.lifecycle.failure
         if failure is not None and not segment.stored:
             raise failure
 

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import google_crc32c
@@ -21,9 +21,12 @@ import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 
 from faultnet.counters import FaultCounters
+from faultnet.gcs import GcsServer
 from faultnet.plan import FaultPlan
+from faultnet.pytest_plugin import RetryTestFactory
 from faultnet.stream import open_tcp_stream
-from protocol import ErrorCode
+from protocol import ErrorCode, FrameType
+from protocol._spec import HEADER_STRUCT
 from proxy.client import (
     ClientSettings,
     CompositeUpload,
@@ -36,8 +39,9 @@ from proxy.client import (
     connect_upload,
     upload_file,
 )
-from proxy.server import ProxyServer
-from proxy.server.settings import CompositeMode, CompositePolicy
+from proxy.server import ProxyServer, serve_in_background
+from proxy.server.backend import Backend, TargetKind
+from proxy.server.settings import CompositeMode, CompositePolicy, ServerSettings
 from tests.proxy.client.test_behaviour import FakeProxy
 
 KiB = 1024
@@ -381,3 +385,111 @@ async def test_segments_move_to_another_proxy_when_theirs_is_killed(
     assert (resumed or 0) >= 1  # segments went on from what GCS held...
     assert result.restarts == 0  # ...and none started again from its first byte
     await check_object(storage_client, gcs_bucket, "moved", data, composite=True)
+
+
+class CompleteReplyLost(trio.abc.Stream):
+    """A connection whose reply to the client's first ``COMPLETE`` never arrives: it breaks
+    once the segment that Complete stored is in GCS (``stored_yet`` says so)."""
+
+    def __init__(self, inner: trio.abc.Stream, stored_yet: Callable[[], Awaitable[bool]]):
+        self._inner = inner
+        self._stored_yet = stored_yet
+        self._upstream = bytearray()
+        self.complete_sent = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+        self._upstream += data
+        while len(self._upstream) >= HEADER_STRUCT.size:
+            fields = HEADER_STRUCT.unpack_from(self._upstream)
+            frame_type, payload_size = fields[2], fields[5]
+            if len(self._upstream) < HEADER_STRUCT.size + payload_size:
+                break
+            del self._upstream[: HEADER_STRUCT.size + payload_size]
+            self.complete_sent = self.complete_sent or frame_type == FrameType.COMPLETE
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self._inner.receive_some(max_bytes)
+        if not self.complete_sent:
+            return data
+        for _ in range(500):  # the reply (in data) is dropped; at most 5 s
+            if await self._stored_yet():
+                break
+            await trio.sleep(0.01)
+        await trio.aclose_forcefully(self._inner)
+        raise trio.BrokenResourceError("the reply to COMPLETE was lost")
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_a_segment_whose_complete_reply_was_lost_is_found_stored_by_another_proxy(
+    start_proxy: StartProxy,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # One worker, so segments go one at a time. Connection 0 opens the upload; connection 1
+    # stores segment 0 on the first proxy, whose Completed is lost. The reconnect goes to the
+    # second proxy, which finds the segment's session finished in GCS: the Complete sent
+    # again is answered, and nothing is sent twice.
+    path, data = payload(3 * SEGMENT)
+    policy = CompositePolicy(mode=CompositeMode.ALWAYS, segment_size=SEGMENT)
+    indexes = itertools.count()
+    lost: list[CompleteReplyLost] = []
+
+    async def segment_0_stored() -> bool:
+        return any(name.endswith("/0") for name in await temporaries(storage_client, gcs_bucket))
+
+    async with start_proxy(composite=policy) as first, start_proxy(composite=policy) as second:
+
+        async def connect(host: str, port: int) -> trio.abc.Stream:
+            index = next(indexes)
+            proxy = first if index < 2 else second
+            stream = await trio.open_tcp_stream(*proxy.address)
+            if index == 1:
+                lost.append(CompleteReplyLost(stream, segment_0_stored))
+                return lost[-1]
+            return stream
+
+        options = UploadOptions(
+            proxy=first.address,
+            settings=dataclasses.replace(SETTINGS, connections=1),
+            connector=connect,
+        )
+        result = await upload_file(path, f"gs://{gcs_bucket}/reply-lost", options)
+    assert lost[0].complete_sent
+    assert result.reconnects == 1
+    assert result.bytes_sent == len(data)  # segment 0 was not sent again
+    await check_object(storage_client, gcs_bucket, "reply-lost", data, composite=True)
+
+
+async def test_a_segment_whose_gcs_session_is_lost_is_stored_again(
+    proxy_settings: ServerSettings,
+    gcs_server: GcsServer,
+    gcs_retry_test: RetryTestFactory,
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # GCS takes a segment's bytes up to 768 KiB, then answers 410 and forgets the session:
+    # bytes the proxy had committed are held nowhere, so that segment's upload fails, and the
+    # client stores the segment again from its first byte.
+    faults = gcs_retry_test({"storage.objects.insert": ["return-410-after-768K"]})
+    policy = CompositePolicy(mode=CompositeMode.ALWAYS, segment_size=1 * MiB)
+    settings = dataclasses.replace(proxy_settings, composite=policy)
+    path, data = payload(2 * MiB + 300 * KiB)
+    backend = Backend(faults.client, TargetKind.EMBEDDED, gcs_server.url)
+    async with serve_in_background(settings, backend) as server:
+        options = UploadOptions(proxy=server.address, settings=SETTINGS)
+        result = await upload_file(path, f"gs://{gcs_bucket}/session-lost", options)
+    assert faults.completed()
+    assert result.segments == 3
+    assert result.restarts == 1  # the one segment, from its first byte
+    assert result.errors_by_code == {ErrorCode.GCS_ERROR.name: 1}
+    assert result.resent_bytes_by_cause.get(ErrorCode.GCS_ERROR.name.lower(), 0) >= 768 * KiB
+    assert result.bytes_sent >= len(data) + 768 * KiB
+    await check_object(storage_client, gcs_bucket, "session-lost", data, composite=True)
