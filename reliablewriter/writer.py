@@ -111,6 +111,9 @@ class ReliableWriter:
         self._stop_sending = threading.Event()
         self._thread_limiter = trio.CapacityLimiter(1)
         self._changed = trio.Event()
+        # What the worker waits on: every change, and new bytes that may make a chunk (only
+        # the worker cares for those, so the other waiters do not wake for each write).
+        self._sendable = trio.Event()
         self._worker_scope = trio.CancelScope()
         self._worker_done = trio.Event()
         self._closed = trio.Event()
@@ -412,8 +415,12 @@ class ReliableWriter:
                 name=self.name,
                 offset=self._state.committed,
             ) from None
-        if added:
-            self._notify()
+        if added and (
+            self._total is not None
+            or self._buffer.contiguous_end - self._state.committed >= self._settings.min_chunk_size
+        ):
+            # Fewer bytes than the smallest chunk cannot be sent yet: no need to wake anyone.
+            self._notify_worker()
         return added
 
     def _check_usable(self) -> None:
@@ -427,6 +434,11 @@ class ReliableWriter:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+        self._notify_worker()
+
+    def _notify_worker(self) -> None:
+        self._sendable.set()
+        self._sendable = trio.Event()
 
     async def _wait_for_change(self) -> None:
         await self._changed.wait()
@@ -555,7 +567,7 @@ class ReliableWriter:
             )
             if plan is not None:
                 return plan
-            await self._wait_for_change()
+            await self._sendable.wait()
 
     async def _retrying(
         self,
