@@ -151,12 +151,6 @@ def _segment_may_succeed_again(failure: UploadError) -> bool:
     return failure.code is not None and failure.code not in _FINAL_FOR_THE_UPLOAD
 
 
-def _finished_unseen(failure: UploadError, ledger: Ledger, segment: _Segment) -> bool:
-    """Whether ``failure`` may be a segment's own Complete, unseen: the proxy says the segment
-    upload is finished once every byte of it was acknowledged (so a Complete may have gone)."""
-    return failure.code is ErrorCode.UPLOAD_FINISHED and ledger.holds(segment.size)
-
-
 def _add_counts(into: dict[str, int], counts: dict[str, int]) -> None:
     for key, count in counts.items():
         into[key] = into.get(key, 0) + count
@@ -512,13 +506,6 @@ class CompositeUpload(Upload):
                 finally:
                     transfer.stop()
             failure = failure or transfer.lifecycle.failure
-            if failure is not None and _finished_unseen(failure, transfer.ledger, segment):
-                # The Complete went, its reply was lost with the connection, and the proxy
-                # attached to next knows the segment only as finished. Compose checks every
-                # segment's size and the CRC32C this makes part of the object's, and answers
-                # Incomplete if the segment is not stored after all.
-                assert source is not None
-                segment.stored_crc32c = await source.crc32c()
         finally:
             segment.transfer = None
             self._totals.add(transfer.ledger)

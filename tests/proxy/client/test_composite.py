@@ -463,6 +463,7 @@ async def test_a_segment_whose_complete_reply_was_lost_is_found_stored_by_anothe
         result = await upload_file(path, f"gs://{gcs_bucket}/reply-lost", options)
     assert lost[0].complete_sent
     assert result.reconnects == 1
+    assert result.errors_by_code == {}
     assert result.bytes_sent == len(data)  # segment 0 was not sent again
     await check_object(storage_client, gcs_bucket, "reply-lost", data, composite=True)
 
