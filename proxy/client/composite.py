@@ -354,8 +354,8 @@ class CompositeUpload(Upload):
                         segments=len(self._segments),
                     )
                 if isinstance(reply, Incomplete):
-                    # a proxy lost segments it had stored (it died before GCS had them): store
-                    # them again, then compose again
+                    # segments GCS does not hold (a proxy died before GCS had them, or they
+                    # were deleted underneath): store them again, then compose again
                     incomplete_replies += 1
                     if incomplete_replies > _MAX_COMPOSE_ROUNDS:
                         break
@@ -396,8 +396,7 @@ class CompositeUpload(Upload):
             segment = self._segments[index]
             if segment.stored:
                 segment.stored_crc32c = None
-                causes = self._totals.resent_bytes_by_cause
-                causes[_LOST_SEGMENT] = causes.get(_LOST_SEGMENT, 0) + segment.size
+                self._totals.count_resent(_LOST_SEGMENT, segment.size)
         self._start_workers()
         return ", ".join(str(index) for index in sorted(indexes)) or "none listed"
 
