@@ -36,13 +36,14 @@ from protocol import (
     OpenSegment,
     OpenUpload,
     UploadOpened,
+    WriteAt,
 )
 from proxy.server import ProxyServer, serve_in_background
 from proxy.server.backend import Backend, TargetKind
 from proxy.server.settings import CompositeMode, CompositePolicy, KiB, MiB, ServerSettings
 from tests.proxy.conftest import RawClient
 from tests.proxy.server.test_composite import answer
-from tests.proxy.server.test_uploads import send_range
+from tests.proxy.server.test_uploads import FRAME, send_range
 
 Connect = Callable[..., Awaitable[RawClient]]
 StartProxy = Callable[..., contextlib.AbstractAsyncContextManager[ProxyServer]]
@@ -138,9 +139,15 @@ async def test_a_segment_whose_session_is_lost_fails_and_is_stored_again(
             await send_range(client, first, 0, 512 * KiB)
             while client.credit is None or client.credit.committed_offset == 0:
                 await client.receive()  # the first chunk is in GCS
-        await send_range(client, first, 512 * KiB, len(first))
-        failed = await answer(client, Complete(len(first), google_crc32c.value(first)))
-        assert isinstance(failed, Error), failed
+        # The rest and the COMPLETE, pipelined: the session is lost while they are on
+        # their way, so any of them may be the one the failure answers.
+        for offset in range(512 * KiB, len(first), FRAME):
+            await client.send(WriteAt(offset, first[offset : offset + FRAME]))
+        await client.send(Complete(len(first), google_crc32c.value(first)))
+        with trio.fail_after(10):
+            while not isinstance(failed := await client.receive(), Error):
+                assert not isinstance(failed, Completed), failed
+        assert failed.code is ErrorCode.GCS_ERROR, failed
         assert faults.completed()
         assert temporaries(storage_client, gcs_bucket) == []
 
