@@ -7,8 +7,9 @@ upload's ``x-retry-test-id`` (so GCS-side scripted faults hit the upload they we
 for). :class:`UploadRouter` is that session: it recognises an upload by its object name when
 the resumable session is initiated, learns the session's ``upload_id`` from the reply, and
 from then on sends every request of that session through the upload's own
-:class:`~faultnet.transport.FaultyHTTPAdapter`. Requests of unknown uploads, and every other
-request, go through a plain pooled adapter.
+:class:`~faultnet.transport.FaultyHTTPAdapter`. A small object stored by one multipart
+request is recognised by the name in its first part. Requests of unknown uploads, and every
+other request, go through a plain pooled adapter.
 
 The segments of composite uploads are temporary objects named by the proxy, which says
 nothing of the upload they belong to: sessions of names under a registered temporary prefix
@@ -130,9 +131,15 @@ class UploadRouter(requests.Session):
         with self._lock:
             if upload_id is not None:
                 return self._by_upload_id.get(upload_id), None
-            if query.get("uploadType") != "resumable" or request.method != "POST":
+            if request.method != "POST":
                 return None, None
-            name = query.get("name") or _name_in_body(request.body)
+            upload_type = query.get("uploadType")
+            if upload_type == "resumable":
+                name = query.get("name") or _name_in_body(request.body)
+            elif upload_type == "multipart":  # a small object, stored by one request
+                name = _name_in_multipart(request.body)
+            else:
+                return None, None
             if name is None:
                 return None, None
             route = self._by_name.get(name)
@@ -161,6 +168,22 @@ def _name_in_body(body: object) -> str | None:
         return None
     name = document.get("name") if isinstance(document, dict) else None
     return name if isinstance(name, str) else None
+
+
+#: how far into a multipart body its first part (the object resource) is looked for
+_RESOURCE_SEARCH_LIMIT = 64 * 1024
+
+
+def _name_in_multipart(body: object) -> str | None:
+    """The object name in a multipart upload's first part (the JSON resource), if any."""
+    if not isinstance(body, bytes | bytearray):
+        return None
+    head = bytes(body[:_RESOURCE_SEARCH_LIMIT])
+    start = head.find(b"\r\n\r\n")
+    end = head.find(b"\r\n--", start)
+    if start < 0 or end < 0:
+        return None
+    return _name_in_body(head[start + 4 : end])
 
 
 class RetryTestClient:

@@ -35,7 +35,7 @@ from proxy.chaos.workload import (
 from proxy.cli.chaos import configure, settings_from
 from proxy.cli.main import main
 from proxy.server import ProxyServer
-from reliablewriter import MiB
+from reliablewriter import KiB, MiB
 from tests.proxy.conftest import RawClient
 
 pytestmark = pytest.mark.slow
@@ -90,6 +90,18 @@ def test_a_run_against_an_external_endpoint_scripts_its_faults_there_and_cleans_
     assert gcs_server.retry_tests.list() == []  # ...and deleted once read back
     assert list(anonymous_client(gcs_server.url).list_blobs("rup-chaos")) == []
     assert f"--gcs-endpoint {gcs_server.url}" in report.replay
+
+
+def test_small_objects_stored_by_one_request_meet_their_gcs_faults_too() -> None:
+    # Below the first chunk (1 MiB) the proxy stores an object with one multipart POST,
+    # which the router recognises by the name in the body's first part.
+    settings = dataclasses.replace(SMALL, max_size=900 * KiB, intensity=2.0, composite_share=0.0)
+
+    report = run_chaos(settings)
+
+    assert report.passed, report.as_dict()["broken"] or report.leaks
+    assert sum(report.gcs_faults["faults"].values()) > 0
+    assert report.scripted_faults()
 
 
 def _flip_one_stored_byte(bucket: storage.Bucket, spec: UploadSpec) -> None:
