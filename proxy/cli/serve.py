@@ -239,6 +239,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--handshake-timeout", type=float, default=defaults.handshake_timeout, metavar="SECONDS",
         help="close a connection whose Hello has not arrived within this long",
     )  # fmt: skip
+    parser.add_argument(
+        "--one-request-limit-mib", type=_mebibytes, default=_in_mib(defaults.one_request_limit),
+        metavar="MIB", help="an upload declared at most this big is stored by one GCS request at"
+        " its end, with no resumable session, in MiB (0: never)",
+    )  # fmt: skip
     composite = defaults.composite
     parser.add_argument(
         "--composite", choices=[mode.value for mode in CompositeMode],
@@ -348,6 +353,7 @@ def settings_from_args(args: argparse.Namespace, token_key: bytes | None = None)
         resume_window=args.resume_window,
         allowed_buckets=tuple(args.allow_bucket),
         allowed_prefixes=tuple(args.allow_prefix),
+        one_request_limit=args.one_request_limit_mib,
         composite=CompositePolicy(
             mode=CompositeMode(args.composite),
             threshold=args.composite_threshold_mib,

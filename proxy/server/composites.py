@@ -28,13 +28,18 @@ from typing import TypeVar
 import trio
 from google.api_core import exceptions as api_exceptions
 
-from protocol import SEGMENT_QUANTUM, ErrorCode
+from protocol import ErrorCode
 from proxy.server.backend import Backend
 from proxy.server.errors import ServerError, quote
 from proxy.server.logging import get_logger, log_event
 from proxy.server.settings import ServerSettings
 from proxy.server.tokens import UploadTicket
-from proxy.server.uploads import MissingRangesError, OpenRequest, error_from_writer
+from proxy.server.uploads import (
+    MissingRangesError,
+    OpenRequest,
+    error_from_writer,
+    whole_window,
+)
 from reliablewriter import (
     ChecksumMismatchError,
     CompositeSettings,
@@ -104,17 +109,11 @@ class CompositeUploads:
             metadata=(),
             expected_size=size,
             if_generation_match=None,
-            first_window=self._first_window(size),
+            # The whole segment from the start: a small first window (which grows as
+            # data arrives) would only make its first chunks small, one GCS round trip
+            # each, where the round trip is what a composite upload is for.
+            first_window=whole_window(self._settings, size),
         )
-
-    def _first_window(self, size: int) -> int:
-        """A segment's window from the start: the whole segment, up to the largest an
-        upload may have. A segment is part of a large upload, so a small first window
-        (which grows as data arrives) would only make its first chunks small: one GCS
-        round trip each, where the round trip is what a composite upload is for."""
-        settings = self._settings
-        whole = -(-size // SEGMENT_QUANTUM) * SEGMENT_QUANTUM
-        return max(settings.min_upload_window, min(whole, settings.upload_buffer_limit))
 
     async def segment_stored(self, ticket: UploadTicket, index: int) -> bool:
         """Whether segment ``index``'s temporary object is in GCS with exactly its size (one

@@ -39,7 +39,7 @@ from proxy.server.logging import get_logger, log_event
 from proxy.server.metrics import ServerMetrics
 from proxy.server.settings import ServerSettings
 from proxy.server.tokens import BadTokenError, TokenCodec, UploadTicket
-from proxy.server.uploads import OpenRequest, Upload, UploadState
+from proxy.server.uploads import OpenRequest, Upload, UploadState, first_window
 from proxy.server.whole_objects import WholeObjects
 
 __all__ = ["UploadRegistry"]
@@ -249,9 +249,10 @@ class UploadRegistry:
         self._dormant.forget(ticket.upload_id)
         # A session GCS no longer knows fails the start with UPLOAD_FINISHED: the writer
         # never replaces it, since it may have been aborted or completed elsewhere.
-        upload = await self._start(
-            ticket.upload_id, _request_from(ticket), client, session_uri=session_uri
-        )
+        request = _request_from(ticket)
+        if session_uri is None:
+            request = dataclasses.replace(request, in_one_request=True)
+        upload = await self._start(ticket.upload_id, request, client, session_uri=session_uri)
         upload.token = token
         self._metrics.uploads_resumed.inc()
         log_event(
@@ -384,7 +385,7 @@ class UploadRegistry:
                 self._budget,
                 client,
                 settings.writer,
-                initial=request.first_window or settings.min_upload_window,
+                initial=first_window(settings, request),
                 largest=settings.upload_buffer_limit,
                 patience=settings.budget_wait,
             )

@@ -162,6 +162,10 @@ class ServerSettings:
     #: when not empty, object names must start with one of these
     allowed_prefixes: tuple[str, ...] = ()
 
+    #: an upload declared at the open to be at most this size is stored by one request at
+    #: COMPLETE, with no resumable session (gcloud's single-request threshold); 0: never
+    one_request_limit: int = 8 * MiB
+
     #: which uploads are composite (segments composed at the end), and how they are cut
     composite: CompositePolicy = field(default_factory=CompositePolicy)
 
@@ -187,6 +191,8 @@ class ServerSettings:
         for name in ("handshake_timeout", "idle_timeout", "upload_idle_timeout", "resume_window"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
+        if self.one_request_limit < 0:
+            raise SettingsError("one_request_limit must not be negative")
         if self.drain_timeout < 0:
             raise SettingsError("drain_timeout must not be negative")
 

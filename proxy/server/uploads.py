@@ -45,6 +45,7 @@ from proxy.server.logging import get_logger, log_event
 from proxy.server.metrics import ServerMetrics
 from proxy.server.settings import ServerSettings
 from reliablewriter import (
+    CHUNK_QUANTUM,
     ChecksumMismatchError,
     NonRetryableHTTPError,
     ObjectInfo,
@@ -55,6 +56,7 @@ from reliablewriter import (
     WriterAbortedError,
     WriterClosedError,
     WriterError,
+    WriterSettings,
     WriterStats,
     open_writer,
 )
@@ -151,6 +153,61 @@ class OpenRequest:
     #: the window to start with (None: the server's smallest, which then grows); a larger
     #: one makes larger chunks from the start (a composite upload's segments)
     first_window: int | None = None
+    #: store it by one request at COMPLETE whatever the settings: an upload whose token
+    #: carries no session (it was opened so), attached again
+    in_one_request: bool = False
+
+
+def first_window(settings: ServerSettings, request: OpenRequest) -> int:
+    """The window ``request``'s upload starts with: the one asked for, else a small object's
+    whole size, else the server's smallest (which grows as data arrives). A function of the
+    request and the settings alone, so that an attach elsewhere decides as the open did."""
+    if request.first_window:
+        return request.first_window
+    if _stored_in_one_request(settings, request):
+        assert request.expected_size is not None
+        return whole_window(settings, request.expected_size)
+    return settings.min_upload_window
+
+
+def _stored_in_one_request(settings: ServerSettings, request: OpenRequest) -> bool:
+    """Whether an upload waits for COMPLETE and is stored by one request: one opened so
+    before (its token has no session, so it must never get one: the client keeps its bytes
+    only until they are durable), or a new one declared at most ``one_request_limit`` bytes
+    (gcloud's single-request threshold is 8 MiB, the Go Writer's 16 MiB). A composite
+    upload's segments, which ask for their window, are not: a session lets a segment resume
+    on another instance from what GCS holds."""
+    size = request.expected_size
+    if size is None:
+        return False
+    return request.in_one_request or (
+        request.first_window is None and size <= settings.one_request_limit
+    )
+
+
+def whole_window(settings: ServerSettings, size: int) -> int:
+    """A window holding ``size`` bytes whole, within what an upload may have."""
+    whole = -(-size // CHUNK_QUANTUM) * CHUNK_QUANTUM
+    return max(settings.min_upload_window, min(whole, settings.upload_buffer_limit))
+
+
+def writer_settings(settings: ServerSettings, request: OpenRequest) -> WriterSettings:
+    """The writer settings of ``request``'s upload. For a small object no chunk is ever due
+    before COMPLETE (its smallest chunk is larger than it), so the writer opens no session
+    and stores it with one request (``defer_session``)."""
+    chosen = writer_settings_for(
+        settings.writer, first_window(settings, request), settings.upload_buffer_limit
+    )
+    size = request.expected_size
+    if _stored_in_one_request(settings, request):
+        assert size is not None
+        above = (size // CHUNK_QUANTUM + 1) * CHUNK_QUANTUM
+        largest = max(above, chosen.max_chunk_size)
+        buffer_limit = max(largest, chosen.buffer_limit)
+        return dataclasses.replace(
+            chosen, min_chunk_size=above, max_chunk_size=largest, buffer_limit=buffer_limit
+        )
+    return chosen
 
 
 class UploadListener(Protocol):
@@ -647,11 +704,7 @@ class Upload:
             async with open_writer(
                 bucket,
                 request.name,
-                writer_settings_for(
-                    host.settings.writer,
-                    request.first_window or host.settings.min_upload_window,
-                    host.settings.upload_buffer_limit,
-                ),
+                writer_settings(host.settings, request),
                 content_type=request.content_type,
                 metadata=dict(request.metadata),
                 if_generation_match=request.if_generation_match,

@@ -1014,8 +1014,7 @@ def test_s14_a_composite_open_binds_nothing_and_segments_bind_one_by_one() -> No
     client, server = pair(V3, V3)
     (opened,) = transfer(client, server, OpenUpload("b", "o", expected_size=200 << 20))
     transfer(server, client, CompositeOpened(request_seq(opened), b"T", 64 << 20, 4))
-    assert states(client, server) == (S.IDLE, S.IDLE)
-    assert client.window is None
+    assert (*states(client, server), client.window) == (S.IDLE, S.IDLE, None)
     (segment,) = transfer(client, server, OpenSegment(3, b"T"))
     assert segment == OpenSegment(3, b"T", seq=3)
     assert states(client, server) == (S.BINDING, S.BINDING)

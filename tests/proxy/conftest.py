@@ -57,6 +57,9 @@ def proxy_settings() -> ServerSettings:
         upload_buffer_limit=4 * MiB,
         min_upload_window=1 * MiB,
         total_buffer_limit=64 * MiB,
+        # Objects of a few MiB exercise resumable sessions here (restarts, resends, credit);
+        # tests/proxy/server/test_small_uploads.py is where small objects go in one request.
+        one_request_limit=128 * KiB,
         handshake_timeout=5.0,
         idle_timeout=30.0,
         upload_idle_timeout=30.0,

@@ -504,7 +504,9 @@ async def test_a_segment_whose_gcs_session_is_lost_is_stored_again(
     assert faults.completed()
     assert result.segments == 3
     assert result.restarts == 1  # the one segment, from its first byte
-    assert result.errors_by_code == {ErrorCode.GCS_ERROR.name: 1}
+    # The failure may answer more than one request of that segment in flight (a write and
+    # the Complete): counted each time, but the segment starts over once.
+    assert set(result.errors_by_code) == {ErrorCode.GCS_ERROR.name}
     assert result.resent_bytes_by_cause.get(ErrorCode.GCS_ERROR.name.lower(), 0) >= 768 * KiB
     assert result.bytes_sent >= len(data) + 768 * KiB
     await check_object(storage_client, gcs_bucket, "session-lost", data, composite=True)

@@ -35,7 +35,7 @@ from tests.proxy.conftest import RawClient
 Connect = Callable[..., Awaitable[RawClient]]
 StartProxy = Callable[..., contextlib.AbstractAsyncContextManager[ProxyServer]]
 
-SMALL = 100 * KiB  # below the first chunk (256 KiB with the test settings' 1 MiB window)
+SMALL = 100 * KiB  # within the test settings' one_request_limit (128 KiB)
 
 
 async def wait_for_credit(client: RawClient, end: int) -> None:
@@ -118,3 +118,25 @@ async def test_an_aborted_small_upload_is_never_written_from_its_token(
         refused = await other.reply(Error)
         assert refused.code is ErrorCode.ABORTED
         assert two.backend.client.bucket(gcs_bucket).get_blob("aborted.bin") is None
+
+
+async def test_up_to_the_limit_the_first_window_holds_the_whole_object(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str, gcs_server: GcsServer
+) -> None:
+    # 3 MiB: several frames and chunks' worth, but declared within one_request_limit.
+    data = os.urandom(3 * 1024 * KiB + 5)
+    async with start_proxy(one_request_limit=8 * 1024 * KiB) as proxy:
+        client = await raw_client(proxy, versions=(1, 2))
+        opened = await client.open(gcs_bucket, "whole.bin", expected_size=len(data))
+        assert opened.window_end is not None
+        assert opened.window_end >= len(data)  # everything may be sent at once
+        for offset in range(0, len(data), 256 * KiB):
+            ack = await client.write(offset, data[offset : offset + 256 * KiB])
+            assert ack.committed_offset == 0  # nothing durable before COMPLETE
+        assert gcs_server.store.sessions() == []
+        await client.send(Complete(len(data), google_crc32c.value(data)))
+        with trio.fail_after(10):
+            completed = await client.reply(Completed)
+        assert completed.md5 is not None
+        stored = proxy.backend.client.bucket(gcs_bucket).blob("whole.bin").download_as_bytes()
+        assert stored == data
