@@ -158,6 +158,7 @@ class ChaosSettings:
             # finished uploads are judged at once; nobody asks the proxy again
             result_retention=1.0,
             shutdown_grace=2.0,
+            one_request_limit=g.one_request,
             composite=self.composite_policy(),
             writer=WriterSettings(
                 min_chunk_size=g.min_chunk,
@@ -219,6 +220,7 @@ class ChaosSettings:
             "--complete-timeout", "60",
             "--drain-timeout", "5",
             "--resume-window", f"{self.resume_window:g}",
+            "--one-request-limit-mib", f"{g.one_request / MiB:g}",
             "--composite", self.composite_policy().mode.value,
             "--segment-size-mib", f"{self.composite_policy().segment_size / MiB:g}",
         ]  # fmt: skip

@@ -62,6 +62,9 @@ class ChunkGeometry:
     #: a composite upload's segment (protocol section 14): small, so that most uploads of a
     #: run's sizes are cut into several
     segment: int = 1 * MiB
+    #: objects up to this size are stored by one request, with no resumable session (the
+    #: proxy's own limit is larger: a run wants most sizes to cross chunk edges in a session)
+    one_request: int = 1 * MiB
 
 
 def boundary_sizes(geometry: ChunkGeometry, max_size: int) -> list[int]:
@@ -77,6 +80,7 @@ def boundary_sizes(geometry: ChunkGeometry, max_size: int) -> list[int]:
             geometry.window,
             geometry.segment,
             2 * geometry.segment,
+            geometry.one_request,
         }
     )
     sizes = [0, 1]
