@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,7 +190,7 @@ def run(
                 "mb_per_s": round(rate / 1e6, 1),
                 "share_of_link_limit": None if link is None else round(rate / link, 3),
             }
-        path = _scratch() / "payload.bin"
+        path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "payload.bin"
         _payload(path, size)
         for connections in CONNECTIONS:
             runs[f"single_c{connections}"] = _rup_run(
@@ -201,7 +202,6 @@ def run(
                 gcs_leg, profile, path, connections=parallel, composite=True,
                 parallel=parallel, segment=segment,
             )  # fmt: skip
-        path.unlink()
         storage = anonymous_client(url)
         leftovers = [blob.name for blob in storage.list_blobs("bench", prefix=".rup/")]
     direct = runs["direct_grm_client_leg"]["mb_per_s"]
@@ -240,12 +240,6 @@ def run(
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def _scratch() -> Path:
-    directory = RESULTS.parent / "wan-scratch"
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:

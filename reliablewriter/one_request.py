@@ -61,6 +61,9 @@ class ObjectRequest:
     if_generation_match: int | None = None
     #: the CRC32C the caller says the bytes have; checked before anything is sent
     crc32c: int | None = None
+    #: an earlier attempt, perhaps in another process, may have stored these very bytes: a
+    #: 412 is then read back, and an object of their size and CRC32C counts as stored
+    maybe_stored_before: bool = False
 
 
 def settled_upload(request: ObjectRequest, policy: RetryPolicy, *, now: float) -> SettledRequest:
@@ -81,7 +84,12 @@ def settled_upload(request: ObjectRequest, policy: RetryPolicy, *, now: float) -
         )
     expected = ExpectedObject(request.name, len(request.data), crc32c, request.if_generation_match)
     return SettledRequest(
-        expected, policy, now=now, action="the one-request upload", refusal=_refusal(request.name)
+        expected,
+        policy,
+        now=now,
+        action="the one-request upload",
+        refusal=_refusal(request.name),
+        maybe_made=request.maybe_stored_before,
     )
 
 

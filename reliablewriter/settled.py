@@ -108,6 +108,7 @@ class SettledRequest:
         now: float,
         action: str,
         refusal: Callable[[Refused], NonRetryableHTTPError],
+        maybe_made: bool = False,
     ) -> None:
         self._expected = expected
         self._policy = policy
@@ -116,8 +117,9 @@ class SettledRequest:
         self._phase = _Phase.SENDING
         self._attempts = 0
         self._started = now
-        #: an attempt may have made the object: a 412 later may be our own copy's doing
-        self._maybe_made = False
+        #: an attempt may have made the object: a 412 later may be our own copy's doing (an
+        #: earlier attempt of this request, or, as the caller says, one made elsewhere)
+        self._maybe_made = maybe_made
         #: the read back follows a 412: if the object is not ours, the precondition failed
         self._after_refusal: Refused | None = None
         #: the next read back is the first after a send: it goes at once

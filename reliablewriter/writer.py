@@ -81,8 +81,10 @@ class ReliableWriter:
         progress: Callable[[WriterStats], None] | None,
         restart_if_nothing_committed: bool = False,
         defer_session: bool = False,
+        maybe_stored_before: bool = False,
     ) -> None:
         self._blob = blob
+        self._maybe_stored_before = maybe_stored_before
         # A session is started only when a chunk is due before the object is complete; an
         # object whose expected size is below the smallest chunk never needs one.
         self._deferred = (
@@ -765,6 +767,7 @@ class ReliableWriter:
             metadata=options.metadata,
             if_generation_match=options.if_generation_match,
             crc32c=None if crc32c is None else crc32c_from_b64(crc32c),
+            maybe_stored_before=self._maybe_stored_before,
         )
         info = await upload_in_one_request(
             self._blob.bucket,
@@ -903,6 +906,7 @@ async def open_writer(
     restart_if_nothing_committed: bool = False,
     check_generation_first: bool = False,
     defer_session: bool = False,
+    maybe_stored_before: bool = False,
     progress: Callable[[WriterStats], None] | None = None,
 ) -> AsyncIterator[ReliableWriter]:
     """Open (or, with ``session_uri``, resume) an upload of ``bucket/name``.
@@ -929,7 +933,9 @@ async def open_writer(
     ``settings.min_chunk_size``: no chunk can be due before :meth:`~ReliableWriter.complete`,
     which then stores it in one multipart request (:attr:`ReliableWriter.has_session` stays
     False). Such an upload cannot be resumed elsewhere; nothing of it is durable before it
-    is complete.
+    is complete. ``maybe_stored_before=True`` says an earlier attempt (another process that
+    held the same upload) may have stored it already: a refused precondition is then read
+    back, and an object of the same size and CRC32C counts as this upload's.
 
     ``progress`` is called (on the trio thread, so it must not block
     or raise) each time GCS acknowledges more bytes and when the object is complete.
@@ -956,6 +962,7 @@ async def open_writer(
         progress=progress,
         restart_if_nothing_committed=restart_if_nothing_committed,
         defer_session=defer_session,
+        maybe_stored_before=maybe_stored_before,
     )
     # Outside the nursery, so that a refusal surfaces as itself, not in an ExceptionGroup.
     if check_generation_first and session_uri is None:

@@ -127,6 +127,17 @@ class CompositeUploads:
 
         return await _in_thread(look, ticket)
 
+    async def check_not_discarded(self, ticket: UploadTicket) -> None:
+        """ABORTED once the upload was discarded or aborted (one metadata request)."""
+        marker = temporary_name(self._policy.temp_prefix, ticket.upload_id, _DISCARDED)
+
+        def look() -> bool:
+            bucket = self._backend.bucket(ticket.bucket)
+            return bucket.get_blob(marker, retry=None, timeout=_REQUEST_TIMEOUT) is not None
+
+        if await _in_thread(look, ticket):
+            raise _discarded(ticket)
+
     async def check_writable(self, ticket: UploadTicket) -> None:
         """ABORTED once the upload was discarded, UPLOAD_FINISHED once the object is no
         longer the one it may replace (composed, or written by anyone else): either way

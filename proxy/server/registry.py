@@ -243,9 +243,12 @@ class UploadRegistry:
                 return upload, False
         self._check_allowed(ticket.bucket, ticket.object_name)
         if session_uri is None:
-            # Nothing of it was durable, so it starts again from byte 0 (resumed), unless
-            # it was aborted (a marker in GCS) or completed (the object changed) meanwhile.
-            await self.composites.check_writable(ticket)
+            # Nothing of it was durable, so it starts again from byte 0 (resumed), unless it
+            # was aborted (a marker in GCS). If it was completed meanwhile (an instance stored
+            # it, then died before its answer reached the client), the COMPLETE finds the
+            # object by its size and CRC32C; anything else is refused by GCS (the pinned
+            # generation).
+            await self.composites.check_not_discarded(ticket)
         self._dormant.forget(ticket.upload_id)
         # A session GCS no longer knows fails the start with UPLOAD_FINISHED: the writer
         # never replaces it, since it may have been aborted or completed elsewhere.

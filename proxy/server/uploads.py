@@ -718,6 +718,9 @@ class Upload:
                 # of its bytes is durable before the object is). Only with a pinned
                 # generation, which is what makes a replay of its token harmless.
                 defer_session=request.if_generation_match is not None,
+                # Attached again without a session: the instance that held it may have
+                # stored it before its answer reached the client.
+                maybe_stored_before=request.in_one_request,
             ) as writer:
                 self._writer = writer
                 async with trio.open_nursery() as nursery:

@@ -85,12 +85,9 @@ async def test_another_instance_starts_it_again_from_byte_zero(
         stored = two.backend.client.bucket(gcs_bucket).blob("moved.bin").download_as_bytes()
         assert stored == data
         generation = two.backend.client.bucket(gcs_bucket).get_blob("moved.bin").generation
-        # Completed: the token never writes again. A third instance refuses it at once;
-        # the first, which still holds its copy, is refused by GCS at COMPLETE.
-        async with start_proxy(token_key=key) as three:
-            late = await raw_client(three, versions=(1, 2))
-            await late.send(AttachUpload(opened.token))
-            assert (await late.reply(Error)).code is ErrorCode.UPLOAD_FINISHED
+        # Completed: the token never writes again. Wherever it is attached (here the first
+        # instance, which still holds its copy), other bytes are refused by GCS at COMPLETE:
+        # the generation pinned at the open has moved.
         stale = await raw_client(one, versions=(1, 2))
         await stale.send(AttachUpload(opened.token))
         await stale.reply(UploadOpened)
@@ -101,6 +98,41 @@ async def test_another_instance_starts_it_again_from_byte_zero(
             assert (await stale.reply(Error)).code is ErrorCode.PRECONDITION_FAILED
         blob = two.backend.client.bucket(gcs_bucket).get_blob("moved.bin")
         assert blob.generation == generation
+
+
+async def test_a_small_upload_stored_before_its_answer_was_lost_completes_elsewhere(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+) -> None:
+    # The first instance stores the object, but the client never hears COMPLETED (the
+    # instance went away first, as in a drain). Attached to another instance, the same
+    # bytes complete with the object already there: the client is told it succeeded.
+    key = os.urandom(32)
+    data = os.urandom(SMALL)
+    crc = google_crc32c.value(data)
+    async with start_proxy(token_key=key) as one, start_proxy(token_key=key) as two:
+        first = await raw_client(one, versions=(1, 2))
+        opened = await first.open(gcs_bucket, "lost-answer.bin", expected_size=len(data))
+        await wait_for_credit(first, len(data))
+        await first.write(0, data)
+        await first.send(Complete(len(data), crc))
+        with trio.fail_after(10):
+            first_answer = await first.reply(Completed)
+        await first.aclose()  # as if the answer had been lost with the connection
+        stored = one.backend.client.bucket(gcs_bucket).get_blob("lost-answer.bin")
+        assert stored.generation == first_answer.generation
+        second = await raw_client(two, versions=(1, 2))
+        await second.send(AttachUpload(opened.token))
+        assert (await second.reply(UploadOpened)).resumed
+        await wait_for_credit(second, len(data))
+        await second.write(0, data)
+        await second.send(Complete(len(data), crc))
+        with trio.fail_after(10):
+            completed = await second.reply(Completed)
+        assert (completed.generation, completed.size, completed.crc32c) == (
+            stored.generation,
+            len(data),
+            crc,
+        )
 
 
 async def test_an_aborted_small_upload_is_never_written_from_its_token(
