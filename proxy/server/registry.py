@@ -352,11 +352,12 @@ class UploadRegistry:
     async def discard_composite(self, token: bytes) -> None:
         """Abort a composite upload everywhere (a marker in GCS) and its segments here."""
         ticket = self.composite_ticket(token)
-        await self.composites.discard(ticket)
+        # Its segments here first, so that none of them is stored after the deletion below.
         prefix = f"{ticket.upload_id}."
         for upload in list(self._uploads.values()):
             if upload.upload_id.startswith(prefix) and upload.state in _STILL_WRITING:
                 await upload.abort()
+        await self.composites.discard(ticket)
 
     def _ticket(self, token: bytes) -> UploadTicket:
         try:
