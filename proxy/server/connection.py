@@ -443,13 +443,11 @@ class ClientConnection:
             await self._bind(event.seq, upload, resumed=False)
         elif isinstance(event, Compose | Discard):
             self._refuse_new_work_when_leaving()
-            if self._composite_requests_in_flight >= _COMPOSITE_REQUESTS_IN_FLIGHT:
-                raise ServerError(
-                    ErrorCode.TOO_BUSY,
-                    f"{_COMPOSITE_REQUESTS_IN_FLIGHT} COMPOSE or DISCARD requests are in flight"
-                    " on this connection already: wait for a reply",
-                    retryable=True,
-                )
+            _refuse_beyond(
+                self._composite_requests_in_flight,
+                _COMPOSITE_REQUESTS_IN_FLIGHT,
+                "COMPOSE or DISCARD",
+            )
             self._outstanding += 1
             self._composite_requests_in_flight += 1
             nursery.start_soon(self._finish_composite, event)
@@ -458,13 +456,7 @@ class ClientConnection:
             nursery.start_soon(self._complete, self._bound(), event)
         elif isinstance(event, PutObject):
             self._refuse_new_work_when_leaving()
-            if self._puts_in_flight >= _PUT_OBJECTS_IN_FLIGHT:
-                raise ServerError(
-                    ErrorCode.TOO_BUSY,
-                    f"{_PUT_OBJECTS_IN_FLIGHT} PUT_OBJECT requests are in flight on this"
-                    " connection already: wait for a reply, or use another connection",
-                    retryable=True,
-                )
+            _refuse_beyond(self._puts_in_flight, _PUT_OBJECTS_IN_FLIGHT, "PUT_OBJECT")
             self._outstanding += 1
             self._puts_in_flight += 1
             nursery.start_soon(self._put_object, event)
@@ -608,6 +600,18 @@ class ClientConnection:
             self._outbox.put_nowait(_completed(event.seq, info))
         finally:
             self._outstanding -= 1
+
+
+def _refuse_beyond(in_flight: int, limit: int, kind: str) -> None:
+    """TOO_BUSY (retryable) once ``limit`` pipelined requests of ``kind`` are in flight on one
+    connection: each holds memory or GCS work until answered, and more would only queue."""
+    if in_flight >= limit:
+        raise ServerError(
+            ErrorCode.TOO_BUSY,
+            f"{limit} {kind} requests are in flight on this connection already: wait for a"
+            " reply, or use another connection",
+            retryable=True,
+        )
 
 
 def _error(reply_to: int, error: ServerError | ProtocolError) -> Error:
