@@ -77,6 +77,8 @@ class DemoReport:
     proxy_gcs_retries: dict[str, int]
     client_faults: dict[str, Any]
     gcs_faults: dict[str, Any]
+    #: the segments the object was composed from (0: one resumable session)
+    segments: int = 0
 
     @property
     def throughput(self) -> float:
@@ -182,4 +184,5 @@ def run_demo(
         proxy_gcs_retries=gcs_retries,
         client_faults=dict(client_counters.as_dict()),
         gcs_faults=dict(gcs_counters.as_dict()),
+        segments=result.segments,
     )

@@ -217,7 +217,12 @@ def explain(report: DemoReport) -> str:
         *(f"  {line}" for line in describe_plan(report.client_plan)),
         "planned faults, proxy -> GCS:",
         *(f"  {line}" for line in describe_plan(report.gcs_plan)),
-        f"uploaded in {report.elapsed:.1f} s ({format_rate(report.throughput)})",
+        f"uploaded in {report.elapsed:.1f} s ({format_rate(report.throughput)})"
+        + (
+            f", as {report.segments} segments stored in parallel and composed into one object"
+            if report.segments
+            else ", through one GCS resumable session"
+        ),
         "what happened, client -> proxy "
         f"(over {_plural(report.client_faults['connections'], 'connection')}):",
         *(f"  {line}" for line in _client_leg(report) or ["no fault struck"]),
