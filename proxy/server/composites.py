@@ -21,7 +21,7 @@ import base64
 import contextlib
 import datetime
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -289,10 +289,18 @@ class CompositeUploads:
 
     # --- what this process remembers ------------------------------------------------------
 
-    def _lock(self, upload_id: str) -> trio.Lock:
-        # Locks are few and tiny; one per upload ever composed or discarded here, pruned
-        # with the outcomes.
-        return self._locks.setdefault(upload_id, trio.Lock())
+    @contextlib.asynccontextmanager
+    async def _lock(self, upload_id: str) -> AsyncIterator[None]:
+        """One COMPOSE or DISCARD of an upload at a time here. A lock lives while someone
+        holds or waits for it, so answering INCOMPLETE again and again keeps nothing."""
+        lock = self._locks.setdefault(upload_id, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            statistics = lock.statistics()
+            if not statistics.locked and not statistics.tasks_waiting:
+                self._locks.pop(upload_id, None)
 
     def _remember(
         self,
@@ -304,7 +312,6 @@ class CompositeUploads:
         now = trio.current_time()
         for stale in [key for key, kept in self._outcomes.items() if kept.forget_at <= now]:
             del self._outcomes[stale]
-            self._locks.pop(stale, None)
         forget_at = now + self._settings.result_retention
         self._outcomes[upload_id] = _Outcome(info, failure, total_size, forget_at)
 
