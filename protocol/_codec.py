@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Callable
 from typing import Any, Final
 
 from construct import Construct, ConstructError, GreedyBytes, SizeofError, StringError, Struct
 
+from ._fast import decode_completed, decode_put_object, encode_completed, encode_put_object
 from ._spec import BODIES, BODY_CHANGES, FrameType, body_layout
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .events import (
@@ -139,6 +141,17 @@ _PER_FRAME_LAYOUTS: Final = {
     FrameType.CREDIT: struct.Struct(">QQQ"),
 }
 
+# The frames of a one-request upload, read and written by hand (`_fast`); construct is the
+# fallback that explains what is wrong with a body the fast path does not take.
+_FAST_ENCODERS: Final[dict[FrameType, Callable[[dict[str, Any]], bytes | None]]] = {
+    FrameType.PUT_OBJECT: encode_put_object,
+    FrameType.COMPLETED: encode_completed,
+}
+_FAST_DECODERS: Final[dict[FrameType, Callable[[bytes], dict[str, Any] | None]]] = {
+    FrameType.PUT_OBJECT: decode_put_object,
+    FrameType.COMPLETED: decode_completed,
+}
+
 # Parsing keeps whatever follows the last field, so trailing garbage is reported precisely.
 _PARSERS: Final = {
     version: {
@@ -244,6 +257,11 @@ def encode_body(event: Request | Reply, version: int = 1) -> tuple[FrameType, by
     if (problem := _problem(event)) is not None:
         raise LocalProtocolError(f"invalid {frame_type.name}: {problem}")
     layout = _PER_FRAME_LAYOUTS.get(frame_type)
+    fast = _FAST_ENCODERS.get(frame_type)
+    if fast is not None:
+        encoded = fast({name: getattr(event, name) for name in _FIELDS[frame_type]})
+        if encoded is not None:
+            return frame_type, encoded
     try:
         if layout is not None:
             return frame_type, layout.pack(*[getattr(event, name) for name in _FIELDS[frame_type]])
@@ -286,6 +304,9 @@ def decode_body(frame_type: FrameType, seq: int, body: bytes, version: int = 1) 
     if layout is not None and len(body) == layout.size:
         values = dict(zip(_FIELDS[frame_type], layout.unpack(body), strict=True))
         return _checked(EVENT_TYPES[frame_type](**values, seq=seq), seq)
+    fast = _FAST_DECODERS.get(frame_type)
+    if fast is not None and (fields := fast(body)) is not None:
+        return _checked(EVENT_TYPES[frame_type](**fields, seq=seq), seq)
     try:
         parsed_frame = _parser(frame_type, version).parse(body)
     except ConstructError as exc:
