@@ -92,7 +92,7 @@ REQUEST_TRANSITIONS: Final[dict[FrameType, ConnectionState]] = {
 ALLOWED_REPLIES: Final[dict[FrameType, frozenset[FrameType]]] = {
     _T.HELLO: frozenset({_T.WELCOME, _T.ERROR}),
     _T.OPEN_UPLOAD: frozenset({_T.UPLOAD_OPENED, _T.COMPOSITE_OPENED, _T.ERROR}),
-    _T.ATTACH_UPLOAD: frozenset({_T.UPLOAD_OPENED, _T.ERROR}),
+    _T.ATTACH_UPLOAD: frozenset({_T.UPLOAD_OPENED, _T.COMPOSITE_OPENED, _T.ERROR}),
     _T.OPEN_SEGMENT: frozenset({_T.UPLOAD_OPENED, _T.ERROR}),
     _T.WRITE_AT: frozenset({_T.ACK, _T.ERROR}),
     _T.COMPLETE: frozenset({_T.COMPLETED, _T.INCOMPLETE, _T.ERROR}),
@@ -112,6 +112,7 @@ REPLY_TRANSITIONS: Final[dict[tuple[FrameType, FrameType], ConnectionState]] = {
     (_T.OPEN_UPLOAD, _T.ERROR): _S.IDLE,
     # A composite upload binds nothing: its segments are bound one by one (OPEN_SEGMENT).
     (_T.OPEN_UPLOAD, _T.COMPOSITE_OPENED): _S.IDLE,
+    (_T.ATTACH_UPLOAD, _T.COMPOSITE_OPENED): _S.IDLE,
     (_T.OPEN_SEGMENT, _T.UPLOAD_OPENED): _S.BOUND,
     (_T.OPEN_SEGMENT, _T.ERROR): _S.IDLE,
     (_T.ATTACH_UPLOAD, _T.UPLOAD_OPENED): _S.BOUND,

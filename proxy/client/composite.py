@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
+import google_crc32c
 import trio
 
 from protocol import (
@@ -95,6 +96,9 @@ class _Segment:
     transfer: Transfer | None = None
     #: the CRC32C of the stored segment, once the proxy confirmed it
     stored_crc32c: int | None = None
+    #: stored, as far as this run can tell: a resumed upload's segments until COMPOSE names
+    #: the missing ones (its CRC32C is the file's)
+    assumed: bool = False
 
     @property
     def size(self) -> int:
@@ -143,6 +147,26 @@ class _Totals:
         for ledger in ledgers:
             totals.add(ledger)
         return totals
+
+
+#: how much of a file is read at a time to checksum a resumed upload's segments
+_CHECKSUM_READ: Final = 4 * 1024 * 1024
+
+
+def _segment_crcs(fd: int, segments: list[_Segment]) -> list[int]:
+    """The CRC32C of each segment's bytes in the file (blocking: a worker thread's job)."""
+    crcs = []
+    for segment in segments:
+        crc = 0
+        offset = segment.start
+        while offset < segment.end:
+            data = os.pread(fd, min(_CHECKSUM_READ, segment.end - offset), offset)
+            if not data:
+                raise UploadError(None, "the file is shorter than when the upload opened")
+            crc = google_crc32c.extend(crc, data)
+            offset += len(data)
+        crcs.append(crc)
+    return crcs
 
 
 def _segment_may_succeed_again(failure: UploadError) -> bool:
@@ -236,7 +260,10 @@ class CompositeUpload(Upload):
                 f" for {self._size}",
             )
         self._file = (fd, file_version(fd))
-        self._start_workers()
+        if self._transfer.composite_resumed:
+            await self._assume_stored(fd)
+        else:
+            self._start_workers()
 
     async def write(self, data: bytes) -> None:
         """Append ``data`` to the object; waits while the stream buffer is full."""
@@ -385,6 +412,16 @@ class CompositeUpload(Upload):
         transfer.fail(failure)
         raise failure
 
+    async def _assume_stored(self, fd: int) -> None:
+        """An earlier run's upload, resumed: what its segments hold lives in GCS alone. Take
+        every segment as stored, with the CRC32C of the file's bytes; the first COMPOSE then
+        completes (every segment was stored) or names the missing ones, which are stored as
+        any missing segment is. Nothing is composed that does not match the file."""
+        crcs = await trio.to_thread.run_sync(_segment_crcs, fd, self._segments)
+        for segment, crc32c in zip(self._segments, crcs, strict=True):
+            segment.stored_crc32c = crc32c
+            segment.assumed = True
+
     def _store_again(self, missing: Iterable[ByteRange]) -> str:
         """Mark the segments holding ``missing`` (object offsets) as not stored, and start
         workers for them; says which they are."""
@@ -396,7 +433,9 @@ class CompositeUpload(Upload):
             segment = self._segments[index]
             if segment.stored:
                 segment.stored_crc32c = None
-                self._totals.count_resent(_LOST_SEGMENT, segment.size)
+                if not segment.assumed:  # one this run stored, lost since
+                    self._totals.count_resent(_LOST_SEGMENT, segment.size)
+                segment.assumed = False
         self._start_workers()
         return ", ".join(str(index) for index in sorted(indexes)) or "none listed"
 

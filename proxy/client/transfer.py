@@ -106,6 +106,9 @@ class Transfer:
         #: the proxy's answer to the open when it made the upload composite (section 14):
         #: the segments then go over connections of their own and these slots end
         self.composite: CompositeOpened | None = None
+        #: whether that answer came to the token given to resume (an earlier run's upload,
+        #: whose stored segments only GCS knows)
+        self.composite_resumed = False
 
     # -- what a Channel sees (ChannelOwner) ------------------------------------------------
 
@@ -358,6 +361,7 @@ class Transfer:
                 raise
             self._token = opened.token
             if isinstance(opened, CompositeOpened):
+                self.composite_resumed = resumed is not None
                 self._open_composite(opened)
             self._ledger.note_attached(
                 opened.committed_offset, resumed=opened.resumed, window_end=opened.window_end
@@ -418,12 +422,15 @@ class Transfer:
         self.move(UploadState.NEW)
         self.report()
 
-    async def _request_resume(self, channel: Channel) -> UploadOpened | None:
+    async def _request_resume(self, channel: Channel) -> UploadOpened | CompositeOpened | None:
         """Attach with the token given to resume; None if the proxy cannot resume it."""
         assert self._token is not None
         reply = await channel.request(AttachUpload(token=self._token), blocking=True)
         if isinstance(reply, UploadOpened):
             _log.info("%s: resuming, %d bytes committed", self._description, reply.committed_offset)
+            return reply
+        if isinstance(reply, CompositeOpened) and isinstance(self._open_request, OpenUpload):
+            _log.info("%s: resuming a composite upload", self._description)
             return reply
         if isinstance(reply, Error) and (reply.code in _NOT_RESUMABLE or condemns_upload(reply)):
             self._ledger.count_error(reply.code)

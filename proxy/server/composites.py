@@ -29,6 +29,7 @@ import trio
 from google.api_core import exceptions as api_exceptions
 
 from protocol import ErrorCode
+from protocol.ranges import RangeSet
 from proxy.server.backend import Backend
 from proxy.server.errors import ServerError, quote
 from proxy.server.logging import get_logger, log_event
@@ -179,7 +180,8 @@ class CompositeUploads:
             try:
                 info = await self._compose(ticket, total_size, crc32c)
             except IncompleteObjectError as exc:
-                raise MissingRangesError(upload_id, list(exc.missing)) from None
+                # One range per missing segment: neighbours join, as INCOMPLETE lists them.
+                raise MissingRangesError(upload_id, list(RangeSet(exc.missing))) from None
             except ChecksumMismatchError as exc:
                 # Final, for every instance: the bytes stored are what the client sent.
                 await self._mark_discarded(ticket)

@@ -530,6 +530,16 @@ class ClientConnection:
 
     async def _attach(self, event: AttachUpload) -> None:
         self._refuse_new_work_when_leaving()
+        if (self._protocol.version or 1) >= _COMPOSITE_VERSION:
+            ticket = self._registry.composite_ticket_or_none(event.token)
+            if ticket is not None:
+                # What was stored lives in GCS: the client composes to learn what is missing.
+                await self._registry.composites.check_not_discarded(ticket)
+                parallel = self._settings.composite.parallel_segments
+                await self._reply(
+                    CompositeOpened(event.seq, event.token, ticket.segment_size, parallel)
+                )
+                return
         upload, resumed = await self._registry.attach(event.token, self.identity)
         await self._bind(event.seq, upload, resumed=resumed)
 

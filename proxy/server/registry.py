@@ -310,6 +310,18 @@ class UploadRegistry:
         self._check_allowed(ticket.bucket, ticket.name)
         return ticket
 
+    def composite_ticket_or_none(self, token: bytes) -> UploadTicket | None:
+        """The ticket of the composite upload ``token`` names (if this proxy may write it);
+        None for any other token, which :meth:`attach` then judges."""
+        try:
+            ticket = self.codec.open(token)
+        except BadTokenError:
+            return None
+        if not ticket.is_composite:
+            return None
+        self._check_allowed(ticket.bucket, ticket.name)
+        return ticket
+
     async def open_segment(self, token: bytes, index: int, client: str) -> Upload:
         """Segment ``index`` of the composite upload ``token`` names: the one this process
         is writing, or a new upload of its temporary object (started from byte 0).

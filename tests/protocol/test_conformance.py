@@ -230,7 +230,11 @@ def test_s4_each_request_gets_only_the_replies_of_its_table_row(request_type: Fr
 _DOCUMENTED_REPLIES = {  # section 4's table, as written there
     FrameType.HELLO: {FrameType.WELCOME, FrameType.ERROR},
     FrameType.OPEN_UPLOAD: {FrameType.UPLOAD_OPENED, FrameType.COMPOSITE_OPENED, FrameType.ERROR},
-    FrameType.ATTACH_UPLOAD: {FrameType.UPLOAD_OPENED, FrameType.ERROR},
+    FrameType.ATTACH_UPLOAD: {
+        FrameType.UPLOAD_OPENED,
+        FrameType.COMPOSITE_OPENED,
+        FrameType.ERROR,
+    },
     FrameType.OPEN_SEGMENT: {FrameType.UPLOAD_OPENED, FrameType.ERROR},
     FrameType.WRITE_AT: {FrameType.ACK, FrameType.ERROR},
     FrameType.COMPLETE: {FrameType.COMPLETED, FrameType.INCOMPLETE, FrameType.ERROR},

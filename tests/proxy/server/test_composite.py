@@ -17,6 +17,7 @@ import trio
 
 from protocol import (
     Ack,
+    AttachUpload,
     Complete,
     Completed,
     Compose,
@@ -208,3 +209,35 @@ async def test_a_segment_index_past_the_end_is_refused(
     refused = await answer(client, OpenSegment(1, token))
     assert isinstance(refused, Error)
     assert refused.code is ErrorCode.INVALID_REQUEST
+
+
+async def test_consecutive_missing_segments_are_listed_as_one_range(
+    composite_proxy: ProxyServer, raw_client: Connect, gcs_bucket: str
+) -> None:
+    data = os.urandom(3 * SEGMENT + 1)
+    client = await raw_client(composite_proxy, versions=V3)
+    token = await open_composite(client, gcs_bucket, "gaps.bin", len(data))
+    await store_segment(client, token, 0, data)
+    missing = await answer(client, Compose(len(data), google_crc32c.value(data), token))
+    assert isinstance(missing, Incomplete)
+    assert missing.missing == ((SEGMENT, len(data)),)  # segments 1, 2 and 3, joined
+
+
+async def test_the_composite_token_attaches_again_for_a_version_3_client_only(
+    composite_proxy: ProxyServer, raw_client: Connect, gcs_bucket: str
+) -> None:
+    # A rerun that kept only the token: COMPOSITE_OPENED again, the connection stays unbound
+    # (a COMPOSE then says what is missing); ABORTED once discarded.
+    client = await raw_client(composite_proxy, versions=V3)
+    token = await open_composite(client, gcs_bucket, "again.bin", 2 * SEGMENT)
+    again = await answer(client, AttachUpload(token))
+    assert isinstance(again, CompositeOpened)
+    assert (again.token, again.segment_size) == (token, SEGMENT)
+    older = await raw_client(composite_proxy, versions=(1, 2))
+    refused = await answer(older, AttachUpload(token))
+    assert isinstance(refused, Error)
+    assert refused.code is ErrorCode.INVALID_REQUEST
+    assert isinstance(await answer(client, Discard(token)), Ack)
+    gone = await answer(client, AttachUpload(token))
+    assert isinstance(gone, Error)
+    assert gone.code is ErrorCode.ABORTED
