@@ -27,6 +27,7 @@ from typing import TypeVar
 
 import trio
 from google.api_core import exceptions as api_exceptions
+from google.cloud import storage  # type: ignore[import-untyped]
 
 from protocol import ErrorCode
 from protocol.ranges import RangeSet
@@ -130,11 +131,9 @@ class CompositeUploads:
 
     async def check_not_discarded(self, ticket: UploadTicket) -> None:
         """ABORTED once the upload was discarded or aborted (one metadata request)."""
-        marker = temporary_name(self._policy.temp_prefix, ticket.upload_id, _DISCARDED)
 
         def look() -> bool:
-            bucket = self._backend.bucket(ticket.bucket)
-            return bucket.get_blob(marker, retry=None, timeout=_REQUEST_TIMEOUT) is not None
+            return self._discarded_in(self._backend.bucket(ticket.bucket), ticket)
 
         if await _in_thread(look, ticket):
             raise _discarded(ticket)
@@ -239,12 +238,11 @@ class CompositeUploads:
 
         def look() -> tuple[bool, ObjectInfo | None]:
             bucket = self._backend.bucket(ticket.bucket)
-            marker = temporary_name(self._policy.temp_prefix, ticket.upload_id, _DISCARDED)
-            discarded = bucket.get_blob(marker, retry=None, timeout=_REQUEST_TIMEOUT)
+            discarded = self._discarded_in(bucket, ticket)
             live = bucket.get_blob(ticket.name, retry=None, timeout=_REQUEST_TIMEOUT)
             # The JSON resource GCS returned; google-cloud-storage keeps it as ``_properties``.
             info = None if live is None else ObjectInfo.from_resource(dict(live._properties))
-            return discarded is not None, info
+            return discarded, info
 
         return await _in_thread(look, ticket)
 
@@ -270,9 +268,18 @@ class CompositeUploads:
             metadata=dict(ticket.metadata),
         )
 
+    def _marker(self, ticket: UploadTicket) -> str:
+        """The name of the object that says the upload was discarded."""
+        return temporary_name(self._policy.temp_prefix, ticket.upload_id, _DISCARDED)
+
+    def _discarded_in(self, bucket: storage.Bucket, ticket: UploadTicket) -> bool:
+        """Whether the upload's marker is in ``bucket`` (blocking: one metadata request)."""
+        marker = self._marker(ticket)
+        return bucket.get_blob(marker, retry=None, timeout=_REQUEST_TIMEOUT) is not None
+
     async def _mark_discarded(self, ticket: UploadTicket) -> None:
         prefix = temporary_name(self._policy.temp_prefix, ticket.upload_id, "")
-        marker = prefix + _DISCARDED
+        marker = self._marker(ticket)
 
         def mark_and_delete() -> None:
             bucket = self._backend.bucket(ticket.bucket)

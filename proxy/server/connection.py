@@ -63,7 +63,7 @@ from protocol import (
 from proxy.server.errors import ServerError
 from proxy.server.logging import get_logger, log_event, redact
 from proxy.server.metrics import ServerMetrics
-from proxy.server.registry import UploadRegistry
+from proxy.server.registry import CompositeTokenError, UploadRegistry
 from proxy.server.settings import ServerSettings
 from proxy.server.uploads import MissingRangesError, OpenRequest, StagedWrite, Upload
 from reliablewriter import ObjectInfo
@@ -530,17 +530,19 @@ class ClientConnection:
 
     async def _attach(self, event: AttachUpload) -> None:
         self._refuse_new_work_when_leaving()
-        if (self._protocol.version or 1) >= _COMPOSITE_VERSION:
-            ticket = self._registry.composite_ticket_or_none(event.token)
-            if ticket is not None:
-                # What was stored lives in GCS: the client composes to learn what is missing.
-                await self._registry.composites.check_not_discarded(ticket)
-                parallel = self._settings.composite.parallel_segments
-                await self._reply(
-                    CompositeOpened(event.seq, event.token, ticket.segment_size, parallel)
-                )
-                return
-        upload, resumed = await self._registry.attach(event.token, self.identity)
+        try:
+            upload, resumed = await self._registry.attach(event.token, self.identity)
+        except CompositeTokenError:
+            if (self._protocol.version or 1) < _COMPOSITE_VERSION:
+                raise
+            # What was stored lives in GCS: the client composes to learn what is missing.
+            ticket = self._registry.composite_ticket(event.token)
+            await self._registry.composites.check_not_discarded(ticket)
+            parallel = self._settings.composite.parallel_segments
+            await self._reply(
+                CompositeOpened(event.seq, event.token, ticket.segment_size, parallel)
+            )
+            return
         await self._bind(event.seq, upload, resumed=resumed)
 
     async def _bind(self, reply_to: int, upload: Upload, *, resumed: bool) -> None:

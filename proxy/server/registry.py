@@ -42,13 +42,25 @@ from proxy.server.tokens import BadTokenError, TokenCodec, UploadTicket
 from proxy.server.uploads import OpenRequest, Upload, UploadState, first_window
 from proxy.server.whole_objects import WholeObjects
 
-__all__ = ["UploadRegistry"]
+__all__ = ["CompositeTokenError", "UploadRegistry"]
 
 logger = get_logger(__name__)
 
 #: room kept in the token-size check for the GCS session reference, which is not known
 #: until the session exists (GCS's upload ids are about 150 characters)
 _SESSION_REF_ALLOWANCE = 512
+
+
+class CompositeTokenError(ServerError):
+    """An attach with a composite upload's token: there is no upload to bind. A version-3
+    connection answers COMPOSITE_OPENED instead; an older one hears this refusal."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            ErrorCode.INVALID_REQUEST,
+            "that is a composite upload's token: open its segments (OPEN_SEGMENT), then"
+            " COMPOSE or DISCARD it",
+        )
 
 
 @dataclass(frozen=True)
@@ -218,11 +230,7 @@ class UploadRegistry:
         """
         ticket = self._ticket(token)
         if ticket.is_composite:
-            raise ServerError(
-                ErrorCode.INVALID_REQUEST,
-                "that is a composite upload's token: open its segments (OPEN_SEGMENT), then"
-                " COMPOSE or DISCARD it",
-            )
+            raise CompositeTokenError
         try:
             # No session: a small object whose bytes all go in one request at COMPLETE.
             session_uri = (
@@ -310,18 +318,6 @@ class UploadRegistry:
         self._check_allowed(ticket.bucket, ticket.name)
         return ticket
 
-    def composite_ticket_or_none(self, token: bytes) -> UploadTicket | None:
-        """The ticket of the composite upload ``token`` names (if this proxy may write it);
-        None for any other token, which :meth:`attach` then judges."""
-        try:
-            ticket = self.codec.open(token)
-        except BadTokenError:
-            return None
-        if not ticket.is_composite:
-            return None
-        self._check_allowed(ticket.bucket, ticket.name)
-        return ticket
-
     async def open_segment(self, token: bytes, index: int, client: str) -> Upload:
         """Segment ``index`` of the composite upload ``token`` names: the one this process
         is writing, or a new upload of its temporary object (started from byte 0).
@@ -335,19 +331,14 @@ class UploadRegistry:
         while segment_id in self._opening:
             await self._opening[segment_id].wait()
         live = self._uploads.get(segment_id)
-        if live is not None and live.failure() is None and live.state is UploadState.ACTIVE:
+        if live is not None and live.failure() is not None:
+            live = None  # failed, aborted or released here: stored again, from byte 0
+        if live is not None and live.state is UploadState.ACTIVE:
             return live
         await self.composites.check_writable(ticket)
-        # Stored, and the upload still open: the client sees it whole, unless its temporary
+        # Completed here and remembered: the client sees it whole, unless its temporary
         # object is gone (deleted underneath): then it is stored again.
-        if (
-            live is not None
-            and live.failure() is None
-            and (
-                live.state is not UploadState.COMPLETED
-                or await self.composites.segment_stored(ticket, index)
-            )
-        ):
+        if live is not None and await self.composites.segment_stored(ticket, index):
             return live
         return await self._open_session(request, client, segment_id, destination=ticket.name)
 

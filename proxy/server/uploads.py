@@ -164,25 +164,24 @@ def first_window(settings: ServerSettings, request: OpenRequest) -> int:
     request and the settings alone, so that an attach elsewhere decides as the open did."""
     if request.first_window:
         return request.first_window
-    if _stored_in_one_request(settings, request):
-        assert request.expected_size is not None
-        return whole_window(settings, request.expected_size)
-    return settings.min_upload_window
+    size = _one_request_size(settings, request)
+    return settings.min_upload_window if size is None else whole_window(settings, size)
 
 
-def _stored_in_one_request(settings: ServerSettings, request: OpenRequest) -> bool:
-    """Whether an upload waits for COMPLETE and is stored by one request: one opened so
-    before (its token has no session, so it must never get one: the client keeps its bytes
-    only until they are durable), or a new one declared at most ``one_request_limit`` bytes
-    (gcloud's single-request threshold is 8 MiB, the Go Writer's 16 MiB). A composite
-    upload's segments, which ask for their window, are not: a session lets a segment resume
-    on another instance from what GCS holds."""
+def _one_request_size(settings: ServerSettings, request: OpenRequest) -> int | None:
+    """The size of an upload that waits for COMPLETE and is stored by one request, or None
+    for any other: one opened so before (its token has no session, so it must never get
+    one: the client keeps its bytes only until they are durable), or a new one declared at
+    most ``one_request_limit`` bytes (gcloud's single-request threshold is 8 MiB, the Go
+    Writer's 16 MiB). A composite upload's segments, which ask for their window, are not: a
+    session lets a segment resume on another instance from what GCS holds."""
     size = request.expected_size
-    if size is None:
-        return False
-    return request.in_one_request or (
-        request.first_window is None and size <= settings.one_request_limit
-    )
+    if size is not None and (
+        request.in_one_request
+        or (request.first_window is None and size <= settings.one_request_limit)
+    ):
+        return size
+    return None
 
 
 def whole_window(settings: ServerSettings, size: int) -> int:
@@ -198,16 +197,15 @@ def writer_settings(settings: ServerSettings, request: OpenRequest) -> WriterSet
     chosen = writer_settings_for(
         settings.writer, first_window(settings, request), settings.upload_buffer_limit
     )
-    size = request.expected_size
-    if _stored_in_one_request(settings, request):
-        assert size is not None
-        above = (size // CHUNK_QUANTUM + 1) * CHUNK_QUANTUM
-        largest = max(above, chosen.max_chunk_size)
-        buffer_limit = max(largest, chosen.buffer_limit)
-        return dataclasses.replace(
-            chosen, min_chunk_size=above, max_chunk_size=largest, buffer_limit=buffer_limit
-        )
-    return chosen
+    size = _one_request_size(settings, request)
+    if size is None:
+        return chosen
+    above = (size // CHUNK_QUANTUM + 1) * CHUNK_QUANTUM
+    largest = max(above, chosen.max_chunk_size)
+    buffer_limit = max(largest, chosen.buffer_limit)
+    return dataclasses.replace(
+        chosen, min_chunk_size=above, max_chunk_size=largest, buffer_limit=buffer_limit
+    )
 
 
 class UploadListener(Protocol):
