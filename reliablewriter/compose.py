@@ -17,7 +17,6 @@ the storage client's own ``requests`` session, so faultnet's adapters apply.
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import trio
 from google.api_core import exceptions as api_exceptions
 from google.cloud import storage  # type: ignore[import-untyped]
 
-from .checksum import crc32c_combine, crc32c_to_b64
+from .checksum import crc32c_combine, crc32c_from_b64, crc32c_to_b64
 from .errors import (
     ChecksumMismatchError,
     NonRetryableHTTPError,
@@ -211,7 +210,7 @@ def _crc_value(info: ObjectInfo) -> int:
     """An object's CRC32C as a number (GCS reports one for every object)."""
     if info.crc32c is None:
         raise UnexpectedResponseError("GCS reported no CRC32C for a part", name=info.name)
-    return int.from_bytes(base64.b64decode(info.crc32c), "big")
+    return crc32c_from_b64(info.crc32c)
 
 
 async def compose_parts(

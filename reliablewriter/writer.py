@@ -529,7 +529,6 @@ class ReliableWriter:
             if self._deferred:
                 # The first chunk due is the whole object: one request, no session.
                 assert plan.final, "a deferred object is one chunk"
-                self._deferred = False
                 self._finish(await self._store_whole(plan))
                 return
             try:
@@ -781,10 +780,10 @@ class ReliableWriter:
         return info.resource
 
     @property
-    def has_session(self) -> bool:
-        """Whether a GCS session exists (or will: False only while a small object waits to
-        be stored in one request, or once it was)."""
-        return not self._deferred and self._session_uri is not None
+    def in_one_request(self) -> bool:
+        """Whether the object is stored by one request at :meth:`complete`, with no session
+        ever (``defer_session``, for an object smaller than the smallest chunk)."""
+        return self._deferred
 
     def _checksum_pieces(self, plan: ChunkPlan) -> list[memoryview | KnownCrc]:
         """What the object's checksum still needs to cover ``plan``, taken on the trio side.
@@ -931,9 +930,9 @@ async def open_writer(
 
     ``defer_session=True`` starts no session for an object whose ``expected_size`` is below
     ``settings.min_chunk_size``: no chunk can be due before :meth:`~ReliableWriter.complete`,
-    which then stores it in one multipart request (:attr:`ReliableWriter.has_session` stays
-    False). Such an upload cannot be resumed elsewhere; nothing of it is durable before it
-    is complete. ``maybe_stored_before=True`` says an earlier attempt (another process that
+    which then stores it in one multipart request (:attr:`ReliableWriter.in_one_request`).
+    Such an upload cannot be resumed elsewhere; nothing of it is durable before it is
+    complete. ``maybe_stored_before=True`` says an earlier attempt (another process that
     held the same upload) may have stored it already: a refused precondition is then read
     back, and an object of the same size and CRC32C counts as this upload's.
 
@@ -967,7 +966,7 @@ async def open_writer(
     # Outside the nursery, so that a refusal surfaces as itself, not in an ExceptionGroup.
     if check_generation_first and session_uri is None:
         await writer.check_precondition()  # before a session is even started
-    if not writer._deferred:
+    if not writer.in_one_request:
         await writer._open_session()
     if check_generation_first and session_uri is not None and writer.result is None:
         # After the status query: a session that already finished made the object itself.

@@ -17,7 +17,6 @@ after which no token can name the upload any more.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime
 import logging
@@ -51,6 +50,7 @@ from reliablewriter import (
     complete_from_temporaries,
     temporary_name,
 )
+from reliablewriter.checksum import crc32c_to_b64
 from reliablewriter.sweep import sweep_temporaries
 
 __all__ = ["CompositeUploads", "segment_count"]
@@ -348,7 +348,7 @@ def _finished_before(
 ) -> ObjectInfo:
     """A COMPOSE repeated after the object changed: the same COMPLETED if the object is
     this upload's bytes as far as the client can say (size and CRC32C), else UPLOAD_FINISHED."""
-    if crc32c is not None and info.size == total_size and info.crc32c == _b64(crc32c):
+    if crc32c is not None and info.size == total_size and info.crc32c == crc32c_to_b64(crc32c):
         return info
     raise ServerError(
         ErrorCode.UPLOAD_FINISHED,
@@ -358,10 +358,6 @@ def _finished_before(
 
 def _discarded(ticket: UploadTicket) -> ServerError:
     return ServerError(ErrorCode.ABORTED, f"upload {ticket.upload_id} was discarded")
-
-
-def _b64(crc32c: int) -> str:
-    return base64.b64encode(crc32c.to_bytes(4, "big")).decode("ascii")
 
 
 async def _in_thread(work: Callable[[], _T], ticket: UploadTicket) -> _T:

@@ -67,6 +67,7 @@ from proxy.server.registry import CompositeTokenError, UploadRegistry
 from proxy.server.settings import ServerSettings
 from proxy.server.uploads import MissingRangesError, OpenRequest, StagedWrite, Upload
 from reliablewriter import ObjectInfo
+from reliablewriter.checksum import crc32c_from_b64
 
 __all__ = ["ClientConnection", "Outbox"]
 
@@ -633,6 +634,6 @@ def _error(reply_to: int, error: ServerError | ProtocolError) -> Error:
 
 def _completed(reply_to: int, info: ObjectInfo) -> Completed:
     """The Completed reply for ``info``, whose checksums are in GCS's base64 form."""
-    crc32c = int.from_bytes(base64.b64decode(info.crc32c), "big") if info.crc32c else 0
+    crc32c = crc32c_from_b64(info.crc32c) if info.crc32c else 0
     md5 = base64.b64decode(info.md5_hash) if info.md5_hash else None
     return Completed(reply_to, info.generation, info.size, crc32c, md5)

@@ -188,7 +188,7 @@ class UploadRegistry:
         upload = await self._start(upload_id, pinned, client, session_uri=None)
         reference = ""  # a small object stored by one request at COMPLETE has no session
         try:
-            if upload.writer.has_session:
+            if not upload.writer.in_one_request:
                 reference = self._backend.session_reference(request.bucket, upload.session_uri())
         except SessionReferenceError as exc:
             await upload.abort()
