@@ -30,7 +30,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-import google_crc32c
 import trio
 
 from protocol import (
@@ -56,7 +55,7 @@ from proxy.client.ledger import Ledger
 from proxy.client.pool import open_connection_pool
 from proxy.client.results import UploadProgress, UploadResult
 from proxy.client.settings import Connector, UploadOptions
-from proxy.client.sources import FileSource, Source, StreamSource, file_version
+from proxy.client.sources import FileSource, Source, StreamSource, file_crc32c, file_version
 from proxy.client.transfer import Transfer
 from proxy.client.upload import Upload
 
@@ -147,26 +146,6 @@ class _Totals:
         for ledger in ledgers:
             totals.add(ledger)
         return totals
-
-
-#: how much of a file is read at a time to checksum a resumed upload's segments
-_CHECKSUM_READ: Final = 4 * 1024 * 1024
-
-
-def _segment_crcs(fd: int, segments: list[_Segment]) -> list[int]:
-    """The CRC32C of each segment's bytes in the file (blocking: a worker thread's job)."""
-    crcs = []
-    for segment in segments:
-        crc = 0
-        offset = segment.start
-        while offset < segment.end:
-            data = os.pread(fd, min(_CHECKSUM_READ, segment.end - offset), offset)
-            if not data:
-                raise UploadError(None, "the file is shorter than when the upload opened")
-            crc = google_crc32c.extend(crc, data)
-            offset += len(data)
-        crcs.append(crc)
-    return crcs
 
 
 def _segment_may_succeed_again(failure: UploadError) -> bool:
@@ -417,9 +396,10 @@ class CompositeUpload(Upload):
         every segment as stored, with the CRC32C of the file's bytes; the first COMPOSE then
         completes (every segment was stored) or names the missing ones, which are stored as
         any missing segment is. Nothing is composed that does not match the file."""
-        crcs = await trio.to_thread.run_sync(_segment_crcs, fd, self._segments)
-        for segment, crc32c in zip(self._segments, crcs, strict=True):
-            segment.stored_crc32c = crc32c
+        for segment in self._segments:
+            segment.stored_crc32c = await trio.to_thread.run_sync(
+                file_crc32c, fd, segment.start, segment.size
+            )
             segment.assumed = True
 
     def _store_again(self, missing: Iterable[ByteRange]) -> str:

@@ -18,7 +18,7 @@ from protocol import crc32c_combine
 from proxy.client.errors import UploadError
 from proxy.client.settings import MiB
 
-__all__ = ["FileSource", "Source", "StreamSource", "file_version"]
+__all__ = ["FileSource", "Source", "StreamSource", "file_crc32c", "file_version"]
 
 #: bytes a file source reads in one worker-thread call (the piece asked for and the next ones)
 _READ_AHEAD: Final = 8 * MiB
@@ -161,18 +161,21 @@ class FileSource:
         if self._folded == self.size:
             return self._folded_crc
 
-        def checksum() -> int:
-            crc, offset = 0, 0
-            while offset < self.size:
-                at = self._base + offset
-                block = os.pread(self._fd, min(8 * MiB, self.size - offset), at)
-                if not block:
-                    raise UploadError(None, f"file shrank while uploading: EOF at offset {at}")
-                crc = google_crc32c.extend(crc, block)
-                offset += len(block)
-            return crc
+        return await trio.to_thread.run_sync(file_crc32c, self._fd, self._base, self.size)
 
-        return await trio.to_thread.run_sync(checksum)
+
+def file_crc32c(fd: int, start: int, size: int) -> int:
+    """The CRC32C of ``size`` bytes of the file at ``start`` (blocking: a worker thread's
+    job); UploadError if the file ends before them."""
+    crc, offset = 0, 0
+    while offset < size:
+        at = start + offset
+        block = os.pread(fd, min(_READ_AHEAD, size - offset), at)
+        if not block:
+            raise UploadError(None, f"file shrank while uploading: EOF at offset {at}")
+        crc = google_crc32c.extend(crc, block)
+        offset += len(block)
+    return crc
 
 
 def file_version(fd: int) -> tuple[int, int]:
