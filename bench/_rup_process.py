@@ -9,7 +9,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["process_cpu_seconds", "rup_process", "serve_address"]
+__all__ = [
+    "behind_profile",
+    "process_cpu_seconds",
+    "process_rss",
+    "rup_process",
+    "serve_address",
+]
 
 
 @contextlib.contextmanager
@@ -51,3 +57,24 @@ def process_cpu_seconds(pid: int) -> float:
     (Linux: ``/proc/PID/stat``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_rss(pid: int, field: str = "VmHWM") -> int:
+    """Process ``pid``'s peak (``VmHWM``) or current (``VmRSS``) resident memory, in bytes
+    (Linux: ``/proc/PID/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@contextlib.contextmanager
+def behind_profile(address: str, profile: str, leg: str) -> Iterator[str]:
+    """``address`` (HOST:PORT) behind ``rup faultproxy`` playing ``leg`` ("client" or "gcs")
+    of network ``profile``; yields where it listens (HOST:PORT)."""
+    with rup_process(
+        "faultproxy", "--listen", "127.0.0.1:0", "--upstream", address,
+        "--profile", profile, "--leg", leg,
+    ) as (_, line):  # fmt: skip
+        # "listening on HOST:PORT, relaying to HOST:PORT"
+        yield line.split()[2].rstrip(",")

@@ -45,7 +45,7 @@ import google_crc32c
 import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 
-from bench._rup_process import rup_process
+from bench._rup_process import behind_profile
 from bench.bench_writer import PATTERN, anchor_throughput, gcs_endpoint
 from faultnet.gcs.clients import anonymous_client
 from faultnet.profiles import PROFILES, Leg
@@ -66,15 +66,11 @@ PROFILE = "wan"
 
 
 @contextmanager
-def behind_profile(url: str, leg: Leg) -> Iterator[str]:
+def behind_profile_url(url: str, leg: Leg) -> Iterator[str]:
     """The endpoint at ``url`` behind a fault proxy playing ``leg`` of the profile."""
     upstream = url.removeprefix("http://").rstrip("/")
-    with rup_process(
-        "faultproxy", "--listen", "127.0.0.1:0", "--upstream", upstream,
-        "--profile", PROFILE, "--leg", leg.value,
-    ) as (_, line):  # fmt: skip
-        # "listening on HOST:PORT, relaying to HOST:PORT"
-        yield "http://" + line.split()[2].rstrip(",")
+    with behind_profile(upstream, PROFILE, leg.value) as address:
+        yield "http://" + address
 
 
 def _writes(size: int) -> Iterator[tuple[int, memoryview]]:
@@ -155,8 +151,8 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     with (
         gcs_endpoint() as url,
-        behind_profile(url, Leg.GCS) as gcs_leg,
-        behind_profile(url, Leg.CLIENT) as client_leg,
+        behind_profile_url(url, Leg.GCS) as gcs_leg,
+        behind_profile_url(url, Leg.CLIENT) as client_leg,
     ):
         # References: google-resumable-media's single stream, over each leg's link.
         for leg, through in ((Leg.GCS, gcs_leg), (Leg.CLIENT, client_leg)):

@@ -37,7 +37,7 @@ import requests
 import trio
 from google.resumable_media.requests import ResumableUpload
 
-from bench._rup_process import process_cpu_seconds, rup_process
+from bench._rup_process import process_cpu_seconds, process_rss, rup_process
 from faultnet.gcs.clients import anonymous_client
 from proxy.client import ClientSettings, UploadOptions, upload_file
 
@@ -109,13 +109,6 @@ def _proxy(gcs_url: str) -> Iterator[tuple[tuple[str, int], int]]:
         # "rup serve: listening on HOST:PORT (gcs: URL)"
         host, _, port = line.split("listening on ", 1)[1].split()[0].rpartition(":")
         yield (host, int(port)), process.pid
-
-
-def _peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _write_payload(path: Path, size: int) -> None:
@@ -248,7 +241,7 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
                     runs.setdefault(key, []).append(
                         _through_proxy(address, payload, name, connections)
                     )
-                    peaks[key] = max(peaks.get(key, 0), _peak_rss(pid))
+                    peaks[key] = max(peaks.get(key, 0), process_rss(pid))
                     cpu.setdefault(key, []).append(process_cpu_seconds(pid) - idle_cpu)
                 bucket.blob(name).delete()
             floors.append(_floor_cpu_seconds(payload))
@@ -257,7 +250,7 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
         _write_payload(small, concurrent_size)
         with _proxy(gcs_url) as (address, pid):
             concurrent_seconds, completed = _concurrent(address, small, CONCURRENT_UPLOADS)
-            peaks["concurrent"] = _peak_rss(pid)
+            peaks["concurrent"] = process_rss(pid)
 
     mb_per_s = {name: size / value / 1e6 for name, value in seconds.items()}
     result.update(

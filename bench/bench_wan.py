@@ -41,7 +41,13 @@ from typing import Any
 
 import trio
 
-from bench._rup_process import process_cpu_seconds, rup_process, serve_address
+from bench._rup_process import (
+    behind_profile,
+    process_cpu_seconds,
+    process_rss,
+    rup_process,
+    serve_address,
+)
 from bench.bench_writer import anchor_throughput, gcs_endpoint
 from faultnet.gcs.clients import anonymous_client
 from faultnet.profiles import PROFILES, Leg
@@ -64,17 +70,6 @@ TARGET_LINK_SHARE = 0.85
 
 
 @contextlib.contextmanager
-def _behind(address: str, profile: str, leg: Leg) -> Iterator[str]:
-    """``address`` (HOST:PORT) behind a fault proxy playing ``leg`` of ``profile``."""
-    with rup_process(
-        "faultproxy", "--listen", "127.0.0.1:0", "--upstream", address,
-        "--profile", profile, "--leg", leg.value,
-    ) as (_, line):  # fmt: skip
-        # "listening on HOST:PORT, relaying to HOST:PORT"
-        yield line.split()[2].rstrip(",")
-
-
-@contextlib.contextmanager
 def _proxy(gcs_url: str, composite: str, parallel: int, segment: int) -> Iterator[tuple[str, int]]:
     """A fresh ``rup serve`` writing to ``gcs_url``; yields HOST:PORT and its pid."""
     with rup_process(
@@ -85,14 +80,6 @@ def _proxy(gcs_url: str, composite: str, parallel: int, segment: int) -> Iterato
     ) as (process, line):  # fmt: skip
         host, port = serve_address(line)
         yield f"{host}:{port}", process.pid
-
-
-def _rss(pid: int, field: str = "VmHWM") -> int:
-    """Process ``pid``'s peak (``VmHWM``) or current (``VmRSS``) resident memory, bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _payload(path: Path, size: int) -> None:
@@ -135,13 +122,13 @@ def _rup_run(
     name = f"k{parallel}" if composite else f"c{connections}"
     with (
         _proxy(gcs_leg, mode, parallel, segment) as (address, pid),
-        _behind(address, profile, Leg.CLIENT) as client_leg,
+        behind_profile(address, profile, Leg.CLIENT.value) as client_leg,
     ):
         cpu_before = process_cpu_seconds(pid)
-        idle = _rss(pid, "VmRSS")
+        idle = process_rss(pid, "VmRSS")
         seconds, is_composite = _upload(client_leg, path, name, connections)
         cpu = process_cpu_seconds(pid) - cpu_before
-        rss = _rss(pid)
+        rss = process_rss(pid)
     if is_composite != composite:
         raise RuntimeError(f"{name}: expected composite={composite}, got {is_composite}")
     rate = size / seconds
@@ -181,8 +168,10 @@ def run(
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(gcs_endpoint())
         endpoint = url.removeprefix("http://").rstrip("/")
-        gcs_leg = "http://" + stack.enter_context(_behind(endpoint, profile, Leg.GCS))
-        client_direct = "http://" + stack.enter_context(_behind(endpoint, profile, Leg.CLIENT))
+        gcs_leg, client_direct = (
+            "http://" + stack.enter_context(behind_profile(endpoint, profile, leg.value))
+            for leg in (Leg.GCS, Leg.CLIENT)
+        )
         for leg, through in ((Leg.CLIENT, client_direct), (Leg.GCS, gcs_leg)):
             rate = anchor_throughput(through, size, CHUNK)
             link = links.link(leg).rate
