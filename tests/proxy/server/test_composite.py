@@ -14,6 +14,7 @@ from typing import Any
 import google_crc32c
 import pytest
 import trio
+from google.cloud import storage  # type: ignore[import-untyped]
 
 from protocol import (
     Ack,
@@ -49,23 +50,40 @@ async def composite_proxy(start_proxy: StartProxy) -> AsyncIterator[ProxyServer]
         yield server
 
 
-async def open_composite(client: RawClient, bucket: str, name: str, size: int) -> bytes:
+async def open_composite(
+    client: RawClient, bucket: str, name: str, size: int, segment_size: int = SEGMENT
+) -> bytes:
     await client.send(OpenUpload(bucket, name, expected_size=size))
-    opened = await client.reply(CompositeOpened)
-    assert (opened.segment_size, opened.parallel_segments) == (SEGMENT, ALWAYS.parallel_segments)
+    with trio.fail_after(10):
+        opened = await client.reply(CompositeOpened)
+    assert (opened.segment_size, opened.parallel_segments) == (
+        segment_size,
+        ALWAYS.parallel_segments,
+    )
     return opened.token
 
 
-async def store_segment(client: RawClient, token: bytes, index: int, data: bytes) -> Completed:
-    """Segment ``index`` of ``data`` through OPEN_SEGMENT, writes and COMPLETE."""
-    piece = data[index * SEGMENT : (index + 1) * SEGMENT]
+def piece_of(data: bytes, index: int, segment_size: int = SEGMENT) -> bytes:
+    return data[index * segment_size : (index + 1) * segment_size]
+
+
+async def bind_segment(client: RawClient, token: bytes, index: int) -> None:
     client.credit = None
     await client.send(OpenSegment(index, token))
-    await client.reply(UploadOpened)
-    await send_range(client, piece, 0, len(piece))
-    await client.send(Complete(len(piece), google_crc32c.value(piece)))
     with trio.fail_after(10):
-        completed = await client.reply(Completed)
+        await client.reply(UploadOpened)
+
+
+async def store_segment(
+    client: RawClient, token: bytes, index: int, data: bytes, segment_size: int = SEGMENT
+) -> Completed:
+    """Segment ``index`` of ``data`` through OPEN_SEGMENT, writes and COMPLETE."""
+    piece = piece_of(data, index, segment_size)
+    await bind_segment(client, token, index)
+    with trio.fail_after(10):
+        await send_range(client, piece, 0, len(piece))
+    completed = await answer(client, Complete(len(piece), google_crc32c.value(piece)))
+    assert isinstance(completed, Completed), completed
     assert (completed.size, completed.crc32c) == (len(piece), google_crc32c.value(piece))
     return completed
 
@@ -80,9 +98,9 @@ async def answer(client: RawClient, request: Any) -> Any:
                 return event
 
 
-def temporaries(server: ProxyServer, bucket: str) -> list[str]:
-    listed = server.backend.client.bucket(bucket).list_blobs(prefix=ALWAYS.temp_prefix)
-    return [blob.name for blob in listed]
+def temporaries(client: storage.Client, bucket: str) -> list[str]:
+    listed = client.bucket(bucket).list_blobs(prefix=ALWAYS.temp_prefix)
+    return sorted(blob.name for blob in listed)
 
 
 async def test_segments_over_two_connections_compose_into_the_object(
@@ -107,7 +125,7 @@ async def test_segments_over_two_connections_compose_into_the_object(
     blob = composite_proxy.backend.client.bucket(gcs_bucket).get_blob("composite.bin")
     assert blob.download_as_bytes() == data
     assert blob.component_count == 3
-    assert temporaries(composite_proxy, gcs_bucket) == []
+    assert temporaries(composite_proxy.backend.client, gcs_bucket) == []
     # Idempotent: the same COMPLETED again, and the token never writes a segment again.
     again = await answer(first, Compose(len(data), crc, token))
     assert isinstance(again, Completed)
@@ -155,9 +173,8 @@ async def test_discard_deletes_the_segments_and_ends_the_token_everywhere(
         assert isinstance(refused, Error)
         assert refused.code is ErrorCode.ABORTED
     # Only the marker that tells every instance stays, until the sweep removes it.
-    assert [name.rsplit("/", 1)[1] for name in temporaries(composite_proxy, gcs_bucket)] == [
-        "discarded"
-    ]
+    left = temporaries(composite_proxy.backend.client, gcs_bucket)
+    assert [name.rsplit("/", 1)[1] for name in left] == ["discarded"]
     assert composite_proxy.backend.client.bucket(gcs_bucket).get_blob("discarded.bin") is None
 
 

@@ -28,21 +28,25 @@ from protocol import (
     Complete,
     Completed,
     Compose,
-    CompositeOpened,
     Discard,
     Error,
     ErrorCode,
     Incomplete,
     OpenSegment,
-    OpenUpload,
-    UploadOpened,
     WriteAt,
 )
 from proxy.server import ProxyServer, serve_in_background
 from proxy.server.backend import Backend, TargetKind
 from proxy.server.settings import CompositeMode, CompositePolicy, KiB, MiB, ServerSettings
 from tests.proxy.conftest import RawClient
-from tests.proxy.server.test_composite import answer
+from tests.proxy.server.test_composite import (
+    answer,
+    bind_segment,
+    open_composite,
+    piece_of,
+    store_segment,
+    temporaries,
+)
 from tests.proxy.server.test_uploads import FRAME, send_range
 
 Connect = Callable[..., Awaitable[RawClient]]
@@ -67,40 +71,6 @@ async def proxy_with_faults(
     backend = Backend(client, TargetKind.EMBEDDED, endpoint.url)
     async with serve_in_background(settings, backend) as server:
         yield server
-
-
-async def open_composite(client: RawClient, bucket: str, name: str, size: int) -> bytes:
-    await client.send(OpenUpload(bucket, name, expected_size=size))
-    with trio.fail_after(10):
-        return (await client.reply(CompositeOpened)).token
-
-
-def piece_of(data: bytes, index: int, segment_size: int) -> bytes:
-    return data[index * segment_size : (index + 1) * segment_size]
-
-
-async def bind_segment(client: RawClient, token: bytes, index: int) -> None:
-    client.credit = None
-    await client.send(OpenSegment(index, token))
-    with trio.fail_after(10):
-        await client.reply(UploadOpened)
-
-
-async def store_segment(
-    client: RawClient, token: bytes, index: int, data: bytes, segment_size: int = SEGMENT
-) -> None:
-    """Segment ``index`` of ``data`` through OPEN_SEGMENT, writes and COMPLETE."""
-    piece = piece_of(data, index, segment_size)
-    await bind_segment(client, token, index)
-    with trio.fail_after(10):
-        await send_range(client, piece, 0, len(piece))
-    completed = await answer(client, Complete(len(piece), google_crc32c.value(piece)))
-    assert isinstance(completed, Completed), completed
-    assert (completed.size, completed.crc32c) == (len(piece), google_crc32c.value(piece))
-
-
-def temporaries(client: storage.Client, bucket: str) -> list[str]:
-    return sorted(blob.name for blob in client.bucket(bucket).list_blobs(prefix=PREFIX))
 
 
 def stored(client: storage.Client, bucket: str, name: str) -> bytes | None:
@@ -133,7 +103,7 @@ async def test_a_segment_whose_session_is_lost_fails_and_is_stored_again(
     first = piece_of(data, 0, LARGE_SEGMENT)
     async with proxy_with_faults(settings, faults.client, gcs_server) as server:
         client = await raw_client(server, versions=V3)
-        token = await open_composite(client, gcs_bucket, "lost.bin", len(data))
+        token = await open_composite(client, gcs_bucket, "lost.bin", len(data), LARGE_SEGMENT)
         await bind_segment(client, token, 0)
         with trio.fail_after(10):
             await send_range(client, first, 0, 512 * KiB)
@@ -253,7 +223,7 @@ async def test_discard_while_segments_are_in_flight_on_other_connections(
     data = os.urandom(2 * LARGE_SEGMENT + 3 * LARGE_SEGMENT // 2)
     async with start_proxy(composite=policy(LARGE_SEGMENT)) as server:
         opener = await raw_client(server, versions=V3)
-        token = await open_composite(opener, gcs_bucket, "discarded.bin", len(data))
+        token = await open_composite(opener, gcs_bucket, "discarded.bin", len(data), LARGE_SEGMENT)
         await store_segment(opener, token, 0, data, LARGE_SEGMENT)
         # Segments 1 and 2 are half written, on connections of their own, their first
         # chunks already in GCS sessions.
