@@ -59,6 +59,7 @@ __all__ = [
     "CompositeWriter",
     "complete_from_temporaries",
     "open_composite_writer",
+    "segment_count",
     "temporary_name",
 ]
 
@@ -66,6 +67,12 @@ logger = logging.getLogger(__name__)
 
 #: where temporary objects live unless configured otherwise (gsutil reserves a namespace too)
 DEFAULT_TEMP_PREFIX = ".rup/tmp/"
+
+
+def segment_count(total_size: int, segment_size: int) -> int:
+    """How many segments an object of ``total_size`` bytes is cut into (an empty one too
+    is one segment)."""
+    return max(1, -(-total_size // segment_size))
 
 
 def temporary_name(prefix: str, upload_id: str, part: int | str) -> str:
@@ -309,7 +316,7 @@ class CompositeWriter:
             return self._result
         self._check_usable()
         size = self._settings.segment_size
-        count = max(1, -(-total_size // size))
+        count = segment_count(total_size, size)
         held = self.received_ranges()
         if held and held[-1][1] > total_size:
             raise ValueError(f"bytes are held past the total size {total_size}")
@@ -523,7 +530,7 @@ async def complete_from_temporaries(
     writer = settings.writer
     prefix = temporary_name(settings.temp_prefix, upload_id, "")
     found = {info.name: info for info in await _retrying_listing(bucket, prefix, settings)}
-    count = max(1, -(-total_size // settings.segment_size))
+    count = segment_count(total_size, settings.segment_size)
     parts: list[ObjectInfo] = []
     missing: list[tuple[int, int]] = []
     for index in range(count):

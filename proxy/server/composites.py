@@ -51,9 +51,10 @@ from reliablewriter import (
     temporary_name,
 )
 from reliablewriter.checksum import crc32c_to_b64
+from reliablewriter.composite import segment_count
 from reliablewriter.sweep import sweep_temporaries
 
-__all__ = ["CompositeUploads", "segment_count"]
+__all__ = ["CompositeUploads"]
 
 logger = get_logger(__name__)
 
@@ -63,12 +64,6 @@ _T = TypeVar("_T")
 _DISCARDED = "discarded"
 #: GCS requests of the housekeeping and the checks here get this long each
 _REQUEST_TIMEOUT = 60.0
-
-
-def segment_count(ticket: UploadTicket) -> int:
-    """How many segments the upload ``ticket`` names is cut into (at least one)."""
-    size = ticket.expected_size or 0
-    return max(1, -(-size // ticket.segment_size))
 
 
 @dataclass(frozen=True)
@@ -95,7 +90,7 @@ class CompositeUploads:
 
     def segment_request(self, ticket: UploadTicket, index: int) -> OpenRequest:
         """The upload of segment ``index``: its temporary object, of exactly its size."""
-        count = segment_count(ticket)
+        count = segment_count(ticket.expected_size or 0, ticket.segment_size)
         if not 0 <= index < count:
             raise ServerError(
                 ErrorCode.INVALID_REQUEST,
