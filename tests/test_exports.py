@@ -58,8 +58,7 @@ def _public_names(module: types.ModuleType) -> set[str]:
     return {
         name
         for name, value in vars(module).items()
-        if not name.startswith("_")
-        and not isinstance(value, types.ModuleType | _FUTURE_FEATURE)
+        if not name.startswith("_") and not isinstance(value, types.ModuleType | _FUTURE_FEATURE)
     }
 
 

@@ -13,6 +13,7 @@ fault hits depends on which are running at that moment, so it may differ between
 
 from __future__ import annotations
 
+import datetime
 import enum
 import random
 import signal
@@ -130,6 +131,13 @@ class ProcessSaboteur:
         self.counts: dict[str, int] = {fault.value: 0 for fault in ProcessFault}
         #: what went wrong with the servers themselves: a SIGTERM not obeyed, a failed start
         self.problems: list[str] = []
+        #: every strike and restart, as lines stamped like the servers' logs (for a run that
+        #: failed: which process was down when)
+        self.timeline: list[str] = []
+
+    def _note(self, what: str) -> None:
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
+        self.timeline.append(f"{stamp} {what}")
 
     def client_started(self, index: int, process: Supervised) -> None:
         self._clients[index] = (process, trio.current_time())
@@ -164,6 +172,7 @@ class ProcessSaboteur:
         self._stopped_clients[index] = planned.down
         self._clients[index][0].send_signal(planned.fault.signal)
         self.counts[planned.fault.value] += 1
+        self._note(f"{planned.fault.value} (upload {index}), down {planned.down:.2f} s")
 
     async def _strike_server(self, planned: PlannedFault) -> None:
         process = self._servers[planned.fault.target]
@@ -173,8 +182,10 @@ class ProcessSaboteur:
             await self._before_proxy_fault()
         process.send_signal(planned.fault.signal)
         self.counts[planned.fault.value] += 1
+        self._note(planned.fault.value)
         with trio.move_on_after(_STOP_PATIENCE) as patience:
             code = await process.wait()
+        self._note(f"{process.name} exited ({code}); down {planned.down:.2f} s, then restarted")
         if patience.cancelled_caught:
             self.problems.append(
                 f"{process.name} did not exit within {_STOP_PATIENCE:.0f} s of"
@@ -189,3 +200,5 @@ class ProcessSaboteur:
             await process.start(ready_timeout=_START_PATIENCE)
         except (OSError, trio.TooSlowError, ProcessExitedError) as exc:
             self.problems.append(f"{process.name} did not start again: {exc!r}")
+        else:
+            self._note(f"{process.name} accepting again")

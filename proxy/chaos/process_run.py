@@ -200,6 +200,8 @@ class _ProcessRun:
             # The saboteur finishes a restart it has begun before it obeys (see its run).
             nursery.cancel_scope.cancel()
         self.leaks += self.saboteur.problems
+        timeline = "".join(f"{line}\n" for line in self.saboteur.timeline)
+        (self.directory / "faults.log").write_text(timeline)
 
     async def _read_retries(self) -> None:
         """Add the proxy's retry counters to the run's, before a fault resets them."""
@@ -287,6 +289,7 @@ class _ProcessRun:
                     # outlasts any time down of the proxy or the endpoint
                     "--retry-deadline", f"{self.settings.deadline / 2:g}",
                     "--json",
+                    "--verbose",  # each failed attempt, in the logs kept for a failed run
                 ]  # fmt: skip
                 if generation is not None:
                     arguments += ["--if-generation-match", str(generation)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,11 +35,27 @@ class ProcessExitedError(Exception):
     """A supervised process exited while it was expected to come up."""
 
 
+#: where the ports of restartable servers are drawn from: below Linux's ephemeral range
+#: (32768-60999 by default), from which every ``bind(0)`` and outgoing connection takes its
+#: port. A port drawn from that range could be handed to someone else (a chaos proxy of the
+#: same run, say) while its server is down, and the restart would find it taken.
+_SERVER_PORTS: Final = range(20000, 32000)
+_PORT_DRAWS: Final = 200
+
+
 def free_port() -> int:
-    """A loopback port that was free a moment ago, for a process restarted on the same one."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A loopback port that is free now and stays out of the way of ephemeral ports, for a
+    process restarted on the same one (see ``_SERVER_PORTS``)."""
+    rng = random.Random()
+    for _ in range(_PORT_DRAWS):
+        port = rng.choice(_SERVER_PORTS)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use: draw again
+            return port
+    raise OSError(f"no free port among {_PORT_DRAWS} drawn from {_SERVER_PORTS}")
 
 
 class Supervised:

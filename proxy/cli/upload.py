@@ -227,6 +227,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print one JSON line per object (and a summary line for several)",
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also say, on stderr, why each connection attempt failed and what was resumed",
+    )
 
 
 def _usage(args: argparse.Namespace) -> str | None:
@@ -578,21 +584,32 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
 
 
 class _NoticeHandler(logging.Handler):
-    """The client library's notices (``rup.client`` warnings) as ``rup upload: ...`` lines.
+    """The client library's notices (``rup.client`` warnings) as ``rup upload: ...`` lines;
+    with ``--verbose``, its INFO lines too, each with the seconds since the command began.
 
     It looks ``sys.stderr`` up at each line, so a progress bar that redirects stderr keeps
     the line above the bar.
     """
 
+    def __init__(self, level: int, started: float) -> None:
+        super().__init__(level)
+        self._started = started
+
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"rup upload: {record.getMessage()}", file=sys.stderr)
+        message = record.getMessage()
+        if self.level < logging.WARNING:
+            message = f"[{record.created - self._started:7.3f}] {message}"
+        print(f"rup upload: {message}", file=sys.stderr)
 
 
-def _show_client_notices() -> None:
+def _show_client_notices(*, verbose: bool) -> None:
     logger = logging.getLogger("rup.client")
-    if not any(isinstance(handler, _NoticeHandler) for handler in logger.handlers):
-        logger.addHandler(_NoticeHandler(logging.WARNING))
-        logger.propagate = False
+    level = logging.INFO if verbose else logging.WARNING
+    for handler in [h for h in logger.handlers if isinstance(h, _NoticeHandler)]:
+        logger.removeHandler(handler)
+    logger.addHandler(_NoticeHandler(level, time.time()))
+    logger.setLevel(level)
+    logger.propagate = False
 
 
 def _known_size(source: str) -> int | None:
@@ -606,7 +623,7 @@ def _known_size(source: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _show_client_notices()
+    _show_client_notices(verbose=args.verbose)
     problem = _usage(args)
     if problem is not None:
         return _fail(args, problem, EXIT_USAGE)

@@ -295,6 +295,7 @@ class Transfer:
                     return
                 failures += 1
                 last_reason = f"cannot connect to {host}:{port}: {exc or type(exc).__name__}"
+                _log.info("%s: connection %d: %s", self._description, index, last_reason)
                 self._move_on_from(address_index)
                 self._note_unavailable()
                 continue
@@ -305,6 +306,13 @@ class Transfer:
             bound = self._drop(channel)
             assert channel.failure is not None
             last_reason = channel.failure.reason
+            _log.info(
+                "%s: connection %d lost (%s, %s): %s",
+                self._description, index,
+                "bound" if bound else "before binding",
+                "frames acknowledged" if channel.acked_any else "no frame acknowledged",
+                last_reason,
+            )  # fmt: skip
             if channel.failure.code is not None:
                 self._ledger.count_error(channel.failure.code)
             if not bound:

@@ -21,14 +21,17 @@ from proxy.cli.main import main
 from reliablewriter import MiB
 
 #: seed 193's first four process faults: proxy SIGTERM, gcs SIGKILL, client SIGINT and
-#: SIGKILL, all within the first 4 s; the run takes about 15 s
+#: SIGKILL, all within the first 4 s; the run takes about 15 s. The faults go on until the
+#: last upload ends, and on two busy cores a restart of the endpoint takes up to 3 s: the
+#: deadline (and the clients' retry deadline, half of it) leaves room for several of them
+#: in a row.
 SMALL = ChaosSettings(
     uploads=10,
     seed=193,
     max_size=2 * MiB,
     connections=3,
     concurrency=4,
-    deadline=20.0,
+    deadline=30.0,
     precondition_share=0.3,
     process_faults=True,
     process_fault_interval=0.8,
@@ -41,7 +44,10 @@ def test_a_small_seeded_run_keeps_every_promise_while_processes_are_killed() -> 
     report = run_chaos(SMALL)
 
     assert report.passed, report.as_dict()["broken"] or report.leaks
-    assert all(o.verdict in (Verdict.VERIFIED, Verdict.REFUSED) for o in report.outcomes)
+    not_stored = [
+        o for o in report.outcomes if o.verdict not in (Verdict.VERIFIED, Verdict.REFUSED)
+    ]
+    assert not not_stored, [(o.index, o.verdict.value, o.problem) for o in not_stored]
     assert any(o.verdict is Verdict.REFUSED for o in report.outcomes)
     faults = report.process_faults
     for target in ("proxy", "gcs", "client"):

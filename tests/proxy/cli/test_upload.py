@@ -92,19 +92,38 @@ def test_precondition_failure_exits_4(
     assert last == {"ok": False, "error": last["error"], "exit_code": 4}
 
 
+def _closed_port() -> int:
+    with socket.socket() as sock:  # nothing listens on this port once it is closed
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def test_unreachable_proxy_exits_5(
     source: tuple[Path, bytes], capsys: pytest.CaptureFixture[str]
 ) -> None:
     path, _ = source
-    with socket.socket() as sock:  # nothing listens on this port once it is closed
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    argv = ["upload", str(path), "gs://cmd/x", "--proxy", f"127.0.0.1:{port}"]
+    argv = ["upload", str(path), "gs://cmd/x", "--proxy", f"127.0.0.1:{_closed_port()}"]
     argv += ["--retry-deadline", "1"]
     assert main(argv) == 5
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "cannot connect" in err
+
+
+def test_verbose_says_why_each_attempt_failed(
+    source: tuple[Path, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = source
+    argv = ["upload", str(path), "gs://cmd/x", "--proxy", f"127.0.0.1:{_closed_port()}"]
+    assert main([*argv, "--retry-deadline", "1", "--verbose"]) == 5
+    lines = capsys.readouterr().err.splitlines()
+    attempts = [line for line in lines if "connection 0: cannot connect" in line]
+    assert len(attempts) >= 2, lines  # one per attempt, each stamped with its time
+    assert all(line.startswith("rup upload: [") for line in attempts)
+    assert "gave up after" in lines[-1]
+    # without it, the one line of the outcome stays the only one
+    assert main([*argv, "--retry-deadline", "1"]) == 5
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 @pytest.mark.parametrize(

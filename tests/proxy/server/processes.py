@@ -12,25 +12,19 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from proxy.chaos.processes import free_port
+
 __all__ = ["RupProcess", "free_port", "running"]
 
 #: how long a process gets to print a line it is waited for
 _STARTUP_TIMEOUT = 30.0
 _POLL = 0.02
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (for a process restarted on the same one)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class RupProcess:

@@ -142,7 +142,6 @@ async def test_past_the_limit_the_oldest_session_is_cancelled_early(
         nursery.cancel_scope.cancel()
 
 
-
 async def test_an_abandoned_upload_leaves_nothing_behind_on_disk(
     proxy_settings: ServerSettings, raw_client: Connect, tmp_path: Path
 ) -> None:

@@ -47,7 +47,6 @@ Connect = Callable[..., Awaitable[RawClient]]
 StartProxy = Callable[..., contextlib.AbstractAsyncContextManager[ProxyServer]]
 
 
-
 async def _connect(raw_client: Connect, server: ProxyServer) -> RawClient:
     """A raw client that speaks every protocol version this codebase knows (so the server
     answers with version 2's codes, TOKEN_NOT_RESUMABLE and UPLOAD_FINISHED)."""
