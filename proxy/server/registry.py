@@ -39,7 +39,7 @@ from proxy.server.logging import get_logger, log_event
 from proxy.server.metrics import ServerMetrics
 from proxy.server.settings import ServerSettings
 from proxy.server.tokens import BadTokenError, TokenCodec, UploadTicket
-from proxy.server.uploads import OpenRequest, Upload, UploadState, first_window
+from proxy.server.uploads import OpenRequest, Upload, UploadState, first_window, largest_window
 from proxy.server.whole_objects import WholeObjects
 
 __all__ = ["CompositeTokenError", "UploadRegistry"]
@@ -49,6 +49,9 @@ logger = get_logger(__name__)
 #: room kept in the token-size check for the GCS session reference, which is not known
 #: until the session exists (GCS's upload ids are about 150 characters)
 _SESSION_REF_ALLOWANCE = 512
+
+#: an open that waited this long for its window is logged (``budget-waited``)
+_NOTABLE_BUDGET_WAIT = 1.0
 
 
 class CompositeTokenError(ServerError):
@@ -387,13 +390,14 @@ class UploadRegistry:
         # Claimed before any waiting, so concurrent opens and attaches see them at once.
         self._per_client[client] += 1
         opened = self._opening[upload_id] = trio.Event()
+        asked = trio.current_time()
         try:
             window = await UploadWindow.acquire(
                 self._budget,
                 client,
                 settings.writer,
                 initial=first_window(settings, request),
-                largest=settings.upload_buffer_limit,
+                largest=largest_window(settings, request),
                 patience=settings.budget_wait,
             )
         except BaseException:
@@ -401,6 +405,14 @@ class UploadRegistry:
             del self._opening[upload_id]
             opened.set()
             raise
+        waited = trio.current_time() - asked
+        if waited >= _NOTABLE_BUDGET_WAIT:
+            # Opens queue for memory: the budget is too small for this load, or held by
+            # uploads nobody is sending to (see rup_buffer_reserved_bytes).
+            log_event(
+                logger, logging.INFO, "budget-waited",
+                upload=upload_id, client=client, seconds=f"{waited:.1f}",
+            )  # fmt: skip
         upload = Upload(self, upload_id, request, client, window)
         self._claims[upload] = _Claim(window, client)
         try:

@@ -75,6 +75,9 @@ __all__ = [
     "UploadState",
     "error_from_refused_start",
     "error_from_writer",
+    "first_window",
+    "largest_window",
+    "whole_window",
 ]
 
 logger = get_logger(__name__)
@@ -182,6 +185,16 @@ def _one_request_size(settings: ServerSettings, request: OpenRequest) -> int | N
     ):
         return size
     return None
+
+
+def largest_window(settings: ServerSettings, request: OpenRequest) -> int:
+    """The most ``request``'s window may grow to: ``upload_buffer_limit``, or less for an
+    upload of declared size, which never needs room for more than it holds (a window larger
+    than that would only keep budget from other uploads)."""
+    largest = settings.upload_buffer_limit
+    if request.expected_size is not None:
+        largest = whole_window(settings, request.expected_size)
+    return max(largest, first_window(settings, request))
 
 
 def whole_window(settings: ServerSettings, size: int) -> int:

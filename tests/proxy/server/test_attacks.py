@@ -20,6 +20,7 @@ from google.cloud import storage  # type: ignore[import-untyped]
 
 from protocol import (
     MAX_LISTED_RANGES,
+    Abort,
     Ack,
     Complete,
     Completed,
@@ -35,6 +36,7 @@ from protocol import (
     Role,
     Status,
     StatusQuery,
+    UploadOpened,
     WriteAt,
 )
 from protocol._spec import HEADER_SIZE
@@ -283,6 +285,27 @@ async def test_an_unauthenticated_client_is_told_which_way_it_failed(
         assert error.code is ErrorCode.UNAUTHENTICATED
         assert error.message == message
         await client.closed()
+
+
+async def test_an_open_that_queued_for_memory_is_logged(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    # Room for one 1 MiB window per client (its cost is a little more than 1 MiB).
+    async with start_proxy(total_buffer_limit=4 * MiB, budget_wait=10.0) as server:
+        first = await raw_client(server)
+        await first.open(gcs_bucket, "holds-the-room.bin")
+        second = await raw_client(server)
+        await second.send(OpenUpload(gcs_bucket, "waits-for-it.bin"))
+        with trio.move_on_after(1.2):
+            pytest.fail(f"answered while the room was held: {await answer(second)}")
+        await first.send(Abort())
+        await first.reply(Ack)
+        with trio.fail_after(5):
+            assert isinstance(await answer(second), UploadOpened)
+    waited = [r.getMessage() for r in caplog.records if "budget-waited" in r.getMessage()]
+    assert len(waited) == 1, waited
+    assert "seconds=1." in waited[0]
 
 
 async def test_control_characters_in_names_are_escaped_in_the_logs(

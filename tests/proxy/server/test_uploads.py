@@ -25,6 +25,7 @@ from protocol import (
 )
 from protocol import Status as StatusReply
 from proxy.server import ProxyServer
+from proxy.server.budget import window_cost
 from proxy.server.settings import KiB, MiB
 from proxy.server.uploads import UploadState
 from tests.proxy.conftest import RawClient
@@ -358,3 +359,23 @@ async def test_complete_after_a_restart_returns_the_finished_object(
         completed.size,
         completed.crc32c,
     )
+
+
+async def test_a_window_never_grows_past_the_declared_size(
+    proxy_server: ProxyServer, raw_client: Connect, gcs_bucket: str, storage_client: storage.Client
+) -> None:
+    data = _payload(MiB + 300 * KiB)  # its whole window: 1.5 MiB (whole 256 KiB quanta)
+    client = await raw_client(proxy_server)
+    await client.open(gcs_bucket, "capped.bin", expected_size=len(data))
+    reserved = proxy_server.metrics.registry.get_sample_value
+    most = 0.0
+    for start in range(0, len(data), FRAME):
+        await send_range(client, data, start, min(start + FRAME, len(data)))
+        most = max(most, reserved("rup_buffer_reserved_bytes") or 0.0)
+    await client.send(Complete(len(data), google_crc32c.value(data)))
+    assert (await client.reply(Completed)).size == len(data)
+
+    writer = proxy_server.settings.writer
+    # It grew from its first 1 MiB (half of that arrived), but only to what it must hold.
+    assert window_cost(writer, MiB) < most <= window_cost(writer, MiB + 512 * KiB)
+    assert _stored(storage_client, gcs_bucket, "capped.bin") == data
