@@ -10,7 +10,8 @@ import argparse
 import errno
 from collections.abc import Mapping
 
-from faultnet import tcpproxy
+from faultnet.addresses import Address, format_address
+from faultnet.addresses import parse_address as _parse_address
 
 __all__ = [
     "EXIT_FAILED",
@@ -34,7 +35,7 @@ EXIT_INTERRUPTED = 130
 _MAX_PORT = 65535
 
 
-def parse_address(text: str) -> tcpproxy.Address:
+def parse_address(text: str) -> Address:
     """Read ``HOST:PORT`` (``[V6ADDR]:PORT`` for IPv6, port 0 for any free one); an
     ``argparse`` type, whose message says what is wrong."""
     _, _, port = text.rpartition(":")
@@ -43,7 +44,7 @@ def parse_address(text: str) -> tcpproxy.Address:
             f"port {int(port)} is out of range in {text!r} (1-{_MAX_PORT}, or 0 for any free port)"
         )
     try:
-        return tcpproxy.parse_address(text)
+        return _parse_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -74,7 +75,7 @@ def os_reason(exc: OSError) -> str:
 
 def listen_failure(address: tuple[str, int], exc: OSError) -> str:
     """The one line for a listener that could not be opened on ``address``."""
-    return f"cannot listen on {tcpproxy.format_address(address)}: {os_reason(exc)}"
+    return f"cannot listen on {format_address(address)}: {os_reason(exc)}"
 
 
 def exit_codes_epilog(codes: Mapping[int, str]) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 
+from faultnet.addresses import Address, format_address, parse_address
 from faultnet.counters import FaultCounters
 from faultnet.engine import ConnectionFaults
 from faultnet.plan import Direction, FaultPlan, Toxic
@@ -59,26 +60,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: a host and port, as trio and the socket module take them
-Address = tuple[str, int]
-
 #: the name of the proxy that ``open_chaos_proxy`` and ``rup faultproxy --listen`` make
 DEFAULT_PROXY_NAME = "default"
-
-
-def parse_address(text: str) -> Address:
-    """Read ``HOST:PORT`` (``[V6ADDR]:PORT`` for IPv6); :class:`ValueError` if it is not."""
-    host, colon, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not colon or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
-
-
-def format_address(address: Address) -> str:
-    """``HOST:PORT``, with brackets around an IPv6 host."""
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ToxicNotFoundError(LookupError):

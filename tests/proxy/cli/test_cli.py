@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import subprocess
 import sys
 import types
 from collections.abc import Callable
@@ -94,3 +95,25 @@ def test_every_command_follows_the_contract_and_describes_itself_in_its_help(
     out = capsys.readouterr().out
     assert out.startswith(f"usage: rup {name}")
     assert " ".join(module.HELP.split()) in " ".join(out.split())
+
+
+def test_rup_upload_starts_without_the_server_side_libraries() -> None:
+    # A user may run it once per file: it must not pay for the GCS client, requests or
+    # faultnet's machinery, which only the proxy and the chaos tools use.
+    heavy = ["requests", "google.cloud.storage", "faultnet.tcpproxy", "faultnet.plan"]
+    probe = (
+        "import sys; from proxy.cli.main import command_parser; command_parser('upload');"
+        f" print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_faultnet_names_are_there_when_used() -> None:
+    import faultnet
+
+    assert faultnet.FaultPlan is importlib.import_module("faultnet.plan").FaultPlan
+    with pytest.raises(AttributeError, match="no_such_name"):
+        _ = faultnet.no_such_name
