@@ -122,7 +122,7 @@ class CompositeUploads:
             blob = bucket.get_blob(request.name, retry=None, timeout=_REQUEST_TIMEOUT)
             return blob is not None and blob.size == request.expected_size
 
-        return await _in_thread(look, ticket)
+        return await _in_thread(look, ticket, only_reads=True)
 
     async def check_not_discarded(self, ticket: UploadTicket) -> None:
         """ABORTED once the upload was discarded or aborted (one metadata request)."""
@@ -130,7 +130,7 @@ class CompositeUploads:
         def look() -> bool:
             return self._discarded_in(self._backend.bucket(ticket.bucket), ticket)
 
-        if await _in_thread(look, ticket):
+        if await _in_thread(look, ticket, only_reads=True):
             raise _discarded(ticket)
 
     async def check_writable(self, ticket: UploadTicket) -> None:
@@ -239,7 +239,7 @@ class CompositeUploads:
             info = None if live is None else ObjectInfo.from_resource(dict(live._properties))
             return discarded, info
 
-        return await _in_thread(look, ticket)
+        return await _in_thread(look, ticket, only_reads=True)
 
     async def _compose(
         self, ticket: UploadTicket, total_size: int, crc32c: int | None
@@ -355,10 +355,17 @@ def _discarded(ticket: UploadTicket) -> ServerError:
     return ServerError(ErrorCode.ABORTED, f"upload {ticket.upload_id} was discarded")
 
 
-async def _in_thread(work: Callable[[], _T], ticket: UploadTicket) -> _T:
-    """Run blocking GCS work in a thread; its failures become GCS_ERROR for the client."""
+async def _in_thread(
+    work: Callable[[], _T], ticket: UploadTicket, *, only_reads: bool = False
+) -> _T:
+    """Run blocking GCS work in a thread; its failures become GCS_ERROR for the client.
+
+    Cancelled, it waits for the work to end, unless the work ``only_reads`` (nothing it
+    does is lost if its answer is dropped): then the thread is left to finish alone, so a
+    shutdown does not wait for a GCS that does not answer.
+    """
     try:
-        return await trio.to_thread.run_sync(work)
+        return await trio.to_thread.run_sync(work, abandon_on_cancel=only_reads)
     except api_exceptions.GoogleAPICallError as exc:
         code = exc.code if isinstance(exc.code, int) else None
         raise ServerError(

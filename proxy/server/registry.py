@@ -462,8 +462,12 @@ class UploadRegistry:
         then checked by GCS alone.
         """
         try:
+            # Only a read: a shutdown (or a client gone) need not wait for its answer.
             live = await trio.to_thread.run_sync(
-                self._backend.live_generation, request.bucket, request.name
+                self._backend.live_generation,
+                request.bucket,
+                request.name,
+                abandon_on_cancel=True,
             )
         except api_exceptions.GoogleAPICallError as exc:
             if exc.code in (401, 403):

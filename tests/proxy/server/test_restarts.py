@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage  # type: ignore[import-untyped]
 from google.oauth2.credentials import Credentials
 
+from protocol import NEED_DATA, PROTOCOL_VERSION, Connection, Hello, OpenUpload, Role, Welcome
 from proxy.server.keys import generate_key_text
 from tests.proxy.server.processes import RupProcess, free_port, running
 
@@ -232,3 +234,34 @@ def test_an_upload_fails_over_to_another_proxy_sharing_the_key(tmp_path: Path) -
         assert "upload-resumed" in second.stderr(), second.stderr()
         stored = _anonymous_reader(url)().bucket(_BUCKET).blob("failover.bin").download_as_bytes()
     assert stored == data
+
+
+def test_sigterm_stops_the_proxy_promptly_while_gcs_never_answers(tmp_path: Path) -> None:
+    """An open waits on a GCS lookup that never returns (a listener that accepts and stays
+    silent); SIGTERM still ends the proxy within its grace and drain times, not the
+    lookup's 30 s timeout: a shutdown does not wait for answers it would only drop."""
+    with socket.socket() as silent_gcs:
+        silent_gcs.bind(("127.0.0.1", 0))
+        silent_gcs.listen(16)  # connections complete in the backlog; nothing is ever read
+        gcs_port = silent_gcs.getsockname()[1]
+        port = free_port()
+        proxy = RupProcess(
+            "proxy",
+            ["serve", "--listen", f"127.0.0.1:{port}", "--gcs-endpoint",
+             f"http://127.0.0.1:{gcs_port}", "--drain-timeout", "1"],
+            tmp_path,
+            env={"RUP_TOKEN_KEY": generate_key_text()},
+        )  # fmt: skip
+        with running(proxy.start()), socket.create_connection(proxy.listening_on()) as client:
+            protocol = Connection(Role.CLIENT)
+            client.settimeout(10)
+            client.sendall(protocol.send_bytes(Hello((PROTOCOL_VERSION,), 256 * 1024)))
+            while isinstance(event := protocol.next_event(), type(NEED_DATA)):
+                protocol.receive_data(client.recv(65536))
+            assert isinstance(event, Welcome), event
+            client.sendall(protocol.send_bytes(OpenUpload("bucket", "waits-on-gcs.bin")))
+            time.sleep(0.5)  # the open is in its lookup now
+            stopping = time.monotonic()
+            proxy.send_signal(signal.SIGTERM)
+            assert proxy.wait(timeout=20) == 0
+            assert time.monotonic() - stopping < 8.0
