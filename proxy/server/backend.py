@@ -19,7 +19,6 @@ import contextlib
 import enum
 import os
 import re
-import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ import requests.adapters
 from google.api_core import exceptions as api_exceptions
 from google.cloud import storage  # type: ignore[import-untyped]
 
+from protocol import ErrorCode
+from proxy.server.errors import ServerError, quote
 from reliablewriter.transport import http_session
 
 __all__ = [
@@ -43,6 +44,9 @@ __all__ = [
 ]
 
 #: what an ``upload_id`` may look like (GCS's and the embedded endpoint's are base64url)
+#: for the requests that make sure a bucket exists (``--create-buckets``)
+_BUCKET_REQUEST_TIMEOUT = 30.0
+
 _SESSION_REFERENCE = re.compile(r"[A-Za-z0-9_.~-]{1,1024}")
 
 
@@ -131,21 +135,30 @@ class Backend:
             kind is TargetKind.EMBEDDED if create_buckets is None else create_buckets
         )
         self._known_buckets: set[str] = set()
-        self._lock = threading.Lock()
 
     def bucket(self, name: str) -> storage.Bucket:
         """The bucket handle for ``name``; creates the bucket first if asked to.
 
-        Blocking (it may make HTTP requests): call it from a worker thread.
+        Blocking (it may make HTTP requests): call it from a worker thread. A GCS that
+        fails those requests makes it raise a retryable GCS_ERROR at once: no lock is held
+        and no retry is hidden in the library (its default would retry ``exists`` for two
+        minutes, and every other open of a freshly started proxy queued behind it).
+        Threads may look at the same time; the one whose create is answered 409 lost a
+        harmless race.
         """
         bucket = self.client.bucket(name)
-        if self.create_buckets:
-            with self._lock:
-                if name not in self._known_buckets:
-                    if not bucket.exists():
-                        with contextlib.suppress(api_exceptions.Conflict):
-                            bucket.create()  # a 409 means another writer just created it
-                    self._known_buckets.add(name)
+        if self.create_buckets and name not in self._known_buckets:
+            try:
+                if not bucket.exists(retry=None, timeout=_BUCKET_REQUEST_TIMEOUT):
+                    with contextlib.suppress(api_exceptions.Conflict):
+                        bucket.create(retry=None, timeout=_BUCKET_REQUEST_TIMEOUT)
+            except (api_exceptions.GoogleAPICallError, requests.RequestException) as exc:
+                raise ServerError(
+                    ErrorCode.GCS_ERROR,
+                    f"could not make sure bucket {quote(name)} exists: {type(exc).__name__}",
+                    retryable=True,
+                ) from exc
+            self._known_buckets.add(name)
         return bucket
 
     def ready_bucket(self, name: str) -> storage.Bucket | None:

@@ -186,3 +186,40 @@ async def test_credentials_that_cannot_read_objects_still_upload(
         await client.write(0, data)
         await client.send(Complete(len(data)))
         assert (await client.reply(Completed)).size == len(data)
+
+
+async def test_a_failed_bucket_check_is_answered_at_once_and_the_next_open_goes_through(
+    gcs_server: GcsServer, proxy_settings: ServerSettings, raw_client: Connect
+) -> None:
+    # --create-buckets looks the bucket up first; GCS fails that lookup twice.
+    http = requests.Session()
+    http.headers["x-retry-test-id"] = gcs_server.create_retry_test(
+        {"storage.buckets.get": ["return-503", "return-503"]}
+    )
+    backend = Backend(
+        anonymous_client(gcs_server.url, http=http),
+        TargetKind.ENDPOINT,
+        gcs_server.url,
+        create_buckets=True,
+    )
+    async with serve_in_background(proxy_settings, backend) as server:
+        clients = [await raw_client(server) for _ in range(2)]
+        refusals: list[Error] = []
+
+        async def open_one(client: RawClient, name: str) -> None:
+            await client.send(OpenUpload("made-on-demand", name))
+            refusals.append(await client.reply(Error))
+
+        # Each open is answered at once, neither held behind the other's lookup nor behind a
+        # retry hidden in the library (whose pauses alone add up to seconds): the client
+        # retries, as for any GCS error.
+        with trio.fail_after(0.9):
+            async with trio.open_nursery() as nursery:
+                for index, client in enumerate(clients):
+                    nursery.start_soon(open_one, client, f"x{index}.bin")
+        assert [(r.code, r.retryable) for r in refusals] == [(ErrorCode.GCS_ERROR, True)] * 2
+        assert all("made-on-demand" in refusal.message for refusal in refusals)
+
+        again = await raw_client(server)
+        await again.open("made-on-demand", "x.bin")
+    assert await trio.to_thread.run_sync(backend.bucket("made-on-demand").exists)
