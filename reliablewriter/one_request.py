@@ -26,9 +26,10 @@ from google.cloud import storage  # type: ignore[import-untyped]
 
 from .checksum import StreamChecksum, crc32c_to_b64
 from .errors import ChecksumMismatchError, NonRetryableHTTPError
+from .http_posts import WholeObjectPoster
 from .results import ObjectInfo
 from .settings import ChecksumMode, RetryPolicy
-from .settled import ExpectedObject, SettledRequest, settle
+from .settled import ExpectedObject, SettledRequest, in_worker_thread, settle, settle_async
 from .transport import (
     GcsTransport,
     Refused,
@@ -156,8 +157,13 @@ async def upload_in_one_request(
     policy: RetryPolicy,
     connect_timeout: float = 30.0,
     read_timeout: float = 60.0,
+    poster: WholeObjectPoster | None = None,
 ) -> ObjectInfo:
     """Store ``request`` as one object with one multipart upload (retried under ``policy``).
+
+    The upload goes through ``bucket``'s client session in a worker thread, or, given a
+    ``poster`` for the client's endpoint (:func:`~reliablewriter.http_posts.post_pool_for`),
+    straight from trio; reading the object back goes through the session either way.
 
     Raises a :class:`~reliablewriter.WriterError`: :class:`NonRetryableHTTPError` for a
     refusal (412 when ``if_generation_match`` does not hold),
@@ -167,13 +173,9 @@ async def upload_in_one_request(
     """
     upload = settled_upload(request, policy, now=trio.current_time())
     client = bucket.client
-    http = http_session(client)
-    timeout = request_timeout(connect_timeout, read_timeout)
+    timeouts = request_timeout(connect_timeout, read_timeout)
     url = multipart_url(client.api_endpoint, bucket.name, request.if_generation_match)
     multipart = multipart_body(request, upload.expected.crc32c)
-
-    def send() -> StoreOutcome:
-        return post_whole_object(http, url, multipart.body, multipart.content_type, timeout)
 
     def look_up() -> Mapping[str, Any] | int:
         # only after an unclear answer: a blob handle costs more than it is worth up front
@@ -182,7 +184,19 @@ async def upload_in_one_request(
         )
         return transport.lookup_object()
 
-    info = await settle(upload, send, look_up)
+    if poster is None:
+
+        def send() -> StoreOutcome:
+            return post_whole_object(http_session(client), url, multipart.body,
+                                     multipart.content_type, timeouts)  # fmt: skip
+
+        info = await settle(upload, send, look_up)
+    else:
+
+        async def post() -> StoreOutcome:
+            return await poster.post(url, multipart.body, multipart.content_type, timeouts)
+
+        info = await settle_async(upload, post, in_worker_thread(look_up))
     if upload.attempts:
         logger.info(
             "stored %r in one request after %d failed attempts", request.name, upload.attempts

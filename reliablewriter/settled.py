@@ -17,8 +17,9 @@ not at all; which one, a read back tells.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -42,7 +43,9 @@ __all__ = [
     "ReadBack",
     "Send",
     "SettledRequest",
+    "in_worker_thread",
     "settle",
+    "settle_async",
 ]
 
 logger = logging.getLogger(__name__)
@@ -241,13 +244,24 @@ async def settle(
     """Carry ``request``'s decisions out: ``send`` makes the object, ``look_up`` reads it
     back (a resource, or a status: 404 for none; :class:`TransportFailure` for no answer).
     Both block, and run in worker threads. Raises :attr:`SettledRequest.error`."""
+    return await settle_async(request, in_worker_thread(send), in_worker_thread(look_up))
+
+
+async def settle_async(
+    request: SettledRequest,
+    send: Callable[[], Awaitable[StoreOutcome]],
+    look_up: Callable[[], Awaitable[Mapping[str, Any] | int]],
+) -> ObjectInfo:
+    """:func:`settle`, where ``send`` and ``look_up`` are async. ``send`` must not be
+    cancellable once its request may have left (a request once sent is waited for, so what
+    it did is never lost). Raises :attr:`SettledRequest.error`."""
     while (step := request.next_step()) is not None:
         await trio.sleep(step.delay)  # also where a cancellation is noticed
         if isinstance(step, Send):
-            request.sent(await _in_worker_thread(send), now=trio.current_time())
+            request.sent(await send(), now=trio.current_time())
             continue
         try:
-            found: Mapping[str, Any] | int | NoAnswer = await _in_worker_thread(look_up)
+            found: Mapping[str, Any] | int | NoAnswer = await look_up()
         except TransportFailure as exc:
             found = NoAnswer(exc.cause)
         request.read_back(found, now=trio.current_time())
@@ -255,6 +269,12 @@ async def settle(
         raise request.error
     assert request.result is not None
     return request.result
+
+
+def in_worker_thread(blocking: Callable[[], _T]) -> Callable[[], Awaitable[_T]]:
+    """``blocking`` as an async callable that runs it in a worker thread (see
+    :func:`_in_worker_thread`)."""
+    return functools.partial(_in_worker_thread, blocking)
 
 
 async def _in_worker_thread(blocking: Callable[[], _T]) -> _T:

@@ -45,6 +45,7 @@ __all__ = [
     "object_outcome",
     "post_whole_object",
     "request_timeout",
+    "whole_object_outcome",
 ]
 
 
@@ -440,6 +441,12 @@ def post_whole_object(
         outcome = NoAnswer(_cause_of(exc))
         _scrub(exc)
         return outcome
+    return whole_object_outcome(answer)
+
+
+def whole_object_outcome(answer: HttpResponse) -> StoreOutcome:
+    """What a whole answer to a whole-object upload says: the object stored, a refusal, or
+    (a success whose object cannot be read) no answer, to be settled by a read back."""
     if not 200 <= answer.status < 300:
         return Refused(answer.status, error_reason(answer))
     try:

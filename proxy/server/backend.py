@@ -31,6 +31,7 @@ from google.cloud import storage  # type: ignore[import-untyped]
 
 from protocol import ErrorCode
 from proxy.server.errors import ServerError, quote
+from reliablewriter.http_posts import WholeObjectPoster, post_pool_for
 from reliablewriter.transport import http_session
 
 __all__ = [
@@ -116,7 +117,10 @@ class Backend:
     """A storage client plus what the proxy needs to know about the target behind it.
 
     ``create_buckets`` (default: only for the embedded endpoint) makes :meth:`bucket`
-    create a bucket that does not exist yet.
+    create a bucket that does not exist yet. ``poster``, if given, stores small objects
+    (``PUT_OBJECT``) straight from trio instead of through the client's session in a worker
+    thread: :func:`open_backend` gives one when the session does nothing it cannot
+    (:func:`~reliablewriter.http_posts.post_pool_for`).
     """
 
     def __init__(
@@ -126,8 +130,10 @@ class Backend:
         url: str,
         *,
         create_buckets: bool | None = None,
+        poster: WholeObjectPoster | None = None,
     ) -> None:
         self.client = client
+        self.poster = poster
         self.kind = kind
         #: where requests go, for logs (never contains a secret)
         self.url = url
@@ -232,29 +238,29 @@ def open_backend(target: GcsTarget) -> Iterator[Backend]:
     from faultnet.gcs.clients import without_background_fetches
 
     creates = target.creates_buckets()
-    if kind is TargetKind.REAL:
-        client = without_background_fetches(storage.Client(project=target.project))
-        url = "https://storage.googleapis.com"
+    with contextlib.ExitStack() as stack:
+        if kind is TargetKind.REAL:
+            client = without_background_fetches(storage.Client(project=target.project))
+            url = "https://storage.googleapis.com"
+        elif kind is TargetKind.ENDPOINT:
+            assert target.endpoint is not None
+            client = _client(target.endpoint, target.access_token)
+            url = target.endpoint
+        else:
+            from faultnet.gcs import GcsServer
+
+            host, port = target.listen
+            server = stack.enter_context(
+                GcsServer(host=host, port=port, data_dir=target.data_dir,
+                          access_token=target.access_token)
+            )  # fmt: skip
+            url = server.url
+            client = _client(url, target.access_token)
         read_environment_once(http_session(client), url)
-        yield Backend(client, kind, url, create_buckets=creates)
-        return
-
-    if kind is TargetKind.ENDPOINT:
-        assert target.endpoint is not None
-        client = _client(target.endpoint, target.access_token)
-        read_environment_once(http_session(client), target.endpoint)
-        yield Backend(client, kind, target.endpoint, create_buckets=creates)
-        return
-
-    from faultnet.gcs import GcsServer
-
-    host, port = target.listen
-    with GcsServer(
-        host=host, port=port, data_dir=target.data_dir, access_token=target.access_token
-    ) as server:
-        client = _client(server.url, target.access_token)
-        read_environment_once(http_session(client), server.url)
-        yield Backend(client, kind, server.url, create_buckets=creates)
+        pool = post_pool_for(http_session(client), str(client.api_endpoint))
+        if pool is not None:
+            stack.callback(pool.close)  # its idle connections, before the endpoint stops
+        yield Backend(client, kind, url, create_buckets=creates, poster=pool)
 
 
 def _client(url: str, access_token: str | None) -> storage.Client:

@@ -23,7 +23,7 @@ from proxy.server.backend import Backend
 from proxy.server.budget import BufferBudget
 from proxy.server.errors import ServerError, quote
 from proxy.server.logging import get_logger, log_event
-from proxy.server.metrics import ServerMetrics
+from proxy.server.metrics import ServerMetrics, timed_poster
 from proxy.server.settings import ServerSettings
 from proxy.server.uploads import error_from_refused_start
 from reliablewriter import (
@@ -53,6 +53,8 @@ class WholeObjects:
         self._backend = backend
         self._budget = budget
         self._metrics = metrics
+        #: stores straight from trio when the backend can (else through its session)
+        self._poster = None if backend.poster is None else timed_poster(backend.poster, metrics)
 
     async def store(self, event: PutObject, client: str) -> ObjectInfo:
         """Store ``event``'s object for ``client``; raises :class:`ServerError` with the
@@ -85,6 +87,7 @@ class WholeObjects:
                 policy=settings.writer.retry,
                 connect_timeout=settings.writer.connect_timeout,
                 read_timeout=settings.writer.progress_timeout,
+                poster=self._poster,
             )
         except WriterError as exc:
             error = error_from_refused_start(exc)

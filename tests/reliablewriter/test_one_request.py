@@ -211,28 +211,29 @@ def _answer_once(answer: bytes) -> tuple[str, threading.Thread]:
     return f"http://{host}:{port}/upload", thread
 
 
-@pytest.mark.parametrize(
-    ("answer", "outcome"),
-    [
-        (
-            b'HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\n{"size": "3"}\n',
-            Stored({"size": "3"}),
-        ),
-        (  # a success whose object cannot be read: settled by reading it back
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
-            NoAnswer("bad-response"),
-        ),
-        (  # no length and not chunked: cut, whatever it claims
-            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{}",
-            NoAnswer("truncated-response"),
-        ),
-        (
-            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 37\r\n\r\n"
-            b'{"error":{"message":"no, not today"}}',
-            Refused(403, "no, not today"),
-        ),
-    ],
-)
+#: answers, and what a POST answered so came to
+ONE_POST_ANSWERS: list[tuple[bytes, object]] = [
+    (
+        b'HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\n{"size": "3"}\n',
+        Stored({"size": "3"}),
+    ),
+    (  # a success whose object cannot be read: settled by reading it back
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        NoAnswer("bad-response"),
+    ),
+    (  # no length and not chunked: cut, whatever it claims
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{}",
+        NoAnswer("truncated-response"),
+    ),
+    (
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 37\r\n\r\n"
+        b'{"error":{"message":"no, not today"}}',
+        Refused(403, "no, not today"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("answer", "outcome"), ONE_POST_ANSWERS)
 def test_what_one_post_came_to(answer: bytes, outcome: object) -> None:
     url, server = _answer_once(answer)
     with requests.Session() as http:
