@@ -171,22 +171,25 @@ class PostPool:
             connection = await self._connection(connect_timeout)
         except _NoAnswerError as exc:
             return NoAnswer(exc.cause)
-        reusable = False
+        answer: HttpResponse | None = None
+        cause = "timeout"  # unless the exchange says otherwise
         try:
-            with trio.CancelScope(shield=True):  # from here on the request may have landed
+            # From here on the request may have landed: only the read timeout, moved on
+            # at each step, ends the wait (one scope for the whole exchange: each costs).
+            with trio.CancelScope(shield=True) as waiting:
                 try:
-                    answer = await self._exchange(connection, target, headers, body, read_timeout)
+                    answer = await self._exchange(connection, target, headers, body,
+                                                  read_timeout, waiting)  # fmt: skip
                 except _NoAnswerError as exc:
-                    return NoAnswer(exc.cause)
-                reusable = _reusable(connection.http)
+                    cause = exc.cause
         finally:
-            if reusable:
+            if answer is not None and _reusable(connection.http):
                 connection.http.start_next_cycle()
                 connection.idle_since = trio.current_time()
                 self._idle.append(connection)
             else:
                 _close_quietly(connection.stream)
-        return whole_object_outcome(answer)
+        return NoAnswer(cause) if answer is None else whole_object_outcome(answer)
 
     async def _exchange(
         self,
@@ -195,7 +198,10 @@ class PostPool:
         headers: list[tuple[str, str]],
         body: bytes,
         read_timeout: float,
+        waiting: trio.CancelScope,
     ) -> HttpResponse:
+        """Send the request and read the answer, each step due within ``read_timeout``
+        (``waiting``'s deadline, which ends the exchange)."""
         http = connection.http
         events = (
             h11.Request(method="POST", target=target, headers=headers),
@@ -204,15 +210,15 @@ class PostPool:
         )
         request = b"".join(http.send(event) or b"" for event in events)
         try:
-            with trio.move_on_after(read_timeout) as sending:
-                await connection.stream.send_all(request)
-            if sending.cancelled_caught:
-                raise _NoAnswerError("timeout")
-            return await self._answer(connection, read_timeout)
+            waiting.deadline = trio.current_time() + read_timeout
+            await connection.stream.send_all(request)
+            return await self._answer(connection, read_timeout, waiting)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise _NoAnswerError("connection") from exc
 
-    async def _answer(self, connection: _Connection, read_timeout: float) -> HttpResponse:
+    async def _answer(
+        self, connection: _Connection, read_timeout: float, waiting: trio.CancelScope
+    ) -> HttpResponse:
         """The whole answer; raises :class:`_NoAnswerError` for anything less."""
         http = connection.http
         head: h11.Response | None = None
@@ -227,10 +233,8 @@ class PostPool:
                     "truncated-response" if head is not None else "malformed-response"
                 ) from exc
             if event is h11.NEED_DATA:
-                with trio.move_on_after(read_timeout) as waiting:
-                    received = await connection.stream.receive_some(_RECEIVE_SIZE)
-                if waiting.cancelled_caught:
-                    raise _NoAnswerError("timeout")
+                waiting.deadline = trio.current_time() + read_timeout
+                received = await connection.stream.receive_some(_RECEIVE_SIZE)
                 if not received and head is None and not http.trailing_data[0]:
                     raise _NoAnswerError("connection")  # closed before answering
                 http.receive_data(bytes(received))

@@ -228,6 +228,8 @@ class _TimedPoster:
     def __init__(self, inner: WholeObjectPoster, histogram: Histogram) -> None:
         self._inner = inner
         self._histogram = histogram
+        #: the histogram's child per outcome (labels() costs a lookup and a lock per call)
+        self._by_outcome: dict[str, Any] = {}
 
     async def post(
         self, url: str, body: bytes, content_type: str, timeouts: tuple[float, float]
@@ -239,9 +241,13 @@ class _TimedPoster:
             else outcome.status if isinstance(outcome, Refused)
             else None
         )  # fmt: skip
-        self._histogram.labels(method="POST", outcome=gcs_outcome(status)).observe(
-            time.monotonic() - start
-        )
+        outcome_label = gcs_outcome(status)
+        timed = self._by_outcome.get(outcome_label)
+        if timed is None:
+            timed = self._by_outcome[outcome_label] = self._histogram.labels(
+                method="POST", outcome=outcome_label
+            )
+        timed.observe(time.monotonic() - start)
         return outcome
 
 
