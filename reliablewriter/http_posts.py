@@ -323,7 +323,7 @@ class PostPool:
         headers = {
             "host": self._netloc,
             "user-agent": _USER_AGENT,
-            "accept-encoding": "gzip",
+            "accept-encoding": "identity",  # a gzip answer is still understood
             "content-type": content_type,
             "content-length": str(length),
         }
@@ -437,7 +437,9 @@ def post_pool_for(session: requests.Session, base_url: str) -> PostPool | None:
     if credentials is not None:
         from google.auth.transport.requests import Request
 
-        auth_request = Request(session)
+        # A session of its own, as AuthorizedSession's: a refresh through ``session``
+        # would ask these very credentials to refresh first.
+        auth_request = Request(requests.Session())
     ca_bundle = verify if isinstance(verify, str) else requests.utils.DEFAULT_CA_BUNDLE_PATH
     return PostPool(base_url, credentials=credentials, auth_request=auth_request,
                     ca_bundle=ca_bundle)  # fmt: skip

@@ -10,12 +10,14 @@ on the wire, by a stream that only counts, so "sent once" is measured.
 from __future__ import annotations
 
 import functools
+import gzip
 import itertools
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import google.auth.credentials
 import google_crc32c
 import pytest
 import trio
@@ -235,6 +237,35 @@ async def test_the_bearer_of_the_session_is_sent_and_a_refused_one_is_final(
         await wrong.aclose()
 
 
+class Rotating(google.auth.credentials.Credentials):
+    """Credentials that hold no token until refreshed, then each of ``tokens`` in turn."""
+
+    def __init__(self, *tokens: str) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._tokens = iter(tokens)
+        self.refreshes = 0
+
+    def refresh(self, request: Any) -> None:
+        self.token = next(self._tokens)
+        self.refreshes += 1
+
+
+async def test_a_token_not_in_hand_is_fetched_and_a_refused_one_refreshed_once(
+    gcs_bucket: str,
+) -> None:
+    with GcsServer(access_token="right-token") as server:
+        server.store.create_bucket(gcs_bucket)
+        bucket = authorized_client(server.url, "right-token").bucket(gcs_bucket)
+        credentials = Rotating("revoked-token", "right-token")
+        pool = PostPool(server.url, credentials=credentials)
+        info = await upload_in_one_request(
+            bucket, ObjectRequest("o", b"data"), policy=POLICY, poster=pool
+        )
+        assert info.size == 4
+        assert credentials.refreshes == 2  # before the first POST, and after its 401
+        await pool.aclose()
+
+
 def test_a_session_the_pool_cannot_imitate_gets_no_pool(gcs_server: GcsServer) -> None:
     from faultnet.transport import faulty_session
 
@@ -315,6 +346,8 @@ async def test_an_https_endpoint_is_reached_over_verified_tls(
 
 # -- what one POST came to, from answers written on a raw socket --------------------------
 
+_GZIPPED = gzip.compress(b'{"size": "3"}')
+
 
 @pytest.mark.parametrize(
     ("answer", "outcome"),
@@ -329,6 +362,13 @@ async def test_an_https_endpoint_is_reached_over_verified_tls(
             NoAnswer("malformed-response"),
         ),
         (b"", NoAnswer("connection")),  # closed without a word
+        (  # compressed though not asked to be
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: "
+            + str(len(_GZIPPED)).encode()
+            + b"\r\n\r\n"
+            + _GZIPPED,
+            Stored({"size": "3"}),
+        ),
         (b"garbage\r\n\r\n", NoAnswer("malformed-response")),
         (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
