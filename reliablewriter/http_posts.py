@@ -47,6 +47,8 @@ __all__ = [
 #: an answer's body larger than this is not an object resource or an error: no answer
 MAX_ANSWER_BYTES: Final = 1024 * 1024
 _RECEIVE_SIZE: Final = 64 * 1024
+#: a larger body is sent in slices of this size, each within the read timeout
+_SEND_SLICE: Final = 256 * 1024
 _USER_AGENT: Final = "rup-proxy"
 _REFRESH_STATUS: Final = 401
 
@@ -203,15 +205,22 @@ class PostPool:
         """Send the request and read the answer, each step due within ``read_timeout``
         (``waiting``'s deadline, which ends the exchange)."""
         http = connection.http
-        events = (
-            h11.Request(method="POST", target=target, headers=headers),
-            h11.Data(data=body),
-            h11.EndOfMessage(),
-        )
-        request = b"".join(http.send(event) or b"" for event in events)
+        head = http.send(h11.Request(method="POST", target=target, headers=headers)) or b""
+        data = http.send(h11.Data(data=body)) or b""  # the body itself, uncopied
+        end = http.send(h11.EndOfMessage()) or b""
+        # A small request leaves in one send; a large body in slices, each due within the
+        # read timeout (a stalled send ends the exchange, a slow one does not).
+        pieces: list[bytes | memoryview]
+        if len(data) <= _SEND_SLICE:
+            pieces = [b"".join((head, data, end))]
+        else:
+            view = memoryview(data)
+            slices = (view[at : at + _SEND_SLICE] for at in range(0, len(data), _SEND_SLICE))
+            pieces = [head, *slices, end]
         try:
-            waiting.deadline = trio.current_time() + read_timeout
-            await connection.stream.send_all(request)
+            for piece in pieces:
+                waiting.deadline = trio.current_time() + read_timeout
+                await connection.stream.send_all(piece)
             return await self._answer(connection, read_timeout, waiting)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise _NoAnswerError("connection") from exc

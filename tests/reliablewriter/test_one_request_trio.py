@@ -163,6 +163,26 @@ async def test_a_lost_answer_is_settled_by_reading_back_never_by_sending_again(
     assert target.read("small.bin") == data
 
 
+async def test_a_large_body_on_a_slow_link_is_sent_while_it_moves_and_sent_again_if_it_stalls(
+    target: Target, pools: Callable[..., PostPool]
+) -> None:
+    # 2 MiB at 4 MiB/s takes about 0.5 s, longer than the read timeout: each slice is due
+    # within it, not the whole body. Then a send that stops after 1 MiB times out; nothing
+    # was stored (the read back finds nothing), so it is sent again, on a new connection.
+    for plan, posts in (("bandwidth:up(rate=4m)", 1), ("stall:up(after=1m, seconds=0)", 2)):
+        data = payload(2 * 1024 * KiB)
+        wire = Wire(plan, faulty=1)
+        with trio.fail_after(10):
+            info = await upload_in_one_request(
+                target.bucket, ObjectRequest("large.bin", data), policy=POLICY,
+                poster=pools(target.url, connect=wire.connect), read_timeout=0.3,
+            )  # fmt: skip
+        assert wire.posts == posts
+        assert wire.counters.faults_applied(plan.split(":")[0]) >= 1
+        assert info.size == len(data)
+        assert target.read("large.bin") == data
+
+
 async def test_a_cancelled_upload_waits_for_the_request_it_sent(
     target: Target, pools: Callable[..., PostPool]
 ) -> None:
