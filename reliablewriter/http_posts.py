@@ -87,8 +87,9 @@ class PostPool:
     ``base_url``: the endpoint (``http`` or ``https``); every URL posted must be on it.
     ``credentials``: google-auth credentials whose ``Authorization`` each request carries
     (None: none). ``auth_request``: the google-auth transport a refresh goes through.
-    ``ca_bundle``: the certificates an ``https`` endpoint is checked against (None: the
-    system's). ``connect``: how a connection is opened (tests pass faultnet's); by default
+    ``ca_bundle``: the certificates an ``https`` endpoint is checked against, a file or a
+    directory as requests takes them (None: the system's; read here, once). ``connect``:
+    how a connection is opened (tests pass faultnet's); by default
     TCP, with TLS for ``https``. At most ``max_connections`` requests are in flight at once;
     a connection idle for ``idle_timeout`` seconds, or closed by the endpoint meanwhile, is
     not used again.
@@ -118,8 +119,13 @@ class PostPool:
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._credentials = credentials
         self._auth_request = auth_request
-        self._ca_bundle = ca_bundle
         self._ssl_context: ssl.SSLContext | None = None
+        if parts.scheme == "https" and connect is None:
+            in_directory = ca_bundle is not None and os.path.isdir(ca_bundle)
+            self._ssl_context = ssl.create_default_context(
+                cafile=None if in_directory else ca_bundle,
+                capath=ca_bundle if in_directory else None,
+            )
         self._connect = connect or self._open
         self._max_connections = max_connections
         self._idle_timeout = idle_timeout
@@ -205,7 +211,12 @@ class PostPool:
         """Send the request and read the answer, each step due within ``read_timeout``
         (``waiting``'s deadline, which ends the exchange)."""
         http = connection.http
-        head = http.send(h11.Request(method="POST", target=target, headers=headers)) or b""
+        try:
+            head = http.send(h11.Request(method="POST", target=target, headers=headers)) or b""
+        except h11.LocalProtocolError:
+            # A header h11 will not send (a token with a line break): its message would
+            # quote the value, a secret, so the error is dropped here, not chained.
+            raise _NoAnswerError("bad-request-header") from None
         data = http.send(h11.Data(data=body)) or b""  # the body itself, uncopied
         end = http.send(h11.EndOfMessage()) or b""
         # A small request leaves in one send; a large body in slices, each due within the
@@ -296,8 +307,7 @@ class PostPool:
         if self._scheme == "http":
             stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
             return stream
-        if self._ssl_context is None:
-            self._ssl_context = ssl.create_default_context(cafile=self._ca_bundle)
+        assert self._ssl_context is not None
         tls = await trio.open_ssl_over_tcp_stream(
             host, port, ssl_context=self._ssl_context, https_compatible=True
         )
@@ -431,12 +441,18 @@ def _close_quietly(stream: trio.abc.Stream) -> None:
 def post_pool_for(session: requests.Session, base_url: str) -> PostPool | None:
     """A :class:`PostPool` doing what ``session`` would do for a POST to ``base_url``, or
     None if ``session`` does something it cannot: a mounted transport adapter (faultnet's,
-    a test's), an HTTP proxy, a client certificate, or TLS without verification."""
-    scheme = urllib.parse.urlsplit(base_url).scheme
+    a test's), an HTTP proxy or anything else read from the environment on each request
+    (``trust_env``: see :func:`proxy.server.backend.read_environment_once`), a client
+    certificate, TLS without verification, or headers, parameters, auth or hooks of its own
+    beyond its credentials."""
     adapter = session.get_adapter(base_url)
     if type(adapter) is not requests.adapters.HTTPAdapter:
         return None
-    if session.proxies.get(scheme) or session.proxies.get("all") or session.cert:
+    if session.trust_env or any(session.proxies.values()) or session.cert:
+        return None
+    if session.auth is not None or session.params or any(session.hooks.values()):
+        return None
+    if dict(session.headers) != dict(requests.utils.default_headers()):
         return None
     verify = session.verify
     if verify is False:

@@ -20,6 +20,7 @@ from typing import Any
 import google.auth.credentials
 import google_crc32c
 import pytest
+import requests
 import trio
 import trustme
 from google.oauth2.credentials import Credentials
@@ -29,6 +30,7 @@ from faultnet.gcs import GcsServer
 from faultnet.gcs.clients import anonymous_client, authorized_client
 from faultnet.plan import FaultPlan
 from faultnet.stream import open_tcp_stream
+from faultnet.transport import FaultyHTTPAdapter
 from reliablewriter import NonRetryableHTTPError, RetriesExhaustedError
 from reliablewriter.checksum import crc32c_to_b64
 from reliablewriter.http_posts import PostPool, post_pool_for
@@ -240,6 +242,7 @@ async def test_the_bearer_of_the_session_is_sent_and_a_refused_one_is_final(
     with GcsServer(access_token="right-token") as server:
         server.store.create_bucket(gcs_bucket)
         client = authorized_client(server.url, "right-token")
+        client._http.trust_env = False
         pool = post_pool_for(client._http, server.url)
         assert pool is not None
         bucket = client.bucket(gcs_bucket)
@@ -286,14 +289,48 @@ async def test_a_token_not_in_hand_is_fetched_and_a_refused_one_refreshed_once(
         await pool.aclose()
 
 
-def test_a_session_the_pool_cannot_imitate_gets_no_pool(gcs_server: GcsServer) -> None:
-    from faultnet.transport import faulty_session
+def _settled_session(url: str) -> requests.Session:
+    """A client's session that has read its environment once, as rup serve's has."""
+    session: requests.Session = anonymous_client(url)._http
+    session.trust_env = False
+    return session
 
-    plain = anonymous_client(gcs_server.url)._http
-    assert post_pool_for(plain, gcs_server.url) is not None
-    assert post_pool_for(faulty_session(FaultPlan.parse("")), gcs_server.url) is None
-    plain.proxies["http"] = "http://proxy.invalid:3128"
-    assert post_pool_for(plain, gcs_server.url) is None
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda session: session.mount("http://", FaultyHTTPAdapter(FaultPlan.parse(""))),
+        lambda session: setattr(session, "trust_env", True),  # reads proxies per request
+        lambda session: session.proxies.update(http="http://proxy.invalid:3128"),
+        lambda session: session.headers.update({"x-retry-test-id": "t"}),
+        lambda session: session.hooks["response"].append(print),
+        lambda session: setattr(session, "auth", ("user", "password")),
+        lambda session: setattr(session, "verify", False),
+    ],
+)
+def test_a_session_doing_what_the_pool_cannot_gets_no_pool(
+    gcs_server: GcsServer, change: Callable[[requests.Session], object]
+) -> None:
+    session = _settled_session(gcs_server.url)
+    pool = post_pool_for(session, gcs_server.url)
+    assert pool is not None
+    pool.close()
+    change(session)
+    assert post_pool_for(session, gcs_server.url) is None
+
+
+async def test_a_token_that_cannot_be_a_header_is_never_sent_nor_told(
+    target: Target, pools: Callable[..., PostPool]
+) -> None:
+    secret = "abc\r\nx-injected: yes"
+    wire = Wire()
+    credentials = Credentials(token=secret)  # type: ignore[no-untyped-call]
+    pool = pools(target.url, connect=wire.connect, credentials=credentials)
+    with pytest.raises(RetriesExhaustedError) as exhausted:
+        await store(target, pool, b"data")
+    assert wire.posts == 0
+    assert "abc" not in str(exhausted.value)
+    assert exhausted.value.__cause__ is None
 
 
 def test_connections_of_an_earlier_run_are_dropped(
