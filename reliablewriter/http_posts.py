@@ -33,6 +33,8 @@ import h11
 import requests
 import requests.adapters
 import trio
+from google.auth.credentials import AnonymousCredentials, TokenState
+from google.auth.exceptions import GoogleAuthError
 
 from .resumable import HttpResponse
 from .transport import NoAnswer, Refused, StoreOutcome, whole_object_outcome
@@ -89,10 +91,10 @@ class PostPool:
     (None: none). ``auth_request``: the google-auth transport a refresh goes through.
     ``ca_bundle``: the certificates an ``https`` endpoint is checked against, a file or a
     directory as requests takes them (None: the system's; read here, once). ``connect``:
-    how a connection is opened (tests pass faultnet's); by default
-    TCP, with TLS for ``https``. At most ``max_connections`` requests are in flight at once;
-    a connection idle for ``idle_timeout`` seconds, or closed by the endpoint meanwhile, is
-    not used again.
+    how a connection is opened (tests pass faultnet's); by default TCP, with TLS for
+    ``https``. At most ``max_connections`` requests are in flight at once; a connection
+    idle for ``idle_timeout`` seconds, or closed by the endpoint meanwhile, is not used
+    again.
 
     Connections belong to the trio run that opened them: a pool used by a later run drops
     the earlier run's. :meth:`aclose` (in the run) or :meth:`close` (after it) closes the
@@ -156,8 +158,6 @@ class PostPool:
             ):
                 # A token revoked or expired early: nothing was stored; refresh and send again.
                 refused = outcome
-                from google.auth.exceptions import GoogleAuthError
-
                 try:
                     await trio.to_thread.run_sync(self._refresh)
                 except GoogleAuthError:  # a refresh that fails leaves the 401 standing
@@ -357,8 +357,6 @@ class PostPool:
         return list(headers.items())
 
     def _refreshable(self) -> bool:
-        from google.auth.credentials import AnonymousCredentials
-
         credentials = self._credentials
         return credentials is not None and not isinstance(credentials, AnonymousCredentials)
 
@@ -367,8 +365,6 @@ class PostPool:
 
 
 def _fresh(credentials: Any) -> bool:
-    from google.auth.credentials import AnonymousCredentials, TokenState
-
     if isinstance(credentials, AnonymousCredentials):
         return True
     return bool(credentials.token_state is TokenState.FRESH)
