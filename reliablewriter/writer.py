@@ -37,6 +37,7 @@ from .errors import (
     WriterClosedError,
     WriterError,
 )
+from .http_posts import WholeObjectPoster
 from .one_request import ObjectRequest, upload_in_one_request
 from .results import ObjectInfo, WriterStats
 from .resumable import (
@@ -82,9 +83,11 @@ class ReliableWriter:
         restart_if_nothing_committed: bool = False,
         defer_session: bool = False,
         maybe_stored_before: bool = False,
+        poster: WholeObjectPoster | None = None,
     ) -> None:
         self._blob = blob
         self._maybe_stored_before = maybe_stored_before
+        self._poster = poster
         # A session is started only when a chunk is due before the object is complete; an
         # object whose expected size is below the smallest chunk never needs one.
         self._deferred = (
@@ -774,6 +777,7 @@ class ReliableWriter:
             policy=self._settings.retry,
             connect_timeout=self._settings.connect_timeout,
             read_timeout=self._settings.progress_timeout,
+            poster=self._poster,
         )
         self._count_sent(len(data))
         self._chunks += 1
@@ -906,6 +910,7 @@ async def open_writer(
     check_generation_first: bool = False,
     defer_session: bool = False,
     maybe_stored_before: bool = False,
+    poster: WholeObjectPoster | None = None,
     progress: Callable[[WriterStats], None] | None = None,
 ) -> AsyncIterator[ReliableWriter]:
     """Open (or, with ``session_uri``, resume) an upload of ``bucket/name``.
@@ -934,7 +939,9 @@ async def open_writer(
     Such an upload cannot be resumed elsewhere; nothing of it is durable before it is
     complete. ``maybe_stored_before=True`` says an earlier attempt (another process that
     held the same upload) may have stored it already: a refused precondition is then read
-    back, and an object of the same size and CRC32C counts as this upload's.
+    back, and an object of the same size and CRC32C counts as this upload's. ``poster``
+    (:func:`~reliablewriter.http_posts.post_pool_for`) sends that one request straight from
+    trio instead of through ``bucket``'s session in a worker thread.
 
     ``progress`` is called (on the trio thread, so it must not block
     or raise) each time GCS acknowledges more bytes and when the object is complete.
@@ -962,6 +969,7 @@ async def open_writer(
         restart_if_nothing_committed=restart_if_nothing_committed,
         defer_session=defer_session,
         maybe_stored_before=maybe_stored_before,
+        poster=poster,
     )
     # Outside the nursery, so that a refusal surfaces as itself, not in an ExceptionGroup.
     if check_generation_first and session_uri is None:

@@ -36,11 +36,12 @@ from proxy.server.composites import CompositeUploads
 from proxy.server.dormant import DormantSessions
 from proxy.server.errors import ServerError, quote
 from proxy.server.logging import get_logger, log_event
-from proxy.server.metrics import ServerMetrics
+from proxy.server.metrics import ServerMetrics, timed_poster
 from proxy.server.settings import ServerSettings
 from proxy.server.tokens import BadTokenError, TokenCodec, UploadTicket
 from proxy.server.uploads import OpenRequest, Upload, UploadState, first_window, largest_window
 from proxy.server.whole_objects import WholeObjects
+from reliablewriter.http_posts import WholeObjectPoster
 
 __all__ = ["CompositeTokenError", "UploadRegistry"]
 
@@ -108,8 +109,11 @@ class UploadRegistry:
         self._per_client: TallyCounter[str] = TallyCounter()
         self._dormant = DormantSessions(backend, settings.resume_window, settings.writer)
         nursery.start_soon(self._dormant.run)
+        #: sends an object's one POST straight from trio when the backend can (else None:
+        #: through its session in a worker thread); timed like every GCS request
+        self._poster = None if backend.poster is None else timed_poster(backend.poster, metrics)
         #: PUT_OBJECT requests: stored in one GCS request each, paid from the same budget
-        self.whole_objects = WholeObjects(settings, backend, self._budget, metrics)
+        self.whole_objects = WholeObjects(settings, backend, self._budget, metrics, self._poster)
         #: what composite uploads need beyond their segments (which are uploads here)
         self.composites = CompositeUploads(settings, backend)
         nursery.start_soon(self.composites.sweep_periodically)
@@ -128,6 +132,10 @@ class UploadRegistry:
     @property
     def backend(self) -> Backend:
         return self._backend
+
+    @property
+    def poster(self) -> WholeObjectPoster | None:
+        return self._poster
 
     def upload_running(self, upload: Upload) -> None:
         self._uploads[upload.upload_id] = upload

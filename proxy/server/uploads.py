@@ -61,6 +61,7 @@ from reliablewriter import (
     open_writer,
 )
 from reliablewriter.buffer import FRAGMENT_OVERHEAD
+from reliablewriter.http_posts import WholeObjectPoster
 
 __all__ = [
     "UPLOAD_TRANSITIONS",
@@ -244,6 +245,10 @@ class UploadHost(Protocol):
 
     @property
     def backend(self) -> Backend: ...
+
+    @property
+    def poster(self) -> WholeObjectPoster | None:
+        """Sends an object stored in one request straight from trio, if the backend can."""
 
     def upload_running(self, upload: Upload) -> None:
         """The writer is up: the upload can be found and counted from now on."""
@@ -732,6 +737,7 @@ class Upload:
                 # Attached again without a session: the instance that held it may have
                 # stored it before its answer reached the client.
                 maybe_stored_before=request.in_one_request,
+                poster=host.poster,
             ) as writer:
                 self._writer = writer
                 async with trio.open_nursery() as nursery:

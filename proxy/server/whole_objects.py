@@ -23,7 +23,7 @@ from proxy.server.backend import Backend
 from proxy.server.budget import BufferBudget
 from proxy.server.errors import ServerError, quote
 from proxy.server.logging import get_logger, log_event
-from proxy.server.metrics import ServerMetrics, timed_poster
+from proxy.server.metrics import ServerMetrics
 from proxy.server.settings import ServerSettings
 from proxy.server.uploads import error_from_refused_start
 from reliablewriter import (
@@ -33,6 +33,7 @@ from reliablewriter import (
     upload_in_one_request,
 )
 from reliablewriter.buffer import FRAGMENT_OVERHEAD
+from reliablewriter.http_posts import WholeObjectPoster
 
 __all__ = ["WholeObjects"]
 
@@ -48,13 +49,14 @@ class WholeObjects:
         backend: Backend,
         budget: BufferBudget,
         metrics: ServerMetrics,
+        poster: WholeObjectPoster | None = None,
     ) -> None:
         self._settings = settings
         self._backend = backend
         self._budget = budget
         self._metrics = metrics
-        #: stores straight from trio when the backend can (else through its session)
-        self._poster = None if backend.poster is None else timed_poster(backend.poster, metrics)
+        #: stores straight from trio when given (else through the backend's session)
+        self._poster = poster
 
     async def store(self, event: PutObject, client: str) -> ObjectInfo:
         """Store ``event``'s object for ``client``; raises :class:`ServerError` with the

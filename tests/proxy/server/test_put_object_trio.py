@@ -13,6 +13,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import google_crc32c
 import pytest
 import trio
 
@@ -20,7 +21,7 @@ from faultnet.gcs import GcsServer
 from faultnet.gcs.clients import anonymous_client
 from faultnet.plan import FaultPlan
 from faultnet.tcpproxy import open_chaos_proxy
-from protocol import Completed, PutObject
+from protocol import Complete, Completed, PutObject
 from proxy.client import UploadOptions, UploadResult, upload_many
 from proxy.server import ProxyServer, serve_in_background
 from proxy.server.backend import Backend, GcsTarget, TargetKind, open_backend
@@ -133,3 +134,21 @@ async def test_many_small_objects_through_a_faulty_gcs_leg_are_all_stored_intact
         blob = judge.get_blob(f"chaos/{path.stem}")
         assert (outcome.size, outcome.generation) == (blob.size, blob.generation)
         assert blob.download_as_bytes() == path.read_bytes()
+
+
+async def test_an_upload_stored_at_complete_goes_the_same_way(
+    proxy_server: ProxyServer, raw_client: Connect, gcs_bucket: str, wire: Wire
+) -> None:
+    # Sent the long way (OPEN_UPLOAD, WRITE_AT, COMPLETE) but declared small enough to be
+    # stored by one request at COMPLETE: that request goes through the pool too.
+    data = os.urandom(100 * KiB)
+    client = await raw_client(proxy_server)
+    await client.open(gcs_bucket, "the-long-way.bin", expected_size=len(data))
+    await client.write(0, data)
+    await client.send(Complete(len(data), google_crc32c.value(data)))
+    with trio.fail_after(10):
+        assert (await client.reply(Completed)).size == len(data)
+    assert wire.posts == 1
+    assert _posts(proxy_server, "success") == 1
+    stored = anonymous_client(proxy_server.backend.url).bucket(gcs_bucket).blob("the-long-way.bin")
+    assert await trio.to_thread.run_sync(stored.download_as_bytes) == data
