@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hmac
 import logging
+import os
 from collections import deque
 from collections.abc import Callable
 
@@ -78,6 +79,11 @@ logger = get_logger(__name__)
 #: WriteAt payload being read, so payload views are whole receive buffers (no copy to checksum)
 _RECEIVE_SIZE = 1024 * 1024
 
+#: receives taken without waiting before the receive loop lets other tasks run: trio's own
+#: receive yields to the scheduler after each one, a pass of its loop that cost more than the
+#: receive itself; a receive that has to wait yields anyway
+_RECEIVES_PER_YIELD = 8
+
 #: PUT_OBJECT requests one connection may have in flight; each holds its object's bytes
 #: (paid from the budget) until GCS answers, and more would only queue behind them
 _PUT_OBJECTS_IN_FLIGHT = 16
@@ -111,9 +117,14 @@ class Outbox:
         self._has_items = trio.lowlevel.ParkingLot()
         self._has_room = trio.lowlevel.ParkingLot()
 
+    @property
+    def has_room(self) -> bool:
+        """Whether :meth:`put` would queue at once."""
+        return len(self._replies) < self._capacity or self._closed
+
     async def put(self, reply: Reply) -> None:
         """Queue ``reply``, waiting while the client is ``capacity`` replies behind."""
-        while len(self._replies) >= self._capacity and not self._closed:
+        while not self.has_room:
             await self._has_room.park()
         self.put_nowait(reply)
 
@@ -139,17 +150,23 @@ class Outbox:
         self._has_items.unpark_all()
         self._has_room.unpark_all()
 
-    async def get(self) -> Reply | None:
+    async def get(self) -> list[Reply]:
+        """Everything queued, in order (the Credit last), waiting until there is something;
+        ``[]`` once closed and empty."""
         while True:
             if self._replies:
-                reply = self._replies.popleft()
+                replies = list(self._replies)
+                self._replies.clear()
                 self._has_room.unpark_all()
-                return reply
+                if self._credit is not None:
+                    replies.append(self._credit)
+                    self._credit = None
+                return replies
             if self._credit is not None:
                 credit, self._credit = self._credit, None
-                return credit
+                return [credit]
             if self._closed:
-                return None
+                return []
             await self._has_items.park()
 
 
@@ -207,6 +224,12 @@ class ClientConnection:
         self._puts_in_flight = 0
         self._composite_requests_in_flight = 0
         self._going_away = False
+        #: the socket of a plain TCP connection, read without trio's wrappers (_read_socket;
+        #: os.read on a socket is POSIX)
+        self._socket = (
+            stream.socket if isinstance(stream, trio.SocketStream) and os.name == "posix" else None
+        )
+        self._receives_since_yield = 0
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -253,18 +276,21 @@ class ClientConnection:
     # --- sending ----------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
+        """Sends what the outbox holds, all that is queued in one write: the Acks of the
+        frames one receive completed cost one send, not one each."""
         try:
-            while True:
-                reply = await self._outbox.get()
-                if reply is None:
-                    break
-                if self._protocol.state is ConnectionState.ERROR and not isinstance(
-                    reply, Error | GoingAway
-                ):
-                    continue  # after a fatal error only the explanation may still go out
-                if isinstance(reply, Error):
-                    self._metrics.errors.labels(code=reply.code.name).inc()
-                await self._stream.send_all(b"".join(self._protocol.send(reply)))
+            while replies := await self._outbox.get():
+                frames: list[bytes | memoryview] = []
+                for reply in replies:
+                    if self._protocol.state is ConnectionState.ERROR and not isinstance(
+                        reply, Error | GoingAway
+                    ):
+                        continue  # after a fatal error only the explanation may still go out
+                    if isinstance(reply, Error):
+                        self._metrics.errors.labels(code=reply.code.name).inc()
+                    frames += self._protocol.send(reply)
+                if frames:
+                    await self._stream.send_all(b"".join(frames))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client is gone; the receive loop finds out on its own
         finally:
@@ -277,6 +303,9 @@ class ClientConnection:
         this connection forever with its receive loop stuck here, out of the idle timeout's
         reach.
         """
+        if self._outbox.has_room:  # the usual case, without a cancel scope
+            self._outbox.put_nowait(reply)
+            return
         with trio.move_on_after(self._settings.idle_timeout):
             await self._outbox.put(reply)
             return
@@ -290,10 +319,46 @@ class ClientConnection:
     # --- receiving --------------------------------------------------------------------
 
     async def _receive(self, patience: float) -> bytes | None:
-        """The next bytes from the client (b"" at EOF), or ``None`` if none came in time."""
+        """The next bytes from the client (b"" at EOF), or ``None`` if none came in time:
+        no byte for ``patience`` seconds."""
+        size = self._protocol.receive_size(_RECEIVE_SIZE)
+        if self._socket is not None:
+            return await self._read_socket(self._socket, size, patience)
         with trio.move_on_after(patience):
-            return await self._receive_some(self._protocol.receive_size(_RECEIVE_SIZE))
+            return await self._receive_some(size)
         return None
+
+    async def _read_socket(
+        self, socket: trio.socket.SocketType, size: int, patience: float
+    ) -> bytes | None:
+        """:meth:`_receive` on a plain TCP connection, without trio's receive wrappers.
+
+        Bytes already waiting are read at once: no cancel scope, and a yield to other tasks
+        only every ``_RECEIVES_PER_YIELD`` receives (trio's receive yields after each, a pass
+        of its scheduler that cost more than the receive). Only a receive that has to wait
+        gets a deadline, ``patience`` from when it started waiting, as every receive did.
+        """
+        deadline: float | None = None
+        while True:
+            try:
+                data = os.read(socket.fileno(), size)
+            except BlockingIOError:
+                pass  # nothing waiting: wait for it below
+            except OSError:
+                return b""  # reset, or closed under us: the client is gone
+            else:
+                self._receives_since_yield += 1
+                if self._receives_since_yield >= _RECEIVES_PER_YIELD:
+                    self._receives_since_yield = 0
+                    await trio.lowlevel.checkpoint()
+                return data
+            self._receives_since_yield = 0
+            if deadline is None:
+                deadline = trio.current_time() + patience
+            with trio.move_on_at(deadline):
+                await trio.lowlevel.wait_readable(socket)
+                continue
+            return None
 
     async def _next_event(self, *, patience: float) -> Event:
         while True:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 
 import trio
+from google.cloud import storage  # type: ignore[import-untyped]
 
 from protocol import (
     AttachUpload,
@@ -66,9 +69,14 @@ async def test_ping_is_answered_with_its_nonce(
 async def test_idle_connection_is_told_and_closed(
     start_proxy: StartProxy, raw_client: Connect
 ) -> None:
-    async with start_proxy(idle_timeout=0.3) as server:
+    async with start_proxy(idle_timeout=0.5) as server:
         client = await raw_client(server)
         with trio.fail_after(10):
+            # The timeout counts from the last byte: 1.2 s of pings, never idle for 0.5 s
+            for nonce in range(6):
+                await trio.sleep(0.2)
+                await client.send(Ping(nonce))
+                assert (await client.reply(Pong)).nonce == nonce
             error = await client.error()
         assert error.code is ErrorCode.IDLE_TIMEOUT
         assert error.reply_to == 0
@@ -110,3 +118,28 @@ async def test_attached_connection_keeps_an_upload_from_going_idle(
         while not isinstance(reply, StatusReply | Error):
             reply = await client.receive()
         assert isinstance(reply, StatusReply), reply
+
+
+async def test_a_client_that_resets_mid_frame_leaves_its_upload_to_resume(
+    proxy_server: ProxyServer, raw_client: Connect, gcs_bucket: str, storage_client: storage.Client
+) -> None:
+    data = os.urandom(MiB + 7)
+    client = await raw_client(proxy_server)
+    opened = await client.open(gcs_bucket, "reset.bin", expected_size=len(data))
+    await send_range(client, data, 0, 256 * KiB)
+    frame = b"".join(client.protocol.send(WriteAt(256 * KiB, data[256 * KiB : 512 * KiB])))
+    await client.send_raw(frame[: len(frame) // 2])
+    # SO_LINGER 0: the close sends a reset, which the proxy reads as an error, not an EOF
+    assert isinstance(client.stream, trio.SocketStream)
+    client.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await client.aclose()
+
+    again = await raw_client(proxy_server)
+    await again.send(AttachUpload(opened.token))
+    attached = await again.reply(UploadOpened)
+    await send_range(again, data, attached.committed_offset, len(data))
+    await again.send(Complete(len(data)))
+    with trio.fail_after(30):
+        assert (await again.reply(Completed)).size == len(data)
+    stored = storage_client.bucket(gcs_bucket).blob("reset.bin").download_as_bytes()
+    assert stored == data

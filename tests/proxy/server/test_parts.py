@@ -120,9 +120,24 @@ async def test_outbox_keeps_replies_in_order_and_only_the_newest_credit() -> Non
     outbox.close()
     outbox.put_nowait(Ack(3, 0))  # after close: dropped
 
-    taken = [await outbox.get() for _ in range(4)]
+    # everything queued at once, in one batch (one send), the Credit last; then nothing
+    taken = [await outbox.get() for _ in range(2)]
 
-    assert taken == [Ack(1, 0), Pong(2, 7), Credit(0, 5, 15), None]
+    assert taken == [[Ack(1, 0), Pong(2, 7), Credit(0, 5, 15)], []]
+
+
+async def test_outbox_hands_a_lone_credit_over_and_waits_for_the_next_reply() -> None:
+    outbox = Outbox(capacity=4)
+    outbox.offer_credit(Credit(0, 0, 10))
+    assert await outbox.get() == [Credit(0, 0, 10)]
+
+    async def reply_later() -> None:
+        await wait_all_tasks_blocked()
+        await outbox.put(Ack(1, 0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reply_later)
+        assert await outbox.get() == [Ack(1, 0)]
 
 
 async def test_outbox_put_waits_for_room() -> None:
@@ -138,7 +153,7 @@ async def test_outbox_put_waits_for_room() -> None:
         nursery.start_soon(producer)
         await wait_all_tasks_blocked()
         order.append("first taken")
-        assert await outbox.get() == Ack(1, 0)
+        assert await outbox.get() == [Ack(1, 0)]
 
     assert order == ["first taken", "second queued"]
-    assert await outbox.get() == Ack(2, 0)
+    assert await outbox.get() == [Ack(2, 0)]
