@@ -6,8 +6,8 @@ factor takes O(log length) multiplications from a table of x^(2^k) (zlib's ``x2n
 about 0.2 ms in Python, and is cached per length; applying it is one more multiplication.
 A length used again and again (full frames) also gets four byte-indexed tables, so combining
 is a handful of lookups: cheap enough to do once per frame. Building those tables costs
-about 3 ms, so a length seen once or twice (the last frame of each of many files) never pays
-for them.
+about 0.3 ms, so a length seen once or twice (the last frame of each of many files) never
+pays for them.
 
 reliablewriter/checksum.py does the same arithmetic: protocol and reliablewriter are
 independent by contract (pyproject's import-linter), each usable without the other, and
@@ -68,11 +68,24 @@ def _shift_factor(length: int) -> int:
 
 @lru_cache(maxsize=64)
 def _shift_tables(length: int) -> tuple[tuple[int, ...], ...]:
-    """Four 256-entry tables; XOR of the lookups of a CRC's bytes shifts it by `length` bytes."""
+    """Four 256-entry tables; XOR of the lookups of a CRC's bytes shifts it by `length` bytes.
+
+    Shifting is linear over GF(2), so an entry is the XOR of the entries of its value's bits:
+    8 multiplications a table instead of 256 (0.3 ms instead of 5, paid by every process that
+    sees a frame length often).
+    """
     factor = _shift_factor(length)
-    return tuple(
-        tuple(_multiply(factor, value << (8 * byte)) for value in range(256)) for byte in range(4)
-    )
+    tables = []
+    for byte in range(4):
+        table = [0] * 256
+        for bit in range(8):
+            table[1 << bit] = _multiply(factor, 1 << (bit + 8 * byte))
+        for value in range(3, 256):
+            lowest_bit = value & -value
+            if value != lowest_bit:
+                table[value] = table[lowest_bit] ^ table[value ^ lowest_bit]
+        tables.append(tuple(table))
+    return tuple(tables)
 
 
 _uses: dict[int, int] = {}

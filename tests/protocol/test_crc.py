@@ -26,6 +26,18 @@ def test_combining_large_parts() -> None:
     assert combined == google_crc32c.value(first + second)
 
 
+@pytest.mark.parametrize("length", [1, 255, 4099, 1 << 20])
+def test_a_length_combined_again_and_again_still_gives_the_crc_of_the_whole(length: int) -> None:
+    # From the fourth use on, a length is shifted by lookup tables instead of multiplication
+    second = (bytes(range(251)) * (length // 251 + 1))[:length]
+    for first in (b"", b"a", bytes(range(256)), b"\xff" * 1000, b"\x00\x80" * 300):
+        for _ in range(2):
+            combined = crc32c_combine(
+                google_crc32c.value(first), google_crc32c.value(second), length
+            )
+            assert combined == google_crc32c.value(first + second)
+
+
 def test_a_given_data_crc_makes_the_same_frame() -> None:
     data = b"some bytes " * 1000
     computed, _ = bound_pair()
