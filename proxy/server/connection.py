@@ -290,11 +290,27 @@ class ClientConnection:
                         self._metrics.errors.labels(code=reply.code.name).inc()
                     frames += self._protocol.send(reply)
                 if frames:
-                    await self._stream.send_all(b"".join(frames))
+                    await self._send_all(b"".join(frames))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client is gone; the receive loop finds out on its own
         finally:
             self._sender_done.set()
+
+    async def _send_all(self, data: bytes) -> None:
+        """Send ``data``; on a plain TCP connection with room in the socket's buffer (the
+        usual case for replies), one write without trio's wrappers or a scheduler pass.
+        Raises BrokenResourceError once the client is gone."""
+        if self._socket is not None:
+            try:
+                sent = os.write(self._socket.fileno(), data)
+            except BlockingIOError:
+                sent = 0  # the client is behind: wait for room below
+            except OSError as exc:  # reset, or closed under us
+                raise trio.BrokenResourceError(f"the client is gone: {exc}") from exc
+            if sent == len(data):
+                return
+            data = data[sent:]
+        await self._stream.send_all(data)
 
     async def _reply(self, reply: Reply) -> None:
         """Queue ``reply``; a client that stops reading its replies gets disconnected.
