@@ -182,6 +182,7 @@ class Timeline:
         self._cursor = target
         return target
 
+
 # Bandwidth is shaped in slices of a tenth of a second so a large write trickles out
 # instead of arriving in one burst after a long silence.
 _BANDWIDTH_SLICES_PER_SECOND = 10
