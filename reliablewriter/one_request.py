@@ -17,7 +17,7 @@ import json
 import logging
 import secrets
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +56,9 @@ class ObjectRequest:
     """A whole object to store: its name, bytes and what GCS is asked to check."""
 
     name: str
-    data: bytes | memoryview = field(repr=False)
+    #: the object's bytes, whole or in pieces (a writer's buffer views, so that they are
+    #: copied once, into the request's body, and not joined first)
+    data: bytes | memoryview | Sequence[bytes | memoryview] = field(repr=False)
     content_type: str | None = None
     metadata: Mapping[str, str] | None = None
     if_generation_match: int | None = None
@@ -66,6 +68,17 @@ class ObjectRequest:
     #: 412 is then read back, and an object of their size and CRC32C counts as stored
     maybe_stored_before: bool = False
 
+    @property
+    def pieces(self) -> tuple[memoryview, ...]:
+        """The bytes as views, in order, none of them copied."""
+        if isinstance(self.data, bytes | memoryview):
+            return (memoryview(self.data),)
+        return tuple(memoryview(piece) for piece in self.data)
+
+    @property
+    def size(self) -> int:
+        return sum(piece.nbytes for piece in self.pieces)
+
 
 def settled_upload(request: ObjectRequest, policy: RetryPolicy, *, now: float) -> SettledRequest:
     """The decisions of uploading ``request`` in one request, sans-IO.
@@ -73,7 +86,7 @@ def settled_upload(request: ObjectRequest, policy: RetryPolicy, *, now: float) -
     Raises :class:`ChecksumMismatchError` if ``request.crc32c`` is not the bytes' CRC32C.
     """
     checksum = StreamChecksum(ChecksumMode.CRC32C)  # reads a view without copying it whole
-    checksum.extend(0, [memoryview(request.data)])
+    checksum.extend(0, list(request.pieces))
     crc32c = checksum.crc32c
     assert crc32c is not None
     if request.crc32c is not None and crc32c_to_b64(request.crc32c) != crc32c:
@@ -83,7 +96,7 @@ def settled_upload(request: ObjectRequest, policy: RetryPolicy, *, now: float) -
             actual=crc32c,
             name=request.name,
         )
-    expected = ExpectedObject(request.name, len(request.data), crc32c, request.if_generation_match)
+    expected = ExpectedObject(request.name, request.size, crc32c, request.if_generation_match)
     return SettledRequest(
         expected,
         policy,
@@ -116,6 +129,7 @@ def multipart_body(request: ObjectRequest, crc32c: str) -> MultipartBody:
     }
     if request.metadata:
         resource["metadata"] = dict(request.metadata)
+    pieces, size = request.pieces, request.size
     media_type = resource["contentType"].encode("utf-8")
     document = json.dumps(resource, separators=(",", ":")).encode("utf-8")
     while True:  # a repeat needs 128 random bits to turn up among the bytes: never, in practice
@@ -124,8 +138,8 @@ def multipart_body(request: ObjectRequest, crc32c: str) -> MultipartBody:
             b"--", boundary, b"\r\ncontent-type: application/json; charset=UTF-8\r\n\r\n",
             document, b"\r\n--", boundary, b"\r\ncontent-type: ", media_type, b"\r\n\r\n",
         ))  # fmt: skip
-        body = b"".join((head, request.data, b"\r\n--", boundary, b"--\r\n"))
-        if body.find(b"--" + boundary, len(head), len(head) + len(request.data)) < 0:
+        body = b"".join((head, *pieces, b"\r\n--", boundary, b"--\r\n"))
+        if body.find(b"--" + boundary, len(head), len(head) + size) < 0:
             break
     return MultipartBody(f'multipart/related; boundary="{boundary.decode("ascii")}"', body)
 

@@ -760,7 +760,8 @@ class ReliableWriter:
         self._checksum.extend(self._checksum.offset, self._checksum_pieces(plan))
         self._final_hash_headers()  # raises if the bytes are not the caller's
         crc32c = self._checksum.crc32c or self._expected_crc32c
-        data = b"".join(self._buffer.views(plan.start, plan.end))
+        # The views themselves: the multipart body is the one copy of the bytes.
+        data = tuple(self._buffer.views(plan.start, plan.end))
         options = self._options
         request = ObjectRequest(
             name=self.name,
@@ -779,7 +780,7 @@ class ReliableWriter:
             read_timeout=self._settings.progress_timeout,
             poster=self._poster,
         )
-        self._count_sent(len(data))
+        self._count_sent(request.size)
         self._chunks += 1
         return info.resource
 
