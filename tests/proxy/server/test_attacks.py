@@ -305,7 +305,7 @@ async def test_an_open_that_queued_for_memory_is_logged(
             assert isinstance(await answer(second), UploadOpened)
     waited = [r.getMessage() for r in caplog.records if "budget-waited" in r.getMessage()]
     assert len(waited) == 1, waited
-    assert "seconds=1." in waited[0]
+    assert float(waited[0].split("seconds=")[1].split()[0]) >= 1.2, waited
 
 
 async def test_control_characters_in_names_are_escaped_in_the_logs(

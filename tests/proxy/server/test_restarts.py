@@ -264,4 +264,4 @@ def test_sigterm_stops_the_proxy_promptly_while_gcs_never_answers(tmp_path: Path
             stopping = time.monotonic()
             proxy.send_signal(signal.SIGTERM)
             assert proxy.wait(timeout=20) == 0
-            assert time.monotonic() - stopping < 8.0
+            assert time.monotonic() - stopping < 12.0  # not the lookup's 30 s
