@@ -44,10 +44,10 @@ __all__ = [
     "read_environment_once",
 ]
 
-#: what an ``upload_id`` may look like (GCS's and the embedded endpoint's are base64url)
-#: for the requests that make sure a bucket exists (``--create-buckets``)
-_BUCKET_REQUEST_TIMEOUT = 30.0
+#: for the metadata requests made here: an object's generation, a bucket's existence
+_METADATA_REQUEST_TIMEOUT = 30.0
 
+#: what an ``upload_id`` may look like (GCS's and the embedded endpoint's are base64url)
 _SESSION_REFERENCE = re.compile(r"[A-Za-z0-9_.~-]{1,1024}")
 
 
@@ -117,9 +117,10 @@ class Backend:
     """A storage client plus what the proxy needs to know about the target behind it.
 
     ``create_buckets`` (default: only for the embedded endpoint) makes :meth:`bucket`
-    create a bucket that does not exist yet. ``poster``, if given, stores small objects
-    (``PUT_OBJECT``) straight from trio instead of through the client's session in a worker
-    thread: :func:`open_backend` gives one when the session does nothing it cannot
+    create a bucket that does not exist yet. ``poster``, if given, sends each object stored
+    in one request (``PUT_OBJECT``, or an upload stored at ``COMPLETE``) straight from trio
+    instead of through the client's session in a worker thread: :func:`open_backend` gives
+    one when the session does nothing it cannot
     (:func:`~reliablewriter.http_posts.post_pool_for`).
     """
 
@@ -155,9 +156,9 @@ class Backend:
         bucket = self.client.bucket(name)
         if self.create_buckets and name not in self._known_buckets:
             try:
-                if not bucket.exists(retry=None, timeout=_BUCKET_REQUEST_TIMEOUT):
+                if not bucket.exists(retry=None, timeout=_METADATA_REQUEST_TIMEOUT):
                     with contextlib.suppress(api_exceptions.Conflict):
-                        bucket.create(retry=None, timeout=_BUCKET_REQUEST_TIMEOUT)
+                        bucket.create(retry=None, timeout=_METADATA_REQUEST_TIMEOUT)
             except (api_exceptions.GoogleAPICallError, requests.RequestException) as exc:
                 raise ServerError(
                     ErrorCode.GCS_ERROR,
@@ -182,7 +183,7 @@ class Backend:
         but "not found" (a missing bucket also reads as "no object": the session's start
         names it).
         """
-        blob = self.bucket(bucket).get_blob(name, retry=None, timeout=30.0)
+        blob = self.bucket(bucket).get_blob(name, retry=None, timeout=_METADATA_REQUEST_TIMEOUT)
         return 0 if blob is None else int(blob.generation)
 
     # --- session references ---------------------------------------------------------

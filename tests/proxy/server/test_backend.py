@@ -11,6 +11,7 @@ import trio
 
 from faultnet.gcs import GcsServer
 from faultnet.gcs.clients import anonymous_client
+from faultnet.pytest_plugin import RetryTestFactory
 from protocol import Complete, Completed, Error, ErrorCode, OpenUpload
 from proxy.server import serve_in_background
 from proxy.server.backend import (
@@ -189,19 +190,14 @@ async def test_credentials_that_cannot_read_objects_still_upload(
 
 
 async def test_a_failed_bucket_check_is_answered_at_once_and_the_next_open_goes_through(
-    gcs_server: GcsServer, proxy_settings: ServerSettings, raw_client: Connect
+    gcs_server: GcsServer,
+    gcs_retry_test: RetryTestFactory,
+    proxy_settings: ServerSettings,
+    raw_client: Connect,
 ) -> None:
     # --create-buckets looks the bucket up first; GCS fails that lookup twice.
-    http = requests.Session()
-    http.headers["x-retry-test-id"] = gcs_server.create_retry_test(
-        {"storage.buckets.get": ["return-503", "return-503"]}
-    )
-    backend = Backend(
-        anonymous_client(gcs_server.url, http=http),
-        TargetKind.ENDPOINT,
-        gcs_server.url,
-        create_buckets=True,
-    )
+    faults = gcs_retry_test({"storage.buckets.get": ["return-503", "return-503"]})
+    backend = Backend(faults.client, TargetKind.ENDPOINT, gcs_server.url, create_buckets=True)
     async with serve_in_background(proxy_settings, backend) as server:
         clients = [await raw_client(server) for _ in range(2)]
         refusals: list[Error] = []
@@ -222,4 +218,5 @@ async def test_a_failed_bucket_check_is_answered_at_once_and_the_next_open_goes_
 
         again = await raw_client(server)
         await again.open("made-on-demand", "x.bin")
+    assert faults.completed()
     assert await trio.to_thread.run_sync(backend.bucket("made-on-demand").exists)
