@@ -30,7 +30,6 @@ import argparse
 import concurrent.futures
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
+from bench._rup_process import as_installed, compile_commands
 from bench.bench_small_objects import counted_proxy
 from faultnet.gcs.clients import anonymous_client
 from proxy.server.backend import pooled_session
@@ -108,7 +108,7 @@ def _through_rup(address: tuple[str, int], top: Path, prefix: str, state: Path) 
         f"gs://{BUCKET}/{prefix}/", "--jobs", str(CONCURRENCY), "--proxy", f"{host}:{port}",
     ]  # fmt: skip
     # resume records go to a directory of the run's own, not the user's
-    environment = {**os.environ, "XDG_STATE_HOME": str(state)}
+    environment = {**as_installed(), "XDG_STATE_HOME": str(state)}
     started = time.perf_counter()
     process = subprocess.run(
         command, env=environment, capture_output=True, text=True, timeout=UPLOAD_TIMEOUT,
@@ -157,6 +157,7 @@ def run(quick: bool, count: int | None = None) -> dict[str, Any]:
     count = count or (QUICK_COUNT if quick else FULL_COUNT)
     sizes = file_sizes(count)
     total = sum(sizes)
+    compile_commands()
     with tempfile.TemporaryDirectory(prefix="rup-bench-directory-") as directory:
         top = Path(directory) / "tree"
         expected = _write_tree(top, sizes)

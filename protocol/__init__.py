@@ -37,6 +37,7 @@ from .connection import (
     SEGMENT_QUANTUM,
     SUPPORTED_VERSIONS,
     Connection,
+    IncomingFrame,
     Role,
 )
 from .errors import (
@@ -120,6 +121,7 @@ __all__ = [
     "FrameType",
     "GoingAway",
     "Hello",
+    "IncomingFrame",
     "Incomplete",
     "LocalProtocolError",
     "NeedData",

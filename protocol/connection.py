@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Final
 
 import google_crc32c
@@ -125,6 +125,16 @@ _set_attribute = object.__setattr__
 class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingFrame:
+    """A frame whose header has been read and whose payload is being buffered whole."""
+
+    type: FrameType
+    seq: int
+    #: the payload's size from the header (already checked against the frame's limit)
+    payload_size: int
 
 
 class _Reading(enum.Enum):
@@ -250,6 +260,19 @@ class Connection:
         frames on different connections have no order.
         """
         return self._window
+
+    @property
+    def incoming_frame(self) -> IncomingFrame | None:
+        """The frame being received whole, known from its validated header before any of its
+        payload is buffered; ``None`` between frames and during a WRITE_AT (whose data is
+        handed on as it arrives, in WriteAtData events).
+
+        A receiver can pay for a large payload before reading it: rup's server charges a
+        PUT_OBJECT's bytes to its memory budget here, and stops reading until they are paid.
+        """
+        if self._reading is not _Reading.BODY:
+            return None
+        return IncomingFrame(self._frame_type, self._frame_seq, self._payload_size)
 
     @property
     def requests_in_flight(self) -> int:

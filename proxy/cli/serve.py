@@ -190,7 +190,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--max-frame-mib", type=_mebibytes, default=_in_mib(defaults.max_frame_size),
-        metavar="MIB", help="largest frame a client may send, in MiB",
+        metavar="MIB",
+        help="largest frame a client may send (the data of one WRITE_AT or PUT_OBJECT), in MiB",
     )  # fmt: skip
     parser.add_argument(
         "--upload-buffer-mib", type=_mebibytes, default=_in_mib(defaults.upload_buffer_limit),

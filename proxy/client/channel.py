@@ -112,9 +112,10 @@ class Channel:
         self._peer = peer
         #: the first bytes the peer sent, until they show it speaks the protocol
         self._first_bytes: bytes | None = b""
-        self._conn = Connection(Role.CLIENT, max_frame_size=owner.settings.frame_size)
-        #: payload bytes per WriteAt, as agreed in the Welcome
-        self.max_data = owner.settings.frame_size
+        self._conn = Connection(Role.CLIENT, max_frame_size=owner.settings.offered_frame_size)
+        #: the most data one WriteAt or PutObject may carry, as agreed in the Welcome (a
+        #: transfer cuts its WriteAt frames at its own, usually smaller, frame size)
+        self.max_data = owner.settings.offered_frame_size
         #: the protocol version the Welcome agreed (1 until then)
         self.version = PROTOCOL_VERSION
         self._send_lock = trio.Lock()

@@ -6,7 +6,8 @@ the :class:`~proxy.client.results.UploadResult`, or the
 :class:`~proxy.client.errors.UploadError` that ended that object. One failure does not stop
 the others.
 
-An object that fits one frame goes as one ``PutObject`` (protocol version 2) on a connection
+An object that fits one frame (up to ``ClientSettings.put_object_limit``, 8 MiB, when the
+proxy agrees frames that large) goes as one ``PutObject`` (protocol version 2) on a connection
 of a :class:`~proxy.client.pool.ConnectionPool`, so it costs one exchange; a larger one, or
 any object when the proxy speaks only version 1, is uploaded with
 :func:`~proxy.client.api.upload_file` over its own ``settings.connections`` connections.
@@ -51,8 +52,6 @@ Outcome = UploadResult | UploadError
 #: uploads an object too large for one frame (default :func:`~proxy.client.api.upload_file`)
 UploadLarge = Callable[[Source, str, UploadOptions], Awaitable[UploadResult]]
 
-#: the largest object read whole into memory to be sent as one PutObject
-_MAX_ONE_REQUEST: Final = 64 * 1024 * 1024
 #: files up to this size are read in the event loop's thread (from the page cache, a few µs)
 _READ_IN_LOOP: Final = 64 * 1024
 
@@ -66,14 +65,15 @@ async def put_file(
     upload_large: UploadLarge = upload_file,
 ) -> UploadResult:
     """Upload one file: as one ``PutObject`` on a pooled connection when it fits one frame
-    and the proxy speaks version 2, otherwise with ``upload_large``.
+    as agreed with the proxy (up to the pool's ``put_object_limit``, or ``frame_size`` if
+    larger) and the proxy speaks version 2, otherwise with ``upload_large``.
 
     ``options`` gives the object's properties (content type, metadata, precondition); the
     pool's own options give the proxy and the connection settings.
     """
     size = os.stat(path).st_size
     version, max_data = await _negotiated(pool, f"upload of {url}")
-    if version < 2 or size > min(max_data, _MAX_ONE_REQUEST):
+    if version < 2 or size > min(max_data, pool.options.settings.offered_frame_size):
         # never more connections than frames: each would cost a handshake and an attach
         frames = max(1, -(-size // options.settings.frame_size))
         if frames < options.settings.connections:

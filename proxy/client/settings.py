@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from protocol import HARD_MAX_FRAME_SIZE
 from proxy.client.names import ProxyTarget
 
 if TYPE_CHECKING:
@@ -102,6 +103,10 @@ class ClientSettings:
     connections: int = 4
     #: payload bytes per WriteAt frame; capped by what the proxy's Welcome allows
     frame_size: int = 1 * MiB
+    #: an object up to this size (or ``frame_size``, if larger) goes as one PutObject when
+    #: the proxy agrees a frame that large (rup serve's default does); larger ones are
+    #: streamed in WriteAt frames of ``frame_size``
+    put_object_limit: int = 8 * MiB
     #: WriteAt frames sent on one connection before waiting for an Ack
     frames_in_flight: int = 4
     connect_timeout: float = 10.0
@@ -113,11 +118,18 @@ class ClientSettings:
     stream_buffer: int = 64 * MiB
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
+    @property
+    def offered_frame_size(self) -> int:
+        """The frame size a Hello offers: room for a WriteAt frame and for a PutObject."""
+        return min(max(self.frame_size, self.put_object_limit), HARD_MAX_FRAME_SIZE)
+
     def __post_init__(self) -> None:
         if self.connections < 1:
             raise ValueError(f"connections must be at least 1, got {self.connections}")
         if self.frame_size < 1 or self.frames_in_flight < 1:
             raise ValueError("frame_size and frames_in_flight must be positive")
+        if self.put_object_limit < 0:
+            raise ValueError(f"put_object_limit must not be negative, got {self.put_object_limit}")
         if self.stream_buffer < self.frame_size:
             raise ValueError("stream_buffer must hold at least one frame")
 

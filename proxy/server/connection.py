@@ -41,8 +41,10 @@ from protocol import (
     Error,
     ErrorCode,
     Event,
+    FrameType,
     GoingAway,
     Hello,
+    IncomingFrame,
     Incomplete,
     OpenSegment,
     OpenUpload,
@@ -61,6 +63,7 @@ from protocol import (
     WriteAtEnd,
     WriteAtStart,
 )
+from proxy.server.budget import Reservation
 from proxy.server.errors import ServerError
 from proxy.server.logging import get_logger, log_event, redact
 from proxy.server.metrics import ServerMetrics
@@ -230,6 +233,8 @@ class ClientConnection:
             stream.socket if isinstance(stream, trio.SocketStream) and os.name == "posix" else None
         )
         self._receives_since_yield = 0
+        #: what PUT_OBJECT frames being received have paid for their payload, by seq
+        self._put_payments: dict[int, Reservation] = {}
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -381,12 +386,43 @@ class ClientConnection:
             event = self._protocol.next_event()
             if event is not NEED_DATA:
                 return event
+            incoming = self._protocol.incoming_frame
+            if incoming is not None and incoming.type is FrameType.PUT_OBJECT:
+                await self._pay_for_put_object(incoming)
             data = await self._receive(patience)
             if data is None:
                 if self._outstanding:
                     continue
                 raise TimeoutError
             self._protocol.receive_data(data)
+
+    async def _pay_for_put_object(self, incoming: IncomingFrame) -> None:
+        """Charge a PUT_OBJECT's payload to the memory budget before any of it is read.
+
+        The protocol buffers the whole object before it can be checked and handed on, so a
+        connection that has not paid reads nothing more: it waits for budget like a new
+        upload's window does. If none comes back in time, the client is told TOO_BUSY and the
+        connection closes, since the payload cannot be skipped. Cancelled while waiting,
+        nothing stays charged.
+        """
+        if incoming.seq in self._put_payments:
+            return
+        try:
+            self._put_payments[incoming.seq] = await self._registry.whole_objects.pay(
+                self.identity, incoming.payload_size
+            )
+        except ServerError as exc:
+            log_event(
+                logger, logging.INFO, "put-object-unpaid", client=self.client,
+                size=incoming.payload_size,
+            )  # fmt: skip
+            self._fail(incoming.seq, exc)
+            raise _HangUpError from exc
+
+    def _release_put_payment(self, seq: int) -> None:
+        payment = self._put_payments.pop(seq, None)
+        if payment is not None:
+            payment.release()
 
     async def _read_hello(self) -> Event | None:
         """The first event, or ``None`` (and the client told why) if the handshake timed out.
@@ -451,6 +487,7 @@ class ClientConnection:
                     # The header was sound, so the stream is still in step: refuse this
                     # frame only, and let the client resend it.
                     self._discard_staged()
+                    self._release_put_payment(exc.seq)
                     await self._reply(_error(exc.seq, exc))
                     continue
                 except TimeoutError:
@@ -478,6 +515,8 @@ class ClientConnection:
             pass  # TLS handshake failed or the client vanished mid-handshake
         finally:
             self._discard_staged()
+            for seq in list(self._put_payments):  # a PUT_OBJECT cut off partway
+                self._release_put_payment(seq)
 
     async def _handshake(self, event: Event) -> None:
         if not isinstance(event, Hello):
@@ -537,11 +576,16 @@ class ClientConnection:
             self._outstanding += 1
             nursery.start_soon(self._complete, self._bound(), event)
         elif isinstance(event, PutObject):
-            self._refuse_new_work_when_leaving()
-            _refuse_beyond(self._puts_in_flight, _PUT_OBJECTS_IN_FLIGHT, "PUT_OBJECT")
+            payment = self._put_payments.pop(event.seq)  # paid before its payload was read
+            try:
+                self._refuse_new_work_when_leaving()
+                _refuse_beyond(self._puts_in_flight, _PUT_OBJECTS_IN_FLIGHT, "PUT_OBJECT")
+            except ServerError:
+                payment.release()
+                raise
             self._outstanding += 1
             self._puts_in_flight += 1
-            nursery.start_soon(self._put_object, event)
+            nursery.start_soon(self._put_object, event, payment)
         elif isinstance(event, Abort):
             upload = self._bound()
             try:
@@ -643,11 +687,11 @@ class ClientConnection:
             self._upload = None
         self._outbox.forget_credit()
 
-    async def _put_object(self, event: PutObject) -> None:
+    async def _put_object(self, event: PutObject, payment: Reservation) -> None:
         """Pipelined: replies may overtake each other, and the connection's state does not
-        change (it stays unbound)."""
+        change (it stays unbound). ``payment`` is released when GCS has answered."""
         try:
-            info = await self._registry.whole_objects.store(event, self.identity)
+            info = await self._registry.whole_objects.store(event, self.identity, payment)
         except ServerError as exc:
             self._fail(event.seq, exc)
         else:

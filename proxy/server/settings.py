@@ -116,7 +116,10 @@ class ServerSettings:
     #: TLS for the client leg; ``None`` serves plain TCP
     tls: ssl.SSLContext | None = field(default=None, repr=False)
 
-    max_frame_size: int = 1 * MiB
+    #: the largest data of one WRITE_AT or PUT_OBJECT a client may send (the Welcome agrees
+    #: the smaller of this and the client's); 8 MiB lets every object a one-request upload
+    #: would store come as one PUT_OBJECT, paid from the budget before it is read
+    max_frame_size: int = 8 * MiB
     upload_buffer_limit: int = 32 * MiB
     min_upload_window: int = 1 * MiB
     total_buffer_limit: int = 1024 * MiB

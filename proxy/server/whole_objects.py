@@ -20,7 +20,7 @@ import trio
 
 from protocol import ErrorCode, PutObject
 from proxy.server.backend import Backend
-from proxy.server.budget import BufferBudget
+from proxy.server.budget import BufferBudget, Reservation
 from proxy.server.errors import ServerError, quote
 from proxy.server.logging import get_logger, log_event
 from proxy.server.metrics import ServerMetrics
@@ -58,21 +58,37 @@ class WholeObjects:
         #: stores straight from trio when given (else through the backend's session)
         self._poster = poster
 
-    async def store(self, event: PutObject, client: str) -> ObjectInfo:
-        """Store ``event``'s object for ``client``; raises :class:`ServerError` with the
+    async def pay(self, client: str, payload_size: int) -> Reservation:
+        """Reserve what a PUT_OBJECT with a payload of ``payload_size`` bytes costs in memory
+        (its bytes, plus one piece's overhead, as a window pays), charged to ``client``.
+
+        Waits up to the budget wait for memory to come back; raises a retryable TOO_BUSY if
+        none did, or at once if the object is more than ``client`` may ever hold. Cancelled
+        while waiting, nothing stays reserved.
+        """
+        cost = payload_size + FRAGMENT_OVERHEAD
+        if cost > self._settings.client_buffer_limit:
+            raise ServerError(
+                ErrorCode.TOO_BUSY,
+                f"a {payload_size}-byte PUT_OBJECT is more than this proxy lets one client"
+                " buffer: upload it with OPEN_UPLOAD",
+                retryable=True,
+            )
+        return await self._budget.acquire(client, cost, patience=self._settings.budget_wait)
+
+    async def store(self, event: PutObject, client: str, payment: Reservation) -> ObjectInfo:
+        """Store ``event``'s object for ``client``, whose bytes ``payment`` (from :meth:`pay`)
+        holds in the budget until GCS has answered; raises :class:`ServerError` with the
         code the client is told."""
         settings = self._settings
-        if not settings.allows(event.bucket, event.name):
-            raise ServerError(
-                ErrorCode.FORBIDDEN,
-                f"writing {quote(event.bucket)}/{quote(event.name)} is not allowed by this proxy",
-            )
-        # Paid like a window: the bytes, plus one piece's overhead.
-        reservation = await self._budget.acquire(
-            client, len(event.data) + FRAGMENT_OVERHEAD, patience=settings.budget_wait
-        )
-        self._metrics.uploads_started.inc()
         try:
+            if not settings.allows(event.bucket, event.name):
+                raise ServerError(
+                    ErrorCode.FORBIDDEN,
+                    f"writing {quote(event.bucket)}/{quote(event.name)} is not allowed by this"
+                    " proxy",
+                )
+            self._metrics.uploads_started.inc()
             bucket = self._backend.ready_bucket(event.bucket)
             if bucket is None:  # the bucket may have to be created first: that blocks
                 bucket = await trio.to_thread.run_sync(self._backend.bucket, event.bucket)
@@ -100,7 +116,7 @@ class WholeObjects:
             )  # fmt: skip
             raise error from exc
         finally:
-            reservation.release()
+            payment.release()
         self._metrics.bytes_received.inc(len(event.data))
         self._metrics.bytes_committed.inc(len(event.data))
         self._metrics.uploads_completed.inc()

@@ -24,11 +24,13 @@ from protocol import (
     Event,
     GoingAway,
     Hello,
+    IncomingFrame,
     LocalProtocolError,
     OpenUpload,
     PayloadCrcError,
     Ping,
     Pong,
+    PutObject,
     RemoteProtocolError,
     Role,
     Status,
@@ -160,6 +162,29 @@ def test_receiving_what_receive_size_asks_for_keeps_each_payload_buffer_whole() 
         Ping(7, seq=4),
         ReceivedWrite(5, 5000, b"b" * 3000),
     ]
+
+
+def test_a_frame_received_whole_is_announced_by_its_header_before_its_payload() -> None:
+    client, server = negotiated_pair()
+    wire = b"".join(client.send(PutObject("bucket", "object", b"x" * 5000)))
+    seq = client.last_sent_seq
+    announced: list[IncomingFrame | None] = [server.incoming_frame]
+    server.receive_data(wire[: HEADER_SIZE + 10])
+    assert server.next_event() is NEED_DATA
+    announced.append(server.incoming_frame)
+    server.receive_data(wire[HEADER_SIZE + 10 :])
+    assert isinstance(server.next_event(), PutObject)
+    announced.append(server.incoming_frame)
+    payload = IncomingFrame(FrameType.PUT_OBJECT, seq, len(wire) - HEADER_SIZE)
+    assert announced == [None, payload, None]
+
+
+def test_a_write_at_is_never_announced_as_received_whole() -> None:
+    client, server = bound_pair()
+    wire = b"".join(client.send(WriteAt(0, b"a" * 5000)))
+    server.receive_data(wire[: HEADER_SIZE + 100])
+    assert [type(event) for event in drain(server)] == [WriteAtStart, WriteAtData]
+    assert server.incoming_frame is None
 
 
 def test_buffers_that_are_not_bytes_are_accepted_and_still_verified() -> None:

@@ -6,6 +6,7 @@ back. The version-1 fallback is driven against the scripted proxy of test_behavi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -242,3 +243,45 @@ async def test_a_lost_reply_to_a_one_request_upload(
             assert "may have stored" in refused.value.message
         assert pool.connections_opened == 2
     assert await trio.to_thread.run_sync(read_back, storage_client, gcs_bucket, "lost") == data
+
+
+def _gcs_requests(server: ProxyServer) -> dict[str, float]:
+    """GCS requests the proxy made so far, by HTTP method."""
+    counts: dict[str, float] = {}
+    for family in server.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == "rup_gcs_request_duration_seconds_count":
+                method = sample.labels["method"]
+                counts[method] = counts.get(method, 0.0) + sample.value
+    return counts
+
+
+async def test_files_up_to_8_mib_are_one_put_object_with_the_default_settings(
+    start_proxy: Callable[..., contextlib.AbstractAsyncContextManager[ProxyServer]],
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    files: Callable[[int, int], list[tuple[Path, bytes]]],
+) -> None:
+    # rup serve's default frame size and the client's default PutObject limit go together:
+    # every file a one-request upload would store goes as one exchange, with no lookup.
+    frame_size = ServerSettings().max_frame_size
+    assert frame_size >= ClientSettings().put_object_limit == 8 * MiB
+    ((medium, medium_data),) = files(1, 3 * MiB)
+    ((large, large_data),) = files(1, 8 * MiB + 1)
+    settings = dataclasses.replace(ClientSettings(), retry=SETTINGS.retry)
+    async with start_proxy(max_frame_size=frame_size) as server:
+        options = UploadOptions(proxy=server.address, settings=settings)
+        async with open_connection_pool(options) as pool:
+            # the proxy's first object in a bucket costs a lookup of the bucket too
+            await put_file(pool, medium, f"gs://{gcs_bucket}/first", options)
+            before = _gcs_requests(server)
+            result = await put_file(pool, medium, f"gs://{gcs_bucket}/medium", options)
+            after = _gcs_requests(server)
+            made = {m: after[m] - before.get(m, 0.0) for m in after if after[m] > before.get(m, 0)}
+            assert made == {"POST": 1.0}
+            assert result.connections == 1
+            # One byte more is a resumable upload, in WriteAt frames of frame_size.
+            large_result = await put_file(pool, large, f"gs://{gcs_bucket}/large", options)
+    assert large_result.connections == settings.connections
+    assert read_back(storage_client, gcs_bucket, "medium") == medium_data
+    assert read_back(storage_client, gcs_bucket, "large") == large_data

@@ -14,9 +14,21 @@ from collections.abc import Awaitable, Callable
 import google_crc32c
 import trio
 
-from protocol import Completed, ErrorCode, OpenUpload, Ping, Pong, PutObject
+from protocol import (
+    Completed,
+    Connection,
+    ErrorCode,
+    Hello,
+    OpenUpload,
+    Ping,
+    Pong,
+    PutObject,
+    Role,
+    Welcome,
+)
+from protocol._spec import HEADER_SIZE
 from proxy.server import ProxyServer
-from proxy.server.settings import KiB
+from proxy.server.settings import KiB, MiB, ServerSettings
 from tests.proxy.conftest import RawClient
 
 Connect = Callable[..., Awaitable[RawClient]]
@@ -125,3 +137,107 @@ async def test_an_object_outside_the_allow_list_is_forbidden(
         assert (await client.error()).code is ErrorCode.FORBIDDEN
         await client.send(PutObject(gcs_bucket, "public/x", b"x"))
         assert (await client.reply(Completed)).size == 1
+
+
+async def _hello_for_big_frames(client: RawClient, frame_size: int) -> int:
+    """Negotiate ``frame_size`` (the RawClient's own Hello offers 256 KiB); the agreed size."""
+    client.protocol = Connection(Role.CLIENT, max_frame_size=frame_size)
+    await client.send(Hello(V2, frame_size, client_name="test"))
+    return (await client.reply(Welcome)).max_frame_size
+
+
+def _reserved(server: ProxyServer) -> float:
+    return server.metrics.registry.get_sample_value("rup_buffer_reserved_bytes") or 0.0
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not condition():  # noqa: ASYNC110 - the budget has no event for it
+            await trio.sleep(0.01)
+
+
+async def test_an_object_of_8_mib_is_one_put_object_with_the_default_frame_size(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+) -> None:
+    frame_size = ServerSettings().max_frame_size
+    async with start_proxy(max_frame_size=frame_size) as server:
+        client = await raw_client(server, hello=False)
+        assert await _hello_for_big_frames(client, 8 * MiB) == 8 * MiB
+        data = os.urandom(8 * MiB)
+        crc = google_crc32c.value(data)
+        await client.send(PutObject(gcs_bucket, "eight.bin", data, crc32c=crc))
+        with trio.fail_after(20):
+            assert (await client.reply(Completed)).size == 8 * MiB
+        assert _read(server, gcs_bucket, "eight.bin") == data
+        assert _reserved(server) == 0
+
+
+async def test_a_put_object_is_paid_for_before_its_payload_is_read_and_repaid_if_cut_off(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+) -> None:
+    # The protocol buffers a PUT_OBJECT whole: without paying at its header, a crowd of
+    # half-sent objects would hold memory no budget counts.
+    async with start_proxy(max_frame_size=8 * MiB) as proxy_server:
+        await _cut_off_put_object(proxy_server, raw_client, gcs_bucket)
+
+
+async def _cut_off_put_object(
+    proxy_server: ProxyServer, raw_client: Connect, gcs_bucket: str
+) -> None:
+    client = await raw_client(proxy_server, hello=False)
+    await _hello_for_big_frames(client, 8 * MiB)
+    frame = b"".join(client.protocol.send(PutObject(gcs_bucket, "half.bin", os.urandom(6 * MiB))))
+    await client.send_raw(frame[: len(frame) // 2])
+    await _until(lambda: _reserved(proxy_server) >= 6 * MiB)
+    await client.aclose()  # the rest never comes
+    await _until(lambda: _reserved(proxy_server) == 0)
+    assert proxy_server.backend.client.bucket(gcs_bucket).get_blob("half.bin") is None
+
+
+async def test_a_put_object_larger_than_a_clients_share_is_too_busy_before_it_is_read(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+) -> None:
+    async with start_proxy(
+        max_frame_size=8 * MiB, total_buffer_limit=4 * MiB, client_buffer_share=0.5
+    ) as server:
+        client = await raw_client(server, hello=False)
+        await _hello_for_big_frames(client, 8 * MiB)
+        frame = b"".join(client.protocol.send(PutObject(gcs_bucket, "big.bin", bytes(3 * MiB))))
+        await client.send_raw(frame[: HEADER_SIZE + 1024])  # the header, and a little
+        with trio.fail_after(10):
+            error = await client.error()
+        assert (error.code, error.retryable) == (ErrorCode.TOO_BUSY, True)
+        await client.closed()
+        assert _reserved(server) == 0
+        # The proxy is unharmed: an object within the share is stored.
+        other = await raw_client(server, versions=V2)
+        await other.send(PutObject(gcs_bucket, "fits.bin", b"x" * 1000))
+        assert (await other.reply(Completed)).size == 1000
+
+
+async def test_a_put_object_waits_for_budget_to_come_back_then_is_stored(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+) -> None:
+    async with start_proxy(
+        max_frame_size=8 * MiB,
+        total_buffer_limit=8 * MiB,
+        client_buffer_share=1.0,
+        budget_wait=30.0,
+    ) as server:
+        holder = await raw_client(server, hello=False)
+        await _hello_for_big_frames(holder, 8 * MiB)
+        held = b"".join(holder.protocol.send(PutObject(gcs_bucket, "held.bin", bytes(5 * MiB))))
+        await holder.send_raw(held[: HEADER_SIZE + 1024])
+        await _until(lambda: _reserved(server) >= 5 * MiB)
+        client = await raw_client(server, hello=False)
+        await _hello_for_big_frames(client, 8 * MiB)
+        data = os.urandom(4 * MiB)
+        async with trio.open_nursery() as nursery:
+            # Sent in the background: the proxy reads none of it until it has paid.
+            nursery.start_soon(client.send, PutObject(gcs_bucket, "waited.bin", data))
+            await trio.sleep(0.5)
+            assert _reserved(server) < 9 * MiB  # the second object is not paid yet: no room
+            await holder.aclose()  # its budget comes back, and the waiting object is read
+        with trio.fail_after(20):
+            assert (await client.reply(Completed)).size == len(data)
+        assert _read(server, gcs_bucket, "waited.bin") == data
