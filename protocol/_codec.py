@@ -98,8 +98,12 @@ EVENT_TYPES: Final[dict[FrameType, type[Request | Reply]]] = {
 
 _FRAME_TYPES: Final = {event_type: frame_type for frame_type, event_type in EVENT_TYPES.items()}
 
+# What a receiver works out and adds to an event, not sent: PutObject's data_crc32c.
+_RECEIVER_FIELDS: Final = frozenset({"seq", "data_crc32c"})
 _FIELDS: Final = {
-    frame_type: tuple(f.name for f in dataclasses.fields(event_type) if f.name != "seq")
+    frame_type: tuple(
+        f.name for f in dataclasses.fields(event_type) if f.name not in _RECEIVER_FIELDS
+    )
     for frame_type, event_type in EVENT_TYPES.items()
 }
 # Event fields that only later versions' bodies have. They are None exactly when the

@@ -423,13 +423,19 @@ class Connection:
             self._note_window(event)
         elif isinstance(event, Hello):
             self._receive_hello(event)
-        elif isinstance(event, PutObject) and len(event.data) > self._max_frame_size:
-            raise RemoteProtocolError(
-                f"PUT_OBJECT seq {seq} carries {len(event.data)} data bytes, above max_frame_size"
-                f" {self._max_frame_size}",
-                ErrorCode.FRAME_TOO_LARGE,
-                seq=seq,
-            )
+        elif isinstance(event, PutObject):
+            data_length = len(event.data)
+            if data_length > self._max_frame_size:
+                raise RemoteProtocolError(
+                    f"PUT_OBJECT seq {seq} carries {data_length} data bytes, above"
+                    f" max_frame_size {self._max_frame_size}",
+                    ErrorCode.FRAME_TOO_LARGE,
+                    seq=seq,
+                )
+            # The data ends the body: its CRC32C is the body's with the fields' taken out
+            # (CRC32C is linear), from the few bytes before the data, not a pass over it.
+            fields_crc = _crc_value(body[: len(body) - data_length])
+            _set_attribute(event, "data_crc32c", crc ^ crc32c_combine(fields_crc, 0, data_length))
         return event
 
     def _need_data(self) -> ConnectionClosed | NeedData:
@@ -662,8 +668,8 @@ class Connection:
     def send(self, event: Event) -> list[bytes | memoryview]:
         """The buffers to write, in order, to send `event`; `last_sent_seq` is its seq.
 
-        For WriteAt the data is the last buffer, passed through without a copy. Raises
-        LocalProtocolError (and changes nothing) if the event is invalid or illegal now.
+        For WriteAt and PutObject the data is the last buffer, passed through without a copy.
+        Raises LocalProtocolError (and changes nothing) if the event is invalid or illegal now.
 
         On a server, a reply is first made what the protocol promises the client, whatever the
         caller built: its Error `retryable` from ERROR_SPECS, codes and INCOMPLETE the client's
@@ -686,7 +692,11 @@ class Connection:
                     event = Ack(event.reply_to, window[0])
             else:
                 event = self._fit_reply(event)
-        frame_type, body = encode_body(event, self.version or self._peer_version())
+        # A PutObject's data ends its body: encoded without it, then sent as it is, uncopied.
+        data = event.data if type(event) is PutObject else b""
+        frame_type, body = encode_body(
+            replace(event, data=b"") if data else event, self.version or self._peer_version()
+        )
         if frame_type.is_request != (self.role is Role.CLIENT):
             raise LocalProtocolError(f"a {self.role.value} does not send {frame_type.name}")
         if int(frame_type) not in self._frame_types:  # int: cheaper to hash than the enum
@@ -705,9 +715,10 @@ class Connection:
                     f" {self._max_frame_size}: upload it with OpenUpload, WriteAt and Complete",
                     ErrorCode.FRAME_TOO_LARGE,
                 )
-        if len(body) > limit:
+        body_size = len(body) + len(data)
+        if body_size > limit:
             raise LocalProtocolError(
-                f"{frame_type.name} body is {len(body)} bytes, above the {limit} allowed",
+                f"{frame_type.name} body is {body_size} bytes, above the {limit} allowed",
                 ErrorCode.FRAME_TOO_LARGE,
             )
         if isinstance(event, Request):
@@ -723,7 +734,12 @@ class Connection:
             self._check_reply(frame_type, event, LocalProtocolError)
 
         seq = self._last_sent_seq + 1
-        frame = self._header(frame_type, seq, len(body), _crc_value(body)) + body
+        buffers: list[bytes | memoryview]
+        if data:
+            crc = crc32c_combine(_crc_value(body), _crc_value(_as_crc_input(data)), len(data))
+            buffers = [self._header(frame_type, seq, body_size, crc), body, data]
+        else:
+            buffers = [self._header(frame_type, seq, body_size, _crc_value(body)) + body]
         self._last_sent_seq = seq
         if isinstance(event, Request):
             self._in_flight[seq] = frame_type
@@ -735,7 +751,7 @@ class Connection:
         else:
             self._apply_reply(frame_type, event)
             self._note_window(event)
-        return [frame]
+        return buffers
 
     def _peer_version(self) -> int:
         """The version the peer decodes: the negotiated one, or (a server answering a Hello)

@@ -198,6 +198,11 @@ class PutObject(Request):
     attach to. `data` is at most the agreed max_frame_size; a larger object is uploaded with
     OpenUpload, WriteAt and Complete. `crc32c`, when given, is checked like Complete's. Without
     `if_generation_match`, repeating a PutObject whose reply was lost stores the bytes again.
+
+    `data_crc32c` is set by the receiving `Connection` only: the CRC32C of `data` as received,
+    worked out from the frame's verified payload CRC32C without reading the data again (so it
+    is the bytes' own, whatever `crc32c` claims). Like WriteAtEnd's, it is not part of the
+    event's equality, and a sender leaves it None.
     """
 
     bucket: str
@@ -207,6 +212,7 @@ class PutObject(Request):
     metadata: tuple[tuple[str, str], ...] = ()
     if_generation_match: int | None = None
     crc32c: int | None = None
+    data_crc32c: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         _normalise_metadata(self)

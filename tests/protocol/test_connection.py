@@ -179,6 +179,23 @@ def test_a_frame_received_whole_is_announced_by_its_header_before_its_payload() 
     assert announced == [None, payload, None]
 
 
+def test_a_put_objects_data_is_sent_uncopied_and_its_crc32c_known_on_arrival() -> None:
+    client, server = negotiated_pair()
+    data = bytes(range(256)) * 40
+    buffers = client.send(PutObject("bucket", "object", data, metadata=(("k", "v"),)))
+    assert buffers[-1] is data  # passed through, as a WriteAt's data is
+    server.receive_data(b"".join(buffers))
+    received = server.next_event()
+    assert isinstance(received, PutObject)
+    assert received.data == data
+    assert received.data_crc32c == google_crc32c.value(data)
+    # The CRC32C is the bytes' own, not the one the client claims for them.
+    server.receive_data(b"".join(client.send(PutObject("bucket", "other", data, crc32c=1))))
+    claimed = server.next_event()
+    assert isinstance(claimed, PutObject)
+    assert (claimed.crc32c, claimed.data_crc32c) == (1, google_crc32c.value(data))
+
+
 def test_a_write_at_is_never_announced_as_received_whole() -> None:
     client, server = bound_pair()
     wire = b"".join(client.send(WriteAt(0, b"a" * 5000)))
