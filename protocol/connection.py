@@ -693,10 +693,10 @@ class Connection:
             else:
                 event = self._fit_reply(event)
         # A PutObject's data ends its body: encoded without it, then sent as it is, uncopied.
-        data = event.data if type(event) is PutObject else b""
-        frame_type, body = encode_body(
-            replace(event, data=b"") if data else event, self.version or self._peer_version()
-        )
+        data = b""
+        if isinstance(event, PutObject) and event.data:
+            data, event = event.data, replace(event, data=b"")
+        frame_type, body = encode_body(event, self.version or self._peer_version())
         if frame_type.is_request != (self.role is Role.CLIENT):
             raise LocalProtocolError(f"a {self.role.value} does not send {frame_type.name}")
         if int(frame_type) not in self._frame_types:  # int: cheaper to hash than the enum
@@ -707,11 +707,10 @@ class Connection:
             )
         limit = MAX_CONTROL_BODY_SIZE
         if frame_type is FrameType.PUT_OBJECT:
-            assert isinstance(event, PutObject)
             limit += self._max_frame_size
-            if len(event.data) > self._max_frame_size:
+            if len(data) > self._max_frame_size:
                 raise LocalProtocolError(
-                    f"PutObject carries {len(event.data)} bytes, above max_frame_size"
+                    f"PutObject carries {len(data)} bytes, above max_frame_size"
                     f" {self._max_frame_size}: upload it with OpenUpload, WriteAt and Complete",
                     ErrorCode.FRAME_TOO_LARGE,
                 )
