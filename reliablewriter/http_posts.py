@@ -25,7 +25,7 @@ import os
 import select
 import ssl
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -40,6 +40,7 @@ from .resumable import HttpResponse
 from .transport import NoAnswer, Refused, StoreOutcome, whole_object_outcome
 
 __all__ = [
+    "Body",
     "Connector",
     "PostPool",
     "WholeObjectPoster",
@@ -54,6 +55,10 @@ _SEND_SLICE: Final = 256 * 1024
 _USER_AGENT: Final = "rup-proxy"
 _REFRESH_STATUS: Final = 401
 
+#: a request body: one buffer, or several sent in order (a multipart body's head, the
+#: object's own buffers and its tail), none of them copied
+Body = bytes | memoryview | Sequence[bytes | memoryview]
+
 #: opens a stream to ``(host, port)``; TLS, if wanted, is the connector's to do
 Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
@@ -64,7 +69,7 @@ class WholeObjectPoster(Protocol):
     worker thread)."""
 
     async def post(
-        self, url: str, body: bytes, content_type: str, timeouts: tuple[float, float]
+        self, url: str, body: Body, content_type: str, timeouts: tuple[float, float]
     ) -> StoreOutcome: ...
 
 
@@ -138,19 +143,22 @@ class PostPool:
     # -- posting -----------------------------------------------------------------------
 
     async def post(
-        self, url: str, body: bytes, content_type: str, timeouts: tuple[float, float]
+        self, url: str, body: Body, content_type: str, timeouts: tuple[float, float]
     ) -> StoreOutcome:
-        """POST ``body`` to ``url``; ``timeouts`` is (connect, read) in seconds, the read
-        timeout bounding each wait for the endpoint (sending included).
+        """POST ``body`` (one buffer, or several sent in order, none of them copied) to
+        ``url``; ``timeouts`` is (connect, read) in seconds, the read timeout bounding each
+        wait for the endpoint (sending included).
 
         Cancellation is noticed only until the request starts to leave: once a byte of it
         may have reached GCS, the answer is waited for (within the timeouts), so that what
         the request did is never lost.
         """
+        parts = (body,) if isinstance(body, bytes | memoryview) else tuple(body)
+        size = sum(len(part) for part in parts)
         limiter = self._limiter_for_this_run()
         async with limiter:
-            headers = await self._headers(url, content_type, len(body))
-            outcome = await self._post_once(url, headers, body, timeouts)
+            headers = await self._headers(url, content_type, size)
+            outcome = await self._post_once(url, headers, parts, timeouts)
             if (
                 isinstance(outcome, Refused)
                 and outcome.status == _REFRESH_STATUS
@@ -162,15 +170,15 @@ class PostPool:
                     await trio.to_thread.run_sync(self._refresh)
                 except GoogleAuthError:  # a refresh that fails leaves the 401 standing
                     return refused
-                headers = await self._headers(url, content_type, len(body))
-                outcome = await self._post_once(url, headers, body, timeouts)
+                headers = await self._headers(url, content_type, size)
+                outcome = await self._post_once(url, headers, parts, timeouts)
         return outcome
 
     async def _post_once(
         self,
         url: str,
         headers: list[tuple[str, str]],
-        body: bytes,
+        body: tuple[bytes | memoryview, ...],
         timeouts: tuple[float, float],
     ) -> StoreOutcome:
         connect_timeout, read_timeout = timeouts
@@ -204,7 +212,7 @@ class PostPool:
         connection: _Connection,
         target: str,
         headers: list[tuple[str, str]],
-        body: bytes,
+        body: tuple[bytes | memoryview, ...],
         read_timeout: float,
         waiting: trio.CancelScope,
     ) -> HttpResponse:
@@ -217,17 +225,24 @@ class PostPool:
             # A header h11 will not send (a token with a line break): its message would
             # quote the value, a secret, so the error is dropped here, not chained.
             raise _NoAnswerError("bad-request-header") from None
-        data = http.send(h11.Data(data=body)) or b""  # the body itself, uncopied
+        data: list[bytes | memoryview] = []
+        for part in body:
+            # With a Content-Length, h11 passes each part through uncopied, a view as well
+            # as bytes (its annotation says bytes only).
+            event = h11.Data(data=part)  # type: ignore[arg-type]
+            data += http.send_with_data_passthrough(event) or ()
         end = http.send(h11.EndOfMessage()) or b""
         # A small request leaves in one send; a large body in slices, each due within the
         # read timeout (a stalled send ends the exchange, a slow one does not).
         pieces: list[bytes | memoryview]
-        if len(data) <= _SEND_SLICE:
-            pieces = [b"".join((head, data, end))]
+        if sum(len(part) for part in data) <= _SEND_SLICE:
+            pieces = [b"".join((head, *data, end))]
         else:
-            view = memoryview(data)
-            slices = (view[at : at + _SEND_SLICE] for at in range(0, len(data), _SEND_SLICE))
-            pieces = [head, *slices, end]
+            pieces = [head]
+            for part in data:
+                view = memoryview(part)
+                pieces += (view[at : at + _SEND_SLICE] for at in range(0, len(view), _SEND_SLICE))
+            pieces.append(end)
         try:
             for piece in pieces:
                 waiting.deadline = trio.current_time() + read_timeout

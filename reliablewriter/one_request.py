@@ -64,6 +64,10 @@ class ObjectRequest:
     if_generation_match: int | None = None
     #: the CRC32C the caller says the bytes have; checked before anything is sent
     crc32c: int | None = None
+    #: the bytes' CRC32C as the caller computed it from the bytes themselves (a protocol
+    #: frame's, checked on arrival): taken instead of reading every byte again. GCS checks
+    #: the bytes it receives against it, so a byte changed since still fails the upload.
+    verified_crc32c: int | None = None
     #: an earlier attempt, perhaps in another process, may have stored these very bytes: a
     #: 412 is then read back, and an object of their size and CRC32C counts as stored
     maybe_stored_before: bool = False
@@ -83,12 +87,17 @@ class ObjectRequest:
 def settled_upload(request: ObjectRequest, policy: RetryPolicy, *, now: float) -> SettledRequest:
     """The decisions of uploading ``request`` in one request, sans-IO.
 
-    Raises :class:`ChecksumMismatchError` if ``request.crc32c`` is not the bytes' CRC32C.
+    Raises :class:`ChecksumMismatchError` if ``request.crc32c`` is not the bytes' CRC32C
+    (``request.verified_crc32c``, or else read from the bytes).
     """
-    checksum = StreamChecksum(ChecksumMode.CRC32C)  # reads a view without copying it whole
-    checksum.extend(0, list(request.pieces))
-    crc32c = checksum.crc32c
-    assert crc32c is not None
+    if request.verified_crc32c is not None:
+        crc32c = crc32c_to_b64(request.verified_crc32c)
+    else:
+        checksum = StreamChecksum(ChecksumMode.CRC32C)  # reads a view without copying it whole
+        checksum.extend(0, list(request.pieces))
+        computed = checksum.crc32c
+        assert computed is not None
+        crc32c = computed
     if request.crc32c is not None and crc32c_to_b64(request.crc32c) != crc32c:
         raise ChecksumMismatchError(
             "the bytes' CRC32C is not the one given; nothing was sent",
@@ -109,18 +118,27 @@ def settled_upload(request: ObjectRequest, policy: RetryPolicy, *, now: float) -
 
 @dataclass(frozen=True)
 class MultipartBody:
-    """One multipart/related upload: its ``Content-Type`` (naming the boundary) and body."""
+    """One multipart/related upload: its ``Content-Type`` (naming the boundary) and body,
+    as the buffers to send in order (the object's own among them, uncopied)."""
 
     content_type: str
-    body: bytes = field(repr=False)
+    parts: tuple[bytes | memoryview, ...] = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def joined(self) -> bytes:
+        """The body in one buffer (a copy of the object), for a sender that needs one."""
+        return b"".join(self.parts)
 
 
 def multipart_body(request: ObjectRequest, crc32c: str) -> MultipartBody:
     """The upload of ``request`` as one multipart body: the object resource (name, content
     type, metadata and ``crc32c``, GCS's base64 form, which GCS verifies), then the bytes.
 
-    The bytes are copied once, into the body. The boundary is random, and never one that
-    occurs in the bytes.
+    The bytes are not copied: they are parts of the body as they are. The boundary is
+    random, and never one that occurs in the bytes.
     """
     resource: dict[str, Any] = {
         "name": request.name,
@@ -129,19 +147,43 @@ def multipart_body(request: ObjectRequest, crc32c: str) -> MultipartBody:
     }
     if request.metadata:
         resource["metadata"] = dict(request.metadata)
-    pieces, size = request.pieces, request.size
+    pieces = request.pieces
     media_type = resource["contentType"].encode("utf-8")
     document = json.dumps(resource, separators=(",", ":")).encode("utf-8")
     while True:  # a repeat needs 128 random bits to turn up among the bytes: never, in practice
         boundary = b"rup-" + secrets.token_hex(16).encode("ascii")
-        head = b"".join((
-            b"--", boundary, b"\r\ncontent-type: application/json; charset=UTF-8\r\n\r\n",
-            document, b"\r\n--", boundary, b"\r\ncontent-type: ", media_type, b"\r\n\r\n",
-        ))  # fmt: skip
-        body = b"".join((head, *pieces, b"\r\n--", boundary, b"--\r\n"))
-        if body.find(b"--" + boundary, len(head), len(head) + size) < 0:
+        if not _occurs_in(b"--" + boundary, pieces):
             break
-    return MultipartBody(f'multipart/related; boundary="{boundary.decode("ascii")}"', body)
+    head = b"".join((
+        b"--", boundary, b"\r\ncontent-type: application/json; charset=UTF-8\r\n\r\n",
+        document, b"\r\n--", boundary, b"\r\ncontent-type: ", media_type, b"\r\n\r\n",
+    ))  # fmt: skip
+    tail = b"".join((b"\r\n--", boundary, b"--\r\n"))
+    return MultipartBody(
+        f'multipart/related; boundary="{boundary.decode("ascii")}"', (head, *pieces, tail)
+    )
+
+
+def _occurs_in(needle: bytes, pieces: Sequence[memoryview]) -> bool:
+    """Whether ``needle`` occurs in the concatenation of ``pieces``, read in place (a match
+    may straddle pieces: each junction is searched with the bytes around it)."""
+    overlap = len(needle) - 1
+    carried = b""  # the end of what came before, as much as a straddling match can use
+    for piece in pieces:
+        joint = carried + bytes(piece[:overlap])
+        if needle in joint or _find(piece, needle) >= 0:
+            return True
+        carried = (carried + bytes(piece[-overlap:]))[-overlap:] if overlap else b""
+    return False
+
+
+def _find(piece: memoryview, needle: bytes) -> int:
+    # bytes.find reads any buffer through a one-element join only for bytes; a memoryview
+    # of a bytes object is searched in place through the object it views
+    whole = piece.obj
+    if isinstance(whole, bytes) and len(piece) == len(whole):
+        return whole.find(needle)
+    return bytes(piece).find(needle)
 
 
 def multipart_url(api_endpoint: str, bucket: str, if_generation_match: int | None) -> str:
@@ -201,14 +243,14 @@ async def upload_in_one_request(
     if poster is None:
 
         def send() -> StoreOutcome:
-            return post_whole_object(http_session(client), url, multipart.body,
+            return post_whole_object(http_session(client), url, multipart.joined(),
                                      multipart.content_type, timeouts)  # fmt: skip
 
         info = await settle(upload, send, look_up)
     else:
 
         async def post() -> StoreOutcome:
-            return await poster.post(url, multipart.body, multipart.content_type, timeouts)
+            return await poster.post(url, multipart.parts, multipart.content_type, timeouts)
 
         info = await settle_async(upload, post, in_worker_thread(look_up))
     if upload.attempts:

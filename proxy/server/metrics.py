@@ -44,7 +44,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from protocol import ErrorCode
 from proxy.version import version
 from reliablewriter import WriterError
-from reliablewriter.http_posts import WholeObjectPoster
+from reliablewriter.http_posts import Body, WholeObjectPoster
 from reliablewriter.transport import Refused, Stored, StoreOutcome
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ class _TimedPoster:
         self._by_outcome: dict[str, Any] = {}
 
     async def post(
-        self, url: str, body: bytes, content_type: str, timeouts: tuple[float, float]
+        self, url: str, body: Body, content_type: str, timeouts: tuple[float, float]
     ) -> StoreOutcome:
         start = time.monotonic()
         outcome = await self._inner.post(url, body, content_type, timeouts)

@@ -101,6 +101,8 @@ class WholeObjects:
                     metadata=dict(event.metadata),
                     if_generation_match=event.if_generation_match,
                     crc32c=event.crc32c,
+                    # from the frame's CRC32C, checked on arrival: no second pass
+                    verified_crc32c=event.data_crc32c,
                 ),
                 policy=settings.writer.retry,
                 connect_timeout=settings.writer.connect_timeout,

@@ -7,6 +7,7 @@ once" are measured, not assumed.
 
 from __future__ import annotations
 
+import secrets
 import socket
 import threading
 import urllib.parse
@@ -26,7 +27,12 @@ from reliablewriter import (
     RetryPolicy,
 )
 from reliablewriter.checksum import crc32c_to_b64
-from reliablewriter.one_request import ObjectRequest, settled_upload, upload_in_one_request
+from reliablewriter.one_request import (
+    ObjectRequest,
+    multipart_body,
+    settled_upload,
+    upload_in_one_request,
+)
 from reliablewriter.settled import ReadBack, Send, SettledRequest
 from reliablewriter.transport import NoAnswer, Refused, Stored, post_whole_object
 
@@ -300,3 +306,54 @@ def test_a_stored_answer_describing_other_bytes_is_an_error() -> None:
     upload.sent(Stored(_resource(b"xyz")), now=0.0)
     assert upload.error is not None
     assert upload.result is None
+
+
+def test_the_objects_bytes_are_parts_of_the_body_uncopied() -> None:
+    first, second = payload(3 * KiB), payload(5 * KiB)
+    body = multipart_body(ObjectRequest("o", [first, memoryview(second)[1:]]), "AAAAAA==")
+    objects = [part for part in body.parts if isinstance(part, memoryview)]
+    assert [part.obj for part in objects] == [first, second]
+    assert body.size == len(body.joined())
+
+
+async def test_a_boundary_found_in_the_bytes_even_across_pieces_is_never_used(
+    target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    planted = "0123456789abcdef0123456789abcdef"
+    draws = iter([planted, "f" * 32])
+    monkeypatch.setattr(secrets, "token_hex", lambda _: next(draws))
+    marker = f"\r\n--rup-{planted}--\r\n".encode()
+    pieces = [payload(KiB) + marker[:9], marker[9:] + payload(KiB)]  # straddling the pieces
+    body = multipart_body(ObjectRequest("o", pieces), "AAAAAA==")
+    assert planted not in body.content_type
+    assert "f" * 32 in body.content_type
+    draws = iter([planted, "e" * 32])
+    info = await upload_in_one_request(
+        target.bucket, ObjectRequest("small.bin", pieces), policy=POLICY
+    )
+    assert info.size == sum(map(len, pieces))
+    assert target.read("small.bin") == b"".join(pieces)
+
+
+async def test_a_crc32c_given_as_verified_is_not_recomputed_and_gcs_still_checks_it(
+    target: Target,
+) -> None:
+    data = payload(4 * KiB)
+    right = google_crc32c.value(data)
+    info = await store(target, data, verified_crc32c=right, crc32c=right)
+    assert info.crc32c == crc32c_to_b64(right)
+    # A client's claim is compared with the verified CRC32C: nothing is sent.
+    adapter = counted(target)
+    with pytest.raises(ChecksumMismatchError):
+        await store(target, data, verified_crc32c=right, crc32c=right ^ 1)
+    assert adapter.sent == []
+    # Bytes changed after they were verified: GCS compares them with the CRC32C sent along,
+    # and refuses the object.
+    with pytest.raises(NonRetryableHTTPError) as refused:
+        await upload_in_one_request(
+            target.bucket,
+            ObjectRequest("changed.bin", data, verified_crc32c=right ^ 1),
+            policy=POLICY,
+        )
+    assert refused.value.status == 400
+    assert "changed.bin" not in target.object_names()
