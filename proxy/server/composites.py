@@ -43,7 +43,6 @@ from proxy.server.uploads import (
 )
 from reliablewriter import (
     ChecksumMismatchError,
-    CompositeSettings,
     IncompleteObjectError,
     ObjectInfo,
     WriterError,
@@ -245,12 +244,7 @@ class CompositeUploads:
         self, ticket: UploadTicket, total_size: int, crc32c: int | None
     ) -> ObjectInfo:
         bucket = await _in_thread(lambda: self._backend.bucket(ticket.bucket), ticket)
-        settings = CompositeSettings(
-            segment_size=ticket.segment_size,
-            parallel_segments=self._policy.parallel_segments,
-            temp_prefix=self._policy.temp_prefix,
-            writer=self._settings.writer,
-        )
+        settings = self._policy.cut_for(self._settings.writer, ticket.segment_size)
         return await complete_from_temporaries(
             bucket,
             ticket.name,

@@ -13,7 +13,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from protocol import SEGMENT_QUANTUM
-from reliablewriter import DEFAULT_TEMP_PREFIX, WriterSettings
+from reliablewriter import DEFAULT_TEMP_PREFIX, CompositeSettings, WriterSettings
 
 __all__ = [
     "CompositeMode",
@@ -68,16 +68,28 @@ class CompositePolicy:
     def __post_init__(self) -> None:
         if self.sweep_interval <= 0:
             raise SettingsError("the sweep interval must be positive")
-        if self.segment_size <= 0 or self.segment_size % SEGMENT_QUANTUM:
-            raise SettingsError(
-                f"segment size must be a positive multiple of {SEGMENT_QUANTUM // KiB} KiB"
-            )
-        if not 1 <= self.parallel_segments <= 0xFFFF:
-            raise SettingsError("parallel segments must be between 1 and 65535")
         if self.threshold < 0:
             raise SettingsError("the composite threshold must not be negative")
-        if not self.temp_prefix.endswith("/") or self.temp_prefix.startswith("/"):
-            raise SettingsError("the temporary prefix must end with '/' and not start with one")
+        # What the writer needs of a cut (reliablewriter checks it), then what the wire
+        # can say: segments in the protocol's quantum, K in COMPOSITE_OPENED's u16.
+        try:
+            self.cut_for(WriterSettings())
+        except ValueError as exc:
+            raise SettingsError(f"composite uploads: {exc}") from None
+        if self.segment_size % SEGMENT_QUANTUM:
+            raise SettingsError(f"segment size must be a multiple of {SEGMENT_QUANTUM // KiB} KiB")
+        if self.parallel_segments > 0xFFFF:
+            raise SettingsError("parallel segments must be at most 65535")
+
+    def cut_for(self, writer: WriterSettings, segment_size: int | None = None) -> CompositeSettings:
+        """This policy as the writer's settings for one composite upload (``segment_size``:
+        the one its token recorded, if the policy has changed since)."""
+        return CompositeSettings(
+            segment_size=self.segment_size if segment_size is None else segment_size,
+            parallel_segments=self.parallel_segments,
+            temp_prefix=self.temp_prefix,
+            writer=writer,
+        )
 
     def applies_to(self, expected_size: int | None, *, single_session: bool) -> bool:
         """Whether an upload of ``expected_size`` bytes is made composite."""

@@ -32,7 +32,7 @@ from protocol import (
     UploadOpened,
 )
 from proxy.server import ProxyServer
-from proxy.server.settings import CompositeMode, CompositePolicy, KiB
+from proxy.server.settings import CompositeMode, CompositePolicy, KiB, SettingsError
 from tests.proxy.conftest import RawClient
 from tests.proxy.server.test_uploads import send_range
 
@@ -258,3 +258,22 @@ async def test_the_composite_token_attaches_again_for_a_version_3_client_only(
     gone = await answer(client, AttachUpload(token))
     assert isinstance(gone, Error)
     assert gone.code is ErrorCode.ABORTED
+
+
+@pytest.mark.parametrize(
+    ("changes", "refusal"),
+    [
+        ({"segment_size": 0}, "segment_size must be a positive multiple"),
+        ({"segment_size": 100 * KiB}, "segment_size must be a positive multiple"),
+        ({"parallel_segments": 0}, "parallel_segments must be at least 1"),
+        ({"parallel_segments": 0x10000}, "at most 65535"),  # COMPOSITE_OPENED's u16
+        ({"temp_prefix": "tmp"}, "temp_prefix must end with '/'"),
+        ({"threshold": -1}, "threshold must not be negative"),
+        ({"sweep_interval": 0}, "sweep interval must be positive"),
+    ],
+)
+def test_a_composite_policy_the_writer_or_the_wire_cannot_use_is_refused(
+    changes: dict[str, Any], refusal: str
+) -> None:
+    with pytest.raises(SettingsError, match=refusal):
+        CompositePolicy(**changes)
