@@ -174,6 +174,12 @@ class ReliableWriter:
         return self._buffer.cost
 
     @property
+    def fragment_count(self) -> int:
+        """Separate pieces (views) the buffer holds now: ``stats.fragments``, without the
+        rest of the stats (a caller checking its pieces' overhead on every write)."""
+        return self._buffer.fragment_count
+
+    @property
     def stats(self) -> WriterStats:
         return WriterStats(
             bytes_sent=self._bytes_sent,

@@ -472,7 +472,7 @@ class Upload:
         joined by the buffer), so this cannot be used to pile up fragments.
         """
         writer = self.writer
-        overhead = writer.buffered_cost - writer.stats.held_bytes
+        overhead = writer.fragment_count * FRAGMENT_OVERHEAD
         allowance = self._credit.fragment_allowance
         if overhead + pieces * FRAGMENT_OVERHEAD <= allowance:
             return None
@@ -626,10 +626,16 @@ class Upload:
         return StagedWrite(self, offset, length)
 
     def note_received(self, nbytes: int) -> None:
-        """A write of ``nbytes`` was taken: the window may grow."""
+        """A write of ``nbytes`` was taken: the window may grow.
+
+        Only a completion waiting for missing bytes is woken (:meth:`_await_all_received`):
+        :meth:`_linger` needs no wake-up per write, as it reads the time of the last activity
+        when its deadline passes (a wake-up per frame cost a pass of the scheduler).
+        """
         self._host.metrics.bytes_received.inc(nbytes)
         self._touch()
-        self._activity.unpark_all()
+        if self._completion is not None:
+            self._activity.unpark_all()
         if self._credit.grow_for(nbytes):
             self._announce(self.writer.committed_offset)
 

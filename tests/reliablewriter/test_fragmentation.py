@@ -185,7 +185,7 @@ async def test_a_fragmentation_attack_stays_bounded_and_is_refused_at_the_cap(
         attack(range(count - traced))
         grown = _traced_growth(lambda: attack(range(count - traced, count)))
         assert grown < traced * FRAGMENT_OVERHEAD
-        assert writer.stats.fragments == count
+        assert writer.stats.fragments == writer.fragment_count == count
         assert writer.buffered_cost == count * (1 + FRAGMENT_OVERHEAD)
         assert writer.buffered_cost <= settings.max_buffered_cost
         with pytest.raises(TooFragmentedError, match="object 'attacked'") as refused:

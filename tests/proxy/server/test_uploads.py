@@ -160,6 +160,28 @@ async def _out_of_order(
     assert await trio.to_thread.run_sync(_stored, storage_client, gcs_bucket, "ooo.bin") == data
 
 
+async def test_a_complete_waiting_for_bytes_is_answered_as_soon_as_they_arrive(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+) -> None:
+    # Smaller than the smallest chunk: no byte is sent to GCS before the Complete, so it is
+    # the bytes' arrival itself, not a chunk's acknowledgement, that must wake it.
+    data = _payload(200 * KiB)
+    middle = len(data) // 2
+    # The Complete could wait this long for the missing bytes: it must not, once they came.
+    async with start_proxy(complete_timeout=30.0) as server:
+        first = await raw_client(server)
+        opened = await first.open(gcs_bucket, "late-bytes.bin")
+        second = await raw_client(server)
+        await second.send(AttachUpload(opened.token))
+        await second.reply(UploadOpened)
+        await send_range(first, data, middle, len(data))
+        await first.send(Complete(len(data)))
+        with trio.fail_after(5):
+            await trio.sleep(0.2)  # the Complete is waiting by now
+            await send_range(second, data, 0, middle)
+            assert (await first.reply(Completed)).size == len(data)
+
+
 async def test_resent_ranges_are_harmless(
     proxy_server: ProxyServer, raw_client: Connect, gcs_bucket: str, storage_client: storage.Client
 ) -> None:
