@@ -576,7 +576,12 @@ class ClientConnection:
             self._outstanding += 1
             nursery.start_soon(self._complete, self._bound(), event)
         elif isinstance(event, PutObject):
-            payment = self._put_payments.pop(event.seq)  # paid before its payload was read
+            # Paid when its header arrived: a header is read apart from its payload
+            # (receive_size), and a PUT_OBJECT's payload is never empty. Should one ever come
+            # whole all the same, it is paid now rather than not at all.
+            payment = self._put_payments.pop(event.seq, None)
+            if payment is None:
+                payment = await self._registry.whole_objects.pay(self.identity, len(event.data))
             try:
                 self._refuse_new_work_when_leaving()
                 _refuse_beyond(self._puts_in_flight, _PUT_OBJECTS_IN_FLIGHT, "PUT_OBJECT")
