@@ -1,7 +1,11 @@
 """Whole-object checksums, extended once per byte, in object order, as data streams through.
 
 Bytes whose CRC32C the caller already verified (a frame's, checked on arrival) are not
-read again: :func:`crc32c_combine` appends their CRC32C to the object's.
+read again: :func:`crc32c_combine` appends their CRC32C to the object's. A length combined
+again and again (a proxy's full frames, one per MiB) gets four byte-indexed tables, as in
+protocol/_crc.py: combining is then four lookups instead of a 32-step multiplication
+(0.5 us instead of 4.5, in the sending thread, holding the GIL). The tables cost about
+0.1 ms, so a length seen only a few times (the last frame of each object) never pays for them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ __all__ = ["StreamChecksum", "crc32c_combine", "crc32c_to_b64", "normalize_crc32
 # CRC32C's (Castagnoli) polynomial, bit-reversed: bit 31 holds x^0, as CRC registers do.
 _POLY: Final = 0x82F63B78
 _ONE: Final = 1 << 31  # the polynomial 1 (x^0) in that order
+#: uses of one length before it gets lookup tables
+_HOT_AFTER: Final = 3
+#: lengths counted at most; the count starts over beyond (only a cache of what is hot)
+_COUNTED_LENGTHS: Final = 4096
 
 
 def _multiply(a: int, b: int) -> int:
@@ -64,6 +72,31 @@ def _shift_for(length: int) -> int:
     return shift
 
 
+@lru_cache(maxsize=64)
+def _shift_tables(length: int) -> tuple[tuple[int, ...], ...]:
+    """Four 256-entry tables; the XOR of the lookups of a CRC's four bytes is that CRC
+    times x^(8 * length) mod P.
+
+    Multiplying is linear over GF(2), so an entry is the XOR of the entries of its value's
+    bits: 8 multiplications a table instead of 256.
+    """
+    shift = _shift_for(length)
+    tables = []
+    for byte in range(4):
+        table = [0] * 256
+        for bit in range(8):
+            table[1 << bit] = _multiply(shift, 1 << (bit + 8 * byte))
+        for value in range(3, 256):
+            lowest_bit = value & -value
+            if value != lowest_bit:
+                table[value] = table[lowest_bit] ^ table[value ^ lowest_bit]
+        tables.append(tuple(table))
+    return tuple(tables)
+
+
+_uses: dict[int, int] = {}
+
+
 def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
     """CRC32C of A + B from crc32c(A), crc32c(B) and len(B), without reading the bytes.
 
@@ -74,7 +107,17 @@ def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
         raise ValueError(f"length must not be negative, got {length_b}")
     if not length_b:
         return crc_a
-    return _multiply(_shift_for(length_b), crc_a) ^ crc_b
+    uses = _uses.get(length_b, 0)
+    if uses < _HOT_AFTER:
+        if len(_uses) >= _COUNTED_LENGTHS:
+            _uses.clear()
+        _uses[length_b] = uses + 1
+        return _multiply(_shift_for(length_b), crc_a) ^ crc_b
+    t0, t1, t2, t3 = _shift_tables(length_b)
+    shifted = (
+        t0[crc_a & 0xFF] ^ t1[(crc_a >> 8) & 0xFF] ^ t2[(crc_a >> 16) & 0xFF] ^ t3[crc_a >> 24]
+    )
+    return shifted ^ crc_b
 
 
 # google-crc32c's C entry point parses its input with ``y#``, which takes only read-only

@@ -83,6 +83,25 @@ def test_crc32c_combine_is_the_crc32c_of_the_concatenation(
     assert combined == google_crc32c.value(first + second)
 
 
+@pytest.mark.parametrize("length", [1, 255, 4099, 1 << 20])
+def test_a_length_combined_again_and_again_still_gives_the_crc32c_of_the_whole(
+    length: int,
+) -> None:
+    # From the fourth use on, a length is shifted by lookup tables instead of multiplication.
+    # Extending any CRC32C over zeros is the same shift plus the zeros' CRC32C, so the CRCs
+    # b * 0x01010101 hold every byte value in every position: every entry of every table.
+    zeros = bytes(length)
+    second = (bytes(range(251)) * (length // 251 + 1))[:length]
+    for byte in range(256):
+        crc_a = byte * 0x01010101
+        shifted = google_crc32c.extend(crc_a, zeros) ^ google_crc32c.value(zeros)
+        expected = shifted ^ google_crc32c.value(second)
+        assert crc32c_combine(crc_a, google_crc32c.value(second), length) == expected
+    first = b"\x00\x80" * 300
+    combined = crc32c_combine(google_crc32c.value(first), google_crc32c.value(second), length)
+    assert combined == google_crc32c.value(first + second)
+
+
 def test_crc32c_combine_refuses_a_negative_length() -> None:
     with pytest.raises(ValueError, match="negative"):
         crc32c_combine(1, 2, -1)
