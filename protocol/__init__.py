@@ -20,7 +20,8 @@ builds its replies the same way for all, and `send()` fits them to the client's 
 `Connection.send`). `ERROR_SPECS` says what every `ErrorCode` means.
 """
 
-from ._crc import crc32c_combine
+from crcmath import crc32c_combine
+
 from ._spec import MAGIC, FrameType
 from ._state import ConnectionState
 from .connection import (

@@ -15,6 +15,8 @@ from typing import Final
 
 import google_crc32c
 
+from crcmath import crc32c_combine
+
 from ._codec import (
     FIXED_BODY_SIZES,
     MAX_CONTROL_BODY_SIZE,
@@ -24,7 +26,6 @@ from ._codec import (
     decode_body,
     encode_body,
 )
-from ._crc import crc32c_combine
 from ._receive import ReceiveBuffer
 from ._spec import (
     FIRST_VERSION,

@@ -18,7 +18,7 @@ import pytest
 #: the type of ``from __future__ import annotations``'s binding
 _FUTURE_FEATURE = type(__future__.annotations)
 #: the product packages (bench and tests are programs, not libraries)
-ROOTS = ("protocol", "reliablewriter", "faultnet", "proxy")
+ROOTS = ("crcmath", "protocol", "reliablewriter", "faultnet", "proxy")
 
 
 def _modules() -> list[tuple[str, bool]]:

@@ -1,9 +1,10 @@
 """Imports point one way, and the light entry points stay light.
 
 * The contracts in ``pyproject.toml`` (``[tool.importlinter]``), checked by import-linter's
-  ``lint-imports``: protocol and reliablewriter import nothing of ours, faultnet never
-  imports proxy, proxy.client imports only protocol, proxy.server never imports
-  proxy.client, proxy.chaos or proxy.cli, and nothing imports proxy.cli.
+  ``lint-imports``: crcmath imports nothing of ours, protocol and reliablewriter nothing but
+  crcmath, faultnet never imports proxy, proxy.client imports only protocol (and crcmath
+  through it), proxy.server never imports proxy.client, proxy.chaos or proxy.cli, and
+  nothing imports proxy.cli.
 * What an entry point costs: each runs in a fresh interpreter, which then lists the heavy
   modules it loaded. ``rup faultproxy --help`` and ``rup gcs-server --help`` must load
   neither google-cloud-storage, prometheus-client nor cryptography; ``import proxy.client``

@@ -1,41 +1,13 @@
-"""CRC32C combination, and WriteAt frames whose data CRC the sender already knows."""
+"""WriteAt frames whose data CRC the sender already knows (the combining arithmetic is
+crcmath's, tested in tests/crcmath)."""
 
 from __future__ import annotations
 
 import google_crc32c
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from protocol import PayloadCrcError, WriteAt, crc32c_combine
+from protocol import PayloadCrcError, WriteAt
 from tests.protocol.helpers import ReceivedWrite, bound_pair, drain, merge_writes
-
-
-@settings(deadline=None, max_examples=200)
-@given(first=st.binary(max_size=3000), second=st.binary(max_size=3000))
-def test_combining_the_crcs_of_two_parts_gives_the_crc_of_the_whole(
-    first: bytes, second: bytes
-) -> None:
-    combined = crc32c_combine(google_crc32c.value(first), google_crc32c.value(second), len(second))
-    assert combined == google_crc32c.value(first + second)
-
-
-def test_combining_large_parts() -> None:
-    first, second = bytes(range(256)) * 700, b"\xa5" * (1 << 20)
-    combined = crc32c_combine(google_crc32c.value(first), google_crc32c.value(second), len(second))
-    assert combined == google_crc32c.value(first + second)
-
-
-@pytest.mark.parametrize("length", [1, 255, 4099, 1 << 20])
-def test_a_length_combined_again_and_again_still_gives_the_crc_of_the_whole(length: int) -> None:
-    # From the fourth use on, a length is shifted by lookup tables instead of multiplication
-    second = (bytes(range(251)) * (length // 251 + 1))[:length]
-    for first in (b"", b"a", bytes(range(256)), b"\xff" * 1000, b"\x00\x80" * 300):
-        for _ in range(2):
-            combined = crc32c_combine(
-                google_crc32c.value(first), google_crc32c.value(second), length
-            )
-            assert combined == google_crc32c.value(first + second)
 
 
 def test_a_given_data_crc_makes_the_same_frame() -> None:
