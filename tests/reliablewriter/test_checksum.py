@@ -8,14 +8,11 @@ import os
 
 import google_crc32c
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from reliablewriter import ChecksumMode
 from reliablewriter.buffer import KnownCrc
 from reliablewriter.checksum import (
     StreamChecksum,
-    crc32c_combine,
     crc32c_to_b64,
     normalize_crc32c,
 )
@@ -65,46 +62,8 @@ def test_crc32c_forms() -> None:
         normalize_crc32c(2**32)
 
 
-# Issue 13 #5: the object's CRC32C combined from CRC32Cs the caller already verified.
-
-
-@settings(deadline=None, max_examples=200)
-@given(
-    first=st.binary(max_size=300),
-    second=st.binary(max_size=300),
-    zeros=st.integers(0, 3 * 2**20),
-)
-def test_crc32c_combine_is_the_crc32c_of_the_concatenation(
-    first: bytes, second: bytes, zeros: int
-) -> None:
-    # A run of zeros as well, so lengths well past the examples' own sizes are covered.
-    second += bytes(zeros % 70_000)
-    combined = crc32c_combine(google_crc32c.value(first), google_crc32c.value(second), len(second))
-    assert combined == google_crc32c.value(first + second)
-
-
-@pytest.mark.parametrize("length", [1, 255, 4099, 1 << 20])
-def test_a_length_combined_again_and_again_still_gives_the_crc32c_of_the_whole(
-    length: int,
-) -> None:
-    # From the fourth use on, a length is shifted by lookup tables instead of multiplication.
-    # Extending any CRC32C over zeros is the same shift plus the zeros' CRC32C, so the CRCs
-    # b * 0x01010101 hold every byte value in every position: every entry of every table.
-    zeros = bytes(length)
-    second = (bytes(range(251)) * (length // 251 + 1))[:length]
-    for byte in range(256):
-        crc_a = byte * 0x01010101
-        shifted = google_crc32c.extend(crc_a, zeros) ^ google_crc32c.value(zeros)
-        expected = shifted ^ google_crc32c.value(second)
-        assert crc32c_combine(crc_a, google_crc32c.value(second), length) == expected
-    first = b"\x00\x80" * 300
-    combined = crc32c_combine(google_crc32c.value(first), google_crc32c.value(second), length)
-    assert combined == google_crc32c.value(first + second)
-
-
-def test_crc32c_combine_refuses_a_negative_length() -> None:
-    with pytest.raises(ValueError, match="negative"):
-        crc32c_combine(1, 2, -1)
+# Issue 13 #5: the object's CRC32C combined from CRC32Cs the caller already verified (the
+# combining itself is crcmath's, tested in tests/crcmath).
 
 
 def test_known_crcs_are_combined_and_never_read() -> None:
