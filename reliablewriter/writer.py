@@ -765,7 +765,8 @@ class ReliableWriter:
         self._state.sending(plan)
         self._checksum.extend(self._checksum.offset, self._checksum_pieces(plan))
         self._final_hash_headers()  # raises if the bytes are not the caller's
-        crc32c = self._checksum.crc32c or self._expected_crc32c
+        computed = self._checksum.crc32c  # from the bytes, or their verified frames' CRC32Cs
+        crc32c = computed or self._expected_crc32c
         # The views themselves: the multipart body is the one copy of the bytes.
         data = tuple(self._buffer.views(plan.start, plan.end))
         options = self._options
@@ -776,6 +777,8 @@ class ReliableWriter:
             metadata=options.metadata,
             if_generation_match=options.if_generation_match,
             crc32c=None if crc32c is None else crc32c_from_b64(crc32c),
+            # the bytes need not be read a second time for it; GCS checks them against it
+            verified_crc32c=None if computed is None else crc32c_from_b64(computed),
             maybe_stored_before=self._maybe_stored_before,
         )
         info = await upload_in_one_request(
