@@ -200,7 +200,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=ClientSettings.frame_size,
         metavar="BYTES",
-        help="payload bytes per frame (default 1 MiB)",
+        help="payload bytes per frame of a streamed file (default 1 MiB); a file of up to"
+        " 8 MiB goes whole, as one request, when the proxy allows frames that large",
     )
     parser.add_argument(
         "--retry-deadline",
