@@ -196,6 +196,15 @@ def test_a_put_objects_data_is_sent_uncopied_and_its_crc32c_known_on_arrival() -
     assert (claimed.crc32c, claimed.data_crc32c) == (1, google_crc32c.value(data))
 
 
+def test_a_put_object_above_the_agreed_size_is_refused_before_anything_is_sent() -> None:
+    client, _ = negotiated_pair(max_frame_size=MIN_FRAME_SIZE)
+    with pytest.raises(LocalProtocolError, match="above max_frame_size") as local:
+        client.send(PutObject("bucket", "object", bytes(MIN_FRAME_SIZE + 1)))
+    assert local.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert client.last_sent_seq == 1  # only the Hello went out
+    client.send(PutObject("bucket", "object", bytes(MIN_FRAME_SIZE)))  # the limit itself is fine
+
+
 def test_a_write_at_is_never_announced_as_received_whole() -> None:
     client, server = bound_pair()
     wire = b"".join(client.send(WriteAt(0, b"a" * 5000)))
