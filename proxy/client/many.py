@@ -73,7 +73,7 @@ async def put_file(
     """
     size = os.stat(path).st_size
     version, max_data = await _negotiated(pool, f"upload of {url}")
-    if version < 2 or size > min(max_data, pool.options.settings.offered_frame_size):
+    if version < 2 or size > _largest_put_object(pool, options, max_data):
         # never more connections than frames: each would cost a handshake and an attach
         frames = max(1, -(-size // options.settings.frame_size))
         if frames < options.settings.connections:
@@ -88,6 +88,21 @@ async def put_file(
     if len(data) != size:
         raise UploadError(None, f"{os.fspath(path)} changed while it was read")
     return await _put(pool, data, url, options)
+
+
+def _largest_put_object(pool: ConnectionPool, options: UploadOptions, max_data: int) -> int:
+    """The largest object sent as one PutObject: what the proxy agreed and the pool offered.
+
+    With a precondition, no more than one WriteAt frame: a PutObject whose reply is lost
+    cannot be settled by this client (resending it is refused once the first one stored the
+    object, and the client cannot read GCS to compare), where an upload's token can (the
+    proxy remembers a completed upload's result, and its token pins the generation). Larger
+    objects with a precondition therefore take the resumable path.
+    """
+    largest = min(max_data, pool.options.settings.offered_frame_size)
+    if options.if_generation_match is not None:
+        largest = min(largest, options.settings.frame_size)
+    return largest
 
 
 async def _negotiated(pool: ConnectionPool, description: str) -> tuple[int, int]:

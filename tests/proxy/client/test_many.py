@@ -285,3 +285,28 @@ async def test_files_up_to_8_mib_are_one_put_object_with_the_default_settings(
     assert large_result.connections == settings.connections
     assert read_back(storage_client, gcs_bucket, "medium") == medium_data
     assert read_back(storage_client, gcs_bucket, "large") == large_data
+
+
+async def test_a_file_with_a_precondition_goes_whole_only_if_it_fits_one_write_frame(
+    start_proxy: Callable[..., contextlib.AbstractAsyncContextManager[ProxyServer]],
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    files: Callable[[int, int], list[tuple[Path, bytes]]],
+) -> None:
+    # A lost reply to a PutObject with a precondition cannot be settled by the client; an
+    # upload's token can. So with one, only what fits a WriteAt frame goes whole.
+    ((small, _),) = files(1, 100 * KiB)
+    ((medium, medium_data),) = files(1, 3 * MiB)
+    settings = dataclasses.replace(ClientSettings(), retry=SETTINGS.retry)
+    async with start_proxy(max_frame_size=ServerSettings().max_frame_size) as server:
+        options = UploadOptions(proxy=server.address, settings=settings, if_generation_match=0)
+        async with open_connection_pool(options) as pool:
+            await put_file(pool, small, f"gs://{gcs_bucket}/first", options)  # the bucket lookup
+            before = _gcs_requests(server)
+            await put_file(pool, small, f"gs://{gcs_bucket}/small", options)
+            between = _gcs_requests(server)
+            await put_file(pool, medium, f"gs://{gcs_bucket}/medium", options)
+            after = _gcs_requests(server)
+    assert between.get("GET", 0.0) == before.get("GET", 0.0)  # one PutObject: no lookup
+    assert after.get("GET", 0.0) > between.get("GET", 0.0)  # an upload: its generation lookup
+    assert read_back(storage_client, gcs_bucket, "medium") == medium_data
