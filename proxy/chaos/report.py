@@ -71,6 +71,8 @@ class UploadOutcome:
     scripted_faults: tuple[str, ...] = ()
     #: the segments a composite object was composed from (0: one resumable session)
     segments: int = 0
+    #: sent whole, as one PUT_OBJECT
+    one_request: bool = False
     #: how often the client process was stopped by a process fault and run again
     client_restarts: int = 0
     #: of those reruns, how many said they resumed the interrupted upload (the others had
@@ -204,6 +206,14 @@ class ChaosReport:
         ]
         return {f"p{p}": round(percentile(rates, p / 100), 2) for p in (50, 90, 99)}
 
+    def one_request(self) -> dict[str, int]:
+        """Uploads sent whole as one PUT_OBJECT: how many, and how many were verified."""
+        sent = [o for o in self.outcomes if o.one_request]
+        return {
+            "uploads": len(sent),
+            "verified": sum(o.verdict is Verdict.VERIFIED for o in sent),
+        }
+
     def composite(self) -> dict[str, int]:
         """Composite uploads: verified ones, and the segments they were composed from."""
         composed = [o for o in self.outcomes if o.segments > 0]
@@ -248,6 +258,7 @@ class ChaosReport:
                 "gcs_leg_up": self.gcs_faults.get("bytes_up", 0),
             },
             "composite": self.composite(),
+            "one_request": self.one_request(),
             "time_to_complete_s": finite(self.latency_percentiles()),
             "throughput_mib_s": finite(self.throughput_percentiles()),
             "rss": {
@@ -281,6 +292,12 @@ class ChaosReport:
             f"{composite['verified']} verified uploads of {composite['segments']} segments;"
             f" {composite['discarded_markers']} discarded markers,"
             f" {composite['temporaries_left']} segments left for the sweep",
+        )
+        one_request = self.one_request()
+        summary.add_row(
+            "one request",
+            f"{one_request['verified']} of {one_request['uploads']} uploads sent whole as one"
+            " PUT_OBJECT verified",
         )
         summary.add_row(
             "bytes moved",

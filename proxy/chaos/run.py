@@ -51,6 +51,8 @@ from proxy.client import (
     UploadOptions,
     UploadResult,
     connect_upload,
+    open_connection_pool,
+    put_bytes,
 )
 from proxy.server import ProxyServer, serve_in_background
 from proxy.server.backend import Backend, TargetKind, pooled_session
@@ -213,7 +215,7 @@ class _Run:
             )
         base = UploadOutcome(
             spec.index, spec.name, spec.size, Verdict.VERIFIED, client_leg=spec.client_leg.value,
-            elapsed=elapsed, scripted_faults=fired,
+            elapsed=elapsed, scripted_faults=fired, one_request=spec.one_request,
         )  # fmt: skip
         if result is not None:
             base = dataclasses.replace(
@@ -262,17 +264,20 @@ class _Run:
         connector: Connector,
         if_generation_match: int | None,
     ) -> UploadResult:
-        async with connect_upload(
-            f"gs://{BUCKET}/{spec.name}",
-            UploadOptions(
-                proxy=address,
-                settings=self.settings.client_settings(spec.connections),
-                connector=connector,
-                if_generation_match=if_generation_match,
-                expected_size=spec.size,
-                single_session=not spec.composite,
-            ),
-        ) as upload:
+        options = UploadOptions(
+            proxy=address,
+            settings=self.settings.client_settings(spec.connections),
+            connector=connector,
+            if_generation_match=if_generation_match,
+            expected_size=spec.size,
+            single_session=not spec.composite,
+        )
+        url = f"gs://{BUCKET}/{spec.name}"
+        if spec.one_request:
+            data = b"".join(spec.source.blocks(_WRITE_SIZE))
+            async with open_connection_pool(options, max_size=1) as pool:
+                return await put_bytes(pool, data, url, options)
+        async with connect_upload(url, options) as upload:
             for block in spec.source.blocks(_WRITE_SIZE):
                 await upload.write(block)
             return await upload.complete()

@@ -65,6 +65,8 @@ class ChaosSettings:
     #: share of uploads stored as composite uploads (``--composite``: all of them); the
     #: proxy makes every upload composite unless its client asks for one session
     composite_share: float = 0.25
+    #: share of the uploads that fit one PUT_OBJECT and use no precondition sent as one
+    one_request_share: float = 0.25
 
     def __post_init__(self) -> None:
         if self.faults not in FAULT_MIXES:
@@ -85,6 +87,8 @@ class ChaosSettings:
             raise ValueError(f"--max-down must be within 0..{_MAX_DOWN_LIMIT:.0f} seconds")
         if not 0 <= self.composite_share <= 1:
             raise ValueError("--composite-share must be a share within 0..1")
+        if not 0 <= self.one_request_share <= 1:
+            raise ValueError("--one-request-share must be a share within 0..1")
         if self.process_faults and self.gcs_endpoint is not None:
             raise ValueError("--process-faults runs its own GCS endpoint: drop --gcs-endpoint")
 
@@ -102,6 +106,7 @@ class ChaosSettings:
             "--deadline", repr(self.deadline),
             "--generation-match", repr(self.precondition_share),
             "--composite-share", repr(self.composite_share),
+            "--one-request-share", repr(self.one_request_share),
         ]  # fmt: skip
         if self.gcs_endpoint is not None:
             words += ["--gcs-endpoint", self.gcs_endpoint]
@@ -139,13 +144,14 @@ class ChaosSettings:
             geometry=self.geometry,
             precondition_share=self.precondition_share,
             composite_share=self.composite_share,
+            one_request_share=self.one_request_share,
         )
         return [spec for spec in specs if not self.only or spec.index in self.only]
 
     def server_settings(self) -> ServerSettings:
         g = self.geometry
         return ServerSettings(
-            max_frame_size=g.frame,
+            max_frame_size=max(g.frame, g.put_object),
             upload_buffer_limit=g.window,
             min_upload_window=g.min_chunk,
             total_buffer_limit=max(64 * MiB, 2 * self.concurrency * g.window),
@@ -229,6 +235,7 @@ class ChaosSettings:
         return ClientSettings(
             connections=connections,
             frame_size=self.geometry.frame,
+            put_object_limit=self.geometry.put_object,
             connect_timeout=5.0,
             # a stalled client connection must be noticed well within the upload's deadline
             reply_timeout=4.0,

@@ -65,6 +65,9 @@ class ChunkGeometry:
     #: objects up to this size are stored by one request, with no resumable session (the
     #: proxy's own limit is larger: a run wants most sizes to cross chunk edges in a session)
     one_request: int = 1 * MiB
+    #: the largest object a client sends whole, as one PUT_OBJECT: the proxy agrees frames
+    #: this large, the client still cuts its WriteAt frames at ``frame``
+    put_object: int = 2 * MiB
 
 
 def boundary_sizes(geometry: ChunkGeometry, max_size: int) -> list[int]:
@@ -237,6 +240,8 @@ class UploadSpec:
     #: stored as segments composed at the end (protocol section 14); otherwise the client
     #: asks for one resumable session
     composite: bool = False
+    #: sent whole as one PUT_OBJECT (the client's path for small objects), not streamed
+    one_request: bool = False
 
 
 def _log_uniform_size(rng: random.Random, max_size: int) -> int:
@@ -328,12 +333,15 @@ def plan_uploads(
     geometry: ChunkGeometry,
     precondition_share: float = 0.1,
     composite_share: float = 0.0,
+    one_request_share: float = 0.0,
 ) -> list[UploadSpec]:
     """The run's uploads: boundary sizes first, then log-uniform sizes; all from ``seed``.
 
     A ``composite_share`` of them are composite. They get no scripted GCS faults: a
     segment's requests cannot be told apart by upload (see :mod:`proxy.chaos.routing` for
-    the GCS-leg faults segments do meet)."""
+    the GCS-leg faults segments do meet). A ``one_request_share`` of those that fit one
+    PUT_OBJECT and use no precondition are sent as one (with a precondition, a reply lost
+    on the way back cannot be settled by the client: docs/protocol.md section 10)."""
     boundaries = boundary_sizes(geometry, max_size)
     specs = []
     for index in range(uploads):
@@ -354,6 +362,12 @@ def plan_uploads(
         composite = rng.random() < composite_share
         if composite:
             instructions = ()  # drawn all the same, so the faults after them stay the same
+        one_request = (
+            rng.random() < one_request_share  # drawn after, so the draws before stay the same
+            and not composite
+            and precondition is Precondition.NONE
+            and size <= geometry.put_object
+        )
         key = f"{seed}:{index}"
         specs.append(
             UploadSpec(
@@ -378,6 +392,7 @@ def plan_uploads(
                     else None
                 ),
                 composite=composite,
+                one_request=one_request,
             )
         )
     return specs

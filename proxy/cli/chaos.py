@@ -147,6 +147,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         " others ask for one session",
     )  # fmt: skip
     parser.add_argument(
+        "--one-request-share", type=float, default=defaults.one_request_share,
+        metavar="SHARE",
+        help="share of the uploads that fit one PUT_OBJECT (2 MiB here) and use no"
+        " ifGenerationMatch sent whole as one, not streamed (0..1)",
+    )  # fmt: skip
+    parser.add_argument(
         "--composite", action="store_true",
         help="store every upload as a composite upload (--composite-share 1); composite"
         " uploads get no scripted GCS faults (their segments' requests name no upload)",
@@ -225,6 +231,7 @@ def settings_from(args: argparse.Namespace) -> ChaosSettings:
         process_fault_interval=args.process_fault_interval,
         max_down=args.max_down,
         composite_share=1.0 if args.composite else args.composite_share,
+        one_request_share=args.one_request_share,
     )
 
 

@@ -21,7 +21,7 @@ from proxy.client.errors import (
     UploadRejectedError,
 )
 from proxy.client.lifecycle import UploadState
-from proxy.client.many import Outcome, put_file, upload_many
+from proxy.client.many import Outcome, put_bytes, put_file, upload_many
 from proxy.client.names import ProxyTarget, parse_gs_url, parse_proxy_address, proxy_addresses
 from proxy.client.pool import ConnectionPool, open_connection_pool
 from proxy.client.results import UploadProgress, UploadResult
@@ -50,6 +50,7 @@ __all__ = [
     "parse_gs_url",
     "parse_proxy_address",
     "proxy_addresses",
+    "put_bytes",
     "put_file",
     "upload_file",
     "upload_many",

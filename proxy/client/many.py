@@ -44,7 +44,7 @@ from proxy.client.pool import ConnectionPool, open_connection_pool
 from proxy.client.results import UploadResult
 from proxy.client.settings import UploadOptions
 
-__all__ = ["Outcome", "Source", "UploadLarge", "put_file", "upload_many"]
+__all__ = ["Outcome", "Source", "UploadLarge", "put_bytes", "put_file", "upload_many"]
 
 Source = str | os.PathLike[str]
 #: what one pair ended with
@@ -87,7 +87,7 @@ async def put_file(
         data = await trio.to_thread.run_sync(_read_whole, path)
     if len(data) != size:
         raise UploadError(None, f"{os.fspath(path)} changed while it was read")
-    return await _put(pool, data, url, options)
+    return await put_bytes(pool, data, url, options)
 
 
 def _largest_put_object(pool: ConnectionPool, options: UploadOptions, max_data: int) -> int:
@@ -130,8 +130,17 @@ def _read_whole(path: Source) -> bytes:
         return file.read()
 
 
-async def _put(pool: ConnectionPool, data: bytes, url: str, options: UploadOptions) -> UploadResult:
-    """One PutObject, retried under the pool's policy while the proxy may still store it."""
+async def put_bytes(
+    pool: ConnectionPool, data: bytes, url: str, options: UploadOptions
+) -> UploadResult:
+    """Store ``data`` as one ``PutObject`` on a pooled connection, retried under the pool's
+    policy while the proxy may still store it.
+
+    ``data`` must fit what the proxy agreed (see :func:`put_file`, which decides);
+    raises :class:`~proxy.client.errors.UploadError` otherwise, or when the object is
+    refused. A reply lost with a precondition set ends in an error that says the object may
+    have been stored (see docs/protocol.md section 10).
+    """
     bucket, name = parse_gs_url(url)
     description = f"upload of {url}"
     crc32c = google_crc32c.value(data)

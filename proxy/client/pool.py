@@ -40,10 +40,23 @@ _REAP_INTERVAL: Final = 1.0
 async def open_connection_pool(
     options: UploadOptions, *, max_size: int = 16, idle_timeout: float = 30.0
 ) -> AsyncIterator[ConnectionPool]:
-    """A :class:`ConnectionPool` for the block; leaving it closes every connection."""
+    """A :class:`ConnectionPool` for the block; leaving it closes every connection.
+
+    An exception that leaves the block comes out as itself (an
+    :class:`~proxy.client.errors.UploadError` stays one), not grouped by the pool's nursery,
+    as :func:`~proxy.client.api.connect_upload` does it.
+    """
+    body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
-        yield ConnectionPool(options, nursery, max_size=max_size, idle_timeout=idle_timeout)
+        try:
+            yield ConnectionPool(options, nursery, max_size=max_size, idle_timeout=idle_timeout)
+        except trio.Cancelled:
+            raise  # the nursery's own business: it absorbs a cancellation of its scope
+        except BaseException as exc:  # re-raised below, outside the nursery
+            body_error = exc
         nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error
 
 
 class _PoolOwner:

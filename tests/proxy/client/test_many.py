@@ -28,9 +28,11 @@ from proxy.client import (
     RetryPolicy,
     UploadError,
     UploadOptions,
+    UploadRejectedError,
     UploadResult,
     blocking,
     open_connection_pool,
+    put_bytes,
     put_file,
     upload_many,
 )
@@ -310,3 +312,16 @@ async def test_a_file_with_a_precondition_goes_whole_only_if_it_fits_one_write_f
     assert between.get("GET", 0.0) == before.get("GET", 0.0)  # one PutObject: no lookup
     assert after.get("GET", 0.0) > between.get("GET", 0.0)  # an upload: its generation lookup
     assert read_back(storage_client, gcs_bucket, "medium") == medium_data
+
+
+async def test_an_upload_error_in_a_pools_block_comes_out_as_itself(
+    start_proxy: Callable[..., contextlib.AbstractAsyncContextManager[ProxyServer]],
+    gcs_bucket: str,
+) -> None:
+    # Not grouped by the pool's nursery: a caller's `except UploadError` must see it.
+    async with start_proxy(allowed_prefixes=("public/",)) as server:
+        options = UploadOptions(proxy=server.address, settings=SETTINGS)
+        with pytest.raises(UploadRejectedError) as refused:
+            async with open_connection_pool(options) as pool:
+                await put_bytes(pool, b"x", f"gs://{gcs_bucket}/private/x", options)
+    assert refused.value.code is ErrorCode.FORBIDDEN
