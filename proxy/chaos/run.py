@@ -175,7 +175,10 @@ class _Run:
         except Exception as exc:
             # Record, don't propagate: one broken upload must not hide the others' verdicts.
             # Clients must fail with UploadError; anything else is a bug worth a replay.
-            outcome = UploadOutcome.crashed(spec.index, spec.name, spec.size, exc)
+            outcome = dataclasses.replace(
+                UploadOutcome.crashed(spec.index, spec.name, spec.size, exc),
+                one_request=spec.one_request,
+            )
         finally:
             limiter.release()
         self.outcomes.append(outcome)
