@@ -178,6 +178,10 @@ class Upload:
                     incomplete_replies += 1
                     if incomplete_replies > _MAX_INCOMPLETE_REPLIES:
                         break
+                    # An answer is news: the deadline counts from it, not from before the
+                    # proxy spent its complete_timeout waiting for the bytes (a proxy that
+                    # died had acknowledged them; its successor lacks them).
+                    self._ledger.mark_progress()
                     if isinstance(reply, Incomplete):  # version 2: the list is in the reply
                         last_problem = f"bytes still missing: {format_ranges(reply.missing)}"
                         transfer.resend_missing(reply)

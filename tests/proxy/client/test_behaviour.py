@@ -115,6 +115,9 @@ class FakeProxy:
         #: at the first Complete, lose these acknowledged (uncommitted) bytes, as a restarted
         #: proxy would, and answer MISSING_RANGES
         self.lose_at_complete: tuple[int, int] | None = None
+        #: how long a Complete that finds bytes missing waits before answering Incomplete,
+        #: as a proxy waits its complete_timeout for bytes still on their way
+        self.incomplete_after = 0.0
         #: never answer the StatusQuery of the first connection to attach, and answer later
         #: attaches only once that query has arrived
         self.hold_first_attached_status = False
@@ -282,6 +285,7 @@ class FakeProxy:
                     self.received.remove(*self.lose_at_complete)
                     self.lose_at_complete = None
                 if not self.received.contains(0, event.total_size):
+                    await trio.sleep(self.incomplete_after)
                     missing = tuple(self.received.missing(0, event.total_size))
                     # a version-1 client gets Error(MISSING_RANGES) instead (send() sees to it)
                     await send(Incomplete(event.seq, self.committed, self.window_end, missing))
@@ -686,6 +690,26 @@ def test_blocking_stream_upload(
     )
     assert bytes(proxy.data) == data
     assert result.size == len(data)
+
+
+async def test_missing_ranges_reported_after_the_retry_deadline_are_still_resent(
+    fake_proxy: tuple[FakeProxy, tuple[str, int]],
+    payload_file: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    """A proxy that waits longer than the client's retry deadline before answering a
+    Complete with the bytes it lacks (its complete_timeout; a predecessor that died had
+    acknowledged them) has still answered: the deadline counts from that answer."""
+    proxy, address = fake_proxy
+    proxy.commit_limit = 4 * FRAME
+    proxy.lose_at_complete = (5 * FRAME, 7 * FRAME)
+    proxy.incomplete_after = 0.6
+    path, data = payload_file(10 * FRAME)
+    retry = RetryPolicy(deadline=0.4, initial_delay=0.001, max_delay=0.01)
+    result = await upload_file(
+        path, "gs://bkt/o", UploadOptions(proxy=address, settings=settings(2, retry=retry))
+    )
+    assert bytes(proxy.data) == data
+    assert result.resent_bytes_by_cause == {"proxy_lost": 2 * FRAME}
 
 
 @pytest.mark.parametrize("proxy_versions", [(1,), (1, 2)], ids=["v1-proxy", "v2-proxy"])
