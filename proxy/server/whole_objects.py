@@ -10,24 +10,13 @@ not hold, a missing bucket), and its bytes are paid for from the client's share 
 buffer budget while GCS is asked, so that many pipelined ``PUT_OBJECT`` frames cost what
 they hold and no more. Cancelled midway (a shutdown), the object is stored whole or not at
 all, and the client, which got no ``COMPLETED``, resends or reads the object to find out.
-
-A client that lost the reply to a ``PUT_OBJECT`` with a precondition and resends it would
-be refused (the first one changed the generation): what this server stored is remembered
-for ``result_retention``, and a resend of the same object (bucket, name, precondition, size
-and CRC32C) whose generation is still the live one is answered with the first one's result.
-Another instance, or this one restarted, does not know, and refuses it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections import OrderedDict
-from typing import Final
 
-import requests
 import trio
-from google.api_core import exceptions as api_exceptions
 
 from protocol import ErrorCode, PutObject
 from proxy.server.backend import Backend
@@ -50,19 +39,6 @@ __all__ = ["WholeObjects"]
 
 logger = get_logger(__name__)
 
-#: stored objects remembered at most for a resend (the oldest are forgotten first); a few
-#: hundred bytes each
-_REMEMBERED_OBJECTS: Final = 16_384
-
-#: what makes a resend the same request: bucket, name, precondition, size, CRC32C
-_Request = tuple[str, str, int, int, int]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Stored:
-    info: ObjectInfo
-    forget_at: float
-
 
 class WholeObjects:
     """Stores ``PUT_OBJECT`` requests for every connection of one server."""
@@ -81,8 +57,6 @@ class WholeObjects:
         self._metrics = metrics
         #: stores straight from trio when given (else through the backend's session)
         self._poster = poster
-        #: objects stored with a precondition, oldest first, for a resend of the same one
-        self._stored: OrderedDict[_Request, _Stored] = OrderedDict()
 
     async def pay(self, client: str, payload_size: int) -> Reservation:
         """Reserve what a PUT_OBJECT with a payload of ``payload_size`` bytes costs in memory
@@ -137,15 +111,6 @@ class WholeObjects:
             )
         except WriterError as exc:
             error = error_from_refused_start(exc)
-            if error.code is ErrorCode.PRECONDITION_FAILED:
-                stored = await self._stored_before(event)
-                if stored is not None:
-                    log_event(
-                        logger, logging.INFO, "put-object-resent",
-                        bucket=event.bucket, object=event.name, client=client,
-                        generation=stored.generation,
-                    )  # fmt: skip
-                    return stored
             self._metrics.uploads_failed.labels(reason=error.code.name.lower()).inc()
             log_event(
                 logger, logging.INFO, "put-object-failed",
@@ -154,7 +119,6 @@ class WholeObjects:
             raise error from exc
         finally:
             payment.release()
-        self._remember(event, info)
         self._metrics.bytes_received.inc(len(event.data))
         self._metrics.bytes_committed.inc(len(event.data))
         self._metrics.uploads_completed.inc()
@@ -167,46 +131,3 @@ class WholeObjects:
             generation=info.generation,
         )  # fmt: skip
         return info
-
-    def _remember(self, event: PutObject, info: ObjectInfo) -> None:
-        """Keep what ``event`` stored, if a resend of it could be refused (a precondition)."""
-        request = _request_of(event)
-        now = trio.current_time()
-        while self._stored and (
-            len(self._stored) >= _REMEMBERED_OBJECTS
-            or next(iter(self._stored.values())).forget_at <= now
-        ):
-            self._stored.popitem(last=False)
-        if request is None:
-            return
-        # the reply needs the object's figures only, not its whole resource
-        kept = dataclasses.replace(info, resource={})
-        self._stored[request] = _Stored(kept, now + self._settings.result_retention)
-        self._stored.move_to_end(request)
-
-    async def _stored_before(self, event: PutObject) -> ObjectInfo | None:
-        """What this server stored for the same request, if GCS still holds that generation.
-
-        One metadata request, only when such a request was stored here. A lookup that fails
-        settles nothing: the refusal stands.
-        """
-        request = _request_of(event)
-        stored = self._stored.get(request) if request is not None else None
-        if stored is None or stored.forget_at <= trio.current_time():
-            return None
-        try:
-            # Only a read: a shutdown (or a client gone) need not wait for its answer.
-            live = await trio.to_thread.run_sync(
-                self._backend.live_generation, event.bucket, event.name, abandon_on_cancel=True
-            )
-        except (api_exceptions.GoogleAPICallError, requests.RequestException):
-            return None  # the refusal stands
-        return stored.info if live == stored.info.generation else None
-
-
-def _request_of(event: PutObject) -> _Request | None:
-    """What makes a resend of ``event`` the same request, or ``None`` when a resend is never
-    refused (no precondition) or its bytes' CRC32C is not known."""
-    if event.if_generation_match is None or event.data_crc32c is None:
-        return None
-    return (event.bucket, event.name, event.if_generation_match, len(event.data), event.data_crc32c)
