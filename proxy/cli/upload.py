@@ -484,10 +484,14 @@ class _ManyFiles:
             print(json.dumps(summary))
         else:
             failed = f"; {len(self.failures)} failed" if self.failures else ""
+            # what was stored, when anything was: nothing stored has no figures to give
+            figures = (
+                f" ({self._stored_bytes} bytes, crc32c verified, {rate:.1f} MiB/s)"
+                if stored
+                else ""
+            )
             print(
-                f"stored {stored} of {len(self._pairs)} objects ({self._stored_bytes} bytes,"
-                f" crc32c verified, {rate:.1f} MiB/s){failed}",
-                file=sys.stderr,
+                f"stored {stored} of {len(self._pairs)} objects{figures}{failed}", file=sys.stderr
             )
         return code
 

@@ -97,11 +97,18 @@ def test_several_files_under_a_prefix_and_a_forced_content_type(
 
 
 def test_every_object_refused_exits_with_their_code(
-    proxy_address: str, tree: dict[str, bytes], tmp_path: Path
+    proxy_address: str,
+    tree: dict[str, bytes],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     site = str(tmp_path / "site")
     argv = ["upload", "-r", site, "gs://cmd/x/", "--proxy", proxy_address, "--auth-token", "no"]
     assert main([*argv, "--json"]) == 3  # all UNAUTHENTICATED: as one upload would exit
+    capsys.readouterr()
+    assert main(argv) == 3
+    # nothing stored: no figures claiming a verified transfer
+    assert f"stored 0 of {len(tree)} objects; {len(tree)} failed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
