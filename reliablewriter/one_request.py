@@ -178,8 +178,8 @@ def _occurs_in(needle: bytes, pieces: Sequence[memoryview]) -> bool:
 
 
 def _find(piece: memoryview, needle: bytes) -> int:
-    # bytes.find reads any buffer through a one-element join only for bytes; a memoryview
-    # of a bytes object is searched in place through the object it views
+    # bytes.find needs a bytes object: a view of a whole one is searched in that object, in
+    # place; only a view of part of one (rare: receives are kept whole) is copied to search
     whole = piece.obj
     if isinstance(whole, bytes) and len(piece) == len(whole):
         return whole.find(needle)

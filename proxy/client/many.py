@@ -73,7 +73,7 @@ async def put_file(
     """
     size = os.stat(path).st_size
     version, max_data = await _negotiated(pool, f"upload of {url}")
-    if version < 2 or size > _largest_put_object(pool, options, max_data):
+    if version < 2 or size > _largest_put_object(options, max_data):
         # never more connections than frames: each would cost a handshake and an attach
         frames = max(1, -(-size // options.settings.frame_size))
         if frames < options.settings.connections:
@@ -90,8 +90,9 @@ async def put_file(
     return await put_bytes(pool, data, url, options)
 
 
-def _largest_put_object(pool: ConnectionPool, options: UploadOptions, max_data: int) -> int:
-    """The largest object sent as one PutObject: what the proxy agreed and the pool offered.
+def _largest_put_object(options: UploadOptions, max_data: int) -> int:
+    """The largest object sent as one PutObject: what the proxy agreed (``max_data``, never
+    more than the pool's Hello offered, which the protocol enforces).
 
     With a precondition, no more than one WriteAt frame: a PutObject whose reply is lost
     cannot be settled by this client (resending it is refused once the first one stored the
@@ -99,10 +100,9 @@ def _largest_put_object(pool: ConnectionPool, options: UploadOptions, max_data: 
     proxy remembers a completed upload's result, and its token pins the generation). Larger
     objects with a precondition therefore take the resumable path.
     """
-    largest = min(max_data, pool.options.settings.offered_frame_size)
     if options.if_generation_match is not None:
-        largest = min(largest, options.settings.frame_size)
-    return largest
+        return min(max_data, options.settings.frame_size)
+    return max_data
 
 
 async def _negotiated(pool: ConnectionPool, description: str) -> tuple[int, int]:
