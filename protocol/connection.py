@@ -276,6 +276,20 @@ class Connection:
         return IncomingFrame(self._frame_type, self._frame_seq, self._payload_size)
 
     @property
+    def write_at_data_wanted(self) -> int:
+        """How many data bytes of the WRITE_AT being received are still to come, while none of
+        them is buffered; 0 otherwise (between frames, or with bytes waiting in the buffer).
+
+        A receiver may then read up to this many bytes itself and pass them to
+        `receive_write_at_data`: the bytes WriteAtData events would have carried, without an
+        event, a buffer or a dispatch per receive. It is rup's server's path for a frame's
+        data on a plain TCP connection.
+        """
+        if self._reading is _Reading.WRITE_AT_DATA and not self._buffer and not self._eof:
+            return self._remaining
+        return 0
+
+    @property
     def requests_in_flight(self) -> int:
         """How many requests have been sent (client) or received (server) but not answered."""
         return len(self._in_flight)
@@ -310,6 +324,24 @@ class Connection:
         if type(data) is not bytes:
             data = memoryview(data).cast("B")
         self._buffer.append(data)
+
+    def receive_write_at_data(self, data: bytes) -> None:
+        """Take the next bytes of the WRITE_AT frame's data, which the caller read itself and
+        keeps: at most `write_at_data_wanted` of them, never empty. They count toward the
+        frame's CRC32C exactly as WriteAtData pieces do; once all have come, `next_event()`
+        returns the frame's WriteAtEnd (or raises PayloadCrcError if they were damaged).
+
+        Raises LocalProtocolError for bytes that are not wanted: the caller mixed this with
+        `receive_data`, or read past the frame.
+        """
+        size = len(data)
+        if not 0 < size <= self.write_at_data_wanted:
+            raise LocalProtocolError(
+                f"{size} bytes offered as WRITE_AT data, where"
+                f" {self.write_at_data_wanted} may be taken"
+            )
+        self._remaining -= size
+        self._crc = _crc_extend(self._crc, data)
 
     def receive_size(self, limit: int) -> int:
         """How many bytes to ask the transport for next: at most `limit`, and never past the end

@@ -164,6 +164,64 @@ def test_receiving_what_receive_size_asks_for_keeps_each_payload_buffer_whole() 
     ]
 
 
+def _start_write_at(client: Connection, server: Connection, payload: bytes) -> bytes:
+    """Send a WriteAt of ``payload``; the server gets its header and offset only. Returns
+    the data bytes as they went on the wire."""
+    buffers = client.send(WriteAt(0, payload))
+    server.receive_data(bytes(buffers[0]))
+    assert drain(server) == [WriteAtStart(client.last_sent_seq, 0, len(payload))]
+    return b"".join(bytes(buffer) for buffer in buffers[1:])
+
+
+def test_write_at_data_read_by_the_receiver_itself_is_checked_as_events_are() -> None:
+    client, server = bound_pair()
+    assert server.write_at_data_wanted == 0  # between frames
+    data = _start_write_at(client, server, bytes(range(256)) * 20)
+    taken = 0
+    for size in (1000, 3000, 1120):
+        assert server.write_at_data_wanted == len(data) - taken
+        server.receive_write_at_data(data[taken : taken + size])
+        taken += size
+    assert server.write_at_data_wanted == 0
+    end = server.next_event()
+    assert end == WriteAtEnd(3)
+    assert isinstance(end, WriteAtEnd)
+    assert end.data_crc32c == google_crc32c.value(data)
+    # And the stream goes on with the next frame as usual.
+    transfer(client, server, Ping(9))
+    assert server.write_at_data_wanted == 0
+
+
+def test_damaged_write_at_data_read_by_the_receiver_is_refused_by_its_crc() -> None:
+    client, server = bound_pair()
+    data = bytearray(_start_write_at(client, server, b"x" * 4096))
+    data[100] ^= 0x01
+    server.receive_write_at_data(bytes(data[:2000]))
+    server.receive_write_at_data(bytes(data[2000:]))
+    with pytest.raises(PayloadCrcError) as refused:
+        server.next_event()
+    assert refused.value.seq == 3
+    assert transfer(client, server, Ping(1)) == [Ping(1, seq=4)]  # still in step
+
+
+def test_write_at_data_is_taken_only_as_much_as_is_wanted() -> None:
+    client, server = bound_pair()
+    data = _start_write_at(client, server, b"y" * 100)
+    with pytest.raises(LocalProtocolError):
+        server.receive_write_at_data(data + b"z")  # past the frame
+    with pytest.raises(LocalProtocolError):
+        server.receive_write_at_data(b"")
+    server.receive_data(data[:10])  # bytes in the buffer go out as events first
+    assert server.write_at_data_wanted == 0
+    with pytest.raises(LocalProtocolError):
+        server.receive_write_at_data(data[10:])
+    (piece,) = drain(server)
+    assert isinstance(piece, WriteAtData)
+    assert server.write_at_data_wanted == 90
+    server.receive_write_at_data(data[10:])
+    assert server.next_event() == WriteAtEnd(3)
+
+
 def test_a_frame_received_whole_is_announced_by_its_header_before_its_payload() -> None:
     client, server = negotiated_pair()
     wire = b"".join(client.send(PutObject("bucket", "object", b"x" * 5000)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import struct
@@ -12,6 +13,7 @@ import trio
 from google.cloud import storage  # type: ignore[import-untyped]
 
 from protocol import (
+    Ack,
     AttachUpload,
     Complete,
     Completed,
@@ -143,3 +145,39 @@ async def test_a_client_that_resets_mid_frame_leaves_its_upload_to_resume(
         assert (await again.reply(Completed)).size == len(data)
     stored = storage_client.bucket(gcs_bucket).blob("reset.bin").download_as_bytes()
     assert stored == data
+
+
+async def test_a_frame_whose_data_trickles_in_is_read_whole_and_never_idle(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str, storage_client: storage.Client
+) -> None:
+    data = os.urandom(250 * KiB)
+    async with start_proxy(idle_timeout=0.5) as server:
+        client = await raw_client(server)
+        await client.open(gcs_bucket, "trickle.bin", expected_size=len(data))
+        frame = b"".join(client.protocol.send(WriteAt(0, data)))
+        # 1.2 s for the frame's data, in 7 pieces: never 0.5 s without a byte
+        cuts = [0, 40, 50 * KiB, 51 * KiB, 120 * KiB, 200 * KiB, 249 * KiB, len(frame)]
+        with trio.fail_after(10):
+            for begin, end in itertools.pairwise(cuts):
+                await client.send_raw(frame[begin:end])
+                await trio.sleep(0.2)
+            assert (await client.reply(Ack)).committed_offset >= 0
+            await client.send(Complete(len(data)))
+            assert (await client.reply(Completed)).size == len(data)
+    stored = storage_client.bucket(gcs_bucket).blob("trickle.bin").download_as_bytes()
+    assert stored == data
+
+
+async def test_a_client_that_stops_partway_through_a_frames_data_is_told_idle(
+    start_proxy: StartProxy, raw_client: Connect, gcs_bucket: str
+) -> None:
+    async with start_proxy(idle_timeout=0.5) as server:
+        client = await raw_client(server)
+        await client.open(gcs_bucket, "stalled.bin")
+        frame = b"".join(client.protocol.send(WriteAt(0, os.urandom(100 * KiB))))
+        await client.send_raw(frame[: len(frame) // 2])
+        with trio.fail_after(10):
+            error = await client.error()
+        assert error.code is ErrorCode.IDLE_TIMEOUT
+        (upload,) = server.registry.uploads()
+        assert upload.received_ranges() == ()  # nothing of the cut frame was kept
