@@ -21,7 +21,12 @@ from protocol import ErrorCode, Status
 from protocol.ranges import ByteRange, RangeSet
 from proxy.client.sources import Source
 
-__all__ = ["Ledger"]
+__all__ = ["CONNECTION_LOST", "MIN_PIECE_LIMIT", "Ledger"]
+
+#: the cause of frames lost with their connection (:meth:`Ledger.requeue`)
+CONNECTION_LOST = "connection_lost"
+#: how small :attr:`Ledger.piece_limit` may get after connections are cut mid-frame
+MIN_PIECE_LIMIT = 256 * 1024
 
 
 class Ledger:
@@ -32,6 +37,9 @@ class Ledger:
         self._changed = trio.Event()
         self._frame_size = frame_size
         self._frame_size_agreed = False
+        #: the largest piece taken now: the frame size, halved each time a connection is cut
+        #: with frames in flight and doubled back as frames get through (see take)
+        self._piece_limit = frame_size
         self._source: Source | None = None
         self._to_send = RangeSet()
         self._received = RangeSet()
@@ -64,6 +72,11 @@ class Ledger:
     def frame_size(self) -> int:
         """Pieces are cut at multiples of this, for the whole upload."""
         return self._frame_size
+
+    @property
+    def piece_limit(self) -> int:
+        """The largest piece :meth:`take` hands out now (at most :attr:`frame_size`)."""
+        return self._piece_limit
 
     @property
     def received_total(self) -> int:
@@ -154,6 +167,8 @@ class Ledger:
             self.notify()
 
     def note_received(self, piece: ByteRange, committed: int) -> None:
+        if piece[1] - piece[0] >= self._piece_limit:
+            self._piece_limit = min(self._frame_size, 2 * self._piece_limit)
         if not self._received.contains(*piece):
             self.mark_progress()
         self._received.add(*piece)
@@ -167,12 +182,18 @@ class Ledger:
         """Pieces are cut at multiples of the first agreed frame size, for the whole upload."""
         if not self._frame_size_agreed:
             self._frame_size = min(self._frame_size, agreed)
+            self._piece_limit = min(self._piece_limit, self._frame_size)
             self._frame_size_agreed = True
 
     # -- taking and returning pieces -------------------------------------------------------
 
     def take(self, max_data: int) -> ByteRange | None:
-        """The lowest piece to send that fits the credit window and one frame, if any."""
+        """The lowest piece to send that fits the credit window and one frame, if any.
+
+        Pieces are cut on the frame grid, and no larger than :attr:`piece_limit`: a link
+        that cuts connections every few MiB would otherwise never get a whole large frame
+        through (a frame cut short is sent again whole), where smaller ones make progress.
+        """
         if not self._to_send:
             return None
         self._to_send.remove(0, self._committed)
@@ -180,7 +201,7 @@ class Ledger:
         if head is None:
             return None
         alignment = self._frame_size - head[0] % self._frame_size
-        return self._to_send.take(self._window_end, min(alignment, max_data))
+        return self._to_send.take(self._window_end, min(alignment, max_data, self._piece_limit))
 
     def hand_back(self, piece: ByteRange) -> None:
         """Return a piece that was taken but never sent."""
@@ -188,12 +209,21 @@ class Ledger:
         self.notify()
 
     def requeue(self, pieces: Iterable[ByteRange], *, cause: str) -> None:
-        """Frames that were sent and lost: what of them the proxy does not hold is resent."""
+        """Frames that were sent and lost: what of them the proxy does not hold is resent.
+
+        Frames lost with their connection halve :attr:`piece_limit` (down to
+        :data:`MIN_PIECE_LIMIT`); a damaged frame says nothing about their size.
+        """
+        lost = 0
         for start, end in pieces:
             start = max(start, self._committed)
             for gap_start, gap_end in self._received.missing(start, end):
                 self._to_send.add(gap_start, gap_end)
                 self._count_resent(cause, gap_end - gap_start)
+                lost += gap_end - gap_start
+        if lost and cause == CONNECTION_LOST:
+            floor = min(MIN_PIECE_LIMIT, self._frame_size)
+            self._piece_limit = max(floor, self._piece_limit // 2)
         self.notify()
 
     def _count_resent(self, cause: str, length: int) -> None:

@@ -102,7 +102,7 @@ class ClientSettings:
 
     connections: int = 4
     #: payload bytes per WriteAt frame; capped by what the proxy's Welcome allows
-    frame_size: int = 1 * MiB
+    frame_size: int = 4 * MiB
     #: an object up to this size (or ``frame_size``, if larger) goes as one PutObject when
     #: the proxy agrees a frame that large (rup serve's default does); larger ones are
     #: streamed in WriteAt frames of ``frame_size``

@@ -49,7 +49,7 @@ from proxy.client.errors import (
     condemns_upload,
     unexpected_reply,
 )
-from proxy.client.ledger import Ledger
+from proxy.client.ledger import CONNECTION_LOST, Ledger
 from proxy.client.lifecycle import Lifecycle, UploadState
 from proxy.client.results import UploadProgress
 from proxy.client.settings import ClientSettings, Connector, UploadOptions
@@ -341,7 +341,7 @@ class Transfer:
         bound = channel in self._channels
         if bound:
             self._channels.discard(channel)
-            self._ledger.requeue(channel.surrender(), cause="connection_lost")
+            self._ledger.requeue(channel.surrender(), cause=CONNECTION_LOST)
         if not self.lifecycle.over:
             self._note_unavailable()
         self._ledger.notify()

@@ -155,6 +155,33 @@ async def test_connections_killed_partway_through_frames(
     assert await stored(storage_client, gcs_bucket, "cut") == data
 
 
+async def test_a_link_that_cuts_every_connection_before_a_whole_frame_still_makes_progress(
+    start_proxy: Callable[..., contextlib.AbstractAsyncContextManager[ProxyServer]],
+    gcs_bucket: str,
+    storage_client: storage.Client,
+    payload: Callable[[int], tuple[Path, bytes]],
+) -> None:
+    # Every connection is reset after 700 KiB, well short of one 2 MiB frame: frames cut
+    # short are resent whole, so only smaller pieces can ever get through.
+    plan = FaultPlan.parse("seed=4; reset_peer:up(after=700k)")
+    counters = FaultCounters()
+    path, data = payload(3 * MiB)
+    settings = dataclasses.replace(client_settings(2), frame_size=2 * MiB)
+    async with start_proxy(max_frame_size=2 * MiB) as server:
+        result = await upload_file(
+            path,
+            f"gs://{gcs_bucket}/cut-short",
+            UploadOptions(
+                proxy=server.address,
+                settings=settings,
+                connector=faulty_connector(plan, counters),
+            ),
+        )
+    assert counters.as_dict()["faults"]["reset_peer"] >= 2
+    assert result.resent_bytes_by_cause["connection_lost"] > 0
+    assert await stored(storage_client, gcs_bucket, "cut-short") == data
+
+
 async def test_corrupted_payload_is_resent(
     proxy_server: ProxyServer,
     gcs_bucket: str,

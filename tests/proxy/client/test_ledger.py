@@ -6,7 +6,7 @@ import trio
 
 from protocol import Status
 from protocol.ranges import RangeSet
-from proxy.client.ledger import Ledger
+from proxy.client.ledger import CONNECTION_LOST, MIN_PIECE_LIMIT, Ledger
 
 FRAME = 64 * 1024
 
@@ -37,4 +37,37 @@ async def test_an_incomplete_reply_queues_exactly_the_lost_bytes() -> None:
     assert ledger.take(FRAME) is None
     assert ledger.resent_bytes_by_cause == {"proxy_lost": 3 * FRAME}
     assert not ledger.holds(8 * FRAME)
+    await trio.lowlevel.checkpoint()
+
+
+async def test_frames_lost_with_their_connection_shrink_pieces_until_frames_get_through() -> None:
+    frame = 4 * MIN_PIECE_LIMIT
+    ledger = Ledger(frame, lambda: None)
+    ledger.note_credit(0, 64 * frame)
+    ledger.extend(0, 64 * frame)
+    assert ledger.take(frame) == (0, frame)
+    ledger.requeue([(0, frame)], cause=CONNECTION_LOST)  # cut partway through
+    assert ledger.piece_limit == frame // 2
+    assert ledger.take(frame) == (0, frame // 2)  # still on the frame grid
+    assert ledger.take(frame) == (frame // 2, frame)
+    for _ in range(3):  # down to the floor, and no lower
+        piece = ledger.take(frame)
+        assert piece is not None
+        ledger.requeue([piece], cause=CONNECTION_LOST)
+    assert ledger.piece_limit == MIN_PIECE_LIMIT
+    piece = ledger.take(frame)
+    assert piece is not None
+    assert piece[1] - piece[0] == MIN_PIECE_LIMIT
+    ledger.requeue([piece], cause="bad_crc")  # a damaged frame says nothing of size
+    assert ledger.piece_limit == MIN_PIECE_LIMIT
+    # each piece acknowledged whole doubles it, back up to the frame size
+    ledger.note_received((0, frame // 2), 0)
+    assert ledger.piece_limit == 2 * MIN_PIECE_LIMIT
+    ledger.requeue([(0, frame // 2)], cause=CONNECTION_LOST)  # nothing of it was lost
+    assert ledger.piece_limit == 2 * MIN_PIECE_LIMIT
+    for _ in range(4):
+        piece = ledger.take(frame)
+        assert piece is not None
+        ledger.note_received(piece, 0)
+    assert ledger.piece_limit == frame
     await trio.lowlevel.checkpoint()

@@ -284,7 +284,8 @@ async def test_files_up_to_8_mib_are_one_put_object_with_the_default_settings(
             assert result.connections == 1
             # One byte more is a resumable upload, in WriteAt frames of frame_size.
             large_result = await put_file(pool, large, f"gs://{gcs_bucket}/large", options)
-    assert large_result.connections == settings.connections
+    frames = -(-(8 * MiB + 1) // settings.frame_size)
+    assert large_result.connections == min(frames, settings.connections) > 1
     assert read_back(storage_client, gcs_bucket, "medium") == medium_data
     assert read_back(storage_client, gcs_bucket, "large") == large_data
 
@@ -297,9 +298,10 @@ async def test_a_file_with_a_precondition_goes_whole_only_if_it_fits_one_write_f
 ) -> None:
     # A lost reply to a PutObject with a precondition cannot be settled by the client; an
     # upload's token can. So with one, only what fits a WriteAt frame goes whole.
-    ((small, _),) = files(1, 100 * KiB)
-    ((medium, medium_data),) = files(1, 3 * MiB)
     settings = dataclasses.replace(ClientSettings(), retry=SETTINGS.retry)
+    ((small, _),) = files(1, 100 * KiB)
+    ((medium, medium_data),) = files(1, settings.frame_size + MiB)  # under the PutObject limit
+    assert settings.frame_size + MiB < settings.put_object_limit
     async with start_proxy(max_frame_size=ServerSettings().max_frame_size) as server:
         options = UploadOptions(proxy=server.address, settings=settings, if_generation_match=0)
         async with open_connection_pool(options) as pool:
