@@ -8,7 +8,10 @@ own; a fresh proxy is started for each scenario. The client runs here.
 * proxy, 1 and 4 connections: ``proxy.client_file``;
 * 64 concurrent uploads (16 MiB each; 2 MiB with ``--quick``), one connection each;
 * the floor of the proxy's CPU per GiB: a relay process that does per byte only what any
-  proxy must (one receive, one CRC32C pass, one send), over as many loopback connections.
+  proxy must (one receive, one CRC32C pass, one send), over as many loopback connections;
+* a bare trio relay of the proxy's shape: the same, with the connections received at once
+  by trio tasks and 16 MiB batches sent by a worker thread (:data:`_TRIO_RELAY`), which is
+  what the proxy's architecture costs before any of its work.
 
 The proxy's CPU per GiB is measured for each fresh proxy's first upload, and for 4
 connections also for a second upload through the same, now warm, proxy (``_warm``): a fresh
@@ -88,6 +91,46 @@ for _ in range(int(sys.argv[2])):
             crc = google_crc32c.extend(crc, data)
             out.sendall(data)
 print(time.process_time() - started, flush=True)
+"""
+#: The proxy's shape with nothing of its work: the relay above, but its connections received
+#: at once by one trio task each (``os.read`` while bytes wait, ``wait_readable`` when none
+#: do, as the proxy's receive loop), and every 16 MiB (the proxy's chunk here: a quarter of
+#: its 64 MiB upload buffer) handed to a worker thread that sends it, as the proxy's writer
+#: does a chunk. No protocol, no HTTP, no bookkeeping: what its architecture costs.
+_TRIO_RELAY = """
+import os, socket, sys, time
+import google_crc32c, trio
+sink = ("127.0.0.1", int(sys.argv[1]))
+BATCH = 16 << 20
+async def relay(connection):
+    crc, batch, batched = 0, [], 0
+    with socket.create_connection(sink) as out:
+        while True:
+            try:
+                data = os.read(connection.fileno(), 1 << 20)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(connection)
+                continue
+            if data:
+                crc = google_crc32c.extend(crc, data)
+                batch.append(data)
+                batched += len(data)
+            if batched >= BATCH or (batch and not data):
+                await trio.to_thread.run_sync(lambda pieces=batch: [out.sendall(p) for p in pieces])
+                batch, batched = [], 0
+            if not data:
+                return
+async def main():
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    print(listener.getsockname()[1], flush=True)
+    started = time.process_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(int(sys.argv[2])):
+            nursery.start_soon(relay, (await listener.accept())[0])
+    print(time.process_time() - started, flush=True)
+trio.run(main)
 """
 #: glibc's malloc otherwise maps each 1 MiB receive buffer afresh (a shortened receive
 #: keeps its threshold below 1 MiB) and zeroes its pages: 0.74-1.0 s/GiB instead of 0.61-0.64
@@ -188,8 +231,9 @@ def _drain(listener: socket.socket, count: int) -> None:
                 pass
 
 
-def _floor_cpu_seconds(path: Path) -> float:
-    """CPU seconds the floor's relay spends moving ``path``'s bytes over 4 connections."""
+def _relay_cpu_seconds(path: Path, relay_code: str = _FLOOR_RELAY) -> float:
+    """CPU seconds a relay (the floor's, or :data:`_TRIO_RELAY`) spends moving ``path``'s
+    bytes over 4 connections."""
     size = path.stat().st_size
     share = -(-size // FLOOR_CONNECTIONS)
     with socket.create_server(("127.0.0.1", 0)) as sink:
@@ -197,7 +241,7 @@ def _floor_cpu_seconds(path: Path) -> float:
         drain = threading.Thread(target=_drain, args=(sink, FLOOR_CONNECTIONS))
         drain.start()
         relay = subprocess.Popen(
-            [sys.executable, "-c", _FLOOR_RELAY, str(sink_port), str(FLOOR_CONNECTIONS)],
+            [sys.executable, "-c", relay_code, str(sink_port), str(FLOOR_CONNECTIONS)],
             stdout=subprocess.PIPE,
             text=True,
             env={**os.environ, **_KEEP_FREED_MEMORY},
@@ -237,6 +281,7 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
         cpu: dict[str, list[float]] = {}
         peaks: dict[str, int] = {}
         floors: list[float] = []
+        trio_relays: list[float] = []
         bucket = anonymous_client(gcs_url).bucket(BUCKET)
         for round_ in range(rounds):  # interleaved, so machine noise hits every scenario alike
             name = f"direct-{round_}.bin"
@@ -262,7 +307,8 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
                             process_cpu_seconds(pid) - warm_cpu
                         )
                 bucket.blob(name).delete()
-            floors.append(_floor_cpu_seconds(payload))
+            floors.append(_relay_cpu_seconds(payload))
+            trio_relays.append(_relay_cpu_seconds(payload, _TRIO_RELAY))
         seconds = {name: min(values) for name, values in runs.items()}
         small = Path(tmp) / "small.bin"
         _write_payload(small, concurrent_size)
@@ -301,6 +347,11 @@ def run(quick: bool, size: int | None = None) -> dict[str, Any]:
     result["cpu_ratio_to_floor"] = {
         name: round(value / floor, 2) for name, value in cpu_per_gib.items()
     }
+    trio_relay = min(trio_relays) * GiB / size
+    result["trio_relay_cpu_seconds_per_gib"] = round(trio_relay, 2)
+    result["cpu_ratio_to_trio_relay"] = {
+        name: round(value / trio_relay, 2) for name, value in cpu_per_gib.items()
+    }
     result["meets_targets"] = {
         "4_connections_at_least_direct": result["ratio_to_direct"]["proxy_4_connections"] >= 1.0,
         "4_connections_cpu_within_target": cpu_per_gib["proxy_4_connections"] <= CPU_TARGET,
@@ -332,13 +383,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<22} {value:8.1f} MB/s   {ratio:6.3f}x direct")
     for name, seconds in result["proxy_cpu_seconds_per_gib"].items():
         to_floor = result["cpu_ratio_to_floor"][name]
+        to_relay = result["cpu_ratio_to_trio_relay"][name]
         print(
             f"  proxy CPU, {name:<22} {seconds:6.2f} s per GiB (all threads)"
-            f"   {to_floor:5.2f}x the floor"
+            f"   {to_floor:5.2f}x the floor   {to_relay:5.2f}x a bare trio relay"
         )
     print(
         f"  floor: one receive, one CRC32C pass, one send per byte  "
         f"{result['floor_cpu_seconds_per_gib']:6.2f} s per GiB (target {CPU_TARGET})"
+    )
+    print(
+        f"  a bare trio relay of the proxy's shape (trio receive loop, 16 MiB batches sent"
+        f" by a worker thread)  {result['trio_relay_cpu_seconds_per_gib']:6.2f} s per GiB"
     )
     bound = result["rss_bound_bytes"] >> 20
     for name, peak in result["proxy_peak_rss_bytes"].items():
