@@ -406,9 +406,10 @@ class ClientConnection:
     ) -> None:
         """Read an accepted WRITE_AT's data from a plain TCP socket straight into its staged
         write: each receive is checksummed by the protocol and fed on, with no event or
-        dispatch per receive (the frame's 1 MiB takes a few receives; this is the path every
-        uploaded byte takes). Returns once the data is all read, or at EOF (the protocol then
-        reports the frame cut short); raises TimeoutError as :meth:`_next_event` does.
+        dispatch per receive (a frame takes a few receives of up to ``_RECEIVE_SIZE``; this
+        is the path every streamed byte takes). Returns once the data is all read, or at EOF
+        (the protocol then reports the frame cut short); raises TimeoutError as
+        :meth:`_next_event` does.
 
         Cancelled partway, the bytes fed so far stay staged, to be discarded with the frame.
         """
