@@ -99,6 +99,8 @@ class FileSource:
         """The bytes of ``[start, end)`` and their CRC32C."""
         while True:
             ahead = self._ahead.pop(start, None)
+            if ahead is not None and len(ahead[0]) > end - start:
+                ahead = self._split_ahead(start, end, *ahead)
             if ahead is not None and len(ahead[0]) == end - start:
                 self._crcs[start] = (end, ahead[1])
                 return ahead
@@ -122,6 +124,16 @@ class FileSource:
         self._ahead = dict(zip((begin for begin, _ in pieces[1:]), batch[1:], strict=True))
         self._crcs[start] = (end, batch[0][1])
         return batch[0]
+
+    def _split_ahead(self, start: int, end: int, data: bytes, crc: int) -> tuple[bytes, int]:
+        """A piece smaller than the frame read ahead for it (pieces shrink on a link that
+        cuts connections): its bytes and CRC32C, and the rest kept for the next piece, so
+        the file is not read again for each one. Only the piece is checksummed: the rest's
+        CRC32C is the whole one with the piece's taken out (CRC32C is linear)."""
+        head, rest = data[: end - start], data[end - start :]
+        head_crc = google_crc32c.value(head)
+        self._ahead[end] = (rest, crc ^ crc32c_combine(head_crc, 0, len(rest)))
+        return head, head_crc
 
     def _read_all(self, pieces: list[tuple[int, int]]) -> list[tuple[bytes, int]]:
         """In a worker thread: each piece read into a bytes object of its own, with its CRC."""
