@@ -78,7 +78,7 @@ class FileSource:
         self.total: int | None = size
         self._frame_size = frame_size
         self._version = file_version(fd)
-        self._ahead: dict[int, tuple[bytes, int]] = {}
+        self._ahead: dict[int, tuple[bytes | memoryview, int]] = {}
         #: the batch being read: its first and end offsets, and when it is in
         self._loading: tuple[int, int, trio.Event] | None = None
         #: pieces read and not folded yet: start -> (end, CRC32C)
@@ -125,12 +125,15 @@ class FileSource:
         self._crcs[start] = (end, batch[0][1])
         return batch[0]
 
-    def _split_ahead(self, start: int, end: int, data: bytes, crc: int) -> tuple[bytes, int]:
+    def _split_ahead(
+        self, start: int, end: int, data: bytes | memoryview, crc: int
+    ) -> tuple[bytes, int]:
         """A piece smaller than the frame read ahead for it (pieces shrink on a link that
-        cuts connections): its bytes and CRC32C, and the rest kept for the next piece, so
-        the file is not read again for each one. Only the piece is checksummed: the rest's
-        CRC32C is the whole one with the piece's taken out (CRC32C is linear)."""
-        head, rest = data[: end - start], data[end - start :]
+        cuts connections): its bytes and CRC32C, and the rest kept, uncopied, for the next
+        piece, so the file is not read again for each one. Only the piece is checksummed:
+        the rest's CRC32C is the whole one with the piece's taken out (CRC32C is linear)."""
+        view = memoryview(data)
+        head, rest = bytes(view[: end - start]), view[end - start :]
         head_crc = google_crc32c.value(head)
         self._ahead[end] = (rest, crc ^ crc32c_combine(head_crc, 0, len(rest)))
         return head, head_crc
