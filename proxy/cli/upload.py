@@ -200,8 +200,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=ClientSettings.frame_size,
         metavar="BYTES",
-        help="payload bytes per frame of a streamed file (default 1 MiB); a file of up to"
-        " 8 MiB goes whole, as one request, when the proxy allows frames that large",
+        help=f"payload bytes per frame of a streamed file (default"
+        f" {ClientSettings.frame_size >> 20} MiB; pieces shrink while connections are cut"
+        " mid-frame); a file of up to 8 MiB goes whole, as one request, when the proxy allows"
+        " frames that large",
     )
     parser.add_argument(
         "--retry-deadline",
