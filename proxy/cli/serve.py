@@ -38,6 +38,7 @@ import secrets
 import signal
 import ssl
 import sys
+import threading
 from pathlib import Path
 from typing import TypeVar
 
@@ -545,7 +546,44 @@ async def _serve_until_signalled(
                 async for signum in signals:
                     log_event(logger, logging.INFO, "signal", signal=signal.Signals(signum).name)
                     server.shutdown()
+                    _exit_if_still_running_after(
+                        settings.shutdown_grace + settings.drain_timeout + SHUTDOWN_MARGIN
+                    )
                     break
+
+
+#: how long past its grace and drain times a shutdown may take before the process just exits
+SHUTDOWN_MARGIN = 5.0
+
+
+def _exit_if_still_running_after(seconds: float) -> None:
+    """Exit the process ``seconds`` from now if the shutdown has not ended it by then.
+
+    A graceful shutdown waits for what it cannot cut short: a chunk already on its way to
+    GCS runs in a worker thread, which only the writer's progress timeout (60 s) ends when
+    GCS stops answering, and the writer may not abandon it (``abort`` promises the caller
+    that no view of its data is still held). Exiting is as safe as a SIGKILL, which every
+    upload survives: its bytes are in GCS's session, resumable through its token on the
+    next instance. So a supervisor's grace period, not GCS, bounds a restart. The timer is
+    a daemon thread: a shutdown that ends in time exits without waiting for it.
+    """
+
+    def exit_now() -> None:
+        log_event(
+            logger,
+            logging.WARNING,
+            "shutdown-forced",
+            reason=f"still running {seconds:g} s after the signal: GCS requests in flight"
+            " are left to time out; their uploads resume from GCS on the next instance",
+        )
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(EXIT_OK)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.start()
 
 
 #: glibc's mallopt parameters (malloc.h) and what ``rup serve`` sets them to. Without them glibc

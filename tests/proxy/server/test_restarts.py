@@ -265,3 +265,49 @@ def test_sigterm_stops_the_proxy_promptly_while_gcs_never_answers(tmp_path: Path
             proxy.send_signal(signal.SIGTERM)
             assert proxy.wait(timeout=20) == 0
             assert time.monotonic() - stopping < 12.0  # not the lookup's 30 s
+
+
+def test_sigterm_ends_the_proxy_in_bounded_time_while_a_chunk_is_stuck_on_its_way_to_gcs(
+    tmp_path: Path,
+) -> None:
+    """A chunk stalls on its way to GCS (the link stops moving after 3 MiB). SIGTERM still
+    ends the proxy within its grace, drain and shutdown margin (not the writer's 60 s
+    progress timeout), exit 0, and the upload resumes on the next instance from GCS."""
+    source = tmp_path / "source.bin"
+    data = os.urandom(12 * 1024 * 1024)  # past the first 8 MiB chunk (a 32 MiB window's quarter)
+    source.write_bytes(data)
+    endpoint, url = _external_endpoint(tmp_path)
+    stalling = f"127.0.0.1:{free_port()}"
+    link = RupProcess(
+        "stalling-link",
+        ["faultproxy", "--listen", stalling, "--upstream", url.removeprefix("http://"),
+         "--plan", "stall:up(after=3m)"],
+        tmp_path,
+    )  # fmt: skip
+    port = free_port()
+    key = {"RUP_TOKEN_KEY": generate_key_text()}
+    serve = ["serve", "--listen", f"127.0.0.1:{port}", "--create-buckets", "--drain-timeout", "1"]
+    stuck = RupProcess("proxy", [*serve, "--gcs-endpoint", f"http://{stalling}"], tmp_path, env=key)
+    after = RupProcess("proxy-after", [*serve, "--gcs-endpoint", url], tmp_path, env=key)
+    upload = _upload(source, "stuck.bin", [f"127.0.0.1:{port}"], tmp_path)
+    with running(endpoint, link, stuck, after, upload):
+        for process in (endpoint, link, stuck):
+            process.start()
+        stuck.listening_on()
+        upload.start()
+        stuck.wait_for("upload-opened", stream="stderr")
+        time.sleep(2.0)  # every byte reaches the proxy; its first chunk is stuck mid-way
+        stopping = time.monotonic()
+        stuck.send_signal(signal.SIGTERM)
+        assert stuck.wait(timeout=40) == 0, stuck.stderr()
+        took = time.monotonic() - stopping
+        assert "upload-completed" not in stuck.stderr(), "the chunk was not stuck"
+        assert "shutdown-forced" in stuck.stderr(), stuck.stderr()
+        # grace 5 s + drain 1 s + margin 5 s, and some slack; not the chunk's 60 s
+        assert took < 20.0, took
+
+        after.start().listening_on()
+        assert upload.wait(timeout=120) == 0, upload.stdout() + upload.stderr()
+        assert "upload-resumed" in after.stderr(), after.stderr()
+        stored = _anonymous_reader(url)().bucket(_BUCKET).blob("stuck.bin").download_as_bytes()
+    assert stored == data
