@@ -73,6 +73,8 @@ class UploadOutcome:
     segments: int = 0
     #: sent whole, as one PUT_OBJECT
     one_request: bool = False
+    #: streamed in large frames (``ChunkGeometry.large_frame``)
+    large_frames: bool = False
     #: how often the client process was stopped by a process fault and run again
     client_restarts: int = 0
     #: of those reruns, how many said they resumed the interrupted upload (the others had
@@ -214,6 +216,14 @@ class ChaosReport:
             "verified": sum(o.verdict is Verdict.VERIFIED for o in sent),
         }
 
+    def large_frames(self) -> dict[str, int]:
+        """Uploads streamed in large frames: how many, and how many were verified."""
+        sent = [o for o in self.outcomes if o.large_frames]
+        return {
+            "uploads": len(sent),
+            "verified": sum(o.verdict is Verdict.VERIFIED for o in sent),
+        }
+
     def composite(self) -> dict[str, int]:
         """Composite uploads: verified ones, and the segments they were composed from."""
         composed = [o for o in self.outcomes if o.segments > 0]
@@ -259,6 +269,7 @@ class ChaosReport:
             },
             "composite": self.composite(),
             "one_request": self.one_request(),
+            "large_frames": self.large_frames(),
             "time_to_complete_s": finite(self.latency_percentiles()),
             "throughput_mib_s": finite(self.throughput_percentiles()),
             "rss": {
@@ -298,6 +309,12 @@ class ChaosReport:
             "one request",
             f"{one_request['verified']} of {one_request['uploads']} uploads sent whole as one"
             " PUT_OBJECT verified",
+        )
+        large_frames = self.large_frames()
+        summary.add_row(
+            "large frames",
+            f"{large_frames['verified']} of {large_frames['uploads']} uploads streamed in"
+            " large frames (pieces shrink when connections are cut) verified",
         )
         summary.add_row(
             "bytes moved",

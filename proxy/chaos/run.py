@@ -178,6 +178,7 @@ class _Run:
             outcome = dataclasses.replace(
                 UploadOutcome.crashed(spec.index, spec.name, spec.size, exc),
                 one_request=spec.one_request,
+                large_frames=spec.large_frames,
             )
         finally:
             limiter.release()
@@ -219,6 +220,7 @@ class _Run:
         base = UploadOutcome(
             spec.index, spec.name, spec.size, Verdict.VERIFIED, client_leg=spec.client_leg.value,
             elapsed=elapsed, scripted_faults=fired, one_request=spec.one_request,
+            large_frames=spec.large_frames,
         )  # fmt: skip
         if result is not None:
             base = dataclasses.replace(
@@ -269,7 +271,9 @@ class _Run:
     ) -> UploadResult:
         options = UploadOptions(
             proxy=address,
-            settings=self.settings.client_settings(spec.connections),
+            settings=self.settings.client_settings(
+                spec.connections, large_frames=spec.large_frames
+            ),
             connector=connector,
             if_generation_match=if_generation_match,
             expected_size=spec.size,

@@ -67,6 +67,8 @@ class ChaosSettings:
     composite_share: float = 0.25
     #: share of the uploads that fit one PUT_OBJECT and use no precondition sent as one
     one_request_share: float = 0.25
+    #: share of the streamed uploads whose frames are ``geometry.large_frame``
+    large_frame_share: float = 0.25
 
     def __post_init__(self) -> None:
         if self.faults not in FAULT_MIXES:
@@ -89,6 +91,8 @@ class ChaosSettings:
             raise ValueError("--composite-share must be a share within 0..1")
         if not 0 <= self.one_request_share <= 1:
             raise ValueError("--one-request-share must be a share within 0..1")
+        if not 0 <= self.large_frame_share <= 1:
+            raise ValueError("--large-frame-share must be a share within 0..1")
         if self.process_faults and self.gcs_endpoint is not None:
             raise ValueError("--process-faults runs its own GCS endpoint: drop --gcs-endpoint")
 
@@ -107,6 +111,7 @@ class ChaosSettings:
             "--generation-match", repr(self.precondition_share),
             "--composite-share", repr(self.composite_share),
             "--one-request-share", repr(self.one_request_share),
+            "--large-frame-share", repr(self.large_frame_share),
         ]  # fmt: skip
         if self.gcs_endpoint is not None:
             words += ["--gcs-endpoint", self.gcs_endpoint]
@@ -145,6 +150,7 @@ class ChaosSettings:
             precondition_share=self.precondition_share,
             composite_share=self.composite_share,
             one_request_share=self.one_request_share,
+            large_frame_share=self.large_frame_share,
         )
         return [spec for spec in specs if not self.only or spec.index in self.only]
 
@@ -231,10 +237,10 @@ class ChaosSettings:
             "--segment-size-mib", f"{self.composite_policy().segment_size / MiB:g}",
         ]  # fmt: skip
 
-    def client_settings(self, connections: int) -> ClientSettings:
+    def client_settings(self, connections: int, *, large_frames: bool = False) -> ClientSettings:
         return ClientSettings(
             connections=connections,
-            frame_size=self.geometry.frame,
+            frame_size=self.geometry.large_frame if large_frames else self.geometry.frame,
             put_object_limit=self.geometry.put_object,
             connect_timeout=5.0,
             # a stalled client connection must be noticed well within the upload's deadline

@@ -68,6 +68,10 @@ class ChunkGeometry:
     #: the largest object a client sends whole, as one PUT_OBJECT: the proxy agrees frames
     #: this large, the client still cuts its WriteAt frames at ``frame``
     put_object: int = 2 * MiB
+    #: the WriteAt frames of a share of the uploads (at most ``put_object``, which the proxy
+    #: agrees): large enough that connections cut mid-frame make the client's pieces shrink,
+    #: as they do for rup's own 4 MiB frames, down to 256 KiB
+    large_frame: int = 1 * MiB
 
 
 def boundary_sizes(geometry: ChunkGeometry, max_size: int) -> list[int]:
@@ -242,6 +246,8 @@ class UploadSpec:
     composite: bool = False
     #: sent whole as one PUT_OBJECT (the client's path for small objects), not streamed
     one_request: bool = False
+    #: streamed in WriteAt frames of ``ChunkGeometry.large_frame`` instead of ``frame``
+    large_frames: bool = False
 
 
 def _log_uniform_size(rng: random.Random, max_size: int) -> int:
@@ -334,6 +340,7 @@ def plan_uploads(
     precondition_share: float = 0.1,
     composite_share: float = 0.0,
     one_request_share: float = 0.0,
+    large_frame_share: float = 0.0,
 ) -> list[UploadSpec]:
     """The run's uploads: boundary sizes first, then log-uniform sizes; all from ``seed``.
 
@@ -341,7 +348,8 @@ def plan_uploads(
     segment's requests cannot be told apart by upload (see :mod:`proxy.chaos.routing` for
     the GCS-leg faults segments do meet). A ``one_request_share`` of those that fit one
     PUT_OBJECT and use no precondition are sent as one (with a precondition, a reply lost
-    on the way back cannot be settled by the client: docs/protocol.md section 10)."""
+    on the way back cannot be settled by the client: docs/protocol.md section 10). A
+    ``large_frame_share`` of those streamed cut their frames at ``geometry.large_frame``."""
     boundaries = boundary_sizes(geometry, max_size)
     specs = []
     for index in range(uploads):
@@ -368,6 +376,10 @@ def plan_uploads(
             and precondition is Precondition.NONE
             and size <= geometry.put_object
         )
+        large_frames = (
+            rng.random() < large_frame_share  # drawn last, so the draws before stay the same
+            and not one_request
+        )
         key = f"{seed}:{index}"
         specs.append(
             UploadSpec(
@@ -393,6 +405,7 @@ def plan_uploads(
                 ),
                 composite=composite,
                 one_request=one_request,
+                large_frames=large_frames,
             )
         )
     return specs

@@ -153,6 +153,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         " ifGenerationMatch sent whole as one, not streamed (0..1)",
     )  # fmt: skip
     parser.add_argument(
+        "--large-frame-share", type=float, default=defaults.large_frame_share,
+        metavar="SHARE",
+        help="share of the streamed uploads that cut their frames at 1 MiB instead of"
+        " 256 KiB, so that connections cut mid-frame make the client's pieces shrink (0..1)",
+    )  # fmt: skip
+    parser.add_argument(
         "--composite", action="store_true",
         help="store every upload as a composite upload (--composite-share 1); composite"
         " uploads get no scripted GCS faults (their segments' requests name no upload)",
@@ -232,6 +238,7 @@ def settings_from(args: argparse.Namespace) -> ChaosSettings:
         max_down=args.max_down,
         composite_share=1.0 if args.composite else args.composite_share,
         one_request_share=args.one_request_share,
+        large_frame_share=args.large_frame_share,
     )
 
 
