@@ -218,7 +218,10 @@ class _ProcessRun:
             outcome = await self._judged_upload(spec)
         except Exception as exc:
             # Record, don't propagate: one broken upload must not hide the others' verdicts.
-            outcome = UploadOutcome.crashed(spec.index, spec.name, spec.size, exc)
+            outcome = replace(
+                UploadOutcome.crashed(spec.index, spec.name, spec.size, exc),
+                large_frames=spec.large_frames,
+            )
         finally:
             limiter.release()
         self.outcomes.append(outcome)
@@ -464,6 +467,7 @@ def _base_outcome(spec: UploadSpec, elapsed: float, runs: _ClientRuns) -> Upload
         segments=int(summary.get("segments", 0)),
         client_restarts=runs.restarts,
         client_resumes=runs.resumes,
+        large_frames=spec.large_frames,
     )  # fmt: skip
 
 
