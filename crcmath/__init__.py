@@ -15,6 +15,6 @@ A package of its own, importing nothing else of rup's, so that ``protocol`` and
 import-linter), can both use it.
 """
 
-from ._combine import crc32c_combine
+from ._combine import crc32c_combine, crc32c_of_suffix
 
-__all__ = ["crc32c_combine"]
+__all__ = ["crc32c_combine", "crc32c_of_suffix"]

@@ -99,3 +99,12 @@ def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
         t0[crc_a & 0xFF] ^ t1[(crc_a >> 8) & 0xFF] ^ t2[(crc_a >> 16) & 0xFF] ^ t3[crc_a >> 24]
     )
     return shifted ^ crc_b
+
+
+def crc32c_of_suffix(crc_whole: int, crc_prefix: int, length_suffix: int) -> int:
+    """The CRC32C of B, from crc32c(A + B), crc32c(A) and len(B), without the bytes: the
+    inverse of :func:`crc32c_combine` (the shifted crc32c(A) taken back out by XOR).
+
+    Raises ValueError for a negative length.
+    """
+    return crc_whole ^ crc32c_combine(crc_prefix, 0, length_suffix)

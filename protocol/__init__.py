@@ -20,7 +20,7 @@ builds its replies the same way for all, and `send()` fits them to the client's 
 `Connection.send`). `ERROR_SPECS` says what every `ErrorCode` means.
 """
 
-from crcmath import crc32c_combine
+from crcmath import crc32c_combine, crc32c_of_suffix
 
 from ._spec import MAGIC, FrameType
 from ._state import ConnectionState
@@ -147,5 +147,6 @@ __all__ = [
     "WriteAtEnd",
     "WriteAtStart",
     "crc32c_combine",
+    "crc32c_of_suffix",
     "error_spec",
 ]

@@ -15,7 +15,7 @@ from typing import Final
 
 import google_crc32c
 
-from crcmath import crc32c_combine
+from crcmath import crc32c_combine, crc32c_of_suffix
 
 from ._codec import (
     FIXED_BODY_SIZES,
@@ -468,7 +468,7 @@ class Connection:
             # The data ends the body: its CRC32C is the body's with the fields' taken out
             # (CRC32C is linear), from the few bytes before the data, not a pass over it.
             fields_crc = _crc_value(body[: len(body) - data_length])
-            _set_attribute(event, "data_crc32c", crc ^ crc32c_combine(fields_crc, 0, data_length))
+            _set_attribute(event, "data_crc32c", crc32c_of_suffix(crc, fields_crc, data_length))
         return event
 
     def _need_data(self) -> ConnectionClosed | NeedData:

@@ -14,7 +14,7 @@ from typing import Final, Protocol
 import google_crc32c
 import trio
 
-from protocol import crc32c_combine
+from protocol import crc32c_combine, crc32c_of_suffix
 from proxy.client.errors import UploadError
 from proxy.client.settings import MiB
 
@@ -135,7 +135,7 @@ class FileSource:
         view = memoryview(data)
         head, rest = bytes(view[: end - start]), view[end - start :]
         head_crc = google_crc32c.value(head)
-        self._ahead[end] = (rest, crc ^ crc32c_combine(head_crc, 0, len(rest)))
+        self._ahead[end] = (rest, crc32c_of_suffix(crc, head_crc, len(rest)))
         return head, head_crc
 
     def _read_all(self, pieces: list[tuple[int, int]]) -> list[tuple[bytes, int]]:

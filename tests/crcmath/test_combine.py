@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crcmath import crc32c_combine
+from crcmath import crc32c_combine, crc32c_of_suffix
 
 
 @settings(deadline=None, max_examples=200)
@@ -55,3 +55,12 @@ def test_an_empty_second_part_changes_nothing() -> None:
 def test_a_negative_length_is_refused() -> None:
     with pytest.raises(ValueError, match="negative"):
         crc32c_combine(1, 2, -1)
+
+
+@settings(deadline=None, max_examples=200)
+@given(first=st.binary(max_size=3000), second=st.binary(max_size=3000))
+def test_the_crc_of_a_suffix_comes_from_the_whole_and_the_prefix(
+    first: bytes, second: bytes
+) -> None:
+    whole, prefix = google_crc32c.value(first + second), google_crc32c.value(first)
+    assert crc32c_of_suffix(whole, prefix, len(second)) == google_crc32c.value(second)
