@@ -288,11 +288,7 @@ class _ProcessRun:
                     "upload", str(source), f"gs://{BUCKET}/{spec.name}",
                     "--proxy", f"{host}:{port}",
                     "--connections", str(spec.connections),
-                    "--frame-size", str(
-                        self.settings.geometry.large_frame
-                        if spec.large_frames
-                        else self.settings.geometry.frame
-                    ),
+                    "--frame-size", str(self.settings.geometry.frame_for(spec)),
                     # outlasts any time down of the proxy or the endpoint
                     "--retry-deadline", f"{self.settings.deadline / 2:g}",
                     "--json",

@@ -210,18 +210,17 @@ class ChaosReport:
 
     def one_request(self) -> dict[str, int]:
         """Uploads sent whole as one PUT_OBJECT: how many, and how many were verified."""
-        sent = [o for o in self.outcomes if o.one_request]
-        return {
-            "uploads": len(sent),
-            "verified": sum(o.verdict is Verdict.VERIFIED for o in sent),
-        }
+        return self._verified_of([o for o in self.outcomes if o.one_request])
 
     def large_frames(self) -> dict[str, int]:
         """Uploads streamed in large frames: how many, and how many were verified."""
-        sent = [o for o in self.outcomes if o.large_frames]
+        return self._verified_of([o for o in self.outcomes if o.large_frames])
+
+    @staticmethod
+    def _verified_of(outcomes: list[UploadOutcome]) -> dict[str, int]:
         return {
-            "uploads": len(sent),
-            "verified": sum(o.verdict is Verdict.VERIFIED for o in sent),
+            "uploads": len(outcomes),
+            "verified": sum(o.verdict is Verdict.VERIFIED for o in outcomes),
         }
 
     def composite(self) -> dict[str, int]:

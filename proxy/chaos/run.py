@@ -271,9 +271,7 @@ class _Run:
     ) -> UploadResult:
         options = UploadOptions(
             proxy=address,
-            settings=self.settings.client_settings(
-                spec.connections, large_frames=spec.large_frames
-            ),
+            settings=self.settings.client_settings(spec),
             connector=connector,
             if_generation_match=if_generation_match,
             expected_size=spec.size,

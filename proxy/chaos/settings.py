@@ -237,10 +237,10 @@ class ChaosSettings:
             "--segment-size-mib", f"{self.composite_policy().segment_size / MiB:g}",
         ]  # fmt: skip
 
-    def client_settings(self, connections: int, *, large_frames: bool = False) -> ClientSettings:
+    def client_settings(self, spec: UploadSpec) -> ClientSettings:
         return ClientSettings(
-            connections=connections,
-            frame_size=self.geometry.large_frame if large_frames else self.geometry.frame,
+            connections=spec.connections,
+            frame_size=self.geometry.frame_for(spec),
             put_object_limit=self.geometry.put_object,
             connect_timeout=5.0,
             # a stalled client connection must be noticed well within the upload's deadline

@@ -73,6 +73,10 @@ class ChunkGeometry:
     #: as they do for rup's own 4 MiB frames, down to 256 KiB
     large_frame: int = 1 * MiB
 
+    def frame_for(self, spec: UploadSpec) -> int:
+        """The WriteAt frame size ``spec``'s client cuts its data at."""
+        return self.large_frame if spec.large_frames else self.frame
+
 
 def boundary_sizes(geometry: ChunkGeometry, max_size: int) -> list[int]:
     """0, 1 and every size one byte either side of a quantum, chunk, frame or window edge."""
