@@ -109,22 +109,29 @@ async def test_the_upload_fails_over_to_a_second_proxy_sharing_the_key(
         finished.set()
 
     trio.socket.set_custom_hostname_resolver(TwoAddressResolver())
-    # same key (the settings are shared), same port, two addresses; the first one dies
-    async with start_proxy(host="127.0.0.2") as second:
-        port = second.address[1]
-        if given_as == "two addresses":
-            target = f"127.0.0.1:{port},127.0.0.2:{port}"
-        else:
-            target = f"{PROXY_NAME}:{port}"
-        async with trio.open_nursery() as nursery:
-            with trio.CancelScope() as first_life:
-                async with start_proxy(host="127.0.0.1", port=port):
-                    nursery.start_soon(upload, target)
-                    await halfway.wait()
-                    first_life.cancel()  # abrupt: its connections die with it
-            with trio.fail_after(60):
-                await finished.wait()
-        resumed = second.metrics.registry.get_sample_value("rup_uploads_resumed_total")
+    # same key (the settings are shared), same port, two addresses; the first one dies.
+    # The port is taken on 127.0.0.1 first and held until the first proxy binds it: a port
+    # the system picked for 127.0.0.2 could meanwhile be the local end of any connection
+    # from 127.0.0.1 (the tests' own, to the GCS endpoint), and EADDRINUSE fail the test.
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        async with start_proxy(host="127.0.0.2", port=port) as second:
+            if given_as == "two addresses":
+                target = f"127.0.0.1:{port},127.0.0.2:{port}"
+            else:
+                target = f"{PROXY_NAME}:{port}"
+            async with trio.open_nursery() as nursery:
+                with trio.CancelScope() as first_life:
+                    held.close()
+                    async with start_proxy(host="127.0.0.1", port=port):
+                        nursery.start_soon(upload, target)
+                        await halfway.wait()
+                        first_life.cancel()  # abrupt: its connections die with it
+                with trio.fail_after(60):
+                    await finished.wait()
+            resumed = second.metrics.registry.get_sample_value("rup_uploads_resumed_total")
 
     (result,) = results
     assert result.size == len(data)
